@@ -1,0 +1,32 @@
+// The _core extension module: version, CPU features. Other binding files add their parts through
+// the registration functions declared in bindings/bindings.h.
+#include <pybind11/pybind11.h>
+
+#include "runtime/cpu_features.h"
+
+namespace py = pybind11;
+
+#ifndef KT_KERNELS_VERSION
+#error "KT_KERNELS_VERSION must be defined by the build"
+#endif
+
+// Bumped whenever the Python-visible C++ API gains or changes something, so pure-Python packages
+// can gate on features without parsing versions.
+constexpr int kAbiVersion = 1;
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "kt-kernels compiled engine";
+  m.attr("__version__") = KT_KERNELS_VERSION;
+  m.attr("ABI_VERSION") = kAbiVersion;
+
+  m.def(
+      "cpu_features",
+      []() {
+        py::dict out;
+        for (const auto& [name, on] : kt::runtime::cpu_features().as_list()) out[py::str(name)] = on;
+        return out;
+      },
+      "ISA flags of this CPU that the OS enables, named as in /proc/cpuinfo.");
+  m.def("physical_core_count", &kt::runtime::physical_core_count,
+        "Physical cores this process may run on.");
+}

@@ -1,0 +1,37 @@
+// Run-time ISA choice: CPUID (runtime/cpu_features.h), the KT_KERNELS_ISA override, a self-test
+// of each SIMD table against the scalar reference on first use, and the fallback chain
+// amx -> avx512_bf16 -> avx512 -> avx2 -> scalar.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "kernels/kernels.h"
+
+namespace kt::kernels {
+
+const char* isa_name(Isa isa);
+// Parses "scalar" | "avx2" | "avx512" | "avx512_bf16" | "amx"; false if unknown.
+bool parse_isa(const std::string& name, Isa* out);
+
+bool isa_compiled(Isa isa);  // this build contains kernels for it
+bool isa_runnable(Isa isa);  // compiled, and this CPU + OS support it
+std::vector<Isa> available_isas();  // runnable ISAs, from scalar up to the best
+
+// The ISA to use: `requested` (empty = none) > KT_KERNELS_ISA env var > best runnable.
+// An explicit request (argument or env var) that is unknown or not runnable here throws
+// std::invalid_argument naming the value and the runnable ISAs. When the chosen ISA fails its
+// self-test, the next ISA down the chain is used and a warning is recorded.
+Isa select_isa(const std::string& requested);
+
+// The table for a runnable ISA (self-tested on first use; see select_isa for the fallback).
+const KernelTable& kernel_table(Isa isa);
+
+// Warnings recorded since the last call (self-test failures, fallbacks); the bindings turn them
+// into Python warnings.
+std::vector<std::string> take_warnings();
+
+// Result of the self-test of an ISA: "not run", "passed" or "failed: <reason>".
+std::string self_test_status(Isa isa);
+
+}  // namespace kt::kernels

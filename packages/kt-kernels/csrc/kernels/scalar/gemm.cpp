@@ -1,0 +1,31 @@
+// Portable reference kernels: the definition every SIMD path is tested against.
+#include "kernels/kernels.h"
+
+namespace kt::kernels {
+namespace {
+
+void gemm_bf16(int64_t M, int64_t nblk, int64_t Kp, const bf16* A, int64_t lda, const bf16* B,
+               float* C, int64_t ldc, bool accumulate) {
+  const int64_t block = kBlockN * Kp;
+  for (int64_t m = 0; m < M; ++m) {
+    const bf16* a = A + m * lda;
+    for (int64_t b = 0; b < nblk; ++b) {
+      const bf16* w = B + b * block;
+      for (int64_t j = 0; j < kBlockN; ++j) {
+        float acc = accumulate ? C[m * ldc + b * kBlockN + j] : 0.0f;
+        for (int64_t k = 0; k < Kp; ++k) {
+          acc += bf16_to_f32(a[k]) * bf16_to_f32(w[(k / 2) * 32 + j * 2 + (k % 2)]);
+        }
+        C[m * ldc + b * kBlockN + j] = acc;
+      }
+    }
+  }
+}
+
+const KernelTable kTable{Isa::scalar, &gemm_bf16};
+
+}  // namespace
+
+const KernelTable* scalar_table() { return &kTable; }
+
+}  // namespace kt::kernels

@@ -1,0 +1,32 @@
+"""kt-kernels: the compiled CPU engine for Mixture-of-Experts layers with LoRA.
+
+Arrays cross into the engine through DLPack (torch tensors, NumPy arrays with ml_dtypes for
+bfloat16, ...). This package imports no torch and no training code.
+"""
+
+from __future__ import annotations
+
+from kt_kernels._guard import check_platform as _check_platform
+from kt_kernels._version import __version__
+
+_check_platform()
+
+from kt_kernels import _core  # noqa: E402
+
+ABI_VERSION: int = _core.ABI_VERSION
+
+
+def cpu_features() -> dict[str, bool]:
+    """Return the x86 ISA flags of this CPU that the OS enables, named as in /proc/cpuinfo.
+
+    AMX flags are true only when Linux granted this process the AMX tile-data permission.
+    """
+    return dict(_core.cpu_features())
+
+
+def physical_core_count() -> int:
+    """Return the number of physical cores this process may run on."""
+    return int(_core.physical_core_count())
+
+
+__all__ = ["ABI_VERSION", "__version__", "cpu_features", "physical_core_count"]
