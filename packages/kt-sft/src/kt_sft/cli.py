@@ -1,4 +1,4 @@
-"""The `kt-sft` command line."""
+"""The `kt-sft` command line: train, chat / generate, estimate, info."""
 
 from __future__ import annotations
 
@@ -9,6 +9,28 @@ from collections.abc import Sequence
 
 __all__ = ["build_parser", "main"]
 
+TRAIN_USAGE = """\
+usage: kt-sft train [CONFIG.yaml] [--key value ...] [--print-config]
+
+Fine-tune a MoE model with LoRA, routed experts on the CPU engine.
+
+With no CONFIG it runs the embedded demo: a tiny Qwen3-MoE model (built and cached locally on
+first use) fine-tuned on the bundled chat dataset. Every YAML key can also be given (or
+overridden) on the command line as --key value, e.g.
+
+  kt-sft train --max_steps 20 --output_dir /tmp/demo
+  kt-sft train my.yaml --learning_rate 2e-4 --lora_rank 16
+
+options:
+  --print-config   print the resolved configuration as YAML and exit
+  -h, --help       show this help and exit
+
+Keys: see docs/configuration.md (model_name_or_path, dataset, dataset_format, template,
+cutoff_len, lora_rank, lora_alpha, lora_target, learning_rate, num_train_epochs, max_steps,
+per_device_train_batch_size, gradient_accumulation_steps, gradient_checkpointing, output_dir,
+save_steps, resume_from_checkpoint, kt_* engine options, ...).
+"""
+
 
 def _cmd_info(args: argparse.Namespace) -> int:
     from kt_sft.info import collect_info, format_info
@@ -18,22 +40,249 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    rest = list(args.rest)
+    if any(a in ("-h", "--help") for a in rest):
+        print(TRAIN_USAGE)
+        return 0
+    print_config = "--print-config" in rest or "--print_config" in rest
+    rest = [a for a in rest if a not in ("--print-config", "--print_config")]
+    config_path = None
+    if rest and not rest[0].startswith("-"):
+        config_path = rest.pop(0)
+    from kt_sft.train import load_train_config
+
+    cfg = load_train_config(config_path, rest)
+    if print_config:
+        import yaml
+
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        return 0
+    from kt_sft.train.loop import train
+
+    result = train(cfg)
+    return 130 if result.interrupted else 0
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from kt_sft.chat import load_chat_session
+    from kt_sft.train.schema import parse_overrides
+
+    kt_options = parse_overrides(args.kt) if args.kt else {}
+    bad = [k for k in kt_options if not k.startswith("kt_")]
+    if bad:
+        raise SystemExit(f"kt-sft {args.command}: --kt takes kt_* options, got {bad}")
+    threads = args.torch_threads or (1 if args.model == "embedded" else None)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    session = load_chat_session(args.model, args.adapter, use_kt=not args.stock,
+                                kt_options=kt_options, template=args.template,
+                                device=args.device, bf16=args.bf16)
+    try:
+        gen = {"system": args.system, "max_new_tokens": args.max_new_tokens,
+               "temperature": args.temperature}
+        prompts = list(args.prompt or [])
+        if args.command == "generate" and not prompts:
+            prompts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+        if prompts:
+            for p in prompts:
+                _answer(session, p, gen, args.compare)
+            return 0
+        print("chat with the model (empty line or Ctrl-D to quit)", file=sys.stderr)
+        while True:
+            try:
+                p = input("you> ")
+            except EOFError:
+                break
+            if not p.strip():
+                break
+            _answer(session, p, gen, args.compare)
+        return 0
+    finally:
+        session.close()
+
+
+def _answer(session: object, prompt: str, gen: dict, compare: bool) -> None:
+    if compare and session.has_adapter:
+        print(f"prompt:     {prompt}")
+        print(f"base:       {session.generate(prompt, base=True, **gen)}")
+        print(f"fine-tuned: {session.generate(prompt, **gen)}", flush=True)
+    elif compare:
+        print(f"prompt: {prompt}\nmodel:  {session.generate(prompt, **gen)}", flush=True)
+    else:
+        print(session.generate(prompt, **gen), flush=True)
+
+
+def _cmd_estimate(args: argparse.Namespace) -> int:
+    from kt_sft.estimate import ModelShape, estimate_memory, format_estimate, shape_from_config
+
+    if args.config:
+        shape = shape_from_config(args.config)
+        overrides = {k: v for k, v in (("num_experts", args.experts),
+                                       ("num_moe_layers", args.layers),
+                                       ("hidden_size", args.hidden),
+                                       ("intermediate_size", args.intermediate),
+                                       ("top_k", args.top_k)) if v is not None}
+        shape = shape.replace(**overrides)
+    else:
+        missing = [f"--{n}" for n, v in (("experts", args.experts), ("layers", args.layers),
+                                         ("hidden", args.hidden),
+                                         ("intermediate", args.intermediate)) if v is None]
+        if missing:
+            raise SystemExit(f"kt-sft estimate: give --config PATH (a config.json or checkpoint "
+                             f"directory) or all of --experts --layers --hidden --intermediate "
+                             f"(missing {' '.join(missing)})")
+        shape = ModelShape(num_experts=args.experts, num_moe_layers=args.layers,
+                           hidden_size=args.hidden, intermediate_size=args.intermediate,
+                           top_k=args.top_k or 8, other_params=args.other_params or 0)
+    if args.other_params is not None:
+        shape = shape.replace(other_params=args.other_params)
+    dtypes = args.dtype or ["bf16", "int8", "int4"]
+    results = [estimate_memory(shape, weight_dtype=d, lora_rank=args.lora_rank,
+                               max_tokens=args.max_tokens, cache_depth=args.cache_depth,
+                               group_size=args.group_size, training=not args.inference,
+                               non_expert_on_gpu=args.gpu) for d in dtypes]
+    if args.json:
+        print(json.dumps([r.to_dict() for r in results], indent=2))
+    else:
+        print(format_estimate(shape, results))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of `kt-sft`."""
     parser = argparse.ArgumentParser(
-        prog="kt-sft", description="LoRA fine-tuning of MoE models with CPU experts."
-    )
+        prog="kt-sft", description="LoRA fine-tuning of MoE models with CPU experts.")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="fine-tune (no config: the embedded demo)",
+                           add_help=False, usage="kt-sft train [CONFIG.yaml] [--key value ...]")
+    train.add_argument("rest", nargs=argparse.REMAINDER)
+    train.set_defaults(func=_cmd_train)
+
+    for name, help_text in (("chat", "chat with a base model + adapter"),
+                            ("generate", "generate replies to --prompt (or stdin lines)")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--model", default="embedded",
+                       help="base checkpoint directory (default: the embedded demo model)")
+        p.add_argument("--adapter", help="PEFT adapter directory (or a kt-sft output_dir)")
+        p.add_argument("--prompt", action="append", help="prompt to answer (repeatable); "
+                       "without it chat is interactive")
+        p.add_argument("--system", help="system message")
+        p.add_argument("--max-new-tokens", "--max_new_tokens", dest="max_new_tokens", type=int,
+                       default=48)
+        p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+        p.add_argument("--template", choices=("auto", "chatml"), default="auto")
+        p.add_argument("--compare", action="store_true",
+                       help="also print the base model's reply (adapter disabled)")
+        p.add_argument("--stock", action="store_true",
+                       help="load the stock transformers model (experts in PyTorch, no kt)")
+        p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+        p.add_argument("--bf16", action="store_true", help="PyTorch side in bfloat16")
+        p.add_argument("--torch-threads", "--torch_threads", dest="torch_threads", type=int,
+                       help="PyTorch intra-op threads (default: PyTorch's; 1 for the embedded "
+                       "demo model)")
+        p.add_argument("--kt", nargs="+", metavar="KT_OPTION",
+                       help="engine options as --kt kt_num_threads=2 ...")
+        p.set_defaults(func=_cmd_chat)
+
+    est = sub.add_parser("estimate", help="RAM needed for a MoE model with CPU experts")
+    est.add_argument("--config", help="a config.json or checkpoint directory to read the shape "
+                     "from")
+    est.add_argument("--experts", type=int, help="E: routed experts per MoE layer")
+    est.add_argument("--layers", type=int, help="MoE layers")
+    est.add_argument("--hidden", type=int, help="H: hidden size")
+    est.add_argument("--intermediate", type=int, help="I: intermediate size of one expert")
+    est.add_argument("--top-k", "--top_k", dest="top_k", type=int,
+                     help="K: experts per token (default 8)")
+    est.add_argument("--other-params", "--other_params", dest="other_params", type=float,
+                     help="parameters outside the routed experts (read from --config)")
+    est.add_argument("--dtype", action="append", choices=("bf16", "int8", "int4"),
+                     help="expert weight dtype (repeatable; default: all three)")
+    est.add_argument("--lora-rank", "--lora_rank", dest="lora_rank", type=int, default=8)
+    est.add_argument("--max-tokens", "--max_tokens", dest="max_tokens", type=int, default=4096,
+                     help="tokens per MoE call (batch x sequence)")
+    est.add_argument("--cache-depth", "--cache_depth", dest="cache_depth", type=int, default=1,
+                     help="pending forwards per layer (2 with gradient checkpointing)")
+    est.add_argument("--group-size", "--group_size", dest="group_size", type=int, default=128,
+                     help="int4 quantization group size")
+    est.add_argument("--gpu", action="store_true",
+                     help="the non-expert part lives on a GPU (not counted in RAM)")
+    est.add_argument("--inference", action="store_true",
+                     help="inference only: no LoRA optimizer state, no activation cache")
+    est.add_argument("--json", action="store_true", help="print JSON")
+    est.set_defaults(func=_cmd_estimate)
+
     info = sub.add_parser("info", help="versions, CPU features, engine ISA and threads")
     info.add_argument("--json", action="store_true", help="print JSON instead of text")
     info.set_defaults(func=_cmd_info)
     return parser
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from kt_sft.data.loading import DataError
+    from kt_sft.train.artifacts import OutputDirError
+    from kt_sft.train.modeling import ModelLoadError
+    from kt_sft.train.schema import ConfigError
+
+    errors: list[type[BaseException]] = [ConfigError, DataError, OutputDirError, ModelLoadError,
+                                         FileNotFoundError]
+    try:
+        from kt_sft.config import KTConfigError
+
+        errors.append(KTConfigError)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from kt_sft.adapter import KTAdapterError
+
+        errors.append(KTAdapterError)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from kt_models import KtModelsError
+
+        errors.append(KtModelsError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(errors)
+
+
+def _quiet_libraries() -> None:
+    """Hide transformers' per-load progress bars and a deprecation warning PEFT triggers: the
+    commands print their own progress."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*",
+                            category=FutureWarning)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `kt-sft` console script."""
-    args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:  # free-form --key value overrides: parsed by the config schema
+        args = argparse.Namespace(command="train", rest=argv[1:], func=_cmd_train)
+    else:
+        args = build_parser().parse_args(argv)
+    if args.command in ("train", "chat", "generate"):
+        _quiet_libraries()
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        print("kt-sft: interrupted", file=sys.stderr)
+        return 130
+    except _user_errors() as exc:
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        print(f"kt-sft {args.command}: error: {msg}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,187 @@
+"""Adapters: standard PEFT adapter directories, written atomically, plus kt's extras.
+
+:func:`save_adapter` (also what ``peft_model.save_pretrained`` does after
+:func:`kt_sft.get_peft_model`) lets PEFT write the adapter (``adapter_config.json`` +
+``adapter_model.safetensors``) into a temporary sibling directory, adds kt's extras, and renames
+it into place, so a reader never sees a half-written adapter. The PEFT part is standard: stock
+``transformers`` + ``peft`` load it on the stock model. kt's extras are the LoRA experts
+(``kt_lora_experts.safetensors``, only when ``lora_experts > 0``) and ``kt_adapter.json``
+describing them; stock PEFT ignores both files.
+
+:func:`load_adapter` loads such a directory into a kt-wrapped model (to resume training or to
+serve), checking every tensor's shape against the model first, so an adapter trained on another
+model fails with the mismatching names rather than deep inside PEFT.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import types
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["KTAdapterError", "install_save", "load_adapter", "save_adapter"]
+
+LORA_EXPERTS_FILE = "kt_lora_experts.safetensors"
+KT_ADAPTER_FILE = "kt_adapter.json"
+
+
+class KTAdapterError(ValueError):
+    """An adapter directory does not fit the model it is loaded into."""
+
+
+def _lora_experts(model: nn.Module) -> dict[str, nn.Module]:
+    from kt_sft.lora_experts import LoRAExperts
+
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRAExperts)}
+
+
+def _canonical(name: str) -> str:
+    """Module name without PEFT's wrapper prefixes (so base and PEFT models agree)."""
+    parts = [p for p in name.split(".") if p not in ("base_model", "base_layer")]
+    if parts[:1] == ["model"] and len(parts) > 1 and parts[1] == "model":
+        parts = parts[1:]
+    return ".".join(parts)
+
+
+def _write_extras(model: nn.Module, directory: Path) -> None:
+    from safetensors.torch import save_file
+
+    experts = _lora_experts(model)
+    if not experts:
+        return
+    tensors: dict[str, torch.Tensor] = {}
+    meta: dict[str, Any] = {"format": "kt-lora-experts", "version": 1, "modules": {}}
+    for name, module in experts.items():
+        key = _canonical(name)
+        for pname, p in module.named_parameters():
+            tensors[f"{key}.{pname}"] = p.detach().to("cpu").contiguous()
+        meta["modules"][key] = {"num_experts": module.num_experts, "width": module.width,
+                                "hidden_size": module.hidden_size,
+                                "activation": module.activation}
+    save_file(tensors, str(directory / LORA_EXPERTS_FILE))
+    (directory / KT_ADAPTER_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+
+
+def _atomic_replace(tmp: Path, target: Path) -> None:
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.replace(target, old / target.name)
+        try:
+            os.replace(tmp, target)
+        except BaseException:
+            os.replace(old / target.name, target)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+
+
+def save_adapter(peft_model: Any, save_directory: str | os.PathLike[str], **kwargs: Any) -> None:
+    """Write ``peft_model``'s adapter(s) to ``save_directory`` atomically (temp dir + rename).
+
+    ``kwargs`` go to PEFT's ``save_pretrained``. kt's LoRA experts, if any, are saved beside.
+    """
+    from peft import PeftModel
+
+    target = Path(save_directory).absolute()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        PeftModel.save_pretrained(peft_model, str(tmp), **kwargs)
+        _write_extras(peft_model, tmp)
+        _atomic_replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def install_save(peft_model: Any) -> None:
+    """Make ``peft_model.save_pretrained`` call :func:`save_adapter` (instance attribute)."""
+    def save_pretrained(self: Any, save_directory: str | os.PathLike[str], **kwargs: Any) -> None:
+        save_adapter(self, save_directory, **kwargs)
+
+    peft_model.save_pretrained = types.MethodType(save_pretrained, peft_model)
+
+
+def _size_mismatches(error: BaseException) -> list[str]:
+    lines = [line.strip() for line in str(error).splitlines()]
+    return [line for line in lines if line.startswith("size mismatch for")]
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike[str], *,
+                 adapter_name: str = "default", is_trainable: bool = False, **kwargs: Any) -> Any:
+    """Load a PEFT adapter directory into a kt-wrapped model; returns the ``PeftModel``.
+
+    Works on a bare wrapped model (a ``PeftModel`` is created) and on a ``PeftModel`` (the
+    adapter is added under ``adapter_name``). kt's LoRA experts saved with the adapter are
+    loaded into the model's LoRA experts (which ``KTConfig.lora_experts`` must have created).
+
+    Raises:
+        KTAdapterError: a tensor's shape differs from the model's (names listed), or the
+            adapter has LoRA experts the model lacks (or of another size).
+    """
+    from peft import PeftModel
+
+    from kt_sft.peft import install_peft_hooks
+
+    directory = Path(adapter_dir)
+    if not (directory / "adapter_config.json").is_file():
+        raise KTAdapterError(f"{directory} is not a PEFT adapter directory (no "
+                             "adapter_config.json)")
+    install_peft_hooks()
+    try:
+        if isinstance(model, PeftModel):
+            model.load_adapter(str(directory), adapter_name=adapter_name,
+                               is_trainable=is_trainable, **kwargs)
+            peft_model = model
+        else:
+            peft_model = PeftModel.from_pretrained(model, str(directory),
+                                                   adapter_name=adapter_name,
+                                                   is_trainable=is_trainable, **kwargs)
+    except RuntimeError as exc:
+        mismatched = _size_mismatches(exc)
+        if not mismatched:
+            raise
+        raise KTAdapterError(
+            f"adapter {directory} does not fit this model (trained on another model?); shape "
+            f"mismatch for {len(mismatched)} tensor(s): " + "; ".join(mismatched[:8])
+            + (" ..." if len(mismatched) > 8 else "")) from exc
+    _load_extras(peft_model, directory, trainable=is_trainable)
+    install_save(peft_model)
+    return peft_model
+
+
+def _load_extras(model: nn.Module, directory: Path, *, trainable: bool) -> None:
+    path = directory / LORA_EXPERTS_FILE
+    experts = {_canonical(n): m for n, m in _lora_experts(model).items()}
+    if not path.is_file():
+        return
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    by_module: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        module, _, pname = key.rpartition(".")
+        by_module.setdefault(module, {})[pname] = value
+    missing = sorted(set(by_module) - set(experts))
+    if missing:
+        raise KTAdapterError(f"adapter {directory} has LoRA experts for {missing[:4]} but the "
+                             "model has none there; wrap it with KTConfig(lora_experts=N, "
+                             "lora_expert_intermediate_size=W) matching the adapter")
+    for name, tensors in by_module.items():
+        module = experts[name]
+        for pname, value in tensors.items():
+            p = getattr(module, pname)
+            if tuple(p.shape) != tuple(value.shape):
+                raise KTAdapterError(f"LoRA experts {name}.{pname}: adapter {list(value.shape)} "
+                                     f"vs model {list(p.shape)}")
+            with torch.no_grad():
+                p.copy_(value)
+        module.requires_grad_(trainable)

@@ -1,0 +1,1 @@
+"""Package data of kt-sft: the bundled demo dataset, its generator, the demo configuration."""

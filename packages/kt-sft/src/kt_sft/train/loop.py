@@ -1,0 +1,500 @@
+"""The `kt-sft train` loop: a plain PyTorch loop around a kt-wrapped model with PEFT LoRA.
+
+AdamW over the trainable (LoRA) parameters, gradient accumulation with the loss normalised by the
+trained tokens of the whole accumulation window, optional gradient checkpointing, warmup + cosine /
+linear / constant schedule, resumable checkpoints every `save_steps`, and Ctrl-C handling: the
+first Ctrl-C stops at the next micro-batch boundary and writes a resumable checkpoint of the last
+completed optimizer step (atomically), a second one aborts at once (nothing half-written is ever
+published). Progress goes to a tqdm bar (steps, loss, tokens/s) and log lines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kt_sft.train import artifacts
+from kt_sft.train.profiling import ExpertTimer, Timeline
+from kt_sft.train.schema import EMBEDDED, ConfigError, TrainConfig
+
+__all__ = ["TrainResult", "TrainState", "train"]
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint needs to continue a run exactly where it stopped."""
+
+    global_step: int = 0
+    micro_index: int = 0                 # micro-batches consumed (data position)
+    tokens_seen: int = 0
+    train_seconds: float = 0.0
+    log: list[dict[str, float]] = field(default_factory=list)  # per optimizer step
+
+    def to_json(self) -> dict[str, Any]:
+        return {"global_step": self.global_step, "micro_index": self.micro_index,
+                "tokens_seen": self.tokens_seen, "train_seconds": self.train_seconds,
+                "log": self.log}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TrainState:
+        return cls(int(data["global_step"]), int(data["micro_index"]),
+                   int(data.get("tokens_seen", 0)), float(data.get("train_seconds", 0.0)),
+                   list(data.get("log", [])))
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    adapter_dir: Path | None
+    checkpoint_dir: Path | None
+    interrupted: bool
+    state: TrainState
+    total_steps: int
+    summary: dict[str, Any]
+
+
+class _StopFlag:
+    """SIGINT -> request a graceful stop; a second SIGINT raises KeyboardInterrupt at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+        self._installed = False
+
+    def __enter__(self) -> _StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.getsignal(signal.SIGINT)
+            signal.signal(signal.SIGINT, self._handle)
+            self._installed = True
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: stopping after the current micro-batch and saving a resumable "
+              "checkpoint (press Ctrl-C again to abort without saving)", file=sys.stderr,
+              flush=True)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+# ----------------------------------------------------------------------------------------------
+
+def _lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
+    def fn(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / (warmup + 1)
+        if kind in ("constant", "constant_with_warmup"):
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        progress = min(max(progress, 0.0), 1.0)
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return fn
+
+
+def _micro_batches(n: int, batch_size: int, seed: int, start: int) -> Iterator[list[int]]:
+    """Endless stream of index batches: a fresh seeded permutation per epoch, resumable at any
+    micro-batch position `start`."""
+    import torch
+
+    per_epoch = math.ceil(n / batch_size)
+    index = start
+    while True:
+        epoch, pos = divmod(index, per_epoch)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        for b in range(pos, per_epoch):
+            yield perm[b * batch_size:(b + 1) * batch_size]
+        index = (epoch + 1) * per_epoch
+
+
+def _device(cfg: TrainConfig) -> str:
+    import torch
+
+    if cfg.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return cfg.device
+
+
+def _log(msg: str, bar: Any = None) -> None:
+    if bar is not None:
+        bar.write(msg, file=sys.stdout)
+    else:
+        print(msg, flush=True)
+
+
+def _save_adapter(model: Any, directory: Path) -> None:
+    # LoRA on lm_head / embeddings must not copy the (frozen, possibly huge) base matrices
+    model.save_pretrained(str(directory), save_embedding_layers=False)
+    if not (directory / "adapter_config.json").is_file():
+        raise RuntimeError(f"save_pretrained wrote no adapter_config.json into {directory}")
+
+
+def _save_checkpoint(output_dir: Path, model: Any, optimizer: Any, scheduler: Any,
+                     state: TrainState, cfg: TrainConfig) -> Path:
+    import torch
+
+    def write(tmp: Path) -> None:
+        _save_adapter(model, tmp)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save({"torch": torch.get_rng_state()}, tmp / "rng_state.pt")
+        payload = state.to_json() | {"config": cfg.to_dict()}
+        from kt_sft import __version__
+
+        payload["kt_sft_version"] = __version__
+        (tmp / artifacts.STATE_FILE).write_text(json.dumps(payload, indent=2, default=str))
+
+    path = artifacts.atomic_dir(output_dir / f"checkpoint-{state.global_step}", write)
+    artifacts.prune_checkpoints(output_dir, cfg.save_total_limit)
+    return path
+
+
+def _resolve_resume(cfg: TrainConfig, output_dir: Path) -> Path | None:
+    value = cfg.resume_from_checkpoint
+    if value is None or value.lower() in ("false", "no"):
+        return None
+    if value.lower() in ("auto", "true", "yes", "latest"):
+        latest = artifacts.latest_checkpoint(output_dir)
+        if latest is None:
+            raise ConfigError(f"'resume_from_checkpoint' is {value} but {output_dir} holds no "
+                              "checkpoint-<step>/ folder (set save_steps to write checkpoints)")
+        return latest
+    path = Path(value).expanduser()
+    if not (path / artifacts.STATE_FILE).is_file():
+        raise ConfigError(f"'resume_from_checkpoint' {path} is not a kt-sft checkpoint (no "
+                          f"{artifacts.STATE_FILE})")
+    return path
+
+
+def _load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any) -> TrainState:
+    import torch
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = load_file(str(path / "adapter_model.safetensors"))
+    result = set_peft_model_state_dict(model, weights)
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise ConfigError(f"checkpoint {path} does not fit this model/LoRA config: unexpected "
+                          f"keys {unexpected[:3]}")
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    rng = torch.load(path / "rng_state.pt", weights_only=True)
+    torch.set_rng_state(rng["torch"])
+    return TrainState.from_json(json.loads((path / artifacts.STATE_FILE).read_text()))
+
+
+def _kt_options(cfg: TrainConfig, output_dir: Path) -> dict[str, Any]:
+    """The kt_* options for KTConfig: the engine's LoRA rank/alpha follow lora_rank/lora_alpha
+    (rank 0 = frozen experts when lora_target leaves them out), and with `profile` the engine's
+    own Chrome trace goes to output_dir/engine_trace.json."""
+    options = dict(cfg.kt)
+    on_experts = any(t in ("all", "experts") for t in cfg.lora_targets)
+    given = options.get("kt_lora_rank")
+    if given is not None and on_experts and int(given) < cfg.lora_rank:
+        raise ConfigError(f"kt_lora_rank={given} is smaller than lora_rank={cfg.lora_rank}; "
+                          "set only lora_rank (kt-sft passes it to the engine)")
+    options.setdefault("kt_lora_rank", cfg.lora_rank if on_experts else 0)
+    options.setdefault("kt_lora_alpha", cfg.scaling_alpha)
+    if cfg.profile and cfg.use_kt and not any(k in options for k in ("kt_profile",
+                                                                    "kt_profile_path")):
+        options["kt_profile"] = str(output_dir / "engine_trace.json")
+    return options
+
+
+# ----------------------------------------------------------------------------------------------
+
+def train(cfg: TrainConfig, *, on_step_end: Callable[[TrainState], None] | None = None,
+          quiet: bool = False) -> TrainResult:
+    """Run one training job described by `cfg`; see the module docstring."""
+    import torch
+
+    from kt_sft.data import Columns, collate, prepare_dataset, resolve_dataset_paths
+    from kt_sft.train import modeling
+
+    t_start = time.perf_counter()
+    output_dir = artifacts.prepare_output_dir(cfg.output_dir, overwrite=cfg.overwrite_output_dir,
+                                              resuming=cfg.resume_from_checkpoint is not None)
+    resume_path = _resolve_resume(cfg, output_dir)
+    device = _device(cfg)
+    dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+    if cfg.torch_num_threads:
+        torch.set_num_threads(cfg.torch_num_threads)
+    torch.manual_seed(cfg.seed)
+
+    # ---- tokenizer and data first: bad data fails before the (slow) model load
+    model_path = modeling.resolve_model_path(cfg.model_name_or_path, quiet=quiet)
+    tok_path = modeling.resolve_model_path(cfg.tokenizer_name_or_path, quiet=True) \
+        if cfg.tokenizer_name_or_path else model_path
+    tokenizer = modeling.load_tokenizer(tok_path, trust_remote_code=cfg.trust_remote_code)
+    data = prepare_dataset(
+        resolve_dataset_paths(cfg.datasets, EMBEDDED), tokenizer,
+        dataset_format=cfg.dataset_format,
+        columns=Columns(cfg.text_column, cfg.prompt_column, cfg.completion_column,
+                        cfg.messages_column),
+        template=cfg.template, cutoff_len=cfg.cutoff_len, max_samples=cfg.max_samples,
+        train_on_prompt=cfg.train_on_prompt, tokenizer_path=tok_path)
+    micro_per_epoch = math.ceil(len(data.examples) / cfg.per_device_train_batch_size)
+    if cfg.max_steps > 0:
+        total_steps = cfg.max_steps
+    else:
+        total_steps = max(1, math.ceil(cfg.num_train_epochs * micro_per_epoch
+                                       / cfg.gradient_accumulation_steps))
+    if not quiet:
+        fmts = ", ".join(f"{k} {v}" for k, v in sorted(data.formats.items()))
+        dropped = f", {data.num_dropped} dropped (nothing to train within cutoff_len)" \
+            if data.num_dropped else ""
+        _log(f"data: {len(data.examples)} examples ({fmts}){dropped}, {data.num_tokens} tokens; "
+             f"{total_steps} steps of {cfg.per_device_train_batch_size} x "
+             f"{cfg.gradient_accumulation_steps} examples")
+
+    # ---- model + LoRA
+    kt_options = _kt_options(cfg, output_dir)
+    model = modeling.load_base_model(model_path, use_kt=cfg.use_kt, kt_options=kt_options,
+                                     dtype=dtype, device=device,
+                                     trust_remote_code=cfg.trust_remote_code)
+    torch.manual_seed(cfg.seed)
+    lora = modeling.build_lora_config(model, targets=cfg.lora_targets, rank=cfg.lora_rank,
+                                      alpha=cfg.scaling_alpha, dropout=cfg.lora_dropout,
+                                      use_kt=cfg.use_kt)
+    model = modeling.apply_lora(model, lora, cfg.lora_targets, use_kt=cfg.use_kt)
+    if cfg.gradient_checkpointing:
+        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in params)
+    n_total = sum(p.numel() for p in model.parameters())
+    if not quiet:
+        _log(f"model: {model_path} ({'experts in the kt engine' if cfg.use_kt else 'stock'}, "
+             f"{device}, {str(dtype).replace('torch.', '')}); LoRA r={cfg.lora_rank} "
+             f"alpha={cfg.scaling_alpha:g} on {','.join(cfg.lora_targets)}: "
+             f"{n_trainable:,} trainable parameters")
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay},
+         {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
+    warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _lr_lambda(cfg.lr_scheduler_type, warmup, total_steps))
+    state = TrainState()
+    if resume_path is not None:
+        state = _load_checkpoint(resume_path, model, optimizer, scheduler)
+        if not quiet:
+            _log(f"resumed from {resume_path} at step {state.global_step}")
+
+    timeline = Timeline(enabled=cfg.profile)
+    expert_timer = ExpertTimer(timeline)
+    if cfg.profile:
+        expert_timer.attach(model)
+
+    pad_id = tokenizer.pad_token_id
+    batches = _micro_batches(len(data.examples), cfg.per_device_train_batch_size, cfg.seed,
+                             state.micro_index)
+    bar = None
+    if not cfg.disable_tqdm and not quiet:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total_steps, initial=state.global_step, desc="train", unit="step",
+                   dynamic_ncols=True, file=sys.stderr)
+    interrupted = False
+    checkpoint_dir: Path | None = None
+    run_tokens, run_seconds = 0, 0.0
+    try:
+        with _StopFlag() as stop:
+            while state.global_step < total_steps and not stop.requested:
+                step_start = time.perf_counter()
+                micro = [collate([data.examples[i] for i in next(batches)], pad_id)
+                         for _ in range(cfg.gradient_accumulation_steps)]
+                n_items = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+                loss_sum, step_tokens, completed = 0.0, 0, 0
+                for b in micro:
+                    b = {k: v.to(device) for k, v in b.items()}
+                    with timeline.span("forward", step=state.global_step):
+                        logits = model(input_ids=b["input_ids"],
+                                       attention_mask=b["attention_mask"]).logits
+                        loss = torch.nn.functional.cross_entropy(
+                            logits[:, :-1].flatten(0, 1).float(), b["labels"][:, 1:].flatten(),
+                            ignore_index=-100, reduction="sum") / n_items
+                    with timeline.span("backward", step=state.global_step):
+                        loss.backward()
+                    loss_sum += float(loss.detach())
+                    step_tokens += int(b["attention_mask"].sum())
+                    completed += 1
+                    if stop.requested:
+                        break
+                if stop.requested and completed < len(micro):
+                    optimizer.zero_grad(set_to_none=True)  # partial window: drop it
+                    break
+                with timeline.span("optimizer", step=state.global_step):
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(
+                        params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")))
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                step_end = time.perf_counter()
+                timeline.add(f"step {state.global_step + 1}", "step", step_start, step_end,
+                             loss=loss_sum, tokens=step_tokens)
+                dt = step_end - step_start
+                run_tokens += step_tokens
+                run_seconds += dt
+                state.global_step += 1
+                state.micro_index += len(micro)
+                state.tokens_seen += step_tokens
+                state.train_seconds += dt
+                lr = scheduler.get_last_lr()[0]
+                state.log.append({"step": state.global_step, "loss": loss_sum, "lr": lr,
+                                  "grad_norm": grad_norm, "tokens": step_tokens,
+                                  "seconds": dt})
+                tok_s = run_tokens / run_seconds if run_seconds else 0.0
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tok_s:.0f}",
+                                    lr=f"{lr:.1e}", refresh=False)
+                if not quiet and (state.global_step % cfg.logging_steps == 0
+                                  or state.global_step == total_steps):
+                    _log(f"step {state.global_step}/{total_steps}  loss {loss_sum:.4f}  "
+                         f"lr {lr:.2e}  grad_norm {grad_norm:.3f}  tokens/s {tok_s:.0f}", bar)
+                if cfg.save_steps and (state.global_step % cfg.save_steps == 0
+                                       or state.global_step == total_steps):
+                    checkpoint_dir = _save_checkpoint(output_dir, model, optimizer, scheduler,
+                                                      state, cfg)
+                if on_step_end is not None:
+                    on_step_end(state)
+            if stop.requested:
+                interrupted = True
+                checkpoint_dir = _save_checkpoint(output_dir, model, optimizer, scheduler,
+                                                  state, cfg)
+    finally:
+        if bar is not None:
+            bar.close()
+        expert_timer.detach()
+
+    adapter_dir = None
+    if not interrupted:
+        adapter_dir = artifacts.atomic_dir(output_dir / artifacts.ADAPTER_DIR,
+                                           lambda d: _save_adapter(model, d))
+    summary = _finish(cfg, output_dir, state, timeline, expert_timer, run_tokens, run_seconds,
+                      total_steps, adapter_dir, checkpoint_dir, interrupted, n_trainable, n_total,
+                      model_path, time.perf_counter() - t_start)
+    with contextlib.suppress(Exception):
+        if cfg.use_kt:
+            import kt_sft
+
+            kt_sft.close(model)
+    engine_trace = output_dir / "engine_trace.json"
+    if engine_trace.is_file():
+        summary["engine_trace"] = str(engine_trace)
+        artifacts.write_json_atomic(output_dir / "train_summary.json", summary)
+    if not quiet:
+        _print_summary(summary)
+    return TrainResult(output_dir, adapter_dir, checkpoint_dir, interrupted, state, total_steps,
+                       summary)
+
+
+def _finish(cfg: TrainConfig, output_dir: Path, state: TrainState, timeline: Timeline,
+            timer: ExpertTimer, run_tokens: int, run_seconds: float, total_steps: int,
+            adapter_dir: Path | None, checkpoint_dir: Path | None, interrupted: bool,
+            n_trainable: int, n_total: int, model_path: str, wall: float) -> dict[str, Any]:
+    losses = [e["loss"] for e in state.log]
+    summary: dict[str, Any] = {
+        "steps": state.global_step, "total_steps": total_steps, "interrupted": interrupted,
+        "model": model_path, "use_kt": cfg.use_kt,
+        "trainable_parameters": n_trainable, "parameters": n_total,
+        "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
+        "loss_first5_mean": sum(losses[:5]) / len(losses[:5]) if losses else None,
+        "loss_last5_mean": sum(losses[-5:]) / len(losses[-5:]) if losses else None,
+        "tokens": run_tokens, "train_seconds": run_seconds,
+        "tokens_per_second": run_tokens / run_seconds if run_seconds else 0.0,
+        "wall_seconds": wall,
+        "adapter": str(adapter_dir) if adapter_dir else None,
+        "checkpoint": str(checkpoint_dir) if checkpoint_dir else None,
+    }
+    if cfg.profile and run_seconds:
+        experts = timer.total_seconds
+        summary["time_split"] = {
+            "moe_layers_timed": timer.num_layers,
+            "experts_seconds": experts, "experts_forward_seconds": timer.forward_seconds,
+            "experts_backward_seconds": timer.backward_seconds,
+            "rest_seconds": max(run_seconds - experts, 0.0),
+            "experts_fraction": experts / run_seconds,
+            "forward_seconds": timeline.total("phase", "forward"),
+            "backward_seconds": timeline.total("phase", "backward"),
+            "optimizer_seconds": timeline.total("phase", "optimizer"),
+        }
+        trace = output_dir / "trace.json"
+        summary["trace_engine_phases"] = timer.engine_phases
+        source = "kt-sft train: step phases and experts calls timed in PyTorch" + (
+            "; engine phases from MoEEngine.last_timings()" if timer.engine_phases else "")
+        timeline.write_chrome_trace(trace, {"source": source,
+                                            "summary": {k: v for k, v in summary.items()
+                                                        if not isinstance(v, dict)}})
+        summary["trace"] = str(trace)
+    if cfg.plot_loss and losses:
+        png = output_dir / "loss_curve.png"
+        title = f"kt-sft: {Path(model_path).name}, LoRA r={cfg.lora_rank}"
+        if artifacts.plot_loss(png, [e["step"] for e in state.log], losses, title=title):
+            summary["loss_curve"] = str(png)
+        else:
+            summary["loss_curve"] = None
+            summary["loss_curve_note"] = "matplotlib is not installed: pip install matplotlib"
+    artifacts.write_json_atomic(output_dir / "train_summary.json", summary)
+    return summary
+
+
+def _print_summary(s: dict[str, Any]) -> None:
+    lines = []
+    if s["interrupted"]:
+        lines.append(f"interrupted at step {s['steps']}/{s['total_steps']}: resumable checkpoint "
+                     f"{s['checkpoint']}")
+        lines.append(f"  resume with the same command plus --resume_from_checkpoint "
+                     f"{s['checkpoint']}")
+    else:
+        lines.append(f"done: {s['steps']} steps in {s['train_seconds']:.1f} s")
+    if s["loss_first"] is not None:
+        lines.append(f"loss            {s['loss_first5_mean']:.4f} (first 5 steps) -> "
+                     f"{s['loss_last5_mean']:.4f} (last 5 steps)")
+    lines.append(f"throughput      {s['tokens_per_second']:.0f} tokens/s "
+                 f"({s['tokens']} tokens)")
+    split = s.get("time_split")
+    if split:
+        rest = split["rest_seconds"]
+        total = split["experts_seconds"] + rest
+        lines.append(
+            f"time split      CPU experts {split['experts_seconds']:.1f} s "
+            f"({100 * split['experts_seconds'] / total:.0f}%: forward "
+            f"{split['experts_forward_seconds']:.1f} s, backward "
+            f"{split['experts_backward_seconds']:.1f} s) | rest (attention, router, embeddings, "
+            f"LM head, optimizer) {rest:.1f} s ({100 * rest / total:.0f}%)")
+    if s.get("adapter"):
+        lines.append(f"adapter         {s['adapter']}")
+    if s.get("loss_curve"):
+        lines.append(f"loss curve      {s['loss_curve']}")
+    if s.get("trace"):
+        lines.append(f"trace           {s['trace']} (open in https://ui.perfetto.dev or "
+                     "chrome://tracing)")
+    if s.get("engine_trace"):
+        lines.append(f"engine trace    {s['engine_trace']}")
+    print("\n".join(lines), flush=True)
+

@@ -1,0 +1,35 @@
+"""Shared fixtures of kt-sft's tests."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+
+from kt_sft.backend import engine_available
+
+BACKENDS = ["torch", pytest.param("engine", marks=pytest.mark.skipif(
+    not engine_available(), reason="kt-kernels engine not built"))]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    """Each test runs on the torch reference and on the compiled engine."""
+    return request.param
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread() -> object:
+    # Tiny matrices: torch's intra-op threads only add overhead (and thrash on a busy machine).
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _quiet() -> None:
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*")

@@ -1,0 +1,141 @@
+"""Bad input to `kt-sft train`: each case exits with code 2 and one clear message."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from kt_sft.cli import main
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("kt-cache")
+
+
+@pytest.fixture(scope="module")
+def demo_model(cache_dir: Path) -> Path:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KT_CACHE_DIR", str(cache_dir))
+        from kt_sft.train.embedded import embedded_model_dir
+
+        return embedded_model_dir(quiet=True)
+
+
+@pytest.fixture(autouse=True)
+def _cache(cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KT_CACHE_DIR", str(cache_dir))
+
+
+def _fails(capsys: pytest.CaptureFixture, argv: list[str]) -> str:
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err.startswith("kt-sft train: error: "), err
+    assert "Traceback" not in err
+    return err
+
+
+def _yaml(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "train.yaml"
+    path.write_text(textwrap.dedent(text))
+    return str(path)
+
+
+def _jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_missing_model_path(tmp_path: Path, capsys) -> None:
+    cfg = _yaml(tmp_path, "dataset: embedded\nlearning_rate: 1.0e-4\n")
+    assert "missing model path: set 'model_name_or_path'" in _fails(capsys, ["train", cfg])
+
+
+def test_model_path_that_does_not_exist(tmp_path: Path, capsys) -> None:
+    err = _fails(capsys, ["train", "--model_name_or_path", str(tmp_path / "no-model"),
+                          "--output_dir", str(tmp_path / "o")])
+    assert "model path not found" in err and "no-model" in err
+
+
+def test_unknown_key_suggests_the_closest(tmp_path: Path, capsys) -> None:
+    cfg = _yaml(tmp_path, """
+        model_name_or_path: embedded
+        dataset: embedded
+        per_device_batch_size: 4
+    """)
+    err = _fails(capsys, ["train", cfg])
+    assert "unknown key 'per_device_batch_size'" in err
+    assert "did you mean 'per_device_train_batch_size'" in err
+    err = _fails(capsys, ["train", "--gradient_acumulation_steps", "2"])
+    assert "did you mean 'gradient_accumulation_steps'" in err
+
+
+def test_dataset_file_missing(tmp_path: Path, capsys) -> None:
+    err = _fails(capsys, ["train", "--dataset", str(tmp_path / "missing.jsonl"),
+                          "--output_dir", str(tmp_path / "o")])
+    assert "dataset file not found" in err and "missing.jsonl" in err
+
+
+def test_dataset_with_no_usable_column(tmp_path: Path, capsys) -> None:
+    data = _jsonl(tmp_path / "qa.jsonl", [{"question": "2+2?", "answer": "4"}])
+    err = _fails(capsys, ["train", "--dataset", str(data), "--dataset_format", "auto",
+                          "--output_dir", str(tmp_path / "o")])
+    assert "has no usable column: found ['answer', 'question']" in err
+    assert "prompt_column" in err
+
+
+def test_chat_template_absent_for_messages(tmp_path: Path, demo_model: Path, capsys) -> None:
+    model = tmp_path / "no-template-model"
+    shutil.copytree(demo_model, model)
+    (model / "chat_template.jinja").unlink(missing_ok=True)
+    tok_cfg = json.loads((model / "tokenizer_config.json").read_text())
+    tok_cfg.pop("chat_template", None)
+    (model / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    err = _fails(capsys, ["train", "--model_name_or_path", str(model),
+                          "--output_dir", str(tmp_path / "o")])
+    assert "has no chat template" in err and "template: chatml" in err
+
+
+def test_output_dir_not_writable(tmp_path: Path, capsys) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    err = _fails(capsys, ["train", "--output_dir", str(blocker / "out")])
+    assert "is not writable" in err and "--output_dir" in err
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0,
+                    reason="root may write to read-only folders")
+def test_output_dir_read_only(tmp_path: Path, capsys) -> None:
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        assert "is not writable" in _fails(capsys, ["train", "--output_dir", str(ro / "out")])
+    finally:
+        ro.chmod(0o700)
+
+
+def test_output_dir_with_a_previous_run(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    (out / "checkpoint-5").mkdir(parents=True)
+    err = _fails(capsys, ["train", "--output_dir", str(out), "--overwrite_output_dir", "false"])
+    assert "already holds a training run (checkpoint-5)" in err
+    assert "overwrite_output_dir: true" in err and "resume_from_checkpoint: auto" in err
+
+
+def test_bad_value_on_the_command_line(tmp_path: Path, capsys) -> None:
+    err = _fails(capsys, ["train", "--learning_rate", "fast"])
+    assert "'learning_rate' must be a number, got 'fast'" in err
+
+
+def test_lora_target_matching_nothing(tmp_path: Path, capsys) -> None:
+    err = _fails(capsys, ["train", "--lora_target", "no_such_proj", "--max_steps", "1",
+                          "--output_dir", str(tmp_path / "o")])
+    assert "'lora_target' no_such_proj matches no module" in err
+    assert "q_proj" in err  # lists the names that exist

@@ -1,0 +1,100 @@
+"""`kt-sft estimate`: the memory formula, reading shapes from config.json, the command."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kt_sft.cli import main
+from kt_sft.estimate import GIB, ModelShape, estimate_memory, shape_from_config
+
+
+def test_formula_by_hand() -> None:
+    shape = ModelShape(num_experts=8, num_moe_layers=2, hidden_size=128, intermediate_size=64,
+                       top_k=2, other_params=1000)
+    kw = {"lora_rank": 8, "max_tokens": 16, "cache_depth": 1, "group_size": 128}
+    bf16 = estimate_memory(shape, weight_dtype="bf16", **kw)
+    assert bf16.experts == 2 * 8 * 3 * 128 * 64 * 2 == 786432
+    assert bf16.expert_lora == 2 * 8 * 8 * (2 * 128 + 3 * 64) * 16 == 917504
+    assert bf16.cache == 2 * 1 * 16 * (2 * 128 + 2 * (6 * 64 + 8 * 8)) == 36864
+    assert bf16.scratch == 16 * 2 * (128 + 2 * 64) * 4 == 32768
+    assert bf16.rest == 4000 and bf16.overhead == GIB
+    assert bf16.total == 786432 + 917504 + 36864 + 32768 + 4000 + GIB
+    assert estimate_memory(shape, weight_dtype="int8", **kw).experts == 393216 + 2 * 8 * 256 * 4
+    assert estimate_memory(shape, weight_dtype="int4", **kw).experts == 196608 + 2 * 8 * 3 * 128 * 64 // 128 * 4
+    inference = estimate_memory(shape, training=False, non_expert_on_gpu=True, **kw)
+    assert inference.expert_lora == inference.cache == inference.rest == 0
+
+
+def test_bad_shapes_and_options() -> None:
+    with pytest.raises(ValueError, match="num_experts must be a positive integer"):
+        ModelShape(num_experts=0, num_moe_layers=1, hidden_size=1, intermediate_size=1)
+    shape = ModelShape(num_experts=2, num_moe_layers=1, hidden_size=8, intermediate_size=8)
+    with pytest.raises(ValueError, match="weight_dtype must be one of bf16, int8, int4"):
+        estimate_memory(shape, weight_dtype="fp8")
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "qwen2_moe", "deepseek_v3", "mixtral"])
+def test_config_shape_counts_the_real_parameters(tmp_path: Path, model_type: str) -> None:
+    """Expert + other parameters from config.json match the instantiated tiny model (norms,
+    biases and other vectors aside)."""
+    from kt_models import tiny
+
+    model = tiny.build(model_type)
+    model.config.to_json_file(tmp_path / "config.json")
+    shape = shape_from_config(tmp_path)
+    matrices = sum(p.numel() for p in model.parameters() if p.ndim >= 2)
+    assert shape.expert_params + shape.other_params == pytest.approx(matrices, rel=0.02)
+    assert shape.model_type == model_type
+
+
+def test_aliases_and_nesting(tmp_path: Path) -> None:
+    cfg = {"model_type": "custom_moe", "text_config": {
+        "n_routed_experts": 64, "num_experts_per_tok": 6, "hidden_size": 2048,
+        "moe_intermediate_size": 1408, "num_hidden_layers": 27, "first_k_dense_replace": 1,
+        "vocab_size": 102400, "num_attention_heads": 16, "intermediate_size": 10944}}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    shape = shape_from_config(tmp_path / "config.json")
+    assert (shape.num_experts, shape.num_moe_layers, shape.top_k) == (64, 26, 6)
+    assert (shape.hidden_size, shape.intermediate_size) == (2048, 1408)
+
+
+def test_config_problems(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="config not found"):
+        shape_from_config(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8,
+                                                      "num_hidden_layers": 2}))
+    from kt_models import ConfigFieldError
+
+    with pytest.raises(ConfigFieldError, match="number of routed experts"):
+        shape_from_config(tmp_path)
+
+
+def test_command_prints_a_table_and_json(capsys, tmp_path: Path) -> None:
+    argv = ["estimate", "--experts", "128", "--layers", "48", "--hidden", "2048",
+            "--intermediate", "768", "--top-k", "8"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "routed experts" in out and "total RAM" in out
+    assert "bf16" in out and "int8" in out and "int4" in out
+    # 48 x 128 x 3 x 2048 x 768 bf16 weights = 54 GiB
+    assert "54.0" in out
+    assert main([*argv, "--dtype", "int4", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["weight_dtype"] for r in rows] == ["int4"]
+    assert rows[0]["experts"] == pytest.approx(48 * 128 * 3 * 2048 * 768 * (0.5 + 4 / 128))
+
+
+def test_command_from_a_checkpoint_config(capsys, tmp_path: Path) -> None:
+    from kt_models import tiny
+
+    tiny.build("qwen3_moe").config.to_json_file(tmp_path / "config.json")
+    assert main(["estimate", "--config", str(tmp_path), "--dtype", "bf16"]) == 0
+    assert "qwen3_moe" in capsys.readouterr().out
+
+
+def test_command_needs_a_shape(capsys) -> None:
+    with pytest.raises(SystemExit, match=r"--config PATH .* \(missing --layers --intermediate\)"):
+        main(["estimate", "--experts", "8", "--hidden", "64"])
