@@ -139,3 +139,15 @@ def test_lora_target_matching_nothing(tmp_path: Path, capsys) -> None:
                           "--output_dir", str(tmp_path / "o")])
     assert "'lora_target' no_such_proj matches no module" in err
     assert "q_proj" in err  # lists the names that exist
+
+
+def test_lora_dropout_with_expert_lora(tmp_path: Path, capsys) -> None:
+    err = _fails(capsys, ["train", "--lora_dropout", "0.1", "--max_steps", "1",
+                          "--output_dir", str(tmp_path / "o")])
+    assert "'lora_dropout' 0.1 cannot be used with LoRA on the routed experts" in err
+
+
+def test_train_help(capsys) -> None:
+    assert main(["train", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: kt-sft train [CONFIG.yaml]") and "--print-config" in out

@@ -355,3 +355,23 @@ def test_frozen_experts_with_attention_lora(base_model: torch.nn.Module, backend
     kt2 = kt_sft.wrap_model(copy.deepcopy(base_model), cfg)
     with pytest.raises(RuntimeError, match="lora_rank=0"):
         kt_sft.get_peft_model(kt2, LoraConfig(**lora_kwargs(kt2)))
+
+
+@pytest.mark.parametrize("optimizer", ["fused", "foreach"])
+def test_engine_sees_every_optimizer_step(base_model: torch.nn.Module, backend: str,
+                                          optimizer: str) -> None:
+    """Fused/foreach AdamW update parameters without bumping torch's version counter; the
+    engine must still read the new LoRA values on the next forward."""
+    kt = kt_sft.wrap_model(copy.deepcopy(base_model),
+                           kt_sft.KTConfig(backend=backend, lora_rank=4, lora_alpha=8.0))
+    pm = kt_sft.get_peft_model(kt, LoraConfig(**lora_kwargs(kt)))
+    copy_lora(pm, pm, b_std=0.05)
+    batch = make_batch(64, pad=0)
+    opt = torch.optim.AdamW(kt_sft.lora_parameters(pm), lr=1e-2, **{optimizer: True})
+    pm(**batch).loss.backward()
+    opt.step()
+    with torch.no_grad():
+        seen = pm(**batch).logits
+        kt_sft.lora_updated(pm)  # force a re-read: the reference for what the engine should see
+        forced = pm(**batch).logits
+    assert torch.equal(seen, forced)

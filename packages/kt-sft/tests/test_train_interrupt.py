@@ -121,3 +121,21 @@ def test_ctrl_c_in_a_real_process(tmp_path: Path, cache_dir: Path) -> None:
 
     assert load_file(str(ckpts[0] / "adapter_model.safetensors"))
     assert not (out / "adapter").exists() and not list(out.glob(".tmp-*"))
+
+
+def test_gradient_accumulation_matches_a_bigger_batch(tmp_path: Path) -> None:
+    """4 x 2 accumulated sees the same examples as 8 x 1 and normalises the loss over the whole
+    window, so losses and the trained adapter agree."""
+    big = train(_cfg(tmp_path / "big", "--max_steps", "3", "--per_device_train_batch_size", "8"),
+                quiet=True)
+    acc = train(_cfg(tmp_path / "acc", "--max_steps", "3", "--per_device_train_batch_size", "4",
+                     "--gradient_accumulation_steps", "2", "--gradient_checkpointing", "true"),
+                quiet=True)
+    assert [e["loss"] for e in acc.state.log] == pytest.approx([e["loss"] for e in big.state.log],
+                                                               rel=1e-3)
+    from safetensors.torch import load_file
+
+    wa = load_file(str(tmp_path / "big" / "adapter" / "adapter_model.safetensors"))
+    wb = load_file(str(tmp_path / "acc" / "adapter" / "adapter_model.safetensors"))
+    for k in wa:
+        assert (wa[k] - wb[k]).abs().max() < 1e-3 * max(1.0, float(wa[k].abs().max())), k

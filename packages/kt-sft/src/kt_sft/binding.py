@@ -26,8 +26,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 __all__ = ["FUSED_KINDS", "SPLIT_KINDS", "LoRAFactor", "LoRAPlan", "LoRASource", "engine_kinds"]
+
+# Fused / foreach optimizers update parameters without bumping torch's version counter, so every
+# optimizer step (any optimizer, through torch's global post-step hook) also counts as a change.
+_optimizer_steps = 0
+
+
+def _count_optimizer_step(_optimizer: Any, _args: Any, _kwargs: Any) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
 
 FUSED_KINDS = ("gate_up", "down")
 SPLIT_KINDS = ("gate", "up", "down")
@@ -206,7 +219,7 @@ class LoRAPlan:
 
     # -- weights --------------------------------------------------------------------------
     def current_versions(self) -> tuple[int, ...]:
-        return tuple(p._version for p in self.params)
+        return (_optimizer_steps, *(p._version for p in self.params))
 
     def refresh(self, *, force: bool = False) -> bool:
         """Copy changed parameters into staged weight buffers; True when anything changed."""

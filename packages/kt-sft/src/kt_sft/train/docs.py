@@ -37,8 +37,9 @@ kt-sft train my.yaml --print-config --output_dir elsewhere
 Values: precedence is command line > YAML file > default below (for `kt_*` keys: explicit value >
 `KT_*` environment variable > default). A key not in this reference is an error that names the
 closest known key; every value is checked for its type and range. Numbers may be written as YAML
-strings (`1e-4`). Relative paths in a YAML file are looked up relative to the working directory
-first, then to the YAML file's folder. `kt-sft train` with no file runs the embedded demo
+strings (`1e-4`). A relative model, tokenizer or dataset path in a YAML file is looked up in the
+working directory first, then next to the YAML file; `output_dir` is relative to the working
+directory. `kt-sft train` with no file runs the embedded demo
 ([last section](#the-embedded-demo)); `--print-config` prints the resolved configuration and exits.
 
 A minimal configuration for your own model:

@@ -148,6 +148,11 @@ def build_lora_config(model: Any, *, targets: list[str], rank: int, alpha: float
     kwargs: dict[str, Any] = {}
     if want_experts:
         kwargs = _expert_targets(model, use_kt)
+    if dropout and kwargs.get("target_parameters"):
+        raise ConfigError(
+            f"'lora_dropout' {dropout:g} cannot be used with LoRA on the routed experts (PEFT's "
+            "target_parameters adapters have no dropout); set lora_dropout: 0, or leave the "
+            "experts out of lora_target (e.g. q_proj,k_proj,v_proj,o_proj)")
     kwargs["target_modules"] = _merge_modules(kwargs.get("target_modules"), modules)
     if kwargs["target_modules"] is None:
         kwargs.pop("target_modules")

@@ -121,8 +121,8 @@ class TrainConfig:
         None, "LoRA alpha (scaling = alpha / r); defaults to 2 × lora_rank.", "lora", minimum=0,
         exclusive_min=True)
     lora_dropout: float = opt(
-        0.0, "Dropout on the LoRA input of PyTorch-side modules (the engine's expert LoRA has no "
-        "dropout).", "lora", minimum=0, maximum=1)
+        0.0, "Dropout on the LoRA input. Only without expert LoRA: PEFT's adapters on fused "
+        "expert tensors (target_parameters) have no dropout.", "lora", minimum=0, maximum=1)
     lora_target: str | list[str] = opt(  # noqa: RUF009 - immutable default
         "all", "What gets LoRA adapters: `all` (routed experts + every linear layer except the "
         "LM head and router), `experts` (routed experts only), or a list / comma-separated "

@@ -1,0 +1,109 @@
+"""kt in the Hugging Face ``Trainer`` (and TRL's ``SFTTrainer``): :class:`KTTrainer`.
+
+```python
+args = TrainingArguments(output_dir="out", save_steps=50, ...)   # starts torch.distributed
+plugin = KTransformersPlugin(kt_config={"lora_rank": 8})
+model = kt_accelerate.load_model(path, plugin)                   # after TrainingArguments
+model = kt_sft.get_peft_model(model, LoraConfig(**kt_sft.default_expert_lora_targets(model)))
+trainer = KTTrainer(model=model, args=args, train_dataset=ds, kt_plugin=plugin)
+trainer.train()                        # or trainer.train(resume_from_checkpoint=True)
+```
+
+Everything else is the stock Trainer: logging, evaluation, ``save_steps`` checkpoints (the model
+part is the standard PEFT adapter, as ``save_pretrained`` writes it), ``resume_from_checkpoint``.
+:class:`KTTrainerMixin` holds the additions, so other Trainer subclasses get them by mixing it in
+first (``class MyTrainer(KTTrainerMixin, SFTTrainer)``; ``kt_accelerate.KTSFTTrainer`` is that
+class for TRL). The additions:
+
+* construction: checks ``TrainingArguments`` against the plugin, wraps an unwrapped supported
+  model (a model name for ``SFTTrainer`` is loaded with :func:`kt_accelerate.load_model`), keeps
+  the expert LoRA parameters out of DDP and equal on every rank;
+* ``create_optimizer``: the engines re-read the LoRA weights after every optimizer step (the
+  default ``adamw_torch_fused`` writes them without bumping torch's version counters);
+* ``training_step``: after the backward that completes an optimizer step, reduces the expert
+  LoRA gradients across ranks (before the Trainer clips and steps);
+* checkpoints record the process layout (``kt_layout.json``, by :class:`KTCallback`) and
+  ``train(resume_from_checkpoint=...)`` checks it (see :mod:`kt_accelerate.checkpoint`).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from transformers import Trainer, TrainerCallback
+
+from kt_accelerate import checkpoint, integration
+from kt_accelerate.plugin import KTransformersPlugin
+
+__all__ = ["KTCallback", "KTTrainer", "KTTrainerMixin"]
+
+
+class KTCallback(TrainerCallback):
+    """Writes ``kt_layout.json`` into every checkpoint folder the Trainer saves."""
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if not state.is_world_process_zero:
+            return
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if os.path.isdir(folder):
+            checkpoint.write_layout(folder)
+
+
+def _resolve_checkpoint(resume: Any, output_dir: str) -> str | None:
+    if resume is None or resume is False:
+        return None
+    if resume is True:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        return get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+    return os.fspath(resume)
+
+
+class KTTrainerMixin:
+    """kt's additions to a ``transformers.Trainer`` subclass (mix in first)."""
+
+    def __init__(self, *args: Any, kt_plugin: KTransformersPlugin | None = None,
+                 **kwargs: Any) -> None:
+        plugin = kt_plugin if kt_plugin is not None else KTransformersPlugin()
+        if not isinstance(plugin, KTransformersPlugin):
+            raise TypeError(f"kt_plugin must be a KTransformersPlugin, got {type(plugin).__name__}")
+        self.kt_plugin = plugin
+        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if training_args is not None:
+            plugin.check_training_args(training_args)
+            _ = training_args.device  # sets up torch.distributed (launchers' env) now
+        integration.init_distributed(plugin)
+        model = kwargs.get("model", args[0] if args else None)
+        if isinstance(model, str):
+            init_kwargs = dict(getattr(training_args, "model_init_kwargs", None) or {})
+            model = integration.load_model(model, plugin, **init_kwargs)
+        if model is not None:
+            model = integration.ensure_wrapped(model, plugin)
+            if "model" in kwargs or not args:
+                kwargs["model"] = model
+            else:
+                args = (model, *args[1:])
+        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
+        # PEFT may only now be applied (SFTTrainer's peft_config): place its parameters.
+        if self.model is not None:  # type: ignore[has-type]
+            self.model = integration.prepare_model(self.model, plugin, wrap=False)
+        self.add_callback(KTCallback())  # type: ignore[attr-defined]
+
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        loss = super().training_step(*args, **kwargs)  # type: ignore[misc]
+        if self.accelerator.sync_gradients:  # type: ignore[attr-defined]
+            integration.sync_expert_grads(self.model)  # type: ignore[attr-defined]
+        return loss
+
+    def train(self, resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any) -> Any:
+        path = _resolve_checkpoint(resume_from_checkpoint,
+                                   self.args.output_dir)  # type: ignore[attr-defined]
+        if path is not None:
+            checkpoint.check_layout(
+                path, allow_world_size_change=bool(self.kt_plugin.allow_world_size_change))
+        return super().train(resume_from_checkpoint, *args, **kwargs)  # type: ignore[misc]
+
+
+class KTTrainer(KTTrainerMixin, Trainer):
+    """``transformers.Trainer`` with kt (see :class:`KTTrainerMixin`); takes ``kt_plugin=``."""
