@@ -32,6 +32,8 @@ const KernelTable& kernel_table(Isa isa);
 std::vector<std::string> take_warnings();
 
 // Result of the self-test of an ISA: "not run", "passed" or "failed: <reason>".
+// For tests of the fallback path, KT_KERNELS_FAIL_SELF_TEST=<isa>[,<isa>...] makes the self-test
+// of those ISAs fail (read once, when an ISA is first tested in the process).
 std::string self_test_status(Isa isa);
 
 }  // namespace kt::kernels

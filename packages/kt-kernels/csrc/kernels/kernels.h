@@ -25,6 +25,17 @@ constexpr int kIsaCount = 5;
 constexpr int64_t kBlockN = 16;
 constexpr int64_t kPackK = 32;
 
+// The inline helpers below live in an inline namespace named after the ISA of the translation unit
+// (KT_CPU_CAPABILITY in kernels/<isa>/, "baseline" elsewhere). Each ISA's copy then has its own
+// mangled name, so the linker can never pick an AVX-512 copy of a helper for baseline code (an
+// illegal instruction on older CPUs) when the compiler leaves one out of line (-O0, sanitizers).
+#ifdef KT_CPU_CAPABILITY
+#define KT_ISA_NAMESPACE KT_CPU_CAPABILITY
+#else
+#define KT_ISA_NAMESPACE baseline
+#endif
+inline namespace KT_ISA_NAMESPACE {
+
 constexpr int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 constexpr int64_t packed_k(int64_t K) { return round_up(K, kPackK); }
 constexpr int64_t packed_blocks(int64_t N) { return (N + kBlockN - 1) / kBlockN; }
@@ -48,6 +59,8 @@ inline bf16 f32_to_bf16(float f) {
   return static_cast<bf16>(bits >> 16);
 }
 
+}  // inline namespace KT_ISA_NAMESPACE
+
 // C[M x 16*nblk] (= or +=) A[M x Kp] . W^T for nblk consecutive packed blocks of W.
 //   A: bf16, row-major, row stride lda >= Kp; columns [K, Kp) must be zero.
 //   B: pointer to the first of nblk packed blocks (each packed_block_elems(K) bf16), contiguous.
@@ -57,10 +70,57 @@ inline bf16 f32_to_bf16(float f) {
 using gemm_bf16_fn = void (*)(int64_t M, int64_t nblk, int64_t Kp, const bf16* A, int64_t lda,
                               const bf16* B, float* C, int64_t ldc, bool accumulate);
 
+// ---------------------------------------------------------------------------------------------
+// fp32 helpers of the engine: the small LoRA products (one of the sizes is the LoRA rank), the
+// activation and bf16 conversions. Every entry sums in an order that depends only on its sizes,
+// never on pointer alignment or on threads, so results are reproducible bit for bit. The scalar
+// reference (kernels/scalar/vec.cpp) defines the order; a SIMD table may leave an entry null and
+// the engine then uses the scalar one.
+// ---------------------------------------------------------------------------------------------
+
+// C[M x N] = (accumulate ? C : 0) + alpha * (A[M x K] . B[K x N]). Row-major, leading dims in
+// elements.
+using gemm_f32_nn_fn = void (*)(int64_t M, int64_t N, int64_t K, float alpha, const float* A,
+                                int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
+                                bool accumulate);
+// C[M x N] = (accumulate ? C : 0) + alpha * (A[M x K] . B[N x K]^T): dot products over K.
+using gemm_f32_nt_fn = gemm_f32_nn_fn;
+// C[M x N] = (accumulate ? C : 0) + alpha * (A[K x M]^T . B[K x N]): a sum over k = 0, 1, ...
+// of outer products (k is the token axis when the engine reduces LoRA gradients).
+using gemm_f32_tn_fn = gemm_f32_nn_fn;
+
+using cvt_bf16_f32_fn = void (*)(int64_t n, const bf16* src, float* dst);
+using cvt_f32_bf16_fn = void (*)(int64_t n, const float* src, bf16* dst);  // round to nearest even
+
+// h = silu(g) * u, silu(g) = g / (1 + exp(-g)).
+using silu_mul_fn = void (*)(int64_t n, const float* g, const float* u, float* h);
+// Given dh: dg = dh * u * silu'(g), du = dh * silu(g).
+using silu_mul_bwd_fn = void (*)(int64_t n, const float* g, const float* u, const float* dh,
+                                 float* dg, float* du);
+
+// Repack part of the transpose of a packed weight. W is packed (see above) with N rows and padded
+// depth Kp. Writes nblk packed blocks of W^T, i.e. rows k in [k0, k0 + 16 * nblk) of the Kp x N
+// matrix W^T, each with padded depth packed_k(N) (columns >= N are zero); k0 is a multiple of 16
+// and rows >= Kp are zero. dst holds nblk * packed_block_elems(N) bf16.
+using pack_transposed_fn = void (*)(const bf16* W, int64_t N, int64_t Kp, int64_t k0,
+                                    int64_t nblk, bf16* dst);
+
 struct KernelTable {
   Isa isa;
   gemm_bf16_fn gemm_bf16;
+  // fp32 helpers (null = use the scalar table's entry).
+  gemm_f32_nn_fn gemm_f32_nn = nullptr;
+  gemm_f32_nt_fn gemm_f32_nt = nullptr;
+  gemm_f32_tn_fn gemm_f32_tn = nullptr;
+  cvt_bf16_f32_fn cvt_bf16_f32 = nullptr;
+  cvt_f32_bf16_fn cvt_f32_bf16 = nullptr;
+  silu_mul_fn silu_mul = nullptr;
+  silu_mul_bwd_fn silu_mul_bwd = nullptr;
+  pack_transposed_fn pack_transposed = nullptr;
 };
+
+// Fills the fp32 helper entries of a table with the scalar reference (kernels/scalar/vec.cpp).
+void fill_scalar_helpers(KernelTable* table);
 
 // Each compiled ISA folder defines its table getter; dispatch.cpp knows which ones exist.
 const KernelTable* scalar_table();

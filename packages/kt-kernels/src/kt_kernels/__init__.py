@@ -12,6 +12,7 @@ from kt_kernels._version import __version__
 _check_platform()
 
 from kt_kernels import _core  # noqa: E402
+from kt_kernels._engine import MoEEngine, active_isa, available_isas  # noqa: E402
 
 ABI_VERSION: int = _core.ABI_VERSION
 
@@ -29,4 +30,19 @@ def physical_core_count() -> int:
     return int(_core.physical_core_count())
 
 
-__all__ = ["ABI_VERSION", "__version__", "cpu_features", "physical_core_count"]
+def default_thread_count() -> int:
+    """Return the threads an engine uses by default: ``KT_NUM_THREADS``, else one per physical
+    core."""
+    return int(_core.default_thread_count())
+
+
+__all__ = [
+    "ABI_VERSION",
+    "MoEEngine",
+    "__version__",
+    "active_isa",
+    "available_isas",
+    "cpu_features",
+    "default_thread_count",
+    "physical_core_count",
+]

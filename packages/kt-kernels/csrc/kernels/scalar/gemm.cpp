@@ -22,10 +22,15 @@ void gemm_bf16(int64_t M, int64_t nblk, int64_t Kp, const bf16* A, int64_t lda, 
   }
 }
 
-const KernelTable kTable{Isa::scalar, &gemm_bf16};
-
 }  // namespace
 
-const KernelTable* scalar_table() { return &kTable; }
+const KernelTable* scalar_table() {
+  static const KernelTable table = [] {
+    KernelTable t{Isa::scalar, &gemm_bf16};
+    fill_scalar_helpers(&t);
+    return t;
+  }();
+  return &table;
+}
 
 }  // namespace kt::kernels
