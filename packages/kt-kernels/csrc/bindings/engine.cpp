@@ -1,0 +1,287 @@
+// Python binding of engine::MoEEngine: imports arrays (bindings/array.h), keeps the bound LoRA
+// arrays and a submitted forward's arrays alive, releases the GIL while the engine runs, and runs
+// submit_forward on a background thread.
+#include <pybind11/stl.h>
+
+#include <exception>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "bindings/array.h"
+#include "bindings/bindings.h"
+#include "engine/moe_engine.h"
+#include "kernels/dispatch.h"
+
+namespace kt::bindings {
+
+namespace py = pybind11;
+using engine::StateError;
+
+namespace {
+
+class PyEngine {
+ public:
+  PyEngine(int64_t num_experts, int64_t top_k, int64_t hidden_size, int64_t intermediate_size,
+           int64_t lora_rank, py::object lora_alpha, const std::string& lora_layout,
+           const std::string& weight_dtype, int64_t max_tokens, int64_t max_cache_depth,
+           py::object num_threads, py::object isa) {
+    engine::EngineConfig cfg;
+    cfg.num_experts = num_experts;
+    cfg.top_k = top_k;
+    cfg.hidden_size = hidden_size;
+    cfg.intermediate_size = intermediate_size;
+    cfg.lora_rank = lora_rank;
+    cfg.lora_alpha = lora_alpha.is_none() ? std::nan("") : lora_alpha.cast<double>();
+    if (lora_layout != "fused" && lora_layout != "split") {
+      throw engine::ValueError("lora_layout: expected 'fused' or 'split', got '" + lora_layout +
+                               "'");
+    }
+    cfg.lora_fused = lora_layout == "fused";
+    cfg.weight_dtype = weight_dtype;
+    cfg.max_tokens = max_tokens;
+    cfg.max_cache_depth = max_cache_depth;
+    if (!num_threads.is_none()) {
+      const int64_t n = num_threads.cast<int64_t>();
+      if (n < 1 || n > 4096) {
+        throw engine::ValueError("num_threads: expected None or an integer in [1, 4096], got " +
+                                 std::to_string(n));
+      }
+      cfg.num_threads = static_cast<int>(n);
+    }
+    if (!isa.is_none()) {
+      cfg.isa = isa.cast<std::string>();
+      if (cfg.isa.empty()) {
+        throw engine::ValueError(
+            "isa: expected None or one of scalar, avx2, avx512, avx512_bf16, "
+            "amx, got ''");
+      }
+    }
+    eng_ = std::make_unique<engine::MoEEngine>(cfg);
+  }
+
+  ~PyEngine() {
+    if (worker_.joinable()) {
+      py::gil_scoped_release nogil;
+      worker_.join();
+    }
+  }
+
+  engine::MoEEngine& live(const char* what) {
+    if (!eng_) throw StateError(std::string(what) + ": the engine is closed");
+    if (worker_.joinable()) {
+      throw StateError(std::string(what) +
+                       ": a submitted forward is pending; call "
+                       "sync_forward() first");
+    }
+    return *eng_;
+  }
+
+  void load_weights(py::object gate_up, py::object gate, py::object up, py::object down) {
+    engine::MoEEngine& e = live("load_weights");
+    auto a_gu = import_array(gate_up, "gate_up");
+    auto a_g = import_array(gate, "gate");
+    auto a_u = import_array(up, "up");
+    auto a_d = import_array(down, "down");
+    if (!a_d->view.present) throw engine::TypeError("down: expected an array, got None");
+    py::gil_scoped_release nogil;
+    e.load_weights(a_gu->view, a_g->view, a_u->view, a_d->view);
+  }
+
+  void set_lora(py::kwargs kw) {
+    engine::MoEEngine& e = live("set_lora");
+    static const char* const kNames[] = {
+        "a_gate_up",   "b_gate_up", "a_gate",         "a_up",           "b_gate",      "b_up",
+        "a_down",      "b_down",    "grad_a_gate_up", "grad_b_gate_up", "grad_a_gate", "grad_a_up",
+        "grad_b_gate", "grad_b_up", "grad_a_down",    "grad_b_down"};
+    for (auto item : kw) {
+      const std::string key = py::str(item.first);
+      bool known = false;
+      for (const char* n : kNames) known = known || key == n;
+      if (!known) {
+        throw engine::TypeError("set_lora: unexpected argument '" + key +
+                                "'; expected a_gate_up, b_gate_up, a_gate, a_up, b_gate, b_up, "
+                                "a_down, b_down and their grad_* arrays");
+      }
+    }
+    std::vector<std::unique_ptr<Array>> arrays;
+    engine::View* slots[16];
+    engine::LoraArrays la;
+    engine::View* fields[] = {&la.a_gu, &la.b_gu, &la.a_g,   &la.a_u,   &la.b_g,  &la.b_u,
+                              &la.a_d,  &la.b_d,  &la.ga_gu, &la.gb_gu, &la.ga_g, &la.ga_u,
+                              &la.gb_g, &la.gb_u, &la.ga_d,  &la.gb_d};
+    for (int i = 0; i < 16; ++i) {
+      slots[i] = fields[i];
+      py::object v = kw.contains(kNames[i]) ? py::object(kw[kNames[i]]) : py::none();
+      arrays.push_back(import_array(v, kNames[i]));
+      *slots[i] = arrays.back()->view;
+    }
+    {
+      py::gil_scoped_release nogil;
+      e.set_lora(la);
+    }
+    lora_arrays_ = std::move(arrays);  // the old binding's arrays are released here (GIL held)
+  }
+
+  void lora_updated() {
+    engine::MoEEngine& e = live("lora_updated");
+    py::gil_scoped_release nogil;
+    e.lora_updated();
+  }
+
+  struct Call {
+    std::unique_ptr<Array> x, ids, w, out;
+  };
+
+  Call import_forward(py::handle x, py::handle ids, py::handle w, py::handle out) {
+    Call c;
+    c.x = import_array(x, "x");
+    c.ids = import_array(ids, "expert_ids");
+    c.w = import_array(w, "routing_weights");
+    c.out = import_array(out, "out");
+    return c;
+  }
+
+  void forward(py::handle x, py::handle ids, py::handle w, py::handle out, bool save) {
+    engine::MoEEngine& e = live("forward");
+    Call c = import_forward(x, ids, w, out);
+    py::gil_scoped_release nogil;
+    e.forward(c.x->view, c.ids->view, c.w->view, c.out->view, save);
+  }
+
+  void submit_forward(py::handle x, py::handle ids, py::handle w, py::handle out, bool save) {
+    engine::MoEEngine& e = live("submit_forward");
+    auto c = std::make_shared<Call>(import_forward(x, ids, w, out));
+    e.check_forward(c->x->view, c->ids->view, c->w->view, c->out->view, save);
+    submitted_ = c;
+    async_error_ = nullptr;
+    engine::MoEEngine* eng = &e;
+    worker_ = std::thread([this, eng, c, save] {
+      try {
+        eng->forward(c->x->view, c->ids->view, c->w->view, c->out->view, save);
+      } catch (...) {
+        async_error_ = std::current_exception();
+      }
+    });
+  }
+
+  void sync_forward() {
+    if (!eng_) throw StateError("sync_forward: the engine is closed");
+    if (!worker_.joinable()) {
+      throw StateError("sync_forward: no submitted forward is pending; call submit_forward first");
+    }
+    {
+      py::gil_scoped_release nogil;
+      worker_.join();
+    }
+    submitted_.reset();  // releases the call's arrays (GIL held)
+    if (async_error_) {
+      std::exception_ptr err = async_error_;
+      async_error_ = nullptr;
+      std::rethrow_exception(err);
+    }
+  }
+
+  bool pending_submit() const { return worker_.joinable(); }
+
+  void backward(py::handle dout, py::handle dx, py::handle dw) {
+    engine::MoEEngine& e = live("backward");
+    auto a = import_array(dout, "grad_out");
+    auto b = import_array(dx, "grad_input");
+    auto c = import_array(dw, "grad_routing_weights");
+    py::gil_scoped_release nogil;
+    e.backward(a->view, b->view, c->view);
+  }
+
+  void clear_cache() { live("clear_cache").clear_cache(); }
+  int64_t cache_depth() { return live("cache_depth").cache_depth(); }
+
+  py::dict memory_stats() {
+    const engine::MemoryStats m = live("memory_stats").memory_stats();
+    py::dict d;
+    d["weight_bytes"] = m.weight_bytes;
+    d["lora_bytes"] = m.lora_bytes;
+    d["cache_bytes"] = m.cache_bytes;
+    d["scratch_bytes"] = m.scratch_bytes;
+    return d;
+  }
+
+  py::dict last_timings() {
+    py::dict d;
+    for (const auto& [k, v] : live("last_timings").last_timings()) d[py::str(k)] = v;
+    return d;
+  }
+
+  void close() {
+    if (worker_.joinable()) {
+      py::gil_scoped_release nogil;
+      worker_.join();
+    }
+    submitted_.reset();
+    async_error_ = nullptr;
+    {
+      py::gil_scoped_release nogil;
+      eng_.reset();
+    }
+    lora_arrays_.clear();
+  }
+
+  bool closed() const { return !eng_; }
+  const engine::MoEEngine& get(const char* what) const {
+    if (!eng_) throw StateError(std::string(what) + ": the engine is closed");
+    return *eng_;
+  }
+
+ private:
+  std::unique_ptr<engine::MoEEngine> eng_;
+  std::vector<std::unique_ptr<Array>> lora_arrays_;
+  std::thread worker_;
+  std::shared_ptr<Call> submitted_;
+  std::exception_ptr async_error_;
+};
+
+}  // namespace
+
+void register_engine(py::module_& m) {
+  py::class_<PyEngine>(m, "MoEEngine")
+      .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, py::object, const std::string&,
+                    const std::string&, int64_t, int64_t, py::object, py::object>(),
+           py::arg("num_experts"), py::arg("top_k"), py::arg("hidden_size"),
+           py::arg("intermediate_size"), py::kw_only(), py::arg("lora_rank") = 0,
+           py::arg("lora_alpha") = py::none(), py::arg("lora_layout") = "fused",
+           py::arg("weight_dtype") = "bf16", py::arg("max_tokens") = 4096,
+           py::arg("max_cache_depth") = 1, py::arg("num_threads") = py::none(),
+           py::arg("isa") = py::none())
+      .def("load_weights", &PyEngine::load_weights, py::kw_only(), py::arg("gate_up") = py::none(),
+           py::arg("gate") = py::none(), py::arg("up") = py::none(), py::arg("down") = py::none())
+      .def("set_lora", &PyEngine::set_lora)
+      .def("lora_updated", &PyEngine::lora_updated)
+      .def("forward", &PyEngine::forward, py::arg("x"), py::arg("expert_ids"),
+           py::arg("routing_weights"), py::arg("out"), py::arg("save_for_backward") = true)
+      .def("submit_forward", &PyEngine::submit_forward, py::arg("x"), py::arg("expert_ids"),
+           py::arg("routing_weights"), py::arg("out"), py::arg("save_for_backward") = true)
+      .def("sync_forward", &PyEngine::sync_forward)
+      .def("backward", &PyEngine::backward, py::arg("grad_out"), py::arg("grad_input"),
+           py::arg("grad_routing_weights"))
+      .def("clear_cache", &PyEngine::clear_cache)
+      .def_property_readonly("cache_depth", &PyEngine::cache_depth)
+      .def_property_readonly("pending_submit", &PyEngine::pending_submit)
+      .def("memory_stats", &PyEngine::memory_stats)
+      .def("last_timings", &PyEngine::last_timings)
+      .def("close", &PyEngine::close)
+      .def_property_readonly("closed", &PyEngine::closed)
+      .def_property_readonly(
+          "isa",
+          [](const PyEngine& p) { return std::string(kernels::isa_name(p.get("isa").isa())); })
+      .def_property_readonly("num_threads",
+                             [](const PyEngine& p) { return p.get("num_threads").num_threads(); })
+      .def_property_readonly("scaling",
+                             [](const PyEngine& p) { return p.get("scaling").scaling(); })
+      .def_property_readonly("lora_set",
+                             [](const PyEngine& p) { return p.get("lora_set").lora_set(); })
+      .def_property_readonly("weights_loaded", [](const PyEngine& p) {
+        return p.get("weights_loaded").weights_loaded();
+      });
+}
+
+}  // namespace kt::bindings

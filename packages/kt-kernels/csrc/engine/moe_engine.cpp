@@ -1,0 +1,1125 @@
+#include "engine/moe_engine.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <new>
+
+#include "kernels/dispatch.h"
+#include "runtime/scratch.h"
+#include "runtime/thread_pool.h"
+
+namespace kt::engine {
+
+using kernels::bf16;
+using kernels::kBlockN;
+using runtime::parallel_for;
+using runtime::Scratch;
+
+namespace {
+
+// Tile shapes. Forward tiles may split an expert's rows (rows are independent); backward tiles
+// own gradient slices and walk all rows of their expert in order, so gradients are reduced in a
+// fixed order whatever the thread count.
+constexpr int64_t kRowsGather = 64;  // rows per gather / LoRA-A task
+constexpr int64_t kRowsFwd = 128;    // rows per forward GEMM tile
+constexpr int64_t kPairsFwd = 3;     // gate/up block pairs per gate_up tile (96 columns)
+constexpr int64_t kBlocksDown = 6;   // H blocks per down tile (96 columns)
+constexpr int64_t kPairsBwd = 6;     // I blocks per backward down^T tile (96 columns)
+constexpr int64_t kBlocksBwdH = 6;   // H blocks per backward gate_up^T tile (96 columns)
+constexpr int64_t kRowsBwd = 128;    // rows per step inside a backward tile
+constexpr int64_t kTokensCombine = 16;
+
+// Process-wide scratch slots. Forward and backward buffers of similar size share a slot.
+enum SharedSlot : int {
+  kSlotRows = 0,   // fwd: x rows in expert order (S x KpH bf16); bwd: dY rows, same size
+  kSlotH = 1,      // fwd: h (S x KpI bf16); bwd: dGU (S x 2Ib bf16)
+  kSlotY = 2,      // fwd: y per slot (S x Hb fp32); bwd: dx per slot, same size
+  kSlotTok = 3,    // bwd: dout rows as bf16 (T x KpH)
+  kSlotSmall = 4,  // bwd: dY Bd (S x r), dw partials, (dGU B) partials, (dGU B) reduced
+};
+
+enum LocalSlot : int { kL0 = 0, kL1, kL2, kL3, kL4, kL5, kL6, kL7, kL8, kLocalSlots };
+
+template <typename T>
+T* local_buf(int thread, int slot, int64_t count) {
+  return static_cast<T*>(
+      Scratch::instance().local(thread, slot, static_cast<size_t>(count) * sizeof(T)));
+}
+
+template <typename T>
+T* shared_buf(int slot, int64_t count) {
+  return static_cast<T*>(Scratch::instance().shared(slot, static_cast<size_t>(count) * sizeof(T)));
+}
+
+// The lock every engine holds while it runs: layers run one at a time and share the scratch pool.
+std::mutex& engine_mutex() {
+  static std::mutex m;
+  return m;
+}
+
+class PhaseClock {
+ public:
+  // Starts the clock and forgets the previous timings with this prefix.
+  PhaseClock(std::map<std::string, double>& out, const char* prefix)
+      : out_(out), prefix_(prefix), last_(std::chrono::steady_clock::now()), start_(last_) {
+    for (auto it = out_.begin(); it != out_.end();) {
+      it = it->first.compare(0, prefix_.size(), prefix_) == 0 ? out_.erase(it) : std::next(it);
+    }
+  }
+  // Adds the time since the last mark to `phase` (phases may run several times).
+  void mark(const char* phase) {
+    const auto now = std::chrono::steady_clock::now();
+    out_[prefix_ + phase] += std::chrono::duration<double, std::milli>(now - last_).count();
+    last_ = now;
+  }
+  void total() {
+    out_[prefix_ + "total"] =
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start_)
+            .count();
+  }
+
+ private:
+  std::map<std::string, double>& out_;
+  std::string prefix_;
+  std::chrono::steady_clock::time_point last_, start_;
+};
+
+struct Tile {
+  int64_t e, m0, m1, n0, n1;
+};
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// The per-slot fp32 rows of the last GEMM (y in forward, dx in backward) are produced and combined
+// per token in passes over groups of H columns, so that buffer stays near kSlotBudget bytes
+// instead of growing with T * K * H. Results do not depend on the grouping.
+constexpr int64_t kSlotBudget = int64_t{64} << 20;
+
+struct ColGroups {
+  int64_t blocks;  // 16-column blocks per group (a multiple of the tile width)
+  int64_t count;
+};
+
+ColGroups col_groups(int64_t rows, int64_t n_blocks, int64_t tile_blocks) {
+  const int64_t full = rows * n_blocks * kBlockN * static_cast<int64_t>(sizeof(float));
+  const int64_t want = std::max<int64_t>(1, ceil_div(full, kSlotBudget));
+  const int64_t blocks =
+      std::max<int64_t>(tile_blocks, ceil_div(ceil_div(n_blocks, want), tile_blocks) * tile_blocks);
+  return {blocks, ceil_div(n_blocks, blocks)};
+}
+
+}  // namespace
+
+// ---- buffers -----------------------------------------------------------------------------------
+
+MoEEngine::Buf::~Buf() { std::free(p); }
+
+void MoEEngine::Buf::reset(size_t n) {
+  std::free(p);
+  p = nullptr;
+  bytes = 0;
+  if (n == 0) return;
+  const size_t rounded = (n + 63) / 64 * 64;
+  p = std::aligned_alloc(64, rounded);
+  if (p == nullptr) throw std::bad_alloc();
+  bytes = rounded;
+}
+
+// A growable aligned array; contents undefined after growth.
+struct GrowBuf {
+  void* p = nullptr;
+  size_t bytes = 0;
+  GrowBuf() = default;
+  GrowBuf(const GrowBuf&) = delete;
+  GrowBuf& operator=(const GrowBuf&) = delete;
+  ~GrowBuf() { std::free(p); }
+  template <typename T>
+  T* get(int64_t count) {
+    const size_t need = std::max<size_t>(64, static_cast<size_t>(count) * sizeof(T));
+    if (need > bytes) {
+      std::free(p);
+      p = nullptr;
+      bytes = 0;
+      const size_t want = (need + 4095) / 4096 * 4096;
+      p = std::aligned_alloc(4096, want);
+      if (p == nullptr) throw std::bad_alloc();
+      bytes = want;
+    }
+    return static_cast<T*>(p);
+  }
+};
+
+// One activation cache entry: what backward needs of one forward.
+struct MoEEngine::Entry {
+  int64_t T = 0;
+  int64_t S = 0;                  // valid (token, slot) pairs
+  std::vector<int64_t> offsets;   // E + 1: rows of expert e are [offsets[e], offsets[e+1])
+  std::vector<int32_t> slot_tok;  // S: token of each row
+  std::vector<float> slot_w;      // S: routing weight of each row
+  std::vector<int32_t> pos;       // T * K: row of (t, j), -1 for padding ids
+  GrowBuf xb;                     // T x KpH bf16: x rounded to bf16
+  GrowBuf xa;                     // S x RA: x A^T
+  GrowBuf gu;                     // S x 2Ib fp32: [g | u] per block pair, as the GEMM wrote them
+  GrowBuf had;                    // S x r: h Ad^T
+  size_t bytes() const {
+    return xb.bytes + xa.bytes + gu.bytes + had.bytes + offsets.capacity() * sizeof(int64_t) +
+           slot_tok.capacity() * sizeof(int32_t) + slot_w.capacity() * sizeof(float) +
+           pos.capacity() * sizeof(int32_t);
+  }
+};
+
+struct MoEEngine::Ctx {
+  View x, ids, w, out;  // forward
+  View dout, dx, dw;    // backward
+  Entry* entry = nullptr;
+  bool lora = false;   // LoRA terms on
+  bool grads = false;  // LoRA gradients on (backward)
+};
+
+// ---- construction ------------------------------------------------------------------------------
+
+MoEEngine::MoEEngine(const EngineConfig& cfg) : cfg_(cfg) {
+  auto positive = [](int64_t v, const char* name) {
+    if (v < 1)
+      throw ValueError(std::string(name) + ": expected a positive integer, got " +
+                       std::to_string(v));
+  };
+  positive(cfg.num_experts, "num_experts");
+  positive(cfg.top_k, "top_k");
+  positive(cfg.hidden_size, "hidden_size");
+  positive(cfg.intermediate_size, "intermediate_size");
+  positive(cfg.max_tokens, "max_tokens");
+  if (cfg.num_experts > (int64_t{1} << 30) || cfg.hidden_size > (int64_t{1} << 24) ||
+      cfg.intermediate_size > (int64_t{1} << 24) || cfg.top_k > 4096) {
+    throw ValueError("num_experts / top_k / hidden_size / intermediate_size: too large");
+  }
+  if (cfg.lora_rank < 0 || cfg.lora_rank > 4096) {
+    throw ValueError("lora_rank: expected an integer in [0, 4096] (0 = no LoRA), got " +
+                     std::to_string(cfg.lora_rank));
+  }
+  if (cfg.max_cache_depth < 0 || cfg.max_cache_depth > 1024) {
+    throw ValueError("max_cache_depth: expected an integer in [0, 1024], got " +
+                     std::to_string(cfg.max_cache_depth));
+  }
+  if (cfg.weight_dtype != "bf16") {
+    throw ValueError("weight_dtype: expected 'bf16', got '" + cfg.weight_dtype + "'");
+  }
+  if (cfg.num_threads < 0 || cfg.num_threads > 4096) {
+    throw ValueError("num_threads: expected None or an integer in [1, 4096], got " +
+                     std::to_string(cfg.num_threads));
+  }
+  if (cfg.lora_rank > 0) {
+    if (std::isnan(cfg.lora_alpha)) {
+      scale_ = 1.0f;
+    } else if (!std::isfinite(cfg.lora_alpha) || cfg.lora_alpha == 0.0) {
+      throw ValueError("lora_alpha: expected None or a finite non-zero number, got " +
+                       std::to_string(cfg.lora_alpha));
+    } else {
+      scale_ = static_cast<float>(cfg.lora_alpha / static_cast<double>(cfg.lora_rank));
+    }
+  }
+  isa_ = kernels::select_isa(cfg.isa);
+  k_ = kernels::kernel_table(isa_);
+  isa_ = k_.isa;
+  const kernels::KernelTable& ref = *kernels::scalar_table();
+  if (!k_.gemm_f32_nn) k_.gemm_f32_nn = ref.gemm_f32_nn;
+  if (!k_.gemm_f32_nt) k_.gemm_f32_nt = ref.gemm_f32_nt;
+  if (!k_.gemm_f32_tn) k_.gemm_f32_tn = ref.gemm_f32_tn;
+  if (!k_.cvt_bf16_f32) k_.cvt_bf16_f32 = ref.cvt_bf16_f32;
+  if (!k_.cvt_f32_bf16) k_.cvt_f32_bf16 = ref.cvt_f32_bf16;
+  if (!k_.silu_mul) k_.silu_mul = ref.silu_mul;
+  if (!k_.silu_mul_bwd) k_.silu_mul_bwd = ref.silu_mul_bwd;
+  if (!k_.pack_transposed) k_.pack_transposed = ref.pack_transposed;
+  threads_ = cfg.num_threads > 0 ? cfg.num_threads : runtime::default_thread_count();
+
+  E_ = cfg.num_experts;
+  K_ = cfg.top_k;
+  H_ = cfg.hidden_size;
+  I_ = cfg.intermediate_size;
+  r_ = cfg.lora_rank;
+  KpH_ = kernels::packed_k(H_);
+  KpI_ = kernels::packed_k(I_);
+  nbI_ = kernels::packed_blocks(I_);
+  nbH_ = kernels::packed_blocks(H_);
+  Ib_ = nbI_ * kBlockN;
+  Hb_ = nbH_ * kBlockN;
+  RA_ = cfg.lora_fused ? r_ : 2 * r_;
+  infer_ = std::make_unique<Entry>();
+}
+
+MoEEngine::~MoEEngine() = default;
+
+// ---- weights -----------------------------------------------------------------------------------
+
+void MoEEngine::load_weights(const View& gate_up, const View& gate, const View& up,
+                             const View& down) {
+  const std::vector<DType> fl = {DType::f32, DType::bf16};
+  const bool fused = gate_up.present;
+  if (fused && (gate.present || up.present)) {
+    throw ValueError("load_weights: pass either gate_up=... or gate=... and up=..., not both");
+  }
+  if (!fused && !(gate.present && up.present)) {
+    throw ValueError(
+        "load_weights: expected gate_up=... (E, 2I, H) or both gate=... and up=... "
+        "(E, I, H)");
+  }
+  if (fused) {
+    check(gate_up, {"gate_up",
+                    fl,
+                    {E_, 2 * I_, H_},
+                    "(num_experts, 2 * intermediate_size, "
+                    "hidden_size)"});
+  } else {
+    check(gate, {"gate", fl, {E_, I_, H_}, "(num_experts, intermediate_size, hidden_size)"});
+    check(up, {"up", fl, {E_, I_, H_}, "(num_experts, intermediate_size, hidden_size)"});
+  }
+  check(down, {"down", fl, {E_, H_, I_}, "(num_experts, hidden_size, intermediate_size)"});
+
+  std::lock_guard<std::mutex> lock(engine_mutex());
+  const int64_t gu_block = kBlockN * KpH_;
+  const int64_t gu_expert = 2 * nbI_ * gu_block;
+  const int64_t d_block = kBlockN * KpI_;
+  const int64_t d_expert = nbH_ * d_block;
+  wgu_.reset(static_cast<size_t>(E_ * gu_expert) * sizeof(bf16));
+  wd_.reset(static_cast<size_t>(E_ * d_expert) * sizeof(bf16));
+  bf16* wgu = wgu_.as<bf16>();
+  bf16* wd = wd_.as<bf16>();
+
+  // Packs block b (rows 16b .. 16b + 15, after row_off) of matrix e of `src` into `blk`: the 16
+  // rows are first converted to bf16 rows (rows >= N and columns >= K are zero), then each pair
+  // of columns of the 16 rows is written as one run of 16 bf16 pairs.
+  const kernels::KernelTable& kt = k_;
+  auto pack_block = [&kt](const View& src, int64_t e, int64_t row_off, int64_t N, int64_t K,
+                          int64_t Kp, int64_t b, bf16* blk, bf16* rows) {
+    for (int64_t j = 0; j < kBlockN; ++j) {
+      bf16* row = rows + j * Kp;
+      const int64_t n = b * kBlockN + j;
+      if (n >= N) {
+        std::memset(row, 0, static_cast<size_t>(Kp) * sizeof(bf16));
+        continue;
+      }
+      const int64_t base = e * src.strides[0] + (row_off + n) * src.strides[1];
+      const int64_t sk = src.strides[2];
+      if (src.dtype == DType::bf16) {
+        const bf16* sp = src.ptr<const bf16>() + base;
+        if (sk == 1) {
+          std::memcpy(row, sp, static_cast<size_t>(K) * sizeof(bf16));
+        } else {
+          for (int64_t k = 0; k < K; ++k) row[k] = sp[k * sk];
+        }
+      } else {
+        const float* sp = src.ptr<const float>() + base;
+        if (sk == 1) {
+          kt.cvt_f32_bf16(K, sp, row);
+        } else {
+          for (int64_t k = 0; k < K; ++k) row[k] = kernels::f32_to_bf16(sp[k * sk]);
+        }
+      }
+      std::memset(row + K, 0, static_cast<size_t>(Kp - K) * sizeof(bf16));
+    }
+    for (int64_t kp = 0; kp < Kp / 2; ++kp) {
+      bf16* o = blk + kp * 32;
+      for (int64_t j = 0; j < kBlockN; ++j) {
+        o[2 * j] = rows[j * Kp + 2 * kp];
+        o[2 * j + 1] = rows[j * Kp + 2 * kp + 1];
+      }
+    }
+  };
+  // Tasks: (expert, block) over gate, up and down blocks.
+  const int64_t per_expert = 2 * nbI_ + nbH_;
+  Scratch::instance().prepare_threads(std::max(threads_, 1));
+  parallel_for(E_ * per_expert, threads_, [&](int64_t task, int th) {
+    const int64_t e = task / per_expert, b = task % per_expert;
+    bf16* rows = local_buf<bf16>(th, kL0, kBlockN * std::max(KpH_, KpI_));
+    if (b < 2 * nbI_) {
+      const int64_t blk = b / 2;
+      const bool is_up = (b % 2) == 1;  // gate block blk at 2 blk, up block blk at 2 blk + 1
+      bf16* dst = wgu + e * gu_expert + b * gu_block;
+      if (fused) {
+        pack_block(gate_up, e, is_up ? I_ : 0, I_, H_, KpH_, blk, dst, rows);
+      } else {
+        pack_block(is_up ? up : gate, e, 0, I_, H_, KpH_, blk, dst, rows);
+      }
+    } else {
+      const int64_t blk = b - 2 * nbI_;
+      pack_block(down, e, 0, H_, I_, KpI_, blk, wd + e * d_expert + blk * d_block, rows);
+    }
+  });
+}
+
+// ---- LoRA --------------------------------------------------------------------------------------
+
+void MoEEngine::set_lora(const LoraArrays& a) {
+  if (r_ == 0) {
+    throw StateError(
+        "set_lora: this engine has lora_rank=0 (no LoRA); create it with "
+        "lora_rank > 0 to bind LoRA weights");
+  }
+  const std::vector<DType> fl = {DType::f32, DType::bf16};
+  const std::vector<DType> f32 = {DType::f32};
+  const bool fused = cfg_.lora_fused;
+  auto forbid = [&](const View& v, const char* name) {
+    if (v.present) {
+      throw ValueError(std::string("set_lora: ") + name + " is for lora_layout='" +
+                       (fused ? "split" : "fused") + "', but this engine uses lora_layout='" +
+                       (fused ? "fused" : "split") + "'");
+    }
+  };
+  const char* rh = "(num_experts, lora_rank, hidden_size)";
+  const char* ri = "(num_experts, lora_rank, intermediate_size)";
+  const char* ir = "(num_experts, intermediate_size, lora_rank)";
+  const char* i2r = "(num_experts, 2 * intermediate_size, lora_rank)";
+  const char* hr = "(num_experts, hidden_size, lora_rank)";
+  // Gradients: all or none.
+  const View* grads_fused[] = {&a.ga_gu, &a.gb_gu, &a.ga_d, &a.gb_d};
+  const View* grads_split[] = {&a.ga_g, &a.ga_u, &a.gb_g, &a.gb_u, &a.ga_d, &a.gb_d};
+  int given = 0, total = 0;
+  if (fused) {
+    for (const View* g : grads_fused) given += g->present, ++total;
+  } else {
+    for (const View* g : grads_split) given += g->present, ++total;
+  }
+  if (given != 0 && given != total) {
+    throw ValueError(fused ? "set_lora: pass all of grad_a_gate_up, grad_b_gate_up, grad_a_down, "
+                             "grad_b_down, or none of them"
+                           : "set_lora: pass all of grad_a_gate, grad_a_up, grad_b_gate, "
+                             "grad_b_up, grad_a_down, grad_b_down, or none of them");
+  }
+  const bool grads = given == total;
+  if (fused) {
+    forbid(a.a_g, "a_gate");
+    forbid(a.a_u, "a_up");
+    forbid(a.b_g, "b_gate");
+    forbid(a.b_u, "b_up");
+    forbid(a.ga_g, "grad_a_gate");
+    forbid(a.ga_u, "grad_a_up");
+    forbid(a.gb_g, "grad_b_gate");
+    forbid(a.gb_u, "grad_b_up");
+    check(a.a_gu, {"a_gate_up", fl, {E_, r_, H_}, rh});
+    check(a.b_gu, {"b_gate_up", fl, {E_, 2 * I_, r_}, i2r});
+    if (grads) {
+      check(a.ga_gu, {"grad_a_gate_up", f32, {E_, r_, H_}, rh, true});
+      check(a.gb_gu, {"grad_b_gate_up", f32, {E_, 2 * I_, r_}, i2r, true});
+    }
+  } else {
+    forbid(a.a_gu, "a_gate_up");
+    forbid(a.b_gu, "b_gate_up");
+    forbid(a.ga_gu, "grad_a_gate_up");
+    forbid(a.gb_gu, "grad_b_gate_up");
+    check(a.a_g, {"a_gate", fl, {E_, r_, H_}, rh});
+    check(a.a_u, {"a_up", fl, {E_, r_, H_}, rh});
+    check(a.b_g, {"b_gate", fl, {E_, I_, r_}, ir});
+    check(a.b_u, {"b_up", fl, {E_, I_, r_}, ir});
+    if (grads) {
+      check(a.ga_g, {"grad_a_gate", f32, {E_, r_, H_}, rh, true});
+      check(a.ga_u, {"grad_a_up", f32, {E_, r_, H_}, rh, true});
+      check(a.gb_g, {"grad_b_gate", f32, {E_, I_, r_}, ir, true});
+      check(a.gb_u, {"grad_b_up", f32, {E_, I_, r_}, ir, true});
+    }
+  }
+  check(a.a_d, {"a_down", fl, {E_, r_, I_}, ri});
+  check(a.b_d, {"b_down", fl, {E_, H_, r_}, hr});
+  if (grads) {
+    check(a.ga_d, {"grad_a_down", f32, {E_, r_, I_}, ri, true});
+    check(a.gb_d, {"grad_b_down", f32, {E_, H_, r_}, hr, true});
+  }
+  lora_ = a;
+  lora_grads_ = grads;
+  lora_bound_ = true;
+  lora_updated();
+}
+
+void MoEEngine::lora_updated() {
+  if (!lora_bound_)
+    throw StateError("lora_updated: no LoRA weights are bound; call set_lora first");
+  std::lock_guard<std::mutex> lock(engine_mutex());
+  const int64_t r = r_, RA = RA_;
+  if (a_all_.empty()) {
+    a_all_.reset(static_cast<size_t>(E_ * RA * Hb_) * sizeof(float));
+    bgu_t_.reset(static_cast<size_t>(E_ * RA * 2 * Ib_) * sizeof(float));
+    ad_.reset(static_cast<size_t>(E_ * r * Ib_) * sizeof(float));
+    bd_t_.reset(static_cast<size_t>(E_ * r * Hb_) * sizeof(float));
+  }
+  const bool fused = cfg_.lora_fused;
+  const LoraArrays& L = lora_;
+  auto at3 = [](const View& v, int64_t i, int64_t j, int64_t k) {
+    return load_f(v, i * v.strides[0] + j * v.strides[1] + k * v.strides[2]);
+  };
+  parallel_for(E_, threads_, [&](int64_t e, int) {
+    float* A = a_all_.as<float>() + e * RA * Hb_;
+    float* Bt = bgu_t_.as<float>() + e * RA * 2 * Ib_;
+    float* Ad = ad_.as<float>() + e * r * Ib_;
+    float* Bdt = bd_t_.as<float>() + e * r * Hb_;
+    std::memset(A, 0, static_cast<size_t>(RA * Hb_) * sizeof(float));
+    std::memset(Bt, 0, static_cast<size_t>(RA * 2 * Ib_) * sizeof(float));
+    std::memset(Ad, 0, static_cast<size_t>(r * Ib_) * sizeof(float));
+    std::memset(Bdt, 0, static_cast<size_t>(r * Hb_) * sizeof(float));
+    for (int64_t q = 0; q < r; ++q) {
+      for (int64_t h = 0; h < H_; ++h) {
+        if (fused) {
+          A[q * Hb_ + h] = at3(L.a_gu, e, q, h);
+        } else {
+          A[q * Hb_ + h] = at3(L.a_g, e, q, h);
+          A[(r + q) * Hb_ + h] = at3(L.a_u, e, q, h);
+        }
+      }
+      for (int64_t i = 0; i < I_; ++i) Ad[q * Ib_ + i] = at3(L.a_d, e, q, i);
+      for (int64_t h = 0; h < H_; ++h) Bdt[q * Hb_ + h] = at3(L.b_d, e, h, q);
+    }
+    const int64_t ld = 2 * Ib_;
+    for (int64_t o = 0; o < I_; ++o) {
+      const int64_t cg = 32 * (o / 16) + o % 16;  // column of gate row o; up row o is at cg + 16
+      for (int64_t q = 0; q < r; ++q) {
+        if (fused) {
+          Bt[q * ld + cg] = at3(L.b_gu, e, o, q);
+          Bt[q * ld + cg + 16] = at3(L.b_gu, e, I_ + o, q);
+        } else {
+          Bt[q * ld + cg] = at3(L.b_g, e, o, q);
+          Bt[(r + q) * ld + cg + 16] = at3(L.b_u, e, o, q);
+        }
+      }
+    }
+  });
+}
+
+void MoEEngine::check_lora_ready(const char* what) const {
+  if (r_ > 0 && !lora_bound_) {
+    throw StateError(
+        std::string(what) + ": LoRA weights are not set (lora_rank=" + std::to_string(r_) +
+        "); call set_lora(...) first, or create the engine " + "with lora_rank=0 for no LoRA");
+  }
+}
+
+// ---- forward -----------------------------------------------------------------------------------
+
+void MoEEngine::check_forward(const View& x, const View& ids, const View& w, const View& out,
+                              bool save) const {
+  if (!weights_loaded()) throw StateError("forward: no weights loaded; call load_weights first");
+  check_lora_ready("forward");
+  const std::vector<DType> fl = {DType::f32, DType::bf16};
+  check(x, {"x", fl, {-1, H_}, "(T, hidden_size)", false, true});
+  const int64_t T = x.shape[0];
+  check(ids, {"expert_ids", {DType::i64, DType::i32}, {T, K_}, "(T, top_k)"});
+  check(w, {"routing_weights", fl, {T, K_}, "(T, top_k)"});
+  check(out, {"out", fl, {T, H_}, "(T, hidden_size)", true, true});
+  if (T * K_ >= (int64_t{1} << 31)) {
+    throw ValueError("x: T * top_k must be below 2**31, got T=" + std::to_string(T));
+  }
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t j = 0; j < K_; ++j) {
+      const int64_t id = load_i(ids, t * ids.strides[0] + j * ids.strides[1]);
+      if (id < -1 || id >= E_) {
+        throw ValueError("expert_ids: expected values in [-1, " + std::to_string(E_) +
+                         ") (-1 = no expert), got " + std::to_string(id) + " at [" +
+                         std::to_string(t) + ", " + std::to_string(j) + "]");
+      }
+    }
+  }
+  if (save && pending_ >= static_cast<size_t>(cfg_.max_cache_depth)) {
+    throw StateError("forward: the activation cache is full (max_cache_depth=" +
+                     std::to_string(cfg_.max_cache_depth) + " forwards pending); run backward " +
+                     "first, call clear_cache(), pass save_for_backward=False, or create the " +
+                     "engine with a larger max_cache_depth");
+  }
+}
+
+void MoEEngine::forward(const View& x, const View& ids, const View& w, const View& out, bool save) {
+  check_forward(x, ids, w, out, save);
+  std::lock_guard<std::mutex> lock(engine_mutex());
+  Entry* entry = infer_.get();
+  if (save) {
+    if (cache_.size() <= pending_) cache_.push_back(std::make_unique<Entry>());
+    entry = cache_[pending_].get();
+  }
+  Ctx c;
+  c.x = x;
+  c.ids = ids;
+  c.w = w;
+  c.out = out;
+  c.entry = entry;
+  c.lora = r_ > 0;
+  run_forward(c);
+  if (save) ++pending_;
+}
+
+void MoEEngine::run_forward(Ctx& c) {
+  PhaseClock clock(timings_, "forward.");
+  Entry& en = *c.entry;
+  const int64_t T = c.x.shape[0];
+  const int64_t E = E_, K = K_, H = H_, KpH = KpH_, KpI = KpI_, Ib = Ib_, Hb = Hb_, RA = RA_,
+                r = r_;
+  const int nt = threads_;
+  Scratch& scratch = Scratch::instance();
+  scratch.prepare_threads(std::max(nt, 1));
+  const kernels::KernelTable& k = k_;
+  const float s = scale_;
+
+  // -- route: counting sort by expert, stable by (token, slot).
+  en.T = T;
+  en.offsets.assign(static_cast<size_t>(E + 1), 0);
+  en.pos.resize(static_cast<size_t>(T * K));
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t j = 0; j < K; ++j) {
+      const int64_t id = load_i(c.ids, t * c.ids.strides[0] + j * c.ids.strides[1]);
+      if (id >= 0) ++en.offsets[static_cast<size_t>(id + 1)];
+    }
+  }
+  for (int64_t e = 0; e < E; ++e)
+    en.offsets[static_cast<size_t>(e + 1)] += en.offsets[static_cast<size_t>(e)];
+  const int64_t S = en.offsets[static_cast<size_t>(E)];
+  en.S = S;
+  en.slot_tok.resize(static_cast<size_t>(S));
+  en.slot_w.resize(static_cast<size_t>(S));
+  {
+    std::vector<int64_t> cursor(en.offsets.begin(), en.offsets.end() - 1);
+    for (int64_t t = 0; t < T; ++t) {
+      for (int64_t j = 0; j < K; ++j) {
+        const int64_t id = load_i(c.ids, t * c.ids.strides[0] + j * c.ids.strides[1]);
+        if (id < 0) {
+          en.pos[static_cast<size_t>(t * K + j)] = -1;
+          continue;
+        }
+        const int64_t p = cursor[static_cast<size_t>(id)]++;
+        en.pos[static_cast<size_t>(t * K + j)] = static_cast<int32_t>(p);
+        en.slot_tok[static_cast<size_t>(p)] = static_cast<int32_t>(t);
+        en.slot_w[static_cast<size_t>(p)] = load_f(c.w, t * c.w.strides[0] + j * c.w.strides[1]);
+      }
+    }
+  }
+  const int64_t* off = en.offsets.data();
+  const int32_t* slot_tok = en.slot_tok.data();
+  // Buffers are sized for max_tokens (address space only: pages are touched as they are used)
+  // and grow when a batch is larger.
+  const int64_t Tc = std::max(T, cfg_.max_tokens), Sc = std::max(S, Tc * K);
+  clock.mark("route");
+
+  // -- convert: x rows to bf16, zero padded to KpH.
+  bf16* xb = en.xb.get<bf16>(Tc * KpH);
+  parallel_for(ceil_div(T, kTokensCombine), nt, [&](int64_t task, int) {
+    for (int64_t t = task * kTokensCombine; t < std::min(T, (task + 1) * kTokensCombine); ++t) {
+      bf16* dst = xb + t * KpH;
+      if (c.x.dtype == DType::f32) {
+        k.cvt_f32_bf16(H, c.x.ptr<const float>() + t * c.x.strides[0], dst);
+      } else {
+        std::memcpy(dst, c.x.ptr<const bf16>() + t * c.x.strides[0],
+                    static_cast<size_t>(H) * sizeof(bf16));
+      }
+      std::memset(dst + H, 0, static_cast<size_t>(KpH - H) * sizeof(bf16));
+    }
+  });
+  clock.mark("convert");
+
+  // -- gather rows into expert order; LoRA x A^T.
+  std::vector<Tile> tiles;
+  for (int64_t e = 0; e < E; ++e) {
+    for (int64_t m0 = off[e]; m0 < off[e + 1]; m0 += kRowsGather) {
+      tiles.push_back({e, m0, std::min(off[e + 1], m0 + kRowsGather), 0, 0});
+    }
+  }
+  bf16* xg = shared_buf<bf16>(kSlotRows, Sc * KpH);
+  float* xa = c.lora ? en.xa.get<float>(Sc * RA) : nullptr;
+  parallel_for(static_cast<int64_t>(tiles.size()), nt, [&](int64_t i, int th) {
+    const Tile& tl = tiles[static_cast<size_t>(i)];
+    const int64_t M = tl.m1 - tl.m0;
+    for (int64_t p = tl.m0; p < tl.m1; ++p) {
+      std::memcpy(xg + p * KpH, xb + slot_tok[p] * KpH, static_cast<size_t>(KpH) * sizeof(bf16));
+    }
+    if (c.lora) {
+      float* xf = local_buf<float>(th, kL0, M * H);
+      for (int64_t m = 0; m < M; ++m) k.cvt_bf16_f32(H, xg + (tl.m0 + m) * KpH, xf + m * H);
+      k.gemm_f32_nt(M, RA, H, 1.0f, xf, H, a_all_.as<float>() + tl.e * RA * Hb, Hb, xa + tl.m0 * RA,
+                    RA, false);
+    }
+  });
+  clock.mark("gather");
+
+  // -- gate_up tiles: [g | u] per block pair, activation, h as bf16.
+  const int64_t n_pairs = nbI_;
+  tiles.clear();
+  for (int64_t e = 0; e < E; ++e) {
+    for (int64_t m0 = off[e]; m0 < off[e + 1]; m0 += kRowsFwd) {
+      for (int64_t p0 = 0; p0 < n_pairs; p0 += kPairsFwd) {
+        tiles.push_back(
+            {e, m0, std::min(off[e + 1], m0 + kRowsFwd), p0, std::min(n_pairs, p0 + kPairsFwd)});
+      }
+    }
+  }
+  bf16* hb = shared_buf<bf16>(kSlotH, Sc * std::max(KpI, 2 * Ib));
+  float* gu = en.gu.get<float>(Sc * 2 * Ib);
+  const int64_t gu_expert = 2 * nbI_ * kBlockN * KpH;
+  parallel_for(static_cast<int64_t>(tiles.size()), nt, [&](int64_t i, int th) {
+    const Tile& tl = tiles[static_cast<size_t>(i)];
+    const int64_t M = tl.m1 - tl.m0, np = tl.n1 - tl.n0, ncols = 32 * np, nh = 16 * np;
+    float* C = gu + tl.m0 * 2 * Ib + 32 * tl.n0;  // written in place in the cache
+    const int64_t ldc = 2 * Ib;
+    k.gemm_bf16(M, 2 * np, KpH, xg + tl.m0 * KpH, KpH,
+                wgu_.as<bf16>() + tl.e * gu_expert + 2 * tl.n0 * kBlockN * KpH, C, ldc, false);
+    if (c.lora) {
+      k.gemm_f32_nn(M, ncols, RA, s, xa + tl.m0 * RA, RA,
+                    bgu_t_.as<float>() + tl.e * RA * 2 * Ib + 32 * tl.n0, 2 * Ib, C, ldc, true);
+    }
+    float* g = local_buf<float>(th, kL0, M * nh);
+    float* u = local_buf<float>(th, kL1, M * nh);
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t q = 0; q < np; ++q) {
+        std::memcpy(g + m * nh + 16 * q, C + m * ldc + 32 * q, 16 * sizeof(float));
+        std::memcpy(u + m * nh + 16 * q, C + m * ldc + 32 * q + 16, 16 * sizeof(float));
+      }
+    }
+    k.silu_mul(M * nh, g, u, g);
+    const bool last = tl.n1 == n_pairs;
+    for (int64_t m = 0; m < M; ++m) {
+      bf16* hrow = hb + (tl.m0 + m) * KpI;
+      k.cvt_f32_bf16(nh, g + m * nh, hrow + 16 * tl.n0);
+      if (last) std::memset(hrow + Ib, 0, static_cast<size_t>(KpI - Ib) * sizeof(bf16));
+    }
+  });
+  clock.mark("gate_up");
+
+  // -- LoRA h Ad^T.
+  if (c.lora) {
+    tiles.clear();
+    for (int64_t e = 0; e < E; ++e) {
+      for (int64_t m0 = off[e]; m0 < off[e + 1]; m0 += kRowsGather) {
+        tiles.push_back({e, m0, std::min(off[e + 1], m0 + kRowsGather), 0, 0});
+      }
+    }
+    float* had = en.had.get<float>(Sc * r);
+    parallel_for(static_cast<int64_t>(tiles.size()), nt, [&](int64_t i, int th) {
+      const Tile& tl = tiles[static_cast<size_t>(i)];
+      const int64_t M = tl.m1 - tl.m0;
+      float* hf = local_buf<float>(th, kL0, M * Ib);
+      for (int64_t m = 0; m < M; ++m) k.cvt_bf16_f32(Ib, hb + (tl.m0 + m) * KpI, hf + m * Ib);
+      k.gemm_f32_nt(M, r, Ib, 1.0f, hf, Ib, ad_.as<float>() + tl.e * r * Ib, Ib, had + tl.m0 * r, r,
+                    false);
+    });
+    clock.mark("lora_down_a");
+  }
+
+  // -- down tiles (y per slot) and the per-token combine, per group of H columns.
+  const ColGroups cg = col_groups(Sc, nbH_, kBlocksDown);
+  const int64_t ldy = cg.blocks * kBlockN;
+  float* y = shared_buf<float>(kSlotY, Sc * ldy);
+  const float* had = c.lora ? en.had.get<float>(Sc * r) : nullptr;
+  const int64_t d_expert = nbH_ * kBlockN * KpI;
+  const int32_t* pos = en.pos.data();
+  const float* slot_w = en.slot_w.data();
+  for (int64_t grp = 0; grp < cg.count; ++grp) {
+    const int64_t blo = grp * cg.blocks, bhi = std::min(nbH_, blo + cg.blocks);
+    tiles.clear();
+    for (int64_t e = 0; e < E; ++e) {
+      for (int64_t m0 = off[e]; m0 < off[e + 1]; m0 += kRowsFwd) {
+        for (int64_t b0 = blo; b0 < bhi; b0 += kBlocksDown) {
+          tiles.push_back(
+              {e, m0, std::min(off[e + 1], m0 + kRowsFwd), b0, std::min(bhi, b0 + kBlocksDown)});
+        }
+      }
+    }
+    parallel_for(static_cast<int64_t>(tiles.size()), nt, [&](int64_t i, int) {
+      const Tile& tl = tiles[static_cast<size_t>(i)];
+      const int64_t M = tl.m1 - tl.m0, nb = tl.n1 - tl.n0;
+      float* C = y + tl.m0 * ldy + kBlockN * (tl.n0 - blo);
+      k.gemm_bf16(M, nb, KpI, hb + tl.m0 * KpI, KpI,
+                  wd_.as<bf16>() + tl.e * d_expert + tl.n0 * kBlockN * KpI, C, ldy, false);
+      if (c.lora) {
+        k.gemm_f32_nn(M, kBlockN * nb, r, s, had + tl.m0 * r, r,
+                      bd_t_.as<float>() + tl.e * r * Hb + kBlockN * tl.n0, Hb, C, ldy, true);
+      }
+    });
+    clock.mark("down");
+
+    // Combine per token, slots in order.
+    const int64_t h0 = kBlockN * blo, width = std::min(H, kBlockN * bhi) - h0;
+    parallel_for(ceil_div(T, kTokensCombine), nt, [&](int64_t task, int th) {
+      float* acc = local_buf<float>(th, kL0, width);
+      for (int64_t t = task * kTokensCombine; t < std::min(T, (task + 1) * kTokensCombine); ++t) {
+        std::fill(acc, acc + width, 0.0f);
+        for (int64_t j = 0; j < K; ++j) {
+          const int32_t p = pos[t * K + j];
+          if (p < 0) continue;
+          const float wj = slot_w[p];
+          const float* yr = y + p * ldy;
+          for (int64_t h = 0; h < width; ++h) acc[h] += wj * yr[h];
+        }
+        if (c.out.dtype == DType::f32) {
+          std::memcpy(c.out.ptr<float>() + t * c.out.strides[0] + h0, acc,
+                      static_cast<size_t>(width) * sizeof(float));
+        } else {
+          k.cvt_f32_bf16(width, acc, c.out.ptr<bf16>() + t * c.out.strides[0] + h0);
+        }
+      }
+    });
+    clock.mark("combine");
+  }
+  clock.total();
+}
+
+// ---- backward ----------------------------------------------------------------------------------
+
+void MoEEngine::check_backward(const View& dout, const View& dx, const View& dw) const {
+  if (pending_ == 0) {
+    throw StateError(
+        "backward: no forward is pending; run forward(..., save_for_backward=True) "
+        "first (each backward consumes the most recent pending forward)");
+  }
+  const int64_t T = cache_[pending_ - 1]->T;
+  const std::vector<DType> fl = {DType::f32, DType::bf16};
+  check(dout, {"grad_out", fl, {T, H_}, "(T, hidden_size) of the pending forward", false, true});
+  check(dx, {"grad_input", fl, {T, H_}, "(T, hidden_size) of the pending forward", true, true});
+  check(dw, {"grad_routing_weights", fl, {T, K_}, "(T, top_k) of the pending forward", true});
+}
+
+void MoEEngine::backward(const View& dout, const View& dx, const View& dw) {
+  check_backward(dout, dx, dw);
+  std::lock_guard<std::mutex> lock(engine_mutex());
+  Ctx c;
+  c.dout = dout;
+  c.dx = dx;
+  c.dw = dw;
+  c.entry = cache_[pending_ - 1].get();
+  c.lora = r_ > 0;
+  c.grads = c.lora && lora_grads_;
+  --pending_;  // popped whether or not the run succeeds: a failed backward cannot be retried
+  run_backward(c);
+}
+
+void MoEEngine::clear_cache() {
+  std::lock_guard<std::mutex> lock(engine_mutex());
+  pending_ = 0;
+}
+
+void MoEEngine::run_backward(Ctx& c) {
+  PhaseClock clock(timings_, "backward.");
+  Entry& en = *c.entry;
+  const int64_t T = en.T, S = en.S;
+  const int64_t E = E_, K = K_, H = H_, I = I_, KpH = KpH_, Ib = Ib_, Hb = Hb_, RA = RA_, r = r_;
+  const int nt = threads_;
+  Scratch& scratch = Scratch::instance();
+  scratch.prepare_threads(std::max(nt, 1));
+  const kernels::KernelTable& k = k_;
+  const float s = scale_;
+  const int64_t* off = en.offsets.data();
+  const int32_t* slot_tok = en.slot_tok.data();
+  const float* slot_w = en.slot_w.data();
+  const int32_t* pos = en.pos.data();
+  const bool lora = c.lora, grads = c.grads;
+  const int64_t Tc = std::max(T, cfg_.max_tokens), Sc = std::max(S, Tc * K);
+
+  // -- convert dout to bf16 per token, then gather into expert order; LoRA dY Bd.
+  bf16* dtok = shared_buf<bf16>(kSlotTok, Tc * KpH);
+  parallel_for(ceil_div(T, kTokensCombine), nt, [&](int64_t task, int) {
+    for (int64_t t = task * kTokensCombine; t < std::min(T, (task + 1) * kTokensCombine); ++t) {
+      bf16* dst = dtok + t * KpH;
+      if (c.dout.dtype == DType::f32) {
+        k.cvt_f32_bf16(H, c.dout.ptr<const float>() + t * c.dout.strides[0], dst);
+      } else {
+        std::memcpy(dst, c.dout.ptr<const bf16>() + t * c.dout.strides[0],
+                    static_cast<size_t>(H) * sizeof(bf16));
+      }
+      std::memset(dst + H, 0, static_cast<size_t>(KpH - H) * sizeof(bf16));
+    }
+  });
+  clock.mark("convert");
+
+  const int64_t n_ichunks = ceil_div(nbI_, kPairsBwd);
+  // Small per-slot buffers in one scratch slot.
+  const int64_t n_dyb = lora ? S * r : 0;
+  const int64_t n_dwp = S * n_ichunks;
+  const int64_t n_gbp = lora ? S * n_ichunks * RA : 0;
+  const int64_t n_gb = lora ? S * RA : 0;
+  float* small = shared_buf<float>(kSlotSmall, n_dyb + n_dwp + n_gbp + n_gb + 16);
+  float* dyb = small;              // S x r: dY Bd
+  float* dwpart = dyb + n_dyb;     // S x n_ichunks
+  float* gbpart = dwpart + n_dwp;  // S x n_ichunks x RA
+  float* gbsum = gbpart + n_gbp;   // S x RA: dGU B
+
+  std::vector<Tile> tiles;
+  for (int64_t e = 0; e < E; ++e) {
+    for (int64_t m0 = off[e]; m0 < off[e + 1]; m0 += kRowsGather) {
+      tiles.push_back({e, m0, std::min(off[e + 1], m0 + kRowsGather), 0, 0});
+    }
+  }
+  bf16* dyg = shared_buf<bf16>(kSlotRows, Sc * KpH);
+  parallel_for(static_cast<int64_t>(tiles.size()), nt, [&](int64_t i, int th) {
+    const Tile& tl = tiles[static_cast<size_t>(i)];
+    const int64_t M = tl.m1 - tl.m0;
+    for (int64_t p = tl.m0; p < tl.m1; ++p) {
+      std::memcpy(dyg + p * KpH, dtok + slot_tok[p] * KpH, static_cast<size_t>(KpH) * sizeof(bf16));
+    }
+    if (lora) {
+      float* yf = local_buf<float>(th, kL0, M * H);
+      for (int64_t m = 0; m < M; ++m) k.cvt_bf16_f32(H, dyg + (tl.m0 + m) * KpH, yf + m * H);
+      k.gemm_f32_nt(M, r, H, 1.0f, yf, H, bd_t_.as<float>() + tl.e * r * Hb, Hb, dyb + tl.m0 * r, r,
+                    false);
+    }
+  });
+  clock.mark("gather");
+
+  // -- down^T tiles (expert, I chunk): D, dw partials, dg/du, LoRA down-A and gate_up-B grads.
+  tiles.clear();
+  for (int64_t e = 0; e < E; ++e) {
+    if (off[e + 1] == off[e]) continue;
+    for (int64_t p0 = 0; p0 < nbI_; p0 += kPairsBwd) {
+      tiles.push_back({e, off[e], off[e + 1], p0, std::min(nbI_, p0 + kPairsBwd)});
+    }
+  }
+  bf16* dgu = shared_buf<bf16>(kSlotH, Sc * std::max(KpI_, 2 * Ib));
+  const float* gu = en.gu.get<float>(S * 2 * Ib);
+  const float* xa = lora ? en.xa.get<float>(S * RA) : nullptr;
+  const int64_t d_expert = nbH_ * kBlockN * KpI_;
+  const int64_t wdt_elems = kPairsBwd * kernels::packed_block_elems(H);
+  parallel_for(static_cast<int64_t>(tiles.size()), nt, [&](int64_t ti, int th) {
+    const Tile& tl = tiles[static_cast<size_t>(ti)];
+    const int64_t np = tl.n1 - tl.n0, ni = 16 * np, i0 = 16 * tl.n0;
+    const int64_t chunk = tl.n0 / kPairsBwd;
+    bf16* wdt = local_buf<bf16>(th, kL0, wdt_elems);
+    k.pack_transposed(wd_.as<bf16>() + tl.e * d_expert, H, KpI_, i0, np, wdt);
+    const int64_t rows_max = std::min(kRowsBwd, tl.m1 - tl.m0);
+    float* D = local_buf<float>(th, kL1, rows_max * ni);
+    float* G = local_buf<float>(th, kL2, rows_max * ni);
+    float* U = local_buf<float>(th, kL3, rows_max * ni);
+    float* Hh = local_buf<float>(th, kL4, rows_max * ni);
+    float* dGU = local_buf<float>(th, kL5, rows_max * 2 * ni);  // interleaved like the cache
+    float* wdy = local_buf<float>(th, kL6, rows_max * std::max<int64_t>(r, 1));
+    float* acc_ad = grads ? local_buf<float>(th, kL7, r * ni) : nullptr;
+    float* acc_bgu = grads ? local_buf<float>(th, kL8, RA * 2 * ni) : nullptr;
+    if (grads) {
+      std::fill(acc_ad, acc_ad + r * ni, 0.0f);
+      std::fill(acc_bgu, acc_bgu + RA * 2 * ni, 0.0f);
+    }
+    for (int64_t m0 = tl.m0; m0 < tl.m1; m0 += kRowsBwd) {
+      const int64_t M = std::min(kRowsBwd, tl.m1 - m0);
+      k.gemm_bf16(M, np, KpH, dyg + m0 * KpH, KpH, wdt, D, ni, false);
+      if (lora) {
+        k.gemm_f32_nn(M, ni, r, s, dyb + m0 * r, r, ad_.as<float>() + tl.e * r * Ib + i0, Ib, D, ni,
+                      true);
+      }
+      for (int64_t m = 0; m < M; ++m) {
+        const float* row = gu + (m0 + m) * 2 * Ib + 32 * tl.n0;
+        for (int64_t q = 0; q < np; ++q) {
+          std::memcpy(G + m * ni + 16 * q, row + 32 * q, 16 * sizeof(float));
+          std::memcpy(U + m * ni + 16 * q, row + 32 * q + 16, 16 * sizeof(float));
+        }
+      }
+      // h exactly as forward fed it to the down projection (rounded to bf16).
+      k.silu_mul(M * ni, G, U, Hh);
+      for (int64_t m = 0; m < M; ++m) {
+        float* hr = Hh + m * ni;
+        for (int64_t c2 = 0; c2 < ni; ++c2)
+          hr[c2] = kernels::bf16_to_f32(kernels::f32_to_bf16(hr[c2]));
+      }
+      // dw partial = <D, h> over this chunk; then dh = w D (into D).
+      for (int64_t m = 0; m < M; ++m) {
+        const float* d = D + m * ni;
+        const float* hr = Hh + m * ni;
+        float acc = 0.0f;
+        for (int64_t c2 = 0; c2 < ni; ++c2) acc += d[c2] * hr[c2];
+        dwpart[(m0 + m) * n_ichunks + chunk] = acc;
+        const float wv = slot_w[m0 + m];
+        float* dm = D + m * ni;
+        for (int64_t c2 = 0; c2 < ni; ++c2) dm[c2] *= wv;
+      }
+      for (int64_t m = 0; m < M; ++m) {
+        float* dg = dGU + m * 2 * ni;
+        for (int64_t q = 0; q < np; ++q) {
+          // Per 16 columns: gate into [32q, 32q + 16), up into [32q + 16, 32q + 32).
+          k.silu_mul_bwd(16, G + m * ni + 16 * q, U + m * ni + 16 * q, D + m * ni + 16 * q,
+                         dg + 32 * q, dg + 32 * q + 16);
+        }
+        bf16* out = dgu + (m0 + m) * 2 * Ib + 32 * tl.n0;
+        k.cvt_f32_bf16(2 * ni, dg, out);
+      }
+      if (lora) {
+        // (dGU B) partial for this chunk: dGU (M x 2ni) . Bgu^T[:, chunk]^T -> M x RA.
+        for (int64_t m = 0; m < M; ++m) {
+          k.gemm_f32_nt(1, RA, 2 * ni, 1.0f, dGU + m * 2 * ni, 2 * ni,
+                        bgu_t_.as<float>() + tl.e * RA * 2 * Ib + 32 * tl.n0, 2 * Ib,
+                        gbpart + ((m0 + m) * n_ichunks + chunk) * RA, RA, false);
+        }
+      }
+      if (grads) {
+        // dAd[:, chunk] += s * (w dYB)^T h ; dBgu^T[:, chunk] += s * xa^T dGU.
+        for (int64_t m = 0; m < M; ++m) {
+          const float wv = slot_w[m0 + m];
+          for (int64_t q = 0; q < r; ++q) wdy[m * r + q] = wv * dyb[(m0 + m) * r + q];
+        }
+        k.gemm_f32_tn(r, ni, M, s, wdy, r, Hh, ni, acc_ad, ni, true);
+        k.gemm_f32_tn(RA, 2 * ni, M, s, xa + m0 * RA, RA, dGU, 2 * ni, acc_bgu, 2 * ni, true);
+      }
+    }
+    if (grads) {
+      const LoraArrays& L = lora_;
+      const int64_t e = tl.e;
+      const int64_t ilim = std::min(ni, I - i0);
+      for (int64_t q = 0; q < r; ++q) {
+        for (int64_t c2 = 0; c2 < ilim; ++c2) {
+          L.ga_d.ptr<float>()[e * L.ga_d.strides[0] + q * L.ga_d.strides[1] +
+                              (i0 + c2) * L.ga_d.strides[2]] += acc_ad[q * ni + c2];
+        }
+      }
+      for (int64_t q = 0; q < np; ++q) {
+        for (int64_t l = 0; l < 16; ++l) {
+          const int64_t o = i0 + 16 * q + l;
+          if (o >= I) break;
+          const int64_t cg = 32 * q + l, cu = cg + 16;
+          for (int64_t rr = 0; rr < r; ++rr) {
+            if (cfg_.lora_fused) {
+              const View& g = L.gb_gu;
+              g.ptr<float>()[e * g.strides[0] + o * g.strides[1] + rr * g.strides[2]] +=
+                  acc_bgu[rr * 2 * ni + cg];
+              g.ptr<float>()[e * g.strides[0] + (I + o) * g.strides[1] + rr * g.strides[2]] +=
+                  acc_bgu[rr * 2 * ni + cu];
+            } else {
+              const View& gg = L.gb_g;
+              const View& gv = L.gb_u;
+              gg.ptr<float>()[e * gg.strides[0] + o * gg.strides[1] + rr * gg.strides[2]] +=
+                  acc_bgu[rr * 2 * ni + cg];
+              gv.ptr<float>()[e * gv.strides[0] + o * gv.strides[1] + rr * gv.strides[2]] +=
+                  acc_bgu[(r + rr) * 2 * ni + cu];
+            }
+          }
+        }
+      }
+    }
+  });
+  clock.mark("down_t");
+
+  // -- per token: dw = sum of partials in chunk order; (dGU B) summed in chunk order.
+  parallel_for(ceil_div(T, kTokensCombine), nt, [&](int64_t task, int) {
+    for (int64_t t = task * kTokensCombine; t < std::min(T, (task + 1) * kTokensCombine); ++t) {
+      for (int64_t j = 0; j < K; ++j) {
+        const int32_t p = pos[t * K + j];
+        float v = 0.0f;
+        if (p >= 0) {
+          for (int64_t ch = 0; ch < n_ichunks; ++ch) v += dwpart[p * n_ichunks + ch];
+          if (lora) {
+            float* dst = gbsum + p * RA;
+            std::fill(dst, dst + RA, 0.0f);
+            for (int64_t ch = 0; ch < n_ichunks; ++ch) {
+              const float* src = gbpart + (p * n_ichunks + ch) * RA;
+              for (int64_t q = 0; q < RA; ++q) dst[q] += src[q];
+            }
+          }
+        }
+        store_f(c.dw, t * c.dw.strides[0] + j * c.dw.strides[1], v);
+      }
+    }
+  });
+  clock.mark("reduce");
+
+  // -- gate_up^T tiles (expert, H chunk): dx per slot; LoRA A and down-B grads. Then the
+  // per-token combine of dx. Both per group of H columns (see col_groups).
+  const ColGroups cg = col_groups(Sc, nbH_, kBlocksBwdH);
+  const int64_t ldx = cg.blocks * kBlockN;
+  float* dxs = shared_buf<float>(kSlotY, Sc * ldx);
+  const bf16* xb = en.xb.get<bf16>(Tc * KpH);
+  const float* had = lora ? en.had.get<float>(Sc * r) : nullptr;
+  const int64_t gu_expert = 2 * nbI_ * kBlockN * KpH;
+  const int64_t Kgu = 2 * Ib;  // depth of the transposed gate_up (a multiple of 32)
+  for (int64_t grp = 0; grp < cg.count; ++grp) {
+    const int64_t blo = grp * cg.blocks, bhi = std::min(nbH_, blo + cg.blocks);
+    tiles.clear();
+    for (int64_t e = 0; e < E; ++e) {
+      if (off[e + 1] == off[e]) continue;
+      for (int64_t b0 = blo; b0 < bhi; b0 += kBlocksBwdH) {
+        tiles.push_back({e, off[e], off[e + 1], b0, std::min(bhi, b0 + kBlocksBwdH)});
+      }
+    }
+    parallel_for(static_cast<int64_t>(tiles.size()), nt, [&](int64_t ti, int th) {
+      const Tile& tl = tiles[static_cast<size_t>(ti)];
+      const int64_t nb = tl.n1 - tl.n0, nh = 16 * nb, h0 = 16 * tl.n0;
+      bf16* wgt = local_buf<bf16>(th, kL0, nb * kernels::packed_block_elems(Kgu));
+      k.pack_transposed(wgu_.as<bf16>() + tl.e * gu_expert, Kgu, KpH, h0, nb, wgt);
+      const int64_t rows_max = std::min(kRowsBwd, tl.m1 - tl.m0);
+      float* xf = local_buf<float>(th, kL1, rows_max * nh);
+      float* yf = local_buf<float>(th, kL2, rows_max * nh);
+      float* acc_a = grads ? local_buf<float>(th, kL3, RA * nh) : nullptr;
+      float* acc_bd = grads ? local_buf<float>(th, kL4, r * nh) : nullptr;
+      if (grads) {
+        std::fill(acc_a, acc_a + RA * nh, 0.0f);
+        std::fill(acc_bd, acc_bd + r * nh, 0.0f);
+      }
+      for (int64_t m0 = tl.m0; m0 < tl.m1; m0 += kRowsBwd) {
+        const int64_t M = std::min(kRowsBwd, tl.m1 - m0);
+        float* C = dxs + m0 * ldx + (h0 - kBlockN * blo);
+        k.gemm_bf16(M, nb, Kgu, dgu + m0 * Kgu, Kgu, wgt, C, ldx, false);
+        if (lora) {
+          k.gemm_f32_nn(M, nh, RA, s, gbsum + m0 * RA, RA, a_all_.as<float>() + tl.e * RA * Hb + h0,
+                        Hb, C, ldx, true);
+        }
+        if (grads) {
+          for (int64_t m = 0; m < M; ++m) {
+            k.cvt_bf16_f32(nh, xb + slot_tok[m0 + m] * KpH + h0, xf + m * nh);
+            k.cvt_bf16_f32(nh, dyg + (m0 + m) * KpH + h0, yf + m * nh);
+            const float wv = slot_w[m0 + m];
+            for (int64_t c2 = 0; c2 < nh; ++c2) yf[m * nh + c2] *= wv;
+          }
+          k.gemm_f32_tn(RA, nh, M, s, gbsum + m0 * RA, RA, xf, nh, acc_a, nh, true);
+          k.gemm_f32_tn(r, nh, M, s, had + m0 * r, r, yf, nh, acc_bd, nh, true);
+        }
+      }
+      if (grads) {
+        const LoraArrays& L = lora_;
+        const int64_t e = tl.e;
+        const int64_t hlim = std::min(nh, H - h0);
+        for (int64_t q = 0; q < RA; ++q) {
+          const View& g = cfg_.lora_fused ? L.ga_gu : (q < r ? L.ga_g : L.ga_u);
+          const int64_t qq = cfg_.lora_fused ? q : (q < r ? q : q - r);
+          for (int64_t c2 = 0; c2 < hlim; ++c2) {
+            g.ptr<float>()[e * g.strides[0] + qq * g.strides[1] + (h0 + c2) * g.strides[2]] +=
+                acc_a[q * nh + c2];
+          }
+        }
+        const View& gd = L.gb_d;
+        for (int64_t c2 = 0; c2 < hlim; ++c2) {
+          for (int64_t q = 0; q < r; ++q) {
+            gd.ptr<float>()[e * gd.strides[0] + (h0 + c2) * gd.strides[1] + q * gd.strides[2]] +=
+                acc_bd[q * nh + c2];
+          }
+        }
+      }
+    });
+    clock.mark("gate_up_t");
+
+    // Combine dx per token, slots in order.
+    const int64_t h0 = kBlockN * blo, width = std::min(H, kBlockN * bhi) - h0;
+    parallel_for(ceil_div(T, kTokensCombine), nt, [&](int64_t task, int th) {
+      float* acc = local_buf<float>(th, kL0, width);
+      for (int64_t t = task * kTokensCombine; t < std::min(T, (task + 1) * kTokensCombine); ++t) {
+        std::fill(acc, acc + width, 0.0f);
+        for (int64_t j = 0; j < K; ++j) {
+          const int32_t p = pos[t * K + j];
+          if (p < 0) continue;
+          const float* src = dxs + p * ldx;
+          for (int64_t h = 0; h < width; ++h) acc[h] += src[h];
+        }
+        if (c.dx.dtype == DType::f32) {
+          std::memcpy(c.dx.ptr<float>() + t * c.dx.strides[0] + h0, acc,
+                      static_cast<size_t>(width) * sizeof(float));
+        } else {
+          k.cvt_f32_bf16(width, acc, c.dx.ptr<bf16>() + t * c.dx.strides[0] + h0);
+        }
+      }
+    });
+    clock.mark("combine");
+  }
+  clock.total();
+}
+
+// ---- stats -------------------------------------------------------------------------------------
+
+MemoryStats MoEEngine::memory_stats() const {
+  MemoryStats m;
+  m.weight_bytes = static_cast<int64_t>(wgu_.bytes + wd_.bytes);
+  m.lora_bytes = static_cast<int64_t>(a_all_.bytes + bgu_t_.bytes + ad_.bytes + bd_t_.bytes);
+  size_t cache = infer_ ? infer_->bytes() : 0;
+  for (const auto& e : cache_) cache += e->bytes();
+  m.cache_bytes = static_cast<int64_t>(cache);
+  m.scratch_bytes = static_cast<int64_t>(Scratch::instance().bytes());
+  return m;
+}
+
+}  // namespace kt::engine

@@ -1,0 +1,152 @@
+// The MoE experts operator of DESIGN.md section 2: packed BF16 base weights, LoRA (fused gate_up or
+// split), forward with an activation cache, backward producing dx, dw and the LoRA gradients.
+//
+// Forward phases (each a parallel loop on the process pool; run() returns = barrier):
+//   route      sort (t, j) pairs by expert, stable by token then slot; ids -1 skipped
+//   convert    x rows -> bf16 (per token, padded with zeros to packed_k(H))
+//   gather     per (expert, row chunk): x rows into expert order; LoRA x A^T
+//   gate_up    per (expert, row chunk, column chunk): [g | u] = x Wgu^T + s (x A^T) B^T,
+//              h = silu(g) * u (gate and up blocks are interleaved in the packed weight, so a tile
+//              holds both halves of its columns)
+//   lora_hd    per (expert, row chunk): h Ad^T
+//   down       per (expert, row chunk, column chunk): y = h Wd^T + s (h Ad^T) Bd^T, per slot
+//   combine    per token: out_t = sum_j w[t, j] y_(t, j), in slot order
+// Backward phases: convert + gather dout; (expert, I chunk) tiles for D = dY Wd + s (dY Bd) Ad,
+// dw partials, dg/du and the down/gate_up B gradients; per-token reduction of dw and (dGU B);
+// (expert, H chunk) tiles for dx per slot and the A / down-B gradients; per-token combine of dx.
+// Each reduction runs in a fixed order, so results do not depend on the thread count.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "engine/tensor.h"
+#include "kernels/kernels.h"
+
+namespace kt::engine {
+
+struct EngineConfig {
+  int64_t num_experts = 0;
+  int64_t top_k = 0;
+  int64_t hidden_size = 0;
+  int64_t intermediate_size = 0;
+  int64_t lora_rank = 0;
+  double lora_alpha = 0.0;  // <= 0 or NaN: alpha = rank (scaling 1)
+  bool lora_fused = true;   // "fused" (A shared by gate and up) or "split"
+  int64_t max_tokens = 4096;
+  int64_t max_cache_depth = 1;
+  int num_threads = 0;  // <= 0: KT_NUM_THREADS, else one per physical core
+  std::string isa;      // empty: KT_KERNELS_ISA, else the best runnable
+  std::string weight_dtype = "bf16";
+};
+
+// LoRA arrays as the caller gives them (any float dtype the engine accepts, any strides).
+// Fused: a_gu (E, r, H), b_gu (E, 2I, r); split: a_g, a_u (E, r, H), b_g, b_u (E, I, r);
+// both: a_d (E, r, I), b_d (E, H, r). Gradients: the same shapes, float32, written with +=.
+struct LoraArrays {
+  View a_gu, b_gu, a_g, a_u, b_g, b_u, a_d, b_d;
+  View ga_gu, gb_gu, ga_g, ga_u, gb_g, gb_u, ga_d, gb_d;
+};
+
+struct MemoryStats {
+  int64_t weight_bytes = 0;   // packed base weights
+  int64_t lora_bytes = 0;     // internal fp32 copy of the LoRA weights
+  int64_t cache_bytes = 0;    // activation cache entries (allocated, pending or free)
+  int64_t scratch_bytes = 0;  // process-wide scratch pool (shared by all engines)
+};
+
+class MoEEngine {
+ public:
+  explicit MoEEngine(const EngineConfig& cfg);
+  ~MoEEngine();
+
+  const EngineConfig& config() const { return cfg_; }
+  kernels::Isa isa() const { return isa_; }
+  int num_threads() const { return threads_; }
+  float scaling() const { return scale_; }
+
+  // Base weights: fused gate_up (E, 2I, H) gate rows first + down (E, H, I), or split gate/up
+  // (E, I, H) + down. float32 or bfloat16, any strides. Packed into the engine's own memory.
+  void load_weights(const View& gate_up, const View& gate, const View& up, const View& down);
+  bool weights_loaded() const { return !wgu_.empty(); }
+
+  // Binds LoRA weights (values read now and on lora_updated()) and gradient arrays (written in
+  // backward). The caller keeps the arrays alive while bound.
+  void set_lora(const LoraArrays& arrays);
+  void lora_updated();
+  bool lora_set() const { return lora_bound_; }
+
+  // Argument checks only (no work): run before a forward is queued.
+  void check_forward(const View& x, const View& ids, const View& w, const View& out,
+                     bool save) const;
+  void forward(const View& x, const View& ids, const View& w, const View& out, bool save);
+  void check_backward(const View& dout, const View& dx, const View& dw) const;
+  void backward(const View& dout, const View& dx, const View& dw);
+
+  int64_t cache_depth() const { return static_cast<int64_t>(pending_); }
+  void clear_cache();
+  MemoryStats memory_stats() const;
+  // Milliseconds per phase of the last forward and the last backward.
+  std::map<std::string, double> last_timings() const { return timings_; }
+
+  struct Entry;  // one activation cache entry (defined in moe_engine.cpp)
+
+ private:
+  struct Ctx;
+  void run_forward(Ctx& c);
+  void run_backward(Ctx& c);
+  void check_lora_ready(const char* what) const;
+
+  EngineConfig cfg_;
+  kernels::Isa isa_;
+  kernels::KernelTable k_;  // resolved (null helper entries filled from scalar)
+  int threads_ = 1;
+  float scale_ = 1.0f;
+
+  // Sizes.
+  int64_t E_, K_, H_, I_, r_;
+  int64_t KpH_, KpI_;  // padded depths of the two GEMMs
+  int64_t nbI_, nbH_;  // 16-row blocks of I and of H
+  int64_t Ib_, Hb_;    // I and H rounded up to 16
+  int64_t RA_;         // rows of the internal A: r (fused) or 2r (split)
+
+  // Packed base weights (64-byte aligned, owned).
+  struct Buf {
+    void* p = nullptr;
+    size_t bytes = 0;
+    Buf() = default;
+    Buf(const Buf&) = delete;
+    Buf& operator=(const Buf&) = delete;
+    ~Buf();
+    void reset(size_t n);
+    bool empty() const { return p == nullptr; }
+    template <typename T>
+    T* as() const {
+      return static_cast<T*>(p);
+    }
+  };
+  Buf wgu_;  // E x (2 * nbI) blocks, gate block b then up block b, depth KpH
+  Buf wd_;   // E x nbH blocks, depth KpI
+
+  // LoRA: caller arrays and the internal fp32 copy.
+  LoraArrays lora_;
+  bool lora_bound_ = false;
+  bool lora_grads_ = false;
+  Buf a_all_;  // E x RA x Hb     (fused: A_gu; split: [A_g; A_u])
+  Buf bgu_t_;  // E x RA x 2Ib    B_gu^T in the interleaved column order; split: block diagonal
+  Buf ad_;     // E x r x Ib
+  Buf bd_t_;   // E x r x Hb
+
+  std::vector<std::unique_ptr<Entry>> cache_;  // entries [0, pending_) are pending
+  size_t pending_ = 0;
+  std::unique_ptr<Entry> infer_;  // buffers of forwards without save_for_backward
+
+  std::map<std::string, double> timings_;
+};
+
+}  // namespace kt::engine

@@ -1,0 +1,185 @@
+// AMX-BF16 kernels. The packed layout was made for tiles: 16 consecutive rows of a packed block
+// (16 k pairs x 16 outputs x 2 bf16 = 64 bytes each) are one B tile, loaded with a 64-byte stride.
+// A tiles are 16 rows of A (32 bf16 of K each) with stride lda; C tiles are 16 x 16 fp32.
+//
+// Tile registers (palette 1): C[mi][ni] = tmm(2*mi + ni) for mi, ni in {0, 1}; A[mi] = tmm(4 + mi);
+// B[ni] = tmm(6 + ni). An M tail uses a configuration whose A and C tiles have fewer rows, so no
+// row outside A or C is read or written. Tiles a tile shape does not use are left unconfigured
+// (rows = colsb = 0) and never touched.
+//
+// The configuration is loaded at the start of every call and the tiles are released at its end:
+// the thread may run other AMX code between calls (e.g. another library's kernels), so no tile
+// state is assumed to survive a call, and a released thread costs the OS no tile-data saves.
+#include "kernels/intrinsics.h"  // first: before anything includes <immintrin.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+
+#include "kernels/kernels.h"
+#ifndef KT_AMX_GEMM_ONLY  // (set by the test that runs this file on a model of the tile unit)
+#include "kernels/vec_simd.h"
+#endif
+
+namespace kt::kernels {
+namespace {
+
+constexpr int kTileRows = 16;   // rows of A and C per tile; k pairs per B tile
+constexpr int kTileBytes = 64;  // bytes per tile row (16 fp32, 32 bf16 or 16 bf16 pairs)
+constexpr int kTileK = 32;      // k values per A / B tile
+
+// The 64-byte operand of LDTILECFG (Intel SDM, "TILECFG"): palette, start row, 14 reserved bytes,
+// then bytes-per-row of tiles 0..15 (uint16) and rows of tiles 0..15 (uint8).
+struct alignas(64) TileConfig {
+  uint8_t palette_id;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+static_assert(sizeof(TileConfig) == 64, "LDTILECFG reads exactly 64 bytes");
+static_assert(offsetof(TileConfig, colsb) == 16 && offsetof(TileConfig, rows) == 48,
+              "TILECFG field offsets");
+
+// rows0 / rows1: rows of the first / second M tile (rows1 = 0: a single M tile).
+TileConfig make_config(int rows0, int rows1) {
+  TileConfig cfg;
+  std::memset(&cfg, 0, sizeof cfg);
+  cfg.palette_id = 1;
+  auto set = [&cfg](int tile, int rows) {
+    cfg.rows[tile] = static_cast<uint8_t>(rows);
+    cfg.colsb[tile] = rows > 0 ? kTileBytes : 0;
+  };
+  set(0, rows0);  // C[0][0]
+  set(1, rows0);  // C[0][1]
+  set(2, rows1);  // C[1][0]
+  set(3, rows1);  // C[1][1]
+  set(4, rows0);  // A[0]
+  set(5, rows1);  // A[1]
+  set(6, kTileRows);  // B[0]: 16 k pairs
+  set(7, kTileRows);  // B[1]
+  return cfg;
+}
+
+// One thread's current tile configuration (the tile config lives in each thread's state).
+thread_local TileConfig tls_config;
+thread_local int tls_rows0 = -1, tls_rows1 = -1;
+
+void configure(int rows0, int rows1) {
+  if (rows0 == tls_rows0 && rows1 == tls_rows1) return;
+  tls_config = make_config(rows0, rows1);
+  _tile_loadconfig(&tls_config);
+  tls_rows0 = rows0;
+  tls_rows1 = rows1;
+}
+
+void release() {
+  _tile_release();
+  tls_rows0 = tls_rows1 = -1;
+}
+
+// ---- tile operations. GCC's _tile_* macros paste the tile number into the instruction text, so
+// the ids below are literals, spelled once each.
+#define KT_C_INIT(id, ptr)                    \
+  do {                                        \
+    if (accumulate) {                         \
+      _tile_loadd(id, ptr, ldc_bytes);        \
+    } else {                                  \
+      _tile_zero(id);                         \
+    }                                         \
+  } while (0)
+
+// MB M tiles (16 rows each, fewer in a tail) x NB packed blocks, over all of K.
+template <int MB, int NB>
+void tile(int64_t Kp, const bf16* A, int64_t lda, const bf16* B, int64_t block, float* C,
+          int64_t ldc, bool accumulate) {
+  const int64_t ldc_bytes = ldc * static_cast<int64_t>(sizeof(float));
+  const int64_t lda_bytes = lda * static_cast<int64_t>(sizeof(bf16));
+  float* C1 = C + kTileRows * ldc;  // second M tile
+  const bf16* A1 = A + kTileRows * lda;
+  KT_C_INIT(0, C);
+  if constexpr (NB > 1) KT_C_INIT(1, C + kBlockN);
+  if constexpr (MB > 1) {
+    KT_C_INIT(2, C1);
+    if constexpr (NB > 1) KT_C_INIT(3, C1 + kBlockN);
+  }
+  for (int64_t k0 = 0; k0 < Kp; k0 += kTileK) {
+    // Packed block row k0 / 2 starts at element (k0 / 2) * 32 = k0 * 16 of its block.
+    _tile_loadd(6, B + k0 * kBlockN, kTileBytes);
+    if constexpr (NB > 1) _tile_loadd(7, B + block + k0 * kBlockN, kTileBytes);
+    _tile_loadd(4, A + k0, lda_bytes);
+    _tile_dpbf16ps(0, 4, 6);
+    if constexpr (NB > 1) _tile_dpbf16ps(1, 4, 7);
+    if constexpr (MB > 1) {
+      _tile_loadd(5, A1 + k0, lda_bytes);
+      _tile_dpbf16ps(2, 5, 6);
+      if constexpr (NB > 1) _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, C, ldc_bytes);
+  if constexpr (NB > 1) _tile_stored(1, C + kBlockN, ldc_bytes);
+  if constexpr (MB > 1) {
+    _tile_stored(2, C1, ldc_bytes);
+    if constexpr (NB > 1) _tile_stored(3, C1 + kBlockN, ldc_bytes);
+  }
+}
+
+#undef KT_C_INIT
+
+template <int MB>
+void tile_cols(int nb, int64_t Kp, const bf16* A, int64_t lda, const bf16* B, int64_t block,
+               float* C, int64_t ldc, bool accumulate) {
+  if (nb == 2) {
+    tile<MB, 2>(Kp, A, lda, B, block, C, ldc, accumulate);
+  } else {
+    tile<MB, 1>(Kp, A, lda, B, block, C, ldc, accumulate);
+  }
+}
+
+// N in pairs of blocks (outer), M in 32-row steps (inner), as the other ISAs. Full 32-row steps
+// come first under one configuration, then the M tail (if any) under a second one, so a call
+// loads at most two configurations.
+void gemm_bf16(int64_t M, int64_t nblk, int64_t Kp, const bf16* A, int64_t lda, const bf16* B,
+               float* C, int64_t ldc, bool accumulate) {
+  if (M <= 0 || nblk <= 0) return;
+  const int64_t block = kBlockN * Kp;
+  const int64_t full = M / (2 * kTileRows) * (2 * kTileRows);
+  if (full > 0) {
+    configure(kTileRows, kTileRows);
+    for (int64_t n0 = 0; n0 < nblk; n0 += 2) {
+      const int nb = nblk - n0 >= 2 ? 2 : 1;
+      for (int64_t m0 = 0; m0 < full; m0 += 2 * kTileRows) {
+        tile_cols<2>(nb, Kp, A + m0 * lda, lda, B + n0 * block, block,
+                     C + m0 * ldc + n0 * kBlockN, ldc, accumulate);
+      }
+    }
+  }
+  const int64_t rem = M - full;  // 0 .. 31 rows
+  if (rem > 0) {
+    const int rows0 = static_cast<int>(rem >= kTileRows ? kTileRows : rem);
+    const int rows1 = static_cast<int>(rem > kTileRows ? rem - kTileRows : 0);
+    configure(rows0, rows1);
+    for (int64_t n0 = 0; n0 < nblk; n0 += 2) {
+      const int nb = nblk - n0 >= 2 ? 2 : 1;
+      const bf16* a = A + full * lda;
+      const bf16* b = B + n0 * block;
+      float* c = C + full * ldc + n0 * kBlockN;
+      if (rows1 > 0) {
+        tile_cols<2>(nb, Kp, a, lda, b, block, c, ldc, accumulate);
+      } else {
+        tile_cols<1>(nb, Kp, a, lda, b, block, c, ldc, accumulate);
+      }
+    }
+  }
+  release();
+}
+
+}  // namespace
+
+#ifndef KT_AMX_GEMM_ONLY
+const KernelTable kTable = KT_KERNEL_TABLE(amx, &gemm_bf16);
+
+const KernelTable* amx_table() { return &kTable; }
+#endif
+
+}  // namespace kt::kernels

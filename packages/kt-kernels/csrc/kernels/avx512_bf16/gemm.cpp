@@ -1,0 +1,68 @@
+// AVX512_BF16 kernels: vdpbf16ps multiplies a broadcast pair (A[m,k], A[m,k+1]) with one row of a
+// packed block (16 outputs x the same k pair) and adds both products into 16 fp32 lanes.
+#include "kernels/intrinsics.h"  // first: before anything includes <immintrin.h>
+
+#include <cstring>
+
+#include "kernels/kernels.h"
+#include "kernels/vec_simd.h"
+#include "kernels/tile_driver.h"
+
+namespace kt::kernels {
+namespace {
+
+// ---- the few intrinsics the loops use --------------------------------------------------------
+using VecF = __m512;
+inline VecF vzero() { return _mm512_setzero_ps(); }
+inline VecF vload(const float* p) { return _mm512_loadu_ps(p); }
+inline void vstore(float* p, VecF v) { _mm512_storeu_ps(p, v); }
+// One packed row: 16 outputs x one k pair.
+inline __m512i load_pairs(const bf16* p) { return _mm512_loadu_si512(p); }
+// (A[m,k], A[m,k+1]) in every 32-bit lane.
+inline __m512i bcast_pair(const bf16* a) {
+  int32_t v;
+  std::memcpy(&v, a, sizeof v);
+  return _mm512_set1_epi32(v);
+}
+inline VecF dot_pairs(VecF acc, __m512i a, __m512i b) {
+  return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
+}
+
+// MR rows x NR blocks; 6 x 4 uses 24 accumulators + 4 B rows + 1 broadcast of the 32 zmm, and
+// 4 blocks (64 columns) are the width of the engine's tiles.
+template <int MR, int NR>
+struct Tile {
+  static void run(const TileArgs& t) {
+    VecF c[MR][NR];
+    KT_UNROLL for (int m = 0; m < MR; ++m) {
+      KT_UNROLL for (int n = 0; n < NR; ++n) {
+        c[m][n] = t.accumulate ? vload(t.C + m * t.ldc + n * kBlockN) : vzero();
+      }
+    }
+    const int64_t pairs = t.Kp / 2;
+    for (int64_t kk = 0; kk < pairs; ++kk) {
+      __m512i b[NR];
+      KT_UNROLL for (int n = 0; n < NR; ++n) b[n] = load_pairs(t.B + n * t.block_elems + kk * 32);
+      KT_UNROLL for (int m = 0; m < MR; ++m) {
+        const __m512i a = bcast_pair(t.A + m * t.lda + 2 * kk);
+        KT_UNROLL for (int n = 0; n < NR; ++n) c[m][n] = dot_pairs(c[m][n], a, b[n]);
+      }
+    }
+    KT_UNROLL for (int m = 0; m < MR; ++m) {
+      KT_UNROLL for (int n = 0; n < NR; ++n) vstore(t.C + m * t.ldc + n * kBlockN, c[m][n]);
+    }
+  }
+};
+
+void gemm_bf16(int64_t M, int64_t nblk, int64_t Kp, const bf16* A, int64_t lda, const bf16* B,
+               float* C, int64_t ldc, bool accumulate) {
+  gemm_tiled<Tile, 6, 4>(M, nblk, Kp, A, lda, B, C, ldc, accumulate);
+}
+
+}  // namespace
+
+const KernelTable kTable = KT_KERNEL_TABLE(avx512_bf16, &gemm_bf16);
+
+const KernelTable* avx512_bf16_table() { return &kTable; }
+
+}  // namespace kt::kernels

@@ -1,0 +1,493 @@
+// Run-time ISA choice. Compiled with baseline x86-64 flags: nothing here executes a wide
+// instruction; a SIMD table is only called after CPUID + XGETBV (runtime/cpu_features) said its ISA
+// runs here.
+#include "kernels/dispatch.h"
+
+#include <algorithm>
+#include <cctype>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "runtime/cpu_features.h"
+
+namespace kt::kernels {
+namespace {
+
+constexpr const char* kNames[kIsaCount] = {"scalar", "avx2", "avx512", "avx512_bf16", "amx"};
+
+// Fallback chain, best first.
+constexpr Isa kChain[kIsaCount] = {Isa::amx, Isa::avx512_bf16, Isa::avx512, Isa::avx2, Isa::scalar};
+
+int idx(Isa isa) { return static_cast<int>(isa); }
+
+bool compiled(Isa isa) {
+  switch (isa) {
+    case Isa::scalar:
+      return true;
+#ifdef KT_KERNELS_HAVE_AVX2
+    case Isa::avx2:
+      return true;
+#endif
+#ifdef KT_KERNELS_HAVE_AVX512
+    case Isa::avx512:
+      return true;
+#endif
+#ifdef KT_KERNELS_HAVE_AVX512_BF16
+    case Isa::avx512_bf16:
+      return true;
+#endif
+#ifdef KT_KERNELS_HAVE_AMX
+    case Isa::amx:
+      return true;
+#endif
+    default:
+      return false;
+  }
+}
+
+// The table an ISA folder defines. Called only for ISAs that run here (no getter of a wide ISA
+// is ever entered on a CPU without it).
+const KernelTable* folder_table(Isa isa) {
+  switch (isa) {
+#ifdef KT_KERNELS_HAVE_AVX2
+    case Isa::avx2:
+      return avx2_table();
+#endif
+#ifdef KT_KERNELS_HAVE_AVX512
+    case Isa::avx512:
+      return avx512_table();
+#endif
+#ifdef KT_KERNELS_HAVE_AVX512_BF16
+    case Isa::avx512_bf16:
+      return avx512_bf16_table();
+#endif
+#ifdef KT_KERNELS_HAVE_AMX
+    case Isa::amx:
+      return amx_table();
+#endif
+    default:
+      return scalar_table();
+  }
+}
+
+// A folder's table with every entry it leaves null taken from the scalar table, so callers never
+// see a null entry.
+KernelTable complete_table(Isa isa) {
+  KernelTable t = *folder_table(isa);
+  const KernelTable& s = *scalar_table();
+  if (t.gemm_bf16 == nullptr) t.gemm_bf16 = s.gemm_bf16;
+  if (t.gemm_f32_nn == nullptr) t.gemm_f32_nn = s.gemm_f32_nn;
+  if (t.gemm_f32_nt == nullptr) t.gemm_f32_nt = s.gemm_f32_nt;
+  if (t.gemm_f32_tn == nullptr) t.gemm_f32_tn = s.gemm_f32_tn;
+  if (t.cvt_bf16_f32 == nullptr) t.cvt_bf16_f32 = s.cvt_bf16_f32;
+  if (t.cvt_f32_bf16 == nullptr) t.cvt_f32_bf16 = s.cvt_f32_bf16;
+  if (t.silu_mul == nullptr) t.silu_mul = s.silu_mul;
+  if (t.silu_mul_bwd == nullptr) t.silu_mul_bwd = s.silu_mul_bwd;
+  if (t.pack_transposed == nullptr) t.pack_transposed = s.pack_transposed;
+  return t;
+}
+
+// What each kernel folder's compiler flags allow the compiler to emit (see CMakeLists.txt).
+bool cpu_supports(Isa isa) {
+  const runtime::CpuFeatures& f = runtime::cpu_features();
+  const bool avx2 = f.avx2 && f.fma && f.f16c;
+  const bool avx512 = avx2 && f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq;
+  const bool avx512_bf16 = avx512 && f.avx512_bf16 && f.avx512_vnni;
+  const bool amx = avx512_bf16 && f.amx_tile && f.amx_bf16 && f.amx_int8;
+  switch (isa) {
+    case Isa::scalar:
+      return true;
+    case Isa::avx2:
+      return avx2;
+    case Isa::avx512:
+      return avx512;
+    case Isa::avx512_bf16:
+      return avx512_bf16;
+    case Isa::amx:
+      return amx;
+  }
+  return false;
+}
+
+std::string runnable_list() {
+  std::string out;
+  for (Isa isa : available_isas()) {
+    if (!out.empty()) out += ", ";
+    out += isa_name(isa);
+  }
+  return out;
+}
+
+// ---- self-test ------------------------------------------------------------------------------
+
+// Deterministic small values that bf16 holds exactly (k / 64, |k| <= 128), so the test data is the
+// same on every machine and no rounding happens before the kernels run.
+struct Lcg {
+  uint64_t state;
+  int next(int span) {  // in [-span, span]
+    state = state * 6364136223846793005ull + 1442695040888963407ull;
+    return static_cast<int>((state >> 33) % static_cast<uint64_t>(2 * span + 1)) - span;
+  }
+};
+
+struct Case {
+  int64_t M, N, K;
+};
+
+// One gemm_bf16 comparison; empty string when the kernel agrees with the reference.
+std::string check_gemm(const KernelTable& table, const KernelTable& ref, const Case& c,
+                       bool accumulate, uint64_t seed) {
+  const int64_t Kp = packed_k(c.K);
+  const int64_t nblk = packed_blocks(c.N);
+  const int64_t lda = Kp + 8;                 // row padding the kernel must skip
+  const int64_t ldc = nblk * kBlockN + 3;     // columns the kernel must not touch
+  const int64_t pad_rows = 2;                 // rows after C the kernel must not touch
+  Lcg rng{seed};
+  std::vector<bf16> A(static_cast<size_t>(c.M * lda + 1), 0);
+  for (int64_t m = 0; m < c.M; ++m) {
+    for (int64_t k = 0; k < c.K; ++k) A[m * lda + k] = f32_to_bf16(rng.next(128) / 64.0f);
+  }
+  std::vector<bf16> B(static_cast<size_t>(packed_elems(c.N, c.K)), 0);
+  for (int64_t n = 0; n < c.N; ++n) {
+    for (int64_t k = 0; k < c.K; ++k) {
+      B[(n / kBlockN) * kBlockN * Kp + (k / 2) * 32 + (n % kBlockN) * 2 + (k % 2)] =
+          f32_to_bf16(rng.next(128) / 64.0f);
+    }
+  }
+  const float sentinel = -12345.5f;
+  std::vector<float> C0(static_cast<size_t>((c.M + pad_rows) * ldc), sentinel);
+  for (int64_t m = 0; m < c.M; ++m) {
+    for (int64_t n = 0; n < nblk * kBlockN; ++n) C0[m * ldc + n] = rng.next(64) / 8.0f;
+  }
+  std::vector<float> got = C0, want = C0;
+  table.gemm_bf16(c.M, nblk, Kp, A.data(), lda, B.data(), got.data(), ldc, accumulate);
+  ref.gemm_bf16(c.M, nblk, Kp, A.data(), lda, B.data(), want.data(), ldc, accumulate);
+
+  for (int64_t m = 0; m < c.M + pad_rows; ++m) {
+    for (int64_t n = 0; n < ldc; ++n) {
+      const size_t i = static_cast<size_t>(m * ldc + n);
+      const bool inside = m < c.M && n < nblk * kBlockN;
+      auto where = [&] {
+        std::ostringstream msg;
+        msg << "gemm_bf16 M=" << c.M << " N=" << c.N << " K=" << c.K
+            << " accumulate=" << (accumulate ? "on" : "off") << " at (" << m << ", " << n << ")";
+        return msg.str();
+      };
+      if (!inside) {
+        if (got[i] != sentinel) return where() + ": wrote outside C";
+        continue;
+      }
+      // Bound on the difference of two fp32 sums of the same Kp + 1 terms in different orders.
+      double mag = accumulate ? std::fabs(C0[i]) : 0.0;
+      for (int64_t k = 0; k < c.K; ++k) {
+        mag += std::fabs(bf16_to_f32(A[m * lda + k]) *
+                         bf16_to_f32(B[(n / kBlockN) * kBlockN * Kp + (k / 2) * 32 +
+                                       (n % kBlockN) * 2 + (k % 2)]));
+      }
+      const double tol = 2.0 * static_cast<double>(Kp + 1) * std::ldexp(mag, -24) + 1e-30;
+      const double diff = std::fabs(static_cast<double>(got[i]) - want[i]);
+      if (!(diff <= tol)) {
+        std::ostringstream msg;
+        msg << where() << ": got " << got[i] << ", reference " << want[i];
+        return msg.str();
+      }
+    }
+  }
+  return {};
+}
+
+// Values for the helper checks: small integers / 16, so products and short sums are exact, plus a
+// sprinkling of ties, denormals, infinities and NaN for the conversions.
+std::vector<float> test_floats(size_t n, uint64_t seed, bool specials) {
+  Lcg rng{seed};
+  std::vector<float> v(n);
+  for (auto& x : v) x = rng.next(200) / 16.0f;
+  if (specials && n >= 8) {
+    const uint32_t bits[] = {0x3f808000u, 0x3f818000u, 0x00000001u, 0x80400000u,
+                             0x7f800000u, 0xff800000u, 0x7fc00001u, 0xff812345u};
+    for (size_t i = 0; i < 8; ++i) std::memcpy(&v[(i * 7 + 3) % n], &bits[i], sizeof(float));
+  }
+  return v;
+}
+
+bool same_bits(const float* a, const float* b, size_t n) { return std::memcmp(a, b, n * 4) == 0; }
+
+std::string check_helpers(const KernelTable& t, const KernelTable& ref) {
+  // Small fp32 products (exact on these values, so every correct order agrees).
+  for (int64_t M : {1, 5, 9}) {
+    for (int64_t N : {3, 8, 19, 33}) {
+      for (int64_t K : {1, 16, 37}) {
+        const int64_t ld = 40;
+        const auto A = test_floats(static_cast<size_t>(ld * ld), M * 100 + N, false);
+        const auto B = test_floats(static_cast<size_t>(ld * ld), K * 7 + 1, false);
+        const auto C0 = test_floats(static_cast<size_t>(M * ld), 5, false);
+        const gemm_f32_nn_fn fns[3][2] = {{t.gemm_f32_nn, ref.gemm_f32_nn},
+                                          {t.gemm_f32_nt, ref.gemm_f32_nt},
+                                          {t.gemm_f32_tn, ref.gemm_f32_tn}};
+        const char* names[3] = {"gemm_f32_nn", "gemm_f32_nt", "gemm_f32_tn"};
+        for (int f = 0; f < 3; ++f) {
+          for (bool acc : {false, true}) {
+            auto got = C0, want = C0;
+            fns[f][0](M, N, K, 0.5f, A.data(), ld, B.data(), ld, got.data(), ld, acc);
+            fns[f][1](M, N, K, 0.5f, A.data(), ld, B.data(), ld, want.data(), ld, acc);
+            if (!same_bits(got.data(), want.data(), got.size())) {
+              std::ostringstream msg;
+              msg << names[f] << " M=" << M << " N=" << N << " K=" << K << " accumulate=" << acc
+                  << " differs from the reference";
+              return msg.str();
+            }
+          }
+        }
+      }
+    }
+  }
+  // Conversions: bit-exact, specials included.
+  for (size_t n : {1, 7, 16, 37}) {
+    const auto x = test_floats(n, n, true);
+    std::vector<bf16> got(n + 1, 0x1234), want(n + 1, 0x1234);
+    t.cvt_f32_bf16(static_cast<int64_t>(n), x.data(), got.data());
+    ref.cvt_f32_bf16(static_cast<int64_t>(n), x.data(), want.data());
+    if (got != want) return "cvt_f32_bf16 n=" + std::to_string(n) + " differs from the reference";
+    std::vector<float> back(n + 1, 7.0f), back_ref(n + 1, 7.0f);
+    t.cvt_bf16_f32(static_cast<int64_t>(n), want.data(), back.data());
+    ref.cvt_bf16_f32(static_cast<int64_t>(n), want.data(), back_ref.data());
+    if (!same_bits(back.data(), back_ref.data(), n + 1)) {
+      return "cvt_bf16_f32 n=" + std::to_string(n) + " differs from the reference";
+    }
+  }
+  // SiLU gate: a polynomial exp may differ from libm's in the last bits.
+  for (int64_t n : {1, 13, 40}) {
+    const auto g = test_floats(static_cast<size_t>(n), 11, false);
+    const auto u = test_floats(static_cast<size_t>(n), 12, false);
+    const auto dh = test_floats(static_cast<size_t>(n), 13, false);
+    std::vector<float> out(static_cast<size_t>(3 * n)), want(static_cast<size_t>(3 * n));
+    t.silu_mul(n, g.data(), u.data(), out.data());
+    ref.silu_mul(n, g.data(), u.data(), want.data());
+    t.silu_mul_bwd(n, g.data(), u.data(), dh.data(), out.data() + n, out.data() + 2 * n);
+    ref.silu_mul_bwd(n, g.data(), u.data(), dh.data(), want.data() + n, want.data() + 2 * n);
+    for (size_t i = 0; i < out.size(); ++i) {
+      if (!(std::fabs(out[i] - want[i]) <= 1e-5f * std::fabs(want[i]) + 1e-5f)) {
+        return std::string(i < static_cast<size_t>(n) ? "silu_mul" : "silu_mul_bwd") +
+               " differs from the reference beyond 1e-5 (relative + absolute)";
+      }
+    }
+  }
+  // Transposed repack: bit-exact.
+  for (int64_t N : {16, 40}) {
+    for (int64_t K : {32, 70}) {
+      const int64_t Kp = packed_k(K);
+      std::vector<bf16> w(static_cast<size_t>(packed_elems(N, K)));
+      Lcg rng{static_cast<uint64_t>(N * K)};
+      for (auto& x : w) x = static_cast<bf16>(rng.next(30000) + 30000);
+      const int64_t nblk = Kp / kBlockN;
+      const size_t out_elems = static_cast<size_t>(nblk * packed_block_elems(N));
+      std::vector<bf16> got(out_elems, 1), want(out_elems, 2);
+      t.pack_transposed(w.data(), N, Kp, 0, nblk, got.data());
+      ref.pack_transposed(w.data(), N, Kp, 0, nblk, want.data());
+      if (got != want) return "pack_transposed N=" + std::to_string(N) + " differs from the reference";
+    }
+  }
+  return {};
+}
+
+// Sizes that reach every tail of every kernel: M below, at and above the micro-tile heights
+// (4, 6, 8, 16, 32 rows), odd block counts, K with and without zero padding.
+std::string run_self_test(const KernelTable& table) {
+  const KernelTable& ref = *scalar_table();
+  const Case cases[] = {{1, 16, 32}, {7, 40, 33}, {13, 80, 95}, {20, 33, 64}, {35, 72, 130}};
+  uint64_t seed = 1;
+  for (const Case& c : cases) {
+    for (bool accumulate : {false, true}) {
+      std::string err = check_gemm(table, ref, c, accumulate, seed++);
+      if (!err.empty()) return err;
+    }
+  }
+  return check_helpers(table, ref);
+}
+
+bool forced_to_fail(Isa isa) {
+  const char* env = std::getenv("KT_KERNELS_FAIL_SELF_TEST");
+  if (env == nullptr) return false;
+  std::stringstream list(env);
+  std::string item;
+  while (std::getline(list, item, ',')) {
+    if (item == isa_name(isa)) return true;
+  }
+  return false;
+}
+
+// ---- process-wide state ---------------------------------------------------------------------
+
+struct State {
+  std::mutex mutex;
+  std::once_flag tested[kIsaCount];
+  KernelTable tables[kIsaCount] = {};  // complete tables, filled by the first self-test
+  std::string status[kIsaCount] = {"not run", "not run", "not run", "not run", "not run"};
+  bool passed[kIsaCount] = {};
+  bool warned[kIsaCount] = {};
+  std::vector<std::string> warnings;
+};
+
+State& state() {
+  static State s;
+  return s;
+}
+
+bool passes_self_test(Isa isa) {
+  State& s = state();
+  std::call_once(s.tested[idx(isa)], [&] {
+    const KernelTable table = complete_table(isa);
+    std::string status;
+    bool ok = false;
+    if (isa == Isa::scalar) {
+      ok = true;  // the reference itself
+      status = "passed";
+    } else if (forced_to_fail(isa)) {
+      status = "failed: forced by KT_KERNELS_FAIL_SELF_TEST";
+    } else {
+      const std::string err = run_self_test(table);
+      ok = err.empty();
+      status = ok ? "passed" : "failed: " + err;
+    }
+    std::lock_guard<std::mutex> lock(s.mutex);
+    s.tables[idx(isa)] = table;
+    s.status[idx(isa)] = status;
+    s.passed[idx(isa)] = ok;
+  });
+  std::lock_guard<std::mutex> lock(s.mutex);
+  return s.passed[idx(isa)];
+}
+
+// The first ISA at or below `isa` in the chain that runs here and passes its self-test.
+Isa resolve(Isa isa) {
+  int pos = 0;
+  while (kChain[pos] != isa) ++pos;
+  for (int i = pos; i < kIsaCount; ++i) {
+    const Isa cand = kChain[i];
+    if (!isa_runnable(cand)) continue;
+    if (passes_self_test(cand)) return cand;
+    // Find where it falls back to, then warn once for this ISA.
+    Isa to = Isa::scalar;
+    for (int j = i + 1; j < kIsaCount; ++j) {
+      if (isa_runnable(kChain[j]) && passes_self_test(kChain[j])) {
+        to = kChain[j];
+        break;
+      }
+    }
+    State& s = state();
+    std::lock_guard<std::mutex> lock(s.mutex);
+    if (!s.warned[idx(cand)]) {
+      s.warned[idx(cand)] = true;
+      s.warnings.push_back(std::string("kt-kernels: the ") + isa_name(cand) +
+                           " kernels failed their self-test against the scalar reference (" +
+                           s.status[idx(cand)].substr(std::string("failed: ").size()) +
+                           "); using " + isa_name(to) + " instead");
+    }
+    return to;
+  }
+  return Isa::scalar;
+}
+
+std::string lower_trimmed(const std::string& s) {
+  size_t b = 0, e = s.size();
+  while (b < e && std::isspace(static_cast<unsigned char>(s[b]))) ++b;
+  while (e > b && std::isspace(static_cast<unsigned char>(s[e - 1]))) --e;
+  std::string out = s.substr(b, e - b);
+  std::transform(out.begin(), out.end(), out.begin(),
+                 [](unsigned char ch) { return static_cast<char>(std::tolower(ch)); });
+  return out;
+}
+
+Isa checked_request(const std::string& value, const std::string& source) {
+  Isa isa;
+  if (!parse_isa(lower_trimmed(value), &isa)) {
+    throw std::invalid_argument(source + "='" + value +
+                                "' is not an ISA name: expected one of scalar, avx2, avx512, "
+                                "avx512_bf16, amx (runnable here: " +
+                                runnable_list() + ")");
+  }
+  if (!isa_runnable(isa)) {
+    const std::string why = isa_compiled(isa) ? "this CPU or OS does not support it"
+                                              : "this build does not contain its kernels";
+    throw std::invalid_argument(source + "='" + value + "' cannot run here: " + why +
+                                " (runnable here: " + runnable_list() + ")");
+  }
+  return isa;
+}
+
+}  // namespace
+
+const char* isa_name(Isa isa) {
+  const int i = idx(isa);
+  return i >= 0 && i < kIsaCount ? kNames[i] : "unknown";
+}
+
+bool parse_isa(const std::string& name, Isa* out) {
+  for (int i = 0; i < kIsaCount; ++i) {
+    if (name == kNames[i]) {
+      if (out != nullptr) *out = static_cast<Isa>(i);
+      return true;
+    }
+  }
+  return false;
+}
+
+bool isa_compiled(Isa isa) { return compiled(isa); }
+
+bool isa_runnable(Isa isa) { return isa_compiled(isa) && cpu_supports(isa); }
+
+std::vector<Isa> available_isas() {
+  std::vector<Isa> out;
+  for (int i = 0; i < kIsaCount; ++i) {
+    if (isa_runnable(static_cast<Isa>(i))) out.push_back(static_cast<Isa>(i));
+  }
+  return out;
+}
+
+Isa select_isa(const std::string& requested) {
+  if (!requested.empty()) return resolve(checked_request(requested, "isa"));
+  const char* env = std::getenv("KT_KERNELS_ISA");
+  if (env != nullptr && !lower_trimmed(env).empty()) {
+    return resolve(checked_request(env, "KT_KERNELS_ISA"));
+  }
+  for (Isa isa : kChain) {
+    if (isa_runnable(isa)) return resolve(isa);
+  }
+  return Isa::scalar;
+}
+
+const KernelTable& kernel_table(Isa isa) {
+  if (idx(isa) < 0 || idx(isa) >= kIsaCount) throw std::invalid_argument("kernel_table: bad ISA");
+  if (!isa_runnable(isa)) {
+    throw std::invalid_argument(std::string("kernel_table: ISA '") + isa_name(isa) +
+                                "' cannot run here (runnable here: " + runnable_list() + ")");
+  }
+  const Isa use = resolve(isa);
+  State& s = state();
+  std::lock_guard<std::mutex> lock(s.mutex);
+  return s.tables[idx(use)];
+}
+
+std::vector<std::string> take_warnings() {
+  State& s = state();
+  std::lock_guard<std::mutex> lock(s.mutex);
+  std::vector<std::string> out;
+  out.swap(s.warnings);
+  return out;
+}
+
+std::string self_test_status(Isa isa) {
+  if (idx(isa) < 0 || idx(isa) >= kIsaCount) return "not run";
+  State& s = state();
+  std::lock_guard<std::mutex> lock(s.mutex);
+  return s.status[idx(isa)];
+}
+
+}  // namespace kt::kernels

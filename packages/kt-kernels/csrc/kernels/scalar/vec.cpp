@@ -1,0 +1,142 @@
+// Scalar reference of the fp32 helper entries (kernels.h): LoRA-sized products, bf16 conversion,
+// the SiLU gate and the transposed repack of packed weights. Plain loops the compiler can
+// vectorise at the baseline ISA; the summation order of each entry is spelled out here and is
+// what a SIMD version has to keep.
+#include <cmath>
+
+#include "kernels/kernels.h"
+
+namespace kt::kernels {
+namespace {
+
+// Dot products run in kLanes interleaved partial sums (lane l takes k = l, l + kLanes, ...),
+// combined by a fixed pairwise tree: the order of a 16-wide SIMD register.
+constexpr int kLanes = 16;
+
+float dot(int64_t K, const float* a, const float* b) {
+  float acc[kLanes] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= K; k += kLanes) {
+    for (int l = 0; l < kLanes; ++l) acc[l] += a[k + l] * b[k + l];
+  }
+  for (int l = 0; k + l < K; ++l) acc[l] += a[k + l] * b[k + l];
+  for (int w = kLanes / 2; w >= 1; w /= 2) {
+    for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
+  }
+  return acc[0];
+}
+
+void zero_rows(int64_t M, int64_t N, float* C, int64_t ldc) {
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t n = 0; n < N; ++n) C[m * ldc + n] = 0.0f;
+  }
+}
+
+// C[m, :] += (alpha * A[m, k]) * B[k, :] for k = 0, 1, ...
+void gemm_f32_nn(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+                 const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  if (!accumulate) zero_rows(M, N, C, ldc);
+  for (int64_t m = 0; m < M; ++m) {
+    float* c = C + m * ldc;
+    for (int64_t k = 0; k < K; ++k) {
+      const float a = alpha * A[m * lda + k];
+      const float* b = B + k * ldb;
+      for (int64_t n = 0; n < N; ++n) c[n] += a * b[n];
+    }
+  }
+}
+
+// C[m, n] += alpha * dot(A[m, :], B[n, :])
+void gemm_f32_nt(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+                 const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t n = 0; n < N; ++n) {
+      const float v = alpha * dot(K, A + m * lda, B + n * ldb);
+      C[m * ldc + n] = accumulate ? C[m * ldc + n] + v : v;
+    }
+  }
+}
+
+// C[m, :] += (alpha * A[k, m]) * B[k, :] for k = 0, 1, ...
+void gemm_f32_tn(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+                 const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  if (!accumulate) zero_rows(M, N, C, ldc);
+  for (int64_t k = 0; k < K; ++k) {
+    const float* b = B + k * ldb;
+    for (int64_t m = 0; m < M; ++m) {
+      const float a = alpha * A[k * lda + m];
+      float* c = C + m * ldc;
+      for (int64_t n = 0; n < N; ++n) c[n] += a * b[n];
+    }
+  }
+}
+
+void cvt_bf16_f32(int64_t n, const bf16* src, float* dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_f32(src[i]);
+}
+
+void cvt_f32_bf16(int64_t n, const float* src, bf16* dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = f32_to_bf16(src[i]);
+}
+
+void silu_mul(int64_t n, const float* g, const float* u, float* h) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float sig = 1.0f / (1.0f + std::exp(-g[i]));
+    h[i] = g[i] * sig * u[i];
+  }
+}
+
+void silu_mul_bwd(int64_t n, const float* g, const float* u, const float* dh, float* dg,
+                  float* du) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float sig = 1.0f / (1.0f + std::exp(-g[i]));
+    const float silu = g[i] * sig;
+    // silu'(g) = sig * (1 + g * (1 - sig))
+    dg[i] = dh[i] * u[i] * (sig * (1.0f + g[i] * (1.0f - sig)));
+    du[i] = dh[i] * silu;
+  }
+}
+
+// Works on 16 x 16 sub-tiles: 16 rows n of one source block times 16 depths k (8 k-pairs) become
+// 16 rows k of one destination block times 16 depths n (8 n-pairs).
+void pack_transposed(const bf16* W, int64_t N, int64_t Kp, int64_t k0, int64_t nblk, bf16* dst) {
+  const int64_t KpT = packed_k(N);                    // depth of W^T
+  const int64_t src_block = kBlockN * Kp;             // one packed block of W
+  const int64_t dst_block = kBlockN * KpT;            // one packed block of W^T
+  const int64_t n_rows = packed_blocks(N) * kBlockN;  // rows of W that exist (padded to 16)
+  for (int64_t ob = 0; ob < nblk; ++ob) {
+    bf16* out = dst + ob * dst_block;
+    const int64_t kb = k0 + ob * kBlockN;  // first source depth of this destination block
+    for (int64_t n0 = 0; n0 < KpT; n0 += kBlockN) {
+      // Destination: rows (kb + r), depths n0 .. n0 + 15, at (n / 2) * 32 + r * 2 + n % 2.
+      bf16* o = out + (n0 / 2) * 32;
+      if (n0 >= n_rows || kb >= Kp) {
+        for (int i = 0; i < 16 * 16; ++i) o[i] = 0;
+        continue;
+      }
+      // Source: rows n0 .. n0 + 15 form block n0 / 16; depth k at (k / 2) * 32 + (n % 16) * 2 + k
+      // % 2.
+      const bf16* s = W + (n0 / kBlockN) * src_block + (kb / 2) * 32;
+      for (int n = 0; n < 16; ++n) {
+        for (int r = 0; r < 16; ++r) {
+          o[(n / 2) * 32 + r * 2 + (n % 2)] = s[(r / 2) * 32 + n * 2 + (r % 2)];
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void fill_scalar_helpers(KernelTable* t) {
+  t->gemm_f32_nn = &gemm_f32_nn;
+  t->gemm_f32_nt = &gemm_f32_nt;
+  t->gemm_f32_tn = &gemm_f32_tn;
+  t->cvt_bf16_f32 = &cvt_bf16_f32;
+  t->cvt_f32_bf16 = &cvt_f32_bf16;
+  t->silu_mul = &silu_mul;
+  t->silu_mul_bwd = &silu_mul_bwd;
+  t->pack_transposed = &pack_transposed;
+}
+
+}  // namespace kt::kernels

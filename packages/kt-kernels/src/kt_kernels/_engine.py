@@ -1,0 +1,277 @@
+"""`MoEEngine`: routed experts of one MoE layer, forward and backward with LoRA, on the CPU.
+
+The math is DESIGN.md section 2. Arrays cross by DLPack (torch tensors, NumPy arrays, ...) or,
+for NumPy bfloat16 (ml_dtypes), the NumPy array interface; the C++ side checks dtype, shape,
+strides and device of every array before it uses a pointer.
+"""
+
+from __future__ import annotations
+
+import warnings
+from types import TracebackType
+from typing import Any, Literal
+
+from kt_kernels import _core
+
+__all__ = ["MoEEngine", "active_isa", "available_isas"]
+
+Array = Any  # anything exporting __dlpack__ (torch.Tensor, numpy.ndarray) or a NumPy bf16 array
+
+
+def _emit_dispatch_warnings() -> None:
+    for message in _core.take_warnings():
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def available_isas() -> list[str]:
+    """Return the kernel ISAs compiled in and runnable on this CPU, from ``"scalar"`` up.
+
+    Names: ``scalar``, ``avx2``, ``avx512``, ``avx512_bf16``, ``amx`` (the values of the
+    ``KT_KERNELS_ISA`` environment variable and of ``MoEEngine(isa=...)``).
+    """
+    return list(_core.available_isas())
+
+
+def active_isa() -> str:
+    """Return the ISA a new engine uses by default: ``KT_KERNELS_ISA`` if set, else the best one.
+
+    The chosen ISA's kernels are self-tested against the scalar reference on first use; a failure
+    falls back to the next ISA down and is reported as a ``RuntimeWarning``.
+    """
+    name = str(_core.select_isa(""))
+    _emit_dispatch_warnings()
+    return name
+
+
+class MoEEngine:
+    """The routed experts of one MoE layer: packed BF16 base weights, LoRA, forward and backward.
+
+    Args:
+        num_experts: E, experts of the layer.
+        top_k: K, experts per token (columns of ``expert_ids``).
+        hidden_size: H.
+        intermediate_size: I, per expert.
+        lora_rank: r; 0 means no LoRA (the experts are fully frozen; backward gives dx and dw).
+        lora_alpha: LoRA alpha; the scaling is ``lora_alpha / lora_rank`` (None: alpha = r).
+        lora_layout: ``"fused"`` (one A shared by gate and up, B of ``2I`` rows, as PEFT's
+            ``target_parameters`` on fused experts) or ``"split"`` (A and B per gate, up, down).
+        weight_dtype: storage of the packed base weights; ``"bf16"``.
+        max_tokens: the batch size buffers are planned for. A larger T is accepted: the
+            activation cache and scratch grow on demand (and stay grown).
+        max_cache_depth: forwards with ``save_for_backward=True`` that may be pending at once;
+            backwards consume them last-in first-out.
+        num_threads: threads of the process-wide worker pool this engine uses (None:
+            ``KT_NUM_THREADS``, else one per physical core).
+        isa: kernel ISA (None: ``KT_KERNELS_ISA``, else the best runnable one).
+
+    Threads: calls on one engine must not overlap (no two at once from different Python
+    threads); engines of one process run one at a time and share the worker pool and scratch.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        top_k: int,
+        hidden_size: int,
+        intermediate_size: int,
+        *,
+        lora_rank: int = 0,
+        lora_alpha: float | None = None,
+        lora_layout: Literal["fused", "split"] = "fused",
+        weight_dtype: Literal["bf16"] = "bf16",
+        max_tokens: int = 4096,
+        max_cache_depth: int = 1,
+        num_threads: int | None = None,
+        isa: str | None = None,
+    ) -> None:
+        try:
+            self._eng = _core.MoEEngine(
+                num_experts, top_k, hidden_size, intermediate_size,
+                lora_rank=lora_rank, lora_alpha=lora_alpha, lora_layout=lora_layout,
+                weight_dtype=weight_dtype, max_tokens=max_tokens,
+                max_cache_depth=max_cache_depth, num_threads=num_threads, isa=isa,
+            )
+        finally:
+            _emit_dispatch_warnings()
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.lora_rank = lora_rank
+        self.lora_layout = lora_layout
+        self.max_tokens = max_tokens
+        self.max_cache_depth = max_cache_depth
+
+    # -- properties -------------------------------------------------------------------------
+
+    @property
+    def isa(self) -> str:
+        """The kernel ISA this engine runs."""
+        return str(self._eng.isa)
+
+    @property
+    def num_threads(self) -> int:
+        """Threads this engine's phases run on (the caller plus pool workers)."""
+        return int(self._eng.num_threads)
+
+    @property
+    def scaling(self) -> float:
+        """LoRA scaling ``lora_alpha / lora_rank`` (1.0 without LoRA)."""
+        return float(self._eng.scaling)
+
+    @property
+    def cache_depth(self) -> int:
+        """Forwards saved for backward and not yet consumed."""
+        return int(self._eng.cache_depth)
+
+    @property
+    def closed(self) -> bool:
+        """True after :meth:`close`."""
+        return bool(self._eng.closed)
+
+    # -- weights ------------------------------------------------------------------------------
+
+    def load_weights(
+        self,
+        *,
+        gate_up: Array | None = None,
+        gate: Array | None = None,
+        up: Array | None = None,
+        down: Array,
+    ) -> None:
+        """Convert and pack the frozen base weights (float32 or bfloat16, any strides).
+
+        Pass ``gate_up`` (E, 2I, H) with the gate rows first (HF fused experts), or ``gate`` and
+        ``up`` (E, I, H) each; ``down`` is (E, H, I). The engine keeps its own packed BF16 copy;
+        the arrays may be freed afterwards.
+        """
+        self._eng.load_weights(gate_up=gate_up, gate=gate, up=up, down=down)
+
+    def set_lora(
+        self,
+        *,
+        a_gate_up: Array | None = None,
+        b_gate_up: Array | None = None,
+        a_gate: Array | None = None,
+        a_up: Array | None = None,
+        b_gate: Array | None = None,
+        b_up: Array | None = None,
+        a_down: Array | None = None,
+        b_down: Array | None = None,
+        grad_a_gate_up: Array | None = None,
+        grad_b_gate_up: Array | None = None,
+        grad_a_gate: Array | None = None,
+        grad_a_up: Array | None = None,
+        grad_b_gate: Array | None = None,
+        grad_b_up: Array | None = None,
+        grad_a_down: Array | None = None,
+        grad_b_down: Array | None = None,
+    ) -> None:
+        """Bind the LoRA weights and (optionally) their gradient arrays.
+
+        Fused layout: ``a_gate_up`` (E, r, H), ``b_gate_up`` (E, 2I, r). Split layout:
+        ``a_gate``, ``a_up`` (E, r, H), ``b_gate``, ``b_up`` (E, I, r). Both: ``a_down``
+        (E, r, I), ``b_down`` (E, H, r). Weights are float32 or bfloat16 with any strides (e.g.
+        PEFT's expert-fastest ``lora_B`` viewed as (E, out, r)). Gradient arrays (all or none)
+        have the same shapes, are float32 with any strides, and receive ``+=`` in backward.
+
+        Lifetime: the engine keeps a reference to every bound array (through DLPack), so none of
+        them can be freed while bound; binding again releases the previous ones. Values are read
+        now and on :meth:`lora_updated`: call that after changing them in place (an optimizer
+        step). If an array's storage is replaced (``param.data = ...``), call ``set_lora`` again.
+        """
+        params = dict(locals())
+        given = {k: v for k, v in params.items() if k != "self" and v is not None}
+        self._eng.set_lora(**given)
+
+    def lora_updated(self) -> None:
+        """Re-read the bound LoRA weights after their values changed (e.g. an optimizer step)."""
+        self._eng.lora_updated()
+
+    # -- compute --------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        x: Array,
+        expert_ids: Array,
+        routing_weights: Array,
+        out: Array,
+        save_for_backward: bool = True,
+    ) -> None:
+        """Compute ``out[t] = sum_j routing_weights[t, j] * expert_{expert_ids[t, j]}(x[t])``.
+
+        x: (T, H) float32/bfloat16, rows contiguous. expert_ids: (T, K) int64/int32 in [-1, E);
+        -1 means "no expert" (its weight is ignored). routing_weights: (T, K) float32/bfloat16.
+        out: (T, H) float32/bfloat16, written (not accumulated). With ``save_for_backward`` the
+        activations are pushed on the cache for one :meth:`backward`.
+        """
+        self._eng.forward(x, expert_ids, routing_weights, out, save_for_backward)
+
+    def submit_forward(
+        self,
+        x: Array,
+        expert_ids: Array,
+        routing_weights: Array,
+        out: Array,
+        save_for_backward: bool = True,
+    ) -> None:
+        """Start :meth:`forward` in the background and return at once; :meth:`sync_forward` waits.
+
+        Arguments are checked before this returns. Until ``sync_forward``, the engine keeps the
+        arrays alive, ``out`` must not be read, and any other call on this engine raises
+        ``RuntimeError`` (``close`` waits for the forward instead).
+        """
+        self._eng.submit_forward(x, expert_ids, routing_weights, out, save_for_backward)
+
+    def sync_forward(self) -> None:
+        """Wait for the forward started by :meth:`submit_forward`; re-raises its error, if any."""
+        self._eng.sync_forward()
+
+    def backward(self, grad_out: Array, grad_input: Array, grad_routing_weights: Array) -> None:
+        """Backward of the most recent pending forward (last in, first out).
+
+        grad_out: (T, H) float32/bfloat16. Writes grad_input (T, H) and grad_routing_weights
+        (T, K) (0 where the id was -1), and adds the LoRA gradients into the bound gradient
+        arrays (when given).
+        """
+        self._eng.backward(grad_out, grad_input, grad_routing_weights)
+
+    def clear_cache(self) -> None:
+        """Drop every pending forward (their memory is kept for reuse)."""
+        self._eng.clear_cache()
+
+    # -- introspection -----------------------------------------------------------------------
+
+    def memory_stats(self) -> dict[str, int]:
+        """Bytes held: ``weight_bytes`` (packed base weights), ``lora_bytes`` (internal fp32 LoRA
+        copy), ``cache_bytes`` (activation cache) and ``scratch_bytes`` (the process-wide scratch
+        pool, shared by all engines)."""
+        return {k: int(v) for k, v in self._eng.memory_stats().items()}
+
+    def last_timings(self) -> dict[str, float]:
+        """Milliseconds per phase of the last forward (``forward.*``) and backward
+        (``backward.*``)."""
+        return {k: float(v) for k, v in self._eng.last_timings().items()}
+
+    def close(self) -> None:
+        """Free the packed weights and caches and release the bound arrays. Waits for a
+        submitted forward first. Later calls raise ``RuntimeError``; closing twice is fine."""
+        self._eng.close()
+
+    def __enter__(self) -> MoEEngine:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"isa={self.isa!r}, threads={self.num_threads}"
+        return (
+            f"MoEEngine(E={self.num_experts}, K={self.top_k}, H={self.hidden_size}, "
+            f"I={self.intermediate_size}, r={self.lora_rank}, {self.lora_layout}, {state})"
+        )

@@ -1,0 +1,116 @@
+// Single-thread micro-benchmark of gemm_bf16 per ISA (GFLOP/s = 2 M N K / time). Time is this
+// thread's CPU time (best of repeated calls), so other load on the machine disturbs it little.
+//   bench_gemm [--isa NAME] [--smoke]
+// --smoke: one tiny run per shape (a ctest check that the benchmark itself works); exits 77
+// (skipped) when the requested ISA cannot run here.
+#include <time.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "gemm_data.h"
+#include "kernels/dispatch.h"
+
+using namespace kt::kernels;
+
+namespace {
+
+double thread_seconds() {
+  timespec ts;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
+}
+
+struct Shape {
+  const char* name;
+  int64_t M, N, K;
+};
+
+double bench(const KernelTable& t, const Shape& s, bool smoke) {
+  std::mt19937 rng(5);
+  const auto a = kt::testing::make_a(s.M, s.K, 0, rng);
+  const auto w = kt::testing::random_bf16(static_cast<size_t>(s.N * s.K), rng);
+  const auto packed = kt::testing::pack(w, s.N, s.K);
+  const int64_t nblk = packed_blocks(s.N), ldc = nblk * kBlockN;
+  std::vector<float> c(static_cast<size_t>(s.M * ldc), 0.0f);
+  auto once = [&] {
+    t.gemm_bf16(s.M, nblk, a.Kp, a.data.data(), a.lda, packed.data(), c.data(), ldc, true);
+  };
+  once();
+  if (smoke) return 0.0;
+  double best = 1e30;
+  const double start = thread_seconds();
+  int reps = 0;
+  while (reps < 5 || thread_seconds() - start < 0.4) {
+    const double t0 = thread_seconds();
+    once();
+    best = std::min(best, thread_seconds() - t0);
+    ++reps;
+  }
+  return 2.0 * s.M * s.N * s.K / best * 1e-9;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string only;
+  bool smoke = false;
+  for (int i = 1; i < argc; ++i) {
+    if (!std::strcmp(argv[i], "--smoke")) {
+      smoke = true;
+    } else if (!std::strcmp(argv[i], "--isa") && i + 1 < argc) {
+      only = argv[++i];
+    } else {
+      std::fprintf(stderr, "usage: bench_gemm [--isa NAME] [--smoke]\n");
+      return 2;
+    }
+  }
+  std::vector<Isa> isas;
+  if (!only.empty()) {
+    Isa isa;
+    if (!parse_isa(only, &isa)) {
+      std::fprintf(stderr, "unknown ISA '%s'\n", only.c_str());
+      return 2;
+    }
+    if (!isa_runnable(isa)) {
+      std::printf("%s cannot run here: skipped\n", only.c_str());
+      return 77;
+    }
+    isas.push_back(isa);
+  } else {
+    isas = available_isas();
+  }
+  const Shape shapes[] = {
+      {"in-cache 16x48x256", 16, 48, 256},
+      {"gate/up rows=32", 32, 768, 2048},
+      {"engine tile 128x64x2048", 128, 64, 2048},
+      {"engine tile 128x64x768", 128, 64, 768},
+      {"gate/up rows=256", 256, 768, 2048},
+      {"down rows=256", 256, 2048, 768},
+      {"dense 1024x1536x2048", 1024, 1536, 2048},
+  };
+  std::printf("%-24s", "shape (M x N x K)");
+  for (Isa isa : isas) std::printf(" %12s", isa_name(isa));
+  std::printf("   [GFLOP/s, 1 thread]\n");
+  for (const Shape& s : shapes) {
+    std::printf("%-24s", s.name);
+    for (Isa isa : isas) {
+      const KernelTable& t = kernel_table(isa);
+      if (t.isa != isa) {
+        std::printf(" %12s", "fell back");
+        continue;
+      }
+      const Shape run = smoke ? Shape{s.name, std::min<int64_t>(s.M, 9), std::min<int64_t>(s.N, 40),
+                                      std::min<int64_t>(s.K, 70)}
+                              : s;
+      std::printf(" %12.1f", bench(t, run, smoke));
+      std::fflush(stdout);
+    }
+    std::printf("\n");
+  }
+  return 0;
+}

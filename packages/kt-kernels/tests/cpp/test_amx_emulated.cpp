@@ -1,0 +1,86 @@
+// The AMX kernel's tile configuration, addressing and M / N tails, run on a software model of the
+// tile instructions (amx_emulator.h), so they are checked on every machine, AMX or not. The file
+// is compiled with baseline flags: the kernel's gemm uses no intrinsic but the (modelled) tile
+// ones. The real instructions run in test_gemm where AMX exists. Tolerance vs scalar as for amx in
+// test_gemm.cpp: 2 (Kp + 1) 2^-24 (|C0| + sum_k |A B|).
+#define KT_CPU_CAPABILITY amx_emulated
+#define KT_AMX_GEMM_ONLY
+#include "kernels/intrinsics.h"
+#include "amx_emulator.h"
+#include "kernels/amx/gemm.cpp"
+
+#include <cmath>
+#include <random>
+#include <vector>
+
+#include "check.h"
+#include "gemm_data.h"
+
+using namespace kt::kernels;
+
+TEST(amx_kernel_on_tile_model_matches_scalar) {
+  const KernelTable amx{Isa::amx, &gemm_bf16};
+  const KernelTable& ref = *scalar_table();
+  std::mt19937 rng(31);
+  for (int64_t M : {1, 2, 15, 16, 17, 31, 32, 33, 47, 48, 64, 70}) {
+    for (int64_t N : {1, 16, 17, 33, 48, 80}) {
+      for (int64_t K : {1, 32, 33, 95}) {
+        const auto a = kt::testing::make_a(M, K, 16, rng);
+        const auto w = kt::testing::random_bf16(static_cast<size_t>(N * K), rng);
+        const auto packed = kt::testing::pack(w, N, K);
+        const int64_t nblk = packed_blocks(N), ldc = nblk * kBlockN + 3;
+        std::vector<float> C0(static_cast<size_t>((M + 1) * ldc));
+        for (auto& x : C0) x = static_cast<float>(rng() % 64) / 8.0f - 4.0f;
+        for (bool acc : {false, true}) {
+          auto got = C0, want = C0;
+          amx_emu::state().dp_calls = 0;
+          amx.gemm_bf16(M, nblk, a.Kp, a.data.data(), a.lda, packed.data(), got.data(), ldc, acc);
+          ref.gemm_bf16(M, nblk, a.Kp, a.data.data(), a.lda, packed.data(), want.data(), ldc, acc);
+          REQUIRE(amx_emu::errors().empty(), "M=%lld N=%lld K=%lld: %s", (long long)M,
+                  (long long)N, (long long)K, amx_emu::errors().front().c_str());
+          REQUIRE(!amx_emu::state().configured, "tiles not released after the call");
+          // One TDPBF16PS per (16-row tile, block, 32 k).
+          const int64_t expect = (M + 15) / 16 * nblk * (a.Kp / 32);
+          REQUIRE(amx_emu::state().dp_calls == expect, "M=%lld N=%lld K=%lld: %lld dot calls, expected %lld",
+                  (long long)M, (long long)N, (long long)K, (long long)amx_emu::state().dp_calls,
+                  (long long)expect);
+          for (int64_t m = 0; m <= M; ++m) {
+            for (int64_t n = 0; n < ldc; ++n) {
+              const size_t i = static_cast<size_t>(m * ldc + n);
+              if (m == M || n >= nblk * kBlockN) {
+                REQUIRE(got[i] == C0[i], "wrote outside C at (%lld, %lld)", (long long)m, (long long)n);
+                continue;
+              }
+              double mag = acc ? std::fabs(C0[i]) : 0.0;
+              for (int64_t k = 0; k < K && n < N; ++k) {
+                mag += std::fabs(double(bf16_to_f32(a.data[m * a.lda + k])) * bf16_to_f32(w[n * K + k]));
+              }
+              const double tol = 2.0 * double(a.Kp + 1) * std::ldexp(mag, -24);
+              REQUIRE(std::fabs(double(got[i]) - want[i]) <= tol,
+                      "M=%lld N=%lld K=%lld acc=%d at (%lld, %lld): got %g, scalar %g", (long long)M,
+                      (long long)N, (long long)K, int(acc), (long long)m, (long long)n, got[i], want[i]);
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST(tile_model_catches_bad_configurations) {
+  // The model itself: a shape mismatch and use of an unconfigured tile are reported.
+  TileConfig cfg = make_config(16, 0);
+  amx_emu::errors().clear();
+  _tile_loadconfig(&cfg);
+  _tile_zero(2);  // rows1 = 0: tile 2 unconfigured
+  REQUIRE(!amx_emu::errors().empty(), "unconfigured tile not caught");
+  amx_emu::errors().clear();
+  cfg.rows[4] = 8;  // A rows != C rows
+  _tile_loadconfig(&cfg);
+  _tile_dpbf16ps(0, 4, 6);
+  REQUIRE(!amx_emu::errors().empty(), "shape mismatch not caught");
+  _tile_release();
+  amx_emu::errors().clear();
+}
+
+int main(int argc, char** argv) { return kt::testing::run_all(argc, argv); }

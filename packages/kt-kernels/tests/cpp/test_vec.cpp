@@ -1,0 +1,229 @@
+// The fp32 helper entries of every runnable ISA against the scalar reference.
+//
+// Tolerances vs scalar:
+//  * gemm_f32_nn / nt / tn, cvt_bf16_f32, cvt_f32_bf16, pack_transposed: 0 (bit-identical). The
+//    SIMD versions keep the reference's operations and order: separate multiply and add, the same
+//    k order per element, 16 interleaved partial sums and the same tree for dot products, the same
+//    integer rounding for bf16 (NaN made quiet, denormals kept).
+//  * silu_mul, silu_mul_bwd: relative 1e-5 (+1e-30 absolute), for dg plus 1e-6 |dh u| (1 + |g|)
+//    (silu' crosses zero near g = -1.28, where a relative bound means nothing). The SIMD exp is
+//    a polynomial within a few ulp of libm's expf.
+// Each entry is also checked to give the same bits for every start offset of its arrays.
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "check.h"
+#include "gemm_data.h"
+#include "kernels/dispatch.h"
+#include "kernels/kernels.h"
+
+using namespace kt::kernels;
+
+namespace {
+
+std::vector<Isa> isas() {
+  std::vector<Isa> out;
+  for (Isa isa : available_isas()) {
+    REQUIRE(kernel_table(isa).isa == isa, "%s fell back: %s", isa_name(isa),
+            self_test_status(isa).c_str());
+    out.push_back(isa);
+  }
+  return out;
+}
+
+std::vector<float> randn(size_t n, std::mt19937& rng, float scale = 1.0f) {
+  std::normal_distribution<float> d(0.0f, scale);
+  std::vector<float> v(n);
+  for (auto& x : v) x = d(rng);
+  return v;
+}
+
+bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+}
+
+using GemmF32 = gemm_f32_nn_fn;
+struct GemmCase {
+  const char* name;
+  GemmF32 KernelTable::*entry;
+  bool trans_a;  // A stored K x M
+  bool trans_b;  // B stored N x K
+};
+const GemmCase kGemms[] = {{"gemm_f32_nn", &KernelTable::gemm_f32_nn, false, false},
+                           {"gemm_f32_nt", &KernelTable::gemm_f32_nt, false, true},
+                           {"gemm_f32_tn", &KernelTable::gemm_f32_tn, true, false}};
+
+}  // namespace
+
+TEST(gemm_f32_bit_identical_to_scalar) {
+  const KernelTable& ref = kernel_table(Isa::scalar);
+  std::mt19937 rng(21);
+  const int64_t sizes[] = {1, 3, 4, 5, 8, 15, 16, 17, 31, 33, 64, 100};
+  for (Isa isa : isas()) {
+    const KernelTable& t = kernel_table(isa);
+    for (const GemmCase& g : kGemms) {
+      for (int64_t M : sizes) {
+        for (int64_t N : sizes) {
+          for (int64_t K : {1, 3, 8, 16, 17, 40, 200}) {
+            const int64_t lda = (g.trans_a ? M : K) + 3, ldb = (g.trans_b ? K : N) + 5,
+                          ldc = N + 2;
+            const auto A = randn(static_cast<size_t>((g.trans_a ? K : M) * lda), rng);
+            const auto B = randn(static_cast<size_t>((g.trans_b ? N : K) * ldb), rng);
+            const auto C0 = randn(static_cast<size_t>(M * ldc), rng);
+            for (bool acc : {false, true}) {
+              auto got = C0, want = C0;
+              (t.*g.entry)(M, N, K, 0.375f, A.data(), lda, B.data(), ldb, got.data(), ldc, acc);
+              (ref.*g.entry)(M, N, K, 0.375f, A.data(), lda, B.data(), ldb, want.data(), ldc, acc);
+              REQUIRE(same_bits(got, want), "%s %s M=%lld N=%lld K=%lld acc=%d", isa_name(isa),
+                      g.name, (long long)M, (long long)N, (long long)K, int(acc));
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+// Same values at every start offset (alignment) of A, B and C: the same bits.
+TEST(gemm_f32_independent_of_alignment) {
+  std::mt19937 rng(5);
+  const int64_t M = 7, N = 37, K = 45, ld = 50;
+  const auto A = randn(ld * ld, rng), B = randn(ld * ld, rng), C0 = randn(M * ld, rng);
+  for (Isa isa : isas()) {
+    const KernelTable& t = kernel_table(isa);
+    for (const GemmCase& g : kGemms) {
+      std::vector<float> first;
+      for (int off = 0; off < 16; off += 3) {
+        std::vector<float> a(A.size() + off), b(B.size() + off), c(C0.size() + off);
+        std::copy(A.begin(), A.end(), a.begin() + off);
+        std::copy(B.begin(), B.end(), b.begin() + off);
+        std::copy(C0.begin(), C0.end(), c.begin() + off);
+        (t.*g.entry)(M, N, K, 1.0f, a.data() + off, ld, b.data() + off, ld, c.data() + off, ld, true);
+        std::vector<float> out(c.begin() + off, c.end());
+        if (first.empty()) first = out;
+        REQUIRE(same_bits(first, out), "%s %s differs at offset %d", isa_name(isa), g.name, off);
+      }
+    }
+  }
+}
+
+TEST(conversions_bit_identical_to_scalar) {
+  const KernelTable& ref = kernel_table(Isa::scalar);
+  std::mt19937 rng(8);
+  // Every bf16 bit pattern, then fp32 values around every rounding case.
+  std::vector<bf16> all(65536);
+  for (int i = 0; i < 65536; ++i) all[i] = static_cast<bf16>(i);
+  std::vector<float> f32;
+  std::uniform_int_distribution<uint32_t> bits;
+  for (int i = 0; i < 200000; ++i) {
+    uint32_t b = bits(rng);
+    if (i % 4 == 1) b = (b & 0xffff0000u) | 0x8000u;  // exact ties
+    if (i % 4 == 2) b = (b & 0x807fffffu);             // zero / denormal exponents
+    if (i % 4 == 3) b = (b | 0x7f800000u);             // Inf / NaN exponents
+    float f;
+    std::memcpy(&f, &b, 4);
+    f32.push_back(f);
+  }
+  for (Isa isa : isas()) {
+    const KernelTable& t = kernel_table(isa);
+    for (int64_t n : {int64_t(1), int64_t(7), int64_t(16), int64_t(17), int64_t(65536)}) {
+      std::vector<float> got(n + 3, 9.0f), want(n + 3, 9.0f);
+      t.cvt_bf16_f32(n, all.data() + (65536 - n), got.data() + 1);
+      ref.cvt_bf16_f32(n, all.data() + (65536 - n), want.data() + 1);
+      REQUIRE(same_bits(got, want), "%s cvt_bf16_f32 n=%lld", isa_name(isa), (long long)n);
+    }
+    for (int64_t n : {int64_t(1), int64_t(9), int64_t(31), int64_t(200000)}) {
+      std::vector<bf16> got(n + 3, 0x5555), want(n + 3, 0x5555);
+      t.cvt_f32_bf16(n, f32.data() + 1, got.data() + 1);
+      ref.cvt_f32_bf16(n, f32.data() + 1, want.data() + 1);
+      REQUIRE(got == want, "%s cvt_f32_bf16 n=%lld", isa_name(isa), (long long)n);
+    }
+  }
+}
+
+TEST(silu_within_tolerance_of_scalar) {
+  const KernelTable& ref = kernel_table(Isa::scalar);
+  std::mt19937 rng(13);
+  const int64_t n = 50003;
+  auto g = randn(n, rng, 6.0f);
+  const auto u = randn(n, rng), dh = randn(n, rng);
+  // Extremes: overflow and underflow of exp(-g), zeros, NaN, infinities.
+  const float extremes[] = {-120.0f, -89.0f, -88.5f, -87.5f, -30.0f, -0.0f, 0.0f,
+                            30.0f,   87.5f,  88.5f,  89.0f,  120.0f, NAN,   INFINITY, -INFINITY};
+  for (size_t i = 0; i < sizeof extremes / sizeof extremes[0]; ++i) g[i * 101] = extremes[i];
+  for (Isa isa : isas()) {
+    const KernelTable& t = kernel_table(isa);
+    std::vector<float> h(n), h_ref(n), dg(n), dg_ref(n), du(n), du_ref(n);
+    t.silu_mul(n, g.data(), u.data(), h.data());
+    ref.silu_mul(n, g.data(), u.data(), h_ref.data());
+    t.silu_mul_bwd(n, g.data(), u.data(), dh.data(), dg.data(), du.data());
+    ref.silu_mul_bwd(n, g.data(), u.data(), dh.data(), dg_ref.data(), du_ref.data());
+    const std::vector<float>* outs[3][2] = {{&h, &h_ref}, {&dg, &dg_ref}, {&du, &du_ref}};
+    const char* names[3] = {"h", "dg", "du"};
+    for (int o = 0; o < 3; ++o) {
+      for (int64_t i = 0; i < n; ++i) {
+        const float a = (*outs[o][0])[i], b = (*outs[o][1])[i];
+        if (std::isnan(b) || std::isinf(b)) {
+          REQUIRE(std::memcmp(&a, &b, 4) == 0 || (std::isnan(a) && std::isnan(b)),
+                  "%s %s[%lld] g=%g: got %g, scalar %g", isa_name(isa), names[o], (long long)i,
+                  g[i], a, b);
+          continue;
+        }
+        // dg = dh u silu'(g) passes through 0 near g = -1.28: bound it by its terms' size.
+        const float scale = o == 1 ? std::fabs(dh[i] * u[i]) * (1.0f + std::fabs(g[i])) : 0.0f;
+        REQUIRE(std::fabs(a - b) <= 1e-5f * std::fabs(b) + 1e-6f * scale + 1e-30f,
+                "%s %s[%lld] g=%g: got %.9g, scalar %.9g", isa_name(isa), names[o], (long long)i,
+                g[i], a, b);
+      }
+    }
+    // Tails run the vector code under a mask: element i gives the same bits at any n > i.
+    std::vector<float> h_short(n);
+    t.silu_mul(37, g.data(), u.data(), h_short.data());
+    REQUIRE(std::memcmp(h_short.data(), h.data(), 37 * 4) == 0, "%s silu tail", isa_name(isa));
+  }
+}
+
+TEST(pack_transposed_bit_identical_to_scalar) {
+  const KernelTable& ref = kernel_table(Isa::scalar);
+  std::mt19937 rng(17);
+  for (Isa isa : isas()) {
+    const KernelTable& t = kernel_table(isa);
+    for (int64_t N : {1, 16, 17, 40, 72, 130}) {
+      for (int64_t K : {1, 32, 33, 70, 200}) {
+        const auto w = kt::testing::random_bf16(static_cast<size_t>(N * K), rng);
+        const auto packed = kt::testing::pack(w, N, K);
+        const int64_t Kp = packed_k(K);
+        // The whole transpose in one call, then from a later k0 with a few blocks (and one past Kp).
+        const int64_t total = Kp / kBlockN;
+        const int64_t starts[][2] = {{0, total}, {total > 1 ? 1 : 0, total > 1 ? total - 1 : 1},
+                                     {total - 1, 2}};
+        for (const auto& s : starts) {
+          const size_t elems = static_cast<size_t>(s[1] * packed_block_elems(N));
+          std::vector<bf16> got(elems + 5, 0x1111), want(elems + 5, 0x1111);
+          t.pack_transposed(packed.data(), N, Kp, s[0] * kBlockN, s[1], got.data());
+          ref.pack_transposed(packed.data(), N, Kp, s[0] * kBlockN, s[1], want.data());
+          REQUIRE(got == want, "%s N=%lld K=%lld k0=%lld nblk=%lld", isa_name(isa), (long long)N,
+                  (long long)K, (long long)(s[0] * kBlockN), (long long)s[1]);
+        }
+        // And the reference itself: block b of W^T holds W[n, k] at depth n of row k.
+        if (isa == Isa::scalar) {
+          const int64_t nblk = total;
+          std::vector<bf16> wt(static_cast<size_t>(nblk * packed_block_elems(N)));
+          ref.pack_transposed(packed.data(), N, Kp, 0, nblk, wt.data());
+          const int64_t KpT = packed_k(N);
+          for (int64_t k = 0; k < K; ++k) {
+            for (int64_t n = 0; n < N; ++n) {
+              const bf16 v = wt[(k / kBlockN) * kBlockN * KpT + (n / 2) * 32 + (k % kBlockN) * 2 + n % 2];
+              REQUIRE(v == w[n * K + k], "reference transpose wrong at n=%lld k=%lld", (long long)n,
+                      (long long)k);
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+int main(int argc, char** argv) { return kt::testing::run_all(argc, argv); }

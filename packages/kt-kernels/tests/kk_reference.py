@@ -1,0 +1,213 @@
+"""Independent NumPy reference of the MoE experts operator (DESIGN.md section 2), forward and the
+analytic backward, in float64.
+
+It rounds to bfloat16 exactly where the engine's contract says activations are BF16: x and
+grad_out on entry, h before the down projection, and dg/du before the base-weight part of dx.
+Base weights are rounded to bf16 by the caller's data (see `make_case`), LoRA weights are used as
+given. Everything else is exact float64, so the only differences left against the engine are its
+float32 accumulation and the rare bf16 rounding flip an fp32-vs-fp64 difference causes; that is
+what the tolerances in the tests bound.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import ml_dtypes
+import numpy as np
+
+BF16 = ml_dtypes.bfloat16
+
+__all__ = ["BF16", "Case", "Lora", "backward", "bf16", "forward", "make_case", "max_rel_err"]
+
+
+def bf16(a: np.ndarray) -> np.ndarray:
+    """Round to bfloat16 (nearest even) and return float64."""
+    return np.asarray(a, dtype=np.float32).astype(BF16).astype(np.float64)
+
+
+def sigmoid(g: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-g))
+
+
+@dataclass
+class Lora:
+    """LoRA weights per projection (split view); the fused layout has a_g is a_u."""
+
+    a_g: np.ndarray  # E x r x H
+    a_u: np.ndarray  # E x r x H
+    b_g: np.ndarray  # E x I x r
+    b_u: np.ndarray  # E x I x r
+    a_d: np.ndarray  # E x r x I
+    b_d: np.ndarray  # E x H x r
+    scaling: float
+    fused: bool
+
+
+@dataclass
+class Case:
+    E: int
+    K: int
+    H: int
+    I: int  # noqa: E741 (I is the spec's name)
+    r: int
+    T: int
+    gate: np.ndarray  # E x I x H (values exactly representable in bf16)
+    up: np.ndarray
+    down: np.ndarray  # E x H x I
+    x: np.ndarray  # T x H float32
+    ids: np.ndarray  # T x K int64
+    w: np.ndarray  # T x K float32
+    dout: np.ndarray  # T x H float32
+    lora: Lora | None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def gate_up(self) -> np.ndarray:
+        return np.concatenate([self.gate, self.up], axis=1)
+
+
+def make_case(
+    E: int, K: int, H: int, I: int, r: int, T: int, *, seed: int = 0, fused: bool = True,  # noqa: E741 (I is the spec's name)
+    used_experts: int | None = None, pad_frac: float = 0.1, dup_frac: float = 0.2,
+    alpha: float | None = None, lora_scale: float = 1.0,
+) -> Case:
+    """Random case: weights rounded to bf16, activations O(1), some padding ids (-1), some
+    duplicate ids within a row, and experts >= used_experts never routed to."""
+    rng = np.random.default_rng(seed)
+    used = E if used_experts is None else max(1, min(E, used_experts))
+
+    def rnd(*shape: int, std: float) -> np.ndarray:
+        return (rng.standard_normal(shape) * std).astype(np.float32)
+
+    gate = bf16(rnd(E, I, H, std=H ** -0.5)).astype(np.float32)
+    up = bf16(rnd(E, I, H, std=H ** -0.5)).astype(np.float32)
+    down = bf16(rnd(E, H, I, std=I ** -0.5)).astype(np.float32)
+    x = rnd(T, H, std=1.0)
+    ids = rng.integers(0, used, size=(T, K)).astype(np.int64)
+    if K > 1 and T > 0:
+        dup = rng.random(T) < dup_frac
+        ids[dup, 1] = ids[dup, 0]
+    if T > 0:
+        ids[rng.random((T, K)) < pad_frac] = -1
+    w = rng.random((T, K)).astype(np.float32)
+    dout = rnd(T, H, std=1.0)
+    lora = None
+    if r > 0:
+        a_g = rnd(E, r, H, std=H ** -0.5)
+        a_u = a_g if fused else rnd(E, r, H, std=H ** -0.5)
+        lora = Lora(
+            a_g=a_g, a_u=a_u,
+            b_g=rnd(E, I, r, std=lora_scale * r ** -0.5),
+            b_u=rnd(E, I, r, std=lora_scale * r ** -0.5),
+            a_d=rnd(E, r, I, std=I ** -0.5),
+            b_d=rnd(E, H, r, std=lora_scale * r ** -0.5),
+            scaling=(alpha if alpha is not None else r) / r,
+            fused=fused,
+        )
+    return Case(E, K, H, I, r, T, gate, up, down, x, ids, w, dout, lora)
+
+
+def _f64(a: np.ndarray) -> np.ndarray:
+    return np.asarray(a, dtype=np.float64)
+
+
+def forward(c: Case, x: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
+    """Return out (T x H, float64) and what backward needs."""
+    x = c.x if x is None else x
+    xb = bf16(x)
+    T, H, K = c.T, c.H, c.K
+    out = np.zeros((T, H))
+    per_slot: dict = {}
+    L = c.lora
+    s = L.scaling if L else 0.0
+    for e in range(c.E):
+        tt, jj = np.nonzero(c.ids == e)  # rows in (t, j) order
+        if tt.size == 0:
+            continue
+        xe = xb[tt]
+        g = xe @ _f64(c.gate[e]).T
+        u = xe @ _f64(c.up[e]).T
+        if L:
+            xag = xe @ _f64(L.a_g[e]).T
+            xau = xe @ _f64(L.a_u[e]).T
+            g = g + s * xag @ _f64(L.b_g[e]).T
+            u = u + s * xau @ _f64(L.b_u[e]).T
+        else:
+            xag = xau = None
+        h = g * sigmoid(g) * u
+        hb = bf16(h)
+        y = hb @ _f64(c.down[e]).T
+        had = None
+        if L:
+            had = hb @ _f64(L.a_d[e]).T
+            y = y + s * had @ _f64(L.b_d[e]).T
+        per_slot[e] = dict(tt=tt, jj=jj, xe=xe, g=g, u=u, hb=hb, y=y, xag=xag, xau=xau, had=had)
+    # Combine in slot order per token (the engine's order; float64 makes order immaterial).
+    for d in per_slot.values():
+        np.add.at(out, d["tt"], _f64(c.w[d["tt"], d["jj"]])[:, None] * d["y"])
+    return out, dict(per_slot=per_slot, T=T, H=H, K=K)
+
+
+def backward(c: Case, cache: dict, dout: np.ndarray | None = None) -> dict:
+    """Return dx (T x H), dw (T x K) and the LoRA gradients (split names; fused callers sum
+    a_g + a_u and concatenate b_g, b_u)."""
+    dout = c.dout if dout is None else dout
+    db = bf16(dout)
+    T, H, K = c.T, c.H, c.K
+    L = c.lora
+    s = L.scaling if L else 0.0
+    dx = np.zeros((T, H))
+    dw = np.zeros((T, K))
+    grads = {}
+    if L:
+        grads = {k: np.zeros(getattr(L, k).shape) for k in ("a_g", "a_u", "b_g", "b_u", "a_d", "b_d")}
+    for e, d in cache["per_slot"].items():
+        tt, jj = d["tt"], d["jj"]
+        dy = db[tt]
+        wv = _f64(c.w[tt, jj])[:, None]
+        D = dy @ _f64(c.down[e])
+        if L:
+            dyb = dy @ _f64(L.b_d[e])
+            D = D + s * dyb @ _f64(L.a_d[e])
+        dw[tt, jj] = np.sum(D * d["hb"], axis=1)
+        dh = wv * D
+        g, u = d["g"], d["u"]
+        sg = sigmoid(g)
+        dg = dh * u * sg * (1 + g * (1 - sg))
+        du = dh * g * sg
+        dxe = bf16(dg) @ _f64(c.gate[e]) + bf16(du) @ _f64(c.up[e])
+        if L:
+            dgb = dg @ _f64(L.b_g[e])
+            dub = du @ _f64(L.b_u[e])
+            dxe = dxe + s * (dgb @ _f64(L.a_g[e]) + dub @ _f64(L.a_u[e]))
+            grads["b_d"][e] += s * (wv * dy).T @ d["had"]
+            grads["a_d"][e] += s * (wv * dyb).T @ d["hb"]
+            grads["b_g"][e] += s * dg.T @ d["xag"]
+            grads["b_u"][e] += s * du.T @ d["xau"]
+            grads["a_g"][e] += s * dgb.T @ d["xe"]
+            grads["a_u"][e] += s * dub.T @ d["xe"]
+        np.add.at(dx, tt, dxe)
+    out = dict(dx=dx, dw=dw)
+    if L:
+        if L.fused:
+            out["a_gate_up"] = grads["a_g"] + grads["a_u"]
+            out["b_gate_up"] = np.concatenate([grads["b_g"], grads["b_u"]], axis=1)
+        else:
+            out["a_gate"], out["a_up"] = grads["a_g"], grads["a_u"]
+            out["b_gate"], out["b_up"] = grads["b_g"], grads["b_u"]
+        out["a_down"], out["b_down"] = grads["a_d"], grads["b_d"]
+    return out
+
+
+def max_rel_err(got: np.ndarray, ref: np.ndarray) -> float:
+    """max |got - ref| / max |ref| (0 when both are empty or all zero)."""
+    got = np.asarray(got, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    if ref.size == 0:
+        return 0.0
+    scale = float(np.max(np.abs(ref)))
+    err = float(np.max(np.abs(got - ref)))
+    if scale == 0.0:
+        return err
+    return err / scale
