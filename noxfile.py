@@ -47,7 +47,11 @@ def tests(session: nox.Session) -> None:
     """Build and install all four packages, run every package's tests and the top-level tests."""
     session.install(*_constraints(), _pkg("kt-kernels", "test"), _pkg("kt-models", "test"),
                     _pkg("kt-sft", "test"), _pkg("kt-accelerate", "test"))
-    _pytest(session, *(ROOT / "packages" / p / "tests" for p in PACKAGES), ROOT / "tests")
+    # One pytest run per test tree: each package's tests import their own conftest/helpers by
+    # module name, which must not collide across packages.
+    for name in PACKAGES:
+        _pytest(session, ROOT / "packages" / name / "tests")
+    _pytest(session, ROOT / "tests")
 
 
 @nox.session(python=PYTHONS)

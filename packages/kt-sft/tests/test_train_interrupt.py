@@ -114,13 +114,14 @@ def test_ctrl_c_in_a_real_process(tmp_path: Path, cache_dir: Path) -> None:
             proc.kill()
     text = "".join(lines) + rest
     assert proc.returncode == 130, text
-    assert "resumable checkpoint" in text and "--resume_from_checkpoint" in text
+    assert "resumable checkpoint" in text and "--resume_from_checkpoint" in text, text
     ckpts = list(out.glob("checkpoint-*"))
     assert len(ckpts) == 1, text
     from safetensors.torch import load_file
 
     assert load_file(str(ckpts[0] / "adapter_model.safetensors"))
-    assert not (out / "adapter").exists() and not list(out.glob(".tmp-*"))
+    leftovers = sorted(p.name for p in out.iterdir())
+    assert not (out / "adapter").exists() and not list(out.glob(".tmp-*")), (leftovers, text)
 
 
 def test_gradient_accumulation_matches_a_bigger_batch(tmp_path: Path) -> None:
