@@ -121,3 +121,11 @@ def test_replace_and_to_dict_round_trip() -> None:
     again = KTConfig(**cfg.to_dict())
     assert again == cfg
     assert cfg.replace(kt_lora_rank=2).lora_rank == 2
+
+
+def test_kt_backend_takes_kt_sft_backends_and_kernel_names() -> None:
+    from kt_sft import KTConfig
+
+    assert KTConfig.from_dict({"kt_backend": "torch"}).backend == "torch"
+    legacy = KTConfig.from_dict({"kt_backend": "AVX512BF16"})
+    assert legacy.isa == "avx512_bf16" and legacy.backend == "engine"

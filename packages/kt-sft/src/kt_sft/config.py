@@ -266,6 +266,9 @@ def _normalise_keys(data: Mapping[str, Any]) -> dict[str, Any]:
             raise KTConfigError(f"KTConfig keys must be strings, got {key!r}")
         lowered = key.lower()
         if lowered in ("kt_backend", "kt_kernel"):
+            if str(value).strip().lower() in BACKENDS:  # kt-sft's own switch: engine | torch
+                out["backend"] = str(value).strip().lower()
+                continue
             isa, dtype = _kt_backend(value)
             if isa is not None:
                 derived["isa"] = isa
