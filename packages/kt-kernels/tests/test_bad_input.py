@@ -196,7 +196,14 @@ def test_bad_lora(case) -> None:
         (dict(top_k=-1), "top_k: expected a positive integer"),
         (dict(lora_rank=-1), r"lora_rank: expected an integer in \[0, 4096\]"),
         (dict(lora_layout="both"), "lora_layout: expected 'fused' or 'split'"),
-        (dict(weight_dtype="int4"), "weight_dtype: expected 'bf16'"),
+        (dict(weight_dtype="fp8"), "weight_dtype: expected 'bf16', 'int8' or 'int4', got 'fp8'"),
+        (dict(weight_dtype="int4", group_size=48), "group_size: expected 32, 64 or 128"),
+        (dict(weight_dtype="int4", hidden_size=96, group_size=64),
+         "group_size: 64 must divide hidden_size and intermediate_size"),
+        (dict(tp=3), "tp: 3 slices of intermediate_size=32 are too many"),  # I = 32: 1 slice
+        (dict(tp=0), r"tp: expected None or an integer in \[1, 4096\]"),
+        (dict(weight_dtype="int4", group_size=32, tp=2, intermediate_size=32, hidden_size=64),
+         "at most 1 slices"),
         (dict(num_threads=0), r"num_threads: expected None or an integer in \[1, 4096\]"),
         (dict(max_cache_depth=-1), r"max_cache_depth: expected an integer in \[0, 1024\]"),
         (dict(lora_rank=2, lora_alpha=float("inf")), "lora_alpha: expected None or a finite"),
@@ -243,3 +250,60 @@ def test_dlpack_capsule_consumed_once(eng, case) -> None:
     eng.forward(x, case.ids, case.w, outs(), save_for_backward=False)
     with pytest.raises(TypeError, match=r"consumed already"):
         eng.forward(x, case.ids, case.w, outs(), save_for_backward=False)
+
+
+# ---- quantized weights ----------------------------------------------------------------------
+
+
+def _qengine(wd: str, group: int = 32) -> kk.MoEEngine:
+    return kk.MoEEngine(4, 2, 64, 32, weight_dtype=wd, group_size=group, num_threads=1)
+
+
+def _qweights(wd: str, group: int = 32) -> dict:
+    rng = np.random.default_rng(0)
+    gu = rng.standard_normal((4, 64, 64)).astype(np.float32)
+    d = rng.standard_normal((4, 64, 32)).astype(np.float32)
+    a, sa = kk.quantize_weights(gu, wd, group)
+    b, sb = kk.quantize_weights(d, wd, group)
+    return dict(gate_up=a, gate_up_scale=sa, down=b, down_scale=sb)
+
+
+def test_quantized_scales_of_wrong_shape() -> None:
+    w = _qweights("int4")
+    w["gate_up_scale"] = w["gate_up_scale"][:, :, :1].copy()  # (E, 2I, 1), not (E, 2I, H / 32)
+    with _qengine("int4") as eng, pytest.raises(ValueError, match=r"gate_up_scale: expected shape"):
+        eng.load_quantized_weights(**w)
+    w = _qweights("int8")
+    w["gate_up_scale"] = w["gate_up_scale"][..., None].copy()
+    with _qengine("int8") as eng, pytest.raises(ValueError, match="gate_up_scale"):
+        eng.load_quantized_weights(**w)
+
+
+@pytest.mark.parametrize("declared,given", [("int8", "int4"), ("int4", "int8")])
+def test_quantized_codes_of_the_other_dtype(declared: str, given: str) -> None:
+    w = _qweights(given)
+    with _qengine(declared) as eng:
+        with pytest.raises(TypeError, match=f"weight_dtype='{declared}'"):
+            eng.load_quantized_weights(**w)
+        assert not eng._eng.weights_loaded
+
+
+def test_quantized_codes_as_float_and_bf16_engine() -> None:
+    w = _qweights("int8")
+    w["gate_up"] = w["gate_up"].astype(np.float32)
+    with _qengine("int8") as eng, pytest.raises(TypeError, match="expects int8 codes, got float32"):
+        eng.load_quantized_weights(**w)
+    with kk.MoEEngine(4, 2, 64, 32, num_threads=1) as eng, pytest.raises(
+            RuntimeError, match="weight_dtype='bf16'"):
+        eng.load_quantized_weights(**_qweights("int8"))
+
+
+def test_quantized_bad_scale_values_and_nan_weights() -> None:
+    w = _qweights("int8")
+    w["down_scale"][1, 2] = -1.0
+    with _qengine("int8") as eng, pytest.raises(ValueError, match="finite and >= 0"):
+        eng.load_quantized_weights(**w)
+    gu = np.ones((4, 64, 64), np.float32)
+    gu[0, 0, 0] = np.nan
+    with _qengine("int4") as eng, pytest.raises(ValueError, match="needs finite weights"):
+        eng.load_weights(gate_up=gu, down=np.ones((4, 64, 32), np.float32))

@@ -51,6 +51,8 @@ DType dl_dtype(const dl::DataType& t) {
   if (t.code == dl::kBfloat && t.bits == 16) return DType::bf16;
   if (t.code == dl::kInt && t.bits == 32) return DType::i32;
   if (t.code == dl::kInt && t.bits == 64) return DType::i64;
+  if (t.code == dl::kInt && t.bits == 8) return DType::i8;
+  if (t.code == dl::kUInt && t.bits == 8) return DType::u8;
   return DType::other;
 }
 
@@ -185,6 +187,8 @@ std::unique_ptr<Array> import_array(py::handle obj, const char* cname) {
   if (typestr == "<f4") dt = DType::f32;
   if (typestr == "<i4") dt = DType::i32;
   if (typestr == "<i8") dt = DType::i64;
+  if (typestr == "|i1") dt = DType::i8;
+  if (typestr == "|u1") dt = DType::u8;
   if (typestr == "<V2" && has(obj, "dtype") &&
       std::string(py::str(obj.attr("dtype").attr("name"))) == "bfloat16") {
     dt = DType::bf16;

@@ -25,7 +25,7 @@ class PyEngine {
   PyEngine(int64_t num_experts, int64_t top_k, int64_t hidden_size, int64_t intermediate_size,
            int64_t lora_rank, py::object lora_alpha, const std::string& lora_layout,
            const std::string& weight_dtype, int64_t max_tokens, int64_t max_cache_depth,
-           py::object num_threads, py::object isa) {
+           py::object num_threads, py::object isa, int64_t group_size, py::object tp) {
     engine::EngineConfig cfg;
     cfg.num_experts = num_experts;
     cfg.top_k = top_k;
@@ -39,6 +39,17 @@ class PyEngine {
     }
     cfg.lora_fused = lora_layout == "fused";
     cfg.weight_dtype = weight_dtype;
+    cfg.group_size = group_size;
+    if (tp.is_none()) {
+      cfg.tp = 0;  // one slice per NUMA node
+    } else {
+      const int64_t n = tp.cast<int64_t>();
+      if (n < 1 || n > 4096) {
+        throw engine::ValueError("tp: expected None or an integer in [1, 4096], got " +
+                                 std::to_string(n));
+      }
+      cfg.tp = static_cast<int>(n);
+    }
     cfg.max_tokens = max_tokens;
     cfg.max_cache_depth = max_cache_depth;
     if (!num_threads.is_none()) {
@@ -86,6 +97,23 @@ class PyEngine {
     if (!a_d->view.present) throw engine::TypeError("down: expected an array, got None");
     py::gil_scoped_release nogil;
     e.load_weights(a_gu->view, a_g->view, a_u->view, a_d->view);
+  }
+
+  void load_quantized(py::object gate_up, py::object gate_up_scale, py::object gate,
+                      py::object gate_scale, py::object up, py::object up_scale, py::object down,
+                      py::object down_scale) {
+    engine::MoEEngine& e = live("load_quantized_weights");
+    auto a_gu = import_array(gate_up, "gate_up");
+    auto s_gu = import_array(gate_up_scale, "gate_up_scale");
+    auto a_g = import_array(gate, "gate");
+    auto s_g = import_array(gate_scale, "gate_scale");
+    auto a_u = import_array(up, "up");
+    auto s_u = import_array(up_scale, "up_scale");
+    auto a_d = import_array(down, "down");
+    auto s_d = import_array(down_scale, "down_scale");
+    py::gil_scoped_release nogil;
+    e.load_quantized(a_gu->view, s_gu->view, a_g->view, s_g->view, a_u->view, s_u->view,
+                     a_d->view, s_d->view);
   }
 
   void set_lora(py::kwargs kw) {
@@ -212,6 +240,16 @@ class PyEngine {
     return d;
   }
 
+  py::dict profile_stats() {
+    py::dict d;
+    for (const auto& [k, v] : live("profile_stats").profile_stats()) {
+      d[py::str(k)] = py::make_tuple(v.calls, v.total_ms);
+    }
+    return d;
+  }
+
+  void reset_profile() { live("reset_profile").reset_profile(); }
+
   void close() {
     if (worker_.joinable()) {
       py::gil_scoped_release nogil;
@@ -245,15 +283,22 @@ class PyEngine {
 void register_engine(py::module_& m) {
   py::class_<PyEngine>(m, "MoEEngine")
       .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, py::object, const std::string&,
-                    const std::string&, int64_t, int64_t, py::object, py::object>(),
+                    const std::string&, int64_t, int64_t, py::object, py::object, int64_t,
+                    py::object>(),
            py::arg("num_experts"), py::arg("top_k"), py::arg("hidden_size"),
            py::arg("intermediate_size"), py::kw_only(), py::arg("lora_rank") = 0,
            py::arg("lora_alpha") = py::none(), py::arg("lora_layout") = "fused",
            py::arg("weight_dtype") = "bf16", py::arg("max_tokens") = 4096,
            py::arg("max_cache_depth") = 1, py::arg("num_threads") = py::none(),
-           py::arg("isa") = py::none())
+           py::arg("isa") = py::none(), py::arg("group_size") = 128,
+           py::arg("tp") = 1)
       .def("load_weights", &PyEngine::load_weights, py::kw_only(), py::arg("gate_up") = py::none(),
            py::arg("gate") = py::none(), py::arg("up") = py::none(), py::arg("down") = py::none())
+      .def("load_quantized_weights", &PyEngine::load_quantized, py::kw_only(),
+           py::arg("gate_up") = py::none(), py::arg("gate_up_scale") = py::none(),
+           py::arg("gate") = py::none(), py::arg("gate_scale") = py::none(),
+           py::arg("up") = py::none(), py::arg("up_scale") = py::none(),
+           py::arg("down") = py::none(), py::arg("down_scale") = py::none())
       .def("set_lora", &PyEngine::set_lora)
       .def("lora_updated", &PyEngine::lora_updated)
       .def("forward", &PyEngine::forward, py::arg("x"), py::arg("expert_ids"),
@@ -268,6 +313,9 @@ void register_engine(py::module_& m) {
       .def_property_readonly("pending_submit", &PyEngine::pending_submit)
       .def("memory_stats", &PyEngine::memory_stats)
       .def("last_timings", &PyEngine::last_timings)
+      .def("profile_stats", &PyEngine::profile_stats)
+      .def("reset_profile", &PyEngine::reset_profile)
+      .def_property_readonly("engine_id", [](const PyEngine& p) { return p.get("engine_id").id(); })
       .def("close", &PyEngine::close)
       .def_property_readonly("closed", &PyEngine::closed)
       .def_property_readonly(
@@ -279,6 +327,11 @@ void register_engine(py::module_& m) {
                              [](const PyEngine& p) { return p.get("scaling").scaling(); })
       .def_property_readonly("lora_set",
                              [](const PyEngine& p) { return p.get("lora_set").lora_set(); })
+      .def_property_readonly("tp", [](const PyEngine& p) { return p.get("tp").tp(); })
+      .def_property_readonly("weight_dtype",
+                             [](const PyEngine& p) {
+                               return p.get("weight_dtype").config().weight_dtype;
+                             })
       .def_property_readonly("weights_loaded", [](const PyEngine& p) {
         return p.get("weights_loaded").weights_loaded();
       });

@@ -5,6 +5,7 @@
 #include "bindings/bindings.h"
 #include "runtime/cpu_features.h"
 #include "runtime/thread_pool.h"
+#include "runtime/trace.h"
 
 namespace py = pybind11;
 
@@ -14,7 +15,7 @@ namespace py = pybind11;
 
 // Bumped whenever the Python-visible C++ API gains or changes something, so pure-Python packages
 // can gate on features without parsing versions.
-constexpr int kAbiVersion = 2;  // 2: MoEEngine, ISA selection
+constexpr int kAbiVersion = 3;  // 2: MoEEngine, ISA selection; 3: profiler, int8/int4 weights
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "kt-kernels compiled engine";
@@ -34,6 +35,24 @@ PYBIND11_MODULE(_core, m) {
         "Physical cores this process may run on.");
   m.def("default_thread_count", &kt::runtime::default_thread_count,
         "Threads an engine uses by default: KT_NUM_THREADS, else one per physical core.");
+
+  m.def("trace_enable", &kt::runtime::trace_enable, py::arg("on"),
+        "Turn the process-wide profiler on or off.");
+  m.def("trace_enabled", &kt::runtime::trace_enabled, "Whether the profiler is on.");
+  m.def("trace_clear", &kt::runtime::trace_clear, "Forget the recorded trace events.");
+  m.def("trace_event_count", &kt::runtime::trace_event_count, "Recorded trace events.");
+  m.def("trace_dropped", &kt::runtime::trace_dropped, "Events dropped past the buffer limit.");
+  m.def(
+      "trace_chrome_json",
+      []() {
+        std::string s;
+        {
+          py::gil_scoped_release nogil;
+          s = kt::runtime::trace_chrome_json();
+        }
+        return s;
+      },
+      "The recorded events as Chrome trace JSON.");
 
   kt::bindings::register_errors(m);
   kt::bindings::register_isa(m);

@@ -1,6 +1,7 @@
 #include "engine/moe_engine.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -8,8 +9,10 @@
 #include <new>
 
 #include "kernels/dispatch.h"
+#include "runtime/numa.h"
 #include "runtime/scratch.h"
 #include "runtime/thread_pool.h"
+#include "runtime/trace.h"
 
 namespace kt::engine {
 
@@ -41,7 +44,7 @@ enum SharedSlot : int {
   kSlotSmall = 4,  // bwd: dY Bd (S x r), dw partials, (dGU B) partials, (dGU B) reduced
 };
 
-enum LocalSlot : int { kL0 = 0, kL1, kL2, kL3, kL4, kL5, kL6, kL7, kL8, kLocalSlots };
+enum LocalSlot : int { kL0 = 0, kL1, kL2, kL3, kL4, kL5, kL6, kL7, kL8, kL9, kLocalSlots };
 
 template <typename T>
 T* local_buf(int thread, int slot, int64_t count) {
@@ -60,31 +63,71 @@ std::mutex& engine_mutex() {
   return m;
 }
 
+// Times the phases of one engine call with the steady clock. When the profiler is on (checked once
+// per call) each phase also becomes a trace event nested in one event for the whole call, and the
+// engine's per-phase totals (profile_summary) are updated.
 class PhaseClock {
  public:
   // Starts the clock and forgets the previous timings with this prefix.
-  PhaseClock(std::map<std::string, double>& out, const char* prefix)
-      : out_(out), prefix_(prefix), last_(std::chrono::steady_clock::now()), start_(last_) {
+  PhaseClock(std::map<std::string, double>& out, const char* prefix, int64_t engine,
+             int64_t tokens, std::map<std::string, PhaseStat>* stats)
+      : out_(out),
+        prefix_(prefix),
+        last_(std::chrono::steady_clock::now()),
+        start_(last_),
+        engine_(engine),
+        tokens_(tokens),
+        tracing_(runtime::trace_enabled()),
+        stats_(tracing_ ? stats : nullptr) {
     for (auto it = out_.begin(); it != out_.end();) {
       it = it->first.compare(0, prefix_.size(), prefix_) == 0 ? out_.erase(it) : std::next(it);
     }
+    if (tracing_) last_ns_ = start_ns_ = runtime::trace_now_ns();
   }
   // Adds the time since the last mark to `phase` (phases may run several times).
   void mark(const char* phase) {
     const auto now = std::chrono::steady_clock::now();
-    out_[prefix_ + phase] += std::chrono::duration<double, std::milli>(now - last_).count();
+    const double ms = std::chrono::duration<double, std::milli>(now - last_).count();
+    out_[prefix_ + phase] += ms;
     last_ = now;
+    if (tracing_) {
+      const int64_t ns = runtime::trace_now_ns();
+      runtime::trace_record({phase, "phase", engine_, tokens_, runtime::trace_thread_id(), last_ns_,
+                             ns - last_ns_});
+      last_ns_ = ns;
+      if (stats_) {
+        PhaseStat& st = (*stats_)[prefix_ + phase];
+        st.calls += 1;
+        st.total_ms += ms;
+      }
+    }
   }
   void total() {
-    out_[prefix_ + "total"] =
+    const double ms =
         std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start_)
             .count();
+    out_[prefix_ + "total"] = ms;
+    if (tracing_) {
+      const int64_t ns = runtime::trace_now_ns();
+      std::string call = prefix_.substr(0, prefix_.size() - 1);  // "forward." -> "forward"
+      runtime::trace_record({call, "call", engine_, tokens_, runtime::trace_thread_id(), start_ns_,
+                             ns - start_ns_});
+      if (stats_) {
+        PhaseStat& st = (*stats_)[prefix_ + "total"];
+        st.calls += 1;
+        st.total_ms += ms;
+      }
+    }
   }
 
  private:
   std::map<std::string, double>& out_;
   std::string prefix_;
   std::chrono::steady_clock::time_point last_, start_;
+  int64_t engine_, tokens_;
+  bool tracing_;
+  std::map<std::string, PhaseStat>* stats_;
+  int64_t last_ns_ = 0, start_ns_ = 0;
 };
 
 struct Tile {
@@ -182,6 +225,8 @@ struct MoEEngine::Ctx {
 // ---- construction ------------------------------------------------------------------------------
 
 MoEEngine::MoEEngine(const EngineConfig& cfg) : cfg_(cfg) {
+  static std::atomic<int64_t> next_id{0};
+  id_ = next_id.fetch_add(1);
   auto positive = [](int64_t v, const char* name) {
     if (v < 1)
       throw ValueError(std::string(name) + ": expected a positive integer, got " +
@@ -204,8 +249,32 @@ MoEEngine::MoEEngine(const EngineConfig& cfg) : cfg_(cfg) {
     throw ValueError("max_cache_depth: expected an integer in [0, 1024], got " +
                      std::to_string(cfg.max_cache_depth));
   }
-  if (cfg.weight_dtype != "bf16") {
-    throw ValueError("weight_dtype: expected 'bf16', got '" + cfg.weight_dtype + "'");
+  if (cfg.weight_dtype == "bf16") {
+    wkind_ = quant::Kind::bf16;
+  } else if (cfg.weight_dtype == "int8") {
+    wkind_ = quant::Kind::int8;
+  } else if (cfg.weight_dtype == "int4") {
+    wkind_ = quant::Kind::int4;
+  } else {
+    throw ValueError("weight_dtype: expected 'bf16', 'int8' or 'int4', got '" + cfg.weight_dtype +
+                     "'");
+  }
+  if (wkind_ == quant::Kind::int4) {
+    const int64_t g = cfg.group_size;
+    if (g != 32 && g != 64 && g != 128) {
+      throw ValueError("group_size: expected 32, 64 or 128 for weight_dtype='int4', got " +
+                       std::to_string(g));
+    }
+    if (cfg.hidden_size % g != 0 || cfg.intermediate_size % g != 0) {
+      throw ValueError("group_size: " + std::to_string(g) +
+                       " must divide hidden_size and intermediate_size (int4 groups run along "
+                       "the input dim of both projections), got hidden_size=" +
+                       std::to_string(cfg.hidden_size) + ", intermediate_size=" +
+                       std::to_string(cfg.intermediate_size));
+    }
+  }
+  if (cfg.tp < 0) {
+    throw ValueError("tp: expected None or a positive integer, got " + std::to_string(cfg.tp));
   }
   if (cfg.num_threads < 0 || cfg.num_threads > 4096) {
     throw ValueError("num_threads: expected None or an integer in [1, 4096], got " +
@@ -233,6 +302,7 @@ MoEEngine::MoEEngine(const EngineConfig& cfg) : cfg_(cfg) {
   if (!k_.silu_mul) k_.silu_mul = ref.silu_mul;
   if (!k_.silu_mul_bwd) k_.silu_mul_bwd = ref.silu_mul_bwd;
   if (!k_.pack_transposed) k_.pack_transposed = ref.pack_transposed;
+  qk_ = &kernels::quant_kernels(isa_);
   threads_ = cfg.num_threads > 0 ? cfg.num_threads : runtime::default_thread_count();
 
   E_ = cfg.num_experts;
@@ -248,6 +318,35 @@ MoEEngine::MoEEngine(const EngineConfig& cfg) : cfg_(cfg) {
   Hb_ = nbH_ * kBlockN;
   RA_ = cfg.lora_fused ? r_ : 2 * r_;
   infer_ = std::make_unique<Entry>();
+  fgu_ = quant::make_format(wkind_, H_, cfg.group_size);
+  // Tensor-parallel slices of I, in units of whole 32-column blocks pairs (int4: whole groups),
+  // so every slice but the last has a depth that needs no padding.
+  {
+    const int64_t unit0 = wkind_ == quant::Kind::int4 ? cfg.group_size / kBlockN : 2;
+    const int tp = cfg.tp > 0 ? cfg.tp
+                              : static_cast<int>(std::min<int64_t>(runtime::numa_node_count(),
+                                                                   ceil_div(nbI_, unit0)));
+    const int64_t unit = wkind_ == quant::Kind::int4 ? cfg.group_size / kBlockN : 2;
+    const int64_t units = ceil_div(nbI_, unit);
+    if (cfg.tp > 4096 || tp > units) {
+      throw ValueError("tp: " + std::to_string(cfg.tp) + " slices of intermediate_size=" +
+                       std::to_string(I_) + " are too many: slices hold whole multiples of " +
+                       std::to_string(unit * kBlockN) + " columns, so at most " +
+                       std::to_string(units) + " slices are possible");
+    }
+    int64_t u0 = 0;
+    for (int s = 0; s < tp; ++s) {
+      const int64_t nu = units / tp + (s < units % tp ? 1 : 0);
+      auto sl = std::make_unique<Slice>();
+      sl->b0 = std::min(nbI_, u0 * unit);
+      sl->nb = std::min(nbI_, (u0 + nu) * unit) - sl->b0;
+      sl->width = std::min(I_, kBlockN * (sl->b0 + sl->nb)) - kBlockN * sl->b0;
+      sl->fd = quant::make_format(wkind_, sl->width, cfg.group_size);
+      sl->KpI = sl->fd.Kp;
+      sl_.push_back(std::move(sl));
+      u0 += nu;
+    }
+  }
 }
 
 MoEEngine::~MoEEngine() = default;
@@ -279,21 +378,14 @@ void MoEEngine::load_weights(const View& gate_up, const View& gate, const View& 
   check(down, {"down", fl, {E_, H_, I_}, "(num_experts, hidden_size, intermediate_size)"});
 
   std::lock_guard<std::mutex> lock(engine_mutex());
-  const int64_t gu_block = kBlockN * KpH_;
-  const int64_t gu_expert = 2 * nbI_ * gu_block;
-  const int64_t d_block = kBlockN * KpI_;
-  const int64_t d_expert = nbH_ * d_block;
-  wgu_.reset(static_cast<size_t>(E_ * gu_expert) * sizeof(bf16));
-  wd_.reset(static_cast<size_t>(E_ * d_expert) * sizeof(bf16));
-  bf16* wgu = wgu_.as<bf16>();
-  bf16* wd = wd_.as<bf16>();
-
-  // Packs block b (rows 16b .. 16b + 15, after row_off) of matrix e of `src` into `blk`: the 16
-  // rows are first converted to bf16 rows (rows >= N and columns >= K are zero), then each pair
-  // of columns of the 16 rows is written as one run of 16 bf16 pairs.
+  alloc_weights();
   const kernels::KernelTable& kt = k_;
-  auto pack_block = [&kt](const View& src, int64_t e, int64_t row_off, int64_t N, int64_t K,
-                          int64_t Kp, int64_t b, bf16* blk, bf16* rows) {
+  const quant::Kind kind = wkind_;
+  // bf16: packs block b (rows 16b .. 16b + 15 after row_off; columns c0 .. c0 + K) of matrix e
+  // of `src` into `blk`: the 16 rows are first converted to bf16 rows (rows >= N and columns >= K
+  // are zero), then each pair of columns of the 16 rows is written as one run of 16 bf16 pairs.
+  auto pack_block = [&kt](const View& src, int64_t e, int64_t row_off, int64_t c0, int64_t N,
+                          int64_t K, int64_t Kp, int64_t b, bf16* blk, bf16* rows) {
     for (int64_t j = 0; j < kBlockN; ++j) {
       bf16* row = rows + j * Kp;
       const int64_t n = b * kBlockN + j;
@@ -301,8 +393,8 @@ void MoEEngine::load_weights(const View& gate_up, const View& gate, const View& 
         std::memset(row, 0, static_cast<size_t>(Kp) * sizeof(bf16));
         continue;
       }
-      const int64_t base = e * src.strides[0] + (row_off + n) * src.strides[1];
       const int64_t sk = src.strides[2];
+      const int64_t base = e * src.strides[0] + (row_off + n) * src.strides[1] + c0 * sk;
       if (src.dtype == DType::bf16) {
         const bf16* sp = src.ptr<const bf16>() + base;
         if (sk == 1) {
@@ -328,26 +420,315 @@ void MoEEngine::load_weights(const View& gate_up, const View& gate, const View& 
       }
     }
   };
-  // Tasks: (expert, block) over gate, up and down blocks.
-  const int64_t per_expert = 2 * nbI_ + nbH_;
+  // int8 / int4: quantizes the same 16 rows into a code block and its scales.
+  // Rows are quantized whole (all Kfull columns: an int8 scale belongs to the whole output
+  // channel whatever the tensor-parallel split); the slice keeps columns [c0, c0 + K).
+  auto quant_block = [&](const View& src, const quant::Format& f, int64_t e, int64_t row_off,
+                         int64_t c0, int64_t N, int64_t K, int64_t b, uint8_t* blk, float* sc,
+                         int th) {
+    const int64_t Kfull = src.shape[2];
+    const quant::Format ff = quant::make_format(kind, Kfull, cfg_.group_size);
+    float* row = local_buf<float>(th, kL0, Kfull);
+    int8_t* codes = local_buf<int8_t>(th, kL1, Kfull);
+    float* fsc = local_buf<float>(th, kL2, ff.ngroups);
+    std::memset(blk, 0, static_cast<size_t>(quant::block_bytes(f)));
+    for (int j = 0; j < kBlockN; ++j) {
+      const int64_t n = b * kBlockN + j;
+      float* srow = sc + j * f.ngroups;
+      std::fill(srow, srow + f.ngroups, 0.0f);
+      if (n >= N) continue;
+      const int64_t base = e * src.strides[0] + (row_off + n) * src.strides[1];
+      for (int64_t k = 0; k < Kfull; ++k) row[k] = load_f(src, base + k * src.strides[2]);
+      if (!quant::quantize_row(ff, row, Kfull, codes, fsc)) {
+        throw ValueError("load_weights: weight_dtype='" + cfg_.weight_dtype +
+                         "' needs finite weights; expert " + std::to_string(e) +
+                         " has a NaN or infinite value");
+      }
+      if (kind == quant::Kind::int8) {
+        srow[0] = fsc[0];
+      } else {
+        for (int64_t g = 0; g < K / ff.group; ++g) srow[g] = fsc[c0 / ff.group + g];
+      }
+      quant::place_row(f, codes + c0, K, j, blk);
+    }
+  };
+  // One (expert, weight block, slice) at a time: src rows, column offset, sizes, destination.
+  auto one = [&](const View& src, int64_t e, int64_t row_off, int64_t c0, int64_t N, int64_t K,
+                 int64_t b, const quant::Format& f, Buf& w, Buf& sbuf, int64_t gb, int th) {
+    if (kind == quant::Kind::bf16) {
+      const int64_t Kp = f.Kp;
+      bf16* rows = local_buf<bf16>(th, kL0, kBlockN * Kp);
+      pack_block(src, e, row_off, c0, N, K, Kp, b, w.as<bf16>() + gb * kBlockN * Kp, rows);
+    } else {
+      quant_block(src, f, e, row_off, c0, N, K, b, w.as<uint8_t>() + gb * quant::block_bytes(f),
+                  sbuf.as<float>() + gb * kBlockN * f.ngroups, th);
+    }
+  };
+  try {
+    for_each_weight_block([&](int64_t e, int64_t b, int s, int th) {
+      Slice& sl = *sl_[static_cast<size_t>(s)];
+      if (b < 2 * nbI_) {  // gate block q at 2q, up block q at 2q + 1 (q global)
+        const int64_t q = b / 2;
+        const bool is_up = (b % 2) == 1;
+        const int64_t gb = e * 2 * sl.nb + (b - 2 * sl.b0);
+        if (fused) {
+          one(gate_up, e, is_up ? I_ : 0, 0, I_, H_, q, fgu_, sl.wgu, sl.sgu, gb, th);
+        } else {
+          one(is_up ? up : gate, e, 0, 0, I_, H_, q, fgu_, sl.wgu, sl.sgu, gb, th);
+        }
+      } else {
+        const int64_t blk = (b - 2 * nbI_) % nbH_;
+        one(down, e, 0, kBlockN * sl.b0, H_, sl.width, blk, sl.fd, sl.wd, sl.sd, e * nbH_ + blk,
+            th);
+      }
+    });
+  } catch (...) {
+    free_weights();  // no half-loaded engine: a failed load leaves no weights
+    throw;
+  }
+}
+
+void MoEEngine::for_each_weight_block(const std::function<void(int64_t, int64_t, int, int)>& fn) {
+  // Tasks: per expert, the 2 nbI gate/up blocks, then nbH down blocks per slice.
+  const int64_t tp = static_cast<int64_t>(sl_.size());
+  const int64_t per_expert = 2 * nbI_ + tp * nbH_;
   Scratch::instance().prepare_threads(std::max(threads_, 1));
   parallel_for(E_ * per_expert, threads_, [&](int64_t task, int th) {
     const int64_t e = task / per_expert, b = task % per_expert;
-    bf16* rows = local_buf<bf16>(th, kL0, kBlockN * std::max(KpH_, KpI_));
-    if (b < 2 * nbI_) {
-      const int64_t blk = b / 2;
-      const bool is_up = (b % 2) == 1;  // gate block blk at 2 blk, up block blk at 2 blk + 1
-      bf16* dst = wgu + e * gu_expert + b * gu_block;
-      if (fused) {
-        pack_block(gate_up, e, is_up ? I_ : 0, I_, H_, KpH_, blk, dst, rows);
+    const int s = b < 2 * nbI_ ? slice_of(b / 2) : static_cast<int>((b - 2 * nbI_) / nbH_);
+    fn(e, b, s, th);
+  });
+}
+
+int MoEEngine::slice_of(int64_t pair) const {
+  int s = 0;
+  while (s + 1 < static_cast<int>(sl_.size()) && pair >= sl_[static_cast<size_t>(s) + 1]->b0) ++s;
+  return s;
+}
+
+void MoEEngine::free_weights() {
+  for (auto& sl : sl_) {
+    sl->wgu.reset(0);
+    sl->wd.reset(0);
+    sl->sgu.reset(0);
+    sl->sd.reset(0);
+  }
+}
+
+void MoEEngine::alloc_weights() {
+  const int nodes = runtime::numa_node_count();
+  for (size_t s = 0; s < sl_.size(); ++s) {
+    Slice& sl = *sl_[s];
+    if (wkind_ == quant::Kind::bf16) {
+      sl.wgu.reset(static_cast<size_t>(E_ * 2 * sl.nb * kBlockN * KpH_) * sizeof(bf16));
+      sl.wd.reset(static_cast<size_t>(E_ * nbH_ * kBlockN * sl.KpI) * sizeof(bf16));
+      sl.sgu.reset(0);
+      sl.sd.reset(0);
+    } else {
+      sl.wgu.reset(static_cast<size_t>(E_ * 2 * sl.nb * quant::block_bytes(fgu_)));
+      sl.wd.reset(static_cast<size_t>(E_ * nbH_ * quant::block_bytes(sl.fd)));
+      sl.sgu.reset(static_cast<size_t>(E_ * 2 * sl.nb * kBlockN * fgu_.ngroups) * sizeof(float));
+      sl.sd.reset(static_cast<size_t>(E_ * Hb_ * sl.fd.ngroups) * sizeof(float));
+    }
+    // Slice s lives on NUMA node s mod nodes (a no-op on one node or without libnuma).
+    const int node = static_cast<int>(s) % std::max(nodes, 1);
+    for (Buf* b : {&sl.wgu, &sl.wd, &sl.sgu, &sl.sd}) runtime::bind_to_node(b->p, b->bytes, node);
+  }
+}
+
+
+void MoEEngine::load_quantized(const View& gate_up, const View& gate_up_scale, const View& gate,
+                               const View& gate_scale, const View& up, const View& up_scale,
+                               const View& down, const View& down_scale) {
+  if (wkind_ == quant::Kind::bf16) {
+    throw StateError(
+        "load_quantized_weights: this engine has weight_dtype='bf16'; create it with "
+        "weight_dtype='int8' or 'int4' to load quantized weights, or use load_weights");
+  }
+  const bool int4 = wkind_ == quant::Kind::int4;
+  const bool fused = gate_up.present;
+  if (fused && (gate.present || up.present)) {
+    throw ValueError(
+        "load_quantized_weights: pass either gate_up=... or gate=... and up=..., not both");
+  }
+  if (!fused && !(gate.present && up.present)) {
+    throw ValueError(
+        "load_quantized_weights: expected gate_up=... or both gate=... and up=... (with their "
+        "scales)");
+  }
+  const int64_t G = cfg_.group_size;
+  const DType code_t = int4 ? DType::u8 : DType::i8;
+  const char* wd = int4 ? "int4 (uint8, two codes per byte)" : "int8";
+  // Codes: the declared weight_dtype decides the dtype; a mismatch is a TypeError naming both.
+  auto check_codes = [&](const View& v, const char* name, int64_t N, int64_t K, const char* nd,
+                         const char* kd) {
+    if (!v.present) throw ValueError(std::string(name) + ": missing");
+    if (v.dtype != code_t) {
+      throw TypeError(std::string(name) + ": weight_dtype='" + cfg_.weight_dtype +
+                      "' expects " + wd + " codes, got " +
+                      (v.dtype == DType::other && v.dtype_desc[0] ? v.dtype_desc
+                                                                  : dtype_name(v.dtype)) +
+                      (v.dtype == DType::i8 ? " (int8 codes belong to weight_dtype='int8')"
+                       : v.dtype == DType::u8
+                           ? " (packed uint8 codes belong to weight_dtype='int4')"
+                           : ""));
+    }
+    const std::string desc = std::string("(num_experts, ") + nd + ", " + kd + (int4 ? " / 2)" : ")");
+    check(v, {name, {code_t}, {E_, N, int4 ? K / 2 : K}, desc.c_str()});
+  };
+  auto check_scale = [&](const View& v, const char* name, int64_t N, int64_t K, const char* nd,
+                         const char* kd) {
+    if (!v.present) {
+      throw ValueError(std::string(name) + ": the scales are missing (float32 " +
+                       (int4 ? "(E, N, K / group_size)" : "(E, N)") + ")");
+    }
+    const std::string desc = std::string("(num_experts, ") + nd +
+                             (int4 ? std::string(", ") + kd + " / group_size)" : std::string(")"));
+    if (int4) {
+      check(v, {name, {DType::f32}, {E_, N, K / G}, desc.c_str()});
+    } else {
+      check(v, {name, {DType::f32}, {E_, N}, desc.c_str()});
+    }
+    const int64_t ng = int4 ? K / G : 1;
+    for (int64_t e = 0; e < E_; ++e) {
+      for (int64_t n = 0; n < N; ++n) {
+        for (int64_t g = 0; g < ng; ++g) {
+          const float s = v.ptr<const float>()[e * v.strides[0] + n * v.strides[1] +
+                                               (int4 ? g * v.strides[2] : 0)];
+          if (!(std::isfinite(s) && s >= 0.0f)) {
+            throw ValueError(std::string(name) + ": scales must be finite and >= 0, got " +
+                             std::to_string(s) + " at [" + std::to_string(e) + ", " +
+                             std::to_string(n) + "]");
+          }
+        }
+      }
+    }
+  };
+  if (fused) {
+    check_codes(gate_up, "gate_up", 2 * I_, H_, "2 * intermediate_size", "hidden_size");
+    check_scale(gate_up_scale, "gate_up_scale", 2 * I_, H_, "2 * intermediate_size",
+                "hidden_size");
+  } else {
+    check_codes(gate, "gate", I_, H_, "intermediate_size", "hidden_size");
+    check_scale(gate_scale, "gate_scale", I_, H_, "intermediate_size", "hidden_size");
+    check_codes(up, "up", I_, H_, "intermediate_size", "hidden_size");
+    check_scale(up_scale, "up_scale", I_, H_, "intermediate_size", "hidden_size");
+  }
+  if (!down.present) throw ValueError("down: missing");
+  check_codes(down, "down", H_, I_, "hidden_size", "intermediate_size");
+  check_scale(down_scale, "down_scale", H_, I_, "hidden_size", "intermediate_size");
+
+  std::lock_guard<std::mutex> lock(engine_mutex());
+  alloc_weights();
+  auto copy_block = [&](const View& src, const View& ssrc, const quant::Format& f, int64_t e,
+                        int64_t row_off, int64_t c0, int64_t N, int64_t K, int64_t b, uint8_t* blk,
+                        float* sc, int th) {
+    int8_t* codes = local_buf<int8_t>(th, kL1, K);
+    std::memset(blk, 0, static_cast<size_t>(quant::block_bytes(f)));
+    const int64_t ng = int4 ? K / G : 1;
+    for (int j = 0; j < kBlockN; ++j) {
+      const int64_t n = b * kBlockN + j;
+      float* srow = sc + j * f.ngroups;
+      std::fill(srow, srow + f.ngroups, 0.0f);
+      if (n >= N) continue;
+      const int64_t base = e * src.strides[0] + (row_off + n) * src.strides[1];
+      if (int4) {
+        const uint8_t* p = src.ptr<const uint8_t>();
+        for (int64_t k2 = 0; k2 < K / 2; ++k2) {
+          const uint8_t byte = p[base + (c0 / 2 + k2) * src.strides[2]];
+          codes[2 * k2] = static_cast<int8_t>(static_cast<int8_t>(byte << 4) >> 4);
+          codes[2 * k2 + 1] = static_cast<int8_t>(static_cast<int8_t>(byte) >> 4);
+        }
       } else {
-        pack_block(is_up ? up : gate, e, 0, I_, H_, KpH_, blk, dst, rows);
+        const int8_t* p = src.ptr<const int8_t>();
+        for (int64_t k = 0; k < K; ++k) codes[k] = p[base + (c0 + k) * src.strides[2]];
+      }
+      const int64_t sbase = e * ssrc.strides[0] + (row_off + n) * ssrc.strides[1];
+      for (int64_t g = 0; g < ng; ++g) {
+        srow[g] = ssrc.ptr<const float>()[sbase + (int4 ? (c0 / G + g) * ssrc.strides[2] : 0)];
+      }
+      quant::place_row(f, codes, K, j, blk);
+    }
+  };
+  for_each_weight_block([&](int64_t e, int64_t b, int s, int th) {
+    Slice& sl = *sl_[static_cast<size_t>(s)];
+    if (b < 2 * nbI_) {
+      const int64_t q = b / 2;
+      const bool is_up = (b % 2) == 1;
+      const int64_t gb = e * 2 * sl.nb + (b - 2 * sl.b0);
+      uint8_t* dst = sl.wgu.as<uint8_t>() + gb * quant::block_bytes(fgu_);
+      float* sc = sl.sgu.as<float>() + gb * kBlockN * fgu_.ngroups;
+      if (fused) {
+        copy_block(gate_up, gate_up_scale, fgu_, e, is_up ? I_ : 0, 0, I_, H_, q, dst, sc, th);
+      } else {
+        copy_block(is_up ? up : gate, is_up ? up_scale : gate_scale, fgu_, e, 0, 0, I_, H_, q,
+                   dst, sc, th);
       }
     } else {
-      const int64_t blk = b - 2 * nbI_;
-      pack_block(down, e, 0, H_, I_, KpI_, blk, wd + e * d_expert + blk * d_block, rows);
+      const int64_t blk = (b - 2 * nbI_) % nbH_;
+      const int64_t gb = e * nbH_ + blk;
+      copy_block(down, down_scale, sl.fd, e, 0, kBlockN * sl.b0, H_, sl.width, blk,
+                 sl.wd.as<uint8_t>() + gb * quant::block_bytes(sl.fd),
+                 sl.sd.as<float>() + gb * kBlockN * sl.fd.ngroups, th);
     }
   });
+}
+
+const bf16* MoEEngine::gu_blocks(int s, int64_t e, int64_t b0, int64_t nblk, int th,
+                                 int slot) const {
+  const Slice& sl = *sl_[static_cast<size_t>(s)];
+  const int64_t gb = e * 2 * sl.nb + b0 - 2 * sl.b0;  // b0: global gate/up block
+  if (wkind_ == quant::Kind::bf16) return sl.wgu.as<bf16>() + gb * kBlockN * KpH_;
+  bf16* d = local_buf<bf16>(th, slot, nblk * kBlockN * KpH_);
+  quant::dequant_blocks(*qk_, fgu_, sl.wgu.as<uint8_t>() + gb * quant::block_bytes(fgu_),
+                        sl.sgu.as<float>() + gb * kBlockN * fgu_.ngroups, nblk, d);
+  return d;
+}
+
+const bf16* MoEEngine::d_blocks(int s, int64_t e, int64_t b0, int64_t nblk, int th,
+                                int slot) const {
+  const Slice& sl = *sl_[static_cast<size_t>(s)];
+  const int64_t gb = e * nbH_ + b0;
+  if (wkind_ == quant::Kind::bf16) return sl.wd.as<bf16>() + gb * kBlockN * sl.KpI;
+  bf16* d = local_buf<bf16>(th, slot, nblk * kBlockN * sl.KpI);
+  quant::dequant_blocks(*qk_, sl.fd, sl.wd.as<uint8_t>() + gb * quant::block_bytes(sl.fd),
+                        sl.sd.as<float>() + gb * kBlockN * sl.fd.ngroups, nblk, d);
+  return d;
+}
+
+void MoEEngine::gu_transposed(int s, int64_t e, int64_t k0, int64_t nblk, bf16* dst,
+                              int th) const {
+  const Slice& sl = *sl_[static_cast<size_t>(s)];
+  const int64_t gb = e * 2 * sl.nb;
+  const int64_t N = 2 * kBlockN * sl.nb;
+  if (wkind_ == quant::Kind::bf16) {
+    k_.pack_transposed(sl.wgu.as<bf16>() + gb * kBlockN * KpH_, N, KpH_, k0, nblk, dst);
+    return;
+  }
+  // Dequantize only the depth range the transpose reads, then the ISA's pack_transposed.
+  const int64_t Kw = kernels::round_up(kBlockN * nblk, kernels::kPackK);
+  const int64_t kp0 = k0 / 2, kp1 = std::min(fgu_.Kp / 2, kp0 + Kw / 2);
+  bf16* tmp = local_buf<bf16>(th, kL9, 2 * sl.nb * kBlockN * Kw);
+  quant::dequant_range(*qk_, fgu_, sl.wgu.as<uint8_t>() + gb * quant::block_bytes(fgu_),
+                       sl.sgu.as<float>() + gb * kBlockN * fgu_.ngroups, 2 * sl.nb, kp0, kp1, tmp,
+                       Kw);
+  k_.pack_transposed(tmp, N, Kw, 0, nblk, dst);
+}
+
+void MoEEngine::d_transposed(int s, int64_t e, int64_t k0, int64_t nblk, bf16* dst,
+                             int th) const {
+  const Slice& sl = *sl_[static_cast<size_t>(s)];
+  const int64_t gb = e * nbH_;
+  if (wkind_ == quant::Kind::bf16) {
+    k_.pack_transposed(sl.wd.as<bf16>() + gb * kBlockN * sl.KpI, H_, sl.KpI, k0, nblk, dst);
+    return;
+  }
+  const int64_t Kw = kernels::round_up(kBlockN * nblk, kernels::kPackK);
+  const int64_t kp0 = k0 / 2, kp1 = std::min(sl.fd.Kp / 2, kp0 + Kw / 2);
+  bf16* tmp = local_buf<bf16>(th, kL9, nbH_ * kBlockN * Kw);
+  quant::dequant_range(*qk_, sl.fd, sl.wd.as<uint8_t>() + gb * quant::block_bytes(sl.fd),
+                       sl.sd.as<float>() + gb * kBlockN * sl.fd.ngroups, nbH_, kp0, kp1, tmp, Kw);
+  k_.pack_transposed(tmp, H_, Kw, 0, nblk, dst);
 }
 
 // ---- LoRA --------------------------------------------------------------------------------------
@@ -546,7 +927,7 @@ void MoEEngine::forward(const View& x, const View& ids, const View& w, const Vie
 }
 
 void MoEEngine::run_forward(Ctx& c) {
-  PhaseClock clock(timings_, "forward.");
+  PhaseClock clock(timings_, "forward.", id_, c.x.shape[0], &prof_);
   Entry& en = *c.entry;
   const int64_t T = c.x.shape[0];
   const int64_t E = E_, K = K_, H = H_, KpH = KpH_, KpI = KpI_, Ib = Ib_, Hb = Hb_, RA = RA_,
@@ -641,22 +1022,24 @@ void MoEEngine::run_forward(Ctx& c) {
   tiles.clear();
   for (int64_t e = 0; e < E; ++e) {
     for (int64_t m0 = off[e]; m0 < off[e + 1]; m0 += kRowsFwd) {
-      for (int64_t p0 = 0; p0 < n_pairs; p0 += kPairsFwd) {
-        tiles.push_back(
-            {e, m0, std::min(off[e + 1], m0 + kRowsFwd), p0, std::min(n_pairs, p0 + kPairsFwd)});
+      for (const auto& sl : sl_) {  // column chunks never cross a tensor-parallel slice
+        const int64_t pe = sl->b0 + sl->nb;
+        for (int64_t p0 = sl->b0; p0 < pe; p0 += kPairsFwd) {
+          tiles.push_back(
+              {e, m0, std::min(off[e + 1], m0 + kRowsFwd), p0, std::min(pe, p0 + kPairsFwd)});
+        }
       }
     }
   }
   bf16* hb = shared_buf<bf16>(kSlotH, Sc * std::max(KpI, 2 * Ib));
   float* gu = en.gu.get<float>(Sc * 2 * Ib);
-  const int64_t gu_expert = 2 * nbI_ * kBlockN * KpH;
   parallel_for(static_cast<int64_t>(tiles.size()), nt, [&](int64_t i, int th) {
     const Tile& tl = tiles[static_cast<size_t>(i)];
     const int64_t M = tl.m1 - tl.m0, np = tl.n1 - tl.n0, ncols = 32 * np, nh = 16 * np;
     float* C = gu + tl.m0 * 2 * Ib + 32 * tl.n0;  // written in place in the cache
     const int64_t ldc = 2 * Ib;
     k.gemm_bf16(M, 2 * np, KpH, xg + tl.m0 * KpH, KpH,
-                wgu_.as<bf16>() + tl.e * gu_expert + 2 * tl.n0 * kBlockN * KpH, C, ldc, false);
+                gu_blocks(slice_of(tl.n0), tl.e, 2 * tl.n0, 2 * np, th, kL2), C, ldc, false);
     if (c.lora) {
       k.gemm_f32_nn(M, ncols, RA, s, xa + tl.m0 * RA, RA,
                     bgu_t_.as<float>() + tl.e * RA * 2 * Ib + 32 * tl.n0, 2 * Ib, C, ldc, true);
@@ -704,7 +1087,6 @@ void MoEEngine::run_forward(Ctx& c) {
   const int64_t ldy = cg.blocks * kBlockN;
   float* y = shared_buf<float>(kSlotY, Sc * ldy);
   const float* had = c.lora ? en.had.get<float>(Sc * r) : nullptr;
-  const int64_t d_expert = nbH_ * kBlockN * KpI;
   const int32_t* pos = en.pos.data();
   const float* slot_w = en.slot_w.data();
   for (int64_t grp = 0; grp < cg.count; ++grp) {
@@ -718,12 +1100,16 @@ void MoEEngine::run_forward(Ctx& c) {
         }
       }
     }
-    parallel_for(static_cast<int64_t>(tiles.size()), nt, [&](int64_t i, int) {
+    parallel_for(static_cast<int64_t>(tiles.size()), nt, [&](int64_t i, int th) {
       const Tile& tl = tiles[static_cast<size_t>(i)];
       const int64_t M = tl.m1 - tl.m0, nb = tl.n1 - tl.n0;
       float* C = y + tl.m0 * ldy + kBlockN * (tl.n0 - blo);
-      k.gemm_bf16(M, nb, KpI, hb + tl.m0 * KpI, KpI,
-                  wd_.as<bf16>() + tl.e * d_expert + tl.n0 * kBlockN * KpI, C, ldy, false);
+      // Tensor parallel: the partial products of the slices, summed in slice order.
+      for (size_t sidx = 0; sidx < sl_.size(); ++sidx) {
+        const Slice& sl = *sl_[sidx];
+        k.gemm_bf16(M, nb, sl.KpI, hb + tl.m0 * KpI + kBlockN * sl.b0, KpI,
+                    d_blocks(static_cast<int>(sidx), tl.e, tl.n0, nb, th, kL0), C, ldy, sidx > 0);
+      }
       if (c.lora) {
         k.gemm_f32_nn(M, kBlockN * nb, r, s, had + tl.m0 * r, r,
                       bd_t_.as<float>() + tl.e * r * Hb + kBlockN * tl.n0, Hb, C, ldy, true);
@@ -792,7 +1178,7 @@ void MoEEngine::clear_cache() {
 }
 
 void MoEEngine::run_backward(Ctx& c) {
-  PhaseClock clock(timings_, "backward.");
+  PhaseClock clock(timings_, "backward.", id_, c.entry->T, &prof_);
   Entry& en = *c.entry;
   const int64_t T = en.T, S = en.S;
   const int64_t E = E_, K = K_, H = H_, I = I_, KpH = KpH_, Ib = Ib_, Hb = Hb_, RA = RA_, r = r_;
@@ -824,7 +1210,16 @@ void MoEEngine::run_backward(Ctx& c) {
   });
   clock.mark("convert");
 
-  const int64_t n_ichunks = ceil_div(nbI_, kPairsBwd);
+  // I chunks of the down^T tiles: kPairsBwd blocks, never crossing a tensor-parallel slice.
+  std::vector<std::pair<int64_t, int64_t>> ichunks;
+  std::vector<int64_t> chunk_of(static_cast<size_t>(nbI_), 0);
+  for (const auto& sl : sl_) {
+    for (int64_t p0 = sl->b0; p0 < sl->b0 + sl->nb; p0 += kPairsBwd) {
+      chunk_of[static_cast<size_t>(p0)] = static_cast<int64_t>(ichunks.size());
+      ichunks.emplace_back(p0, std::min(sl->b0 + sl->nb, p0 + kPairsBwd));
+    }
+  }
+  const int64_t n_ichunks = static_cast<int64_t>(ichunks.size());
   // Small per-slot buffers in one scratch slot.
   const int64_t n_dyb = lora ? S * r : 0;
   const int64_t n_dwp = S * n_ichunks;
@@ -862,21 +1257,19 @@ void MoEEngine::run_backward(Ctx& c) {
   tiles.clear();
   for (int64_t e = 0; e < E; ++e) {
     if (off[e + 1] == off[e]) continue;
-    for (int64_t p0 = 0; p0 < nbI_; p0 += kPairsBwd) {
-      tiles.push_back({e, off[e], off[e + 1], p0, std::min(nbI_, p0 + kPairsBwd)});
-    }
+    for (const auto& ch : ichunks) tiles.push_back({e, off[e], off[e + 1], ch.first, ch.second});
   }
   bf16* dgu = shared_buf<bf16>(kSlotH, Sc * std::max(KpI_, 2 * Ib));
   const float* gu = en.gu.get<float>(S * 2 * Ib);
   const float* xa = lora ? en.xa.get<float>(S * RA) : nullptr;
-  const int64_t d_expert = nbH_ * kBlockN * KpI_;
   const int64_t wdt_elems = kPairsBwd * kernels::packed_block_elems(H);
   parallel_for(static_cast<int64_t>(tiles.size()), nt, [&](int64_t ti, int th) {
     const Tile& tl = tiles[static_cast<size_t>(ti)];
     const int64_t np = tl.n1 - tl.n0, ni = 16 * np, i0 = 16 * tl.n0;
-    const int64_t chunk = tl.n0 / kPairsBwd;
+    const int64_t chunk = chunk_of[static_cast<size_t>(tl.n0)];
     bf16* wdt = local_buf<bf16>(th, kL0, wdt_elems);
-    k.pack_transposed(wd_.as<bf16>() + tl.e * d_expert, H, KpI_, i0, np, wdt);
+    const int sidx = slice_of(tl.n0);
+    d_transposed(sidx, tl.e, i0 - kBlockN * sl_[static_cast<size_t>(sidx)]->b0, np, wdt, th);
     const int64_t rows_max = std::min(kRowsBwd, tl.m1 - tl.m0);
     float* D = local_buf<float>(th, kL1, rows_max * ni);
     float* G = local_buf<float>(th, kL2, rows_max * ni);
@@ -1017,7 +1410,6 @@ void MoEEngine::run_backward(Ctx& c) {
   float* dxs = shared_buf<float>(kSlotY, Sc * ldx);
   const bf16* xb = en.xb.get<bf16>(Tc * KpH);
   const float* had = lora ? en.had.get<float>(Sc * r) : nullptr;
-  const int64_t gu_expert = 2 * nbI_ * kBlockN * KpH;
   const int64_t Kgu = 2 * Ib;  // depth of the transposed gate_up (a multiple of 32)
   for (int64_t grp = 0; grp < cg.count; ++grp) {
     const int64_t blo = grp * cg.blocks, bhi = std::min(nbH_, blo + cg.blocks);
@@ -1032,7 +1424,11 @@ void MoEEngine::run_backward(Ctx& c) {
       const Tile& tl = tiles[static_cast<size_t>(ti)];
       const int64_t nb = tl.n1 - tl.n0, nh = 16 * nb, h0 = 16 * tl.n0;
       bf16* wgt = local_buf<bf16>(th, kL0, nb * kernels::packed_block_elems(Kgu));
-      k.pack_transposed(wgu_.as<bf16>() + tl.e * gu_expert, Kgu, KpH, h0, nb, wgt);
+      // Slice s's transposed gate_up (depth 32 nb_s) at offset nb * 16 * 32 b0_s.
+      for (size_t sidx = 0; sidx < sl_.size(); ++sidx) {
+        gu_transposed(static_cast<int>(sidx), tl.e, h0, nb,
+                      wgt + nb * kBlockN * 2 * kBlockN * sl_[sidx]->b0, th);
+      }
       const int64_t rows_max = std::min(kRowsBwd, tl.m1 - tl.m0);
       float* xf = local_buf<float>(th, kL1, rows_max * nh);
       float* yf = local_buf<float>(th, kL2, rows_max * nh);
@@ -1045,7 +1441,13 @@ void MoEEngine::run_backward(Ctx& c) {
       for (int64_t m0 = tl.m0; m0 < tl.m1; m0 += kRowsBwd) {
         const int64_t M = std::min(kRowsBwd, tl.m1 - m0);
         float* C = dxs + m0 * ldx + (h0 - kBlockN * blo);
-        k.gemm_bf16(M, nb, Kgu, dgu + m0 * Kgu, Kgu, wgt, C, ldx, false);
+        // Tensor parallel: the partial products of the slices, summed in slice order.
+        for (size_t sidx = 0; sidx < sl_.size(); ++sidx) {
+          const Slice& sl = *sl_[sidx];
+          const int64_t c0 = 2 * kBlockN * sl.b0;
+          k.gemm_bf16(M, nb, 2 * kBlockN * sl.nb, dgu + m0 * Kgu + c0, Kgu, wgt + nb * kBlockN * c0,
+                      C, ldx, sidx > 0);
+        }
         if (lora) {
           k.gemm_f32_nn(M, nh, RA, s, gbsum + m0 * RA, RA, a_all_.as<float>() + tl.e * RA * Hb + h0,
                         Hb, C, ldx, true);
@@ -1113,7 +1515,9 @@ void MoEEngine::run_backward(Ctx& c) {
 
 MemoryStats MoEEngine::memory_stats() const {
   MemoryStats m;
-  m.weight_bytes = static_cast<int64_t>(wgu_.bytes + wd_.bytes);
+  for (const auto& sl : sl_) {
+    m.weight_bytes += static_cast<int64_t>(sl->wgu.bytes + sl->wd.bytes + sl->sgu.bytes + sl->sd.bytes);
+  }
   m.lora_bytes = static_cast<int64_t>(a_all_.bytes + bgu_t_.bytes + ad_.bytes + bd_t_.bytes);
   size_t cache = infer_ ? infer_->bytes() : 0;
   for (const auto& e : cache_) cache += e->bytes();

@@ -1,5 +1,6 @@
-// The MoE experts operator of DESIGN.md section 2: packed BF16 base weights, LoRA (fused gate_up or
-// split), forward with an activation cache, backward producing dx, dw and the LoRA gradients.
+// The MoE experts operator of DESIGN.md section 2: packed BF16 (or int8 / int4, engine/quant.h)
+// base weights in tp slices of I, LoRA (fused gate_up or split), forward with an activation cache,
+// backward producing dx, dw and the LoRA gradients.
 //
 // Forward phases (each a parallel loop on the process pool; run() returns = barrier):
 //   route      sort (t, j) pairs by expert, stable by token then slot; ids -1 skipped
@@ -19,12 +20,14 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <string>
 #include <vector>
 
+#include "engine/quant.h"
 #include "engine/tensor.h"
 #include "kernels/kernels.h"
 
@@ -42,7 +45,9 @@ struct EngineConfig {
   int64_t max_cache_depth = 1;
   int num_threads = 0;  // <= 0: KT_NUM_THREADS, else one per physical core
   std::string isa;      // empty: KT_KERNELS_ISA, else the best runnable
-  std::string weight_dtype = "bf16";
+  std::string weight_dtype = "bf16";  // "bf16", "int8" (per output channel), "int4" (per group)
+  int64_t group_size = 128;           // int4: group along the input dim (32, 64 or 128)
+  int tp = 1;  // slices of I (tensor parallel); <= 0: one per NUMA node
 };
 
 // LoRA arrays as the caller gives them (any float dtype the engine accepts, any strides).
@@ -51,6 +56,12 @@ struct EngineConfig {
 struct LoraArrays {
   View a_gu, b_gu, a_g, a_u, b_g, b_u, a_d, b_d;
   View ga_gu, gb_gu, ga_g, ga_u, gb_g, gb_u, ga_d, gb_d;
+};
+
+// Per-phase totals of the calls made while the profiler was on (runtime/trace.h).
+struct PhaseStat {
+  int64_t calls = 0;
+  double total_ms = 0.0;
 };
 
 struct MemoryStats {
@@ -73,7 +84,16 @@ class MoEEngine {
   // Base weights: fused gate_up (E, 2I, H) gate rows first + down (E, H, I), or split gate/up
   // (E, I, H) + down. float32 or bfloat16, any strides. Packed into the engine's own memory.
   void load_weights(const View& gate_up, const View& gate, const View& up, const View& down);
-  bool weights_loaded() const { return !wgu_.empty(); }
+  bool weights_loaded() const { return !sl_.empty() && !sl_[0]->wgu.empty(); }
+  int tp() const { return static_cast<int>(sl_.size()); }
+  // Already-quantized weights (weight_dtype int8 / int4) in the documented format: int8 codes
+  // (E, N, K) int8 with scales (E, N) float32; int4 codes (E, N, K / 2) uint8, two per byte (even k
+  // in the low nibble, two's complement) with scales (E, N, K / group_size) float32. N, K as in
+  // load_weights (gate_up: 2I x H, gate/up: I x H, down: H x I).
+  void load_quantized(const View& gate_up, const View& gate_up_scale, const View& gate,
+                      const View& gate_scale, const View& up, const View& up_scale,
+                      const View& down, const View& down_scale);
+  quant::Kind weight_kind() const { return wkind_; }
 
   // Binds LoRA weights (values read now and on lora_updated()) and gradient arrays (written in
   // backward). The caller keeps the arrays alive while bound.
@@ -93,6 +113,12 @@ class MoEEngine {
   MemoryStats memory_stats() const;
   // Milliseconds per phase of the last forward and the last backward.
   std::map<std::string, double> last_timings() const { return timings_; }
+  // Calls and milliseconds per phase ("forward.gate_up", ..., "backward.total") of the calls this
+  // engine ran while the profiler was on; reset_profile() forgets them.
+  std::map<std::string, PhaseStat> profile_stats() const { return prof_; }
+  void reset_profile() { prof_.clear(); }
+  // A process-unique id (0, 1, ... in order of creation): the "engine" of trace events.
+  int64_t id() const { return id_; }
 
   struct Entry;  // one activation cache entry (defined in moe_engine.cpp)
 
@@ -105,6 +131,7 @@ class MoEEngine {
   EngineConfig cfg_;
   kernels::Isa isa_;
   kernels::KernelTable k_;  // resolved (null helper entries filled from scalar)
+  const kernels::QuantKernels* qk_ = nullptr;  // dequantization for isa_
   int threads_ = 1;
   float scale_ = 1.0f;
 
@@ -130,8 +157,37 @@ class MoEEngine {
       return static_cast<T*>(p);
     }
   };
-  Buf wgu_;  // E x (2 * nbI) blocks, gate block b then up block b, depth KpH
-  Buf wd_;   // E x nbH blocks, depth KpI
+  // Tensor parallel slices of I: slice s owns I blocks [b0, b0 + nb) of every expert (columns
+  // [16 b0, 16 b0 + width) of I), its weights allocated on NUMA node s mod nodes. tp = 1: one slice.
+  //   wgu: E x 2nb blocks (gate block q then up block q), depth KpH; bf16 or codes
+  //   wd:  E x nbH blocks of the slice's columns of down, depth KpI = packed_k(width)
+  //   sgu, sd: int8/int4 scales (engine/quant.h), rows in packed order
+  struct Slice {
+    Buf wgu, wd, sgu, sd;
+    int64_t b0 = 0, nb = 0, width = 0, KpI = 0;
+    quant::Format fd;
+  };
+  std::vector<std::unique_ptr<Slice>> sl_;
+  quant::Kind wkind_ = quant::Kind::bf16;
+  quant::Format fgu_;
+  void alloc_weights();
+  void free_weights();
+  int slice_of(int64_t pair) const;  // the slice owning I block `pair`
+  // fn(expert, block, slice, thread) over every packed weight block, in parallel: blocks
+  // [0, 2 nbI) are gate/up (global order), then nbH down blocks per slice.
+  void for_each_weight_block(const std::function<void(int64_t, int64_t, int, int)>& fn);
+  // Packed bf16 blocks of slice s, expert e (gate/up: global block b0 .. b0 + nblk; down: H
+  // blocks): the stored blocks (bf16) or a dequantized copy in the thread's scratch slot.
+  const kernels::bf16* gu_blocks(int s, int64_t e, int64_t b0, int64_t nblk, int th,
+                                 int slot) const;
+  const kernels::bf16* d_blocks(int s, int64_t e, int64_t b0, int64_t nblk, int th,
+                                int slot) const;
+  // pack_transposed of slice s of expert e's gate_up / down weight (k0 local to the slice).
+  // Quantized storage: only the depth range read is dequantized, in thread th's scratch.
+  void gu_transposed(int s, int64_t e, int64_t k0, int64_t nblk, kernels::bf16* dst,
+                     int th) const;
+  void d_transposed(int s, int64_t e, int64_t k0, int64_t nblk, kernels::bf16* dst,
+                    int th) const;
 
   // LoRA: caller arrays and the internal fp32 copy.
   LoraArrays lora_;
@@ -147,6 +203,8 @@ class MoEEngine {
   std::unique_ptr<Entry> infer_;  // buffers of forwards without save_for_backward
 
   std::map<std::string, double> timings_;
+  std::map<std::string, PhaseStat> prof_;
+  int64_t id_ = 0;
 };
 
 }  // namespace kt::engine

@@ -16,6 +16,10 @@ const char* dtype_name(DType d) {
       return "int32";
     case DType::i64:
       return "int64";
+    case DType::i8:
+      return "int8";
+    case DType::u8:
+      return "uint8";
     case DType::other:
       break;
   }
@@ -31,6 +35,9 @@ int64_t dtype_size(DType d) {
       return 2;
     case DType::i64:
       return 8;
+    case DType::i8:
+    case DType::u8:
+      return 1;
     case DType::other:
       break;
   }

@@ -27,7 +27,7 @@ struct StateError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-enum class DType : int { f32 = 0, bf16 = 1, i32 = 2, i64 = 3, other = 4 };
+enum class DType : int { f32 = 0, bf16 = 1, i32 = 2, i64 = 3, other = 4, i8 = 5, u8 = 6 };
 
 const char* dtype_name(DType d);
 int64_t dtype_size(DType d);

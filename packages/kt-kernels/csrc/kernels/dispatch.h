@@ -24,7 +24,10 @@ std::vector<Isa> available_isas();  // runnable ISAs, from scalar up to the best
 // self-test, the next ISA down the chain is used and a warning is recorded.
 Isa select_isa(const std::string& requested);
 
-// The table for a runnable ISA (self-tested on first use; see select_isa for the fallback).
+// The table for a runnable ISA (self-tested on first use; see select_isa for the fallback: a table
+// whose ISA failed is that of the ISA it falls back to, so check .isa). Every entry is set: those
+// an ISA folder leaves null come from the scalar table. Throws std::invalid_argument for an ISA
+// that cannot run here. The reference stays valid for the life of the process.
 const KernelTable& kernel_table(Isa isa);
 
 // Warnings recorded since the last call (self-test failures, fallbacks); the bindings turn them

@@ -1,5 +1,7 @@
 #include "runtime/thread_pool.h"
 
+#include "runtime/trace.h"
+
 #include <chrono>
 #include <cstdlib>
 #include <exception>
@@ -51,13 +53,34 @@ void ThreadPool::grow(int n_threads) {
   }
 }
 
+namespace {
+
+// With the profiler on: one trace event per thread and parallel phase, spanning the tasks that
+// thread ran (nested in the engine's phase event on the calling thread).
+struct WorkSpan {
+  bool on = trace_enabled();
+  int64_t t0 = on ? trace_now_ns() : 0;
+  int64_t tasks = 0;
+  ~WorkSpan() {
+    if (on && tasks > 0) {
+      TraceEvent ev{"tasks", "worker", -1, -1, trace_thread_id(), t0, trace_now_ns() - t0};
+      ev.tasks = tasks;
+      trace_record(std::move(ev));
+    }
+  }
+};
+
+}  // namespace
+
 void ThreadPool::work(int id) {
   if (id >= n_threads_) return;
   const TaskFn& task = *task_;
+  WorkSpan span;
   for (;;) {
     if (failed_.load(std::memory_order_relaxed)) return;
     const int64_t i = next_.fetch_add(1, std::memory_order_relaxed);
     if (i >= n_tasks_) return;
+    ++span.tasks;
     try {
       task(i, id);
     } catch (...) {

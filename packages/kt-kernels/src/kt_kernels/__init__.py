@@ -13,6 +13,8 @@ _check_platform()
 
 from kt_kernels import _core  # noqa: E402
 from kt_kernels._engine import MoEEngine, active_isa, available_isas  # noqa: E402
+from kt_kernels._profile import clear_trace, profile, profiling, write_chrome_trace  # noqa: E402
+from kt_kernels._quant import dequantize_weights, quantize_weights  # noqa: E402
 
 ABI_VERSION: int = _core.ABI_VERSION
 
@@ -42,7 +44,13 @@ __all__ = [
     "__version__",
     "active_isa",
     "available_isas",
+    "clear_trace",
     "cpu_features",
     "default_thread_count",
+    "dequantize_weights",
     "physical_core_count",
+    "profile",
+    "profiling",
+    "quantize_weights",
+    "write_chrome_trace",
 ]

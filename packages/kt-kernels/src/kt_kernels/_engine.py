@@ -43,6 +43,12 @@ def active_isa() -> str:
     return name
 
 
+_PHASE_ORDER = {
+    "forward": ("route", "convert", "gather", "gate_up", "lora_down_a", "down", "combine", "total"),
+    "backward": ("convert", "gather", "down_t", "reduce", "gate_up_t", "combine", "total"),
+}
+
+
 class MoEEngine:
     """The routed experts of one MoE layer: packed BF16 base weights, LoRA, forward and backward.
 
@@ -55,7 +61,18 @@ class MoEEngine:
         lora_alpha: LoRA alpha; the scaling is ``lora_alpha / lora_rank`` (None: alpha = r).
         lora_layout: ``"fused"`` (one A shared by gate and up, B of ``2I`` rows, as PEFT's
             ``target_parameters`` on fused experts) or ``"split"`` (A and B per gate, up, down).
-        weight_dtype: storage of the packed base weights; ``"bf16"``.
+        weight_dtype: storage of the packed base weights: ``"bf16"``, ``"int8"`` (weight-only,
+            symmetric, one scale per output channel) or ``"int4"`` (symmetric, one scale per group
+            of ``group_size`` inputs). Quantized weights are dequantized to bf16 tile by tile
+            right before the bf16 GEMM, so activations and accumulation are as with bf16.
+        group_size: int4 group along the input dim: 32, 64 or 128; it must divide hidden_size
+            and intermediate_size. Ignored for bf16 and int8.
+        tp: tensor-parallel slices of the intermediate dim I (None: one per NUMA node). Each
+            slice's weights are allocated apart (bound to NUMA node ``slice % nodes`` when the
+            build found libnuma); the down projection sums the slices' partial products in slice
+            order. Slices hold whole multiples of 32 columns of I (int4: of ``group_size``), so
+            ``tp`` is at most ``ceil(I / 32)``; on a single-node machine ``tp > 1`` gives logical
+            slices with the same results up to float32 summation order.
         max_tokens: the batch size buffers are planned for. A larger T is accepted: the
             activation cache and scratch grow on demand (and stay grown).
         max_cache_depth: forwards with ``save_for_backward=True`` that may be pending at once;
@@ -78,11 +95,13 @@ class MoEEngine:
         lora_rank: int = 0,
         lora_alpha: float | None = None,
         lora_layout: Literal["fused", "split"] = "fused",
-        weight_dtype: Literal["bf16"] = "bf16",
+        weight_dtype: Literal["bf16", "int8", "int4"] = "bf16",
         max_tokens: int = 4096,
         max_cache_depth: int = 1,
         num_threads: int | None = None,
         isa: str | None = None,
+        group_size: int = 128,
+        tp: int | None = 1,
     ) -> None:
         try:
             self._eng = _core.MoEEngine(
@@ -90,6 +109,7 @@ class MoEEngine:
                 lora_rank=lora_rank, lora_alpha=lora_alpha, lora_layout=lora_layout,
                 weight_dtype=weight_dtype, max_tokens=max_tokens,
                 max_cache_depth=max_cache_depth, num_threads=num_threads, isa=isa,
+                group_size=group_size, tp=tp,
             )
         finally:
             _emit_dispatch_warnings()
@@ -101,6 +121,8 @@ class MoEEngine:
         self.lora_layout = lora_layout
         self.max_tokens = max_tokens
         self.max_cache_depth = max_cache_depth
+        self.weight_dtype = weight_dtype
+        self.group_size = group_size
 
     # -- properties -------------------------------------------------------------------------
 
@@ -146,6 +168,30 @@ class MoEEngine:
         the arrays may be freed afterwards.
         """
         self._eng.load_weights(gate_up=gate_up, gate=gate, up=up, down=down)
+
+    def load_quantized_weights(
+        self,
+        *,
+        gate_up: Array | None = None,
+        gate_up_scale: Array | None = None,
+        gate: Array | None = None,
+        gate_scale: Array | None = None,
+        up: Array | None = None,
+        up_scale: Array | None = None,
+        down: Array,
+        down_scale: Array,
+    ) -> None:
+        """Load already-quantized weights (engine created with weight_dtype int8 or int4).
+
+        Codes and scales per weight, in the format of :func:`kt_kernels.quantize_weights`:
+        int8 codes ``int8 (E, N, K)`` + scales ``float32 (E, N)``; int4 codes ``uint8
+        (E, N, K / 2)`` (even k in the low nibble, two's complement) + scales ``float32
+        (E, N, K / group_size)``. ``gate_up`` is (E, 2I, H) gate rows first, or pass ``gate`` and
+        ``up`` (E, I, H); ``down`` is (E, H, I). Scales must be finite and >= 0.
+        """
+        self._eng.load_quantized_weights(
+            gate_up=gate_up, gate_up_scale=gate_up_scale, gate=gate, gate_scale=gate_scale,
+            up=up, up_scale=up_scale, down=down, down_scale=down_scale)
 
     def set_lora(
         self,
@@ -243,15 +289,61 @@ class MoEEngine:
     # -- introspection -----------------------------------------------------------------------
 
     def memory_stats(self) -> dict[str, int]:
-        """Bytes held: ``weight_bytes`` (packed base weights), ``lora_bytes`` (internal fp32 LoRA
-        copy), ``cache_bytes`` (activation cache) and ``scratch_bytes`` (the process-wide scratch
-        pool, shared by all engines)."""
+        """Bytes held: ``weight_bytes`` (packed base weights; codes + scales for int8/int4),
+        ``lora_bytes`` (internal fp32 LoRA copy), ``cache_bytes`` (activation cache) and
+        ``scratch_bytes`` (the process-wide scratch pool, shared by all engines)."""
         return {k: int(v) for k, v in self._eng.memory_stats().items()}
 
     def last_timings(self) -> dict[str, float]:
         """Milliseconds per phase of the last forward (``forward.*``) and backward
         (``backward.*``)."""
         return {k: float(v) for k, v in self._eng.last_timings().items()}
+
+    @property
+    def tp(self) -> int:
+        """Tensor-parallel slices of I this engine uses."""
+        return int(self._eng.tp)
+
+    @property
+    def engine_id(self) -> int:
+        """Process-unique id of this engine (the ``engine`` of its trace events)."""
+        return int(self._eng.engine_id)
+
+    def profile_stats(self) -> dict[str, dict[str, float]]:
+        """Per phase (``"forward.gate_up"``, ..., ``"backward.total"``) of the calls this engine ran
+        while the profiler was on (:func:`kt_kernels.profile`): ``calls``, ``total_ms``,
+        ``mean_ms``."""
+        out = {}
+        for name, (calls, total) in self._eng.profile_stats().items():
+            out[str(name)] = {"calls": int(calls), "total_ms": float(total),
+                              "mean_ms": float(total) / max(int(calls), 1)}
+        return out
+
+    def profile_summary(self) -> str:
+        """:meth:`profile_stats` as a text table, one row per phase in call order, with each
+        phase's share of its call's total."""
+        stats = self.profile_stats()
+        if not stats:
+            return "no profiled calls (run the engine inside kt_kernels.profile())"
+        rows = [("phase", "calls", "total ms", "mean ms", "% of call")]
+        for call in ("forward", "backward"):
+            names = [k for k in stats if k.startswith(call + ".")]
+            total = stats.get(call + ".total", {}).get("total_ms", 0.0)
+            rank = {p: i for i, p in enumerate(_PHASE_ORDER[call])}
+            order = sorted(names, key=lambda k: (rank.get(k.split(".", 1)[1], len(rank)), k))
+            for k in order:
+                st = stats[k]
+                share = 100.0 * st["total_ms"] / total if total > 0 else 0.0
+                rows.append((k, str(st["calls"]), f"{st['total_ms']:.3f}", f"{st['mean_ms']:.3f}",
+                             f"{share:.1f}"))
+        widths = [max(len(r[i]) for r in rows) for i in range(5)]
+        lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                 for r in rows]
+        return "\n".join(lines)
+
+    def reset_profile(self) -> None:
+        """Forget this engine's profile totals."""
+        self._eng.reset_profile()
 
     def close(self) -> None:
         """Free the packed weights and caches and release the bound arrays. Waits for a

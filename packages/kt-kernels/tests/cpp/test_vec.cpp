@@ -109,6 +109,32 @@ TEST(gemm_f32_independent_of_alignment) {
   }
 }
 
+// Empty sizes: nothing is read past the arrays, and the results equal the reference (K = 0 gives
+// C = 0 or leaves C as it is).
+TEST(gemm_f32_empty_sizes) {
+  const KernelTable& ref = kernel_table(Isa::scalar);
+  std::mt19937 rng(2);
+  const auto A = randn(64, rng), B = randn(64, rng), C0 = randn(64, rng);
+  for (Isa isa : isas()) {
+    const KernelTable& t = kernel_table(isa);
+    for (const GemmCase& g : kGemms) {
+      for (int64_t M : {0, 3}) {
+        for (int64_t N : {0, 5}) {
+          for (int64_t K : {0, 2}) {
+            for (bool acc : {false, true}) {
+              auto got = C0, want = C0;
+              (t.*g.entry)(M, N, K, 2.0f, A.data(), 8, B.data(), 8, got.data(), 8, acc);
+              (ref.*g.entry)(M, N, K, 2.0f, A.data(), 8, B.data(), 8, want.data(), 8, acc);
+              REQUIRE(same_bits(got, want), "%s %s M=%lld N=%lld K=%lld acc=%d", isa_name(isa),
+                      g.name, (long long)M, (long long)N, (long long)K, int(acc));
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
 TEST(conversions_bit_identical_to_scalar) {
   const KernelTable& ref = kernel_table(Isa::scalar);
   std::mt19937 rng(8);

@@ -1,0 +1,99 @@
+#include "engine/quant.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+namespace kt::engine::quant {
+
+using kernels::bf16;
+using kernels::kBlockN;
+
+
+Format make_format(Kind kind, int64_t K, int64_t group) {
+  Format f;
+  f.kind = kind;
+  f.Kp = kernels::packed_k(K);
+  if (kind == Kind::int4) {
+    f.group = group;
+    f.ngroups = (f.Kp + group - 1) / group;
+  } else {
+    f.group = f.Kp;
+    f.ngroups = 1;
+  }
+  return f;
+}
+
+int64_t block_bytes(const Format& f) {
+  return f.kind == Kind::int4 ? kBlockN * f.Kp / 2 : kBlockN * f.Kp;
+}
+
+bool quantize_row(const Format& f, const float* w, int64_t K, int8_t* codes, float* scales) {
+  const float qm = static_cast<float>(qmax(f.kind));
+  for (int64_t g = 0; g < f.ngroups; ++g) {
+    const int64_t k0 = g * f.group, k1 = std::min(K, k0 + f.group);
+    float amax = 0.0f;
+    for (int64_t k = k0; k < k1; ++k) {
+      if (!std::isfinite(w[k])) return false;
+      amax = std::max(amax, std::fabs(w[k]));
+    }
+    const float s = amax / qm;
+    scales[g] = s;
+    for (int64_t k = k0; k < k1; ++k) {
+      float q = s > 0.0f ? std::nearbyint(w[k] / s) : 0.0f;
+      q = std::min(qm, std::max(-qm, q));
+      codes[k] = static_cast<int8_t>(q);
+    }
+  }
+  return true;
+}
+
+void place_row(const Format& f, const int8_t* codes, int64_t K, int j, uint8_t* blk) {
+  for (int64_t k = 0; k < f.Kp; ++k) {
+    const int8_t c = k < K ? codes[k] : 0;
+    const int64_t i = (k / 2) * 32 + j * 2 + (k % 2);
+    if (f.kind == Kind::int8) {
+      blk[i] = static_cast<uint8_t>(c);
+    } else {
+      uint8_t& byte = blk[i >> 1];
+      const uint8_t nib = static_cast<uint8_t>(c) & 0x0f;
+      byte = (i & 1) ? static_cast<uint8_t>((byte & 0x0f) | (nib << 4))
+                     : static_cast<uint8_t>((byte & 0xf0) | nib);
+    }
+  }
+}
+
+void dequant_range(const kernels::QuantKernels& qk, const Format& f, const uint8_t* blk,
+                   const float* scales, int64_t nblk, int64_t kp0, int64_t kp1, bf16* dst,
+                   int64_t dst_Kp) {
+  const int64_t bb = block_bytes(f);
+  const int64_t kp_per_group = f.group / 2;  // pairs of k per group (group is even)
+  alignas(64) float sv[32];
+  for (int64_t b = 0; b < nblk; ++b) {
+    const uint8_t* src = blk + b * bb;
+    const float* sc = scales + b * kBlockN * f.ngroups;
+    bf16* out = dst + b * kBlockN * dst_Kp - kp0 * 32;  // pair kp lands at (kp - kp0) * 32
+    for (int64_t g = kp0 / kp_per_group; g * kp_per_group < kp1; ++g) {
+      for (int i = 0; i < 32; ++i) sv[i] = sc[(i / 2) * f.ngroups + g];
+      const int64_t ga = std::max(kp0, g * kp_per_group);
+      const int64_t gb = std::min(kp1, (g + 1) * kp_per_group);
+      if (f.kind == Kind::int8) {
+        qk.i8(gb - ga, reinterpret_cast<const int8_t*>(src) + ga * 32, sv, out + ga * 32);
+      } else {
+        qk.i4(gb - ga, src + ga * 16, sv, out + ga * 32);
+      }
+    }
+    const int64_t done = kp1 - kp0;
+    if (done < dst_Kp / 2) {
+      std::memset(dst + b * kBlockN * dst_Kp + done * 32, 0,
+                  static_cast<size_t>(dst_Kp / 2 - done) * 32 * sizeof(bf16));
+    }
+  }
+}
+
+void dequant_blocks(const kernels::QuantKernels& qk, const Format& f, const uint8_t* blk,
+                    const float* scales, int64_t nblk, bf16* dst) {
+  dequant_range(qk, f, blk, scales, nblk, 0, f.Kp / 2, dst, f.Kp);
+}
+
+}  // namespace kt::engine::quant

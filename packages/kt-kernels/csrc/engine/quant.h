@@ -1,0 +1,55 @@
+// Weight-only quantized storage of the frozen base weights (weight_dtype "int8" / "int4").
+//
+// Internal layout: the packed bf16 block layout of kernels/kernels.h with codes in place of bf16
+// values. Element (n, k) of block b (rows 16b .. 16b + 15) is code number
+//     i = (k / 2) * 32 + (n % 16) * 2 + (k % 2)
+// of the block: int8 stores code i in byte i (16 * Kp bytes per block); int4 stores it in byte i / 2,
+// low nibble for even i, high nibble for odd i (two's complement, -8 .. 7; 8 * Kp bytes per block).
+// Scales are float32 per (row, group) in row order of the packed rows: scale[row * ngroups + g],
+// g = k / group; int8 has one group per row (group = Kp). The value is float(code) * scale, rounded
+// to bf16 when a block is dequantized for the bf16 GEMM kernels.
+//
+// Quantization (symmetric): per row and group, scale = max|w| / qmax (qmax 127 for int8, 7 for
+// int4), code = round_half_even(w / scale) clamped to [-qmax, qmax]; an all-zero group has scale 0.
+#pragma once
+
+#include <cstdint>
+
+#include "kernels/kernels.h"
+#include "kernels/quant_kernels.h"
+
+namespace kt::engine::quant {
+
+enum class Kind : int { bf16 = 0, int8 = 1, int4 = 2 };
+
+struct Format {
+  Kind kind = Kind::bf16;
+  int64_t group = 0;    // int4: group size along K; int8: Kp
+  int64_t Kp = 0;       // padded depth of the weight
+  int64_t ngroups = 1;  // scales per row
+};
+
+Format make_format(Kind kind, int64_t K, int64_t group);
+inline int qmax(Kind k) { return k == Kind::int4 ? 7 : 127; }
+// Bytes of one packed block of 16 rows.
+int64_t block_bytes(const Format& f);
+
+// Quantizes one row of K finite floats: codes[0, K) and scales[0, ngroups). Returns false if a
+// value is not finite.
+bool quantize_row(const Format& f, const float* w, int64_t K, int8_t* codes, float* scales);
+
+// Writes a row of K codes as row j (0 .. 15) of a block (codes at k >= K are zero).
+void place_row(const Format& f, const int8_t* codes, int64_t K, int j, uint8_t* blk);
+
+// Dequantizes nblk consecutive packed blocks (first block at `blk`, its first row's scales at
+// `scales`) into nblk packed bf16 blocks.
+void dequant_blocks(const kernels::QuantKernels& qk, const Format& f, const uint8_t* blk,
+                    const float* scales, int64_t nblk, kernels::bf16* dst);
+
+// Dequantizes the depth pairs [kp0, kp1) (k in [2 kp0, 2 kp1)) of nblk consecutive blocks into
+// nblk packed bf16 blocks of depth dst_Kp (a multiple of 32 >= 2 (kp1 - kp0); the rest is zero).
+void dequant_range(const kernels::QuantKernels& qk, const Format& f, const uint8_t* blk,
+                   const float* scales, int64_t nblk, int64_t kp0, int64_t kp1,
+                   kernels::bf16* dst, int64_t dst_Kp);
+
+}  // namespace kt::engine::quant

@@ -1,0 +1,62 @@
+// AVX2 dequantization (kernels/quant_kernels.h): 8 codes per step widened to int32, converted,
+// multiplied by the row scales and rounded to bf16 with integer arithmetic (bit-exact with the
+// scalar reference). int4 pairs are first unpacked to 32 int8 codes with byte shuffles.
+#include "kernels/intrinsics.h"  // first: before anything includes <immintrin.h>
+
+#include "kernels/quant_kernels.h"
+
+namespace kt::kernels {
+namespace {
+
+inline __m256i round8(__m256 v) {  // 8 bf16 in the low 16 bits of each 32-bit lane
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7fff)), lsb);
+  return _mm256_srli_epi32(r, 16);
+}
+
+inline __m256 cvt8(const int8_t* c) {
+  return _mm256_cvtepi32_ps(
+      _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c))));
+}
+
+inline void pair32(const int8_t* c, const float* sv, bf16* o) {
+  for (int h = 0; h < 32; h += 16) {
+    const __m256i a = round8(_mm256_mul_ps(cvt8(c + h), _mm256_loadu_ps(sv + h)));
+    const __m256i b = round8(_mm256_mul_ps(cvt8(c + h + 8), _mm256_loadu_ps(sv + h + 8)));
+    // packus works per 128-bit lane: [a0..3 b0..3 | a4..7 b4..7]; restore the order.
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(a, b), 0xD8);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + h), packed);
+  }
+}
+
+inline void unpack_i4(const uint8_t* c, int8_t* out) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c));
+  const __m128i m = _mm_set1_epi8(0x0f), eight = _mm_set1_epi8(8);
+  const __m128i lo = _mm_sub_epi8(_mm_xor_si128(_mm_and_si128(v, m), eight), eight);
+  const __m128i hi =
+      _mm_sub_epi8(_mm_xor_si128(_mm_and_si128(_mm_srli_epi16(v, 4), m), eight), eight);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm_unpacklo_epi8(lo, hi));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 16), _mm_unpackhi_epi8(lo, hi));
+}
+
+void dequant_i8(int64_t npairs, const int8_t* codes, const float* sv, bf16* out) {
+  for (int64_t p = 0; p < npairs; ++p) pair32(codes + 32 * p, sv, out + 32 * p);
+}
+
+void dequant_i4(int64_t npairs, const uint8_t* codes, const float* sv, bf16* out) {
+  alignas(32) int8_t tmp[32];
+  for (int64_t p = 0; p < npairs; ++p) {
+    unpack_i4(codes + 16 * p, tmp);
+    pair32(tmp, sv, out + 32 * p);
+  }
+}
+
+}  // namespace
+
+const QuantKernels* avx2_quant_table() {
+  static const QuantKernels t{&dequant_i8, &dequant_i4};
+  return &t;
+}
+
+}  // namespace kt::kernels

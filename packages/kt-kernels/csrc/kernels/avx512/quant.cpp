@@ -1,0 +1,57 @@
+// AVX-512F dequantization (kernels/quant_kernels.h): 16 codes per step widened to int32, converted,
+// multiplied by the row scales and rounded to bf16 with integer arithmetic (bit-exact with the
+// scalar reference). int4 pairs are first unpacked to 32 int8 codes with byte shuffles.
+#include "kernels/intrinsics.h"  // first: before anything includes <immintrin.h>
+
+#include "kernels/quant_kernels.h"
+
+namespace kt::kernels {
+namespace {
+
+inline __m256i round16(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7fff)), lsb);
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+}
+
+inline void pair32(const int8_t* c, const __m512& s0, const __m512& s1, bf16* o) {
+  const __m512 a = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c))));
+  const __m512 b = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 16))));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), round16(_mm512_mul_ps(a, s0)));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 16), round16(_mm512_mul_ps(b, s1)));
+}
+
+// 16 bytes of int4 pairs -> 32 int8 codes in order (low nibble first).
+inline void unpack_i4(const uint8_t* c, int8_t* out) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c));
+  const __m128i m = _mm_set1_epi8(0x0f), eight = _mm_set1_epi8(8);
+  const __m128i lo = _mm_sub_epi8(_mm_xor_si128(_mm_and_si128(v, m), eight), eight);
+  const __m128i hi =
+      _mm_sub_epi8(_mm_xor_si128(_mm_and_si128(_mm_srli_epi16(v, 4), m), eight), eight);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm_unpacklo_epi8(lo, hi));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 16), _mm_unpackhi_epi8(lo, hi));
+}
+
+void dequant_i8(int64_t npairs, const int8_t* codes, const float* sv, bf16* out) {
+  const __m512 s0 = _mm512_loadu_ps(sv), s1 = _mm512_loadu_ps(sv + 16);
+  for (int64_t p = 0; p < npairs; ++p) pair32(codes + 32 * p, s0, s1, out + 32 * p);
+}
+
+void dequant_i4(int64_t npairs, const uint8_t* codes, const float* sv, bf16* out) {
+  const __m512 s0 = _mm512_loadu_ps(sv), s1 = _mm512_loadu_ps(sv + 16);
+  alignas(64) int8_t tmp[32];
+  for (int64_t p = 0; p < npairs; ++p) {
+    unpack_i4(codes + 16 * p, tmp);
+    pair32(tmp, s0, s1, out + 32 * p);
+  }
+}
+
+}  // namespace
+
+const QuantKernels* avx512_quant_table() {
+  static const QuantKernels t{&dequant_i8, &dequant_i4};
+  return &t;
+}
+
+}  // namespace kt::kernels

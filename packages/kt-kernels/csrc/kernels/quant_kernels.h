@@ -1,0 +1,49 @@
+// Dequantization of weight codes (weight_dtype int8 / int4, engine/quant.h) into the packed bf16
+// block layout, one implementation per ISA folder (kernels/<isa>/quant.cpp). The engine picks the
+// table with quant_kernels(isa); ISAs without a folder of their own use the next one down
+// (amx, avx512_bf16 -> avx512 -> avx2 -> scalar). Every implementation gives the scalar
+// reference's bits: a product of a small integer and a float32 scale is one IEEE multiply, and the
+// bf16 rounding below is integer arithmetic.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "kernels/kernels.h"
+
+namespace kt::kernels {
+
+// For p in [0, npairs), i in [0, 32): out[32 p + i] = bf16(float(code(p, i)) * sv[i]), where code
+// (p, i) is codes[32 p + i] (int8) or, for int4, the low (i even) or high (i odd) nibble of
+// codes[16 p + i / 2] as a two's-complement 4-bit integer. One pair p is a run of 16 rows x 2
+// depths of a packed block; sv holds each row's scale twice.
+using dequant_i8_fn = void (*)(int64_t npairs, const int8_t* codes, const float* sv, bf16* out);
+using dequant_i4_fn = void (*)(int64_t npairs, const uint8_t* codes, const float* sv, bf16* out);
+
+struct QuantKernels {
+  dequant_i8_fn i8;
+  dequant_i4_fn i4;
+};
+
+inline namespace KT_ISA_NAMESPACE {
+
+// bf16 rounding (nearest even) of a finite float: the scalar definition SIMD paths reproduce.
+inline bf16 bf16_round_finite(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof bits);
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return static_cast<bf16>(bits >> 16);
+}
+inline int8_t int4_lo(uint8_t byte) { return static_cast<int8_t>(static_cast<int8_t>(byte << 4) >> 4); }
+inline int8_t int4_hi(uint8_t byte) { return static_cast<int8_t>(static_cast<int8_t>(byte) >> 4); }
+
+}  // inline namespace KT_ISA_NAMESPACE
+
+const QuantKernels* scalar_quant_table();
+const QuantKernels* avx2_quant_table();
+const QuantKernels* avx512_quant_table();
+
+// The table for `isa` (which must be runnable here).
+const QuantKernels& quant_kernels(Isa isa);
+
+}  // namespace kt::kernels
