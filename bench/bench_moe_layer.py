@@ -1,0 +1,457 @@
+"""Benchmark one MoE experts layer (forward + backward with LoRA) against PyTorch on this CPU.
+
+Prints one table: our forward / backward / total milliseconds, a PyTorch eager baseline of the same
+math (per-expert loop with index_select / index_add, bf16, LoRA as separate matmuls, autograd
+backward), PyTorch's dense bf16 matmul GFLOP/s at a comparable shape (the practical peak of this
+machine), our GFLOP/s and its share of that peak, the speed-up over PyTorch, and our peak RSS.
+
+Every measurement runs in a fresh subprocess, so peak RSS belongs to one engine and one shape.
+
+    python bench/bench_moe_layer.py                   # all shapes, 1 and 2 threads
+    python bench/bench_moe_layer.py --quick           # fewer repetitions, 2 threads, T <= 1024
+    python bench/bench_moe_layer.py --shapes small --threads 1,2
+
+FLOP count (stated in the output too), per layer call, with T tokens, top-k K, hidden H,
+intermediate I, LoRA rank r:
+    forward  = 2 T K (3 H I + r (2 H + 3 I))        base GEMMs + LoRA (A shared by gate and up)
+    backward = 2 x forward                          the convention for training steps
+The backward computes dx (and dw, LoRA grads) but no base-weight grads; its own GEMM work is about
+the forward's, so "2 x forward" follows the stated convention rather than the work done. The
+output states both the convention and the GFLOP/s under the work actually done (forward counted
+once more for backward).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    E: int
+    K: int
+    H: int
+    I: int  # noqa: E741
+    r: int
+    T: int
+
+    def fwd_flops(self) -> float:
+        return 2.0 * self.T * self.K * (3 * self.H * self.I + self.r * (2 * self.H + 3 * self.I))
+
+    def bwd_flops(self) -> float:
+        return 2.0 * self.fwd_flops()
+
+    def weight_bytes(self) -> int:
+        return self.E * 3 * self.H * self.I * 2
+
+
+SHAPES: dict[str, list[Case]] = {
+    "small": [Case("small", E=8, K=2, H=1024, I=512, r=8, T=512)],
+    "qwen3-30b-a3b": [
+        Case("qwen3-30b-a3b", E=128, K=8, H=2048, I=768, r=8, T=1024),
+        Case("qwen3-30b-a3b", E=128, K=8, H=2048, I=768, r=8, T=4096),
+    ],
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Workers (run in subprocesses)
+# ---------------------------------------------------------------------------------------------
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark of this process (Linux >= 4.0); False if unavailable."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _inputs(case: Case, torch):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(case.T, case.H, generator=g).to(torch.bfloat16)
+    logits = torch.randn(case.T, case.E, generator=g)
+    top, ids = logits.topk(case.K, dim=-1)
+    w = torch.softmax(top, dim=-1).float()
+    dout = torch.randn(case.T, case.H, generator=g).to(torch.bfloat16)
+    return x, ids.to(torch.int64), w, dout
+
+
+def _weights(case: Case, torch):
+    g = torch.Generator().manual_seed(1)
+    gate_up = (torch.randn(case.E, 2 * case.I, case.H, generator=g) * case.H**-0.5).to(
+        torch.bfloat16
+    )
+    down = (torch.randn(case.E, case.H, case.I, generator=g) * case.I**-0.5).to(torch.bfloat16)
+    return gate_up, down
+
+
+def _lora(case: Case, torch, dtype):
+    g = torch.Generator().manual_seed(2)
+    E, H, I, r = case.E, case.H, case.I, case.r  # noqa: E741
+    return {
+        "a_gate_up": (torch.randn(E, r, H, generator=g) * H**-0.5).to(dtype),
+        "b_gate_up": (torch.randn(E, 2 * I, r, generator=g) * 0.01).to(dtype),
+        "a_down": (torch.randn(E, r, I, generator=g) * I**-0.5).to(dtype),
+        "b_down": (torch.randn(E, H, r, generator=g) * 0.01).to(dtype),
+    }
+
+
+def _time_loop(step, warmup: int, reps: int) -> list[tuple[float, float]]:
+    for _ in range(warmup):
+        step()
+    return [step() for _ in range(reps)]
+
+
+def worker_ours(case: Case, threads: int, warmup: int, reps: int, isa: str | None) -> dict:
+    """Our engine, fed NumPy arrays (no torch in this process, so its RSS is the engine's)."""
+    import ml_dtypes
+    import numpy as np
+
+    import kt_kernels as kk
+
+    bf16 = ml_dtypes.bfloat16
+    rng = np.random.default_rng(0)
+    E, K, H, I, r, T = case.E, case.K, case.H, case.I, case.r, case.T  # noqa: E741
+
+    def randn(shape, scale, dtype):
+        out = np.empty(shape, dtype=dtype)
+        for e in range(shape[0]):  # one expert at a time: no full-size fp32 temporary
+            out[e] = (rng.standard_normal(shape[1:], dtype=np.float32) * scale).astype(dtype)
+        return out
+
+    gate_up = randn((E, 2 * I, H), H**-0.5, bf16)
+    down = randn((E, H, I), I**-0.5, bf16)
+    eng = kk.MoEEngine(
+        E, K, H, I, lora_rank=r, lora_alpha=2.0 * r, max_tokens=T, num_threads=threads, isa=isa
+    )
+    eng.load_weights(gate_up=gate_up, down=down)
+    del gate_up, down  # the engine owns its packed copy; the source goes
+    load_peak = _peak_rss_bytes()
+    lora = {
+        "a_gate_up": randn((E, r, H), H**-0.5, np.float32),
+        "b_gate_up": randn((E, 2 * I, r), 0.01, np.float32),
+        "a_down": randn((E, r, I), I**-0.5, np.float32),
+        "b_down": randn((E, H, r), 0.01, np.float32),
+    }
+    grads = {f"grad_{k}": np.zeros_like(v) for k, v in lora.items()}
+    eng.set_lora(**lora, **grads)
+    x = rng.standard_normal((T, H), dtype=np.float32).astype(bf16)
+    logits = rng.standard_normal((T, E), dtype=np.float32)
+    ids = np.argsort(-logits, axis=1)[:, :K].astype(np.int64)
+    top = np.take_along_axis(logits, ids, axis=1)
+    w = np.exp(top - top.max(axis=1, keepdims=True))
+    w = (w / w.sum(axis=1, keepdims=True)).astype(np.float32)
+    dout = rng.standard_normal((T, H), dtype=np.float32).astype(bf16)
+    out = np.empty((T, H), dtype=bf16)
+    dx = np.empty((T, H), dtype=bf16)
+    dw = np.empty((T, K), dtype=np.float32)
+    reset = _reset_peak_rss()
+
+    cpu = []
+
+    def step():
+        c0, t0 = time.process_time(), time.perf_counter()
+        eng.forward(x, ids, w, out, save_for_backward=True)
+        t1 = time.perf_counter()
+        eng.backward(dout, dx, dw)
+        t2 = time.perf_counter()
+        cpu.append(time.process_time() - c0)
+        return t1 - t0, t2 - t1
+
+    times = _time_loop(step, warmup, reps)
+    res = {
+        "fwd": [t[0] for t in times],
+        "bwd": [t[1] for t in times],
+        "isa": eng.isa,
+        "cpu": cpu[warmup:],
+        "peak_rss": _peak_rss_bytes(),
+        "peak_rss_is_run_only": reset,
+        "load_peak_rss": load_peak,
+        "phases": eng.last_timings(),
+    }
+    eng.close()
+    return res
+
+
+def worker_torch(case: Case, threads: int, warmup: int, reps: int) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(threads)
+    gate_up, down = _weights(case, torch)
+    lora = {k: v.requires_grad_() for k, v in _lora(case, torch, torch.bfloat16).items()}
+    x0, ids, w0, dout = _inputs(case, torch)
+    scale = 2.0  # alpha / r
+    I = case.I  # noqa: E741
+
+    def forward(x, w):
+        out = torch.zeros_like(x)
+        flat = ids.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=case.E).tolist()
+        tok = order // case.K
+        wsel = w.reshape(-1).index_select(0, order)
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            rows = tok[start : start + n]
+            xe = x.index_select(0, rows)
+            gu = xe @ gate_up[e].T + scale * (
+                (xe @ lora["a_gate_up"][e].T) @ lora["b_gate_up"][e].T
+            )
+            g, u = gu[:, :I], gu[:, I:]
+            h = F.silu(g) * u
+            y = h @ down[e].T + scale * ((h @ lora["a_down"][e].T) @ lora["b_down"][e].T)
+            out = out.index_add(0, rows, y * wsel[start : start + n, None].to(y.dtype))
+            start += n
+        return out
+
+    cpu = []
+
+    def step():
+        x = x0.clone().requires_grad_()
+        w = w0.clone().requires_grad_()
+        c0, t0 = time.process_time(), time.perf_counter()
+        out = forward(x, w)
+        t1 = time.perf_counter()
+        out.backward(dout)
+        t2 = time.perf_counter()
+        cpu.append(time.process_time() - c0)
+        return t1 - t0, t2 - t1
+
+    times = _time_loop(step, warmup, reps)
+    return {"fwd": [t[0] for t in times], "bwd": [t[1] for t in times], "cpu": cpu[warmup:]}
+
+
+def worker_peak(case: Case, threads: int, warmup: int, reps: int) -> dict:
+    """Dense bf16 matmul GFLOP/s: all T tokens through one gate_up-sized product (T x H x 2I)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a = torch.randn(case.T, case.H).to(torch.bfloat16)
+    b = torch.randn(case.H, 2 * case.I).to(torch.bfloat16)
+    flops = 2.0 * case.T * case.H * 2 * case.I
+    inner = max(1, int(2e10 / flops))  # ~20 GFLOP per sample
+
+    def step():
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            torch.matmul(a, b)
+        return (time.perf_counter() - t0) / inner, 0.0
+
+    times = _time_loop(step, warmup + 1, max(reps, 3) * 2)
+    return {"gflops": flops / min(t[0] for t in times) / 1e9, "shape": [case.T, case.H, 2 * case.I]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver
+# ---------------------------------------------------------------------------------------------
+
+
+def run_worker(
+    kind: str, case: Case, threads: int, warmup: int, reps: int, isa: str | None
+) -> dict:
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--worker",
+        kind,
+        "--case",
+        json.dumps(asdict(case)),
+        "--threads",
+        str(threads),
+        "--warmup",
+        str(warmup),
+        "--reps",
+        str(reps),
+    ]
+    if isa:
+        cmd += ["--isa", isa]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), KT_NUM_THREADS=str(threads))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{kind} worker failed for {case} threads={threads}:\n{proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def fmt_ms(s: float) -> str:
+    return f"{s * 1e3:9.1f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--shapes",
+        default=None,
+        help="comma list of shapes: small, qwen3-30b-a3b (T=1024 and 4096), or "
+        "qwen3-30b-a3b:T for one token count (default: all)",
+    )
+    p.add_argument("--threads", default=None, help="comma list of thread counts (default: 1,2)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="1 warm-up + 2 timed steps, 2 threads, qwen3 only at T=1024",
+    )
+    p.add_argument("--reps", type=int, default=None, help="timed steps per measurement")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first")
+    p.add_argument("--isa", default=None, help="force the engine's ISA (default: best runnable)")
+    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch eager baseline")
+    p.add_argument("--json", default=None, help="also write the results to this file")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--case", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.worker:
+        case = Case(**json.loads(args.case))
+        threads = int(args.threads)
+        fn = {
+            "ours": lambda: worker_ours(case, threads, args.warmup, args.reps, args.isa),
+            "torch": lambda: worker_torch(case, threads, args.warmup, args.reps),
+            "peak": lambda: worker_peak(case, threads, args.warmup, args.reps),
+        }[args.worker]
+        print(json.dumps(fn()))
+        return 0
+
+    warmup = args.warmup if args.warmup is not None else 1
+    reps = args.reps if args.reps is not None else (2 if args.quick else 3)
+    if args.threads:
+        thread_list = [int(t) for t in args.threads.split(",")]
+    else:
+        thread_list = [2] if args.quick else [1, 2]
+    cases: list[Case] = []
+    names = args.shapes.split(",") if args.shapes else list(SHAPES)
+    for name in names:
+        base, _, tokens = name.partition(":")
+        if base not in SHAPES:
+            p.error(f"--shapes: unknown shape {base!r}; expected one of {', '.join(SHAPES)}")
+        for c in SHAPES[base]:
+            if tokens and c.T != int(tokens):
+                continue
+            if args.quick and not tokens and c.T > 1024:
+                continue
+            cases.append(c)
+        if tokens and not any(c.name == base and c.T == int(tokens) for c in cases):
+            cases.append(Case(**{**asdict(SHAPES[base][0]), "T": int(tokens)}))
+
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+    except OSError:
+        pass
+    import kt_kernels as kk
+
+    print(f"kt-kernels {kk.__version__}, CPU: {cpu}, {os.cpu_count()} logical CPUs")
+    print(
+        f"timed steps: {reps} after {warmup} warm-up; ms are the best step (least disturbed by "
+        f"other load); load average now: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+    )
+    print(
+        "FLOPs: forward = 2 T K (3 H I + r (2 H + 3 I)); backward = 2 x forward (convention); "
+        "total = fwd + bwd."
+    )
+    print(
+        "peak: PyTorch dense bf16 matmul T x H x 2I, same threads. "
+        "'work GFLOP/s' counts backward as 1 x forward (no base-weight grads).\n"
+    )
+
+    header = (
+        f"{'shape':<15}{'T':>6}{'thr':>4} {'isa':<12}{'fwd ms':>9}{'bwd ms':>9}{'total':>9}"
+        f"{'torch ms':>10}{'speedup':>8}{'peak':>8}{'GFLOP/s':>9}{'%peak':>7}"
+        f"{'work GF/s':>10}{'%peak':>7}{'RSS GB':>8}{'RSS/W':>7}"
+    )
+    print(header)
+    print("-" * len(header))
+    results = []
+    for case in cases:
+        for threads in thread_list:
+            ours = run_worker("ours", case, threads, warmup, reps, args.isa)
+            peak = run_worker("peak", case, threads, warmup, reps, None)
+            fwd = min(ours["fwd"])
+            bwd = min(ours["bwd"])
+            total = fwd + bwd
+            torch_total = torch_cpu = None
+            load0 = os.getloadavg()[0]
+            if not args.no_torch:
+                tr = run_worker("torch", case, threads, warmup, reps, None)
+                torch_total = min(a + b for a, b in zip(tr["fwd"], tr["bwd"]))
+                torch_cpu = min(tr["cpu"])
+            gflops = (case.fwd_flops() + case.bwd_flops()) / total / 1e9
+            work = 2 * case.fwd_flops() / total / 1e9
+            rss = ours["peak_rss"]
+            row = {
+                "case": asdict(case),
+                "threads": threads,
+                "isa": ours["isa"],
+                "fwd_ms": fwd * 1e3,
+                "bwd_ms": bwd * 1e3,
+                "total_ms": total * 1e3,
+                "torch_total_ms": torch_total * 1e3 if torch_total else None,
+                "peak_gflops": peak["gflops"],
+                "gflops": gflops,
+                "work_gflops": work,
+                "peak_rss_bytes": rss,
+                "load_peak_rss_bytes": ours["load_peak_rss"],
+                "weight_bytes": case.weight_bytes(),
+                "phases_ms": ours.get("phases", {}),
+                "cpu_s_per_step": min(ours["cpu"]),
+                "torch_cpu_s_per_step": torch_cpu,
+                "load_average": load0,
+            }
+            results.append(row)
+            busy = load0 > (os.cpu_count() or 1) + 0.5
+            speed = f"{torch_total / total:7.2f}x" if torch_total else f"{'-':>8}"
+            tms = f"{torch_total * 1e3:10.1f}" if torch_total else f"{'-':>10}"
+            print(
+                f"{case.name:<15}{case.T:>6}{threads:>4} {ours['isa']:<12}{fmt_ms(fwd)}"
+                f"{fmt_ms(bwd)}{fmt_ms(total)}{tms}{speed}{peak['gflops']:8.0f}{gflops:9.0f}"
+                f"{100 * gflops / peak['gflops']:6.0f}%{work:10.0f}"
+                f"{100 * work / peak['gflops']:6.0f}%{rss / 2**30:8.2f}"
+                f"{rss / case.weight_bytes():7.2f}{'  (busy machine)' if busy else ''}",
+                flush=True,
+            )
+    by_key = {(r["case"]["name"], r["case"]["T"], r["threads"]): r for r in results}
+    scaling = [
+        (k, by_key[(k[0], k[1], 1)]["total_ms"] / r["total_ms"])
+        for k, r in by_key.items()
+        if k[2] == 2 and (k[0], k[1], 1) in by_key
+    ]
+    if scaling:
+        print("\n1 -> 2 threads: " + ", ".join(f"{n} T={t}: {s:.2f}x" for (n, t, _), s in scaling))
+    print(
+        f"load average at the end: {os.getloadavg()[0]:.1f}. '(busy machine)': the load average "
+        "exceeded the CPU count during that row, so other processes shared the cores."
+    )
+    print(
+        "RSS: peak resident set during forward/backward (after loading; the source weights "
+        "freed); RSS/W: that over the bf16 bytes of the base weights."
+    )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
