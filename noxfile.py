@@ -56,7 +56,7 @@ def tests(session: nox.Session) -> None:
 
 @nox.session(python=PYTHONS)
 def kernels(session: nox.Session) -> None:
-    """Install kt-kernels alone (no torch, no training code) and run its tests."""
+    """Install kt-kernels alone (no torch, no training code); run its Python and C++ tests."""
     session.install(*_constraints(), _pkg("kt-kernels", "test"))
     forbidden = ("torch", "kt_sft", "kt_models", "kt_accelerate", "transformers", "peft")
     session.run("python", "-c",
@@ -64,6 +64,13 @@ def kernels(session: nox.Session) -> None:
                 f"bad = [m for m in {forbidden!r} if importlib.util.find_spec(m)]\n"
                 "sys.exit(f'kernels venv must not contain {bad}' if bad else 0)")
     _pytest(session, KERNELS / "tests")
+    # The C++ tests (kernels per ISA against scalar, dispatch, AMX on a tile model) need no Python.
+    session.install("cmake>=3.18", "ninja")
+    build = KERNELS / "build" / "ctest"
+    session.run("cmake", "-S", str(KERNELS), "-B", str(build), "-G", "Ninja",
+                "-DKT_KERNELS_BUILD_TESTS=ON", "-DCMAKE_BUILD_TYPE=Release")
+    session.run("cmake", "--build", str(build))
+    session.run("ctest", "--test-dir", str(build), "--output-on-failure")
 
 
 @nox.session(python=PYTHONS)

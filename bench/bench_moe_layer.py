@@ -122,7 +122,8 @@ def _time_loop(step, warmup: int, reps: int) -> list[tuple[float, float]]:
     return [step() for _ in range(reps)]
 
 
-def worker_ours(case: Case, threads: int, warmup: int, reps: int, isa: str | None) -> dict:
+def worker_ours(case: Case, threads: int, warmup: int, reps: int, isa: str | None,
+                weight_dtype: str = "bf16") -> dict:
     """Our engine, fed NumPy arrays (no torch in this process, so its RSS is the engine's)."""
     import ml_dtypes
     import numpy as np
@@ -142,7 +143,8 @@ def worker_ours(case: Case, threads: int, warmup: int, reps: int, isa: str | Non
     gate_up = randn((E, 2 * I, H), H**-0.5, bf16)
     down = randn((E, H, I), I**-0.5, bf16)
     eng = kk.MoEEngine(
-        E, K, H, I, lora_rank=r, lora_alpha=2.0 * r, max_tokens=T, num_threads=threads, isa=isa
+        E, K, H, I, lora_rank=r, lora_alpha=2.0 * r, max_tokens=T, num_threads=threads, isa=isa,
+        weight_dtype=weight_dtype,
     )
     eng.load_weights(gate_up=gate_up, down=down)
     del gate_up, down  # the engine owns its packed copy; the source goes
@@ -188,6 +190,7 @@ def worker_ours(case: Case, threads: int, warmup: int, reps: int, isa: str | Non
         "peak_rss_is_run_only": reset,
         "load_peak_rss": load_peak,
         "phases": eng.last_timings(),
+        "resident_weight_bytes": eng.memory_stats().get("weight_bytes"),
     }
     eng.close()
     return res
@@ -270,7 +273,8 @@ def worker_peak(case: Case, threads: int, warmup: int, reps: int) -> dict:
 
 
 def run_worker(
-    kind: str, case: Case, threads: int, warmup: int, reps: int, isa: str | None
+    kind: str, case: Case, threads: int, warmup: int, reps: int, isa: str | None,
+    weight_dtype: str = "bf16",
 ) -> dict:
     cmd = [
         sys.executable,
@@ -288,6 +292,7 @@ def run_worker(
     ]
     if isa:
         cmd += ["--isa", isa]
+    cmd += ["--weight-dtypes", weight_dtype]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), KT_NUM_THREADS=str(threads))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -295,8 +300,50 @@ def run_worker(
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def fmt_ms(s: float) -> str:
-    return f"{s * 1e3:9.1f}"
+def _row(case: Case, threads: int, weight_dtype: str, ours: dict, peak: dict,
+         torch_total: float | None, torch_cpu: float | None) -> dict:
+    fwd, bwd = min(ours["fwd"]), min(ours["bwd"])
+    total = fwd + bwd
+    return {
+        "case": asdict(case),
+        "threads": threads,
+        "weight_dtype": weight_dtype,
+        "isa": ours["isa"],
+        "fwd_ms": fwd * 1e3,
+        "bwd_ms": bwd * 1e3,
+        "total_ms": total * 1e3,
+        "torch_total_ms": torch_total * 1e3 if torch_total else None,
+        "peak_gflops": peak["gflops"],
+        "gflops": (case.fwd_flops() + case.bwd_flops()) / total / 1e9,
+        "work_gflops": 2 * case.fwd_flops() / total / 1e9,
+        "peak_rss_bytes": ours["peak_rss"],
+        "load_peak_rss_bytes": ours["load_peak_rss"],
+        "weight_bytes": case.weight_bytes(),
+        "resident_weight_bytes": ours.get("resident_weight_bytes"),
+        "phases_ms": ours.get("phases", {}),
+        "cpu_s_per_step": min(ours["cpu"]),
+        "torch_cpu_s_per_step": torch_cpu,
+        "load_average": os.getloadavg()[0],
+    }
+
+
+def _print_row(r: dict) -> None:
+    c = r["case"]
+    total = r["total_ms"]
+    torch_total = r["torch_total_ms"]
+    speed = f"{torch_total / total:7.2f}x" if torch_total else f"{'-':>8}"
+    tms = f"{torch_total:10.1f}" if torch_total else f"{'-':>10}"
+    busy = r["load_average"] > (os.cpu_count() or 1) + 0.5
+    peak = r["peak_gflops"]
+    rss = r["peak_rss_bytes"]
+    print(
+        f"{c['name']:<15}{c['T']:>6}{r['threads']:>4} {r['isa']:<12}{r['weight_dtype']:>8}"
+        f"{r['fwd_ms']:9.1f}{r['bwd_ms']:9.1f}{total:9.1f}{tms}{speed}{peak:8.0f}"
+        f"{r['gflops']:9.0f}{100 * r['gflops'] / peak:6.0f}%{r['work_gflops']:10.0f}"
+        f"{100 * r['work_gflops'] / peak:6.0f}%{rss / 2**30:8.2f}"
+        f"{rss / r['weight_bytes']:7.2f}{'  (busy machine)' if busy else ''}",
+        flush=True,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -317,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first")
     p.add_argument("--isa", default=None, help="force the engine's ISA (default: best runnable)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch eager baseline")
+    p.add_argument("--weight-dtypes", default="bf16,int8,int4",
+                   help="comma list of frozen-weight storage types to run (bf16, int8, int4)")
     p.add_argument("--json", default=None, help="also write the results to this file")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--case", default=None, help=argparse.SUPPRESS)
@@ -326,7 +375,8 @@ def main(argv: list[str] | None = None) -> int:
         case = Case(**json.loads(args.case))
         threads = int(args.threads)
         fn = {
-            "ours": lambda: worker_ours(case, threads, args.warmup, args.reps, args.isa),
+            "ours": lambda: worker_ours(case, threads, args.warmup, args.reps, args.isa,
+                                        args.weight_dtypes),
             "torch": lambda: worker_torch(case, threads, args.warmup, args.reps),
             "peak": lambda: worker_peak(case, threads, args.warmup, args.reps),
         }[args.worker]
@@ -376,8 +426,9 @@ def main(argv: list[str] | None = None) -> int:
         "'work GFLOP/s' counts backward as 1 x forward (no base-weight grads).\n"
     )
 
+    dtypes = [d.strip() for d in args.weight_dtypes.split(",") if d.strip()]
     header = (
-        f"{'shape':<15}{'T':>6}{'thr':>4} {'isa':<12}{'fwd ms':>9}{'bwd ms':>9}{'total':>9}"
+        f"{'shape':<15}{'T':>6}{'thr':>4} {'isa':<12}{'weights':>8}{'fwd ms':>9}{'bwd ms':>9}{'total':>9}"
         f"{'torch ms':>10}{'speedup':>8}{'peak':>8}{'GFLOP/s':>9}{'%peak':>7}"
         f"{'work GF/s':>10}{'%peak':>7}{'RSS GB':>8}{'RSS/W':>7}"
     )
@@ -386,52 +437,24 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for case in cases:
         for threads in thread_list:
-            ours = run_worker("ours", case, threads, warmup, reps, args.isa)
             peak = run_worker("peak", case, threads, warmup, reps, None)
-            fwd = min(ours["fwd"])
-            bwd = min(ours["bwd"])
-            total = fwd + bwd
             torch_total = torch_cpu = None
-            load0 = os.getloadavg()[0]
             if not args.no_torch:
                 tr = run_worker("torch", case, threads, warmup, reps, None)
                 torch_total = min(a + b for a, b in zip(tr["fwd"], tr["bwd"]))
                 torch_cpu = min(tr["cpu"])
-            gflops = (case.fwd_flops() + case.bwd_flops()) / total / 1e9
-            work = 2 * case.fwd_flops() / total / 1e9
-            rss = ours["peak_rss"]
-            row = {
-                "case": asdict(case),
-                "threads": threads,
-                "isa": ours["isa"],
-                "fwd_ms": fwd * 1e3,
-                "bwd_ms": bwd * 1e3,
-                "total_ms": total * 1e3,
-                "torch_total_ms": torch_total * 1e3 if torch_total else None,
-                "peak_gflops": peak["gflops"],
-                "gflops": gflops,
-                "work_gflops": work,
-                "peak_rss_bytes": rss,
-                "load_peak_rss_bytes": ours["load_peak_rss"],
-                "weight_bytes": case.weight_bytes(),
-                "phases_ms": ours.get("phases", {}),
-                "cpu_s_per_step": min(ours["cpu"]),
-                "torch_cpu_s_per_step": torch_cpu,
-                "load_average": load0,
-            }
-            results.append(row)
-            busy = load0 > (os.cpu_count() or 1) + 0.5
-            speed = f"{torch_total / total:7.2f}x" if torch_total else f"{'-':>8}"
-            tms = f"{torch_total * 1e3:10.1f}" if torch_total else f"{'-':>10}"
-            print(
-                f"{case.name:<15}{case.T:>6}{threads:>4} {ours['isa']:<12}{fmt_ms(fwd)}"
-                f"{fmt_ms(bwd)}{fmt_ms(total)}{tms}{speed}{peak['gflops']:8.0f}{gflops:9.0f}"
-                f"{100 * gflops / peak['gflops']:6.0f}%{work:10.0f}"
-                f"{100 * work / peak['gflops']:6.0f}%{rss / 2**30:8.2f}"
-                f"{rss / case.weight_bytes():7.2f}{'  (busy machine)' if busy else ''}",
-                flush=True,
-            )
-    by_key = {(r["case"]["name"], r["case"]["T"], r["threads"]): r for r in results}
+            for wd in dtypes:
+                ours = run_worker("ours", case, threads, warmup, reps, args.isa, wd)
+                results.append(_row(case, threads, wd, ours, peak, torch_total, torch_cpu))
+                _print_row(results[-1])
+    by_key = {(r["case"]["name"], r["case"]["T"], r["threads"]): r for r in results
+              if r["weight_dtype"] == "bf16"}
+    quant = [(r, by_key.get((r["case"]["name"], r["case"]["T"], r["threads"])))
+             for r in results if r["weight_dtype"] != "bf16"]
+    if any(base for _, base in quant):
+        print("\nspeed vs bf16 (same shape and threads): " + ", ".join(
+            f"{r['weight_dtype']} {r['case']['name']} T={r['case']['T']} thr={r['threads']}: "
+            f"{base['total_ms'] / r['total_ms']:.2f}x" for r, base in quant if base))
     scaling = [
         (k, by_key[(k[0], k[1], 1)]["total_ms"] / r["total_ms"])
         for k, r in by_key.items()

@@ -112,8 +112,8 @@ class PyEngine {
     auto a_d = import_array(down, "down");
     auto s_d = import_array(down_scale, "down_scale");
     py::gil_scoped_release nogil;
-    e.load_quantized(a_gu->view, s_gu->view, a_g->view, s_g->view, a_u->view, s_u->view,
-                     a_d->view, s_d->view);
+    e.load_quantized(a_gu->view, s_gu->view, a_g->view, s_g->view, a_u->view, s_u->view, a_d->view,
+                     s_d->view);
   }
 
   void set_lora(py::kwargs kw) {
@@ -290,8 +290,7 @@ void register_engine(py::module_& m) {
            py::arg("lora_alpha") = py::none(), py::arg("lora_layout") = "fused",
            py::arg("weight_dtype") = "bf16", py::arg("max_tokens") = 4096,
            py::arg("max_cache_depth") = 1, py::arg("num_threads") = py::none(),
-           py::arg("isa") = py::none(), py::arg("group_size") = 128,
-           py::arg("tp") = 1)
+           py::arg("isa") = py::none(), py::arg("group_size") = 128, py::arg("tp") = 1)
       .def("load_weights", &PyEngine::load_weights, py::kw_only(), py::arg("gate_up") = py::none(),
            py::arg("gate") = py::none(), py::arg("up") = py::none(), py::arg("down") = py::none())
       .def("load_quantized_weights", &PyEngine::load_quantized, py::kw_only(),
@@ -328,10 +327,9 @@ void register_engine(py::module_& m) {
       .def_property_readonly("lora_set",
                              [](const PyEngine& p) { return p.get("lora_set").lora_set(); })
       .def_property_readonly("tp", [](const PyEngine& p) { return p.get("tp").tp(); })
-      .def_property_readonly("weight_dtype",
-                             [](const PyEngine& p) {
-                               return p.get("weight_dtype").config().weight_dtype;
-                             })
+      .def_property_readonly(
+          "weight_dtype",
+          [](const PyEngine& p) { return p.get("weight_dtype").config().weight_dtype; })
       .def_property_readonly("weights_loaded", [](const PyEngine& p) {
         return p.get("weights_loaded").weights_loaded();
       });

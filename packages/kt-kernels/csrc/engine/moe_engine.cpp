@@ -69,8 +69,8 @@ std::mutex& engine_mutex() {
 class PhaseClock {
  public:
   // Starts the clock and forgets the previous timings with this prefix.
-  PhaseClock(std::map<std::string, double>& out, const char* prefix, int64_t engine,
-             int64_t tokens, std::map<std::string, PhaseStat>* stats)
+  PhaseClock(std::map<std::string, double>& out, const char* prefix, int64_t engine, int64_t tokens,
+             std::map<std::string, PhaseStat>* stats)
       : out_(out),
         prefix_(prefix),
         last_(std::chrono::steady_clock::now()),
@@ -92,8 +92,8 @@ class PhaseClock {
     last_ = now;
     if (tracing_) {
       const int64_t ns = runtime::trace_now_ns();
-      runtime::trace_record({phase, "phase", engine_, tokens_, runtime::trace_thread_id(), last_ns_,
-                             ns - last_ns_});
+      runtime::trace_record(
+          {phase, "phase", engine_, tokens_, runtime::trace_thread_id(), last_ns_, ns - last_ns_});
       last_ns_ = ns;
       if (stats_) {
         PhaseStat& st = (*stats_)[prefix_ + phase];
@@ -110,8 +110,8 @@ class PhaseClock {
     if (tracing_) {
       const int64_t ns = runtime::trace_now_ns();
       std::string call = prefix_.substr(0, prefix_.size() - 1);  // "forward." -> "forward"
-      runtime::trace_record({call, "call", engine_, tokens_, runtime::trace_thread_id(), start_ns_,
-                             ns - start_ns_});
+      runtime::trace_record(
+          {call, "call", engine_, tokens_, runtime::trace_thread_id(), start_ns_, ns - start_ns_});
       if (stats_) {
         PhaseStat& st = (*stats_)[prefix_ + "total"];
         st.calls += 1;
@@ -269,8 +269,8 @@ MoEEngine::MoEEngine(const EngineConfig& cfg) : cfg_(cfg) {
       throw ValueError("group_size: " + std::to_string(g) +
                        " must divide hidden_size and intermediate_size (int4 groups run along "
                        "the input dim of both projections), got hidden_size=" +
-                       std::to_string(cfg.hidden_size) + ", intermediate_size=" +
-                       std::to_string(cfg.intermediate_size));
+                       std::to_string(cfg.hidden_size) +
+                       ", intermediate_size=" + std::to_string(cfg.intermediate_size));
     }
   }
   if (cfg.tp < 0) {
@@ -329,10 +329,10 @@ MoEEngine::MoEEngine(const EngineConfig& cfg) : cfg_(cfg) {
     const int64_t unit = wkind_ == quant::Kind::int4 ? cfg.group_size / kBlockN : 2;
     const int64_t units = ceil_div(nbI_, unit);
     if (cfg.tp > 4096 || tp > units) {
-      throw ValueError("tp: " + std::to_string(cfg.tp) + " slices of intermediate_size=" +
-                       std::to_string(I_) + " are too many: slices hold whole multiples of " +
-                       std::to_string(unit * kBlockN) + " columns, so at most " +
-                       std::to_string(units) + " slices are possible");
+      throw ValueError(
+          "tp: " + std::to_string(cfg.tp) + " slices of intermediate_size=" + std::to_string(I_) +
+          " are too many: slices hold whole multiples of " + std::to_string(unit * kBlockN) +
+          " columns, so at most " + std::to_string(units) + " slices are possible");
     }
     int64_t u0 = 0;
     for (int s = 0; s < tp; ++s) {
@@ -536,7 +536,6 @@ void MoEEngine::alloc_weights() {
   }
 }
 
-
 void MoEEngine::load_quantized(const View& gate_up, const View& gate_up_scale, const View& gate,
                                const View& gate_scale, const View& up, const View& up_scale,
                                const View& down, const View& down_scale) {
@@ -564,16 +563,16 @@ void MoEEngine::load_quantized(const View& gate_up, const View& gate_up_scale, c
                          const char* kd) {
     if (!v.present) throw ValueError(std::string(name) + ": missing");
     if (v.dtype != code_t) {
-      throw TypeError(std::string(name) + ": weight_dtype='" + cfg_.weight_dtype +
-                      "' expects " + wd + " codes, got " +
-                      (v.dtype == DType::other && v.dtype_desc[0] ? v.dtype_desc
-                                                                  : dtype_name(v.dtype)) +
-                      (v.dtype == DType::i8 ? " (int8 codes belong to weight_dtype='int8')"
-                       : v.dtype == DType::u8
-                           ? " (packed uint8 codes belong to weight_dtype='int4')"
-                           : ""));
+      throw TypeError(
+          std::string(name) + ": weight_dtype='" + cfg_.weight_dtype + "' expects " + wd +
+          " codes, got " +
+          (v.dtype == DType::other && v.dtype_desc[0] ? v.dtype_desc : dtype_name(v.dtype)) +
+          (v.dtype == DType::i8   ? " (int8 codes belong to weight_dtype='int8')"
+           : v.dtype == DType::u8 ? " (packed uint8 codes belong to weight_dtype='int4')"
+                                  : ""));
     }
-    const std::string desc = std::string("(num_experts, ") + nd + ", " + kd + (int4 ? " / 2)" : ")");
+    const std::string desc =
+        std::string("(num_experts, ") + nd + ", " + kd + (int4 ? " / 2)" : ")");
     check(v, {name, {code_t}, {E_, N, int4 ? K / 2 : K}, desc.c_str()});
   };
   auto check_scale = [&](const View& v, const char* name, int64_t N, int64_t K, const char* nd,
@@ -606,8 +605,7 @@ void MoEEngine::load_quantized(const View& gate_up, const View& gate_up_scale, c
   };
   if (fused) {
     check_codes(gate_up, "gate_up", 2 * I_, H_, "2 * intermediate_size", "hidden_size");
-    check_scale(gate_up_scale, "gate_up_scale", 2 * I_, H_, "2 * intermediate_size",
-                "hidden_size");
+    check_scale(gate_up_scale, "gate_up_scale", 2 * I_, H_, "2 * intermediate_size", "hidden_size");
   } else {
     check_codes(gate, "gate", I_, H_, "intermediate_size", "hidden_size");
     check_scale(gate_scale, "gate_scale", I_, H_, "intermediate_size", "hidden_size");
@@ -661,8 +659,8 @@ void MoEEngine::load_quantized(const View& gate_up, const View& gate_up_scale, c
       if (fused) {
         copy_block(gate_up, gate_up_scale, fgu_, e, is_up ? I_ : 0, 0, I_, H_, q, dst, sc, th);
       } else {
-        copy_block(is_up ? up : gate, is_up ? up_scale : gate_scale, fgu_, e, 0, 0, I_, H_, q,
-                   dst, sc, th);
+        copy_block(is_up ? up : gate, is_up ? up_scale : gate_scale, fgu_, e, 0, 0, I_, H_, q, dst,
+                   sc, th);
       }
     } else {
       const int64_t blk = (b - 2 * nbI_) % nbH_;
@@ -696,8 +694,7 @@ const bf16* MoEEngine::d_blocks(int s, int64_t e, int64_t b0, int64_t nblk, int 
   return d;
 }
 
-void MoEEngine::gu_transposed(int s, int64_t e, int64_t k0, int64_t nblk, bf16* dst,
-                              int th) const {
+void MoEEngine::gu_transposed(int s, int64_t e, int64_t k0, int64_t nblk, bf16* dst, int th) const {
   const Slice& sl = *sl_[static_cast<size_t>(s)];
   const int64_t gb = e * 2 * sl.nb;
   const int64_t N = 2 * kBlockN * sl.nb;
@@ -715,8 +712,7 @@ void MoEEngine::gu_transposed(int s, int64_t e, int64_t k0, int64_t nblk, bf16* 
   k_.pack_transposed(tmp, N, Kw, 0, nblk, dst);
 }
 
-void MoEEngine::d_transposed(int s, int64_t e, int64_t k0, int64_t nblk, bf16* dst,
-                             int th) const {
+void MoEEngine::d_transposed(int s, int64_t e, int64_t k0, int64_t nblk, bf16* dst, int th) const {
   const Slice& sl = *sl_[static_cast<size_t>(s)];
   const int64_t gb = e * nbH_;
   if (wkind_ == quant::Kind::bf16) {
@@ -1516,7 +1512,8 @@ void MoEEngine::run_backward(Ctx& c) {
 MemoryStats MoEEngine::memory_stats() const {
   MemoryStats m;
   for (const auto& sl : sl_) {
-    m.weight_bytes += static_cast<int64_t>(sl->wgu.bytes + sl->wd.bytes + sl->sgu.bytes + sl->sd.bytes);
+    m.weight_bytes +=
+        static_cast<int64_t>(sl->wgu.bytes + sl->wd.bytes + sl->sgu.bytes + sl->sd.bytes);
   }
   m.lora_bytes = static_cast<int64_t>(a_all_.bytes + bgu_t_.bytes + ad_.bytes + bd_t_.bytes);
   size_t cache = infer_ ? infer_->bytes() : 0;

@@ -43,11 +43,11 @@ struct EngineConfig {
   bool lora_fused = true;   // "fused" (A shared by gate and up) or "split"
   int64_t max_tokens = 4096;
   int64_t max_cache_depth = 1;
-  int num_threads = 0;  // <= 0: KT_NUM_THREADS, else one per physical core
-  std::string isa;      // empty: KT_KERNELS_ISA, else the best runnable
+  int num_threads = 0;                // <= 0: KT_NUM_THREADS, else one per physical core
+  std::string isa;                    // empty: KT_KERNELS_ISA, else the best runnable
   std::string weight_dtype = "bf16";  // "bf16", "int8" (per output channel), "int4" (per group)
   int64_t group_size = 128;           // int4: group along the input dim (32, 64 or 128)
-  int tp = 1;  // slices of I (tensor parallel); <= 0: one per NUMA node
+  int tp = 1;                         // slices of I (tensor parallel); <= 0: one per NUMA node
 };
 
 // LoRA arrays as the caller gives them (any float dtype the engine accepts, any strides).
@@ -130,7 +130,7 @@ class MoEEngine {
 
   EngineConfig cfg_;
   kernels::Isa isa_;
-  kernels::KernelTable k_;  // resolved (null helper entries filled from scalar)
+  kernels::KernelTable k_;                     // resolved (null helper entries filled from scalar)
   const kernels::QuantKernels* qk_ = nullptr;  // dequantization for isa_
   int threads_ = 1;
   float scale_ = 1.0f;
@@ -158,7 +158,8 @@ class MoEEngine {
     }
   };
   // Tensor parallel slices of I: slice s owns I blocks [b0, b0 + nb) of every expert (columns
-  // [16 b0, 16 b0 + width) of I), its weights allocated on NUMA node s mod nodes. tp = 1: one slice.
+  // [16 b0, 16 b0 + width) of I), its weights allocated on NUMA node s mod nodes. tp = 1: one
+  // slice.
   //   wgu: E x 2nb blocks (gate block q then up block q), depth KpH; bf16 or codes
   //   wd:  E x nbH blocks of the slice's columns of down, depth KpI = packed_k(width)
   //   sgu, sd: int8/int4 scales (engine/quant.h), rows in packed order
@@ -180,14 +181,11 @@ class MoEEngine {
   // blocks): the stored blocks (bf16) or a dequantized copy in the thread's scratch slot.
   const kernels::bf16* gu_blocks(int s, int64_t e, int64_t b0, int64_t nblk, int th,
                                  int slot) const;
-  const kernels::bf16* d_blocks(int s, int64_t e, int64_t b0, int64_t nblk, int th,
-                                int slot) const;
+  const kernels::bf16* d_blocks(int s, int64_t e, int64_t b0, int64_t nblk, int th, int slot) const;
   // pack_transposed of slice s of expert e's gate_up / down weight (k0 local to the slice).
   // Quantized storage: only the depth range read is dequantized, in thread th's scratch.
-  void gu_transposed(int s, int64_t e, int64_t k0, int64_t nblk, kernels::bf16* dst,
-                     int th) const;
-  void d_transposed(int s, int64_t e, int64_t k0, int64_t nblk, kernels::bf16* dst,
-                    int th) const;
+  void gu_transposed(int s, int64_t e, int64_t k0, int64_t nblk, kernels::bf16* dst, int th) const;
+  void d_transposed(int s, int64_t e, int64_t k0, int64_t nblk, kernels::bf16* dst, int th) const;
 
   // LoRA: caller arrays and the internal fp32 copy.
   LoraArrays lora_;

@@ -9,7 +9,6 @@ namespace kt::engine::quant {
 using kernels::bf16;
 using kernels::kBlockN;
 
-
 Format make_format(Kind kind, int64_t K, int64_t group) {
   Format f;
   f.kind = kind;

@@ -3,11 +3,11 @@
 // Internal layout: the packed bf16 block layout of kernels/kernels.h with codes in place of bf16
 // values. Element (n, k) of block b (rows 16b .. 16b + 15) is code number
 //     i = (k / 2) * 32 + (n % 16) * 2 + (k % 2)
-// of the block: int8 stores code i in byte i (16 * Kp bytes per block); int4 stores it in byte i / 2,
-// low nibble for even i, high nibble for odd i (two's complement, -8 .. 7; 8 * Kp bytes per block).
-// Scales are float32 per (row, group) in row order of the packed rows: scale[row * ngroups + g],
-// g = k / group; int8 has one group per row (group = Kp). The value is float(code) * scale, rounded
-// to bf16 when a block is dequantized for the bf16 GEMM kernels.
+// of the block: int8 stores code i in byte i (16 * Kp bytes per block); int4 stores it in byte i /
+// 2, low nibble for even i, high nibble for odd i (two's complement, -8 .. 7; 8 * Kp bytes per
+// block). Scales are float32 per (row, group) in row order of the packed rows: scale[row * ngroups
+// + g], g = k / group; int8 has one group per row (group = Kp). The value is float(code) * scale,
+// rounded to bf16 when a block is dequantized for the bf16 GEMM kernels.
 //
 // Quantization (symmetric): per row and group, scale = max|w| / qmax (qmax 127 for int8, 7 for
 // int4), code = round_half_even(w / scale) clamped to [-qmax, qmax]; an all-zero group has scale 0.
@@ -49,7 +49,7 @@ void dequant_blocks(const kernels::QuantKernels& qk, const Format& f, const uint
 // Dequantizes the depth pairs [kp0, kp1) (k in [2 kp0, 2 kp1)) of nblk consecutive blocks into
 // nblk packed bf16 blocks of depth dst_Kp (a multiple of 32 >= 2 (kp1 - kp0); the rest is zero).
 void dequant_range(const kernels::QuantKernels& qk, const Format& f, const uint8_t* blk,
-                   const float* scales, int64_t nblk, int64_t kp0, int64_t kp1,
-                   kernels::bf16* dst, int64_t dst_Kp);
+                   const float* scales, int64_t nblk, int64_t kp0, int64_t kp1, kernels::bf16* dst,
+                   int64_t dst_Kp);
 
 }  // namespace kt::engine::quant

@@ -146,9 +146,9 @@ std::string check_gemm(const KernelTable& table, const KernelTable& ref, const C
                        bool accumulate, uint64_t seed) {
   const int64_t Kp = packed_k(c.K);
   const int64_t nblk = packed_blocks(c.N);
-  const int64_t lda = Kp + 8;                 // row padding the kernel must skip
-  const int64_t ldc = nblk * kBlockN + 3;     // columns the kernel must not touch
-  const int64_t pad_rows = 2;                 // rows after C the kernel must not touch
+  const int64_t lda = Kp + 8;              // row padding the kernel must skip
+  const int64_t ldc = nblk * kBlockN + 3;  // columns the kernel must not touch
+  const int64_t pad_rows = 2;              // rows after C the kernel must not touch
   Lcg rng{seed};
   std::vector<bf16> A(static_cast<size_t>(c.M * lda + 1), 0);
   for (int64_t m = 0; m < c.M; ++m) {
@@ -187,9 +187,10 @@ std::string check_gemm(const KernelTable& table, const KernelTable& ref, const C
       // Bound on the difference of two fp32 sums of the same Kp + 1 terms in different orders.
       double mag = accumulate ? std::fabs(C0[i]) : 0.0;
       for (int64_t k = 0; k < c.K; ++k) {
-        mag += std::fabs(bf16_to_f32(A[m * lda + k]) *
-                         bf16_to_f32(B[(n / kBlockN) * kBlockN * Kp + (k / 2) * 32 +
-                                       (n % kBlockN) * 2 + (k % 2)]));
+        mag += std::fabs(
+            bf16_to_f32(A[m * lda + k]) *
+            bf16_to_f32(
+                B[(n / kBlockN) * kBlockN * Kp + (k / 2) * 32 + (n % kBlockN) * 2 + (k % 2)]));
       }
       const double tol = 2.0 * static_cast<double>(Kp + 1) * std::ldexp(mag, -24) + 1e-30;
       const double diff = std::fabs(static_cast<double>(got[i]) - want[i]);
@@ -291,7 +292,8 @@ std::string check_helpers(const KernelTable& t, const KernelTable& ref) {
       std::vector<bf16> got(out_elems, 1), want(out_elems, 2);
       t.pack_transposed(w.data(), N, Kp, 0, nblk, got.data());
       ref.pack_transposed(w.data(), N, Kp, 0, nblk, want.data());
-      if (got != want) return "pack_transposed N=" + std::to_string(N) + " differs from the reference";
+      if (got != want)
+        return "pack_transposed N=" + std::to_string(N) + " differs from the reference";
     }
   }
   return {};

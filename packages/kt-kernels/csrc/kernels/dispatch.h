@@ -14,8 +14,8 @@ const char* isa_name(Isa isa);
 // Parses "scalar" | "avx2" | "avx512" | "avx512_bf16" | "amx"; false if unknown.
 bool parse_isa(const std::string& name, Isa* out);
 
-bool isa_compiled(Isa isa);  // this build contains kernels for it
-bool isa_runnable(Isa isa);  // compiled, and this CPU + OS support it
+bool isa_compiled(Isa isa);         // this build contains kernels for it
+bool isa_runnable(Isa isa);         // compiled, and this CPU + OS support it
 std::vector<Isa> available_isas();  // runnable ISAs, from scalar up to the best
 
 // The ISA to use: `requested` (empty = none) > KT_KERNELS_ISA env var > best runnable.

@@ -54,12 +54,13 @@ inline float bf16_to_f32(bf16 v) {
 inline bf16 f32_to_bf16(float f) {
   uint32_t bits;
   std::memcpy(&bits, &f, sizeof bits);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<bf16>((bits >> 16) | 0x40u);  // quiet NaN
+  if ((bits & 0x7fffffffu) > 0x7f800000u)
+    return static_cast<bf16>((bits >> 16) | 0x40u);  // quiet NaN
   bits += 0x7fffu + ((bits >> 16) & 1u);
   return static_cast<bf16>(bits >> 16);
 }
 
-}  // inline namespace KT_ISA_NAMESPACE
+}  // namespace KT_ISA_NAMESPACE
 
 // C[M x 16*nblk] (= or +=) A[M x Kp] . W^T for nblk consecutive packed blocks of W.
 //   A: bf16, row-major, row stride lda >= Kp; columns [K, Kp) must be zero.
@@ -102,8 +103,8 @@ using silu_mul_bwd_fn = void (*)(int64_t n, const float* g, const float* u, cons
 // depth Kp. Writes nblk packed blocks of W^T, i.e. rows k in [k0, k0 + 16 * nblk) of the Kp x N
 // matrix W^T, each with padded depth packed_k(N) (columns >= N are zero); k0 is a multiple of 16
 // and rows >= Kp are zero. dst holds nblk * packed_block_elems(N) bf16.
-using pack_transposed_fn = void (*)(const bf16* W, int64_t N, int64_t Kp, int64_t k0,
-                                    int64_t nblk, bf16* dst);
+using pack_transposed_fn = void (*)(const bf16* W, int64_t N, int64_t Kp, int64_t k0, int64_t nblk,
+                                    bf16* dst);
 
 struct KernelTable {
   Isa isa;

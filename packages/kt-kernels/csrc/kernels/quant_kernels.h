@@ -34,10 +34,12 @@ inline bf16 bf16_round_finite(float f) {
   bits += 0x7fffu + ((bits >> 16) & 1u);
   return static_cast<bf16>(bits >> 16);
 }
-inline int8_t int4_lo(uint8_t byte) { return static_cast<int8_t>(static_cast<int8_t>(byte << 4) >> 4); }
+inline int8_t int4_lo(uint8_t byte) {
+  return static_cast<int8_t>(static_cast<int8_t>(byte << 4) >> 4);
+}
 inline int8_t int4_hi(uint8_t byte) { return static_cast<int8_t>(static_cast<int8_t>(byte) >> 4); }
 
-}  // inline namespace KT_ISA_NAMESPACE
+}  // namespace KT_ISA_NAMESPACE
 
 const QuantKernels* scalar_quant_table();
 const QuantKernels* avx2_quant_table();

@@ -6,8 +6,9 @@
 // computing MR rows x NR packed blocks over all of K. The driver walks N in groups of NR blocks
 // (outer) and M in groups of MR rows (inner), so one panel of B (NR blocks, all of K) stays in L2
 // while every row of A passes over it. (Blocking K as well, to keep the panel in L1, measured no
-// faster on Zen 5 for M up to 1024 and K up to 2048: the L2 feeds the panel fast enough.) Tails use the smaller instantiations, which run the same k
-// order per output element, so results never depend on how a caller splits M or N.
+// faster on Zen 5 for M up to 1024 and K up to 2048: the L2 feeds the panel fast enough.) Tails use
+// the smaller instantiations, which run the same k order per output element, so results never
+// depend on how a caller splits M or N.
 #pragma once
 
 #ifndef KT_CPU_CAPABILITY
@@ -33,9 +34,9 @@ struct TileArgs {
   int64_t Kp;
   const bf16* A;
   int64_t lda;
-  const bf16* B;       // first block of the tile
+  const bf16* B;        // first block of the tile
   int64_t block_elems;  // distance between consecutive packed blocks (bf16 elements)
-  float* C;            // first row, first column of the tile
+  float* C;             // first row, first column of the tile
   int64_t ldc;
   bool accumulate;
 };
@@ -65,7 +66,7 @@ void gemm_tiled(int64_t M, int64_t nblk, int64_t Kp, const bf16* A, int64_t lda,
     const int nr = static_cast<int>(nblk - n0 < NR ? nblk - n0 : NR);
     for (int64_t m0 = 0; m0 < M; m0 += MR) {
       const int mr = static_cast<int>(M - m0 < MR ? M - m0 : MR);
-      const TileArgs t{Kp, A + m0 * lda, lda, B + n0 * block, block, C + m0 * ldc + n0 * kBlockN,
+      const TileArgs t{Kp,  A + m0 * lda, lda, B + n0 * block, block, C + m0 * ldc + n0 * kBlockN,
                        ldc, accumulate};
       run_rows<Tile, MR, NR>(mr, nr, t);
     }

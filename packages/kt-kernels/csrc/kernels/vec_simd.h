@@ -43,15 +43,23 @@ inline VF vfma(VF a, VF b, VF c) { return _mm512_fmadd_ps(a, b, c); }
 // min(hi, x) / max(lo, x) return x when x is NaN (MINPS returns its second operand then).
 inline VF vmin_keep_nan(VF hi, VF x) { return _mm512_min_ps(hi, x); }
 inline VF vmax_keep_nan(VF lo, VF x) { return _mm512_max_ps(lo, x); }
-inline VF vround(VF x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline VF vround(VF x) {
+  return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
 inline VI vcvt_i32(VF x) { return _mm512_cvtps_epi32(x); }
 inline VF as_f(VI x) { return _mm512_castsi512_ps(x); }
 inline VI as_i(VF x) { return _mm512_castps_si512(x); }
 inline VI iadd(VI a, VI b) { return _mm512_add_epi32(a, b); }
 inline VI iand(VI a, VI b) { return _mm512_and_si512(a, b); }
 inline VI ior(VI a, VI b) { return _mm512_or_si512(a, b); }
-template <int S> inline VI ishl(VI a) { return _mm512_slli_epi32(a, S); }
-template <int S> inline VI ishr(VI a) { return _mm512_srli_epi32(a, S); }
+template <int S>
+inline VI ishl(VI a) {
+  return _mm512_slli_epi32(a, S);
+}
+template <int S>
+inline VI ishr(VI a) {
+  return _mm512_srli_epi32(a, S);
+}
 inline VF vselect_gt(VF x, float limit, VF if_gt, VF otherwise) {  // x > limit ? if_gt : otherwise
   return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(limit), _CMP_GT_OQ), otherwise,
                               if_gt);
@@ -70,10 +78,12 @@ inline VI load_u16_n(const bf16* p, int n) {
 inline void store_u16_n(bf16* p, VI v, int n) {
   _mm256_mask_storeu_epi16(p, lanes(n), _mm512_cvtepi32_epi16(v));
 }
-// Sum of the 16 lanes of acc[0] by the tree of the scalar reference: l += l + 8, l + 4, l + 2, l + 1.
+// Sum of the 16 lanes of acc[0] by the tree of the scalar reference: l += l + 8, l + 4, l + 2, l
+// + 1.
 inline float tree_sum(const VF* acc) {
-  const __m256 s8 = _mm256_add_ps(_mm512_castps512_ps256(acc[0]),
-                                  _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[0]), 1)));
+  const __m256 s8 =
+      _mm256_add_ps(_mm512_castps512_ps256(acc[0]),
+                    _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[0]), 1)));
   const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
   const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
   return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
@@ -102,8 +112,14 @@ inline VI as_i(VF x) { return _mm256_castps_si256(x); }
 inline VI iadd(VI a, VI b) { return _mm256_add_epi32(a, b); }
 inline VI iand(VI a, VI b) { return _mm256_and_si256(a, b); }
 inline VI ior(VI a, VI b) { return _mm256_or_si256(a, b); }
-template <int S> inline VI ishl(VI a) { return _mm256_slli_epi32(a, S); }
-template <int S> inline VI ishr(VI a) { return _mm256_srli_epi32(a, S); }
+template <int S>
+inline VI ishl(VI a) {
+  return _mm256_slli_epi32(a, S);
+}
+template <int S>
+inline VI ishr(VI a) {
+  return _mm256_srli_epi32(a, S);
+}
 inline VF vselect_gt(VF x, float limit, VF if_gt, VF otherwise) {
   return _mm256_blendv_ps(otherwise, if_gt, _mm256_cmp_ps(x, _mm256_set1_ps(limit), _CMP_GT_OQ));
 }
@@ -194,10 +210,18 @@ void gemm_f32_rank1(int64_t M, int64_t N, int64_t K, float alpha, const float* A
       float* c = C + m0 * ldc + n0;
       const int64_t ncols = N - n0;
       switch (rows) {
-        case 4: rank1_tile<4>(K, a_at, alpha, b, ldb, c, ldc, ncols, accumulate); break;
-        case 3: rank1_tile<3>(K, a_at, alpha, b, ldb, c, ldc, ncols, accumulate); break;
-        case 2: rank1_tile<2>(K, a_at, alpha, b, ldb, c, ldc, ncols, accumulate); break;
-        default: rank1_tile<1>(K, a_at, alpha, b, ldb, c, ldc, ncols, accumulate); break;
+        case 4:
+          rank1_tile<4>(K, a_at, alpha, b, ldb, c, ldc, ncols, accumulate);
+          break;
+        case 3:
+          rank1_tile<3>(K, a_at, alpha, b, ldb, c, ldc, ncols, accumulate);
+          break;
+        case 2:
+          rank1_tile<2>(K, a_at, alpha, b, ldb, c, ldc, ncols, accumulate);
+          break;
+        default:
+          rank1_tile<1>(K, a_at, alpha, b, ldb, c, ldc, ncols, accumulate);
+          break;
       }
     }
   }
@@ -368,8 +392,8 @@ void silu_mul_bwd(int64_t n, const float* g, const float* u, const float* dh, fl
 // with its two middle bf16 swapped: a qword transpose plus one byte shuffle.
 #if defined(__AVX512F__)
 inline __m512i swap_middle_words(__m512i q) {
-  const __m512i idx = _mm512_broadcast_i32x4(
-      _mm_setr_epi8(0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15));
+  const __m512i idx =
+      _mm512_broadcast_i32x4(_mm_setr_epi8(0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15));
   return _mm512_shuffle_epi8(q, idx);
 }
 
@@ -380,7 +404,7 @@ inline void transpose_subtile(const bf16* s, bf16* o) {
     t[j] = _mm512_unpacklo_epi64(r[j], r[j + 1]);      // q0 q2 q4 q6 of rows j, j + 1
     t[j + 1] = _mm512_unpackhi_epi64(r[j], r[j + 1]);  // q1 q3 q5 q7
   }
-  for (int h = 0; h < 8; h += 4) {  // rows h..h+3
+  for (int h = 0; h < 8; h += 4) {                              // rows h..h+3
     u[h + 0] = _mm512_shuffle_i64x2(t[h], t[h + 2], 0x88);      // q0, q4
     u[h + 1] = _mm512_shuffle_i64x2(t[h], t[h + 2], 0xdd);      // q2, q6
     u[h + 2] = _mm512_shuffle_i64x2(t[h + 1], t[h + 3], 0x88);  // q1, q5
@@ -454,8 +478,9 @@ void pack_transposed(const bf16* W_, int64_t N, int64_t Kp, int64_t k0, int64_t 
 
 // The complete KernelTable of the including ISA: its gemm_bf16 plus the entries above. Constant
 // initialised (no code runs to build it), so merely taking its address runs no wide instruction.
-#define KT_KERNEL_TABLE(isa, gemm)                                                              \
-  {                                                                                              \
-    Isa::isa, gemm, &vec::gemm_f32_nn, &vec::gemm_f32_nt, &vec::gemm_f32_tn, &vec::cvt_bf16_f32, \
-        &vec::cvt_f32_bf16, &vec::silu_mul, &vec::silu_mul_bwd, &vec::pack_transposed            \
-  }
+#define KT_KERNEL_TABLE(isa, gemm)         \
+  {Isa::isa,           gemm,               \
+   &vec::gemm_f32_nn,  &vec::gemm_f32_nt,  \
+   &vec::gemm_f32_tn,  &vec::cvt_bf16_f32, \
+   &vec::cvt_f32_bf16, &vec::silu_mul,     \
+   &vec::silu_mul_bwd, &vec::pack_transposed}

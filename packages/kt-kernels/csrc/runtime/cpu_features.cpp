@@ -60,8 +60,8 @@ CpuFeatures detect() {
   const bool osxsave = bit(l1.c, 27);
   if (!osxsave) return f;  // The OS saves no extended state: only SSE code is safe.
   const uint64_t xcr0 = xgetbv0();
-  const bool os_avx = (xcr0 & 0x6) == 0x6;           // XMM + YMM state
-  const bool os_avx512 = os_avx && (xcr0 & 0xe0) == 0xe0;  // opmask + ZMM_Hi256 + Hi16_ZMM
+  const bool os_avx = (xcr0 & 0x6) == 0x6;                    // XMM + YMM state
+  const bool os_avx512 = os_avx && (xcr0 & 0xe0) == 0xe0;     // opmask + ZMM_Hi256 + Hi16_ZMM
   const bool os_amx = (xcr0 & (3ull << 17)) == (3ull << 17);  // XTILECFG + XTILEDATA
 
   const bool avx = bit(l1.c, 28) && os_avx;
@@ -92,12 +92,18 @@ CpuFeatures detect() { return CpuFeatures{}; }
 }  // namespace
 
 std::vector<std::pair<std::string, bool>> CpuFeatures::as_list() const {
-  return {{"avx2", avx2},         {"fma", fma},
-          {"f16c", f16c},         {"avx512f", avx512f},
-          {"avx512bw", avx512bw}, {"avx512vl", avx512vl},
-          {"avx512dq", avx512dq}, {"avx512_bf16", avx512_bf16},
-          {"avx512_vnni", avx512_vnni}, {"amx_tile", amx_tile},
-          {"amx_bf16", amx_bf16}, {"amx_int8", amx_int8}};
+  return {{"avx2", avx2},
+          {"fma", fma},
+          {"f16c", f16c},
+          {"avx512f", avx512f},
+          {"avx512bw", avx512bw},
+          {"avx512vl", avx512vl},
+          {"avx512dq", avx512dq},
+          {"avx512_bf16", avx512_bf16},
+          {"avx512_vnni", avx512_vnni},
+          {"amx_tile", amx_tile},
+          {"amx_bf16", amx_bf16},
+          {"amx_int8", amx_int8}};
 }
 
 const CpuFeatures& cpu_features() {

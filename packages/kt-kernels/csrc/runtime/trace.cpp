@@ -117,10 +117,11 @@ std::string trace_chrome_json() {
   out += buf;
   for (uint32_t t : tids) {
     sep();
-    std::snprintf(buf, sizeof buf,
-                  "{\"ph\":\"M\",\"pid\":%ld,\"tid\":%u,\"name\":\"thread_name\",\"args\":{\"name\":"
-                  "\"thread %u\"}}",
-                  pid, t, t);
+    std::snprintf(
+        buf, sizeof buf,
+        "{\"ph\":\"M\",\"pid\":%ld,\"tid\":%u,\"name\":\"thread_name\",\"args\":{\"name\":"
+        "\"thread %u\"}}",
+        pid, t, t);
     out += buf;
   }
   for (const TraceEvent& e : evs) {

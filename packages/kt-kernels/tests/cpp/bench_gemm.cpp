@@ -85,12 +85,9 @@ int main(int argc, char** argv) {
     isas = available_isas();
   }
   const Shape shapes[] = {
-      {"in-cache 16x48x256", 16, 48, 256},
-      {"gate/up rows=32", 32, 768, 2048},
-      {"engine tile 128x64x2048", 128, 64, 2048},
-      {"engine tile 128x64x768", 128, 64, 768},
-      {"gate/up rows=256", 256, 768, 2048},
-      {"down rows=256", 256, 2048, 768},
+      {"in-cache 16x48x256", 16, 48, 256},        {"gate/up rows=32", 32, 768, 2048},
+      {"engine tile 128x64x2048", 128, 64, 2048}, {"engine tile 128x64x768", 128, 64, 768},
+      {"gate/up rows=256", 256, 768, 2048},       {"down rows=256", 256, 2048, 768},
       {"dense 1024x1536x2048", 1024, 1536, 2048},
   };
   std::printf("%-24s", "shape (M x N x K)");

@@ -18,7 +18,9 @@ inline std::vector<std::pair<std::string, std::function<void()>>>& registry() {
 }
 
 struct Register {
-  Register(const char* name, std::function<void()> fn) { registry().emplace_back(name, std::move(fn)); }
+  Register(const char* name, std::function<void()> fn) {
+    registry().emplace_back(name, std::move(fn));
+  }
 };
 
 inline int& failures() {
@@ -53,8 +55,8 @@ inline int run_all(int argc, char** argv) {
 
 #define KT_CONCAT2(a, b) a##b
 #define KT_CONCAT(a, b) KT_CONCAT2(a, b)
-#define TEST(name)                                                              \
-  static void KT_CONCAT(test_, name)();                                         \
+#define TEST(name)                                                                      \
+  static void KT_CONCAT(test_, name)();                                                 \
   static ::kt::testing::Register KT_CONCAT(reg_, name)(#name, &KT_CONCAT(test_, name)); \
   static void KT_CONCAT(test_, name)()
 

@@ -36,29 +36,32 @@ TEST(amx_kernel_on_tile_model_matches_scalar) {
           amx_emu::state().dp_calls = 0;
           amx.gemm_bf16(M, nblk, a.Kp, a.data.data(), a.lda, packed.data(), got.data(), ldc, acc);
           ref.gemm_bf16(M, nblk, a.Kp, a.data.data(), a.lda, packed.data(), want.data(), ldc, acc);
-          REQUIRE(amx_emu::errors().empty(), "M=%lld N=%lld K=%lld: %s", (long long)M,
-                  (long long)N, (long long)K, amx_emu::errors().front().c_str());
+          REQUIRE(amx_emu::errors().empty(), "M=%lld N=%lld K=%lld: %s", (long long)M, (long long)N,
+                  (long long)K, amx_emu::errors().front().c_str());
           REQUIRE(!amx_emu::state().configured, "tiles not released after the call");
           // One TDPBF16PS per (16-row tile, block, 32 k).
           const int64_t expect = (M + 15) / 16 * nblk * (a.Kp / 32);
-          REQUIRE(amx_emu::state().dp_calls == expect, "M=%lld N=%lld K=%lld: %lld dot calls, expected %lld",
-                  (long long)M, (long long)N, (long long)K, (long long)amx_emu::state().dp_calls,
-                  (long long)expect);
+          REQUIRE(amx_emu::state().dp_calls == expect,
+                  "M=%lld N=%lld K=%lld: %lld dot calls, expected %lld", (long long)M, (long long)N,
+                  (long long)K, (long long)amx_emu::state().dp_calls, (long long)expect);
           for (int64_t m = 0; m <= M; ++m) {
             for (int64_t n = 0; n < ldc; ++n) {
               const size_t i = static_cast<size_t>(m * ldc + n);
               if (m == M || n >= nblk * kBlockN) {
-                REQUIRE(got[i] == C0[i], "wrote outside C at (%lld, %lld)", (long long)m, (long long)n);
+                REQUIRE(got[i] == C0[i], "wrote outside C at (%lld, %lld)", (long long)m,
+                        (long long)n);
                 continue;
               }
               double mag = acc ? std::fabs(C0[i]) : 0.0;
               for (int64_t k = 0; k < K && n < N; ++k) {
-                mag += std::fabs(double(bf16_to_f32(a.data[m * a.lda + k])) * bf16_to_f32(w[n * K + k]));
+                mag += std::fabs(double(bf16_to_f32(a.data[m * a.lda + k])) *
+                                 bf16_to_f32(w[n * K + k]));
               }
               const double tol = 2.0 * double(a.Kp + 1) * std::ldexp(mag, -24);
               REQUIRE(std::fabs(double(got[i]) - want[i]) <= tol,
-                      "M=%lld N=%lld K=%lld acc=%d at (%lld, %lld): got %g, scalar %g", (long long)M,
-                      (long long)N, (long long)K, int(acc), (long long)m, (long long)n, got[i], want[i]);
+                      "M=%lld N=%lld K=%lld acc=%d at (%lld, %lld): got %g, scalar %g",
+                      (long long)M, (long long)N, (long long)K, int(acc), (long long)m,
+                      (long long)n, got[i], want[i]);
             }
           }
         }

@@ -17,8 +17,9 @@ const Isa kAll[] = {Isa::scalar, Isa::avx2, Isa::avx512, Isa::avx512_bf16, Isa::
 
 bool forced_fail(Isa isa) {
   const char* env = std::getenv("KT_KERNELS_FAIL_SELF_TEST");
-  return env != nullptr && ("," + std::string(env) + ",").find("," + std::string(isa_name(isa)) + ",") !=
-                               std::string::npos;
+  return env != nullptr &&
+         ("," + std::string(env) + ",").find("," + std::string(isa_name(isa)) + ",") !=
+             std::string::npos;
 }
 
 // The ISA the fallback chain should land on from `isa`.
@@ -93,8 +94,8 @@ TEST(explicit_request_and_env) {
 
 TEST(bad_requests_name_the_runnable_isas) {
   std::string msg = thrown_message("avx9");
-  REQUIRE(msg.find("isa='avx9'") != std::string::npos && msg.find("runnable here: scalar") !=
-                                                              std::string::npos,
+  REQUIRE(msg.find("isa='avx9'") != std::string::npos &&
+              msg.find("runnable here: scalar") != std::string::npos,
           "message: %s", msg.c_str());
   {
     EnvVar env("KT_KERNELS_ISA", "sse9");

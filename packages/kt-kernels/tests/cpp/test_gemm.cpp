@@ -53,8 +53,13 @@ struct Problem {
 };
 
 Problem make_problem(int64_t M, int64_t N, int64_t K, std::mt19937& rng) {
-  Problem p{kt::testing::make_a(M, K, /*lda_pad=*/(M + K) % 3 * 16 + 32, rng), N,
-            packed_blocks(N), packed_blocks(N) * kBlockN + 5, {}, {}, {}};
+  Problem p{kt::testing::make_a(M, K, /*lda_pad=*/(M + K) % 3 * 16 + 32, rng),
+            N,
+            packed_blocks(N),
+            packed_blocks(N) * kBlockN + 5,
+            {},
+            {},
+            {}};
   p.w = kt::testing::random_bf16(static_cast<size_t>(N * K), rng);
   p.packed = kt::testing::pack(p.w, N, K);
   std::uniform_real_distribution<float> u(-4.0f, 4.0f);
@@ -159,8 +164,8 @@ TEST(gemm_result_independent_of_caller_tiling) {
         for (int j = 0; b0 < p.nblk; ++j) {
           const int64_t blks = std::min<int64_t>(blk_steps[(i + j) % 3], p.nblk - b0);
           t.gemm_bf16(rows, blks, p.a.Kp, p.a.data.data() + m0 * p.a.lda, p.a.lda,
-                      p.packed.data() + b0 * kBlockN * p.a.Kp, split.data() + m0 * p.ldc + b0 * kBlockN,
-                      p.ldc, accumulate);
+                      p.packed.data() + b0 * kBlockN * p.a.Kp,
+                      split.data() + m0 * p.ldc + b0 * kBlockN, p.ldc, accumulate);
           b0 += blks;
         }
         m0 += rows;
@@ -179,8 +184,10 @@ TEST(gemm_empty_is_a_no_op) {
   for (Isa isa : available_isas()) {
     const KernelTable& t = kernel_table(isa);
     std::vector<float> c = p.c0;
-    t.gemm_bf16(0, p.nblk, p.a.Kp, p.a.data.data(), p.a.lda, p.packed.data(), c.data(), p.ldc, false);
-    t.gemm_bf16(p.a.M, 0, p.a.Kp, p.a.data.data(), p.a.lda, p.packed.data(), c.data(), p.ldc, false);
+    t.gemm_bf16(0, p.nblk, p.a.Kp, p.a.data.data(), p.a.lda, p.packed.data(), c.data(), p.ldc,
+                false);
+    t.gemm_bf16(p.a.M, 0, p.a.Kp, p.a.data.data(), p.a.lda, p.packed.data(), c.data(), p.ldc,
+                false);
     REQUIRE(c == p.c0, "%s wrote C for an empty product", isa_name(isa));
   }
 }
@@ -189,7 +196,7 @@ TEST(gemm_empty_is_a_no_op) {
 TEST(gemm_propagates_nan_and_inf) {
   std::mt19937 rng(11);
   Problem p = make_problem(10, 40, 70, rng);
-  p.a.data[3 * p.a.lda + 5] = 0x7fc0;  // NaN
+  p.a.data[3 * p.a.lda + 5] = 0x7fc0;   // NaN
   p.a.data[6 * p.a.lda + 69] = 0x7f80;  // +Inf (row 6 gets +-Inf or NaN)
   for (Isa isa : available_isas()) {
     const std::vector<float> c = run(kernel_table(isa), p, false);
@@ -197,7 +204,8 @@ TEST(gemm_propagates_nan_and_inf) {
       for (int64_t n = 0; n < p.N; ++n) {
         const float v = c[m * p.ldc + n];
         if (m == 3) {
-          REQUIRE(std::isnan(v), "%s: row 3 col %lld is %g, not NaN", isa_name(isa), (long long)n, v);
+          REQUIRE(std::isnan(v), "%s: row 3 col %lld is %g, not NaN", isa_name(isa), (long long)n,
+                  v);
         } else if (m == 6) {
           REQUIRE(!std::isfinite(v), "%s: row 6 col %lld is finite", isa_name(isa), (long long)n);
         } else {

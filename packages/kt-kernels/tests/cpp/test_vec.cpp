@@ -47,7 +47,7 @@ bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
 using GemmF32 = gemm_f32_nn_fn;
 struct GemmCase {
   const char* name;
-  GemmF32 KernelTable::*entry;
+  GemmF32 KernelTable::* entry;
   bool trans_a;  // A stored K x M
   bool trans_b;  // B stored N x K
 };
@@ -67,8 +67,7 @@ TEST(gemm_f32_bit_identical_to_scalar) {
       for (int64_t M : sizes) {
         for (int64_t N : sizes) {
           for (int64_t K : {1, 3, 8, 16, 17, 40, 200}) {
-            const int64_t lda = (g.trans_a ? M : K) + 3, ldb = (g.trans_b ? K : N) + 5,
-                          ldc = N + 2;
+            const int64_t lda = (g.trans_a ? M : K) + 3, ldb = (g.trans_b ? K : N) + 5, ldc = N + 2;
             const auto A = randn(static_cast<size_t>((g.trans_a ? K : M) * lda), rng);
             const auto B = randn(static_cast<size_t>((g.trans_b ? N : K) * ldb), rng);
             const auto C0 = randn(static_cast<size_t>(M * ldc), rng);
@@ -100,7 +99,8 @@ TEST(gemm_f32_independent_of_alignment) {
         std::copy(A.begin(), A.end(), a.begin() + off);
         std::copy(B.begin(), B.end(), b.begin() + off);
         std::copy(C0.begin(), C0.end(), c.begin() + off);
-        (t.*g.entry)(M, N, K, 1.0f, a.data() + off, ld, b.data() + off, ld, c.data() + off, ld, true);
+        (t.*g.entry)(M, N, K, 1.0f, a.data() + off, ld, b.data() + off, ld, c.data() + off, ld,
+                     true);
         std::vector<float> out(c.begin() + off, c.end());
         if (first.empty()) first = out;
         REQUIRE(same_bits(first, out), "%s %s differs at offset %d", isa_name(isa), g.name, off);
@@ -146,8 +146,8 @@ TEST(conversions_bit_identical_to_scalar) {
   for (int i = 0; i < 200000; ++i) {
     uint32_t b = bits(rng);
     if (i % 4 == 1) b = (b & 0xffff0000u) | 0x8000u;  // exact ties
-    if (i % 4 == 2) b = (b & 0x807fffffu);             // zero / denormal exponents
-    if (i % 4 == 3) b = (b | 0x7f800000u);             // Inf / NaN exponents
+    if (i % 4 == 2) b = (b & 0x807fffffu);            // zero / denormal exponents
+    if (i % 4 == 3) b = (b | 0x7f800000u);            // Inf / NaN exponents
     float f;
     std::memcpy(&f, &b, 4);
     f32.push_back(f);
@@ -176,8 +176,8 @@ TEST(silu_within_tolerance_of_scalar) {
   auto g = randn(n, rng, 6.0f);
   const auto u = randn(n, rng), dh = randn(n, rng);
   // Extremes: overflow and underflow of exp(-g), zeros, NaN, infinities.
-  const float extremes[] = {-120.0f, -89.0f, -88.5f, -87.5f, -30.0f, -0.0f, 0.0f,
-                            30.0f,   87.5f,  88.5f,  89.0f,  120.0f, NAN,   INFINITY, -INFINITY};
+  const float extremes[] = {-120.0f, -89.0f, -88.5f, -87.5f, -30.0f, -0.0f,    0.0f,     30.0f,
+                            87.5f,   88.5f,  89.0f,  120.0f, NAN,    INFINITY, -INFINITY};
   for (size_t i = 0; i < sizeof extremes / sizeof extremes[0]; ++i) g[i * 101] = extremes[i];
   for (Isa isa : isas()) {
     const KernelTable& t = kernel_table(isa);
@@ -221,10 +221,11 @@ TEST(pack_transposed_bit_identical_to_scalar) {
         const auto w = kt::testing::random_bf16(static_cast<size_t>(N * K), rng);
         const auto packed = kt::testing::pack(w, N, K);
         const int64_t Kp = packed_k(K);
-        // The whole transpose in one call, then from a later k0 with a few blocks (and one past Kp).
+        // The whole transpose in one call, then from a later k0 with a few blocks (and one past
+        // Kp).
         const int64_t total = Kp / kBlockN;
-        const int64_t starts[][2] = {{0, total}, {total > 1 ? 1 : 0, total > 1 ? total - 1 : 1},
-                                     {total - 1, 2}};
+        const int64_t starts[][2] = {
+            {0, total}, {total > 1 ? 1 : 0, total > 1 ? total - 1 : 1}, {total - 1, 2}};
         for (const auto& s : starts) {
           const size_t elems = static_cast<size_t>(s[1] * packed_block_elems(N));
           std::vector<bf16> got(elems + 5, 0x1111), want(elems + 5, 0x1111);
@@ -241,7 +242,8 @@ TEST(pack_transposed_bit_identical_to_scalar) {
           const int64_t KpT = packed_k(N);
           for (int64_t k = 0; k < K; ++k) {
             for (int64_t n = 0; n < N; ++n) {
-              const bf16 v = wt[(k / kBlockN) * kBlockN * KpT + (n / 2) * 32 + (k % kBlockN) * 2 + n % 2];
+              const bf16 v =
+                  wt[(k / kBlockN) * kBlockN * KpT + (n / 2) * 32 + (k % kBlockN) * 2 + n % 2];
               REQUIRE(v == w[n * K + k], "reference transpose wrong at n=%lld k=%lld", (long long)n,
                       (long long)k);
             }

@@ -50,12 +50,12 @@ TileConfig make_config(int rows0, int rows1) {
     cfg.rows[tile] = static_cast<uint8_t>(rows);
     cfg.colsb[tile] = rows > 0 ? kTileBytes : 0;
   };
-  set(0, rows0);  // C[0][0]
-  set(1, rows0);  // C[0][1]
-  set(2, rows1);  // C[1][0]
-  set(3, rows1);  // C[1][1]
-  set(4, rows0);  // A[0]
-  set(5, rows1);  // A[1]
+  set(0, rows0);      // C[0][0]
+  set(1, rows0);      // C[0][1]
+  set(2, rows1);      // C[1][0]
+  set(3, rows1);      // C[1][1]
+  set(4, rows0);      // A[0]
+  set(5, rows1);      // A[1]
   set(6, kTileRows);  // B[0]: 16 k pairs
   set(7, kTileRows);  // B[1]
   return cfg;
@@ -80,13 +80,13 @@ void release() {
 
 // ---- tile operations. GCC's _tile_* macros paste the tile number into the instruction text, so
 // the ids below are literals, spelled once each.
-#define KT_C_INIT(id, ptr)                    \
-  do {                                        \
-    if (accumulate) {                         \
-      _tile_loadd(id, ptr, ldc_bytes);        \
-    } else {                                  \
-      _tile_zero(id);                         \
-    }                                         \
+#define KT_C_INIT(id, ptr)             \
+  do {                                 \
+    if (accumulate) {                  \
+      _tile_loadd(id, ptr, ldc_bytes); \
+    } else {                           \
+      _tile_zero(id);                  \
+    }                                  \
   } while (0)
 
 // MB M tiles (16 rows each, fewer in a tail) x NB packed blocks, over all of K.
@@ -149,8 +149,8 @@ void gemm_bf16(int64_t M, int64_t nblk, int64_t Kp, const bf16* A, int64_t lda, 
     for (int64_t n0 = 0; n0 < nblk; n0 += 2) {
       const int nb = nblk - n0 >= 2 ? 2 : 1;
       for (int64_t m0 = 0; m0 < full; m0 += 2 * kTileRows) {
-        tile_cols<2>(nb, Kp, A + m0 * lda, lda, B + n0 * block, block,
-                     C + m0 * ldc + n0 * kBlockN, ldc, accumulate);
+        tile_cols<2>(nb, Kp, A + m0 * lda, lda, B + n0 * block, block, C + m0 * ldc + n0 * kBlockN,
+                     ldc, accumulate);
       }
     }
   }

@@ -1,6 +1,6 @@
-// AVX2 + FMA kernels: like AVX-512F, bf16 pairs are widened to fp32 with a shift (even k) and a mask
-// (odd k) and fed to FMA with broadcasts of A[m,k], A[m,k+1]. A packed block row (16 outputs) is two
-// ymm halves of 8. Results equal the scalar reference bit for bit on normal numbers.
+// AVX2 + FMA kernels: like AVX-512F, bf16 pairs are widened to fp32 with a shift (even k) and a
+// mask (odd k) and fed to FMA with broadcasts of A[m,k], A[m,k+1]. A packed block row (16 outputs)
+// is two ymm halves of 8. Results equal the scalar reference bit for bit on normal numbers.
 #include "kernels/intrinsics.h"  // first: before anything includes <immintrin.h>
 
 #include <cstring>

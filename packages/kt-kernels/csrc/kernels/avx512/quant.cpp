@@ -16,8 +16,10 @@ inline __m256i round16(__m512 v) {
 }
 
 inline void pair32(const int8_t* c, const __m512& s0, const __m512& s1, bf16* o) {
-  const __m512 a = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c))));
-  const __m512 b = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 16))));
+  const __m512 a = _mm512_cvtepi32_ps(
+      _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c))));
+  const __m512 b = _mm512_cvtepi32_ps(
+      _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 16))));
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), round16(_mm512_mul_ps(a, s0)));
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 16), round16(_mm512_mul_ps(b, s1)));
 }
