@@ -154,6 +154,23 @@ ColGroups col_groups(int64_t rows, int64_t n_blocks, int64_t tile_blocks) {
   return {blocks, ceil_div(n_blocks, blocks)};
 }
 
+// T rows of `src` (fp32 or bf16, row stride strides[0]) to bf16 rows of KpH, zero padded.
+void rows_to_bf16(const View& src, int64_t T, int64_t H, int64_t KpH, bf16* dst, int nt,
+                  const kernels::KernelTable& k) {
+  parallel_for(ceil_div(T, kTokensCombine), nt, [&](int64_t task, int) {
+    for (int64_t t = task * kTokensCombine; t < std::min(T, (task + 1) * kTokensCombine); ++t) {
+      bf16* row = dst + t * KpH;
+      if (src.dtype == DType::f32) {
+        k.cvt_f32_bf16(H, src.ptr<const float>() + t * src.strides[0], row);
+      } else {
+        std::memcpy(row, src.ptr<const bf16>() + t * src.strides[0],
+                    static_cast<size_t>(H) * sizeof(bf16));
+      }
+      std::memset(row + H, 0, static_cast<size_t>(KpH - H) * sizeof(bf16));
+    }
+  });
+}
+
 }  // namespace
 
 // ---- buffers -----------------------------------------------------------------------------------
@@ -975,18 +992,7 @@ void MoEEngine::run_forward(Ctx& c) {
 
   // -- convert: x rows to bf16, zero padded to KpH.
   bf16* xb = en.xb.get<bf16>(Tc * KpH);
-  parallel_for(ceil_div(T, kTokensCombine), nt, [&](int64_t task, int) {
-    for (int64_t t = task * kTokensCombine; t < std::min(T, (task + 1) * kTokensCombine); ++t) {
-      bf16* dst = xb + t * KpH;
-      if (c.x.dtype == DType::f32) {
-        k.cvt_f32_bf16(H, c.x.ptr<const float>() + t * c.x.strides[0], dst);
-      } else {
-        std::memcpy(dst, c.x.ptr<const bf16>() + t * c.x.strides[0],
-                    static_cast<size_t>(H) * sizeof(bf16));
-      }
-      std::memset(dst + H, 0, static_cast<size_t>(KpH - H) * sizeof(bf16));
-    }
-  });
+  rows_to_bf16(c.x, T, H, KpH, xb, nt, k);
   clock.mark("convert");
 
   // -- gather rows into expert order; LoRA x A^T.
@@ -1192,18 +1198,7 @@ void MoEEngine::run_backward(Ctx& c) {
 
   // -- convert dout to bf16 per token, then gather into expert order; LoRA dY Bd.
   bf16* dtok = shared_buf<bf16>(kSlotTok, Tc * KpH);
-  parallel_for(ceil_div(T, kTokensCombine), nt, [&](int64_t task, int) {
-    for (int64_t t = task * kTokensCombine; t < std::min(T, (task + 1) * kTokensCombine); ++t) {
-      bf16* dst = dtok + t * KpH;
-      if (c.dout.dtype == DType::f32) {
-        k.cvt_f32_bf16(H, c.dout.ptr<const float>() + t * c.dout.strides[0], dst);
-      } else {
-        std::memcpy(dst, c.dout.ptr<const bf16>() + t * c.dout.strides[0],
-                    static_cast<size_t>(H) * sizeof(bf16));
-      }
-      std::memset(dst + H, 0, static_cast<size_t>(KpH - H) * sizeof(bf16));
-    }
-  });
+  rows_to_bf16(c.dout, T, H, KpH, dtok, nt, k);
   clock.mark("convert");
 
   // I chunks of the down^T tiles: kPairsBwd blocks, never crossing a tensor-parallel slice.
