@@ -171,6 +171,33 @@ void rows_to_bf16(const View& src, int64_t T, int64_t H, int64_t KpH, bf16* dst,
   });
 }
 
+// dst[t, h0 : h0 + width] = sum over token t's slots j, in order, of w[slot] * src[slot row]
+// (w = 1 when slot_w is null); written as fp32 or bf16. The fixed order keeps results
+// independent of the thread count.
+void combine_slots(int64_t T, int64_t K, const int32_t* pos, const float* slot_w, const float* src,
+                   int64_t ld, int64_t h0, int64_t width, const View& dst, int nt,
+                   const kernels::KernelTable& k) {
+  parallel_for(ceil_div(T, kTokensCombine), nt, [&](int64_t task, int th) {
+    float* acc = local_buf<float>(th, kL0, width);
+    for (int64_t t = task * kTokensCombine; t < std::min(T, (task + 1) * kTokensCombine); ++t) {
+      std::fill(acc, acc + width, 0.0f);
+      for (int64_t j = 0; j < K; ++j) {
+        const int32_t p = pos[t * K + j];
+        if (p < 0) continue;
+        const float wj = slot_w ? slot_w[p] : 1.0f;
+        const float* row = src + p * ld;
+        for (int64_t h = 0; h < width; ++h) acc[h] += wj * row[h];
+      }
+      if (dst.dtype == DType::f32) {
+        std::memcpy(dst.ptr<float>() + t * dst.strides[0] + h0, acc,
+                    static_cast<size_t>(width) * sizeof(float));
+      } else {
+        k.cvt_f32_bf16(width, acc, dst.ptr<bf16>() + t * dst.strides[0] + h0);
+      }
+    }
+  });
+}
+
 }  // namespace
 
 // ---- buffers -----------------------------------------------------------------------------------
@@ -1121,25 +1148,7 @@ void MoEEngine::run_forward(Ctx& c) {
 
     // Combine per token, slots in order.
     const int64_t h0 = kBlockN * blo, width = std::min(H, kBlockN * bhi) - h0;
-    parallel_for(ceil_div(T, kTokensCombine), nt, [&](int64_t task, int th) {
-      float* acc = local_buf<float>(th, kL0, width);
-      for (int64_t t = task * kTokensCombine; t < std::min(T, (task + 1) * kTokensCombine); ++t) {
-        std::fill(acc, acc + width, 0.0f);
-        for (int64_t j = 0; j < K; ++j) {
-          const int32_t p = pos[t * K + j];
-          if (p < 0) continue;
-          const float wj = slot_w[p];
-          const float* yr = y + p * ldy;
-          for (int64_t h = 0; h < width; ++h) acc[h] += wj * yr[h];
-        }
-        if (c.out.dtype == DType::f32) {
-          std::memcpy(c.out.ptr<float>() + t * c.out.strides[0] + h0, acc,
-                      static_cast<size_t>(width) * sizeof(float));
-        } else {
-          k.cvt_f32_bf16(width, acc, c.out.ptr<bf16>() + t * c.out.strides[0] + h0);
-        }
-      }
-    });
+    combine_slots(T, K, pos, slot_w, y, ldy, h0, width, c.out, nt, k);
     clock.mark("combine");
   }
   clock.total();
@@ -1479,24 +1488,7 @@ void MoEEngine::run_backward(Ctx& c) {
 
     // Combine dx per token, slots in order.
     const int64_t h0 = kBlockN * blo, width = std::min(H, kBlockN * bhi) - h0;
-    parallel_for(ceil_div(T, kTokensCombine), nt, [&](int64_t task, int th) {
-      float* acc = local_buf<float>(th, kL0, width);
-      for (int64_t t = task * kTokensCombine; t < std::min(T, (task + 1) * kTokensCombine); ++t) {
-        std::fill(acc, acc + width, 0.0f);
-        for (int64_t j = 0; j < K; ++j) {
-          const int32_t p = pos[t * K + j];
-          if (p < 0) continue;
-          const float* src = dxs + p * ldx;
-          for (int64_t h = 0; h < width; ++h) acc[h] += src[h];
-        }
-        if (c.dx.dtype == DType::f32) {
-          std::memcpy(c.dx.ptr<float>() + t * c.dx.strides[0] + h0, acc,
-                      static_cast<size_t>(width) * sizeof(float));
-        } else {
-          k.cvt_f32_bf16(width, acc, c.dx.ptr<bf16>() + t * c.dx.strides[0] + h0);
-        }
-      }
-    });
+    combine_slots(T, K, pos, nullptr, dxs, ldx, h0, width, c.dx, nt, k);
     clock.mark("combine");
   }
   clock.total();
