@@ -1,9 +1,18 @@
 #include "runtime/numa.h"
 
 #include <dirent.h>
+#include <pthread.h>
+#include <sched.h>
 
+#include <algorithm>
 #include <cctype>
+#include <cstdlib>
 #include <cstring>
+#include <fstream>
+#include <map>
+#include <mutex>
+#include <sstream>
+#include <stdexcept>
 
 #ifdef KT_HAVE_LIBNUMA
 #include <numa.h>
@@ -22,6 +31,29 @@ int count_sysfs_nodes() {
   }
   closedir(d);
   return n > 0 ? n : 1;
+}
+
+// Large enough for any machine the engine targets; CPUs beyond it are never pinned to.
+constexpr int kMaxCpus = 8192;
+
+std::vector<int> read_node_cpus(int node) {
+#ifdef KT_HAVE_LIBNUMA
+  if (numa_available() >= 0) {
+    bitmask* mask = numa_allocate_cpumask();
+    std::vector<int> cpus;
+    if (mask != nullptr && numa_node_to_cpus(node, mask) == 0) {
+      for (unsigned i = 0; i < mask->size && i < static_cast<unsigned>(kMaxCpus); ++i) {
+        if (numa_bitmask_isbitset(mask, i)) cpus.push_back(static_cast<int>(i));
+      }
+    }
+    if (mask != nullptr) numa_free_cpumask(mask);
+    if (!cpus.empty()) return cpus;
+  }
+#endif
+  std::ifstream in("/sys/devices/system/node/node" + std::to_string(node) + "/cpulist");
+  std::string line;
+  if (!in || !std::getline(in, line)) return {};
+  return parse_cpulist(line);
 }
 
 }  // namespace
@@ -49,6 +81,81 @@ void bind_to_node(void* p, size_t bytes, int node) {
   (void)bytes;
   (void)node;
 #endif
+}
+
+std::vector<int> parse_cpulist(const std::string& text) {
+  std::vector<int> cpus;
+  std::stringstream ss(text);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    while (!item.empty() && std::isspace(static_cast<unsigned char>(item.back()))) item.pop_back();
+    while (!item.empty() && std::isspace(static_cast<unsigned char>(item.front()))) {
+      item.erase(item.begin());
+    }
+    if (item.empty()) continue;
+    char* end = nullptr;
+    const long lo = std::strtol(item.c_str(), &end, 10);
+    long hi = lo;
+    if (end == item.c_str()) return {};
+    if (*end == '-') {
+      const char* rest = end + 1;
+      hi = std::strtol(rest, &end, 10);
+      if (end == rest) return {};
+    }
+    if (*end != '\0' || lo < 0 || hi < lo || hi >= kMaxCpus) return {};
+    for (long c = lo; c <= hi; ++c) cpus.push_back(static_cast<int>(c));
+  }
+  std::sort(cpus.begin(), cpus.end());
+  cpus.erase(std::unique(cpus.begin(), cpus.end()), cpus.end());
+  return cpus;
+}
+
+std::vector<int> node_cpus(int node) {
+  static std::mutex m;
+  static std::map<int, std::vector<int>> cache;
+  std::lock_guard<std::mutex> lock(m);
+  auto it = cache.find(node);
+  if (it == cache.end())
+    it = cache.emplace(node, node >= 0 ? read_node_cpus(node) : std::vector<int>{}).first;
+  return it->second;
+}
+
+std::vector<int> thread_affinity() {
+  std::vector<int> cpus;
+  cpu_set_t* set = CPU_ALLOC(kMaxCpus);
+  if (set == nullptr) return cpus;
+  const size_t size = CPU_ALLOC_SIZE(kMaxCpus);
+  CPU_ZERO_S(size, set);
+  if (pthread_getaffinity_np(pthread_self(), size, set) == 0) {
+    for (int c = 0; c < kMaxCpus; ++c) {
+      if (CPU_ISSET_S(c, size, set)) cpus.push_back(c);
+    }
+  }
+  CPU_FREE(set);
+  return cpus;
+}
+
+bool set_thread_affinity(const std::vector<int>& cpus) {
+  if (cpus.empty()) return false;
+  cpu_set_t* set = CPU_ALLOC(kMaxCpus);
+  if (set == nullptr) return false;
+  const size_t size = CPU_ALLOC_SIZE(kMaxCpus);
+  CPU_ZERO_S(size, set);
+  for (int c : cpus) {
+    if (c >= 0 && c < kMaxCpus) CPU_SET_S(c, size, set);
+  }
+  const bool ok = pthread_setaffinity_np(pthread_self(), size, set) == 0;
+  CPU_FREE(set);
+  return ok;
+}
+
+bool thread_pinning_enabled() {
+  const char* env = std::getenv("KT_PIN_THREADS");
+  if (env == nullptr || *env == '\0' || std::strcmp(env, "1") == 0) return true;
+  if (std::strcmp(env, "0") == 0) return false;
+  throw std::invalid_argument(std::string("KT_PIN_THREADS='") + env +
+                              "' is not valid: expected 0 (no pinning) or 1 (pin worker groups "
+                              "to their NUMA node, the default)");
 }
 
 }  // namespace kt::runtime

@@ -130,7 +130,14 @@ std::string trace_chrome_json() {
     json_string(out, e.name);
     out += ",\"cat\":";
     json_string(out, e.cat);
-    if (e.tasks >= 0) {
+    if (e.tasks >= 0 && e.group >= 0) {
+      std::snprintf(buf, sizeof buf,
+                    ",\"pid\":%ld,\"tid\":%u,\"ts\":%.3f,\"dur\":%.3f,\"args\":{\"tasks\":%lld,"
+                    "\"group\":%lld}}",
+                    pid, e.tid, static_cast<double>(e.ts_ns) / 1e3,
+                    static_cast<double>(e.dur_ns) / 1e3, static_cast<long long>(e.tasks),
+                    static_cast<long long>(e.group));
+    } else if (e.tasks >= 0) {
       std::snprintf(buf, sizeof buf,
                     ",\"pid\":%ld,\"tid\":%u,\"ts\":%.3f,\"dur\":%.3f,\"args\":{\"tasks\":%lld}}",
                     pid, e.tid, static_cast<double>(e.ts_ns) / 1e3,

@@ -21,6 +21,7 @@ struct TraceEvent {
   int64_t ts_ns;     // start, ns since the profiler's epoch
   int64_t dur_ns;
   int64_t tasks = -1;  // "worker" events: tasks this thread ran in one parallel phase
+  int64_t group = -1;  // "worker" events of a grouped phase: the group (= tensor-parallel slice)
 };
 
 namespace detail {
