@@ -328,6 +328,9 @@ void register_engine(py::module_& m) {
                              [](const PyEngine& p) { return p.get("lora_set").lora_set(); })
       .def_property_readonly("tp", [](const PyEngine& p) { return p.get("tp").tp(); })
       .def_property_readonly(
+          "pinned_threads",
+          [](const PyEngine& p) { return p.get("pinned_threads").pinned_threads(); })
+      .def_property_readonly(
           "weight_dtype",
           [](const PyEngine& p) { return p.get("weight_dtype").config().weight_dtype; })
       .def_property_readonly("weights_loaded", [](const PyEngine& p) {

@@ -4,6 +4,7 @@
 
 #include "bindings/bindings.h"
 #include "runtime/cpu_features.h"
+#include "runtime/numa.h"
 #include "runtime/thread_pool.h"
 #include "runtime/trace.h"
 
@@ -15,7 +16,9 @@ namespace py = pybind11;
 
 // Bumped whenever the Python-visible C++ API gains or changes something, so pure-Python packages
 // can gate on features without parsing versions.
-constexpr int kAbiVersion = 3;  // 2: MoEEngine, ISA selection; 3: profiler, int8/int4 weights
+// 2: MoEEngine, ISA selection; 3: profiler, int8/int4 weights; 4: worker groups per tp slice
+// (MoEEngine.pinned_threads, numa_node_count).
+constexpr int kAbiVersion = 4;
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "kt-kernels compiled engine";
@@ -35,6 +38,7 @@ PYBIND11_MODULE(_core, m) {
         "Physical cores this process may run on.");
   m.def("default_thread_count", &kt::runtime::default_thread_count,
         "Threads an engine uses by default: KT_NUM_THREADS, else one per physical core.");
+  m.def("numa_node_count", &kt::runtime::numa_node_count, "NUMA nodes of this machine.");
 
   m.def("trace_enable", &kt::runtime::trace_enable, py::arg("on"),
         "Turn the process-wide profiler on or off.");

@@ -172,13 +172,15 @@ void rows_to_bf16(const View& src, int64_t T, int64_t H, int64_t KpH, bf16* dst,
 }
 
 // dst[t, h0 : h0 + width] = sum over token t's slots j, in order, of w[slot] * src[slot row]
-// (w = 1 when slot_w is null); written as fp32 or bf16. The fixed order keeps results
-// independent of the thread count.
+// (w = 1 when slot_w is null); written as fp32 or bf16. With parts > 1 (tensor parallel) a slot's
+// row is the sum of `parts` partial rows part_stride floats apart, added in slice order before the
+// weight. The fixed orders keep results independent of the thread count.
 void combine_slots(int64_t T, int64_t K, const int32_t* pos, const float* slot_w, const float* src,
-                   int64_t ld, int64_t h0, int64_t width, const View& dst, int nt,
-                   const kernels::KernelTable& k) {
+                   int64_t ld, int64_t parts, int64_t part_stride, int64_t h0, int64_t width,
+                   const View& dst, int nt, const kernels::KernelTable& k) {
   parallel_for(ceil_div(T, kTokensCombine), nt, [&](int64_t task, int th) {
     float* acc = local_buf<float>(th, kL0, width);
+    float* sum = parts > 1 ? local_buf<float>(th, kL1, width) : nullptr;
     for (int64_t t = task * kTokensCombine; t < std::min(T, (task + 1) * kTokensCombine); ++t) {
       std::fill(acc, acc + width, 0.0f);
       for (int64_t j = 0; j < K; ++j) {
@@ -186,6 +188,14 @@ void combine_slots(int64_t T, int64_t K, const int32_t* pos, const float* slot_w
         if (p < 0) continue;
         const float wj = slot_w ? slot_w[p] : 1.0f;
         const float* row = src + p * ld;
+        if (parts > 1) {
+          std::memcpy(sum, row, static_cast<size_t>(width) * sizeof(float));
+          for (int64_t sp = 1; sp < parts; ++sp) {
+            const float* part = row + sp * part_stride;
+            for (int64_t h = 0; h < width; ++h) sum[h] += part[h];
+          }
+          row = sum;
+        }
         for (int64_t h = 0; h < width; ++h) acc[h] += wj * row[h];
       }
       if (dst.dtype == DType::f32) {
@@ -390,6 +400,15 @@ MoEEngine::MoEEngine(const EngineConfig& cfg) : cfg_(cfg) {
       sl_.push_back(std::move(sl));
       u0 += nu;
     }
+    // Group s works on slice s, whose weights live on node s mod nodes: pin it there when every
+    // node gets whole slices. One node (or KT_PIN_THREADS=0): logical groups, no pinning.
+    const int nodes = runtime::numa_node_count();
+    const bool pin = runtime::thread_pinning_enabled();
+    pinned_ = pin && nodes > 1 && tp % nodes == 0;
+    group_node_.assign(static_cast<size_t>(tp), -1);
+    if (pinned_) {
+      for (int s = 0; s < tp; ++s) group_node_[static_cast<size_t>(s)] = s % nodes;
+    }
   }
 }
 
@@ -533,15 +552,26 @@ void MoEEngine::load_weights(const View& gate_up, const View& gate, const View& 
 }
 
 void MoEEngine::for_each_weight_block(const std::function<void(int64_t, int64_t, int, int)>& fn) {
-  // Tasks: per expert, the 2 nbI gate/up blocks, then nbH down blocks per slice.
-  const int64_t tp = static_cast<int64_t>(sl_.size());
-  const int64_t per_expert = 2 * nbI_ + tp * nbH_;
+  // Tasks of slice s: per expert, its 2 nb gate/up blocks, then its nbH down blocks. Run by
+  // group s, so the first write of each page (first-touch placement) is on the slice's node.
+  std::vector<int64_t> counts;
+  for (const auto& sl : sl_) counts.push_back(E_ * (2 * sl->nb + nbH_));
   Scratch::instance().prepare_threads(std::max(threads_, 1));
-  parallel_for(E_ * per_expert, threads_, [&](int64_t task, int th) {
+  run_slices(counts, [&](int s, int64_t task, int th) {
+    const Slice& sl = *sl_[static_cast<size_t>(s)];
+    const int64_t per_expert = 2 * sl.nb + nbH_;
     const int64_t e = task / per_expert, b = task % per_expert;
-    const int s = b < 2 * nbI_ ? slice_of(b / 2) : static_cast<int>((b - 2 * nbI_) / nbH_);
-    fn(e, b, s, th);
+    fn(e, b < 2 * sl.nb ? 2 * sl.b0 + b : 2 * nbI_ + s * nbH_ + (b - 2 * sl.nb), s, th);
   });
+}
+
+void MoEEngine::run_slices(const std::vector<int64_t>& counts,
+                           const std::function<void(int, int64_t, int)>& fn) const {
+  if (counts.size() == 1) {
+    parallel_for(counts[0], threads_, [&](int64_t i, int th) { fn(0, i, th); });
+  } else {
+    runtime::grouped_for(counts, threads_, fn, &group_node_);
+  }
 }
 
 int MoEEngine::slice_of(int64_t pair) const {
@@ -1046,29 +1076,33 @@ void MoEEngine::run_forward(Ctx& c) {
   });
   clock.mark("gather");
 
-  // -- gate_up tiles: [g | u] per block pair, activation, h as bf16.
+  // -- gate_up tiles: [g | u] per block pair, activation, h as bf16. Column chunks never cross a
+  // tensor-parallel slice; slice s's tiles run on worker group s.
   const int64_t n_pairs = nbI_;
-  tiles.clear();
-  for (int64_t e = 0; e < E; ++e) {
-    for (int64_t m0 = off[e]; m0 < off[e + 1]; m0 += kRowsFwd) {
-      for (const auto& sl : sl_) {  // column chunks never cross a tensor-parallel slice
-        const int64_t pe = sl->b0 + sl->nb;
-        for (int64_t p0 = sl->b0; p0 < pe; p0 += kPairsFwd) {
-          tiles.push_back(
+  const size_t tp = sl_.size();
+  std::vector<std::vector<Tile>> stiles(tp);
+  std::vector<int64_t> counts(tp);
+  for (size_t si = 0; si < tp; ++si) {
+    const int64_t pb = sl_[si]->b0, pe = pb + sl_[si]->nb;
+    for (int64_t e = 0; e < E; ++e) {
+      for (int64_t m0 = off[e]; m0 < off[e + 1]; m0 += kRowsFwd) {
+        for (int64_t p0 = pb; p0 < pe; p0 += kPairsFwd) {
+          stiles[si].push_back(
               {e, m0, std::min(off[e + 1], m0 + kRowsFwd), p0, std::min(pe, p0 + kPairsFwd)});
         }
       }
     }
+    counts[si] = static_cast<int64_t>(stiles[si].size());
   }
   bf16* hb = shared_buf<bf16>(kSlotH, Sc * std::max(KpI, 2 * Ib));
   float* gu = en.gu.get<float>(Sc * 2 * Ib);
-  parallel_for(static_cast<int64_t>(tiles.size()), nt, [&](int64_t i, int th) {
-    const Tile& tl = tiles[static_cast<size_t>(i)];
+  run_slices(counts, [&](int si, int64_t i, int th) {
+    const Tile& tl = stiles[static_cast<size_t>(si)][static_cast<size_t>(i)];
     const int64_t M = tl.m1 - tl.m0, np = tl.n1 - tl.n0, ncols = 32 * np, nh = 16 * np;
     float* C = gu + tl.m0 * 2 * Ib + 32 * tl.n0;  // written in place in the cache
     const int64_t ldc = 2 * Ib;
     k.gemm_bf16(M, 2 * np, KpH, xg + tl.m0 * KpH, KpH,
-                gu_blocks(slice_of(tl.n0), tl.e, 2 * tl.n0, 2 * np, th, kL2), C, ldc, false);
+                gu_blocks(si, tl.e, 2 * tl.n0, 2 * np, th, kL2), C, ldc, false);
     if (c.lora) {
       k.gemm_f32_nn(M, ncols, RA, s, xa + tl.m0 * RA, RA,
                     bgu_t_.as<float>() + tl.e * RA * 2 * Ib + 32 * tl.n0, 2 * Ib, C, ldc, true);
@@ -1111,10 +1145,12 @@ void MoEEngine::run_forward(Ctx& c) {
     clock.mark("lora_down_a");
   }
 
-  // -- down tiles (y per slot) and the per-token combine, per group of H columns.
-  const ColGroups cg = col_groups(Sc, nbH_, kBlocksDown);
-  const int64_t ldy = cg.blocks * kBlockN;
-  float* y = shared_buf<float>(kSlotY, Sc * ldy);
+  // -- down tiles (y per slot) and the per-token combine, per group of H columns. Tensor
+  // parallel: slice s's tiles (on group s) write its partial y_s, tp buffers of Sc rows (the
+  // column groups shrink so that they fit the same budget); the combine sums them.
+  const ColGroups cg = col_groups(Sc * static_cast<int64_t>(tp), nbH_, kBlocksDown);
+  const int64_t ldy = cg.blocks * kBlockN, ypart = Sc * ldy;
+  float* y = shared_buf<float>(kSlotY, static_cast<int64_t>(tp) * ypart);
   const float* had = c.lora ? en.had.get<float>(Sc * r) : nullptr;
   const int32_t* pos = en.pos.data();
   const float* slot_w = en.slot_w.data();
@@ -1129,26 +1165,26 @@ void MoEEngine::run_forward(Ctx& c) {
         }
       }
     }
-    parallel_for(static_cast<int64_t>(tiles.size()), nt, [&](int64_t i, int th) {
+    // The same tiles for every slice: tile i of slice s computes slice s's partial.
+    counts.assign(tp, static_cast<int64_t>(tiles.size()));
+    run_slices(counts, [&](int si, int64_t i, int th) {
       const Tile& tl = tiles[static_cast<size_t>(i)];
+      const Slice& sl = *sl_[static_cast<size_t>(si)];
       const int64_t M = tl.m1 - tl.m0, nb = tl.n1 - tl.n0;
-      float* C = y + tl.m0 * ldy + kBlockN * (tl.n0 - blo);
-      // Tensor parallel: the partial products of the slices, summed in slice order.
-      for (size_t sidx = 0; sidx < sl_.size(); ++sidx) {
-        const Slice& sl = *sl_[sidx];
-        k.gemm_bf16(M, nb, sl.KpI, hb + tl.m0 * KpI + kBlockN * sl.b0, KpI,
-                    d_blocks(static_cast<int>(sidx), tl.e, tl.n0, nb, th, kL0), C, ldy, sidx > 0);
-      }
-      if (c.lora) {
+      float* C = y + si * ypart + tl.m0 * ldy + kBlockN * (tl.n0 - blo);
+      k.gemm_bf16(M, nb, sl.KpI, hb + tl.m0 * KpI + kBlockN * sl.b0, KpI,
+                  d_blocks(si, tl.e, tl.n0, nb, th, kL0), C, ldy, false);
+      if (c.lora && si == 0) {  // the LoRA term once, in slice 0's partial
         k.gemm_f32_nn(M, kBlockN * nb, r, s, had + tl.m0 * r, r,
                       bd_t_.as<float>() + tl.e * r * Hb + kBlockN * tl.n0, Hb, C, ldy, true);
       }
     });
     clock.mark("down");
 
-    // Combine per token, slots in order.
+    // Combine per token: the slices' partials in slice order, then the slots in order.
     const int64_t h0 = kBlockN * blo, width = std::min(H, kBlockN * bhi) - h0;
-    combine_slots(T, K, pos, slot_w, y, ldy, h0, width, c.out, nt, k);
+    combine_slots(T, K, pos, slot_w, y, ldy, static_cast<int64_t>(tp), ypart, h0, width, c.out, nt,
+                  k);
     clock.mark("combine");
   }
   clock.total();
@@ -1254,21 +1290,31 @@ void MoEEngine::run_backward(Ctx& c) {
   clock.mark("gather");
 
   // -- down^T tiles (expert, I chunk): D, dw partials, dg/du, LoRA down-A and gate_up-B grads.
-  tiles.clear();
-  for (int64_t e = 0; e < E; ++e) {
-    if (off[e + 1] == off[e]) continue;
-    for (const auto& ch : ichunks) tiles.push_back({e, off[e], off[e + 1], ch.first, ch.second});
+  // A chunk belongs to one slice: slice s's tiles run on worker group s.
+  const size_t tp = sl_.size();
+  std::vector<std::vector<Tile>> stiles(tp);
+  std::vector<int64_t> counts(tp);
+  for (size_t si = 0; si < tp; ++si) {
+    const int64_t pb = sl_[si]->b0, pe = pb + sl_[si]->nb;
+    for (int64_t e = 0; e < E; ++e) {
+      if (off[e + 1] == off[e]) continue;
+      for (const auto& ch : ichunks) {
+        if (ch.first >= pb && ch.first < pe) {
+          stiles[si].push_back({e, off[e], off[e + 1], ch.first, ch.second});
+        }
+      }
+    }
+    counts[si] = static_cast<int64_t>(stiles[si].size());
   }
   bf16* dgu = shared_buf<bf16>(kSlotH, Sc * std::max(KpI_, 2 * Ib));
   const float* gu = en.gu.get<float>(S * 2 * Ib);
   const float* xa = lora ? en.xa.get<float>(S * RA) : nullptr;
   const int64_t wdt_elems = kPairsBwd * kernels::packed_block_elems(H);
-  parallel_for(static_cast<int64_t>(tiles.size()), nt, [&](int64_t ti, int th) {
-    const Tile& tl = tiles[static_cast<size_t>(ti)];
+  run_slices(counts, [&](int sidx, int64_t ti, int th) {
+    const Tile& tl = stiles[static_cast<size_t>(sidx)][static_cast<size_t>(ti)];
     const int64_t np = tl.n1 - tl.n0, ni = 16 * np, i0 = 16 * tl.n0;
     const int64_t chunk = chunk_of[static_cast<size_t>(tl.n0)];
     bf16* wdt = local_buf<bf16>(th, kL0, wdt_elems);
-    const int sidx = slice_of(tl.n0);
     d_transposed(sidx, tl.e, i0 - kBlockN * sl_[static_cast<size_t>(sidx)]->b0, np, wdt, th);
     const int64_t rows_max = std::min(kRowsBwd, tl.m1 - tl.m0);
     float* D = local_buf<float>(th, kL1, rows_max * ni);
@@ -1404,10 +1450,12 @@ void MoEEngine::run_backward(Ctx& c) {
   clock.mark("reduce");
 
   // -- gate_up^T tiles (expert, H chunk): dx per slot; LoRA A and down-B grads. Then the
-  // per-token combine of dx. Both per group of H columns (see col_groups).
-  const ColGroups cg = col_groups(Sc, nbH_, kBlocksBwdH);
-  const int64_t ldx = cg.blocks * kBlockN;
-  float* dxs = shared_buf<float>(kSlotY, Sc * ldx);
+  // per-token combine of dx. Both per group of H columns (see col_groups). Tensor parallel: tile
+  // i of slice s (on group s) writes slice s's partial of dx (the product over its I columns);
+  // slice 0's tile adds the LoRA A term and owns the tile's LoRA A / down-B gradients.
+  const ColGroups cg = col_groups(Sc * static_cast<int64_t>(tp), nbH_, kBlocksBwdH);
+  const int64_t ldx = cg.blocks * kBlockN, xpart = Sc * ldx;
+  float* dxs = shared_buf<float>(kSlotY, static_cast<int64_t>(tp) * xpart);
   const bf16* xb = en.xb.get<bf16>(Tc * KpH);
   const float* had = lora ? en.had.get<float>(Sc * r) : nullptr;
   const int64_t Kgu = 2 * Ib;  // depth of the transposed gate_up (a multiple of 32)
@@ -1420,39 +1468,33 @@ void MoEEngine::run_backward(Ctx& c) {
         tiles.push_back({e, off[e], off[e + 1], b0, std::min(bhi, b0 + kBlocksBwdH)});
       }
     }
-    parallel_for(static_cast<int64_t>(tiles.size()), nt, [&](int64_t ti, int th) {
+    counts.assign(tp, static_cast<int64_t>(tiles.size()));
+    run_slices(counts, [&](int sidx, int64_t ti, int th) {
       const Tile& tl = tiles[static_cast<size_t>(ti)];
+      const Slice& sl = *sl_[static_cast<size_t>(sidx)];
+      const bool lora0 = lora && sidx == 0, grads0 = grads && sidx == 0;
       const int64_t nb = tl.n1 - tl.n0, nh = 16 * nb, h0 = 16 * tl.n0;
-      bf16* wgt = local_buf<bf16>(th, kL0, nb * kernels::packed_block_elems(Kgu));
-      // Slice s's transposed gate_up (depth 32 nb_s) at offset nb * 16 * 32 b0_s.
-      for (size_t sidx = 0; sidx < sl_.size(); ++sidx) {
-        gu_transposed(static_cast<int>(sidx), tl.e, h0, nb,
-                      wgt + nb * kBlockN * 2 * kBlockN * sl_[sidx]->b0, th);
-      }
+      const int64_t c0 = 2 * kBlockN * sl.b0, depth = 2 * kBlockN * sl.nb;  // slice's dGU columns
+      bf16* wgt = local_buf<bf16>(th, kL0, nb * kernels::packed_block_elems(depth));
+      gu_transposed(sidx, tl.e, h0, nb, wgt, th);
       const int64_t rows_max = std::min(kRowsBwd, tl.m1 - tl.m0);
       float* xf = local_buf<float>(th, kL1, rows_max * nh);
       float* yf = local_buf<float>(th, kL2, rows_max * nh);
-      float* acc_a = grads ? local_buf<float>(th, kL3, RA * nh) : nullptr;
-      float* acc_bd = grads ? local_buf<float>(th, kL4, r * nh) : nullptr;
-      if (grads) {
+      float* acc_a = grads0 ? local_buf<float>(th, kL3, RA * nh) : nullptr;
+      float* acc_bd = grads0 ? local_buf<float>(th, kL4, r * nh) : nullptr;
+      if (grads0) {
         std::fill(acc_a, acc_a + RA * nh, 0.0f);
         std::fill(acc_bd, acc_bd + r * nh, 0.0f);
       }
       for (int64_t m0 = tl.m0; m0 < tl.m1; m0 += kRowsBwd) {
         const int64_t M = std::min(kRowsBwd, tl.m1 - m0);
-        float* C = dxs + m0 * ldx + (h0 - kBlockN * blo);
-        // Tensor parallel: the partial products of the slices, summed in slice order.
-        for (size_t sidx = 0; sidx < sl_.size(); ++sidx) {
-          const Slice& sl = *sl_[sidx];
-          const int64_t c0 = 2 * kBlockN * sl.b0;
-          k.gemm_bf16(M, nb, 2 * kBlockN * sl.nb, dgu + m0 * Kgu + c0, Kgu, wgt + nb * kBlockN * c0,
-                      C, ldx, sidx > 0);
-        }
-        if (lora) {
+        float* C = dxs + sidx * xpart + m0 * ldx + (h0 - kBlockN * blo);
+        k.gemm_bf16(M, nb, depth, dgu + m0 * Kgu + c0, Kgu, wgt, C, ldx, false);
+        if (lora0) {
           k.gemm_f32_nn(M, nh, RA, s, gbsum + m0 * RA, RA, a_all_.as<float>() + tl.e * RA * Hb + h0,
                         Hb, C, ldx, true);
         }
-        if (grads) {
+        if (grads0) {
           for (int64_t m = 0; m < M; ++m) {
             k.cvt_bf16_f32(nh, xb + slot_tok[m0 + m] * KpH + h0, xf + m * nh);
             k.cvt_bf16_f32(nh, dyg + (m0 + m) * KpH + h0, yf + m * nh);
@@ -1463,7 +1505,7 @@ void MoEEngine::run_backward(Ctx& c) {
           k.gemm_f32_tn(r, nh, M, s, had + m0 * r, r, yf, nh, acc_bd, nh, true);
         }
       }
-      if (grads) {
+      if (grads0) {
         const LoraArrays& L = lora_;
         const int64_t e = tl.e;
         const int64_t hlim = std::min(nh, H - h0);
@@ -1486,9 +1528,10 @@ void MoEEngine::run_backward(Ctx& c) {
     });
     clock.mark("gate_up_t");
 
-    // Combine dx per token, slots in order.
+    // Combine dx per token: the slices' partials in slice order, then the slots in order.
     const int64_t h0 = kBlockN * blo, width = std::min(H, kBlockN * bhi) - h0;
-    combine_slots(T, K, pos, nullptr, dxs, ldx, h0, width, c.dx, nt, k);
+    combine_slots(T, K, pos, nullptr, dxs, ldx, static_cast<int64_t>(tp), xpart, h0, width, c.dx,
+                  nt, k);
     clock.mark("combine");
   }
   clock.total();

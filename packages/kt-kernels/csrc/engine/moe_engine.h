@@ -16,6 +16,15 @@
 // dw partials, dg/du and the down/gate_up B gradients; per-token reduction of dw and (dGU B);
 // (expert, H chunk) tiles for dx per slot and the A / down-B gradients; per-token combine of dx.
 // Each reduction runs in a fixed order, so results do not depend on the thread count.
+//
+// Tensor parallel (tp > 1): the pool's workers form tp groups (runtime::ThreadPool::run_grouped)
+// and group s runs every per-slice task of slice s: loading its weight blocks (so first touch
+// places them on its node), the gate_up tiles of its columns, the down tiles of its partial
+// product y_s = h[:, slice] Wd[:, slice]^T, the backward (expert, I chunk) tiles of its chunks and
+// its partial of dx. The per-token combines sum the partials in slice order, then weight them;
+// the LoRA down term (forward) and the LoRA A term of dx (backward) are added to slice 0's partial
+// by slice 0's tile, which also owns the LoRA A / down-B gradients of its (expert, H chunk).
+// Route, convert, gather, lora_down_a, the reductions and the combines use the whole pool.
 #pragma once
 
 #include <chrono>
@@ -79,6 +88,9 @@ class MoEEngine {
   const EngineConfig& config() const { return cfg_; }
   kernels::Isa isa() const { return isa_; }
   int num_threads() const { return threads_; }
+  // Whether the worker group of slice s is pinned to NUMA node s mod nodes (more than one node,
+  // tp a multiple of the node count, KT_PIN_THREADS not 0).
+  bool pinned_threads() const { return pinned_; }
   float scaling() const { return scale_; }
 
   // Base weights: fused gate_up (E, 2I, H) gate rows first + down (E, H, I), or split gate/up
@@ -174,9 +186,16 @@ class MoEEngine {
   void alloc_weights();
   void free_weights();
   int slice_of(int64_t pair) const;  // the slice owning I block `pair`
-  // fn(expert, block, slice, thread) over every packed weight block, in parallel: blocks
-  // [0, 2 nbI) are gate/up (global order), then nbH down blocks per slice.
+  // fn(expert, block, slice, thread) over every packed weight block, in parallel, the blocks of
+  // slice s on worker group s: blocks [0, 2 nbI) are gate/up (global order), then nbH down blocks
+  // per slice.
   void for_each_weight_block(const std::function<void(int64_t, int64_t, int, int)>& fn);
+  // fn(slice, index, thread) for index in [0, counts[slice]): tp = 1 on the whole pool (as an
+  // ungrouped phase), else slice s's tasks on worker group s.
+  void run_slices(const std::vector<int64_t>& counts,
+                  const std::function<void(int, int64_t, int)>& fn) const;
+  std::vector<int> group_node_;  // per slice: the node its group is pinned to, or -1
+  bool pinned_ = false;
   // Packed bf16 blocks of slice s, expert e (gate/up: global block b0 .. b0 + nblk; down: H
   // blocks): the stored blocks (bf16) or a dequantized copy in the thread's scratch slot.
   const kernels::bf16* gu_blocks(int s, int64_t e, int64_t b0, int64_t nblk, int th,

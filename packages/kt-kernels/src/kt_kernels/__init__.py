@@ -38,6 +38,11 @@ def default_thread_count() -> int:
     return int(_core.default_thread_count())
 
 
+def numa_node_count() -> int:
+    """Return the NUMA nodes of this machine (``tp=None`` engines use one slice per node)."""
+    return int(_core.numa_node_count())
+
+
 __all__ = [
     "ABI_VERSION",
     "MoEEngine",
@@ -48,6 +53,7 @@ __all__ = [
     "cpu_features",
     "default_thread_count",
     "dequantize_weights",
+    "numa_node_count",
     "physical_core_count",
     "profile",
     "profiling",

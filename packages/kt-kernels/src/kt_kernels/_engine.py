@@ -69,10 +69,15 @@ class MoEEngine:
             and intermediate_size. Ignored for bf16 and int8.
         tp: tensor-parallel slices of the intermediate dim I (None: one per NUMA node). Each
             slice's weights are allocated apart (bound to NUMA node ``slice % nodes`` when the
-            build found libnuma); the down projection sums the slices' partial products in slice
-            order. Slices hold whole multiples of 32 columns of I (int4: of ``group_size``), so
-            ``tp`` is at most ``ceil(I / 32)``; on a single-node machine ``tp > 1`` gives logical
-            slices with the same results up to float32 summation order.
+            build found libnuma). The threads form ``tp`` groups and group ``s`` computes slice
+            ``s`` (loads its weights, so first touch places them on its node, and runs its
+            gate_up, down and backward tiles); the down projection and dx sum the slices'
+            partial products in slice order. With more than one node and ``tp`` a multiple of
+            the node count, group ``s``'s pool threads are pinned to node ``s % nodes``
+            (``KT_PIN_THREADS=0`` turns that off; see ``pinned_threads``). Slices hold whole
+            multiples of 32 columns of I (int4: of ``group_size``), so ``tp`` is at most
+            ``ceil(I / 32)``; on a single-node machine ``tp > 1`` gives logical slices with the
+            same results up to float32 summation order.
         max_tokens: the batch size buffers are planned for. A larger T is accepted: the
             activation cache and scratch grow on demand (and stay grown).
         max_cache_depth: forwards with ``save_for_backward=True`` that may be pending at once;
@@ -303,6 +308,13 @@ class MoEEngine:
     def tp(self) -> int:
         """Tensor-parallel slices of I this engine uses."""
         return int(self._eng.tp)
+
+    @property
+    def pinned_threads(self) -> bool:
+        """Whether worker group ``s`` (the threads computing slice ``s``) is pinned to the CPUs of
+        NUMA node ``s % nodes``: True when the machine has more than one node, ``tp`` is a
+        multiple of the node count and ``KT_PIN_THREADS`` is not ``0``."""
+        return bool(self._eng.pinned_threads)
 
     @property
     def engine_id(self) -> int:
