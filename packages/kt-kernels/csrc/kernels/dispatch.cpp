@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/quant_kernels.h"
 #include "runtime/cpu_features.h"
 
 namespace kt::kernels {
@@ -299,6 +300,70 @@ std::string check_helpers(const KernelTable& t, const KernelTable& ref) {
   return {};
 }
 
+// The fused dequantize + GEMM entries against dequantization + the same table's gemm_bf16: equal
+// bit for bit (kernels.h). Codes cover the whole int8 / int4 range; scales are normal.
+std::string check_fused(const KernelTable& t) {
+  if (t.gemm_q8 == nullptr && t.gemm_q4 == nullptr) return {};
+  const Case cases[] = {{1, 16, 32}, {7, 40, 96}, {13, 33, 128}};
+  uint64_t seed = 77;
+  for (const Case& c : cases) {
+    const int64_t Kp = packed_k(c.K), nblk = packed_blocks(c.N), lda = Kp + 8;
+    const int64_t ldc = nblk * kBlockN + 3, rows = nblk * kBlockN;
+    Lcg rng{seed++};
+    std::vector<bf16> A(static_cast<size_t>(c.M * lda), 0);
+    for (int64_t m = 0; m < c.M; ++m) {
+      for (int64_t k = 0; k < c.K; ++k) A[m * lda + k] = f32_to_bf16(rng.next(128) / 64.0f);
+    }
+    std::vector<float> C0(static_cast<size_t>(c.M * ldc));
+    for (float& x : C0) x = rng.next(64) / 8.0f;
+    for (int64_t group : {int64_t{0}, int64_t{32}, int64_t{64}, int64_t{128}}) {
+      const bool int4 = group > 0;
+      if (int4 ? t.gemm_q4 == nullptr : t.gemm_q8 == nullptr) continue;
+      const int64_t ng = int4 ? (Kp + group - 1) / group : 1;
+      std::vector<int8_t> codes(
+          static_cast<size_t>(rows * Kp));  // code i of block b: b * 16 Kp + i
+      for (auto& q : codes) {
+        const int span = int4 ? 8 : 128, v = rng.next(span);  // [-span, span - 1]
+        q = static_cast<int8_t>(v == span ? -span : v);
+      }
+      std::vector<uint8_t> packed(codes.size() / 2);
+      for (size_t i = 0; i < packed.size(); ++i) {
+        packed[i] = static_cast<uint8_t>((static_cast<uint8_t>(codes[2 * i]) & 0x0f) |
+                                         (static_cast<uint8_t>(codes[2 * i + 1]) << 4));
+      }
+      std::vector<float> scales(static_cast<size_t>(rows * ng));
+      for (float& x : scales) x = std::ldexp(1.0f + rng.next(500) / 1024.0f, rng.next(6) - 9);
+      std::vector<bf16> B(codes.size());
+      for (int64_t b = 0; b < nblk; ++b) {
+        for (int64_t i = 0; i < kBlockN * Kp; ++i) {
+          const int64_t row = b * kBlockN + (i % 32) / 2, g = int4 ? (i / 32) * 2 / group : 0;
+          B[b * kBlockN * Kp + i] = bf16_round_finite(
+              static_cast<float>(codes[b * kBlockN * Kp + i]) * scales[row * ng + g]);
+        }
+      }
+      for (bool accumulate : {false, true}) {
+        auto got = C0, want = C0;
+        t.gemm_bf16(c.M, nblk, Kp, A.data(), lda, B.data(), want.data(), ldc, accumulate);
+        if (int4) {
+          t.gemm_q4(c.M, nblk, Kp, group, A.data(), lda, packed.data(), scales.data(), got.data(),
+                    ldc, accumulate);
+        } else {
+          t.gemm_q8(c.M, nblk, Kp, A.data(), lda, codes.data(), scales.data(), got.data(), ldc,
+                    accumulate);
+        }
+        if (!same_bits(got.data(), want.data(), got.size())) {
+          std::ostringstream msg;
+          msg << (int4 ? "gemm_q4 group=" + std::to_string(group) : std::string("gemm_q8"))
+              << " M=" << c.M << " N=" << c.N << " K=" << c.K
+              << " differs from dequantization + gemm_bf16";
+          return msg.str();
+        }
+      }
+    }
+  }
+  return {};
+}
+
 // Sizes that reach every tail of every kernel: M below, at and above the micro-tile heights
 // (4, 6, 16 and 32 rows), odd block counts, K with and without zero padding, then every helper.
 std::string run_self_test(const KernelTable& table) {
@@ -311,7 +376,8 @@ std::string run_self_test(const KernelTable& table) {
       if (!err.empty()) return err;
     }
   }
-  return check_helpers(table, ref);
+  std::string err = check_helpers(table, ref);
+  return err.empty() ? check_fused(table) : err;
 }
 
 bool forced_to_fail(Isa isa) {

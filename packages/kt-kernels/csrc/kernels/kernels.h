@@ -71,6 +71,26 @@ inline bf16 f32_to_bf16(float f) {
 using gemm_bf16_fn = void (*)(int64_t M, int64_t nblk, int64_t Kp, const bf16* A, int64_t lda,
                               const bf16* B, float* C, int64_t ldc, bool accumulate);
 
+// Fused dequantize + GEMM for weight codes (weight_dtype int8 / int4; layout in engine/quant.h):
+// the product of dequantizing the nblk blocks to packed bf16 (kernels/quant_kernels.h) and calling
+// the same table's gemm_bf16, bit for bit, but each weight value is formed in registers as
+// bf16(float(code) * scale) (round to nearest even) right before the ISA's FMA / dot step, in the
+// ISA's k order, so no bf16 copy of the blocks is written and read back. That copy costs as much
+// as the GEMM when few rows share the blocks (decode: a few tokens per expert).
+//   codes:  nblk consecutive code blocks, int8 16 * Kp bytes each, int4 8 * Kp bytes each.
+//   scales: float32, one row per packed row of the nblk blocks (16 * nblk rows, in order); int8:
+//           one scale per row; int4: ceil(Kp / group) per row, group in {32, 64, 128}.
+//   Scales are finite and either 0 or normal (>= 2^-126; the engine stores them so): then no
+//   product code * scale is a denormal, which vcvtne2ps2bf16 would flush and the bf16 rounding of
+//   quant_kernels.h would not.
+// A, lda, C, ldc, accumulate as for gemm_bf16.
+using gemm_q8_fn = void (*)(int64_t M, int64_t nblk, int64_t Kp, const bf16* A, int64_t lda,
+                            const int8_t* codes, const float* scales, float* C, int64_t ldc,
+                            bool accumulate);
+using gemm_q4_fn = void (*)(int64_t M, int64_t nblk, int64_t Kp, int64_t group, const bf16* A,
+                            int64_t lda, const uint8_t* codes, const float* scales, float* C,
+                            int64_t ldc, bool accumulate);
+
 // ---------------------------------------------------------------------------------------------
 // fp32 helpers of the engine: the small LoRA products (one of the sizes is the LoRA rank), the
 // activation and bf16 conversions. Every entry sums in an order that depends only on its sizes,
@@ -118,6 +138,14 @@ struct KernelTable {
   silu_mul_fn silu_mul = nullptr;
   silu_mul_bwd_fn silu_mul_bwd = nullptr;
   pack_transposed_fn pack_transposed = nullptr;
+  // Fused dequantize + GEMM (see gemm_q8_fn). Null: the ISA has none, and callers dequantize and
+  // call gemm_bf16. Never filled from the scalar table: the contract is with this table's own
+  // gemm_bf16, whose rounding differs from the scalar one on some ISAs.
+  gemm_q8_fn gemm_q8 = nullptr;
+  gemm_q4_fn gemm_q4 = nullptr;
+  // Up to this many rows of A the fused kernels beat dequantization + gemm_bf16 (measured per ISA
+  // with bench_gemm --fused; beyond it one dequantized copy serves enough rows to pay for itself).
+  int64_t fused_max_rows = 0;
 };
 
 // Fills the fp32 helper entries of a table with the scalar reference (kernels/scalar/vec.cpp).

@@ -2,13 +2,15 @@
 // with that ISA's flags); everything here has internal linkage, so no wide copy of it can ever be
 // merged into baseline code.
 //
-// A kernel provides a micro-tile `template <int MR, int NR> struct Tile { static void run(...); }`
-// computing MR rows x NR packed blocks over all of K. The driver walks N in groups of NR blocks
-// (outer) and M in groups of MR rows (inner), so one panel of B (NR blocks, all of K) stays in L2
-// while every row of A passes over it. (Blocking K as well, to keep the panel in L1, measured no
-// faster on Zen 5 for M up to 1024 and K up to 2048: the L2 feeds the panel fast enough.) Tails use
-// the smaller instantiations, which run the same k order per output element, so results never
-// depend on how a caller splits M or N.
+// A kernel provides a micro-tile `template <int MR, int NR> struct Tile { template <class Src>
+// static void run(const TileArgs<Src>&); }` computing MR rows x NR packed blocks over all of K,
+// with B read from a weight source (weight_blocks.h: packed bf16, or int8 / int4 codes dequantized
+// in registers). The driver walks N in groups of NR blocks (outer) and M in groups of MR rows
+// (inner), so one panel of B (NR blocks, all of K) stays in L2 while every row of A passes over it.
+// (Blocking K as well, to keep the panel in L1, measured no faster on Zen 5 for M up to 1024 and K
+// up to 2048: the L2 feeds the panel fast enough.) Tails use the smaller instantiations, which run
+// the same k order per output element, so results never depend on how a caller splits M or N, nor
+// on where B comes from.
 #pragma once
 
 #ifndef KT_CPU_CAPABILITY
@@ -18,6 +20,7 @@
 #include <cstdint>
 
 #include "kernels/kernels.h"
+#include "kernels/weight_blocks.h"
 
 #if defined(__GNUC__) && !defined(__clang__)
 #define KT_UNROLL _Pragma("GCC unroll 16")
@@ -30,48 +33,70 @@
 namespace kt::kernels {
 namespace {
 
+template <class Src>
 struct TileArgs {
   int64_t Kp;
   const bf16* A;
   int64_t lda;
-  const bf16* B;        // first block of the tile
-  int64_t block_elems;  // distance between consecutive packed blocks (bf16 elements)
-  float* C;             // first row, first column of the tile
+  Src B;     // first block of the tile
+  float* C;  // first row, first column of the tile
   int64_t ldc;
   bool accumulate;
 };
 
 // Calls Tile<mr, nr>::run with compile-time mr <= MR, nr <= NR chosen from run-time values.
-template <template <int, int> class Tile, int MR, int NR>
-inline void run_cols(int nr, const TileArgs& t) {
+template <template <int, int> class Tile, int MR, int NR, class Src>
+inline void run_cols(int nr, const TileArgs<Src>& t) {
   if constexpr (NR > 1) {
     if (nr < NR) return run_cols<Tile, MR, NR - 1>(nr, t);
   }
   Tile<MR, NR>::run(t);
 }
 
-template <template <int, int> class Tile, int MR, int NR>
-inline void run_rows(int mr, int nr, const TileArgs& t) {
+template <template <int, int> class Tile, int MR, int NR, class Src>
+inline void run_rows(int mr, int nr, const TileArgs<Src>& t) {
   if constexpr (MR > 1) {
     if (mr < MR) return run_rows<Tile, MR - 1, NR>(mr, nr, t);
   }
   run_cols<Tile, MR, NR>(nr, t);
 }
 
-template <template <int, int> class Tile, int MR, int NR>
-void gemm_tiled(int64_t M, int64_t nblk, int64_t Kp, const bf16* A, int64_t lda, const bf16* B,
+template <template <int, int> class Tile, int MR, int NR, class Src>
+void gemm_tiled(int64_t M, int64_t nblk, int64_t Kp, const bf16* A, int64_t lda, const Src& B,
                 float* C, int64_t ldc, bool accumulate) {
-  const int64_t block = kBlockN * Kp;  // Kp is already a multiple of kPackK
   for (int64_t n0 = 0; n0 < nblk; n0 += NR) {
     const int nr = static_cast<int>(nblk - n0 < NR ? nblk - n0 : NR);
     for (int64_t m0 = 0; m0 < M; m0 += MR) {
       const int mr = static_cast<int>(M - m0 < MR ? M - m0 : MR);
-      const TileArgs t{Kp,  A + m0 * lda, lda, B + n0 * block, block, C + m0 * ldc + n0 * kBlockN,
-                       ldc, accumulate};
+      const TileArgs<Src> t{Kp,  A + m0 * lda, lda, B.at(n0), C + m0 * ldc + n0 * kBlockN,
+                            ldc, accumulate};
       run_rows<Tile, MR, NR>(mr, nr, t);
     }
   }
 }
+
+// The three entry points of an ISA over one micro-tile: gemm_bf16 and the fused gemm_q8 / gemm_q4
+// (kernels.h), tiled MR x NR for bf16 and QMR x QNR for codes (results do not depend on the tiling;
+// the fused kernels run at small M, where other shapes may suit the registers better).
+template <template <int, int> class Tile, int MR, int NR, int QMR, int QNR>
+struct Entries {
+  static void gemm_bf16(int64_t M, int64_t nblk, int64_t Kp, const bf16* A, int64_t lda,
+                        const bf16* B, float* C, int64_t ldc, bool accumulate) {
+    gemm_tiled<Tile, MR, NR>(M, nblk, Kp, A, lda, Bf16Blocks{B, kBlockN * Kp}, C, ldc, accumulate);
+  }
+  static void gemm_q8(int64_t M, int64_t nblk, int64_t Kp, const bf16* A, int64_t lda,
+                      const int8_t* codes, const float* scales, float* C, int64_t ldc,
+                      bool accumulate) {
+    gemm_tiled<Tile, QMR, QNR>(M, nblk, Kp, A, lda, Q8Blocks{codes, scales, kBlockN * Kp}, C, ldc,
+                               accumulate);
+  }
+  static void gemm_q4(int64_t M, int64_t nblk, int64_t Kp, int64_t group, const bf16* A,
+                      int64_t lda, const uint8_t* codes, const float* scales, float* C, int64_t ldc,
+                      bool accumulate) {
+    const Q4Blocks src{codes, scales, kBlockN * Kp / 2, (Kp + group - 1) / group, group / 2};
+    gemm_tiled<Tile, QMR, QNR>(M, nblk, Kp, A, lda, src, C, ldc, accumulate);
+  }
+};
 
 }  // namespace
 }  // namespace kt::kernels

@@ -1,6 +1,7 @@
 // Single-thread micro-benchmark of gemm_bf16 per ISA (GFLOP/s = 2 M N K / time). Time is this
 // thread's CPU time (best of repeated calls), so other load on the machine disturbs it little.
-//   bench_gemm [--isa NAME] [--smoke]
+//   bench_gemm [--isa NAME] [--smoke] [--fused]
+// --fused: only the fused dequantize + GEMM comparison at small M (bench_fused below).
 // --smoke: one tiny run per shape (a ctest check that the benchmark itself works); exits 77
 // (skipped) when the requested ISA cannot run here.
 #include <time.h>
@@ -12,8 +13,10 @@
 #include <string>
 #include <vector>
 
+#include "engine/quant.h"
 #include "gemm_data.h"
 #include "kernels/dispatch.h"
+#include "kernels/quant_kernels.h"
 
 using namespace kt::kernels;
 
@@ -54,18 +57,92 @@ double bench(const KernelTable& t, const Shape& s, bool smoke) {
   return 2.0 * s.M * s.N * s.K / best * 1e-9;
 }
 
+// Fused dequantize + GEMM against dequantization into a scratch buffer + gemm_bf16, per call on
+// one engine tile (6 blocks = 96 columns, like the forward gate_up and down tiles) at small M.
+// "cold": every call reads other blocks of a weight set far larger than the caches (decode, where
+// each expert's weights come from memory once per forward); "hot": the same blocks each call.
+void bench_fused(const std::vector<Isa>& isas, bool smoke) {
+  namespace quant = kt::engine::quant;
+  const int64_t nblk = 6, K = smoke ? 64 : 2048;
+  const int64_t sets = smoke ? 2 : 512;  // cold: 512 tiles of 6 blocks (~100 MB of int8 codes)
+  std::mt19937 rng(9);
+  std::printf(
+      "\nfused dequantize + GEMM vs dequantize + gemm_bf16, one 96 x %lld tile per call "
+      "[us per call, 1 thread]\n",
+      (long long)K);
+  std::printf("%-12s %-5s %-5s %4s %10s %10s %7s\n", "isa", "kind", "data", "M", "dequant+gemm",
+              "fused", "ratio");
+  for (quant::Kind kind : {quant::Kind::int8, quant::Kind::int4}) {
+    const quant::Format f = quant::make_format(kind, K, 128);
+    const int64_t bb = quant::block_bytes(f), tile_bytes = nblk * bb;
+    const int64_t tile_scales = nblk * kBlockN * f.ngroups;
+    std::vector<uint8_t> codes(static_cast<size_t>(sets * tile_bytes));
+    for (auto& c : codes) c = static_cast<uint8_t>(rng() & 0x77);
+    std::vector<float> scales(static_cast<size_t>(sets * tile_scales), 0.01f);
+    std::vector<bf16> scratch(static_cast<size_t>(nblk * kBlockN * f.Kp));
+    for (Isa isa : isas) {
+      const KernelTable& t = kernel_table(isa);
+      const QuantKernels& qk = quant_kernels(isa);
+      for (bool cold : {true, false}) {
+        for (int64_t M : {1, 2, 4, 8, 12, 16, 24, 32}) {
+          if (smoke && M > 2) break;
+          const auto a = kt::testing::make_a(M, K, 0, rng);
+          std::vector<float> c(static_cast<size_t>(M * nblk * kBlockN));
+          double best[2] = {1e30, 1e30};
+          for (int path = 0; path < 2; ++path) {
+            int64_t set = 0;
+            auto once = [&] {
+              const uint8_t* w = codes.data() + set * tile_bytes;
+              const float* sc = scales.data() + set * tile_scales;
+              if (cold) set = (set + 1) % sets;
+              if (path == 0) {
+                quant::dequant_blocks(qk, f, w, sc, nblk, scratch.data());
+                t.gemm_bf16(M, nblk, f.Kp, a.data.data(), a.lda, scratch.data(), c.data(),
+                            nblk * kBlockN, false);
+              } else if (kind == quant::Kind::int8) {
+                t.gemm_q8(M, nblk, f.Kp, a.data.data(), a.lda, reinterpret_cast<const int8_t*>(w),
+                          sc, c.data(), nblk * kBlockN, false);
+              } else {
+                t.gemm_q4(M, nblk, f.Kp, f.group, a.data.data(), a.lda, w, sc, c.data(),
+                          nblk * kBlockN, false);
+              }
+            };
+            once();
+            const int64_t inner = smoke ? 1 : 64;
+            const double start = thread_seconds();
+            int reps = 0;
+            while (!smoke && (reps < 5 || thread_seconds() - start < 0.15)) {
+              const double t0 = thread_seconds();
+              for (int64_t i = 0; i < inner; ++i) once();
+              best[path] = std::min(best[path], (thread_seconds() - t0) / inner);
+              ++reps;
+            }
+          }
+          if (smoke) continue;
+          std::printf("%-12s %-5s %-5s %4lld %10.2f %10.2f %7.2f\n", isa_name(isa),
+                      kind == quant::Kind::int8 ? "int8" : "int4", cold ? "cold" : "hot",
+                      (long long)M, best[0] * 1e6, best[1] * 1e6, best[0] / best[1]);
+          std::fflush(stdout);
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   std::string only;
-  bool smoke = false;
+  bool smoke = false, fused_only = false;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--smoke")) {
       smoke = true;
+    } else if (!std::strcmp(argv[i], "--fused")) {
+      fused_only = true;
     } else if (!std::strcmp(argv[i], "--isa") && i + 1 < argc) {
       only = argv[++i];
     } else {
-      std::fprintf(stderr, "usage: bench_gemm [--isa NAME] [--smoke]\n");
+      std::fprintf(stderr, "usage: bench_gemm [--isa NAME] [--smoke] [--fused]\n");
       return 2;
     }
   }
@@ -84,6 +161,8 @@ int main(int argc, char** argv) {
   } else {
     isas = available_isas();
   }
+  if (fused_only || smoke) bench_fused(isas, smoke);
+  if (fused_only) return 0;
   const Shape shapes[] = {
       {"in-cache 16x48x256", 16, 48, 256},        {"gate/up rows=32", 32, 768, 2048},
       {"engine tile 128x64x2048", 128, 64, 2048}, {"engine tile 128x64x768", 128, 64, 768},

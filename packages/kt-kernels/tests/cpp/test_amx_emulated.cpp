@@ -14,7 +14,9 @@
 #include <vector>
 
 #include "check.h"
+#include "engine/quant.h"
 #include "gemm_data.h"
+#include "kernels/quant_kernels.h"
 
 using namespace kt::kernels;
 
@@ -62,6 +64,53 @@ TEST(amx_kernel_on_tile_model_matches_scalar) {
                       "M=%lld N=%lld K=%lld acc=%d at (%lld, %lld): got %g, scalar %g",
                       (long long)M, (long long)N, (long long)K, int(acc), (long long)m,
                       (long long)n, got[i], want[i]);
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+// The fused int8 / int4 kernels stage each B tile through L1 and then run the tile sequence of
+// gemm_bf16: bit-identical to dequantization + gemm_bf16 on the same (modelled) tiles.
+TEST(amx_fused_kernels_on_tile_model_equal_dequant_plus_gemm) {
+  namespace quant = kt::engine::quant;
+  std::mt19937 rng(32);
+  for (quant::Kind kind : {quant::Kind::int8, quant::Kind::int4}) {
+    for (int64_t group : {32, 64, 128}) {
+      if (kind == quant::Kind::int8 && group != 32) continue;
+      for (int64_t M : {1, 5, 16, 17, 33}) {
+        for (int64_t N : {16, 48}) {
+          for (int64_t K : {32, 96, 200}) {
+            const quant::Format f = quant::make_format(kind, K, group);
+            const int64_t nblk = packed_blocks(N), bb = quant::block_bytes(f);
+            std::vector<uint8_t> blocks(static_cast<size_t>(nblk * bb));
+            for (auto& b : blocks) b = static_cast<uint8_t>(rng() & 0xff);
+            std::vector<float> scales(static_cast<size_t>(nblk * kBlockN * f.ngroups));
+            for (auto& s : scales) s = std::ldexp(1.0f + float(rng() % 256) / 256.0f, -7);
+            std::vector<bf16> dq(static_cast<size_t>(nblk * kBlockN * f.Kp));
+            quant::dequant_blocks(*scalar_quant_table(), f, blocks.data(), scales.data(), nblk,
+                                  dq.data());
+            const auto a = kt::testing::make_a(M, K, 16, rng);
+            const int64_t ldc = nblk * kBlockN + 3;
+            std::vector<float> C0(static_cast<size_t>((M + 1) * ldc));
+            for (auto& x : C0) x = static_cast<float>(rng() % 64) / 8.0f - 4.0f;
+            for (bool acc : {false, true}) {
+              auto got = C0, want = C0;
+              gemm_bf16(M, nblk, f.Kp, a.data.data(), a.lda, dq.data(), want.data(), ldc, acc);
+              if (kind == quant::Kind::int8) {
+                gemm_q8(M, nblk, f.Kp, a.data.data(), a.lda,
+                        reinterpret_cast<const int8_t*>(blocks.data()), scales.data(), got.data(),
+                        ldc, acc);
+              } else {
+                gemm_q4(M, nblk, f.Kp, group, a.data.data(), a.lda, blocks.data(), scales.data(),
+                        got.data(), ldc, acc);
+              }
+              REQUIRE(amx_emu::errors().empty(), "%s", amx_emu::errors().front().c_str());
+              REQUIRE(got == want, "%s M=%lld N=%lld K=%lld group=%lld acc=%d: fused differs",
+                      kind == quant::Kind::int8 ? "int8" : "int4", (long long)M, (long long)N,
+                      (long long)K, (long long)group, int(acc));
             }
           }
         }

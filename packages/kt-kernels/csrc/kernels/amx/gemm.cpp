@@ -7,6 +7,10 @@
 // row outside A or C is read or written. Tiles a tile shape does not use are left unconfigured
 // (rows = colsb = 0) and never touched.
 //
+// The fused int8 / int4 kernels dequantize each B tile (16 k pairs of one block, 1 KiB) into a
+// buffer in L1 right before its tile load and then run the same tile sequence, so their results
+// equal dequantization + gemm_bf16 bit for bit; the copy never leaves L1.
+//
 // The configuration is loaded at the start of every call and the tiles are released at its end:
 // the thread may run other AMX code between calls (e.g. another library's kernels), so no tile
 // state is assumed to survive a call, and a released thread costs the OS no tile-data saves.
@@ -17,6 +21,7 @@
 #include <cstring>
 
 #include "kernels/kernels.h"
+#include "kernels/weight_blocks.h"
 #ifndef KT_AMX_GEMM_ONLY  // (set by the test that runs this file on a model of the tile unit)
 #include "kernels/vec_simd.h"
 #endif
@@ -89,10 +94,25 @@ void release() {
     }                                  \
   } while (0)
 
+// The B tile of block b at depth k0 (16 pair rows from k0 / 2): stored bf16 blocks are loaded in
+// place; codes are dequantized into `stage` first (a tile never straddles a scale group: groups
+// are multiples of 32 k).
+inline const bf16* b_tile(const Bf16Blocks& b, int64_t k0, int64_t, bf16*) {
+  return b.p + k0 * kBlockN;
+}
+template <class Src>
+const bf16* b_tile(const Src& b, int64_t k0, int64_t span, bf16* stage) {
+  stage_pairs(b, k0 / 2 / span, k0 / 2, kTileRows, stage);
+  return stage;
+}
+
 // MB M tiles (16 rows each, fewer in a tail) x NB packed blocks, over all of K.
-template <int MB, int NB>
-void tile(int64_t Kp, const bf16* A, int64_t lda, const bf16* B, int64_t block, float* C,
-          int64_t ldc, bool accumulate) {
+template <int MB, int NB, class Src>
+void tile(int64_t Kp, const bf16* A, int64_t lda, const Src& B, float* C, int64_t ldc,
+          bool accumulate) {
+  alignas(64) bf16 stage[2][kTileRows * 32];
+  const Src B1 = B.at(NB > 1 ? 1 : 0);
+  const int64_t span = B.group_pairs(Kp / 2);
   const int64_t ldc_bytes = ldc * static_cast<int64_t>(sizeof(float));
   const int64_t lda_bytes = lda * static_cast<int64_t>(sizeof(bf16));
   float* C1 = C + kTileRows * ldc;  // second M tile
@@ -105,8 +125,8 @@ void tile(int64_t Kp, const bf16* A, int64_t lda, const bf16* B, int64_t block, 
   }
   for (int64_t k0 = 0; k0 < Kp; k0 += kTileK) {
     // Packed block row k0 / 2 starts at element (k0 / 2) * 32 = k0 * 16 of its block.
-    _tile_loadd(6, B + k0 * kBlockN, kTileBytes);
-    if constexpr (NB > 1) _tile_loadd(7, B + block + k0 * kBlockN, kTileBytes);
+    _tile_loadd(6, b_tile(B, k0, span, stage[0]), kTileBytes);
+    if constexpr (NB > 1) _tile_loadd(7, b_tile(B1, k0, span, stage[1]), kTileBytes);
     _tile_loadd(4, A + k0, lda_bytes);
     _tile_dpbf16ps(0, 4, 6);
     if constexpr (NB > 1) _tile_dpbf16ps(1, 4, 7);
@@ -126,31 +146,31 @@ void tile(int64_t Kp, const bf16* A, int64_t lda, const bf16* B, int64_t block, 
 
 #undef KT_C_INIT
 
-template <int MB>
-void tile_cols(int nb, int64_t Kp, const bf16* A, int64_t lda, const bf16* B, int64_t block,
-               float* C, int64_t ldc, bool accumulate) {
+template <int MB, class Src>
+void tile_cols(int nb, int64_t Kp, const bf16* A, int64_t lda, const Src& B, float* C, int64_t ldc,
+               bool accumulate) {
   if (nb == 2) {
-    tile<MB, 2>(Kp, A, lda, B, block, C, ldc, accumulate);
+    tile<MB, 2>(Kp, A, lda, B, C, ldc, accumulate);
   } else {
-    tile<MB, 1>(Kp, A, lda, B, block, C, ldc, accumulate);
+    tile<MB, 1>(Kp, A, lda, B, C, ldc, accumulate);
   }
 }
 
 // N in pairs of blocks (outer), M in 32-row steps (inner), as the other ISAs. Full 32-row steps
 // come first under one configuration, then the M tail (if any) under a second one, so a call
 // loads at most two configurations.
-void gemm_bf16(int64_t M, int64_t nblk, int64_t Kp, const bf16* A, int64_t lda, const bf16* B,
-               float* C, int64_t ldc, bool accumulate) {
+template <class Src>
+void gemm(int64_t M, int64_t nblk, int64_t Kp, const bf16* A, int64_t lda, const Src& B, float* C,
+          int64_t ldc, bool accumulate) {
   if (M <= 0 || nblk <= 0) return;
-  const int64_t block = kBlockN * Kp;
   const int64_t full = M / (2 * kTileRows) * (2 * kTileRows);
   if (full > 0) {
     configure(kTileRows, kTileRows);
     for (int64_t n0 = 0; n0 < nblk; n0 += 2) {
       const int nb = nblk - n0 >= 2 ? 2 : 1;
       for (int64_t m0 = 0; m0 < full; m0 += 2 * kTileRows) {
-        tile_cols<2>(nb, Kp, A + m0 * lda, lda, B + n0 * block, block, C + m0 * ldc + n0 * kBlockN,
-                     ldc, accumulate);
+        tile_cols<2>(nb, Kp, A + m0 * lda, lda, B.at(n0), C + m0 * ldc + n0 * kBlockN, ldc,
+                     accumulate);
       }
     }
   }
@@ -162,22 +182,41 @@ void gemm_bf16(int64_t M, int64_t nblk, int64_t Kp, const bf16* A, int64_t lda, 
     for (int64_t n0 = 0; n0 < nblk; n0 += 2) {
       const int nb = nblk - n0 >= 2 ? 2 : 1;
       const bf16* a = A + full * lda;
-      const bf16* b = B + n0 * block;
       float* c = C + full * ldc + n0 * kBlockN;
       if (rows1 > 0) {
-        tile_cols<2>(nb, Kp, a, lda, b, block, c, ldc, accumulate);
+        tile_cols<2>(nb, Kp, a, lda, B.at(n0), c, ldc, accumulate);
       } else {
-        tile_cols<1>(nb, Kp, a, lda, b, block, c, ldc, accumulate);
+        tile_cols<1>(nb, Kp, a, lda, B.at(n0), c, ldc, accumulate);
       }
     }
   }
   release();
 }
 
+void gemm_bf16(int64_t M, int64_t nblk, int64_t Kp, const bf16* A, int64_t lda, const bf16* B,
+               float* C, int64_t ldc, bool accumulate) {
+  gemm(M, nblk, Kp, A, lda, Bf16Blocks{B, kBlockN * Kp}, C, ldc, accumulate);
+}
+
+void gemm_q8(int64_t M, int64_t nblk, int64_t Kp, const bf16* A, int64_t lda, const int8_t* codes,
+             const float* scales, float* C, int64_t ldc, bool accumulate) {
+  gemm(M, nblk, Kp, A, lda, Q8Blocks{codes, scales, kBlockN * Kp}, C, ldc, accumulate);
+}
+
+void gemm_q4(int64_t M, int64_t nblk, int64_t Kp, int64_t group, const bf16* A, int64_t lda,
+             const uint8_t* codes, const float* scales, float* C, int64_t ldc, bool accumulate) {
+  const Q4Blocks src{codes, scales, kBlockN * Kp / 2, (Kp + group - 1) / group, group / 2};
+  gemm(M, nblk, Kp, A, lda, src, C, ldc, accumulate);
+}
+
 }  // namespace
 
 #ifndef KT_AMX_GEMM_ONLY
-const KernelTable kTable = KT_KERNEL_TABLE(amx, &gemm_bf16);
+// Up to 32 rows (one 32-row step) the fused kernels dequantize each B tile once, as many times as
+// dequantize + gemm_bf16 does, and the copy stays in L1 instead of passing through L2: never
+// slower by construction. (Not timed on AMX hardware; test_amx_emulated checks the results.)
+constexpr int64_t kFusedMaxRows = 2 * kTileRows;
+const KernelTable kTable = KT_KERNEL_TABLE(amx, &gemm_bf16, &gemm_q8, &gemm_q4, kFusedMaxRows);
 
 const KernelTable* amx_table() { return &kTable; }
 #endif

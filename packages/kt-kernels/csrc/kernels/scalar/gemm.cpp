@@ -1,25 +1,41 @@
-// Portable reference kernels: the definition every SIMD path is tested against.
+// Portable reference kernels: the definition every SIMD path is tested against. The fused int8 /
+// int4 entries run the same loops with each weight value dequantized where it is read.
 #include "kernels/kernels.h"
+#include "kernels/weight_blocks.h"
 
 namespace kt::kernels {
 namespace {
 
-void gemm_bf16(int64_t M, int64_t nblk, int64_t Kp, const bf16* A, int64_t lda, const bf16* B,
-               float* C, int64_t ldc, bool accumulate) {
-  const int64_t block = kBlockN * Kp;
+template <class Src>
+void gemm(int64_t M, int64_t nblk, int64_t Kp, const bf16* A, int64_t lda, const Src& B, float* C,
+          int64_t ldc, bool accumulate) {
   for (int64_t m = 0; m < M; ++m) {
     const bf16* a = A + m * lda;
     for (int64_t b = 0; b < nblk; ++b) {
-      const bf16* w = B + b * block;
-      for (int64_t j = 0; j < kBlockN; ++j) {
+      const Src w = B.at(b);
+      for (int j = 0; j < kBlockN; ++j) {
         float acc = accumulate ? C[m * ldc + b * kBlockN + j] : 0.0f;
-        for (int64_t k = 0; k < Kp; ++k) {
-          acc += bf16_to_f32(a[k]) * bf16_to_f32(w[(k / 2) * 32 + j * 2 + (k % 2)]);
-        }
+        for (int64_t k = 0; k < Kp; ++k) acc += bf16_to_f32(a[k]) * w.value(j, k);
         C[m * ldc + b * kBlockN + j] = acc;
       }
     }
   }
+}
+
+void gemm_bf16(int64_t M, int64_t nblk, int64_t Kp, const bf16* A, int64_t lda, const bf16* B,
+               float* C, int64_t ldc, bool accumulate) {
+  gemm(M, nblk, Kp, A, lda, Bf16Blocks{B, kBlockN * Kp}, C, ldc, accumulate);
+}
+
+void gemm_q8(int64_t M, int64_t nblk, int64_t Kp, const bf16* A, int64_t lda, const int8_t* codes,
+             const float* scales, float* C, int64_t ldc, bool accumulate) {
+  gemm(M, nblk, Kp, A, lda, Q8Blocks{codes, scales, kBlockN * Kp}, C, ldc, accumulate);
+}
+
+void gemm_q4(int64_t M, int64_t nblk, int64_t Kp, int64_t group, const bf16* A, int64_t lda,
+             const uint8_t* codes, const float* scales, float* C, int64_t ldc, bool accumulate) {
+  const Q4Blocks src{codes, scales, kBlockN * Kp / 2, (Kp + group - 1) / group, group / 2};
+  gemm(M, nblk, Kp, A, lda, src, C, ldc, accumulate);
 }
 
 }  // namespace
@@ -28,6 +44,8 @@ const KernelTable* scalar_table() {
   static const KernelTable table = [] {
     KernelTable t{Isa::scalar, &gemm_bf16};
     fill_scalar_helpers(&t);
+    t.gemm_q8 = &gemm_q8;
+    t.gemm_q4 = &gemm_q4;
     return t;
   }();
   return &table;
