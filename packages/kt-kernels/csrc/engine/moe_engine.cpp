@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cctype>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -208,6 +209,26 @@ void combine_slots(int64_t T, int64_t K, const int32_t* pos, const float* slot_w
   });
 }
 
+// KT_KERNELS_FUSED_DEQUANT: which path int8 / int4 weights take into the GEMM (read when an
+// engine is created). auto (or unset): the fused kernel up to the ISA's fused_max_rows rows per
+// tile, dequantize + gemm_bf16 above; 1: always fused; 0: never. Both paths give the same bits.
+int64_t fused_rows_setting(const kernels::KernelTable& k) {
+  const int64_t none = -1;
+  const bool have = k.gemm_q8 != nullptr && k.gemm_q4 != nullptr;
+  const char* env = std::getenv("KT_KERNELS_FUSED_DEQUANT");
+  std::string v = env ? env : "";
+  v.erase(0, v.find_first_not_of(" \t"));
+  v.erase(v.find_last_not_of(" \t") + 1);
+  std::transform(v.begin(), v.end(), v.begin(),
+                 [](unsigned char ch) { return static_cast<char>(std::tolower(ch)); });
+  if (v.empty() || v == "auto") return have ? k.fused_max_rows : none;
+  if (v == "1" || v == "on") return have ? std::numeric_limits<int64_t>::max() : none;
+  if (v == "0" || v == "off") return none;
+  throw ValueError(std::string("KT_KERNELS_FUSED_DEQUANT='") + env +
+                   "': expected 'auto' (or unset: fused dequantize + GEMM for small tiles), "
+                   "'1' / 'on' (always fused) or '0' / 'off' (never)");
+}
+
 }  // namespace
 
 // ---- buffers -----------------------------------------------------------------------------------
@@ -357,6 +378,7 @@ MoEEngine::MoEEngine(const EngineConfig& cfg) : cfg_(cfg) {
   if (!k_.silu_mul_bwd) k_.silu_mul_bwd = ref.silu_mul_bwd;
   if (!k_.pack_transposed) k_.pack_transposed = ref.pack_transposed;
   qk_ = &kernels::quant_kernels(isa_);
+  fused_rows_ = fused_rows_setting(k_);
   threads_ = cfg.num_threads > 0 ? cfg.num_threads : runtime::default_thread_count();
 
   E_ = cfg.num_experts;
@@ -441,7 +463,9 @@ void MoEEngine::load_weights(const View& gate_up, const View& gate, const View& 
   check(down, {"down", fl, {E_, H_, I_}, "(num_experts, hidden_size, intermediate_size)"});
 
   std::lock_guard<std::mutex> lock(engine_mutex());
+  PhaseClock clock(timings_, "load.", id_, 0, &prof_);
   alloc_weights();
+  clock.mark("alloc");
   const kernels::KernelTable& kt = k_;
   const quant::Kind kind = wkind_;
   // bf16: packs block b (rows 16b .. 16b + 15 after row_off; columns c0 .. c0 + K) of matrix e
@@ -549,6 +573,8 @@ void MoEEngine::load_weights(const View& gate_up, const View& gate, const View& 
     free_weights();  // no half-loaded engine: a failed load leaves no weights
     throw;
   }
+  clock.mark(kind == quant::Kind::bf16 ? "pack" : "quantize");
+  clock.total();
 }
 
 void MoEEngine::for_each_weight_block(const std::function<void(int64_t, int64_t, int, int)>& fn) {
@@ -691,7 +717,9 @@ void MoEEngine::load_quantized(const View& gate_up, const View& gate_up_scale, c
   check_scale(down_scale, "down_scale", H_, I_, "hidden_size", "intermediate_size");
 
   std::lock_guard<std::mutex> lock(engine_mutex());
+  PhaseClock clock(timings_, "load.", id_, 0, &prof_);
   alloc_weights();
+  clock.mark("alloc");
   auto copy_block = [&](const View& src, const View& ssrc, const quant::Format& f, int64_t e,
                         int64_t row_off, int64_t c0, int64_t N, int64_t K, int64_t b, uint8_t* blk,
                         float* sc, int th) {
@@ -717,7 +745,8 @@ void MoEEngine::load_quantized(const View& gate_up, const View& gate_up_scale, c
       }
       const int64_t sbase = e * ssrc.strides[0] + (row_off + n) * ssrc.strides[1];
       for (int64_t g = 0; g < ng; ++g) {
-        srow[g] = ssrc.ptr<const float>()[sbase + (int4 ? (c0 / G + g) * ssrc.strides[2] : 0)];
+        srow[g] = quant::flush_scale(
+            ssrc.ptr<const float>()[sbase + (int4 ? (c0 / G + g) * ssrc.strides[2] : 0)]);
       }
       quant::place_row(f, codes, K, j, blk);
     }
@@ -744,6 +773,8 @@ void MoEEngine::load_quantized(const View& gate_up, const View& gate_up_scale, c
                  sl.sd.as<float>() + gb * kBlockN * sl.fd.ngroups, th);
     }
   });
+  clock.mark("copy_codes");
+  clock.total();
 }
 
 const bf16* MoEEngine::gu_blocks(int s, int64_t e, int64_t b0, int64_t nblk, int th,
@@ -766,6 +797,28 @@ const bf16* MoEEngine::d_blocks(int s, int64_t e, int64_t b0, int64_t nblk, int 
   quant::dequant_blocks(*qk_, sl.fd, sl.wd.as<uint8_t>() + gb * quant::block_bytes(sl.fd),
                         sl.sd.as<float>() + gb * kBlockN * sl.fd.ngroups, nblk, d);
   return d;
+}
+
+void MoEEngine::gemm_weights(Proj w, int s, int64_t e, int64_t b0, int64_t nblk, int64_t M,
+                             const bf16* A, int64_t lda, float* C, int64_t ldc, bool accumulate,
+                             int th, int slot) const {
+  const Slice& sl = *sl_[static_cast<size_t>(s)];
+  const bool gu = w == Proj::gate_up;
+  const quant::Format& f = gu ? fgu_ : sl.fd;
+  if (wkind_ == quant::Kind::bf16 || M > fused_rows_) {
+    const bf16* B = gu ? gu_blocks(s, e, b0, nblk, th, slot) : d_blocks(s, e, b0, nblk, th, slot);
+    k_.gemm_bf16(M, nblk, gu ? KpH_ : sl.KpI, A, lda, B, C, ldc, accumulate);
+    return;
+  }
+  const int64_t gb = gu ? e * 2 * sl.nb + b0 - 2 * sl.b0 : e * nbH_ + b0;
+  const uint8_t* codes = (gu ? sl.wgu : sl.wd).as<uint8_t>() + gb * quant::block_bytes(f);
+  const float* sc = (gu ? sl.sgu : sl.sd).as<float>() + gb * kBlockN * f.ngroups;
+  if (wkind_ == quant::Kind::int8) {
+    k_.gemm_q8(M, nblk, f.Kp, A, lda, reinterpret_cast<const int8_t*>(codes), sc, C, ldc,
+               accumulate);
+  } else {
+    k_.gemm_q4(M, nblk, f.Kp, f.group, A, lda, codes, sc, C, ldc, accumulate);
+  }
 }
 
 void MoEEngine::gu_transposed(int s, int64_t e, int64_t k0, int64_t nblk, bf16* dst, int th) const {
@@ -1101,8 +1154,8 @@ void MoEEngine::run_forward(Ctx& c) {
     const int64_t M = tl.m1 - tl.m0, np = tl.n1 - tl.n0, ncols = 32 * np, nh = 16 * np;
     float* C = gu + tl.m0 * 2 * Ib + 32 * tl.n0;  // written in place in the cache
     const int64_t ldc = 2 * Ib;
-    k.gemm_bf16(M, 2 * np, KpH, xg + tl.m0 * KpH, KpH,
-                gu_blocks(si, tl.e, 2 * tl.n0, 2 * np, th, kL2), C, ldc, false);
+    gemm_weights(Proj::gate_up, si, tl.e, 2 * tl.n0, 2 * np, M, xg + tl.m0 * KpH, KpH, C, ldc,
+                 false, th, kL2);
     if (c.lora) {
       k.gemm_f32_nn(M, ncols, RA, s, xa + tl.m0 * RA, RA,
                     bgu_t_.as<float>() + tl.e * RA * 2 * Ib + 32 * tl.n0, 2 * Ib, C, ldc, true);
@@ -1172,8 +1225,8 @@ void MoEEngine::run_forward(Ctx& c) {
       const Slice& sl = *sl_[static_cast<size_t>(si)];
       const int64_t M = tl.m1 - tl.m0, nb = tl.n1 - tl.n0;
       float* C = y + si * ypart + tl.m0 * ldy + kBlockN * (tl.n0 - blo);
-      k.gemm_bf16(M, nb, sl.KpI, hb + tl.m0 * KpI + kBlockN * sl.b0, KpI,
-                  d_blocks(si, tl.e, tl.n0, nb, th, kL0), C, ldy, false);
+      gemm_weights(Proj::down, si, tl.e, tl.n0, nb, M, hb + tl.m0 * KpI + kBlockN * sl.b0, KpI, C,
+                   ldy, false, th, kL0);
       if (c.lora && si == 0) {  // the LoRA term once, in slice 0's partial
         k.gemm_f32_nn(M, kBlockN * nb, r, s, had + tl.m0 * r, r,
                       bd_t_.as<float>() + tl.e * r * Hb + kBlockN * tl.n0, Hb, C, ldy, true);

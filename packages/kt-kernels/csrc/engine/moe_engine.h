@@ -201,6 +201,17 @@ class MoEEngine {
   const kernels::bf16* gu_blocks(int s, int64_t e, int64_t b0, int64_t nblk, int th,
                                  int slot) const;
   const kernels::bf16* d_blocks(int s, int64_t e, int64_t b0, int64_t nblk, int th, int slot) const;
+  // C (= or +=) A . W^T for M rows and blocks [b0, b0 + nblk) (indexed as gu_blocks / d_blocks) of
+  // slice s, expert e's gate/up or down weight: bf16 weights straight into gemm_bf16; codes into
+  // the fused dequantize + GEMM kernel up to fused_rows_ rows, else dequantized into thread th's
+  // scratch slot first (one copy then serves every row). Both give the same bits.
+  enum class Proj { gate_up, down };
+  void gemm_weights(Proj w, int s, int64_t e, int64_t b0, int64_t nblk, int64_t M,
+                    const kernels::bf16* A, int64_t lda, float* C, int64_t ldc, bool accumulate,
+                    int th, int slot) const;
+  // Largest tile row count that takes the fused path: the ISA's fused_max_rows, or forced by
+  // KT_KERNELS_FUSED_DEQUANT (-1: never; INT64_MAX: always).
+  int64_t fused_rows_ = -1;
   // pack_transposed of slice s of expert e's gate_up / down weight (k0 local to the slice).
   // Quantized storage: only the depth range read is dequantized, in thread th's scratch.
   void gu_transposed(int s, int64_t e, int64_t k0, int64_t nblk, kernels::bf16* dst, int th) const;

@@ -36,7 +36,7 @@ bool quantize_row(const Format& f, const float* w, int64_t K, int8_t* codes, flo
       if (!std::isfinite(w[k])) return false;
       amax = std::max(amax, std::fabs(w[k]));
     }
-    const float s = amax / qm;
+    const float s = flush_scale(amax / qm);
     scales[g] = s;
     for (int64_t k = k0; k < k1; ++k) {
       float q = s > 0.0f ? std::nearbyint(w[k] / s) : 0.0f;

@@ -10,7 +10,11 @@
 // rounded to bf16 when a block is dequantized for the bf16 GEMM kernels.
 //
 // Quantization (symmetric): per row and group, scale = max|w| / qmax (qmax 127 for int8, 7 for
-// int4), code = round_half_even(w / scale) clamped to [-qmax, qmax]; an all-zero group has scale 0.
+// int4), code = round_half_even(w / scale) clamped to [-qmax, qmax]; an all-zero group has scale 0,
+// and so has a group whose scale would be below the smallest normal float (2^-126; its values are
+// below the bf16 normals too). Stored scales are therefore 0 or normal, so no product code * scale
+// is a denormal and the fused kernels equal dequantization + GEMM bit for bit on every ISA
+// (kernels.h, gemm_q8_fn); pre-quantized scales are flushed the same way (flush_scale).
 #pragma once
 
 #include <cstdint>
@@ -37,6 +41,9 @@ int64_t block_bytes(const Format& f);
 // Quantizes one row of K finite floats: codes[0, K) and scales[0, ngroups). Returns false if a
 // value is not finite.
 bool quantize_row(const Format& f, const float* w, int64_t K, int8_t* codes, float* scales);
+
+// A scale as stored: below the smallest normal float it becomes 0.
+inline float flush_scale(float s) { return s < 0x1p-126f ? 0.0f : s; }
 
 // Writes a row of K codes as row j (0 .. 15) of a block (codes at k >= K are zero).
 void place_row(const Format& f, const int8_t* codes, int64_t K, int j, uint8_t* blk);

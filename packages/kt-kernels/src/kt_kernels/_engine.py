@@ -44,6 +44,7 @@ def active_isa() -> str:
 
 
 _PHASE_ORDER = {
+    "load": ("alloc", "pack", "quantize", "copy_codes", "total"),
     "forward": ("route", "convert", "gather", "gate_up", "lora_down_a", "down", "combine", "total"),
     "backward": ("convert", "gather", "down_t", "reduce", "gate_up_t", "combine", "total"),
 }
@@ -316,8 +317,10 @@ class MoEEngine:
         return {k: int(v) for k, v in self._eng.memory_stats().items()}
 
     def last_timings(self) -> dict[str, float]:
-        """Milliseconds per phase of the last forward (``forward.*``) and backward
-        (``backward.*``)."""
+        """Milliseconds per phase of the last weight load (``load.*``: ``alloc``, then ``pack``
+        (bf16 repack), ``quantize`` (int8 / int4 from float weights) or ``copy_codes``
+        (:meth:`load_quantized_weights`), and ``total``), the last forward (``forward.*``) and the
+        last backward (``backward.*``)."""
         return {k: float(v) for k, v in self._eng.last_timings().items()}
 
     @property
@@ -338,9 +341,9 @@ class MoEEngine:
         return int(self._eng.engine_id)
 
     def profile_stats(self) -> dict[str, dict[str, float]]:
-        """Per phase (``"forward.gate_up"``, ..., ``"backward.total"``) of the calls this engine ran
-        while the profiler was on (:func:`kt_kernels.profile`): ``calls``, ``total_ms``,
-        ``mean_ms``."""
+        """Per phase (``"load.pack"``, ``"forward.gate_up"``, ..., ``"backward.total"``) of the calls
+        this engine ran while the profiler was on (:func:`kt_kernels.profile`): ``calls``,
+        ``total_ms``, ``mean_ms``."""
         out = {}
         for name, (calls, total) in self._eng.profile_stats().items():
             out[str(name)] = {
@@ -357,7 +360,7 @@ class MoEEngine:
         if not stats:
             return "no profiled calls (run the engine inside kt_kernels.profile())"
         rows = [("phase", "calls", "total ms", "mean ms", "% of call")]
-        for call in ("forward", "backward"):
+        for call in ("load", "forward", "backward"):
             names = [k for k in stats if k.startswith(call + ".")]
             total = stats.get(call + ".total", {}).get("total_ms", 0.0)
             rank = {p: i for i, p in enumerate(_PHASE_ORDER[call])}

@@ -12,7 +12,9 @@ Format (``MoEEngine.load_quantized_weights``), per weight of shape (E, N, K) in 
 Quantization (what the engine does at load time from float weights, and what ``quantize_weights``
 does bit for bit): symmetric, per row and group, ``scale = max|w| / qmax`` (qmax 127 for int8, 7
 for int4) in float32, ``code = rint(w / scale)`` (half to even) clamped to [-qmax, qmax]; an
-all-zero group has scale 0. The engine computes with ``bfloat16(code * scale)``.
+all-zero group has scale 0, and so has a group whose scale would be below the smallest normal
+float32 (2**-126). The engine computes with ``bfloat16(code * scale)``; it stores loaded scales
+below 2**-126 as 0 as well.
 
 NumPy is imported on first use only (kt-kernels has no runtime dependencies).
 """
@@ -48,6 +50,7 @@ def quantize_weights(w: Any, weight_dtype: str, group_size: int = 128) -> tuple[
     g = K if weight_dtype == "int8" else group_size
     wg = w.reshape(*w.shape[:-1], K // g, g)
     scale = (np.max(np.abs(wg), axis=-1) / qmax).astype(np.float32)
+    scale[scale < np.finfo(np.float32).tiny] = 0  # below the normals: stored as 0, like the engine
     safe = np.where(scale > 0, scale, np.float32(1))
     q = np.where(scale[..., None] > 0, np.rint(wg / safe[..., None]), np.float32(0))
     codes = np.clip(q, -qmax, qmax).astype(np.int8).reshape(w.shape)
