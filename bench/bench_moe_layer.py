@@ -10,6 +10,14 @@ Every measurement runs in a fresh subprocess, so peak RSS belongs to one engine 
     python bench/bench_moe_layer.py                   # all shapes, 1 and 2 threads
     python bench/bench_moe_layer.py --quick           # fewer repetitions, 2 threads, T <= 1024
     python bench/bench_moe_layer.py --shapes small --threads 1,2
+    python bench/bench_moe_layer.py --decode-only     # only the small-T inference rows (below)
+
+Small-T rows ("decode", on by default; --no-decode skips them, --decode-tokens picks T): inference
+forwards (no LoRA, no activation cache) at the qwen3-30b-a3b sizes with T = 1, 8, 32 tokens, i.e.
+0.06 to 2 rows per expert, the case of decoding. Each step routes to other experts (weights come
+from memory, as in decoding), and the same inputs run through bf16 weights and through int8 / int4
+weights with the fused dequantize + GEMM kernels forced on and off (KT_KERNELS_FUSED_DEQUANT=1 / 0);
+the ratios come from the same run. One process runs all of them, one engine at a time.
 
 FLOP count (stated in the output too), per layer call, with T tokens, top-k K, hidden H,
 intermediate I, LoRA rank r:
@@ -122,8 +130,9 @@ def _time_loop(step, warmup: int, reps: int) -> list[tuple[float, float]]:
     return [step() for _ in range(reps)]
 
 
-def worker_ours(case: Case, threads: int, warmup: int, reps: int, isa: str | None,
-                weight_dtype: str = "bf16") -> dict:
+def worker_ours(
+    case: Case, threads: int, warmup: int, reps: int, isa: str | None, weight_dtype: str = "bf16"
+) -> dict:
     """Our engine, fed NumPy arrays (no torch in this process, so its RSS is the engine's)."""
     import ml_dtypes
     import numpy as np
@@ -143,7 +152,15 @@ def worker_ours(case: Case, threads: int, warmup: int, reps: int, isa: str | Non
     gate_up = randn((E, 2 * I, H), H**-0.5, bf16)
     down = randn((E, H, I), I**-0.5, bf16)
     eng = kk.MoEEngine(
-        E, K, H, I, lora_rank=r, lora_alpha=2.0 * r, max_tokens=T, num_threads=threads, isa=isa,
+        E,
+        K,
+        H,
+        I,
+        lora_rank=r,
+        lora_alpha=2.0 * r,
+        max_tokens=T,
+        num_threads=threads,
+        isa=isa,
         weight_dtype=weight_dtype,
     )
     eng.load_weights(gate_up=gate_up, down=down)
@@ -267,13 +284,168 @@ def worker_peak(case: Case, threads: int, warmup: int, reps: int) -> dict:
     return {"gflops": flops / min(t[0] for t in times) / 1e9, "shape": [case.T, case.H, 2 * case.I]}
 
 
+DECODE_CASE = Case("qwen3-30b-a3b", E=128, K=8, H=2048, I=768, r=0, T=1)
+# (label, weight_dtype, KT_KERNELS_FUSED_DEQUANT) per decode column.
+DECODE_PATHS = [
+    ("bf16", "bf16", "auto"),
+    ("int8 dequant", "int8", "0"),
+    ("int8 fused", "int8", "1"),
+    ("int4 dequant", "int4", "0"),
+    ("int4 fused", "int4", "1"),
+]
+
+
+def worker_decode(
+    case: Case, tokens: list[int], threads: int, warmup: int, reps: int, isa: str | None
+) -> dict:
+    """Inference forwards at small T through every path of DECODE_PATHS (one engine at a time)."""
+    import ml_dtypes
+    import numpy as np
+
+    import kt_kernels as kk
+
+    bf16 = ml_dtypes.bfloat16
+    rng = np.random.default_rng(0)
+    E, K, H, I = case.E, case.K, case.H, case.I  # noqa: E741
+
+    def randn(shape, scale):
+        out = np.empty(shape, dtype=bf16)
+        for e in range(shape[0]):
+            out[e] = (rng.standard_normal(shape[1:], dtype=np.float32) * scale).astype(bf16)
+        return out
+
+    gate_up = randn((E, 2 * I, H), H**-0.5)
+    down = randn((E, H, I), I**-0.5)
+    steps = max(warmup + reps, 8)  # distinct routings, cycled: each step reads other experts
+
+    def inputs(T):
+        xs, idss, ws = [], [], []
+        for _ in range(steps):
+            logits = rng.standard_normal((T, E), dtype=np.float32)
+            ids = np.argsort(-logits, axis=1)[:, :K].astype(np.int64)
+            top = np.take_along_axis(logits, ids, axis=1)
+            w = np.exp(top - top.max(axis=1, keepdims=True))
+            xs.append(rng.standard_normal((T, H), dtype=np.float32).astype(bf16))
+            idss.append(ids)
+            ws.append((w / w.sum(axis=1, keepdims=True)).astype(np.float32))
+        return xs, idss, ws
+
+    data = {T: inputs(T) for T in tokens}
+    res: dict = {"paths": {}, "load_ms": {}}
+    for label, wd, mode in DECODE_PATHS:
+        os.environ["KT_KERNELS_FUSED_DEQUANT"] = mode  # read when the engine is created
+        eng = kk.MoEEngine(
+            E,
+            K,
+            H,
+            I,
+            max_tokens=max(tokens),
+            num_threads=threads,
+            isa=isa,
+            weight_dtype=wd,
+            group_size=128,
+        )
+        eng.load_weights(gate_up=gate_up, down=down)
+        res["isa"] = eng.isa
+        res["load_ms"][label] = {
+            k: v for k, v in eng.last_timings().items() if k.startswith("load.")
+        }
+        per_t = {}
+        for T in tokens:
+            xs, idss, ws = data[T]
+            out = np.empty((T, H), dtype=bf16)
+            times = []
+            for i in range(warmup + reps):
+                j = i % steps
+                t0 = time.perf_counter()
+                eng.forward(xs[j], idss[j], ws[j], out, save_for_backward=False)
+                times.append(time.perf_counter() - t0)
+            per_t[str(T)] = min(times[warmup:])
+        res["paths"][label] = per_t
+        eng.close()
+    return res
+
+
+def run_decode(
+    case: Case, tokens: list[int], threads: int, warmup: int, reps: int, isa: str | None
+) -> dict:
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--worker",
+        "decode",
+        "--case",
+        json.dumps(asdict(case)),
+        "--threads",
+        str(threads),
+        "--warmup",
+        str(warmup),
+        "--reps",
+        str(reps),
+        "--decode-tokens",
+        ",".join(map(str, tokens)),
+    ]
+    if isa:
+        cmd += ["--isa", isa]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), KT_NUM_THREADS=str(threads))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"decode worker failed for {case} threads={threads}:\n{proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def print_decode(case: Case, tokens: list[int], threads: int, res: dict) -> list[dict]:
+    labels = [p[0] for p in DECODE_PATHS]
+    print(
+        f"\nsmall T (decode-like): inference forward, no LoRA, {case.name} sizes (E={case.E} "
+        f"K={case.K} H={case.H} I={case.I}), {threads} threads, isa {res['isa']}; ms per forward "
+        "(best step; every step routes to other experts)"
+    )
+    header = f"{'T':>4}{'rows/exp':>9}" + "".join(f"{lb:>14}" for lb in labels)
+    header += f"{'int8 f/d':>10}{'int4 f/d':>10}{'int8 f/bf16':>12}{'int4 f/bf16':>12}"
+    print(header)
+    print("-" * len(header))
+    rows = []
+    for T in tokens:
+        ms = {lb: 1e3 * res["paths"][lb][str(T)] for lb in labels}
+        sp = {
+            "int8": ms["int8 dequant"] / ms["int8 fused"],
+            "int4": ms["int4 dequant"] / ms["int4 fused"],
+        }
+        vs = {"int8": ms["bf16"] / ms["int8 fused"], "int4": ms["bf16"] / ms["int4 fused"]}
+        print(
+            f"{T:>4}{T * case.K / case.E:>9.2f}"
+            + "".join(f"{ms[lb]:>14.2f}" for lb in labels)
+            + f"{sp['int8']:>9.2f}x{sp['int4']:>9.2f}x{vs['int8']:>11.2f}x{vs['int4']:>11.2f}x"
+        )
+        rows.append({"decode": True, "T": T, "threads": threads, "isa": res["isa"], "ms": ms})
+    print(
+        "f/d: fused over dequantize + gemm_bf16 (same weights, KT_KERNELS_FUSED_DEQUANT=1 vs 0); "
+        "f/bf16: fused int8 / int4 over bf16 weights; > 1 means faster."
+    )
+    loads = res["load_ms"]
+    print(
+        "weight load, ms (load.* phases): "
+        + "; ".join(
+            f"{lb}: " + ", ".join(f"{k[5:]} {v:.0f}" for k, v in loads[lb].items())
+            for lb in ("bf16", "int8 fused", "int4 fused")
+        )
+    )
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------
 # Driver
 # ---------------------------------------------------------------------------------------------
 
 
 def run_worker(
-    kind: str, case: Case, threads: int, warmup: int, reps: int, isa: str | None,
+    kind: str,
+    case: Case,
+    threads: int,
+    warmup: int,
+    reps: int,
+    isa: str | None,
     weight_dtype: str = "bf16",
 ) -> dict:
     cmd = [
@@ -300,8 +472,15 @@ def run_worker(
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _row(case: Case, threads: int, weight_dtype: str, ours: dict, peak: dict,
-         torch_total: float | None, torch_cpu: float | None) -> dict:
+def _row(
+    case: Case,
+    threads: int,
+    weight_dtype: str,
+    ours: dict,
+    peak: dict,
+    torch_total: float | None,
+    torch_cpu: float | None,
+) -> dict:
     fwd, bwd = min(ours["fwd"]), min(ours["bwd"])
     total = fwd + bwd
     return {
@@ -364,21 +543,34 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first")
     p.add_argument("--isa", default=None, help="force the engine's ISA (default: best runnable)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch eager baseline")
-    p.add_argument("--weight-dtypes", default="bf16,int8,int4",
-                   help="comma list of frozen-weight storage types to run (bf16, int8, int4)")
+    p.add_argument(
+        "--weight-dtypes",
+        default="bf16,int8,int4",
+        help="comma list of frozen-weight storage types to run (bf16, int8, int4)",
+    )
     p.add_argument("--json", default=None, help="also write the results to this file")
+    p.add_argument("--no-decode", action="store_true", help="skip the small-T inference rows")
+    p.add_argument("--decode-only", action="store_true", help="only the small-T inference rows")
+    p.add_argument(
+        "--decode-tokens", default="1,8,32", help="T of the small-T rows (default 1,8,32)"
+    )
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--case", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
+    decode_tokens = [int(t) for t in args.decode_tokens.split(",") if t.strip()]
     if args.worker:
         case = Case(**json.loads(args.case))
         threads = int(args.threads)
         fn = {
-            "ours": lambda: worker_ours(case, threads, args.warmup, args.reps, args.isa,
-                                        args.weight_dtypes),
+            "ours": lambda: worker_ours(
+                case, threads, args.warmup, args.reps, args.isa, args.weight_dtypes
+            ),
             "torch": lambda: worker_torch(case, threads, args.warmup, args.reps),
             "peak": lambda: worker_peak(case, threads, args.warmup, args.reps),
+            "decode": lambda: worker_decode(
+                case, decode_tokens, threads, args.warmup, args.reps, args.isa
+            ),
         }[args.worker]
         print(json.dumps(fn()))
         return 0
@@ -427,13 +619,16 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     dtypes = [d.strip() for d in args.weight_dtypes.split(",") if d.strip()]
+    if args.decode_only:
+        cases = []
     header = (
         f"{'shape':<15}{'T':>6}{'thr':>4} {'isa':<12}{'weights':>8}{'fwd ms':>9}{'bwd ms':>9}{'total':>9}"
         f"{'torch ms':>10}{'speedup':>8}{'peak':>8}{'GFLOP/s':>9}{'%peak':>7}"
         f"{'work GF/s':>10}{'%peak':>7}{'RSS GB':>8}{'RSS/W':>7}"
     )
-    print(header)
-    print("-" * len(header))
+    if cases:
+        print(header)
+        print("-" * len(header))
     results = []
     for case in cases:
         for threads in thread_list:
@@ -447,14 +642,26 @@ def main(argv: list[str] | None = None) -> int:
                 ours = run_worker("ours", case, threads, warmup, reps, args.isa, wd)
                 results.append(_row(case, threads, wd, ours, peak, torch_total, torch_cpu))
                 _print_row(results[-1])
-    by_key = {(r["case"]["name"], r["case"]["T"], r["threads"]): r for r in results
-              if r["weight_dtype"] == "bf16"}
-    quant = [(r, by_key.get((r["case"]["name"], r["case"]["T"], r["threads"])))
-             for r in results if r["weight_dtype"] != "bf16"]
+    by_key = {
+        (r["case"]["name"], r["case"]["T"], r["threads"]): r
+        for r in results
+        if r["weight_dtype"] == "bf16"
+    }
+    quant = [
+        (r, by_key.get((r["case"]["name"], r["case"]["T"], r["threads"])))
+        for r in results
+        if r["weight_dtype"] != "bf16"
+    ]
     if any(base for _, base in quant):
-        print("\nspeed vs bf16 (same shape and threads): " + ", ".join(
-            f"{r['weight_dtype']} {r['case']['name']} T={r['case']['T']} thr={r['threads']}: "
-            f"{base['total_ms'] / r['total_ms']:.2f}x" for r, base in quant if base))
+        print(
+            "\nspeed vs bf16 (same shape and threads): "
+            + ", ".join(
+                f"{r['weight_dtype']} {r['case']['name']} T={r['case']['T']} thr={r['threads']}: "
+                f"{base['total_ms'] / r['total_ms']:.2f}x"
+                for r, base in quant
+                if base
+            )
+        )
     scaling = [
         (k, by_key[(k[0], k[1], 1)]["total_ms"] / r["total_ms"])
         for k, r in by_key.items()
@@ -462,13 +669,19 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if scaling:
         print("\n1 -> 2 threads: " + ", ".join(f"{n} T={t}: {s:.2f}x" for (n, t, _), s in scaling))
+    if cases:
+        print(
+            "RSS: peak resident set during forward/backward (after loading; the source weights "
+            "freed); RSS/W: that over the bf16 bytes of the base weights."
+        )
+    if not args.no_decode:
+        decode_reps = max(3 * reps, 9)  # forwards of a few tokens: cheap, so more samples
+        for threads in thread_list:
+            res = run_decode(DECODE_CASE, decode_tokens, threads, 2, decode_reps, args.isa)
+            results += print_decode(DECODE_CASE, decode_tokens, threads, res)
     print(
         f"load average at the end: {os.getloadavg()[0]:.1f}. '(busy machine)': the load average "
         "exceeded the CPU count during that row, so other processes shared the cores."
-    )
-    print(
-        "RSS: peak resident set during forward/backward (after loading; the source weights "
-        "freed); RSS/W: that over the bf16 bytes of the base weights."
     )
     if args.json:
         with open(args.json, "w") as f:

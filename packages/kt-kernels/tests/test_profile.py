@@ -33,19 +33,28 @@ def test_profile_trace_and_summary(tmp_path) -> None:
     calls = [e for e in events if e["cat"] == "call"]
     assert [e["name"] for e in calls] == ["forward", "backward"]
     for call, phases in zip(calls, (FWD, BWD)):
-        inner = [e for e in events if e["cat"] == "phase" and e["tid"] == call["tid"]
-                 and call["ts"] <= e["ts"] and e["ts"] + e["dur"] <= call["ts"] + call["dur"] + 1e-3]
+        inner = [
+            e
+            for e in events
+            if e["cat"] == "phase"
+            and e["tid"] == call["tid"]
+            and call["ts"] <= e["ts"]
+            and e["ts"] + e["dur"] <= call["ts"] + call["dur"] + 1e-3
+        ]
         # One event per phase, in order, nested in the call on the same thread, not overlapping.
         assert [e["name"] for e in inner] == phases
         for a, b in pairwise(inner):
             assert a["ts"] + a["dur"] <= b["ts"] + 1e-3
-        assert all(e["args"]["engine"] == eng.engine_id and e["args"]["tokens"] == c.T
-                   for e in [*inner, call])
+        assert all(
+            e["args"]["engine"] == eng.engine_id and e["args"]["tokens"] == c.T
+            for e in [*inner, call]
+        )
     assert any(e["ph"] == "M" and e["name"] == "thread_name" for e in doc["traceEvents"])
     stats = eng.profile_stats()
     assert stats["forward.total"]["calls"] == 1 and stats["backward.gate_up_t"]["calls"] == 1
     assert set(stats) == {f"forward.{p}" for p in [*FWD, "total"]} | {
-        f"backward.{p}" for p in [*BWD, "total"]}
+        f"backward.{p}" for p in [*BWD, "total"]
+    }
     table = eng.profile_summary()
     assert table.splitlines()[0].split()[0] == "phase" and "forward.gate_up" in table
     eng.reset_profile()
@@ -62,8 +71,9 @@ def test_profile_worker_events_nest(tmp_path) -> None:
     with kk.profile():
         run(eng, c)
     kk.write_chrome_trace(tmp_path / "t.json")
-    events = [e for e in json.loads((tmp_path / "t.json").read_text())["traceEvents"]
-              if e["ph"] == "X"]
+    events = [
+        e for e in json.loads((tmp_path / "t.json").read_text())["traceEvents"] if e["ph"] == "X"
+    ]
     calls = [e for e in events if e["cat"] == "call"]
     phases = [e for e in events if e["cat"] == "phase"]
     workers = [e for e in events if e["cat"] == "worker"]
@@ -72,8 +82,10 @@ def test_profile_worker_events_nest(tmp_path) -> None:
     caller = calls[0]["tid"]
     # On the calling thread each worker span lies inside one phase event (proper nesting).
     for w in (e for e in workers if e["tid"] == caller):
-        assert any(p["ts"] <= w["ts"] + 1e-3 and w["ts"] + w["dur"] <= p["ts"] + p["dur"] + 1e-3
-                   for p in phases), w
+        assert any(
+            p["ts"] <= w["ts"] + 1e-3 and w["ts"] + w["dur"] <= p["ts"] + p["dur"] + 1e-3
+            for p in phases
+        ), w
     eng.close()
 
 
@@ -90,16 +102,23 @@ def test_profile_load_phases(tmp_path) -> None:
             engines.append((wd, eng, LOAD[wd]))
         pre = kk.MoEEngine(c.E, c.K, c.H, c.I, weight_dtype="int4", group_size=64, num_threads=1)
         q = {n: kk.quantize_weights(getattr(c, n), "int4", 64) for n in ("gate_up", "down")}
-        pre.load_quantized_weights(gate_up=q["gate_up"][0], gate_up_scale=q["gate_up"][1],
-                                   down=q["down"][0], down_scale=q["down"][1])
+        pre.load_quantized_weights(
+            gate_up=q["gate_up"][0],
+            gate_up_scale=q["gate_up"][1],
+            down=q["down"][0],
+            down_scale=q["down"][1],
+        )
         engines.append(("int4 pre-quantized", pre, ["alloc", "copy_codes"]))
     path = tmp_path / "load.json"
     n = kk.write_chrome_trace(path)
     events = [e for e in json.loads(path.read_text())["traceEvents"] if e["ph"] == "X"]
     assert n == len(events)
     for what, eng, phases in engines:
-        mine = [e for e in events if e["cat"] in ("call", "phase")
-                and e["args"]["engine"] == eng.engine_id]
+        mine = [
+            e
+            for e in events
+            if e["cat"] in ("call", "phase") and e["args"]["engine"] == eng.engine_id
+        ]
         calls = [e for e in mine if e["cat"] == "call"]
         assert [e["name"] for e in calls] == ["load"], what
         call = calls[0]
@@ -130,8 +149,12 @@ def test_last_timings_keep_load_after_forward() -> None:
     eng.forward(c.x, c.ids, c.w, out, save_for_backward=False)
     times = eng.last_timings()
     assert {"load.alloc", "load.quantize", "load.total", "forward.gate_up", "forward.total"} <= set(
-        times)
+        times
+    )
     eng.load_weights(gate_up=c.gate_up, down=c.down)  # a second load replaces the load.* entries
     assert {k for k in eng.last_timings() if k.startswith("load.")} == {
-        "load.alloc", "load.quantize", "load.total"}
+        "load.alloc",
+        "load.quantize",
+        "load.total",
+    }
     eng.close()
