@@ -113,15 +113,21 @@ def test_trace_each_group_on_its_own_worker(tmp_path, wd: str) -> None:
     events = _trace(tmp_path)
     eng.close()
     calls = [e for e in events if e["cat"] == "call"]
-    assert [e["name"] for e in calls] == ["forward", "backward"]
+    assert [e["name"] for e in calls] == ["load", "forward", "backward"]
+    load, calls = calls[0], calls[1:]
     caller = calls[0]["tid"]
+    assert load["tid"] == caller
     grouped = [e for e in events if e["cat"] == "worker" and "group" in e["args"]]
     tids = {g: {e["tid"] for e in grouped if e["args"]["group"] == g} for g in (0, 1)}
     # Worker 0 (the calling thread) computes slice 0, worker 1 slice 1, and never the other.
     assert tids[0] == {caller}
     assert len(tids[1]) == 1 and caller not in tids[1]
-    # The weights were loaded by their groups (events before the first call) ...
+    # The weights were loaded by their groups (events inside the load call) ...
     loads = [e for e in grouped if e["ts"] + e["dur"] <= calls[0]["ts"]]
+    assert all(
+        load["ts"] <= e["ts"] + 1e-3 and e["ts"] + e["dur"] <= load["ts"] + load["dur"] + 1e-3
+        for e in loads
+    )
     assert {e["args"]["group"] for e in loads} == {0, 1}
     # ... and every grouped phase ran on both groups.
     phases = [e for e in events if e["cat"] == "phase"]
