@@ -144,11 +144,12 @@ struct Tile {
   }
 };
 
-// Fused int8 / int4: 8 x 1 tiles, so up to 8 rows dequantize each block row once. Measured
-// (bench_gemm --fused, AMD EPYC, 96 x 2048 tiles): 1.5-2x faster than dequantize + gemm_bf16 at 1-2
-// rows, 1.1-1.4x at 4, even at 8; hence the engine's threshold of 4 rows.
+// Fused int8 / int4: 8 x 1 tiles, so up to 8 rows dequantize each block row once (9 rows take a
+// second pass). Measured (bench_gemm --fused, AMD EPYC, 96 x 2048 tiles, 1 thread) against
+// dequantize + gemm_bf16: 1.5-1.9x faster at 1 row, 1.1-1.5x at 4, 1.0-1.3x at 8, 0.8-0.9x at 12;
+// hence the engine's threshold of 8 rows.
 using Gemm = Entries<Tile, 4, 1, 8, 1>;
-constexpr int64_t kFusedMaxRows = 4;
+constexpr int64_t kFusedMaxRows = 8;
 
 }  // namespace
 

@@ -140,9 +140,10 @@ struct Tile {
   }
 };
 
-// Fused int8 / int4: 8 x 3 tiles, so up to 8 rows dequantize each block row once. Measured
-// (bench_gemm --fused, AMD EPYC, 96 x 2048 tiles): 1.3-1.6x faster than dequantize + gemm_bf16 at 1
-// row, 1.2-1.4x at 8, slower from 12 rows on; hence the engine's threshold of 8 rows.
+// Fused int8 / int4: 8 x 3 tiles, so up to 8 rows dequantize each block row once (9 rows take a
+// second pass). Measured (bench_gemm --fused, AMD EPYC, 96 x 2048 tiles, 1 thread) against
+// dequantize + gemm_bf16: 1.3-1.7x faster at 1 row, 1.2-1.4x at 8, 0.9-1.0x at 12; hence the
+// engine's threshold of 8 rows.
 using Gemm = Entries<Tile, 6, 3, 8, 3>;
 constexpr int64_t kFusedMaxRows = 8;
 
