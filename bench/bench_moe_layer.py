@@ -17,7 +17,8 @@ forwards (no LoRA, no activation cache) at the qwen3-30b-a3b sizes with T = 1, 8
 0.06 to 2 rows per expert, the case of decoding. Each step routes to other experts (weights come
 from memory, as in decoding), and the same inputs run through bf16 weights and through int8 / int4
 weights with the fused dequantize + GEMM kernels forced on and off (KT_KERNELS_FUSED_DEQUANT=1 / 0);
-the ratios come from the same run. One process runs all of them, one engine at a time.
+the ratios come from the same run. One process holds the five engines and runs them in turns, step
+by step, so load from other processes disturbs all paths alike.
 
 FLOP count (stated in the output too), per layer call, with T tokens, top-k K, hidden H,
 intermediate I, LoRA rank r:
@@ -298,7 +299,7 @@ DECODE_PATHS = [
 def worker_decode(
     case: Case, tokens: list[int], threads: int, warmup: int, reps: int, isa: str | None
 ) -> dict:
-    """Inference forwards at small T through every path of DECODE_PATHS (one engine at a time)."""
+    """Inference forwards at small T through every path of DECODE_PATHS, taking turns."""
     import ml_dtypes
     import numpy as np
 
@@ -332,6 +333,7 @@ def worker_decode(
 
     data = {T: inputs(T) for T in tokens}
     res: dict = {"paths": {}, "load_ms": {}}
+    engines = {}
     for label, wd, mode in DECODE_PATHS:
         os.environ["KT_KERNELS_FUSED_DEQUANT"] = mode  # read when the engine is created
         eng = kk.MoEEngine(
@@ -350,18 +352,21 @@ def worker_decode(
         res["load_ms"][label] = {
             k: v for k, v in eng.last_timings().items() if k.startswith("load.")
         }
-        per_t = {}
-        for T in tokens:
-            xs, idss, ws = data[T]
-            out = np.empty((T, H), dtype=bf16)
-            times = []
-            for i in range(warmup + reps):
-                j = i % steps
+        engines[label] = eng
+    # The paths take turns step by step, so a change in the machine's load hits all of them alike.
+    for T in tokens:
+        xs, idss, ws = data[T]
+        out = np.empty((T, H), dtype=bf16)
+        times: dict[str, list[float]] = {label: [] for label in engines}
+        for i in range(warmup + reps):
+            j = i % steps
+            for label, eng in engines.items():
                 t0 = time.perf_counter()
                 eng.forward(xs[j], idss[j], ws[j], out, save_for_backward=False)
-                times.append(time.perf_counter() - t0)
-            per_t[str(T)] = min(times[warmup:])
-        res["paths"][label] = per_t
+                times[label].append(time.perf_counter() - t0)
+        for label in engines:
+            res["paths"].setdefault(label, {})[str(T)] = min(times[label][warmup:])
+    for eng in engines.values():
         eng.close()
     return res
 
@@ -394,12 +399,15 @@ def run_decode(
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def print_decode(case: Case, tokens: list[int], threads: int, res: dict) -> list[dict]:
+def print_decode(
+    case: Case, tokens: list[int], threads: int, res: dict, steps: str = ""
+) -> list[dict]:
     labels = [p[0] for p in DECODE_PATHS]
     print(
         f"\nsmall T (decode-like): inference forward, no LoRA, {case.name} sizes (E={case.E} "
         f"K={case.K} H={case.H} I={case.I}), {threads} threads, isa {res['isa']}; ms per forward "
-        "(best step; every step routes to other experts)"
+        f"(best {steps}step; every step routes to other experts); load average "
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
     )
     header = f"{'T':>4}{'rows/exp':>9}" + "".join(f"{lb:>14}" for lb in labels)
     header += f"{'int8 f/d':>10}{'int4 f/d':>10}{'int8 f/bf16':>12}{'int4 f/bf16':>12}"
@@ -605,18 +613,19 @@ def main(argv: list[str] | None = None) -> int:
     import kt_kernels as kk
 
     print(f"kt-kernels {kk.__version__}, CPU: {cpu}, {os.cpu_count()} logical CPUs")
-    print(
-        f"timed steps: {reps} after {warmup} warm-up; ms are the best step (least disturbed by "
-        f"other load); load average now: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
-    )
-    print(
-        "FLOPs: forward = 2 T K (3 H I + r (2 H + 3 I)); backward = 2 x forward (convention); "
-        "total = fwd + bwd."
-    )
-    print(
-        "peak: PyTorch dense bf16 matmul T x H x 2I, same threads. "
-        "'work GFLOP/s' counts backward as 1 x forward (no base-weight grads).\n"
-    )
+    if not args.decode_only:
+        print(
+            f"timed steps: {reps} after {warmup} warm-up; ms are the best step (least disturbed by "
+            f"other load); load average now: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+        )
+        print(
+            "FLOPs: forward = 2 T K (3 H I + r (2 H + 3 I)); backward = 2 x forward (convention); "
+            "total = fwd + bwd."
+        )
+        print(
+            "peak: PyTorch dense bf16 matmul T x H x 2I, same threads. "
+            "'work GFLOP/s' counts backward as 1 x forward (no base-weight grads).\n"
+        )
 
     dtypes = [d.strip() for d in args.weight_dtypes.split(",") if d.strip()]
     if args.decode_only:
@@ -678,7 +687,8 @@ def main(argv: list[str] | None = None) -> int:
         decode_reps = max(3 * reps, 9)  # forwards of a few tokens: cheap, so more samples
         for threads in thread_list:
             res = run_decode(DECODE_CASE, decode_tokens, threads, 2, decode_reps, args.isa)
-            results += print_decode(DECODE_CASE, decode_tokens, threads, res)
+            steps = f"of {decode_reps} timed steps after 2 warm-up "
+            results += print_decode(DECODE_CASE, decode_tokens, threads, res, steps)
     print(
         f"load average at the end: {os.getloadavg()[0]:.1f}. '(busy machine)': the load average "
         "exceeded the CPU count during that row, so other processes shared the cores."
