@@ -90,7 +90,8 @@ inline __m256i halves_to_rows(__m512i acc) {
   return _mm512_cvtepi64_epi32(_mm512_add_epi32(acc, _mm512_srli_epi64(acc, 32)));
 }
 
-// MR rows x NR blocks; 6 x 2 uses 24 accumulators + 4 widened B + 1 A broadcast of the 32 zmm.
+// MR rows x NR blocks; 4 x 2 uses 16 accumulators + 4 widened B + 1 A broadcast + the products
+// (6 x 2 measured slower: GCC spills some of its 24 accumulators).
 template <int MR, int NR>
 struct TileI8 {
   static void run(const TileArgsI8& t) {
@@ -127,7 +128,7 @@ struct TileI8 {
 
 void gemm_i8(int64_t M, int64_t nblk, int64_t Kp, const int8_t* A, int64_t lda, const int8_t* B,
              int32_t* C, int64_t ldc, bool accumulate) {
-  gemm_tiled_i8<TileI8, 6, 2>(M, nblk, Kp, A, lda, B, C, ldc, accumulate);
+  gemm_tiled_i8<TileI8, 4, 2>(M, nblk, Kp, A, lda, B, C, ldc, accumulate);
 }
 
 }  // namespace
