@@ -15,7 +15,8 @@ namespace py = pybind11;
 
 // Bumped whenever the Python-visible C++ API gains or changes something, so pure-Python packages
 // can gate on features without parsing versions.
-constexpr int kAbiVersion = 3;  // 2: MoEEngine, ISA selection; 3: profiler, int8/int4 weights
+constexpr int kAbiVersion = 4;  // 2: MoEEngine, ISA selection; 3: profiler, int8/int4 weights;
+                                // 4: activation_dtype (W8A8)
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "kt-kernels compiled engine";
