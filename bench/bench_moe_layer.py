@@ -127,8 +127,9 @@ def _time_loop(step, warmup: int, reps: int) -> list[tuple[float, float]]:
     return [step() for _ in range(reps)]
 
 
-def worker_ours(case: Case, threads: int, warmup: int, reps: int, isa: str | None,
-                weight_dtype: str = "bf16") -> dict:
+def worker_ours(
+    case: Case, threads: int, warmup: int, reps: int, isa: str | None, weight_dtype: str = "bf16"
+) -> dict:
     """Our engine, fed NumPy arrays (no torch in this process, so its RSS is the engine's)."""
     import ml_dtypes
     import numpy as np
@@ -151,8 +152,17 @@ def worker_ours(case: Case, threads: int, warmup: int, reps: int, isa: str | Non
     if weight_dtype == "int8-w8a8":
         weight_dtype, activation_dtype = "int8", "int8"
     eng = kk.MoEEngine(
-        E, K, H, I, lora_rank=r, lora_alpha=2.0 * r, max_tokens=T, num_threads=threads, isa=isa,
-        weight_dtype=weight_dtype, activation_dtype=activation_dtype,
+        E,
+        K,
+        H,
+        I,
+        lora_rank=r,
+        lora_alpha=2.0 * r,
+        max_tokens=T,
+        num_threads=threads,
+        isa=isa,
+        weight_dtype=weight_dtype,
+        activation_dtype=activation_dtype,
     )
     eng.load_weights(gate_up=gate_up, down=down)
     del gate_up, down  # the engine owns its packed copy; the source goes
@@ -281,7 +291,12 @@ def worker_peak(case: Case, threads: int, warmup: int, reps: int) -> dict:
 
 
 def run_worker(
-    kind: str, case: Case, threads: int, warmup: int, reps: int, isa: str | None,
+    kind: str,
+    case: Case,
+    threads: int,
+    warmup: int,
+    reps: int,
+    isa: str | None,
     weight_dtype: str = "bf16",
 ) -> dict:
     cmd = [
@@ -308,8 +323,15 @@ def run_worker(
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _row(case: Case, threads: int, weight_dtype: str, ours: dict, peak: dict,
-         torch_total: float | None, torch_cpu: float | None) -> dict:
+def _row(
+    case: Case,
+    threads: int,
+    weight_dtype: str,
+    ours: dict,
+    peak: dict,
+    torch_total: float | None,
+    torch_cpu: float | None,
+) -> dict:
     fwd, bwd = min(ours["fwd"]), min(ours["bwd"])
     total = fwd + bwd
     return {
@@ -372,9 +394,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first")
     p.add_argument("--isa", default=None, help="force the engine's ISA (default: best runnable)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch eager baseline")
-    p.add_argument("--weight-dtypes", default="bf16,int8,int4,int8-w8a8",
-                   help="comma list of frozen-weight storage types to run (bf16, int8, int4; "
-                   "int8-w8a8: int8 weights and int8 activations)")
+    p.add_argument(
+        "--weight-dtypes",
+        default="bf16,int8,int4,int8-w8a8",
+        help="comma list of frozen-weight storage types to run (bf16, int8, int4; "
+        "int8-w8a8: int8 weights and int8 activations)",
+    )
     p.add_argument("--json", default=None, help="also write the results to this file")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--case", default=None, help=argparse.SUPPRESS)
@@ -384,8 +409,9 @@ def main(argv: list[str] | None = None) -> int:
         case = Case(**json.loads(args.case))
         threads = int(args.threads)
         fn = {
-            "ours": lambda: worker_ours(case, threads, args.warmup, args.reps, args.isa,
-                                        args.weight_dtypes),
+            "ours": lambda: worker_ours(
+                case, threads, args.warmup, args.reps, args.isa, args.weight_dtypes
+            ),
             "torch": lambda: worker_torch(case, threads, args.warmup, args.reps),
             "peak": lambda: worker_peak(case, threads, args.warmup, args.reps),
         }[args.worker]
@@ -456,14 +482,26 @@ def main(argv: list[str] | None = None) -> int:
                 ours = run_worker("ours", case, threads, warmup, reps, args.isa, wd)
                 results.append(_row(case, threads, wd, ours, peak, torch_total, torch_cpu))
                 _print_row(results[-1])
-    by_key = {(r["case"]["name"], r["case"]["T"], r["threads"]): r for r in results
-              if r["weight_dtype"] == "bf16"}
-    quant = [(r, by_key.get((r["case"]["name"], r["case"]["T"], r["threads"])))
-             for r in results if r["weight_dtype"] != "bf16"]
+    by_key = {
+        (r["case"]["name"], r["case"]["T"], r["threads"]): r
+        for r in results
+        if r["weight_dtype"] == "bf16"
+    }
+    quant = [
+        (r, by_key.get((r["case"]["name"], r["case"]["T"], r["threads"])))
+        for r in results
+        if r["weight_dtype"] != "bf16"
+    ]
     if any(base for _, base in quant):
-        print("\nspeed vs bf16 (same shape and threads): " + ", ".join(
-            f"{r['weight_dtype']} {r['case']['name']} T={r['case']['T']} thr={r['threads']}: "
-            f"{base['total_ms'] / r['total_ms']:.2f}x" for r, base in quant if base))
+        print(
+            "\nspeed vs bf16 (same shape and threads): "
+            + ", ".join(
+                f"{r['weight_dtype']} {r['case']['name']} T={r['case']['T']} thr={r['threads']}: "
+                f"{base['total_ms'] / r['total_ms']:.2f}x"
+                for r, base in quant
+                if base
+            )
+        )
     scaling = [
         (k, by_key[(k[0], k[1], 1)]["total_ms"] / r["total_ms"])
         for k, r in by_key.items()

@@ -21,8 +21,19 @@ import numpy as np
 
 BF16 = ml_dtypes.bfloat16
 
-__all__ = ["BF16", "Case", "Lora", "backward", "bf16", "dequantized", "forward", "forward_w8a8",
-           "make_case", "max_rel_err", "quantize_rows_i8"]
+__all__ = [
+    "BF16",
+    "Case",
+    "Lora",
+    "backward",
+    "bf16",
+    "dequantized",
+    "forward",
+    "forward_w8a8",
+    "make_case",
+    "max_rel_err",
+    "quantize_rows_i8",
+]
 
 
 def bf16(a: np.ndarray) -> np.ndarray:
@@ -72,9 +83,20 @@ class Case:
 
 
 def make_case(
-    E: int, K: int, H: int, I: int, r: int, T: int, *, seed: int = 0, fused: bool = True,  # noqa: E741 (I is the spec's name)
-    used_experts: int | None = None, pad_frac: float = 0.1, dup_frac: float = 0.2,
-    alpha: float | None = None, lora_scale: float = 1.0,
+    E: int,
+    K: int,
+    H: int,
+    I: int,  # noqa: E741 (I is the spec's name)
+    r: int,
+    T: int,
+    *,
+    seed: int = 0,
+    fused: bool = True,
+    used_experts: int | None = None,
+    pad_frac: float = 0.1,
+    dup_frac: float = 0.2,
+    alpha: float | None = None,
+    lora_scale: float = 1.0,
 ) -> Case:
     """Random case: weights rounded to bf16, activations O(1), some padding ids (-1), some
     duplicate ids within a row, and experts >= used_experts never routed to."""
@@ -84,9 +106,9 @@ def make_case(
     def rnd(*shape: int, std: float) -> np.ndarray:
         return (rng.standard_normal(shape) * std).astype(np.float32)
 
-    gate = bf16(rnd(E, I, H, std=H ** -0.5)).astype(np.float32)
-    up = bf16(rnd(E, I, H, std=H ** -0.5)).astype(np.float32)
-    down = bf16(rnd(E, H, I, std=I ** -0.5)).astype(np.float32)
+    gate = bf16(rnd(E, I, H, std=H**-0.5)).astype(np.float32)
+    up = bf16(rnd(E, I, H, std=H**-0.5)).astype(np.float32)
+    down = bf16(rnd(E, H, I, std=I**-0.5)).astype(np.float32)
     x = rnd(T, H, std=1.0)
     ids = rng.integers(0, used, size=(T, K)).astype(np.int64)
     if K > 1 and T > 0:
@@ -98,14 +120,15 @@ def make_case(
     dout = rnd(T, H, std=1.0)
     lora = None
     if r > 0:
-        a_g = rnd(E, r, H, std=H ** -0.5)
-        a_u = a_g if fused else rnd(E, r, H, std=H ** -0.5)
+        a_g = rnd(E, r, H, std=H**-0.5)
+        a_u = a_g if fused else rnd(E, r, H, std=H**-0.5)
         lora = Lora(
-            a_g=a_g, a_u=a_u,
-            b_g=rnd(E, I, r, std=lora_scale * r ** -0.5),
-            b_u=rnd(E, I, r, std=lora_scale * r ** -0.5),
-            a_d=rnd(E, r, I, std=I ** -0.5),
-            b_d=rnd(E, H, r, std=lora_scale * r ** -0.5),
+            a_g=a_g,
+            a_u=a_u,
+            b_g=rnd(E, I, r, std=lora_scale * r**-0.5),
+            b_u=rnd(E, I, r, std=lora_scale * r**-0.5),
+            a_d=rnd(E, r, I, std=I**-0.5),
+            b_d=rnd(E, H, r, std=lora_scale * r**-0.5),
             scaling=(alpha if alpha is not None else r) / r,
             fused=fused,
         )
@@ -165,7 +188,9 @@ def backward(c: Case, cache: dict, dout: np.ndarray | None = None) -> dict:
     dw = np.zeros((T, K))
     grads = {}
     if L:
-        grads = {k: np.zeros(getattr(L, k).shape) for k in ("a_g", "a_u", "b_g", "b_u", "a_d", "b_d")}
+        grads = {
+            k: np.zeros(getattr(L, k).shape) for k in ("a_g", "a_u", "b_g", "b_u", "a_d", "b_d")
+        }
     for e, d in cache["per_slot"].items():
         tt, jj = d["tt"], d["jj"]
         dy = db[tt]
@@ -266,7 +291,8 @@ def forward_w8a8(c: Case, x: np.ndarray | None = None) -> tuple[np.ndarray, dict
         acc = codes.astype(np.int64) @ w_codes.astype(np.int64).T
         assert np.abs(acc).max(initial=0) < 2**31
         return ((acc.astype(np.int32).astype(np.float32) * s_row[:, None]) * s_col[None, :]).astype(
-            np.float64)
+            np.float64
+        )
 
     for e in range(c.E):
         tt, jj = np.nonzero(c.ids == e)

@@ -67,11 +67,19 @@ class MoEEngine:
     def set_lora(self, **arrays: Any) -> None: ...
     def lora_updated(self) -> None: ...
     def forward(
-        self, x: Any, expert_ids: Any, routing_weights: Any, out: Any,
+        self,
+        x: Any,
+        expert_ids: Any,
+        routing_weights: Any,
+        out: Any,
         save_for_backward: bool = True,
     ) -> None: ...
     def submit_forward(
-        self, x: Any, expert_ids: Any, routing_weights: Any, out: Any,
+        self,
+        x: Any,
+        expert_ids: Any,
+        routing_weights: Any,
+        out: Any,
         save_for_backward: bool = True,
     ) -> None: ...
     def sync_forward(self) -> None: ...

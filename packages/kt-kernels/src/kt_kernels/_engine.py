@@ -44,8 +44,18 @@ def active_isa() -> str:
 
 
 _PHASE_ORDER = {
-    "forward": ("route", "convert", "quantize_x", "gather", "gate_up", "quantize_h", "lora_down_a",
-                "down", "combine", "total"),
+    "forward": (
+        "route",
+        "convert",
+        "quantize_x",
+        "gather",
+        "gate_up",
+        "quantize_h",
+        "lora_down_a",
+        "down",
+        "combine",
+        "total",
+    ),
     "backward": ("convert", "gather", "down_t", "reduce", "gate_up_t", "combine", "total"),
 }
 
@@ -114,11 +124,21 @@ class MoEEngine:
     ) -> None:
         try:
             self._eng = _core.MoEEngine(
-                num_experts, top_k, hidden_size, intermediate_size,
-                lora_rank=lora_rank, lora_alpha=lora_alpha, lora_layout=lora_layout,
-                weight_dtype=weight_dtype, max_tokens=max_tokens,
-                max_cache_depth=max_cache_depth, num_threads=num_threads, isa=isa,
-                group_size=group_size, tp=tp, activation_dtype=activation_dtype,
+                num_experts,
+                top_k,
+                hidden_size,
+                intermediate_size,
+                lora_rank=lora_rank,
+                lora_alpha=lora_alpha,
+                lora_layout=lora_layout,
+                weight_dtype=weight_dtype,
+                max_tokens=max_tokens,
+                max_cache_depth=max_cache_depth,
+                num_threads=num_threads,
+                isa=isa,
+                group_size=group_size,
+                tp=tp,
+                activation_dtype=activation_dtype,
             )
         finally:
             _emit_dispatch_warnings()
@@ -200,8 +220,15 @@ class MoEEngine:
         ``up`` (E, I, H); ``down`` is (E, H, I). Scales must be finite and >= 0.
         """
         self._eng.load_quantized_weights(
-            gate_up=gate_up, gate_up_scale=gate_up_scale, gate=gate, gate_scale=gate_scale,
-            up=up, up_scale=up_scale, down=down, down_scale=down_scale)
+            gate_up=gate_up,
+            gate_up_scale=gate_up_scale,
+            gate=gate,
+            gate_scale=gate_scale,
+            up=up,
+            up_scale=up_scale,
+            down=down,
+            down_scale=down_scale,
+        )
 
     def set_lora(
         self,
@@ -326,8 +353,11 @@ class MoEEngine:
         ``mean_ms``."""
         out = {}
         for name, (calls, total) in self._eng.profile_stats().items():
-            out[str(name)] = {"calls": int(calls), "total_ms": float(total),
-                              "mean_ms": float(total) / max(int(calls), 1)}
+            out[str(name)] = {
+                "calls": int(calls),
+                "total_ms": float(total),
+                "mean_ms": float(total) / max(int(calls), 1),
+            }
         return out
 
     def profile_summary(self) -> str:
@@ -345,11 +375,22 @@ class MoEEngine:
             for k in order:
                 st = stats[k]
                 share = 100.0 * st["total_ms"] / total if total > 0 else 0.0
-                rows.append((k, str(st["calls"]), f"{st['total_ms']:.3f}", f"{st['mean_ms']:.3f}",
-                             f"{share:.1f}"))
+                rows.append(
+                    (
+                        k,
+                        str(st["calls"]),
+                        f"{st['total_ms']:.3f}",
+                        f"{st['mean_ms']:.3f}",
+                        f"{share:.1f}",
+                    )
+                )
         widths = [max(len(r[i]) for r in rows) for i in range(5)]
-        lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-                 for r in rows]
+        lines = [
+            "  ".join(
+                c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))
+            )
+            for r in rows
+        ]
         return "\n".join(lines)
 
     def reset_profile(self) -> None:
