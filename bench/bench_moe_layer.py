@@ -10,6 +10,11 @@ Every measurement runs in a fresh subprocess, so peak RSS belongs to one engine 
     python bench/bench_moe_layer.py                   # all shapes, 1 and 2 threads
     python bench/bench_moe_layer.py --quick           # fewer repetitions, 2 threads, T <= 1024
     python bench/bench_moe_layer.py --shapes small --threads 1,2
+    python bench/bench_moe_layer.py --quick --weight-dtypes bf16,int8-w8a8
+
+Weight types (--weight-dtypes): bf16, int8 and int4 store the frozen weights so and compute in
+bf16; int8-w8a8 is weight_dtype="int8" with activation_dtype="int8" (int8 x int8 GEMMs in forward,
+straight-through backward on the weight-only int8 path).
 
 FLOP count (stated in the output too), per layer call, with T tokens, top-k K, hidden H,
 intermediate I, LoRA rank r:
@@ -122,8 +127,9 @@ def _time_loop(step, warmup: int, reps: int) -> list[tuple[float, float]]:
     return [step() for _ in range(reps)]
 
 
-def worker_ours(case: Case, threads: int, warmup: int, reps: int, isa: str | None,
-                weight_dtype: str = "bf16") -> dict:
+def worker_ours(
+    case: Case, threads: int, warmup: int, reps: int, isa: str | None, weight_dtype: str = "bf16"
+) -> dict:
     """Our engine, fed NumPy arrays (no torch in this process, so its RSS is the engine's)."""
     import ml_dtypes
     import numpy as np
@@ -142,9 +148,21 @@ def worker_ours(case: Case, threads: int, warmup: int, reps: int, isa: str | Non
 
     gate_up = randn((E, 2 * I, H), H**-0.5, bf16)
     down = randn((E, H, I), I**-0.5, bf16)
+    activation_dtype = "bf16"
+    if weight_dtype == "int8-w8a8":
+        weight_dtype, activation_dtype = "int8", "int8"
     eng = kk.MoEEngine(
-        E, K, H, I, lora_rank=r, lora_alpha=2.0 * r, max_tokens=T, num_threads=threads, isa=isa,
+        E,
+        K,
+        H,
+        I,
+        lora_rank=r,
+        lora_alpha=2.0 * r,
+        max_tokens=T,
+        num_threads=threads,
+        isa=isa,
         weight_dtype=weight_dtype,
+        activation_dtype=activation_dtype,
     )
     eng.load_weights(gate_up=gate_up, down=down)
     del gate_up, down  # the engine owns its packed copy; the source goes
@@ -273,7 +291,12 @@ def worker_peak(case: Case, threads: int, warmup: int, reps: int) -> dict:
 
 
 def run_worker(
-    kind: str, case: Case, threads: int, warmup: int, reps: int, isa: str | None,
+    kind: str,
+    case: Case,
+    threads: int,
+    warmup: int,
+    reps: int,
+    isa: str | None,
     weight_dtype: str = "bf16",
 ) -> dict:
     cmd = [
@@ -300,8 +323,15 @@ def run_worker(
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _row(case: Case, threads: int, weight_dtype: str, ours: dict, peak: dict,
-         torch_total: float | None, torch_cpu: float | None) -> dict:
+def _row(
+    case: Case,
+    threads: int,
+    weight_dtype: str,
+    ours: dict,
+    peak: dict,
+    torch_total: float | None,
+    torch_cpu: float | None,
+) -> dict:
     fwd, bwd = min(ours["fwd"]), min(ours["bwd"])
     total = fwd + bwd
     return {
@@ -337,7 +367,7 @@ def _print_row(r: dict) -> None:
     peak = r["peak_gflops"]
     rss = r["peak_rss_bytes"]
     print(
-        f"{c['name']:<15}{c['T']:>6}{r['threads']:>4} {r['isa']:<12}{r['weight_dtype']:>8}"
+        f"{c['name']:<15}{c['T']:>6}{r['threads']:>4} {r['isa']:<12}{r['weight_dtype']:>10}"
         f"{r['fwd_ms']:9.1f}{r['bwd_ms']:9.1f}{total:9.1f}{tms}{speed}{peak:8.0f}"
         f"{r['gflops']:9.0f}{100 * r['gflops'] / peak:6.0f}%{r['work_gflops']:10.0f}"
         f"{100 * r['work_gflops'] / peak:6.0f}%{rss / 2**30:8.2f}"
@@ -364,8 +394,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first")
     p.add_argument("--isa", default=None, help="force the engine's ISA (default: best runnable)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch eager baseline")
-    p.add_argument("--weight-dtypes", default="bf16,int8,int4",
-                   help="comma list of frozen-weight storage types to run (bf16, int8, int4)")
+    p.add_argument(
+        "--weight-dtypes",
+        default="bf16,int8,int4,int8-w8a8",
+        help="comma list of frozen-weight storage types to run (bf16, int8, int4; "
+        "int8-w8a8: int8 weights and int8 activations)",
+    )
     p.add_argument("--json", default=None, help="also write the results to this file")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--case", default=None, help=argparse.SUPPRESS)
@@ -375,8 +409,9 @@ def main(argv: list[str] | None = None) -> int:
         case = Case(**json.loads(args.case))
         threads = int(args.threads)
         fn = {
-            "ours": lambda: worker_ours(case, threads, args.warmup, args.reps, args.isa,
-                                        args.weight_dtypes),
+            "ours": lambda: worker_ours(
+                case, threads, args.warmup, args.reps, args.isa, args.weight_dtypes
+            ),
             "torch": lambda: worker_torch(case, threads, args.warmup, args.reps),
             "peak": lambda: worker_peak(case, threads, args.warmup, args.reps),
         }[args.worker]
@@ -428,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
 
     dtypes = [d.strip() for d in args.weight_dtypes.split(",") if d.strip()]
     header = (
-        f"{'shape':<15}{'T':>6}{'thr':>4} {'isa':<12}{'weights':>8}{'fwd ms':>9}{'bwd ms':>9}{'total':>9}"
+        f"{'shape':<15}{'T':>6}{'thr':>4} {'isa':<12}{'weights':>10}{'fwd ms':>9}{'bwd ms':>9}{'total':>9}"
         f"{'torch ms':>10}{'speedup':>8}{'peak':>8}{'GFLOP/s':>9}{'%peak':>7}"
         f"{'work GF/s':>10}{'%peak':>7}{'RSS GB':>8}{'RSS/W':>7}"
     )
@@ -447,14 +482,26 @@ def main(argv: list[str] | None = None) -> int:
                 ours = run_worker("ours", case, threads, warmup, reps, args.isa, wd)
                 results.append(_row(case, threads, wd, ours, peak, torch_total, torch_cpu))
                 _print_row(results[-1])
-    by_key = {(r["case"]["name"], r["case"]["T"], r["threads"]): r for r in results
-              if r["weight_dtype"] == "bf16"}
-    quant = [(r, by_key.get((r["case"]["name"], r["case"]["T"], r["threads"])))
-             for r in results if r["weight_dtype"] != "bf16"]
+    by_key = {
+        (r["case"]["name"], r["case"]["T"], r["threads"]): r
+        for r in results
+        if r["weight_dtype"] == "bf16"
+    }
+    quant = [
+        (r, by_key.get((r["case"]["name"], r["case"]["T"], r["threads"])))
+        for r in results
+        if r["weight_dtype"] != "bf16"
+    ]
     if any(base for _, base in quant):
-        print("\nspeed vs bf16 (same shape and threads): " + ", ".join(
-            f"{r['weight_dtype']} {r['case']['name']} T={r['case']['T']} thr={r['threads']}: "
-            f"{base['total_ms'] / r['total_ms']:.2f}x" for r, base in quant if base))
+        print(
+            "\nspeed vs bf16 (same shape and threads): "
+            + ", ".join(
+                f"{r['weight_dtype']} {r['case']['name']} T={r['case']['T']} thr={r['threads']}: "
+                f"{base['total_ms'] / r['total_ms']:.2f}x"
+                for r, base in quant
+                if base
+            )
+        )
     scaling = [
         (k, by_key[(k[0], k[1], 1)]["total_ms"] / r["total_ms"])
         for k, r in by_key.items()

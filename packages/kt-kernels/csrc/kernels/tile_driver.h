@@ -30,47 +30,65 @@
 namespace kt::kernels {
 namespace {
 
-struct TileArgs {
+// TA: element type of A and B (bf16, or int8 for gemm_i8); TC: of C (float, or int32).
+template <typename TA, typename TC>
+struct TileArgsT {
   int64_t Kp;
-  const bf16* A;
+  const TA* A;
   int64_t lda;
-  const bf16* B;        // first block of the tile
-  int64_t block_elems;  // distance between consecutive packed blocks (bf16 elements)
-  float* C;             // first row, first column of the tile
+  const TA* B;          // first block of the tile
+  int64_t block_elems;  // distance between consecutive packed blocks (elements of TA)
+  TC* C;                // first row, first column of the tile
   int64_t ldc;
   bool accumulate;
 };
+using TileArgs = TileArgsT<bf16, float>;
+using TileArgsI8 = TileArgsT<int8_t, int32_t>;
 
 // Calls Tile<mr, nr>::run with compile-time mr <= MR, nr <= NR chosen from run-time values.
-template <template <int, int> class Tile, int MR, int NR>
-inline void run_cols(int nr, const TileArgs& t) {
+template <template <int, int> class Tile, int MR, int NR, typename Args>
+inline void run_cols(int nr, const Args& t) {
   if constexpr (NR > 1) {
     if (nr < NR) return run_cols<Tile, MR, NR - 1>(nr, t);
   }
   Tile<MR, NR>::run(t);
 }
 
-template <template <int, int> class Tile, int MR, int NR>
-inline void run_rows(int mr, int nr, const TileArgs& t) {
+template <template <int, int> class Tile, int MR, int NR, typename Args>
+inline void run_rows(int mr, int nr, const Args& t) {
   if constexpr (MR > 1) {
     if (mr < MR) return run_rows<Tile, MR - 1, NR>(mr, nr, t);
   }
   run_cols<Tile, MR, NR>(nr, t);
 }
 
-template <template <int, int> class Tile, int MR, int NR>
-void gemm_tiled(int64_t M, int64_t nblk, int64_t Kp, const bf16* A, int64_t lda, const bf16* B,
-                float* C, int64_t ldc, bool accumulate) {
-  const int64_t block = kBlockN * Kp;  // Kp is already a multiple of kPackK
+template <template <int, int> class Tile, int MR, int NR, typename TA, typename TC>
+void gemm_tiled_blocks(int64_t M, int64_t nblk, int64_t Kp, const TA* A, int64_t lda, const TA* B,
+                       int64_t block, TC* C, int64_t ldc, bool accumulate) {
   for (int64_t n0 = 0; n0 < nblk; n0 += NR) {
     const int nr = static_cast<int>(nblk - n0 < NR ? nblk - n0 : NR);
     for (int64_t m0 = 0; m0 < M; m0 += MR) {
       const int mr = static_cast<int>(M - m0 < MR ? M - m0 : MR);
-      const TileArgs t{Kp,  A + m0 * lda, lda, B + n0 * block, block, C + m0 * ldc + n0 * kBlockN,
-                       ldc, accumulate};
+      const TileArgsT<TA, TC> t{
+          Kp,  A + m0 * lda, lda, B + n0 * block, block, C + m0 * ldc + n0 * kBlockN,
+          ldc, accumulate};
       run_rows<Tile, MR, NR>(mr, nr, t);
     }
   }
+}
+
+template <template <int, int> class Tile, int MR, int NR>
+void gemm_tiled(int64_t M, int64_t nblk, int64_t Kp, const bf16* A, int64_t lda, const bf16* B,
+                float* C, int64_t ldc, bool accumulate) {
+  // Kp is already a multiple of kPackK.
+  gemm_tiled_blocks<Tile, MR, NR>(M, nblk, Kp, A, lda, B, kBlockN * Kp, C, ldc, accumulate);
+}
+
+// gemm_i8 over int8 blocks (kernels.h): a block is i8_block_bytes(Kp) bytes, row sums included.
+template <template <int, int> class Tile, int MR, int NR>
+void gemm_tiled_i8(int64_t M, int64_t nblk, int64_t Kp, const int8_t* A, int64_t lda,
+                   const int8_t* B, int32_t* C, int64_t ldc, bool accumulate) {
+  gemm_tiled_blocks<Tile, MR, NR>(M, nblk, Kp, A, lda, B, i8_block_bytes(Kp), C, ldc, accumulate);
 }
 
 }  // namespace

@@ -1,6 +1,8 @@
-// AMX-BF16 kernels. The packed layout was made for tiles: 16 consecutive rows of a packed block
-// (16 k pairs x 16 outputs x 2 bf16 = 64 bytes each) are one B tile, loaded with a 64-byte stride.
-// A tiles are 16 rows of A (32 bf16 of K each) with stride lda; C tiles are 16 x 16 fp32.
+// AMX kernels: gemm_bf16 on AMX-BF16 (tdpbf16ps) and gemm_i8 on AMX-INT8 (tdpbssd). Both packed
+// layouts were made for tiles: 16 consecutive 64-byte rows of a packed block (16 k pairs x 16
+// outputs x 2 bf16, or 16 k quads x 16 outputs x 4 int8) are one B tile, loaded with a 64-byte
+// stride. A tiles are 16 rows of A (32 bf16 or 64 int8 of K each) with stride lda; C tiles are
+// 16 x 16 fp32 or int32.
 //
 // Tile registers (palette 1): C[mi][ni] = tmm(2*mi + ni) for mi, ni in {0, 1}; A[mi] = tmm(4 + mi);
 // B[ni] = tmm(6 + ni). An M tail uses a configuration whose A and C tiles have fewer rows, so no
@@ -15,6 +17,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "kernels/kernels.h"
 #ifndef KT_AMX_GEMM_ONLY  // (set by the test that runs this file on a model of the tile unit)
@@ -24,9 +27,8 @@
 namespace kt::kernels {
 namespace {
 
-constexpr int kTileRows = 16;   // rows of A and C per tile; k pairs per B tile
-constexpr int kTileBytes = 64;  // bytes per tile row (16 fp32, 32 bf16 or 16 bf16 pairs)
-constexpr int kTileK = 32;      // k values per A / B tile
+constexpr int kTileRows = 16;   // rows of A and C per tile; k pairs (quads) per B tile
+constexpr int kTileBytes = 64;  // bytes per tile row (16 fp32 / int32, 32 bf16 or 64 int8)
 
 // The 64-byte operand of LDTILECFG (Intel SDM, "TILECFG"): palette, start row, 14 reserved bytes,
 // then bytes-per-row of tiles 0..15 (uint16) and rows of tiles 0..15 (uint8).
@@ -56,7 +58,7 @@ TileConfig make_config(int rows0, int rows1) {
   set(3, rows1);      // C[1][1]
   set(4, rows0);      // A[0]
   set(5, rows1);      // A[1]
-  set(6, kTileRows);  // B[0]: 16 k pairs
+  set(6, kTileRows);  // B[0]: 16 k pairs (bf16) or quads (int8)
   set(7, kTileRows);  // B[1]
   return cfg;
 }
@@ -89,14 +91,18 @@ void release() {
     }                                  \
   } while (0)
 
-// MB M tiles (16 rows each, fewer in a tail) x NB packed blocks, over all of K.
-template <int MB, int NB>
-void tile(int64_t Kp, const bf16* A, int64_t lda, const bf16* B, int64_t block, float* C,
-          int64_t ldc, bool accumulate) {
-  const int64_t ldc_bytes = ldc * static_cast<int64_t>(sizeof(float));
-  const int64_t lda_bytes = lda * static_cast<int64_t>(sizeof(bf16));
-  float* C1 = C + kTileRows * ldc;  // second M tile
-  const bf16* A1 = A + kTileRows * lda;
+// MB M tiles (16 rows each, fewer in a tail) x NB packed blocks, over all of K. T is the element
+// type of A and B (bf16 or int8), TC that of C (float or int32); `block` is the distance between
+// consecutive blocks in elements of T.
+template <int MB, int NB, typename T, typename TC>
+void tile(int64_t Kp, const T* A, int64_t lda, const T* B, int64_t block, TC* C, int64_t ldc,
+          bool accumulate) {
+  constexpr bool kInt8 = std::is_same_v<T, int8_t>;
+  constexpr int64_t kTileK = kTileBytes / static_cast<int64_t>(sizeof(T));  // k per A / B tile
+  const int64_t ldc_bytes = ldc * static_cast<int64_t>(sizeof(TC));
+  const int64_t lda_bytes = lda * static_cast<int64_t>(sizeof(T));
+  TC* C1 = C + kTileRows * ldc;  // second M tile
+  const T* A1 = A + kTileRows * lda;
   KT_C_INIT(0, C);
   if constexpr (NB > 1) KT_C_INIT(1, C + kBlockN);
   if constexpr (MB > 1) {
@@ -104,16 +110,26 @@ void tile(int64_t Kp, const bf16* A, int64_t lda, const bf16* B, int64_t block, 
     if constexpr (NB > 1) KT_C_INIT(3, C1 + kBlockN);
   }
   for (int64_t k0 = 0; k0 < Kp; k0 += kTileK) {
-    // Packed block row k0 / 2 starts at element (k0 / 2) * 32 = k0 * 16 of its block.
+    // Block row k0 / 2 (bf16 pairs) or k0 / 4 (int8 quads) starts at element k0 * 16 of its block.
     _tile_loadd(6, B + k0 * kBlockN, kTileBytes);
     if constexpr (NB > 1) _tile_loadd(7, B + block + k0 * kBlockN, kTileBytes);
     _tile_loadd(4, A + k0, lda_bytes);
-    _tile_dpbf16ps(0, 4, 6);
-    if constexpr (NB > 1) _tile_dpbf16ps(1, 4, 7);
+    if constexpr (kInt8) {
+      _tile_dpbssd(0, 4, 6);
+      if constexpr (NB > 1) _tile_dpbssd(1, 4, 7);
+    } else {
+      _tile_dpbf16ps(0, 4, 6);
+      if constexpr (NB > 1) _tile_dpbf16ps(1, 4, 7);
+    }
     if constexpr (MB > 1) {
       _tile_loadd(5, A1 + k0, lda_bytes);
-      _tile_dpbf16ps(2, 5, 6);
-      if constexpr (NB > 1) _tile_dpbf16ps(3, 5, 7);
+      if constexpr (kInt8) {
+        _tile_dpbssd(2, 5, 6);
+        if constexpr (NB > 1) _tile_dpbssd(3, 5, 7);
+      } else {
+        _tile_dpbf16ps(2, 5, 6);
+        if constexpr (NB > 1) _tile_dpbf16ps(3, 5, 7);
+      }
     }
   }
   _tile_stored(0, C, ldc_bytes);
@@ -126,9 +142,9 @@ void tile(int64_t Kp, const bf16* A, int64_t lda, const bf16* B, int64_t block, 
 
 #undef KT_C_INIT
 
-template <int MB>
-void tile_cols(int nb, int64_t Kp, const bf16* A, int64_t lda, const bf16* B, int64_t block,
-               float* C, int64_t ldc, bool accumulate) {
+template <int MB, typename T, typename TC>
+void tile_cols(int nb, int64_t Kp, const T* A, int64_t lda, const T* B, int64_t block, TC* C,
+               int64_t ldc, bool accumulate) {
   if (nb == 2) {
     tile<MB, 2>(Kp, A, lda, B, block, C, ldc, accumulate);
   } else {
@@ -139,10 +155,10 @@ void tile_cols(int nb, int64_t Kp, const bf16* A, int64_t lda, const bf16* B, in
 // N in pairs of blocks (outer), M in 32-row steps (inner), as the other ISAs. Full 32-row steps
 // come first under one configuration, then the M tail (if any) under a second one, so a call
 // loads at most two configurations.
-void gemm_bf16(int64_t M, int64_t nblk, int64_t Kp, const bf16* A, int64_t lda, const bf16* B,
-               float* C, int64_t ldc, bool accumulate) {
+template <typename T, typename TC>
+void gemm_tiles(int64_t M, int64_t nblk, int64_t Kp, const T* A, int64_t lda, const T* B,
+                int64_t block, TC* C, int64_t ldc, bool accumulate) {
   if (M <= 0 || nblk <= 0) return;
-  const int64_t block = kBlockN * Kp;
   const int64_t full = M / (2 * kTileRows) * (2 * kTileRows);
   if (full > 0) {
     configure(kTileRows, kTileRows);
@@ -161,9 +177,9 @@ void gemm_bf16(int64_t M, int64_t nblk, int64_t Kp, const bf16* A, int64_t lda, 
     configure(rows0, rows1);
     for (int64_t n0 = 0; n0 < nblk; n0 += 2) {
       const int nb = nblk - n0 >= 2 ? 2 : 1;
-      const bf16* a = A + full * lda;
-      const bf16* b = B + n0 * block;
-      float* c = C + full * ldc + n0 * kBlockN;
+      const T* a = A + full * lda;
+      const T* b = B + n0 * block;
+      TC* c = C + full * ldc + n0 * kBlockN;
       if (rows1 > 0) {
         tile_cols<2>(nb, Kp, a, lda, b, block, c, ldc, accumulate);
       } else {
@@ -174,10 +190,22 @@ void gemm_bf16(int64_t M, int64_t nblk, int64_t Kp, const bf16* A, int64_t lda, 
   release();
 }
 
+void gemm_bf16(int64_t M, int64_t nblk, int64_t Kp, const bf16* A, int64_t lda, const bf16* B,
+               float* C, int64_t ldc, bool accumulate) {
+  gemm_tiles(M, nblk, Kp, A, lda, B, kBlockN * Kp, C, ldc, accumulate);
+}
+
+// tdpbssd: signed x signed bytes, 4 per int32 lane, added without saturation (exact modulo 2^32,
+// like the scalar reference). The row sums after each block's codes are not needed here.
+void gemm_i8(int64_t M, int64_t nblk, int64_t Kp, const int8_t* A, int64_t lda, const int8_t* B,
+             int32_t* C, int64_t ldc, bool accumulate) {
+  gemm_tiles(M, nblk, Kp, A, lda, B, i8_block_bytes(Kp), C, ldc, accumulate);
+}
+
 }  // namespace
 
 #ifndef KT_AMX_GEMM_ONLY
-const KernelTable kTable = KT_KERNEL_TABLE(amx, &gemm_bf16);
+const KernelTable kTable = KT_KERNEL_TABLE(amx, &gemm_bf16, &gemm_i8);
 
 const KernelTable* amx_table() { return &kTable; }
 #endif
