@@ -10,7 +10,12 @@ Every measurement runs in a fresh subprocess, so peak RSS belongs to one engine 
     python bench/bench_moe_layer.py                   # all shapes, 1 and 2 threads
     python bench/bench_moe_layer.py --quick           # fewer repetitions, 2 threads, T <= 1024
     python bench/bench_moe_layer.py --shapes small --threads 1,2
+    python bench/bench_moe_layer.py --quick --weight-dtypes bf16,int8-w8a8
     python bench/bench_moe_layer.py --decode-only     # only the small-T inference rows (below)
+
+Weight types (--weight-dtypes): bf16, int8 and int4 store the frozen weights so and compute in
+bf16; int8-w8a8 is weight_dtype="int8" with activation_dtype="int8" (int8 x int8 GEMMs in forward,
+straight-through backward on the weight-only int8 path).
 
 Small-T rows ("decode", on by default; --no-decode skips them, --decode-tokens picks T): inference
 forwards (no LoRA, no activation cache) at the qwen3-30b-a3b sizes with T = 1, 8, 32 tokens, i.e.
@@ -152,6 +157,9 @@ def worker_ours(
 
     gate_up = randn((E, 2 * I, H), H**-0.5, bf16)
     down = randn((E, H, I), I**-0.5, bf16)
+    activation_dtype = "bf16"
+    if weight_dtype == "int8-w8a8":
+        weight_dtype, activation_dtype = "int8", "int8"
     eng = kk.MoEEngine(
         E,
         K,
@@ -163,6 +171,7 @@ def worker_ours(
         num_threads=threads,
         isa=isa,
         weight_dtype=weight_dtype,
+        activation_dtype=activation_dtype,
     )
     eng.load_weights(gate_up=gate_up, down=down)
     del gate_up, down  # the engine owns its packed copy; the source goes
@@ -524,7 +533,7 @@ def _print_row(r: dict) -> None:
     peak = r["peak_gflops"]
     rss = r["peak_rss_bytes"]
     print(
-        f"{c['name']:<15}{c['T']:>6}{r['threads']:>4} {r['isa']:<12}{r['weight_dtype']:>8}"
+        f"{c['name']:<15}{c['T']:>6}{r['threads']:>4} {r['isa']:<12}{r['weight_dtype']:>10}"
         f"{r['fwd_ms']:9.1f}{r['bwd_ms']:9.1f}{total:9.1f}{tms}{speed}{peak:8.0f}"
         f"{r['gflops']:9.0f}{100 * r['gflops'] / peak:6.0f}%{r['work_gflops']:10.0f}"
         f"{100 * r['work_gflops'] / peak:6.0f}%{rss / 2**30:8.2f}"
@@ -553,8 +562,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch eager baseline")
     p.add_argument(
         "--weight-dtypes",
-        default="bf16,int8,int4",
-        help="comma list of frozen-weight storage types to run (bf16, int8, int4)",
+        default="bf16,int8,int4,int8-w8a8",
+        help="comma list of frozen-weight storage types to run (bf16, int8, int4; "
+        "int8-w8a8: int8 weights and int8 activations)",
     )
     p.add_argument("--json", default=None, help="also write the results to this file")
     p.add_argument("--no-decode", action="store_true", help="skip the small-T inference rows")
@@ -631,7 +641,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.decode_only:
         cases = []
     header = (
-        f"{'shape':<15}{'T':>6}{'thr':>4} {'isa':<12}{'weights':>8}{'fwd ms':>9}{'bwd ms':>9}{'total':>9}"
+        f"{'shape':<15}{'T':>6}{'thr':>4} {'isa':<12}{'weights':>10}{'fwd ms':>9}{'bwd ms':>9}{'total':>9}"
         f"{'torch ms':>10}{'speedup':>8}{'peak':>8}{'GFLOP/s':>9}{'%peak':>7}"
         f"{'work GF/s':>10}{'%peak':>7}{'RSS GB':>8}{'RSS/W':>7}"
     )

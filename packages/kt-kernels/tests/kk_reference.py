@@ -7,6 +7,9 @@ Base weights are rounded to bf16 by the caller's data (see `make_case`), LoRA we
 given. Everything else is exact float64, so the only differences left against the engine are its
 float32 accumulation and the rare bf16 rounding flip an fp32-vs-fp64 difference causes; that is
 what the tolerances in the tests bound.
+
+W8A8 (`forward_w8a8`): the same, with x and h quantized to int8 per row and the base products
+taken as exact integer matmuls of the codes followed by the engine's float32 epilogue.
 """
 
 from __future__ import annotations
@@ -18,7 +21,19 @@ import numpy as np
 
 BF16 = ml_dtypes.bfloat16
 
-__all__ = ["BF16", "Case", "Lora", "backward", "bf16", "forward", "make_case", "max_rel_err"]
+__all__ = [
+    "BF16",
+    "Case",
+    "Lora",
+    "backward",
+    "bf16",
+    "dequantized",
+    "forward",
+    "forward_w8a8",
+    "make_case",
+    "max_rel_err",
+    "quantize_rows_i8",
+]
 
 
 def bf16(a: np.ndarray) -> np.ndarray:
@@ -68,9 +83,20 @@ class Case:
 
 
 def make_case(
-    E: int, K: int, H: int, I: int, r: int, T: int, *, seed: int = 0, fused: bool = True,  # noqa: E741 (I is the spec's name)
-    used_experts: int | None = None, pad_frac: float = 0.1, dup_frac: float = 0.2,
-    alpha: float | None = None, lora_scale: float = 1.0,
+    E: int,
+    K: int,
+    H: int,
+    I: int,  # noqa: E741 (I is the spec's name)
+    r: int,
+    T: int,
+    *,
+    seed: int = 0,
+    fused: bool = True,
+    used_experts: int | None = None,
+    pad_frac: float = 0.1,
+    dup_frac: float = 0.2,
+    alpha: float | None = None,
+    lora_scale: float = 1.0,
 ) -> Case:
     """Random case: weights rounded to bf16, activations O(1), some padding ids (-1), some
     duplicate ids within a row, and experts >= used_experts never routed to."""
@@ -80,9 +106,9 @@ def make_case(
     def rnd(*shape: int, std: float) -> np.ndarray:
         return (rng.standard_normal(shape) * std).astype(np.float32)
 
-    gate = bf16(rnd(E, I, H, std=H ** -0.5)).astype(np.float32)
-    up = bf16(rnd(E, I, H, std=H ** -0.5)).astype(np.float32)
-    down = bf16(rnd(E, H, I, std=I ** -0.5)).astype(np.float32)
+    gate = bf16(rnd(E, I, H, std=H**-0.5)).astype(np.float32)
+    up = bf16(rnd(E, I, H, std=H**-0.5)).astype(np.float32)
+    down = bf16(rnd(E, H, I, std=I**-0.5)).astype(np.float32)
     x = rnd(T, H, std=1.0)
     ids = rng.integers(0, used, size=(T, K)).astype(np.int64)
     if K > 1 and T > 0:
@@ -94,14 +120,15 @@ def make_case(
     dout = rnd(T, H, std=1.0)
     lora = None
     if r > 0:
-        a_g = rnd(E, r, H, std=H ** -0.5)
-        a_u = a_g if fused else rnd(E, r, H, std=H ** -0.5)
+        a_g = rnd(E, r, H, std=H**-0.5)
+        a_u = a_g if fused else rnd(E, r, H, std=H**-0.5)
         lora = Lora(
-            a_g=a_g, a_u=a_u,
-            b_g=rnd(E, I, r, std=lora_scale * r ** -0.5),
-            b_u=rnd(E, I, r, std=lora_scale * r ** -0.5),
-            a_d=rnd(E, r, I, std=I ** -0.5),
-            b_d=rnd(E, H, r, std=lora_scale * r ** -0.5),
+            a_g=a_g,
+            a_u=a_u,
+            b_g=rnd(E, I, r, std=lora_scale * r**-0.5),
+            b_u=rnd(E, I, r, std=lora_scale * r**-0.5),
+            a_d=rnd(E, r, I, std=I**-0.5),
+            b_d=rnd(E, H, r, std=lora_scale * r**-0.5),
             scaling=(alpha if alpha is not None else r) / r,
             fused=fused,
         )
@@ -161,7 +188,9 @@ def backward(c: Case, cache: dict, dout: np.ndarray | None = None) -> dict:
     dw = np.zeros((T, K))
     grads = {}
     if L:
-        grads = {k: np.zeros(getattr(L, k).shape) for k in ("a_g", "a_u", "b_g", "b_u", "a_d", "b_d")}
+        grads = {
+            k: np.zeros(getattr(L, k).shape) for k in ("a_g", "a_u", "b_g", "b_u", "a_d", "b_d")
+        }
     for e, d in cache["per_slot"].items():
         tt, jj = d["tt"], d["jj"]
         dy = db[tt]
@@ -198,6 +227,98 @@ def backward(c: Case, cache: dict, dout: np.ndarray | None = None) -> dict:
             out["b_gate"], out["b_up"] = grads["b_g"], grads["b_u"]
         out["a_down"], out["b_down"] = grads["a_d"], grads["b_d"]
     return out
+
+
+# ---- W8A8 (weight_dtype int8, activation_dtype int8) --------------------------------------------
+
+
+def quantize_rows_i8(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row symmetric int8 quantization of activations, in float32 as the engine does it:
+    s = max|row| / 127, code = rint(row / s) clamped to [-127, 127]; a zero row has s = 0 and
+    codes 0; a row with NaN or Inf has s = NaN and codes 0. Returns (codes int8, s float32)."""
+    a = np.asarray(a, dtype=np.float32)
+    n = a.shape[0]
+    bad = ~np.all(np.isfinite(a), axis=1) if a.size else np.zeros(n, bool)
+    mag = np.where(np.isfinite(a), np.abs(a), np.float32(0))
+    amax = mag.max(axis=1) if a.shape[1] else np.zeros(n, np.float32)
+    s = (amax / np.float32(127)).astype(np.float32)
+    ok = (s > 0) & ~bad
+    safe = np.where(ok, s, np.float32(1)).astype(np.float32)
+    q = np.clip(np.rint(np.where(np.isfinite(a), a, 0) / safe[:, None]), -127, 127)
+    codes = np.where(ok[:, None], q, 0).astype(np.int8)
+    return codes, np.where(bad, np.float32(np.nan), s).astype(np.float32)
+
+
+def _q_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per output channel int8 weight quantization (kt_kernels.quantize_weights(w, "int8"))."""
+    w = np.asarray(w, dtype=np.float32)
+    scale = (np.max(np.abs(w), axis=-1) / np.float32(127)).astype(np.float32)
+    safe = np.where(scale > 0, scale, np.float32(1))
+    q = np.where(scale[..., None] > 0, np.rint(w / safe[..., None]), np.float32(0))
+    return np.clip(q, -127, 127).astype(np.int8), scale
+
+
+def dequantized(c: Case) -> Case:
+    """The case with its base weights replaced by bf16(code * scale) (weight-only int8)."""
+    from dataclasses import replace
+
+    def dq(w):
+        codes, scale = _q_int8(w)
+        return bf16(codes.astype(np.float32) * scale[..., None]).astype(np.float32)
+
+    return replace(c, gate=dq(c.gate), up=dq(c.up), down=dq(c.down))
+
+
+def forward_w8a8(c: Case, x: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
+    """W8A8 forward: x (bf16) and h (bf16) quantized per row, integer matmuls of the codes (exact),
+    the float32 epilogue (float32(acc) * s_row) * s_channel in the engine's order, LoRA in float64
+    from bf16 x / h. Returns out and a cache for `backward` on `dequantized(c)`, which is the
+    straight-through backward. Without LoRA, g and u equal the engine's float32 values bit for
+    bit."""
+    x = c.x if x is None else x
+    xb = bf16(x)
+    qx, sx = quantize_rows_i8(xb)
+    qg, sg = _q_int8(c.gate)
+    qu, su = _q_int8(c.up)
+    qd, sd = _q_int8(c.down)
+    T, H, K = c.T, c.H, c.K
+    out = np.zeros((T, H))
+    per_slot: dict = {}
+    L = c.lora
+    s = L.scaling if L else 0.0
+
+    def mm(codes, s_row, w_codes, s_col):
+        acc = codes.astype(np.int64) @ w_codes.astype(np.int64).T
+        assert np.abs(acc).max(initial=0) < 2**31
+        return ((acc.astype(np.int32).astype(np.float32) * s_row[:, None]) * s_col[None, :]).astype(
+            np.float64
+        )
+
+    for e in range(c.E):
+        tt, jj = np.nonzero(c.ids == e)
+        if tt.size == 0:
+            continue
+        xe = xb[tt]
+        g = mm(qx[tt], sx[tt], qg[e], sg[e])
+        u = mm(qx[tt], sx[tt], qu[e], su[e])
+        if L:
+            xag = xe @ _f64(L.a_g[e]).T
+            xau = xe @ _f64(L.a_u[e]).T
+            g = g + s * xag @ _f64(L.b_g[e]).T
+            u = u + s * xau @ _f64(L.b_u[e]).T
+        else:
+            xag = xau = None
+        hb = bf16(g * sigmoid(g) * u)
+        qh, sh = quantize_rows_i8(hb)
+        y = mm(qh, sh, qd[e], sd[e])
+        had = None
+        if L:
+            had = hb @ _f64(L.a_d[e]).T
+            y = y + s * had @ _f64(L.b_d[e]).T
+        per_slot[e] = dict(tt=tt, jj=jj, xe=xe, g=g, u=u, hb=hb, y=y, xag=xag, xau=xau, had=had)
+    for d in per_slot.values():
+        np.add.at(out, d["tt"], _f64(c.w[d["tt"], d["jj"]])[:, None] * d["y"])
+    return out, dict(per_slot=per_slot, T=T, H=H, K=K)
 
 
 def max_rel_err(got: np.ndarray, ref: np.ndarray) -> float:

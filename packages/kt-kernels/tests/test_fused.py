@@ -96,3 +96,31 @@ def test_bad_fused_dequant_env(value: str, monkeypatch: pytest.MonkeyPatch) -> N
     for ok in (" ON ", "off", "Auto", ""):
         monkeypatch.setenv("KT_KERNELS_FUSED_DEQUANT", ok)
         kk.MoEEngine(2, 1, 64, 64, weight_dtype="int8", num_threads=1).close()
+
+
+def test_w8a8_engines_ignore_the_fused_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    # W8A8 forwards run int8 x int8 GEMMs on their own block layout; forcing the fused path on or
+    # off must change nothing (forward and the straight-through backward).
+    c = make_case(4, 2, 128, 128, 2, 5, seed=23)
+    results = []
+    for mode in ("0", "1"):
+        monkeypatch.setenv("KT_KERNELS_FUSED_DEQUANT", mode)
+        eng = kk.MoEEngine(
+            c.E,
+            c.K,
+            c.H,
+            c.I,
+            lora_rank=c.r,
+            lora_alpha=c.lora.scaling * c.r,
+            weight_dtype="int8",
+            activation_dtype="int8",
+            num_threads=1,
+        )
+        eng.load_weights(gate_up=c.gate_up, down=c.down)
+        grads = grad_arrays(c)
+        eng.set_lora(**lora_arrays(c), **grads)
+        r = run(eng, c)
+        results.append([r["out"], r["dx"], r["dw"], *grads.values()])
+        eng.close()
+    for got, want in zip(results[1], results[0]):
+        np.testing.assert_array_equal(got, want)

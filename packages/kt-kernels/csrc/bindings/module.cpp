@@ -17,7 +17,7 @@ namespace py = pybind11;
 // Bumped whenever the Python-visible C++ API gains or changes something, so pure-Python packages
 // can gate on features without parsing versions.
 // 2: MoEEngine, ISA selection; 3: profiler, int8/int4 weights; 4: worker groups per tp slice
-// (MoEEngine.pinned_threads, numa_node_count).
+// (MoEEngine.pinned_threads, numa_node_count), activation_dtype (W8A8).
 constexpr int kAbiVersion = 4;
 
 PYBIND11_MODULE(_core, m) {

@@ -9,6 +9,7 @@
 #include <limits>
 #include <new>
 
+#include "engine/w8a8.h"
 #include "kernels/dispatch.h"
 #include "runtime/numa.h"
 #include "runtime/scratch.h"
@@ -43,6 +44,10 @@ enum SharedSlot : int {
   kSlotY = 2,      // fwd: y per slot (S x Hb fp32); bwd: dx per slot, same size
   kSlotTok = 3,    // bwd: dout rows as bf16 (T x KpH)
   kSlotSmall = 4,  // bwd: dY Bd (S x r), dw partials, (dGU B) partials, (dGU B) reduced
+  // W8A8 forward only (engine/w8a8.h):
+  kSlotQTok = 5,     // x codes per token (T x KpH8 int8)
+  kSlotQRows = 6,    // x codes per slot (S x KpH8), then h codes (S x w8a8_h_stride())
+  kSlotQScales = 7,  // their row scales: T per token, S per slot for x, S for h
 };
 
 enum LocalSlot : int { kL0 = 0, kL1, kL2, kL3, kL4, kL5, kL6, kL7, kL8, kL9, kLocalSlots };
@@ -334,6 +339,28 @@ MoEEngine::MoEEngine(const EngineConfig& cfg) : cfg_(cfg) {
     throw ValueError("weight_dtype: expected 'bf16', 'int8' or 'int4', got '" + cfg.weight_dtype +
                      "'");
   }
+  if (cfg.activation_dtype == "int8") {
+    if (wkind_ != quant::Kind::int8) {
+      throw ValueError(
+          "activation_dtype='int8' (W8A8: int8 x int8 GEMMs) needs weight_dtype='int8', got "
+          "weight_dtype='" +
+          cfg.weight_dtype +
+          "'; use weight_dtype='int8' with activation_dtype='int8', or activation_dtype='bf16' "
+          "(the default) with any weight_dtype");
+    }
+    if (cfg.hidden_size > w8a8::kMaxDepth || cfg.intermediate_size > w8a8::kMaxDepth) {
+      throw ValueError(
+          "activation_dtype='int8': hidden_size and intermediate_size must be at most " +
+          std::to_string(w8a8::kMaxDepth) +
+          " (int8 products are summed in int32), got hidden_size=" +
+          std::to_string(cfg.hidden_size) +
+          ", intermediate_size=" + std::to_string(cfg.intermediate_size));
+    }
+    wkind_ = quant::Kind::w8a8;
+  } else if (cfg.activation_dtype != "bf16") {
+    throw ValueError("activation_dtype: expected 'bf16' or 'int8', got '" + cfg.activation_dtype +
+                     "'");
+  }
   if (wkind_ == quant::Kind::int4) {
     const int64_t g = cfg.group_size;
     if (g != 32 && g != 64 && g != 128) {
@@ -531,7 +558,7 @@ void MoEEngine::load_weights(const View& gate_up, const View& gate, const View& 
                          "' needs finite weights; expert " + std::to_string(e) +
                          " has a NaN or infinite value");
       }
-      if (kind == quant::Kind::int8) {
+      if (kind != quant::Kind::int4) {  // int8, w8a8: one scale per row
         srow[0] = fsc[0];
       } else {
         for (int64_t g = 0; g < K / ff.group; ++g) srow[g] = fsc[c0 / ff.group + g];
@@ -805,7 +832,8 @@ void MoEEngine::gemm_weights(Proj w, int s, int64_t e, int64_t b0, int64_t nblk,
   const Slice& sl = *sl_[static_cast<size_t>(s)];
   const bool gu = w == Proj::gate_up;
   const quant::Format& f = gu ? fgu_ : sl.fd;
-  if (wkind_ == quant::Kind::bf16 || M > fused_rows_) {
+  const bool coded = wkind_ == quant::Kind::int8 || wkind_ == quant::Kind::int4;
+  if (!coded || M > fused_rows_) {  // bf16, or W8A8 blocks (their own layout), or many rows
     const bf16* B = gu ? gu_blocks(s, e, b0, nblk, th, slot) : d_blocks(s, e, b0, nblk, th, slot);
     k_.gemm_bf16(M, nblk, gu ? KpH_ : sl.KpI, A, lda, B, C, ldc, accumulate);
     return;
@@ -1105,6 +1133,22 @@ void MoEEngine::run_forward(Ctx& c) {
   rows_to_bf16(c.x, T, H, KpH, xb, nt, k);
   clock.mark("convert");
 
+  // -- W8A8: x rows to int8 codes per token, then into expert order (engine/w8a8.h).
+  const bool w8a8 = wkind_ == quant::Kind::w8a8;
+  const int64_t ldxq = fgu_.Kp, ldhq = w8a8 ? w8a8_h_stride() : 0;
+  int8_t* xq = nullptr;
+  float *sxq = nullptr, *shq = nullptr;
+  if (w8a8) {
+    int8_t* xq_tok = shared_buf<int8_t>(kSlotQTok, Tc * ldxq);
+    float* sx_tok = shared_buf<float>(kSlotQScales, Tc + 2 * Sc);
+    sxq = sx_tok + Tc;
+    shq = sxq + Sc;
+    xq = shared_buf<int8_t>(kSlotQRows, Sc * std::max(ldxq, ldhq));
+    w8a8::quantize_rows(T, xb, KpH, H, xq_tok, ldxq, sx_tok, nt);
+    w8a8::gather_rows(S, slot_tok, xq_tok, sx_tok, ldxq, xq, sxq, nt);
+    clock.mark("quantize_x");
+  }
+
   // -- gather rows into expert order; LoRA x A^T.
   std::vector<Tile> tiles;
   for (int64_t e = 0; e < E; ++e) {
@@ -1154,8 +1198,12 @@ void MoEEngine::run_forward(Ctx& c) {
     const int64_t M = tl.m1 - tl.m0, np = tl.n1 - tl.n0, ncols = 32 * np, nh = 16 * np;
     float* C = gu + tl.m0 * 2 * Ib + 32 * tl.n0;  // written in place in the cache
     const int64_t ldc = 2 * Ib;
-    gemm_weights(Proj::gate_up, si, tl.e, 2 * tl.n0, 2 * np, M, xg + tl.m0 * KpH, KpH, C, ldc,
-                 false, th, kL2);
+    if (w8a8) {
+      w8a8_gate_up_tile(tl.e, tl.n0, np, M, xq + tl.m0 * ldxq, ldxq, sxq + tl.m0, C, ldc, th, kL2);
+    } else {
+      gemm_weights(Proj::gate_up, si, tl.e, 2 * tl.n0, 2 * np, M, xg + tl.m0 * KpH, KpH, C, ldc,
+                   false, th, kL2);
+    }
     if (c.lora) {
       k.gemm_f32_nn(M, ncols, RA, s, xa + tl.m0 * RA, RA,
                     bgu_t_.as<float>() + tl.e * RA * 2 * Ib + 32 * tl.n0, 2 * Ib, C, ldc, true);
@@ -1177,6 +1225,13 @@ void MoEEngine::run_forward(Ctx& c) {
     }
   });
   clock.mark("gate_up");
+
+  // -- W8A8: h rows to int8 codes, one scale per row over all of I (into x codes' buffer).
+  int8_t* hq = xq;
+  if (w8a8) {
+    w8a8::quantize_rows(S, hb, KpI, I_, hq, ldhq, shq, nt);
+    clock.mark("quantize_h");
+  }
 
   // -- LoRA h Ad^T.
   if (c.lora) {
@@ -1225,8 +1280,13 @@ void MoEEngine::run_forward(Ctx& c) {
       const Slice& sl = *sl_[static_cast<size_t>(si)];
       const int64_t M = tl.m1 - tl.m0, nb = tl.n1 - tl.n0;
       float* C = y + si * ypart + tl.m0 * ldy + kBlockN * (tl.n0 - blo);
-      gemm_weights(Proj::down, si, tl.e, tl.n0, nb, M, hb + tl.m0 * KpI + kBlockN * sl.b0, KpI, C,
-                   ldy, false, th, kL0);
+      if (w8a8) {
+        w8a8_down_tile(si, tl.e, tl.n0, nb, M, hq + tl.m0 * ldhq, ldhq, shq + tl.m0, C, ldy, th,
+                       kL0);
+      } else {
+        gemm_weights(Proj::down, si, tl.e, tl.n0, nb, M, hb + tl.m0 * KpI + kBlockN * sl.b0, KpI, C,
+                     ldy, false, th, kL0);
+      }
       if (c.lora && si == 0) {  // the LoRA term once, in slice 0's partial
         k.gemm_f32_nn(M, kBlockN * nb, r, s, had + tl.m0 * r, r,
                       bd_t_.as<float>() + tl.e * r * Hb + kBlockN * tl.n0, Hb, C, ldy, true);

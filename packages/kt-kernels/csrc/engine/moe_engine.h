@@ -1,14 +1,16 @@
 // The MoE experts operator of DESIGN.md section 2: packed BF16 (or int8 / int4, engine/quant.h)
 // base weights in tp slices of I, LoRA (fused gate_up or split), forward with an activation cache,
-// backward producing dx, dw and the LoRA gradients.
+// backward producing dx, dw and the LoRA gradients. W8A8 (int8 activations too): engine/w8a8.h.
 //
 // Forward phases (each a parallel loop on the process pool; run() returns = barrier):
 //   route      sort (t, j) pairs by expert, stable by token then slot; ids -1 skipped
 //   convert    x rows -> bf16 (per token, padded with zeros to packed_k(H))
+//   quantize_x W8A8 only: bf16 x rows -> int8 codes + scale per token, gathered into expert order
 //   gather     per (expert, row chunk): x rows into expert order; LoRA x A^T
 //   gate_up    per (expert, row chunk, column chunk): [g | u] = x Wgu^T + s (x A^T) B^T,
 //              h = silu(g) * u (gate and up blocks are interleaved in the packed weight, so a tile
 //              holds both halves of its columns)
+//   quantize_h W8A8 only: h rows -> int8 codes + scale per row (over all of I)
 //   lora_hd    per (expert, row chunk): h Ad^T
 //   down       per (expert, row chunk, column chunk): y = h Wd^T + s (h Ad^T) Bd^T, per slot
 //   combine    per token: out_t = sum_j w[t, j] y_(t, j), in slot order
@@ -57,6 +59,9 @@ struct EngineConfig {
   std::string weight_dtype = "bf16";  // "bf16", "int8" (per output channel), "int4" (per group)
   int64_t group_size = 128;           // int4: group along the input dim (32, 64 or 128)
   int tp = 1;                         // slices of I (tensor parallel); <= 0: one per NUMA node
+  // "bf16", or "int8" (W8A8, with weight_dtype "int8" only): int8 x int8 base GEMMs in forward,
+  // activations quantized per row (engine/w8a8.h).
+  std::string activation_dtype = "bf16";
 };
 
 // LoRA arrays as the caller gives them (any float dtype the engine accepts, any strides).
@@ -216,6 +221,18 @@ class MoEEngine {
   // Quantized storage: only the depth range read is dequantized, in thread th's scratch.
   void gu_transposed(int s, int64_t e, int64_t k0, int64_t nblk, kernels::bf16* dst, int th) const;
   void d_transposed(int s, int64_t e, int64_t k0, int64_t nblk, kernels::bf16* dst, int th) const;
+
+  // W8A8 (activation_dtype int8; defined in engine/w8a8.cpp). Row stride of the int8 codes of h.
+  int64_t w8a8_h_stride() const;
+  // gate_up tile: C[M x 32 np] (fp32, written) of the block pairs [p0, p0 + np) of expert e from
+  // the x codes (stride ldq) and their row scales; int32 scratch in thread th's local slot.
+  void w8a8_gate_up_tile(int64_t e, int64_t p0, int64_t np, int64_t M, const int8_t* xq,
+                         int64_t ldq, const float* sx, float* C, int64_t ldc, int th,
+                         int slot) const;
+  // down tile: C[M x 16 nb] (fp32, written) of H blocks [b0, b0 + nb): slice s's partial product
+  // over its columns of I, from the h codes (stride ldq) and their row scales.
+  void w8a8_down_tile(int s, int64_t e, int64_t b0, int64_t nb, int64_t M, const int8_t* hq,
+                      int64_t ldq, const float* sh, float* C, int64_t ldc, int th, int slot) const;
 
   // LoRA: caller arrays and the internal fp32 copy.
   LoraArrays lora_;

@@ -12,7 +12,7 @@ using kernels::kBlockN;
 Format make_format(Kind kind, int64_t K, int64_t group) {
   Format f;
   f.kind = kind;
-  f.Kp = kernels::packed_k(K);
+  f.Kp = kind == Kind::w8a8 ? kernels::packed_k8(K) : kernels::packed_k(K);
   if (kind == Kind::int4) {
     f.group = group;
     f.ngroups = (f.Kp + group - 1) / group;
@@ -24,6 +24,7 @@ Format make_format(Kind kind, int64_t K, int64_t group) {
 }
 
 int64_t block_bytes(const Format& f) {
+  if (f.kind == Kind::w8a8) return kernels::i8_block_bytes(f.Kp);
   return f.kind == Kind::int4 ? kBlockN * f.Kp / 2 : kBlockN * f.Kp;
 }
 
@@ -48,6 +49,16 @@ bool quantize_row(const Format& f, const float* w, int64_t K, int8_t* codes, flo
 }
 
 void place_row(const Format& f, const int8_t* codes, int64_t K, int j, uint8_t* blk) {
+  if (f.kind == Kind::w8a8) {
+    int32_t sum = 0;
+    for (int64_t k = 0; k < f.Kp; ++k) {
+      const int8_t c = k < K ? codes[k] : 0;
+      blk[kernels::i8_offset(j, k)] = static_cast<uint8_t>(c);
+      sum += c;
+    }
+    std::memcpy(blk + kBlockN * f.Kp + j * static_cast<int64_t>(sizeof(int32_t)), &sum, sizeof sum);
+    return;
+  }
   for (int64_t k = 0; k < f.Kp; ++k) {
     const int8_t c = k < K ? codes[k] : 0;
     const int64_t i = (k / 2) * 32 + j * 2 + (k % 2);
@@ -62,9 +73,50 @@ void place_row(const Format& f, const int8_t* codes, int64_t K, int j, uint8_t* 
   }
 }
 
+namespace {
+
+// dequant_range for w8a8 blocks: whole k quads through the ISA's kernel; a pair at an odd end is
+// taken from its quad dequantized into a small buffer (same bits: each value is one product).
+void dequant_range_w8a8(const kernels::QuantKernels& qk, const Format& f, const uint8_t* blk,
+                        const float* scales, int64_t nblk, int64_t kp0, int64_t kp1, bf16* dst,
+                        int64_t dst_Kp) {
+  const int64_t bb = block_bytes(f);
+  alignas(64) float sv[32];
+  alignas(64) bf16 quad[64];
+  for (int64_t b = 0; b < nblk; ++b) {
+    const int8_t* src = reinterpret_cast<const int8_t*>(blk + b * bb);
+    for (int i = 0; i < 32; ++i) sv[i] = scales[b * kBlockN + i / 2];
+    bf16* out = dst + b * kBlockN * dst_Kp - kp0 * 32;  // pair kp lands at (kp - kp0) * 32
+    int64_t kp = kp0;
+    if (kp < kp1 && kp % 2 == 1) {  // second pair of a quad
+      qk.i8x4(1, src + (kp / 2) * 64, sv, quad);
+      std::memcpy(out + kp * 32, quad + 32, 32 * sizeof(bf16));
+      ++kp;
+    }
+    const int64_t whole = (kp1 - kp) / 2;
+    if (whole > 0) qk.i8x4(whole, src + (kp / 2) * 64, sv, out + kp * 32);
+    kp += 2 * whole;
+    if (kp < kp1) {  // first pair of the last quad
+      qk.i8x4(1, src + (kp / 2) * 64, sv, quad);
+      std::memcpy(out + kp * 32, quad, 32 * sizeof(bf16));
+    }
+    const int64_t done = kp1 - kp0;
+    if (done < dst_Kp / 2) {
+      std::memset(dst + b * kBlockN * dst_Kp + done * 32, 0,
+                  static_cast<size_t>(dst_Kp / 2 - done) * 32 * sizeof(bf16));
+    }
+  }
+}
+
+}  // namespace
+
 void dequant_range(const kernels::QuantKernels& qk, const Format& f, const uint8_t* blk,
                    const float* scales, int64_t nblk, int64_t kp0, int64_t kp1, bf16* dst,
                    int64_t dst_Kp) {
+  if (f.kind == Kind::w8a8) {
+    dequant_range_w8a8(qk, f, blk, scales, nblk, kp0, kp1, dst, dst_Kp);
+    return;
+  }
   const int64_t bb = block_bytes(f);
   const int64_t kp_per_group = f.group / 2;  // pairs of k per group (group is even)
   alignas(64) float sv[32];

@@ -9,6 +9,12 @@
 // + g], g = k / group; int8 has one group per row (group = Kp). The value is float(code) * scale,
 // rounded to bf16 when a block is dequantized for the bf16 GEMM kernels.
 //
+// W8A8 (weight_dtype int8 with activation_dtype int8, Kind::w8a8): the same int8 codes and
+// per-row scales, but in the int8 block layout of the int8 GEMM (kernels/kernels.h, "VNNI-4"):
+// code (n, k) of a block at byte (k / 4) * 64 + (n % 16) * 4 + k % 4 with Kp = K rounded up to 64,
+// then 16 int32 row sums (i8_block_bytes(Kp) bytes per block). Dequantized values are the same
+// bf16(code * scale) as int8's.
+//
 // Quantization (symmetric): per row and group, scale = max|w| / qmax (qmax 127 for int8, 7 for
 // int4), code = round_half_even(w / scale) clamped to [-qmax, qmax]; an all-zero group has scale 0,
 // and so has a group whose scale would be below the smallest normal float (2^-126; its values are
@@ -24,11 +30,11 @@
 
 namespace kt::engine::quant {
 
-enum class Kind : int { bf16 = 0, int8 = 1, int4 = 2 };
+enum class Kind : int { bf16 = 0, int8 = 1, int4 = 2, w8a8 = 3 };
 
 struct Format {
   Kind kind = Kind::bf16;
-  int64_t group = 0;    // int4: group size along K; int8: Kp
+  int64_t group = 0;    // int4: group size along K; int8, w8a8: Kp
   int64_t Kp = 0;       // padded depth of the weight
   int64_t ngroups = 1;  // scales per row
 };
@@ -45,7 +51,8 @@ bool quantize_row(const Format& f, const float* w, int64_t K, int8_t* codes, flo
 // A scale as stored: below the smallest normal float it becomes 0.
 inline float flush_scale(float s) { return s < 0x1p-126f ? 0.0f : s; }
 
-// Writes a row of K codes as row j (0 .. 15) of a block (codes at k >= K are zero).
+// Writes a row of K codes as row j (0 .. 15) of a block (codes at k >= K are zero; w8a8: also the
+// row's code sum).
 void place_row(const Format& f, const int8_t* codes, int64_t K, int j, uint8_t* blk);
 
 // Dequantizes nblk consecutive packed blocks (first block at `blk`, its first row's scales at
@@ -55,6 +62,7 @@ void dequant_blocks(const kernels::QuantKernels& qk, const Format& f, const uint
 
 // Dequantizes the depth pairs [kp0, kp1) (k in [2 kp0, 2 kp1)) of nblk consecutive blocks into
 // nblk packed bf16 blocks of depth dst_Kp (a multiple of 32 >= 2 (kp1 - kp0); the rest is zero).
+// w8a8: kp0 and kp1 should be even (whole k quads); an odd end costs one scalar-order detour.
 void dequant_range(const kernels::QuantKernels& qk, const Format& f, const uint8_t* blk,
                    const float* scales, int64_t nblk, int64_t kp0, int64_t kp1, kernels::bf16* dst,
                    int64_t dst_Kp);

@@ -92,6 +92,7 @@ KernelTable complete_table(Isa isa) {
   if (t.silu_mul == nullptr) t.silu_mul = s.silu_mul;
   if (t.silu_mul_bwd == nullptr) t.silu_mul_bwd = s.silu_mul_bwd;
   if (t.pack_transposed == nullptr) t.pack_transposed = s.pack_transposed;
+  if (t.gemm_i8 == nullptr) t.gemm_i8 = s.gemm_i8;
   return t;
 }
 
@@ -200,6 +201,49 @@ std::string check_gemm(const KernelTable& table, const KernelTable& ref, const C
         msg << where() << ": got " << got[i] << ", reference " << want[i];
         return msg.str();
       }
+    }
+  }
+  return {};
+}
+
+// One gemm_i8 comparison: integer sums are exact, so the kernel must equal the reference bit for
+// bit (full int8 range in A and W, so every sign and the -128 extreme of both occur).
+std::string check_gemm_i8(const KernelTable& table, const KernelTable& ref, const Case& c,
+                          bool accumulate, uint64_t seed) {
+  const int64_t Kp = packed_k8(c.K);
+  const int64_t nblk = packed_blocks(c.N);
+  const int64_t lda = Kp + 8;              // row padding the kernel must skip
+  const int64_t ldc = nblk * kBlockN + 3;  // columns the kernel must not touch
+  const int64_t pad_rows = 2;              // rows after C the kernel must not touch
+  Lcg rng{seed};
+  std::vector<int8_t> A(static_cast<size_t>(c.M * lda + 4), 0);
+  for (int64_t m = 0; m < c.M; ++m) {
+    for (int64_t k = 0; k < c.K; ++k) A[m * lda + k] = static_cast<int8_t>(rng.next(128));
+  }
+  const int64_t bb = i8_block_bytes(Kp);
+  std::vector<int8_t> B(static_cast<size_t>(nblk * bb), 0);
+  for (int64_t n = 0; n < c.N; ++n) {
+    for (int64_t k = 0; k < c.K; ++k) {
+      B[(n / kBlockN) * bb + i8_offset(n, k)] = static_cast<int8_t>(rng.next(128));
+    }
+  }
+  for (int64_t b = 0; b < nblk; ++b) i8_set_row_sums(B.data() + b * bb, Kp);
+  const int32_t sentinel = -12345;
+  std::vector<int32_t> C0(static_cast<size_t>((c.M + pad_rows) * ldc), sentinel);
+  for (int64_t m = 0; m < c.M; ++m) {
+    for (int64_t n = 0; n < nblk * kBlockN; ++n) C0[m * ldc + n] = rng.next(1 << 20);
+  }
+  std::vector<int32_t> got = C0, want = C0;
+  table.gemm_i8(c.M, nblk, Kp, A.data(), lda, B.data(), got.data(), ldc, accumulate);
+  ref.gemm_i8(c.M, nblk, Kp, A.data(), lda, B.data(), want.data(), ldc, accumulate);
+  if (got != want) {
+    for (size_t i = 0; i < got.size(); ++i) {
+      if (got[i] == want[i]) continue;
+      std::ostringstream msg;
+      msg << "gemm_i8 M=" << c.M << " N=" << c.N << " K=" << c.K
+          << " accumulate=" << (accumulate ? "on" : "off") << " at (" << i / ldc << ", " << i % ldc
+          << "): got " << got[i] << ", reference " << want[i];
+      return msg.str();
     }
   }
   return {};
@@ -373,6 +417,8 @@ std::string run_self_test(const KernelTable& table) {
   for (const Case& c : cases) {
     for (bool accumulate : {false, true}) {
       std::string err = check_gemm(table, ref, c, accumulate, seed++);
+      if (!err.empty()) return err;
+      err = check_gemm_i8(table, ref, c, accumulate, seed++);
       if (!err.empty()) return err;
     }
   }

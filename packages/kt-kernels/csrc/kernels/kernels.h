@@ -25,6 +25,19 @@ constexpr int kIsaCount = 5;
 constexpr int64_t kBlockN = 16;
 constexpr int64_t kPackK = 32;
 
+// ---------------------------------------------------------------------------------------------
+// Packed int8 weight layout for int8 x int8 GEMMs ("VNNI-4 blocks", activation_dtype int8).
+// A weight W of shape N x K is stored as ceil(N / 16) blocks of 16 output rows. Block b holds rows
+// n in [16b, 16b + 16) as Kp/4 x 16 x 4 int8 codes: element (n, k) sits at byte
+//     (k / 4) * 64 + (n % 16) * 4 + (k % 4)
+// with Kp = K rounded up to kPackK8 (padding rows/columns are zero). The 16 * Kp code bytes are
+// followed by 16 int32: the sum of the codes of each row (sum over k of W[n, k]). 64 bytes of codes
+// (one k quad of all 16 rows) are at once one row of an AMX-INT8 B tile (tdpbssd: 4 consecutive k
+// per 32-bit lane), one zmm operand of vpdpbusd, and four 16-byte groups that widen to int16 for
+// vpmaddwd. The row sums let u8 x s8 products (vpdpbusd) run on activations offset by +128.
+// ---------------------------------------------------------------------------------------------
+constexpr int64_t kPackK8 = 64;
+
 // The inline helpers below live in an inline namespace named after the ISA of the translation unit
 // (KT_CPU_CAPABILITY in kernels/<isa>/, "baseline" elsewhere). Each ISA's copy then has its own
 // mangled name, so the linker can never pick an AVX-512 copy of a helper for baseline code (an
@@ -43,6 +56,23 @@ constexpr int64_t packed_elems(int64_t N, int64_t K) {
   return packed_blocks(N) * kBlockN * packed_k(K);
 }
 constexpr int64_t packed_block_elems(int64_t K) { return kBlockN * packed_k(K); }
+constexpr int64_t packed_k8(int64_t K) { return round_up(K, kPackK8); }
+// Bytes of one int8 block of padded depth Kp (a multiple of kPackK8): codes, then the row sums.
+constexpr int64_t i8_block_bytes(int64_t Kp) {
+  return kBlockN * Kp + kBlockN * static_cast<int64_t>(sizeof(int32_t));
+}
+// Byte offset of element (n % 16, k) inside its int8 block.
+constexpr int64_t i8_offset(int64_t n, int64_t k) {
+  return (k / 4) * 64 + (n % kBlockN) * 4 + k % 4;
+}
+// Writes the row sums of an int8 block whose codes are in place.
+inline void i8_set_row_sums(int8_t* block, int64_t Kp) {
+  int32_t sums[kBlockN] = {};
+  for (int64_t k = 0; k < Kp; ++k) {
+    for (int64_t n = 0; n < kBlockN; ++n) sums[n] += block[i8_offset(n, k)];
+  }
+  std::memcpy(block + kBlockN * Kp, sums, sizeof sums);
+}
 
 // bf16 <-> fp32 (round to nearest even; NaN stays NaN). Scalar definitions, used for tails.
 inline float bf16_to_f32(bf16 v) {
@@ -70,6 +100,18 @@ inline bf16 f32_to_bf16(float f) {
 // the caller tiles M or N across threads.
 using gemm_bf16_fn = void (*)(int64_t M, int64_t nblk, int64_t Kp, const bf16* A, int64_t lda,
                               const bf16* B, float* C, int64_t ldc, bool accumulate);
+
+// C[M x 16*nblk] (= or +=) A[M x Kp] . W^T in int32, for nblk consecutive int8 blocks of W.
+//   A: int8, row-major, row stride lda >= Kp; columns [K, Kp) must be zero. Kp is a multiple of
+//      kPackK8.
+//   B: pointer to the first of nblk int8 blocks (each i8_block_bytes(Kp) bytes, row sums
+//      included), contiguous.
+//   C: int32, row stride ldc >= 16 * nblk. accumulate=false overwrites C.
+// Sums are exact integer sums taken modulo 2^32 (two's complement), so every ISA gives the same
+// bits whatever its order; callers keep |A . W^T| < 2^31 (engine: codes in [-127, 127],
+// K <= 131072).
+using gemm_i8_fn = void (*)(int64_t M, int64_t nblk, int64_t Kp, const int8_t* A, int64_t lda,
+                            const int8_t* B, int32_t* C, int64_t ldc, bool accumulate);
 
 // Fused dequantize + GEMM for weight codes (weight_dtype int8 / int4; layout in engine/quant.h):
 // the product of dequantizing the nblk blocks to packed bf16 (kernels/quant_kernels.h) and calling
@@ -138,6 +180,7 @@ struct KernelTable {
   silu_mul_fn silu_mul = nullptr;
   silu_mul_bwd_fn silu_mul_bwd = nullptr;
   pack_transposed_fn pack_transposed = nullptr;
+  gemm_i8_fn gemm_i8 = nullptr;  // int8 x int8 -> int32 (null = the scalar entry)
   // Fused dequantize + GEMM (see gemm_q8_fn). Null: the ISA has none, and callers dequantize and
   // call gemm_bf16. Never filled from the scalar table: the contract is with this table's own
   // gemm_bf16, whose rounding differs from the scalar one on some ISAs.

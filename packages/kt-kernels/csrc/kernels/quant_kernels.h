@@ -1,9 +1,9 @@
-// Dequantization of weight codes (weight_dtype int8 / int4, engine/quant.h) into the packed bf16
-// block layout, one implementation per ISA folder (kernels/<isa>/quant.cpp). The engine picks the
-// table with quant_kernels(isa); ISAs without a folder of their own use the next one down
-// (amx, avx512_bf16 -> avx512 -> avx2 -> scalar). Every implementation gives the scalar
-// reference's bits: a product of a small integer and a float32 scale is one IEEE multiply, and the
-// bf16 rounding below is integer arithmetic.
+// Dequantization of weight codes (weight_dtype int8 / int4, and the int8 blocks of W8A8,
+// engine/quant.h) into the packed bf16 block layout, one implementation per ISA folder
+// (kernels/<isa>/quant.cpp). The engine picks the table with quant_kernels(isa); ISAs without a
+// folder of their own use the next one down (amx, avx512_bf16 -> avx512 -> avx2 -> scalar). Every
+// implementation gives the scalar reference's bits: a product of a small integer and a float32
+// scale is one IEEE multiply, and the bf16 rounding below is integer arithmetic.
 #pragma once
 
 #include <cstdint>
@@ -19,10 +19,16 @@ namespace kt::kernels {
 // depths of a packed block; sv holds each row's scale twice.
 using dequant_i8_fn = void (*)(int64_t npairs, const int8_t* codes, const float* sv, bf16* out);
 using dequant_i4_fn = void (*)(int64_t npairs, const uint8_t* codes, const float* sv, bf16* out);
+// The same from int8 blocks of the VNNI-4 layout (kernels.h): for quad q in [0, nquads) (64 codes
+// of 16 rows x 4 depths at codes + 64 q, code (n, 4q + d) at byte 64 q + 4 n + d), writes the two
+// depth pairs 2q and 2q + 1 in the bf16 pair layout:
+//     out[64 q + 32 h + 2 n + i] = bf16(float(codes[64 q + 4 n + 2 h + i]) * sv[2 n + i]).
+using dequant_i8x4_fn = void (*)(int64_t nquads, const int8_t* codes, const float* sv, bf16* out);
 
 struct QuantKernels {
   dequant_i8_fn i8;
   dequant_i4_fn i4;
+  dequant_i8x4_fn i8x4;
 };
 
 inline namespace KT_ISA_NAMESPACE {

@@ -45,7 +45,18 @@ def active_isa() -> str:
 
 _PHASE_ORDER = {
     "load": ("alloc", "pack", "quantize", "copy_codes", "total"),
-    "forward": ("route", "convert", "gather", "gate_up", "lora_down_a", "down", "combine", "total"),
+    "forward": (
+        "route",
+        "convert",
+        "quantize_x",
+        "gather",
+        "gate_up",
+        "quantize_h",
+        "lora_down_a",
+        "down",
+        "combine",
+        "total",
+    ),
     "backward": ("convert", "gather", "down_t", "reduce", "gate_up_t", "combine", "total"),
 }
 
@@ -68,6 +79,13 @@ class MoEEngine:
             right before the bf16 GEMM, so activations and accumulation are as with bf16.
         group_size: int4 group along the input dim: 32, 64 or 128; it must divide hidden_size
             and intermediate_size. Ignored for bf16 and int8.
+        activation_dtype: ``"bf16"`` (default) or ``"int8"``. ``"int8"`` (only with
+            ``weight_dtype="int8"``) is W8A8: in forward, x and h are quantized per row
+            (symmetric, ``scale = max|row| / 127``) and both base GEMMs run int8 x int8 with exact
+            int32 sums (AMX-INT8, AVX512-VNNI, or int16 multiplies on AVX2 / AVX-512F), then
+            ``float(acc) * scale_row * scale_channel``; LoRA terms stay float32 from bf16 x / h.
+            Backward is straight-through: the gradients of the weight-only int8 path on the
+            activations of the W8A8 forward. Outputs do not depend on ``tp``.
         tp: tensor-parallel slices of the intermediate dim I (None: one per NUMA node). Each
             slice's weights are allocated apart (bound to NUMA node ``slice % nodes`` when the
             build found libnuma). The threads form ``tp`` groups and group ``s`` computes slice
@@ -108,6 +126,7 @@ class MoEEngine:
         isa: str | None = None,
         group_size: int = 128,
         tp: int | None = 1,
+        activation_dtype: Literal["bf16", "int8"] = "bf16",
     ) -> None:
         try:
             self._eng = _core.MoEEngine(
@@ -125,6 +144,7 @@ class MoEEngine:
                 isa=isa,
                 group_size=group_size,
                 tp=tp,
+                activation_dtype=activation_dtype,
             )
         finally:
             _emit_dispatch_warnings()
@@ -137,6 +157,7 @@ class MoEEngine:
         self.max_tokens = max_tokens
         self.max_cache_depth = max_cache_depth
         self.weight_dtype = weight_dtype
+        self.activation_dtype = activation_dtype
         self.group_size = group_size
 
     # -- properties -------------------------------------------------------------------------
@@ -311,7 +332,8 @@ class MoEEngine:
     # -- introspection -----------------------------------------------------------------------
 
     def memory_stats(self) -> dict[str, int]:
-        """Bytes held: ``weight_bytes`` (packed base weights; codes + scales for int8/int4),
+        """Bytes held: ``weight_bytes`` (packed base weights; codes + scales for int8/int4, plus
+        per-row code sums for W8A8),
         ``lora_bytes`` (internal fp32 LoRA copy), ``cache_bytes`` (activation cache) and
         ``scratch_bytes`` (the process-wide scratch pool, shared by all engines)."""
         return {k: int(v) for k, v in self._eng.memory_stats().items()}
@@ -320,7 +342,8 @@ class MoEEngine:
         """Milliseconds per phase of the last weight load (``load.*``: ``alloc``, then ``pack``
         (bf16 repack), ``quantize`` (int8 / int4 from float weights) or ``copy_codes``
         (:meth:`load_quantized_weights`), and ``total``), the last forward (``forward.*``) and the
-        last backward (``backward.*``)."""
+        last backward (``backward.*``). W8A8 forwards add ``forward.quantize_x`` and
+        ``forward.quantize_h``."""
         return {k: float(v) for k, v in self._eng.last_timings().items()}
 
     @property

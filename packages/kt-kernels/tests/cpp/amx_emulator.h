@@ -1,9 +1,12 @@
 // A software model of the AMX tile instructions the AMX kernels use (LDTILECFG, TILELOADD,
-// TILESTORED, TILEZERO, TDPBF16PS, TILERELEASE), for checking the AMX kernel's tile configuration
-// and addressing on machines without AMX. It follows the Intel SDM: palette 1 (8 tiles of at most
-// 16 rows x 64 bytes), rows = 0 exactly when colsb = 0, a tile used while unconfigured faults
-// (#UD), TDPBF16PS needs C.rows = A.rows, C.colsb = B.colsb, A.colsb = 4 B.rows, loads zero the
-// rows and bytes beyond the configuration. Any violation is recorded in amx_emu::errors().
+// TILESTORED, TILEZERO, TDPBF16PS, TDPBSSD, TILERELEASE), for checking the AMX kernels' tile
+// configuration and addressing on machines without AMX. It follows the Intel SDM: palette 1 (8
+// tiles of at most 16 rows x 64 bytes), rows = 0 exactly when colsb = 0, a tile used while
+// unconfigured faults (#UD), TDPBF16PS and TDPBSSD need C.rows = A.rows, C.colsb = B.colsb,
+// A.colsb = 4 B.rows, loads zero the rows and bytes beyond the configuration. TDPBSSD adds, per
+// int32 element C[m][n], the products of signed bytes A[m][4p + i] and B[p][4n + i] (i < 4) for
+// every row p of B, wrapping modulo 2^32 (no saturation). Any violation is recorded in
+// amx_emu::errors().
 //
 // Include after kernels/intrinsics.h; it replaces the _tile_* names with the model.
 #pragma once
@@ -114,13 +117,44 @@ inline float bf16_at(const uint8_t* p) {
   return f;
 }
 
-inline void dpbf16ps(int c, int a, int b) {
-  if (!usable(c, "tdpbf16ps") || !usable(a, "tdpbf16ps") || !usable(b, "tdpbf16ps")) return;
+// The operand checks shared by the dot-product instructions.
+inline bool dp_operands_ok(int c, int a, int b, const char* op) {
+  if (!usable(c, op) || !usable(a, op) || !usable(b, op)) return false;
   State& s = state();
-  if (c == a || c == b || a == b) fail("tdpbf16ps: tile operands must differ");
-  if (s.rows[c] != s.rows[a]) fail("tdpbf16ps: C.rows != A.rows");
-  if (s.colsb[c] != s.colsb[b]) fail("tdpbf16ps: C.colsb != B.colsb");
-  if (s.colsb[a] != 4 * s.rows[b]) fail("tdpbf16ps: A.colsb != 4 * B.rows");
+  const std::string o(op);
+  if (c == a || c == b || a == b) fail(o + ": tile operands must differ");
+  if (s.rows[c] != s.rows[a]) fail(o + ": C.rows != A.rows");
+  if (s.colsb[c] != s.colsb[b]) fail(o + ": C.colsb != B.colsb");
+  if (s.colsb[a] != 4 * s.rows[b]) fail(o + ": A.colsb != 4 * B.rows");
+  return true;
+}
+
+inline void dpbssd(int c, int a, int b) {
+  if (!dp_operands_ok(c, a, b, "tdpbssd")) return;
+  State& s = state();
+  ++s.dp_calls;
+  const int rows = s.rows[c], cols = s.colsb[c] / 4, quads = s.colsb[a] / 4;
+  for (int m = 0; m < rows; ++m) {
+    for (int n = 0; n < cols; ++n) {
+      int32_t cv;
+      std::memcpy(&cv, s.data[c][m] + 4 * n, 4);
+      uint32_t acc = static_cast<uint32_t>(cv);
+      for (int p = 0; p < quads; ++p) {
+        for (int i = 0; i < 4; ++i) {
+          const int av = static_cast<int8_t>(s.data[a][m][4 * p + i]);
+          const int bv = static_cast<int8_t>(s.data[b][p][4 * n + i]);
+          acc += static_cast<uint32_t>(av * bv);
+        }
+      }
+      cv = static_cast<int32_t>(acc);
+      std::memcpy(s.data[c][m] + 4 * n, &cv, 4);
+    }
+  }
+}
+
+inline void dpbf16ps(int c, int a, int b) {
+  if (!dp_operands_ok(c, a, b, "tdpbf16ps")) return;
+  State& s = state();
   ++s.dp_calls;
   // Widen the operands first: A as [m][k], B as [k][n] (k = 2 * pair + half).
   float af[16][32] = {}, bf[32][16] = {}, cf[16][16] = {};
@@ -151,9 +185,11 @@ inline void dpbf16ps(int c, int a, int b) {
 #undef _tile_stored
 #undef _tile_zero
 #undef _tile_dpbf16ps
+#undef _tile_dpbssd
 #define _tile_loadconfig(cfg) ::amx_emu::loadconfig(cfg)
 #define _tile_release() ::amx_emu::release()
 #define _tile_loadd(t, base, stride) ::amx_emu::loadd(t, base, stride)
 #define _tile_stored(t, base, stride) ::amx_emu::stored(t, base, stride)
 #define _tile_zero(t) ::amx_emu::zero(t)
 #define _tile_dpbf16ps(c, a, b) ::amx_emu::dpbf16ps(c, a, b)
+#define _tile_dpbssd(c, a, b) ::amx_emu::dpbssd(c, a, b)

@@ -1,5 +1,6 @@
-// Single-thread micro-benchmark of gemm_bf16 per ISA (GFLOP/s = 2 M N K / time). Time is this
-// thread's CPU time (best of repeated calls), so other load on the machine disturbs it little.
+// Single-thread micro-benchmark of gemm_bf16 and gemm_i8 per ISA (GFLOP/s or GOP/s = 2 M N K /
+// time). Time is this thread's CPU time (best of repeated calls), so other load on the machine
+// disturbs it little.
 //   bench_gemm [--isa NAME] [--smoke] [--fused]
 // --fused: only the fused dequantize + GEMM comparison at small M (bench_fused below).
 // --smoke: one tiny run per shape (a ctest check that the benchmark itself works); exits 77
@@ -33,15 +34,28 @@ struct Shape {
   int64_t M, N, K;
 };
 
-double bench(const KernelTable& t, const Shape& s, bool smoke) {
+double bench(const KernelTable& t, const Shape& s, bool smoke, bool int8) {
   std::mt19937 rng(5);
   const auto a = kt::testing::make_a(s.M, s.K, 0, rng);
   const auto w = kt::testing::random_bf16(static_cast<size_t>(s.N * s.K), rng);
   const auto packed = kt::testing::pack(w, s.N, s.K);
   const int64_t nblk = packed_blocks(s.N), ldc = nblk * kBlockN;
   std::vector<float> c(static_cast<size_t>(s.M * ldc), 0.0f);
+  // int8 operands: codes of the same sizes (values do not change the speed).
+  const int64_t Kp8 = packed_k8(s.K);
+  std::vector<int8_t> a8(static_cast<size_t>(s.M * Kp8), 0),
+      w8(static_cast<size_t>(nblk * i8_block_bytes(Kp8)));
+  for (int64_t m = 0; m < s.M; ++m) {
+    for (int64_t k = 0; k < s.K; ++k) a8[m * Kp8 + k] = static_cast<int8_t>(rng() % 255 - 127);
+  }
+  for (auto& v : w8) v = static_cast<int8_t>(rng() % 255 - 127);
+  std::vector<int32_t> c8(static_cast<size_t>(s.M * ldc), 0);
   auto once = [&] {
-    t.gemm_bf16(s.M, nblk, a.Kp, a.data.data(), a.lda, packed.data(), c.data(), ldc, true);
+    if (int8) {
+      t.gemm_i8(s.M, nblk, Kp8, a8.data(), Kp8, w8.data(), c8.data(), ldc, true);
+    } else {
+      t.gemm_bf16(s.M, nblk, a.Kp, a.data.data(), a.lda, packed.data(), c.data(), ldc, true);
+    }
   };
   once();
   if (smoke) return 0.0;
@@ -169,24 +183,26 @@ int main(int argc, char** argv) {
       {"gate/up rows=256", 256, 768, 2048},       {"down rows=256", 256, 2048, 768},
       {"dense 1024x1536x2048", 1024, 1536, 2048},
   };
-  std::printf("%-24s", "shape (M x N x K)");
-  for (Isa isa : isas) std::printf(" %12s", isa_name(isa));
-  std::printf("   [GFLOP/s, 1 thread]\n");
-  for (const Shape& s : shapes) {
-    std::printf("%-24s", s.name);
-    for (Isa isa : isas) {
-      const KernelTable& t = kernel_table(isa);
-      if (t.isa != isa) {
-        std::printf(" %12s", "fell back");
-        continue;
+  for (bool int8 : {false, true}) {
+    std::printf("%-24s", int8 ? "gemm_i8 (M x N x K)" : "gemm_bf16 (M x N x K)");
+    for (Isa isa : isas) std::printf(" %12s", isa_name(isa));
+    std::printf("   [%s, 1 thread]\n", int8 ? "GOP/s" : "GFLOP/s");
+    for (const Shape& s : shapes) {
+      std::printf("%-24s", s.name);
+      for (Isa isa : isas) {
+        const KernelTable& t = kernel_table(isa);
+        if (t.isa != isa) {
+          std::printf(" %12s", "fell back");
+          continue;
+        }
+        const Shape run = smoke ? Shape{s.name, std::min<int64_t>(s.M, 9),
+                                        std::min<int64_t>(s.N, 40), std::min<int64_t>(s.K, 70)}
+                                : s;
+        std::printf(" %12.1f", bench(t, run, smoke, int8));
+        std::fflush(stdout);
       }
-      const Shape run = smoke ? Shape{s.name, std::min<int64_t>(s.M, 9), std::min<int64_t>(s.N, 40),
-                                      std::min<int64_t>(s.K, 70)}
-                              : s;
-      std::printf(" %12.1f", bench(t, run, smoke));
-      std::fflush(stdout);
+      std::printf("\n");
     }
-    std::printf("\n");
   }
   return 0;
 }

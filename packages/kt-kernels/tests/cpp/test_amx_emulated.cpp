@@ -1,8 +1,9 @@
-// The AMX kernel's tile configuration, addressing and M / N tails, run on a software model of the
-// tile instructions (amx_emulator.h), so they are checked on every machine, AMX or not. The file
-// is compiled with baseline flags: the kernel's gemm uses no intrinsic but the (modelled) tile
-// ones. The real instructions run in test_gemm where AMX exists. Tolerance vs scalar as for amx in
-// test_gemm.cpp: 2 (Kp + 1) 2^-24 (|C0| + sum_k |A B|).
+// The AMX kernels' tile configuration, addressing and M / N tails (gemm_bf16 on TDPBF16PS, gemm_i8
+// on TDPBSSD), run on a software model of the tile instructions (amx_emulator.h), so they are
+// checked on every machine, AMX or not. The file is compiled with baseline flags: the kernels use
+// no intrinsic but the (modelled) tile ones. The real instructions run in test_gemm and
+// test_gemm_i8 where AMX exists. Tolerance vs scalar as for amx in test_gemm.cpp: 2 (Kp + 1) 2^-24
+// (|C0| + sum_k |A B|) for bf16; 0 for int8 (exact integer sums).
 #define KT_CPU_CAPABILITY amx_emulated
 #define KT_AMX_GEMM_ONLY
 #include "kernels/intrinsics.h"
@@ -69,6 +70,79 @@ TEST(amx_kernel_on_tile_model_matches_scalar) {
         }
       }
     }
+  }
+}
+
+// gemm_i8 (AMX-INT8, tdpbssd) on the tile model: bitwise equal to the scalar reference (exact
+// integer sums), one TDPBSSD per (16-row tile, block, 64 k), nothing written outside C.
+TEST(amx_int8_kernel_on_tile_model_matches_scalar) {
+  const KernelTable& ref = *scalar_table();
+  std::mt19937 rng(37);
+  std::uniform_int_distribution<int> code(-128, 127);
+  for (int64_t M : {1, 2, 15, 16, 17, 31, 32, 33, 47, 64, 70}) {
+    for (int64_t N : {1, 16, 17, 33, 48, 80}) {
+      for (int64_t K : {1, 63, 64, 65, 200}) {
+        const int64_t Kp = packed_k8(K), lda = Kp + 20, nblk = packed_blocks(N);
+        const int64_t ldc = nblk * kBlockN + 3, bb = i8_block_bytes(Kp);
+        std::vector<int8_t> a(static_cast<size_t>(M * lda + 1), 0);
+        for (int64_t m = 0; m < M; ++m) {
+          for (int64_t k = 0; k < K; ++k) a[m * lda + k] = static_cast<int8_t>(code(rng));
+        }
+        std::vector<int8_t> b(static_cast<size_t>(nblk * bb), 0);
+        for (int64_t n = 0; n < N; ++n) {
+          for (int64_t k = 0; k < K; ++k) {
+            b[(n / kBlockN) * bb + i8_offset(n, k)] = static_cast<int8_t>(code(rng));
+          }
+        }
+        for (int64_t blk = 0; blk < nblk; ++blk) i8_set_row_sums(b.data() + blk * bb, Kp);
+        std::vector<int32_t> C0(static_cast<size_t>((M + 1) * ldc));
+        for (auto& x : C0) x = static_cast<int32_t>(rng() % 100000) - 50000;
+        for (bool acc : {false, true}) {
+          auto got = C0, want = C0;
+          amx_emu::state().dp_calls = 0;
+          gemm_i8(M, nblk, Kp, a.data(), lda, b.data(), got.data(), ldc, acc);
+          ref.gemm_i8(M, nblk, Kp, a.data(), lda, b.data(), want.data(), ldc, acc);
+          REQUIRE(amx_emu::errors().empty(), "M=%lld N=%lld K=%lld: %s", (long long)M, (long long)N,
+                  (long long)K, amx_emu::errors().front().c_str());
+          REQUIRE(!amx_emu::state().configured, "tiles not released after the call");
+          const int64_t expect = (M + 15) / 16 * nblk * (Kp / 64);
+          REQUIRE(amx_emu::state().dp_calls == expect,
+                  "M=%lld N=%lld K=%lld: %lld dot calls, expected %lld", (long long)M, (long long)N,
+                  (long long)K, (long long)amx_emu::state().dp_calls, (long long)expect);
+          REQUIRE(got == want, "M=%lld N=%lld K=%lld acc=%d: differs from scalar", (long long)M,
+                  (long long)N, (long long)K, int(acc));
+        }
+      }
+    }
+  }
+}
+
+TEST(tile_model_int8_semantics) {
+  // One TDPBSSD of a 1-row A (4 k) and a 1-row B (one quad of 16 columns): signed bytes, 4 per
+  // lane, added to C with wrap-around.
+  TileConfig cfg = make_config(1, 0);
+  cfg.rows[6] = 1;
+  cfg.colsb[4] = 4;  // A: 1 row x 4 bytes = 4 * B.rows
+  amx_emu::errors().clear();
+  _tile_loadconfig(&cfg);
+  const int8_t A[4] = {-128, 127, -1, 2};
+  int8_t B[64];
+  for (int i = 0; i < 64; ++i) B[i] = static_cast<int8_t>(i % 4 == 0 ? -128 : i - 32);
+  int32_t C[16];
+  for (int n = 0; n < 16; ++n) C[n] = n == 5 ? 2147483647 : n;
+  _tile_loadd(0, C, 64);
+  _tile_loadd(4, A, 4);
+  _tile_loadd(6, B, 64);
+  _tile_dpbssd(0, 4, 6);
+  _tile_stored(0, C, 64);
+  _tile_release();
+  REQUIRE(amx_emu::errors().empty(), "%s", amx_emu::errors().front().c_str());
+  for (int n = 0; n < 16; ++n) {
+    const int64_t dot =
+        int64_t{-128} * -128 + 127 * (4 * n + 1 - 32) - (4 * n + 2 - 32) + 2 * (4 * n + 3 - 32);
+    const int64_t start = n == 5 ? 2147483647 : n;
+    const int32_t want = static_cast<int32_t>(static_cast<uint32_t>(start + dot));
+    REQUIRE(C[n] == want, "column %d: %d, want %d", n, C[n], want);
   }
 }
 

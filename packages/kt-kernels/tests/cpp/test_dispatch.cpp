@@ -65,6 +65,9 @@ TEST(availability_follows_cpu_features) {
   if (!f.avx512f) REQUIRE(!isa_runnable(Isa::avx512), "avx512 runnable without AVX-512F");
   if (!f.avx512_bf16) REQUIRE(!isa_runnable(Isa::avx512_bf16), "avx512_bf16 without the flag");
   if (!f.amx_bf16) REQUIRE(!isa_runnable(Isa::amx), "amx runnable without AMX-BF16");
+  // gemm_i8 of these ISAs uses vpdpbusd / tdpbssd.
+  if (!f.avx512_vnni) REQUIRE(!isa_runnable(Isa::avx512_bf16), "avx512_bf16 without VNNI");
+  if (!f.amx_int8) REQUIRE(!isa_runnable(Isa::amx), "amx runnable without AMX-INT8");
   const auto avail = available_isas();
   REQUIRE(!avail.empty() && avail.front() == Isa::scalar, "available_isas starts with scalar");
   for (size_t i = 1; i < avail.size(); ++i) REQUIRE(avail[i - 1] < avail[i], "not ascending");

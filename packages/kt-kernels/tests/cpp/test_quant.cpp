@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "check.h"
+#include "engine/quant.h"
 #include "kernels/dispatch.h"
 #include "kernels/quant_kernels.h"
 
@@ -45,6 +46,67 @@ TEST(dequant_bit_identical_to_scalar) {
   std::vector<uint8_t> pair(16, byte);
   ref.i4(1, pair.data(), one, out);
   REQUIRE(bf16_to_f32(out[0]) == -1.0f && bf16_to_f32(out[1]) == -7.0f, "int4 nibble order");
+}
+
+// W8A8 weight blocks (engine/quant.h, Kind::w8a8): place_row writes the VNNI-4 layout and the row
+// sums; dequant_range of any pair range (odd ends included) gives bf16(code * scale) in the pair
+// layout, zero beyond the range, on every ISA.
+TEST(w8a8_blocks_place_and_dequantize_ranges) {
+  namespace q = kt::engine::quant;
+  const int64_t K = 150;  // Kp = 192: 48 quads, a ragged tail of zero codes
+  const q::Format f = q::make_format(q::Kind::w8a8, K, 128);
+  REQUIRE(f.Kp == 192 && f.ngroups == 1 && q::block_bytes(f) == 16 * 192 + 64, "format");
+  std::mt19937 rng(11);
+  const int64_t nblk = 2;
+  std::vector<int8_t> codes(static_cast<size_t>(nblk * 16 * K));
+  for (auto& c : codes) c = static_cast<int8_t>(static_cast<int>(rng() % 255) - 127);
+  std::vector<float> scales(static_cast<size_t>(nblk * 16));
+  for (auto& s : scales) s = std::ldexp(1.0f + static_cast<float>(rng() % 997) / 997.0f, -7);
+  std::vector<uint8_t> blocks(static_cast<size_t>(nblk * q::block_bytes(f)), 0xAB);
+  for (int64_t b = 0; b < nblk; ++b) {
+    for (int j = 0; j < 16; ++j) {
+      q::place_row(f, codes.data() + (b * 16 + j) * K, K, j, blocks.data() + b * q::block_bytes(f));
+    }
+  }
+  for (int64_t b = 0; b < nblk; ++b) {
+    const uint8_t* blk = blocks.data() + b * q::block_bytes(f);
+    for (int j = 0; j < 16; ++j) {
+      int32_t sum = 0, stored;
+      for (int64_t k = 0; k < f.Kp; ++k) {
+        const int8_t want = k < K ? codes[(b * 16 + j) * K + k] : 0;
+        REQUIRE(static_cast<int8_t>(blk[i8_offset(j, k)]) == want, "code (%d, %lld)", j,
+                (long long)k);
+        sum += want;
+      }
+      std::memcpy(&stored, blk + 16 * f.Kp + 4 * j, 4);
+      REQUIRE(stored == sum, "row sum %d", j);
+    }
+  }
+  const int64_t ranges[][2] = {{0, 96}, {0, 5}, {3, 40}, {7, 8}, {8, 16}, {33, 96}, {95, 96}};
+  for (Isa isa : available_isas()) {
+    for (const auto& r : ranges) {
+      const int64_t kp0 = r[0], kp1 = r[1], dst_Kp = round_up(2 * (kp1 - kp0), 32);
+      std::vector<bf16> got(static_cast<size_t>(nblk * 16 * dst_Kp), 0x7777);
+      q::dequant_range(quant_kernels(isa), f, blocks.data(), scales.data(), nblk, kp0, kp1,
+                       got.data(), dst_Kp);
+      for (int64_t b = 0; b < nblk; ++b) {
+        for (int64_t kk = 0; kk < dst_Kp; ++kk) {
+          for (int j = 0; j < 16; ++j) {
+            const int64_t k = 2 * kp0 + kk;
+            bf16 want = 0;
+            if (kk < 2 * (kp1 - kp0) && k < K) {
+              want = bf16_round_finite(static_cast<float>(codes[(b * 16 + j) * K + k]) *
+                                       scales[b * 16 + j]);
+            }
+            const bf16 v = got[b * 16 * dst_Kp + (kk / 2) * 32 + j * 2 + kk % 2];
+            REQUIRE(v == want, "%s pairs [%lld, %lld) block %lld (%d, %lld): %04x, want %04x",
+                    isa_name(isa), (long long)kp0, (long long)kp1, (long long)b, j, (long long)k, v,
+                    want);
+          }
+        }
+      }
+    }
+  }
 }
 
 int main(int argc, char** argv) { return kt::testing::run_all(argc, argv); }

@@ -1,15 +1,18 @@
-// AMX-BF16 kernels. The packed layout was made for tiles: 16 consecutive rows of a packed block
-// (16 k pairs x 16 outputs x 2 bf16 = 64 bytes each) are one B tile, loaded with a 64-byte stride.
-// A tiles are 16 rows of A (32 bf16 of K each) with stride lda; C tiles are 16 x 16 fp32.
+// AMX kernels: gemm_bf16 on AMX-BF16 (tdpbf16ps) and gemm_i8 on AMX-INT8 (tdpbssd). Both packed
+// layouts were made for tiles: 16 consecutive 64-byte rows of a packed block (16 k pairs x 16
+// outputs x 2 bf16, or 16 k quads x 16 outputs x 4 int8) are one B tile, loaded with a 64-byte
+// stride. A tiles are 16 rows of A (32 bf16 or 64 int8 of K each) with stride lda; C tiles are
+// 16 x 16 fp32 or int32.
 //
 // Tile registers (palette 1): C[mi][ni] = tmm(2*mi + ni) for mi, ni in {0, 1}; A[mi] = tmm(4 + mi);
 // B[ni] = tmm(6 + ni). An M tail uses a configuration whose A and C tiles have fewer rows, so no
 // row outside A or C is read or written. Tiles a tile shape does not use are left unconfigured
 // (rows = colsb = 0) and never touched.
 //
-// The fused int8 / int4 kernels dequantize each B tile (16 k pairs of one block, 1 KiB) into a
-// buffer in L1 right before its tile load and then run the same tile sequence, so their results
-// equal dequantization + gemm_bf16 bit for bit; the copy never leaves L1.
+// The fused int8 / int4 kernels (gemm_q8 / gemm_q4, bf16 A) dequantize each B tile (16 k pairs of
+// one block, 1 KiB) into a buffer in L1 right before its tile load and then run the same tile
+// sequence as gemm_bf16, so their results equal dequantization + gemm_bf16 bit for bit; the copy
+// never leaves L1.
 //
 // The configuration is loaded at the start of every call and the tiles are released at its end:
 // the thread may run other AMX code between calls (e.g. another library's kernels), so no tile
@@ -19,6 +22,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "kernels/kernels.h"
 #include "kernels/weight_blocks.h"
@@ -29,9 +33,8 @@
 namespace kt::kernels {
 namespace {
 
-constexpr int kTileRows = 16;   // rows of A and C per tile; k pairs per B tile
-constexpr int kTileBytes = 64;  // bytes per tile row (16 fp32, 32 bf16 or 16 bf16 pairs)
-constexpr int kTileK = 32;      // k values per A / B tile
+constexpr int kTileRows = 16;   // rows of A and C per tile; k pairs (quads) per B tile
+constexpr int kTileBytes = 64;  // bytes per tile row (16 fp32 / int32, 32 bf16 or 64 int8)
 
 // The 64-byte operand of LDTILECFG (Intel SDM, "TILECFG"): palette, start row, 14 reserved bytes,
 // then bytes-per-row of tiles 0..15 (uint16) and rows of tiles 0..15 (uint8).
@@ -61,7 +64,7 @@ TileConfig make_config(int rows0, int rows1) {
   set(3, rows1);      // C[1][1]
   set(4, rows0);      // A[0]
   set(5, rows1);      // A[1]
-  set(6, kTileRows);  // B[0]: 16 k pairs
+  set(6, kTileRows);  // B[0]: 16 k pairs (bf16) or quads (int8)
   set(7, kTileRows);  // B[1]
   return cfg;
 }
@@ -94,29 +97,42 @@ void release() {
     }                                  \
   } while (0)
 
-// The B tile of block b at depth k0 (16 pair rows from k0 / 2): stored bf16 blocks are loaded in
-// place; codes are dequantized into `stage` first (a tile never straddles a scale group: groups
-// are multiples of 32 k).
-inline const bf16* b_tile(const Bf16Blocks& b, int64_t k0, int64_t, bf16*) {
+// int8 blocks of gemm_i8 (kernels.h), loaded in place like packed bf16 blocks.
+struct I8Blocks {
+  const int8_t* p;
+  int64_t block;  // bytes per block (i8_block_bytes(Kp): codes, then the row sums)
+  I8Blocks at(int64_t n) const { return {p + n * block, block}; }
+};
+
+// The B tile of the first block of b at depth k0 (16 block rows from row k0 / 2 of bf16 pairs or
+// k0 / 4 of int8 quads, i.e. from element k0 * 16): stored blocks are loaded in place; codes are
+// dequantized into `stage` first (a tile never straddles a scale group: groups are multiples of
+// 32 k).
+inline const void* b_tile(const Bf16Blocks& b, int64_t k0, int64_t, bf16*) {
+  return b.p + k0 * kBlockN;
+}
+inline const void* b_tile(const I8Blocks& b, int64_t k0, int64_t, bf16*) {
   return b.p + k0 * kBlockN;
 }
 template <class Src>
-const bf16* b_tile(const Src& b, int64_t k0, int64_t span, bf16* stage) {
-  stage_pairs(b, k0 / 2 / span, k0 / 2, kTileRows, stage);
+const void* b_tile(const Src& b, int64_t k0, int64_t Kp, bf16* stage) {
+  stage_pairs(b, k0 / 2 / b.group_pairs(Kp / 2), k0 / 2, kTileRows, stage);
   return stage;
 }
 
-// MB M tiles (16 rows each, fewer in a tail) x NB packed blocks, over all of K.
-template <int MB, int NB, class Src>
-void tile(int64_t Kp, const bf16* A, int64_t lda, const Src& B, float* C, int64_t ldc,
-          bool accumulate) {
-  alignas(64) bf16 stage[2][kTileRows * 32];
+// MB M tiles (16 rows each, fewer in a tail) x NB packed blocks, over all of K. T is the element
+// type of A (bf16 or int8), TC that of C (float or int32); B is a weight source (bf16 or int8
+// blocks, or int8 / int4 codes staged as bf16).
+template <int MB, int NB, typename T, typename TC, class Src>
+void tile(int64_t Kp, const T* A, int64_t lda, const Src& B, TC* C, int64_t ldc, bool accumulate) {
+  alignas(64) bf16 stage[2][kTileRows * 32];  // used by code sources only
   const Src B1 = B.at(NB > 1 ? 1 : 0);
-  const int64_t span = B.group_pairs(Kp / 2);
-  const int64_t ldc_bytes = ldc * static_cast<int64_t>(sizeof(float));
-  const int64_t lda_bytes = lda * static_cast<int64_t>(sizeof(bf16));
-  float* C1 = C + kTileRows * ldc;  // second M tile
-  const bf16* A1 = A + kTileRows * lda;
+  constexpr bool kInt8 = std::is_same_v<T, int8_t>;
+  constexpr int64_t kTileK = kTileBytes / static_cast<int64_t>(sizeof(T));  // k per A / B tile
+  const int64_t ldc_bytes = ldc * static_cast<int64_t>(sizeof(TC));
+  const int64_t lda_bytes = lda * static_cast<int64_t>(sizeof(T));
+  TC* C1 = C + kTileRows * ldc;  // second M tile
+  const T* A1 = A + kTileRows * lda;
   KT_C_INIT(0, C);
   if constexpr (NB > 1) KT_C_INIT(1, C + kBlockN);
   if constexpr (MB > 1) {
@@ -124,16 +140,25 @@ void tile(int64_t Kp, const bf16* A, int64_t lda, const Src& B, float* C, int64_
     if constexpr (NB > 1) KT_C_INIT(3, C1 + kBlockN);
   }
   for (int64_t k0 = 0; k0 < Kp; k0 += kTileK) {
-    // Packed block row k0 / 2 starts at element (k0 / 2) * 32 = k0 * 16 of its block.
-    _tile_loadd(6, b_tile(B, k0, span, stage[0]), kTileBytes);
-    if constexpr (NB > 1) _tile_loadd(7, b_tile(B1, k0, span, stage[1]), kTileBytes);
+    _tile_loadd(6, b_tile(B, k0, Kp, stage[0]), kTileBytes);
+    if constexpr (NB > 1) _tile_loadd(7, b_tile(B1, k0, Kp, stage[1]), kTileBytes);
     _tile_loadd(4, A + k0, lda_bytes);
-    _tile_dpbf16ps(0, 4, 6);
-    if constexpr (NB > 1) _tile_dpbf16ps(1, 4, 7);
+    if constexpr (kInt8) {
+      _tile_dpbssd(0, 4, 6);
+      if constexpr (NB > 1) _tile_dpbssd(1, 4, 7);
+    } else {
+      _tile_dpbf16ps(0, 4, 6);
+      if constexpr (NB > 1) _tile_dpbf16ps(1, 4, 7);
+    }
     if constexpr (MB > 1) {
       _tile_loadd(5, A1 + k0, lda_bytes);
-      _tile_dpbf16ps(2, 5, 6);
-      if constexpr (NB > 1) _tile_dpbf16ps(3, 5, 7);
+      if constexpr (kInt8) {
+        _tile_dpbssd(2, 5, 6);
+        if constexpr (NB > 1) _tile_dpbssd(3, 5, 7);
+      } else {
+        _tile_dpbf16ps(2, 5, 6);
+        if constexpr (NB > 1) _tile_dpbf16ps(3, 5, 7);
+      }
     }
   }
   _tile_stored(0, C, ldc_bytes);
@@ -146,8 +171,8 @@ void tile(int64_t Kp, const bf16* A, int64_t lda, const Src& B, float* C, int64_
 
 #undef KT_C_INIT
 
-template <int MB, class Src>
-void tile_cols(int nb, int64_t Kp, const bf16* A, int64_t lda, const Src& B, float* C, int64_t ldc,
+template <int MB, typename T, typename TC, class Src>
+void tile_cols(int nb, int64_t Kp, const T* A, int64_t lda, const Src& B, TC* C, int64_t ldc,
                bool accumulate) {
   if (nb == 2) {
     tile<MB, 2>(Kp, A, lda, B, C, ldc, accumulate);
@@ -159,9 +184,9 @@ void tile_cols(int nb, int64_t Kp, const bf16* A, int64_t lda, const Src& B, flo
 // N in pairs of blocks (outer), M in 32-row steps (inner), as the other ISAs. Full 32-row steps
 // come first under one configuration, then the M tail (if any) under a second one, so a call
 // loads at most two configurations.
-template <class Src>
-void gemm(int64_t M, int64_t nblk, int64_t Kp, const bf16* A, int64_t lda, const Src& B, float* C,
-          int64_t ldc, bool accumulate) {
+template <typename T, typename TC, class Src>
+void gemm_tiles(int64_t M, int64_t nblk, int64_t Kp, const T* A, int64_t lda, const Src& B, TC* C,
+                int64_t ldc, bool accumulate) {
   if (M <= 0 || nblk <= 0) return;
   const int64_t full = M / (2 * kTileRows) * (2 * kTileRows);
   if (full > 0) {
@@ -181,8 +206,8 @@ void gemm(int64_t M, int64_t nblk, int64_t Kp, const bf16* A, int64_t lda, const
     configure(rows0, rows1);
     for (int64_t n0 = 0; n0 < nblk; n0 += 2) {
       const int nb = nblk - n0 >= 2 ? 2 : 1;
-      const bf16* a = A + full * lda;
-      float* c = C + full * ldc + n0 * kBlockN;
+      const T* a = A + full * lda;
+      TC* c = C + full * ldc + n0 * kBlockN;
       if (rows1 > 0) {
         tile_cols<2>(nb, Kp, a, lda, B.at(n0), c, ldc, accumulate);
       } else {
@@ -195,18 +220,25 @@ void gemm(int64_t M, int64_t nblk, int64_t Kp, const bf16* A, int64_t lda, const
 
 void gemm_bf16(int64_t M, int64_t nblk, int64_t Kp, const bf16* A, int64_t lda, const bf16* B,
                float* C, int64_t ldc, bool accumulate) {
-  gemm(M, nblk, Kp, A, lda, Bf16Blocks{B, kBlockN * Kp}, C, ldc, accumulate);
+  gemm_tiles(M, nblk, Kp, A, lda, Bf16Blocks{B, kBlockN * Kp}, C, ldc, accumulate);
 }
 
 void gemm_q8(int64_t M, int64_t nblk, int64_t Kp, const bf16* A, int64_t lda, const int8_t* codes,
              const float* scales, float* C, int64_t ldc, bool accumulate) {
-  gemm(M, nblk, Kp, A, lda, Q8Blocks{codes, scales, kBlockN * Kp}, C, ldc, accumulate);
+  gemm_tiles(M, nblk, Kp, A, lda, Q8Blocks{codes, scales, kBlockN * Kp}, C, ldc, accumulate);
 }
 
 void gemm_q4(int64_t M, int64_t nblk, int64_t Kp, int64_t group, const bf16* A, int64_t lda,
              const uint8_t* codes, const float* scales, float* C, int64_t ldc, bool accumulate) {
   const Q4Blocks src{codes, scales, kBlockN * Kp / 2, (Kp + group - 1) / group, group / 2};
-  gemm(M, nblk, Kp, A, lda, src, C, ldc, accumulate);
+  gemm_tiles(M, nblk, Kp, A, lda, src, C, ldc, accumulate);
+}
+
+// tdpbssd: signed x signed bytes, 4 per int32 lane, added without saturation (exact modulo 2^32,
+// like the scalar reference). The row sums after each block's codes are not needed here.
+void gemm_i8(int64_t M, int64_t nblk, int64_t Kp, const int8_t* A, int64_t lda, const int8_t* B,
+             int32_t* C, int64_t ldc, bool accumulate) {
+  gemm_tiles(M, nblk, Kp, A, lda, I8Blocks{B, i8_block_bytes(Kp)}, C, ldc, accumulate);
 }
 
 }  // namespace
@@ -216,7 +248,8 @@ void gemm_q4(int64_t M, int64_t nblk, int64_t Kp, int64_t group, const bf16* A, 
 // dequantize + gemm_bf16 does, and the copy stays in L1 instead of passing through L2: never
 // slower by construction. (Not timed on AMX hardware; test_amx_emulated checks the results.)
 constexpr int64_t kFusedMaxRows = 2 * kTileRows;
-const KernelTable kTable = KT_KERNEL_TABLE(amx, &gemm_bf16, &gemm_q8, &gemm_q4, kFusedMaxRows);
+const KernelTable kTable =
+    KT_KERNEL_TABLE(amx, &gemm_bf16, &gemm_i8, &gemm_q8, &gemm_q4, kFusedMaxRows);
 
 const KernelTable* amx_table() { return &kTable; }
 #endif

@@ -52,10 +52,35 @@ void dequant_i4(int64_t npairs, const uint8_t* codes, const float* sv, bf16* out
   }
 }
 
+// One VNNI-4 quad (16 rows x 4 k) -> the codes of depth pairs 2q and 2q + 1 in pair order (32
+// each). Per 16-byte group (4 rows x 4 k) a byte shuffle puts the (k0, k1) halves of its rows in
+// the low 8 bytes and the (k2, k3) halves in the high 8; 64-bit permutes then collect the low
+// halves of all four groups (pair 2q) and the high halves (pair 2q + 1).
+inline void unpack_quad(const int8_t* c, int8_t* out) {
+  const __m256i idx = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15, 0, 1,
+                                       4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15);
+  // Rows 0..7 and 8..15; each 128-bit lane: [lo half of 4 rows | hi half of 4 rows].
+  const __m256i a = _mm256_permute4x64_epi64(
+      _mm256_shuffle_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c)), idx), 0xD8);
+  const __m256i b = _mm256_permute4x64_epi64(
+      _mm256_shuffle_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 32)), idx), 0xD8);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm256_permute2x128_si256(a, b, 0x20));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 32), _mm256_permute2x128_si256(a, b, 0x31));
+}
+
+void dequant_i8x4(int64_t nquads, const int8_t* codes, const float* sv, bf16* out) {
+  alignas(32) int8_t tmp[64];
+  for (int64_t q = 0; q < nquads; ++q) {
+    unpack_quad(codes + 64 * q, tmp);
+    pair32(tmp, sv, out + 64 * q);
+    pair32(tmp + 32, sv, out + 64 * q + 32);
+  }
+}
+
 }  // namespace
 
 const QuantKernels* avx2_quant_table() {
-  static const QuantKernels t{&dequant_i8, &dequant_i4};
+  static const QuantKernels t{&dequant_i8, &dequant_i4, &dequant_i8x4};
   return &t;
 }
 

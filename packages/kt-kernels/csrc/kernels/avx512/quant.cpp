@@ -49,10 +49,28 @@ void dequant_i4(int64_t npairs, const uint8_t* codes, const float* sv, bf16* out
   }
 }
 
+// One VNNI-4 quad (16 rows x 4 k, 64 bytes = 32 words, word 2n + h = row n's depths 2h, 2h + 1)
+// -> the codes of depth pairs 2q and 2q + 1 in pair order: the even words, then the odd ones.
+inline void unpack_quad(const int8_t* c, int8_t* out) {
+  const __m512i idx = _mm512_set_epi16(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1,
+                                       30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  _mm512_storeu_si512(out, _mm512_permutexvar_epi16(idx, _mm512_loadu_si512(c)));
+}
+
+void dequant_i8x4(int64_t nquads, const int8_t* codes, const float* sv, bf16* out) {
+  const __m512 s0 = _mm512_loadu_ps(sv), s1 = _mm512_loadu_ps(sv + 16);
+  alignas(64) int8_t tmp[64];
+  for (int64_t q = 0; q < nquads; ++q) {
+    unpack_quad(codes + 64 * q, tmp);
+    pair32(tmp, s0, s1, out + 64 * q);
+    pair32(tmp + 32, s0, s1, out + 64 * q + 32);
+  }
+}
+
 }  // namespace
 
 const QuantKernels* avx512_quant_table() {
-  static const QuantKernels t{&dequant_i8, &dequant_i4};
+  static const QuantKernels t{&dequant_i8, &dequant_i4, &dequant_i8x4};
   return &t;
 }
 

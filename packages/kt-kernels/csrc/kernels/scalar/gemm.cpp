@@ -38,6 +38,27 @@ void gemm_q4(int64_t M, int64_t nblk, int64_t Kp, int64_t group, const bf16* A, 
   gemm(M, nblk, Kp, A, lda, src, C, ldc, accumulate);
 }
 
+// Products summed in uint32: wrap-around (modulo 2^32) is defined there, and is what the SIMD
+// and AMX integer instructions do.
+void gemm_i8(int64_t M, int64_t nblk, int64_t Kp, const int8_t* A, int64_t lda, const int8_t* B,
+             int32_t* C, int64_t ldc, bool accumulate) {
+  const int64_t block = i8_block_bytes(Kp);
+  for (int64_t m = 0; m < M; ++m) {
+    const int8_t* a = A + m * lda;
+    for (int64_t b = 0; b < nblk; ++b) {
+      const int8_t* w = B + b * block;
+      for (int64_t j = 0; j < kBlockN; ++j) {
+        int32_t* c = C + m * ldc + b * kBlockN + j;
+        uint32_t acc = accumulate ? static_cast<uint32_t>(*c) : 0u;
+        for (int64_t k = 0; k < Kp; ++k) {
+          acc += static_cast<uint32_t>(static_cast<int32_t>(a[k]) * w[i8_offset(j, k)]);
+        }
+        *c = static_cast<int32_t>(acc);
+      }
+    }
+  }
+}
+
 }  // namespace
 
 const KernelTable* scalar_table() {
@@ -46,6 +67,7 @@ const KernelTable* scalar_table() {
     fill_scalar_helpers(&t);
     t.gemm_q8 = &gemm_q8;
     t.gemm_q4 = &gemm_q4;
+    t.gemm_i8 = &gemm_i8;
     return t;
   }();
   return &table;

@@ -22,10 +22,24 @@ void dequant_i4(int64_t npairs, const uint8_t* codes, const float* sv, bf16* out
   }
 }
 
+void dequant_i8x4(int64_t nquads, const int8_t* codes, const float* sv, bf16* out) {
+  for (int64_t q = 0; q < nquads; ++q) {
+    for (int h = 0; h < 2; ++h) {
+      for (int n = 0; n < 16; ++n) {
+        for (int i = 0; i < 2; ++i) {
+          const int8_t c = codes[64 * q + 4 * n + 2 * h + i];
+          out[64 * q + 32 * h + 2 * n + i] =
+              bf16_round_finite(static_cast<float>(c) * sv[2 * n + i]);
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 
 const QuantKernels* scalar_quant_table() {
-  static const QuantKernels t{&dequant_i8, &dequant_i4};
+  static const QuantKernels t{&dequant_i8, &dequant_i4, &dequant_i8x4};
   return &t;
 }
 

@@ -1,0 +1,53 @@
+// W8A8 forward (weight_dtype "int8" with activation_dtype "int8"): the activations entering the two
+// base GEMMs are quantized to int8 per row, the GEMMs run int8 x int8 -> int32 (gemm_i8, exact),
+// and a float epilogue applies both scales. The weights are stored as int8 blocks of the VNNI-4
+// layout (engine/quant.h, Kind::w8a8).
+//
+// Math per expert (x rows already rounded to bf16, as on the bf16 path):
+//   sx = max|x_row| / 127, qx = round_half_even(x / sx) clamped to [-127, 127] (float32 ops; a
+//   row of zeros has sx = 0 and codes 0; a row with NaN or Inf has sx = NaN and codes 0, so its
+//   outputs are NaN)
+//   acc = qx . qW^T in int32 (exact)
+//   g | u = (float(acc) * sx) * sw, evaluated left to right in float32, then + the LoRA term in
+//   float32 from bf16 x exactly as the bf16 path
+//   h = silu(g) * u rounded to bf16 as on the bf16 path, then quantized the same way per row over
+//   the whole intermediate width I (one scale per row, whatever the tensor-parallel split)
+//   y = (float(acc_h) * sh) * sw_down + the LoRA term from bf16 h.
+// With tp slices, each slice's int8 partial product over its columns of I is added in int32 (exact)
+// before the epilogue: one h scale per row makes the slices' partials commensurable, so W8A8
+// outputs do not depend on tp at all, and the down weight scale of a row is the same in every
+// slice (rows are quantized whole).
+//
+// Backward is straight-through: the gradients are those of the weight-only int8 path (weights
+// dequantized to bf16(code * scale)), evaluated on the activations this forward cached ([g | u],
+// bf16 x, x A^T, h Ad^T). Quantizing the activations is treated as the identity.
+#pragma once
+
+#include <cstdint>
+
+#include "kernels/kernels.h"
+
+namespace kt::engine::w8a8 {
+
+// Largest K the int32 accumulation allows: |sum of K products of codes in [-127, 127]| must stay
+// below 2^31 (131072 * 127 * 128 < 2^31, which also covers -128 in pre-quantized weight codes).
+constexpr int64_t kMaxDepth = 131072;
+
+// Quantizes K bf16 values to codes q[0, K) and zeros q[K, Kp); returns the row's scale (see the
+// math above).
+float quantize_row(const kernels::bf16* x, int64_t K, int64_t Kp, int8_t* q);
+
+// quantize_row for rows [0, n): src rows of stride lds, codes of stride ldq, scales[n]. Parallel on
+// the process pool; results do not depend on the thread count.
+void quantize_rows(int64_t n, const kernels::bf16* src, int64_t lds, int64_t K, int8_t* q,
+                   int64_t ldq, float* scales, int nt);
+
+// dst row p = src row rows[p] (codes of stride ld, and its scale), p in [0, n). Parallel.
+void gather_rows(int64_t n, const int32_t* rows, const int8_t* src, const float* ssrc, int64_t ld,
+                 int8_t* dst, float* sdst, int nt);
+
+// C[m, c] = (float(acc[m, c]) * sa[m]) * sw[c] for m < M, c < N.
+void apply_scales(int64_t M, int64_t N, const int32_t* acc, int64_t ldacc, const float* sa,
+                  const float* sw, float* C, int64_t ldc);
+
+}  // namespace kt::engine::w8a8
