@@ -409,13 +409,13 @@ def run_decode(
 
 
 def print_decode(
-    case: Case, tokens: list[int], threads: int, res: dict, steps: str = ""
+    case: Case, tokens: list[int], threads: int, res: dict, steps: str = "step"
 ) -> list[dict]:
     labels = [p[0] for p in DECODE_PATHS]
     print(
         f"\nsmall T (decode-like): inference forward, no LoRA, {case.name} sizes (E={case.E} "
         f"K={case.K} H={case.H} I={case.I}), {threads} threads, isa {res['isa']}; ms per forward "
-        f"(best {steps}step; every step routes to other experts); load average "
+        f"(best {steps}; every step routes to other experts); load average "
         f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
     )
     header = f"{'T':>4}{'rows/exp':>9}" + "".join(f"{lb:>14}" for lb in labels)
@@ -697,7 +697,7 @@ def main(argv: list[str] | None = None) -> int:
         decode_reps = max(3 * reps, 9)  # forwards of a few tokens: cheap, so more samples
         for threads in thread_list:
             res = run_decode(DECODE_CASE, decode_tokens, threads, 2, decode_reps, args.isa)
-            steps = f"of {decode_reps} timed steps after 2 warm-up "
+            steps = f"of {decode_reps} timed steps after 2 warm-up steps"
             results += print_decode(DECODE_CASE, decode_tokens, threads, res, steps)
     print(
         f"load average at the end: {os.getloadavg()[0]:.1f}. '(busy machine)': the load average "
