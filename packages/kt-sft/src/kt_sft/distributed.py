@@ -59,12 +59,17 @@ __all__ = [
     "LeaderBackend",
     "MemberBackend",
     "Topology",
+    "all_reduce_gradients",
     "broadcast_expert_lora",
+    "broadcast_parameters",
     "current_context",
+    "default_backend",
     "expert_lora_parameters",
     "ignore_expert_lora_in_ddp",
     "init_distributed",
+    "kt_managed_parameters",
     "reduce_expert_lora_grads",
+    "reduction_device",
     "shutdown",
 ]
 
@@ -181,8 +186,8 @@ class DistributedContext:
         self.timeout = float(timeout)
         self.topology = _topology(placement, node_rank)
         td = datetime.timedelta(seconds=self.timeout)
-        default_backend = str(dist.get_backend())
-        cpu_only = default_backend == "gloo"
+        self._reduce_device = reduction_device(str(dist.get_backend()))
+        cpu_only = self._reduce_device.type == "cpu"
         # Token exchange: host tensors (the engine's side), so gloo; one group per node.
         # Gradient reduction: on the gradients' device, so the default backend.
         self._exchange_group: Any = None
@@ -204,7 +209,6 @@ class DistributedContext:
                 self._leaders_group = group
         self._world_group = dist.new_group(list(range(self.topology.world_size)), timeout=td,
                                            backend=None if not cpu_only else "gloo")
-        self._reduce_device = torch.device("cpu") if cpu_only else _default_device()
         self._next_index = 0
         self._lock = threading.Lock()
         self.closed = False
@@ -261,6 +265,36 @@ def _default_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def default_backend(device: torch.device | str | None = None) -> str:
+    """The ``torch.distributed`` backend for a process whose model runs on ``device``:
+    ``"nccl"`` for a CUDA device (when this torch has NCCL), ``"gloo"`` otherwise. ``None``
+    means CUDA when it is available, else the CPU."""
+    import torch.distributed as dist
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    kind = torch.device(device).type
+    if kind == "cuda" and dist.is_nccl_available():
+        return "nccl"
+    return "gloo"
+
+
+def reduction_device(backend: str) -> torch.device:
+    """Where tensors must be for collectives of the process group ``backend`` (a name as
+    ``dist.get_backend()`` returns it): the CPU for gloo and MPI, the current CUDA device for
+    NCCL (``"cuda:nccl,cpu:gloo"`` included)."""
+    name = backend.lower()
+    if "nccl" in name:
+        if not torch.cuda.is_available():
+            raise KTDistributedError(
+                f"the process group uses {backend!r} but torch sees no CUDA device; start it "
+                "with gloo on machines without GPUs (kt_sft.distributed.default_backend())")
+        return torch.device("cuda", torch.cuda.current_device())
+    if name in ("gloo", "mpi") or name.startswith(("cpu:", "gloo")):
+        return torch.device("cpu")
+    return _default_device()
 
 
 _CONTEXT: DistributedContext | None = None
@@ -683,15 +717,23 @@ def _collective(ctx: DistributedContext, what: str, fn: Callable[[], Any]) -> An
 def broadcast_expert_lora(model: torch.nn.Module, *, src: int = 0) -> None:
     """Copy the expert LoRA values of global rank ``src`` to every rank (collective). DDP does
     this for the parameters it manages; these it does not."""
+    broadcast_parameters(expert_lora_parameters(model), src=src,
+                         what="broadcast of the expert LoRA weights")
+
+
+def broadcast_parameters(params: Iterable[torch.Tensor], *, src: int = 0,
+                         what: str = "broadcast of parameters") -> None:
+    """Copy the values of ``params`` on global rank ``src`` to every rank, in place
+    (collective: every rank passes the same parameters in the same order). A no-op for one
+    process."""
     import torch.distributed as dist
 
     ctx = current_context()
     if ctx is None:
         return
-    params = expert_lora_parameters(model)
     for bucket in _buckets([p.data for p in params]):
         flat = torch.cat([t.reshape(-1) for t in bucket]).to(ctx._reduce_device)
-        _collective(ctx, "broadcast of the expert LoRA weights",
+        _collective(ctx, what,
                     lambda flat=flat: dist.broadcast(flat, src=src, group=ctx._world_group))
         flat = flat.to(bucket[0].device)
         offset = 0
@@ -699,6 +741,53 @@ def broadcast_expert_lora(model: torch.nn.Module, *, src: int = 0) -> None:
             for t in bucket:
                 t.copy_(flat[offset: offset + t.numel()].view_as(t))
                 offset += t.numel()
+
+
+def all_reduce_gradients(params: Iterable[torch.Tensor], *, average: bool = True) -> None:
+    """Sum (``average``: and divide by the world size) the gradients of ``params`` over every
+    rank, in place (collective: every rank passes the same parameters in the same order). A
+    parameter without a gradient takes part with zeros and gets the result. For loops without
+    DDP; a no-op for one process."""
+    import torch.distributed as dist
+
+    ctx = current_context()
+    if ctx is None:
+        return
+    params = [p for p in params if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    world = ctx.topology.world_size
+    for bucket in _buckets([p.grad for p in params]):
+        flat = torch.cat([g.reshape(-1) for g in bucket]).to(ctx._reduce_device)
+        _collective(ctx, "all-reduce of gradients",
+                    lambda flat=flat: dist.all_reduce(flat, group=ctx._world_group))
+        if average:
+            flat.div_(world)
+        flat = flat.to(bucket[0].device)
+        offset = 0
+        with torch.no_grad():
+            for g in bucket:
+                g.copy_(flat[offset: offset + g.numel()].view_as(g))
+                offset += g.numel()
+
+
+def kt_managed_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters that kt, not DDP or FSDP, looks after: the expert LoRA bound to kt
+    engines (see :func:`expert_lora_parameters`) and the empty placeholders that stand for the
+    expert weights the engines hold. FSDP must leave them out of sharding (``ignored_params``):
+    the engines read and write them in place."""
+    seen: set[int] = set()
+    out: list[torch.nn.Parameter] = []
+    for p in expert_lora_parameters(model):
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    for p in model.parameters():
+        if getattr(p, "kt_released", False) and id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
 
 
 def _members_contribute(model: torch.nn.Module) -> bool:
