@@ -70,6 +70,7 @@ __all__ = [
     "kt_managed_parameters",
     "reduce_expert_lora_grads",
     "reduction_device",
+    "resolve_settings",
     "shutdown",
 ]
 
@@ -329,6 +330,16 @@ def _is_multiprocess() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def resolve_settings(*, placement: str | None = None, timeout: float | None = None
+                     ) -> tuple[str, float]:
+    """``(placement, timeout)`` with the ``KT_*`` environment and the defaults applied, checked
+    (``ValueError`` for bad values)."""
+    placement = placement if placement is not None else (_env_placement() or "per_node")
+    timeout = float(timeout) if timeout is not None else (_env_timeout() or DEFAULT_TIMEOUT)
+    _check_settings(placement, timeout)
+    return placement, timeout
+
+
 def init_distributed(*, placement: str | None = None, timeout: float | None = None,
                      node_rank: int | None = None) -> DistributedContext | None:
     """Start kt's distributed mode (collective: call it on every rank, before wrapping).
@@ -339,9 +350,7 @@ def init_distributed(*, placement: str | None = None, timeout: float | None = No
     exist (the engines are placed already).
     """
     global _CONTEXT
-    placement = placement if placement is not None else (_env_placement() or "per_node")
-    timeout = float(timeout) if timeout is not None else (_env_timeout() or DEFAULT_TIMEOUT)
-    _check_settings(placement, timeout)
+    placement, timeout = resolve_settings(placement=placement, timeout=timeout)
     if not _is_multiprocess():
         return None
     with _CONTEXT_LOCK:
