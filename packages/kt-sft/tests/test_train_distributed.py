@@ -1,15 +1,16 @@
 """`kt-sft train` on 2 CPU processes (torchrun, gloo) against the same run in one process.
 
 The embedded demo config, shortened on the command line: 1 process with
-``per_device_train_batch_size 8`` and 2 processes with 4 each see the same 8 examples per step
+``per_device_train_batch_size 8`` and 2 processes with 4 each see the same examples per step
 (the 2-process run splits each global batch of 8 over the ranks), so the loss curve and the
-adapter must agree.
+adapter must agree. The fp32 run uses 9 examples: every second global batch then holds one
+example, and rank 1 runs a zero-weight one to keep the exchanges in step.
 
 Tolerances (measured on this machine, 4 steps):
 * kt-sft's fp32 torch reference of the engine (``--kt_backend torch --kt_weight_dtype fp32``):
   only fp32 summation orders differ (one engine call on the leader for both ranks' tokens,
-  gradients summed over ranks). Losses agree to ~1e-7 relative, adapters to 3.4e-6; checked with
-  rel 1e-5 and atol 2e-5.
+  gradients summed over ranks). Losses and gradient norms agree to 8e-8 relative, adapter weights
+  to 8.4e-6; checked with rel 1e-5 and atol 5e-5.
 * the compiled engine (bf16 activations and expert weights): rounding in the engine depends on
   how tokens are grouped into tiles, so expert LoRA gradients differ in the last bf16 bits; the
   losses still agree to ~6e-7 relative (checked with rel 1e-5), but AdamW's first steps move a
@@ -51,7 +52,9 @@ COMMON = [
 ]
 BACKENDS = {
     "engine": [],
-    "torch-fp32": ["--kt_backend", "torch", "--kt_weight_dtype", "fp32"],
+    # 9 examples: each epoch is a global batch of 8 and one of 1, which leaves rank 1 without an
+    # example (it runs a zero-weight one to keep the exchanges in step)
+    "torch-fp32": ["--kt_backend", "torch", "--kt_weight_dtype", "fp32", "--max_samples", "9"],
 }
 
 
@@ -75,6 +78,24 @@ def _cache(cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         "KT_DIST_TIMEOUT",
     ):
         monkeypatch.delenv(key, raising=False)
+
+
+def test_rank_placement_and_shares_without_a_launcher(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What each rank takes: its own GPU on a node, a contiguous share of a global batch (a
+    short last batch leaves a rank empty handed: it then runs a zero-weight example)."""
+    from kt_sft.train.ranks import Ranks, launched_world_size
+
+    assert Ranks.start("cpu") == Ranks()  # no launcher: one process, nothing started
+    two = [Ranks(rank=r, world_size=2, local_rank=r) for r in range(2)]
+    assert [r.device("cuda") for r in two] == ["cuda:0", "cuda:1"]
+    assert two[1].device("cpu") == "cpu" and Ranks().device("cuda") == "cuda"
+    assert [r.share(list(range(8))) for r in two] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert [r.share([7, 8, 9]) for r in two] == [[7, 8], [9]]
+    assert [r.share([5]) for r in two] == [[5], []]
+    assert [r.is_main for r in two] == [True, False]
+    monkeypatch.setenv("WORLD_SIZE", "four")
+    with pytest.raises(ValueError, match="WORLD_SIZE must be an integer, got 'four'"):
+        launched_world_size()
 
 
 def _env(cache_dir: Path, **extra: str) -> dict[str, str]:
@@ -204,7 +225,7 @@ def test_two_processes_give_the_one_process_loss_curve_and_adapter(
     close = total = 0
     for key, value in one.items():
         diff = (other[key] - value).abs()
-        assert float(diff.max()) <= (2e-5 if tight else 1e-3), key
+        assert float(diff.max()) <= (5e-5 if tight else 1e-3), key
         close += int((diff <= 1e-5).sum())
         total += diff.numel()
     assert close / total >= (1.0 if tight else 0.995)

@@ -83,8 +83,13 @@ class Ranks:
 
         owns = False
         if not dist.is_initialized():
+            backend = ktd.default_backend(device)
+            if backend == "nccl":  # each rank of a node on its own GPU before NCCL starts
+                import torch
+
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             timeout = datetime.timedelta(seconds=ktd.resolve_settings()[1])
-            dist.init_process_group(backend=ktd.default_backend(device), timeout=timeout)
+            dist.init_process_group(backend=backend, timeout=timeout)
             owns = True
         context = ktd.init_distributed()
         assert context is not None
