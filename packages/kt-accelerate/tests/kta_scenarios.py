@@ -309,7 +309,7 @@ def scenario_fsdp2(outdir: str) -> None:
 
     Under ``accelerate launch`` the FSDP2 settings come from its config file (FSDP_* variables);
     otherwise from an explicit FullyShardedDataParallelPlugin, with the model's gradient
-    checkpointing on."""
+    checkpointing on, and save_state / load_state are checked too."""
     import torch.distributed as dist
     from accelerate.utils import FullyShardedDataParallelPlugin, InitProcessGroupKwargs
     from torch.distributed.tensor import DTensor
@@ -368,6 +368,33 @@ def scenario_fsdp2(outdir: str) -> None:
     payload["state"] = {name: _full(p) for name, p in model.named_parameters()
                         if p.requires_grad}
     accelerator.unwrap_model(model).save_pretrained(str(Path(outdir) / "adapter"))
+    if not launched:
+        # accelerate's sharded checkpoint, kt's parameters included: one more step after
+        # restoring it (from scrambled weights) repeats the step taken right after saving.
+        folder = Path(outdir) / "state"
+        accelerator.save_state(str(folder))
+        payload["layout_written"] = (folder / "kt_layout.json").is_file()
+        first = token_sum_loss(model, tokens) / n * world
+        accelerator.backward(first)
+        opt.step()
+        opt.zero_grad()
+        after = {name: _full(p) for name, p in model.named_parameters() if p.requires_grad}
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.mul_(-0.5)
+        accelerator.load_state(str(folder))
+        restored = {name: _full(p) for name, p in model.named_parameters() if p.requires_grad}
+        payload["restored_diff"] = max(float((restored[k] - v).abs().max())
+                                       for k, v in payload["state"].items())
+        again = token_sum_loss(model, tokens) / n * world
+        accelerator.backward(again)
+        opt.step()
+        opt.zero_grad()
+        payload["resumed_losses"] = (first.item(), again.item())
+        payload["resumed_diff"] = max(
+            float((_full(p) - after[name]).abs().max())
+            for name, p in model.named_parameters() if p.requires_grad)
     _save(outdir, payload)
 
 

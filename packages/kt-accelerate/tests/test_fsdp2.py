@@ -51,7 +51,7 @@ def _check_parity(results: list[dict], ref: dict) -> None:
             torch.testing.assert_close(res["state"][name], value, rtol=0, atol=2e-5, msg=name)
 
 
-def test_fsdp2_two_ranks_match_single_process_and_save_a_full_adapter(
+def test_fsdp2_two_ranks_match_single_process_save_a_full_adapter_and_resume(
     launch_ranks, tmp_path
 ) -> None:
     launch = launch_ranks("fsdp2", 2, timeout=150)
@@ -71,6 +71,14 @@ def test_fsdp2_two_ranks_match_single_process_and_save_a_full_adapter(
     _check_parity(results, ref)
     folder = tmp_path / "fsdp2-2x1" / "adapter"
     _check_adapter(folder, ref)
+    # save_state / load_state: everything (sharded weights, kt's expert LoRA, optimizer state)
+    # comes back exactly, so the step after restoring repeats the step after saving.
+    for res in results:
+        assert res["layout_written"] is True
+        assert res["restored_diff"] == 0.0
+        first, again = res["resumed_losses"]
+        assert again == first
+        assert res["resumed_diff"] == 0.0
 
 
 ACCELERATE_FSDP2_CONFIG = """\
