@@ -17,6 +17,15 @@ The expert LoRA parameters are not DDP's business (their gradients are written b
 not by autograd): :func:`ignore_expert_lora_in_ddp` removes them from DDP's view and
 :func:`broadcast_expert_lora` makes them equal on all ranks at the start.
 
+Under FSDP2 the same parameters, plus the empty placeholders of the engine-held expert weights
+(:func:`kt_managed_parameters`), are left out of sharding and synchronised the same way. Loops
+without DDP (``kt-sft train`` on several processes) sum the other gradients with
+:func:`all_reduce_gradients` and start from rank 0's values with :func:`broadcast_parameters`.
+
+Backends: NCCL for processes whose model runs on a GPU, gloo otherwise (:func:`default_backend`);
+token exchanges always use gloo groups (host memory, the engine's side), gradient reductions the
+default group on :func:`reduction_device` (the current GPU under NCCL).
+
 The seam into kt-sft is :func:`kt_sft.backend.create_backend`: while a
 :class:`DistributedContext` is active it hands each layer a :class:`LeaderBackend` (wrapping the
 real engine) or a :class:`MemberBackend` (no engine, no weights), both with the engine's API, so
