@@ -373,7 +373,8 @@ def scenario_fsdp2(outdir: str) -> None:
         # restoring it (from scrambled weights) repeats the step taken right after saving.
         folder = Path(outdir) / "state"
         accelerator.save_state(str(folder))
-        payload["layout_written"] = (folder / "kt_layout.json").is_file()
+        payload["layout_written"] = accelerator.is_main_process and (
+            folder / "kt_layout.json").is_file()
         first = token_sum_loss(model, tokens) / n * world
         accelerator.backward(first)
         opt.step()

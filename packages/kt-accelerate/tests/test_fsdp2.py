@@ -73,8 +73,8 @@ def test_fsdp2_two_ranks_match_single_process_save_a_full_adapter_and_resume(
     _check_adapter(folder, ref)
     # save_state / load_state: everything (sharded weights, kt's expert LoRA, optimizer state)
     # comes back exactly, so the step after restoring repeats the step after saving.
+    assert results[0]["layout_written"] is True  # by the main process
     for res in results:
-        assert res["layout_written"] is True
         assert res["restored_diff"] == 0.0
         first, again = res["resumed_losses"]
         assert again == first

@@ -122,7 +122,7 @@ class KTAccelerator(Accelerator):
             if all(m is not model for m in self._kt_models):
                 self._kt_models.append(model)
             if self.is_fsdp2:
-                fsdp.prepare_for_fsdp2(model, self.state.fsdp_plugin)
+                fsdp.prepare_for_fsdp2(model, self.state.fsdp_plugin, self.device)
         return model
 
     def prepare(self, *args: Any, device_placement: list[bool] | None = None) -> Any:

@@ -75,19 +75,29 @@ def exclude_kt_parameters(fsdp_plugin: Any, model: nn.Module) -> list[nn.Paramet
     return params
 
 
-def prepare_for_fsdp2(model: nn.Module, fsdp_plugin: Any) -> nn.Module:
-    """Get a kt model ready for accelerate's FSDP2 sharding (collective): rank 0's trainable
-    values everywhere, kt's parameters out of sharding, ``save_pretrained`` gathering the
-    sharded adapter. Call after
-    :func:`kt_accelerate.integration.prepare_model` and before ``fully_shard``."""
+def prepare_for_fsdp2(
+    model: nn.Module, fsdp_plugin: Any, device: torch.device | str | None = None
+) -> nn.Module:
+    """Get a kt model ready for accelerate's FSDP2 sharding (collective): kt's trainable
+    parameters on ``device`` (``fully_shard`` moves the parameters it manages there, not the
+    ones it ignores; DDP's preparation moves them all), rank 0's trainable values everywhere,
+    kt's parameters out of sharding, ``save_pretrained`` gathering the sharded adapter. Call
+    after :func:`kt_accelerate.integration.prepare_model` and before ``fully_shard``."""
     from peft import PeftModel
 
     from kt_sft.adapter import install_save
 
-    managed = {id(p) for p in exclude_kt_parameters(fsdp_plugin, model)}
+    managed = exclude_kt_parameters(fsdp_plugin, model)
+    if device is not None:
+        target = torch.device(device)
+        with torch.no_grad():
+            for p in managed:
+                if p.requires_grad and p.device != target:
+                    p.data = p.data.to(target)
     if isinstance(model, PeftModel):
         install_save(model)
-    trainable = [p for p in model.parameters() if p.requires_grad and id(p) not in managed]
+    ids = {id(p) for p in managed}
+    trainable = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
     with torch.no_grad():
         kt_distributed.broadcast_parameters(
             trainable, what="broadcast of the trainable parameters before FSDP2 sharding"
