@@ -23,7 +23,7 @@ from kta_scenarios import free_port  # noqa: E402 - needs the path above
 
 def worker_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("ACCELERATE_", "KT_")) and k not in (
+           if not k.startswith(("ACCELERATE_", "KT_", "FSDP_")) and k not in (
                "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
                "MASTER_ADDR", "MASTER_PORT")}
     env.update({"OMP_NUM_THREADS": "1", "KT_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
@@ -159,7 +159,8 @@ def _clean_kt_environment(monkeypatch: pytest.MonkeyPatch):
     for key in list(os.environ):
         if key.startswith(("ACCELERATE_KT_", "KT_ENGINE_PLACEMENT", "KT_DIST_TIMEOUT",
                            "KT_LORA", "KT_BACKEND", "KT_NUM_", "KT_MAX_", "KT_WEIGHT_",
-                           "KT_ALLOW_", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP")):
+                           "KT_ALLOW_", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP",
+                           "FSDP_")):
             monkeypatch.delenv(key)
     yield
     from accelerate.state import AcceleratorState, GradientState

@@ -156,20 +156,29 @@ def reference(world: int, steps: int = STEPS, settings: dict[str, Any] | None = 
         p.grad = None
     batches = rank_batches(world)
     n = num_targets(batches)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
-    losses = []
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=LR)
+    losses, norms = [], []
     for _ in range(steps):
         step = []
         for ids in batches:
             loss = token_sum_loss(model, ids) / n
             loss.backward()
             step.append(loss.item())
+        norms.append(float(torch.nn.utils.get_total_norm([p.grad for p in trainable])))
         opt.step()
         opt.zero_grad()
         losses.append(step)
     result["losses"] = losses
+    result["grad_norms"] = norms
     result["state"] = trainable_state(model)
+    with torch.no_grad():
+        result["probe_logits"] = model(input_ids=PROBE).logits.detach().clone()
     return result
+
+
+#: Tokens whose logits compare a trained adapter across loaders.
+PROBE = torch.tensor([[5, 17, 42, 99, 3, 64, 7, 120]])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,6 +291,112 @@ def _engine_ranks(model: Any) -> list[str]:
     from kt_sft.inject import experts_layers
 
     return sorted({type(layer.backend).__name__ for _, _, layer in experts_layers(model)})
+
+
+def _full(value: torch.Tensor) -> torch.Tensor:
+    """A parameter's whole value (gathered when FSDP2 sharded it: collective)."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(value, DTensor):
+        return value.full_tensor().detach().clone()
+    return value.detach().clone()
+
+
+def scenario_fsdp2(outdir: str) -> None:
+    """KTAccelerator under FSDP2 on this rank's micro-batch: the non-expert parameters are
+    sharded, the expert LoRA is not; losses, gradient norms and weights are compared with one
+    process; the adapter is saved by every rank (rank 0 writes the gathered tensors).
+
+    Under ``accelerate launch`` the FSDP2 settings come from its config file (FSDP_* variables);
+    otherwise from an explicit FullyShardedDataParallelPlugin, with the model's gradient
+    checkpointing on, and save_state / load_state are checked too."""
+    import torch.distributed as dist
+    from accelerate.utils import FullyShardedDataParallelPlugin, InitProcessGroupKwargs
+    from torch.distributed.tensor import DTensor
+
+    import kt_accelerate
+    from kt_sft.distributed import expert_lora_parameters
+
+    init = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=60))
+    launched = bool(os.environ.get("ACCELERATE_USE_FSDP"))  # (a plugin argument sets it too)
+    if launched:
+        plugin = kt_accelerate.KTransformersPlugin()
+        accelerator = kt_accelerate.KTAccelerator(cpu=True, kt_plugin=plugin,
+                                                  kwargs_handlers=[init])
+    else:
+        plugin = kt_accelerate.KTransformersPlugin(kt_config=dict(KT_SETTINGS))
+        fsdp = FullyShardedDataParallelPlugin(
+            fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+            reshard_after_forward=True)
+        accelerator = kt_accelerate.KTAccelerator(cpu=True, kt_plugin=plugin, fsdp_plugin=fsdp,
+                                                  kwargs_handlers=[init])
+    rank, world = accelerator.process_index, accelerator.num_processes
+    model = build_model(accelerator.kt_plugin, lora_seed=rank)  # prepare makes them rank 0's
+    if not launched:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+    model, opt = accelerator.prepare(model, opt)
+    experts = expert_lora_parameters(model)
+    payload: dict[str, Any] = {
+        "distributed_type": str(accelerator.distributed_type),
+        "fsdp_version": accelerator.state.fsdp_plugin.fsdp_version,
+        "gradient_checkpointing": any(getattr(m, "gradient_checkpointing", False) is True
+                                      for m in model.modules()),
+        "model_class": type(model).__name__,
+        "expert_lora_sharded": [isinstance(p, DTensor) for p in experts],
+        "trainable_sharded": sorted({isinstance(p, DTensor) for p in model.parameters()
+                                     if p.requires_grad and all(p is not e for e in experts)}),
+        "local_numel": {n: (p.to_local().numel() if isinstance(p, DTensor) else p.numel())
+                        for n, p in model.named_parameters() if "q_proj.lora_A" in n},
+        "engine_ranks": _engine_ranks(model),
+    }
+    tokens = rank_batches(world)[rank]
+    n = num_targets(rank_batches(world))
+    losses, norms = [], []
+    for _ in range(STEPS):
+        loss = token_sum_loss(model, tokens) / n * world  # FSDP averages over ranks, as DDP
+        accelerator.backward(loss)
+        norm = accelerator.clip_grad_norm_(model.parameters(), float("inf"))
+        norms.append(float(norm))
+        opt.step()
+        opt.zero_grad()
+        gathered = [None] * world
+        dist.all_gather_object(gathered, loss.item() / world)
+        losses.append(gathered)
+    payload["losses"] = losses
+    payload["grad_norms"] = norms
+    payload["state"] = {name: _full(p) for name, p in model.named_parameters()
+                        if p.requires_grad}
+    accelerator.unwrap_model(model).save_pretrained(str(Path(outdir) / "adapter"))
+    if not launched:
+        # accelerate's sharded checkpoint, kt's parameters included: one more step after
+        # restoring it (from scrambled weights) repeats the step taken right after saving.
+        folder = Path(outdir) / "state"
+        accelerator.save_state(str(folder))
+        payload["layout_written"] = accelerator.is_main_process and (
+            folder / "kt_layout.json").is_file()
+        first = token_sum_loss(model, tokens) / n * world
+        accelerator.backward(first)
+        opt.step()
+        opt.zero_grad()
+        after = {name: _full(p) for name, p in model.named_parameters() if p.requires_grad}
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.mul_(-0.5)
+        accelerator.load_state(str(folder))
+        restored = {name: _full(p) for name, p in model.named_parameters() if p.requires_grad}
+        payload["restored_diff"] = max(float((restored[k] - v).abs().max())
+                                       for k, v in payload["state"].items())
+        again = token_sum_loss(model, tokens) / n * world
+        accelerator.backward(again)
+        opt.step()
+        opt.zero_grad()
+        payload["resumed_losses"] = (first.item(), again.item())
+        payload["resumed_diff"] = max(
+            float((_full(p) - after[name]).abs().max())
+            for name, p in model.named_parameters() if p.requires_grad)
+    _save(outdir, payload)
 
 
 def scenario_crash(outdir: str) -> None:
@@ -400,7 +515,8 @@ class LossRecorder:
         return _Recorder()
 
 
-SCENARIOS = {"parity": scenario_parity, "crash": scenario_crash, "trainer": scenario_trainer}
+SCENARIOS = {"parity": scenario_parity, "crash": scenario_crash, "trainer": scenario_trainer,
+             "fsdp2": scenario_fsdp2}
 
 if __name__ == "__main__":
     torch.set_num_threads(1)

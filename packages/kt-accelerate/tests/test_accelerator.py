@@ -88,12 +88,17 @@ def test_save_state_records_layout_and_load_state_checks_it(tmp_path) -> None:
         accelerator.load_state(str(folder))
 
 
-def test_deepspeed_zero3_and_fsdp_are_refused_before_setup() -> None:
+def test_deepspeed_zero3_fsdp1_and_fsdp2_offload_are_refused_before_setup() -> None:
     plugin = KTransformersPlugin()
     with pytest.raises(ValueError, match="DeepSpeed ZeRO-3 is not supported"):
         KTAccelerator(kt_plugin=plugin, deepspeed_plugin=SimpleNamespace(zero_stage=3))
-    with pytest.raises(ValueError, match="FSDP is not supported yet"):
+    with pytest.raises(ValueError, match=r"FSDP version 1 .* is not supported"):
         KTAccelerator(kt_plugin=plugin, fsdp_plugin=SimpleNamespace())
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    with pytest.raises(ValueError, match="FSDP2 CPU offload"):
+        KTAccelerator(cpu=True, kt_plugin=plugin, fsdp_plugin=FullyShardedDataParallelPlugin(
+            fsdp_version=2, cpu_offload=True))
     with pytest.raises(TypeError, match="kt_plugin must be a KTransformersPlugin"):
         KTAccelerator(kt_plugin={"lora_rank": 4})
 

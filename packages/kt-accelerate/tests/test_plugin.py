@@ -114,13 +114,65 @@ def test_deepspeed_zero3_is_refused_naming_the_alternative() -> None:
 
 
 @pytest.mark.parametrize(("kind", "message"), [
-    (DistributedType.FSDP, "FSDP is not supported yet; use DDP"),
+    (DistributedType.FSDP, r"FSDP version 1 \(FullyShardedDataParallel\) is not supported.*"
+                           r"use FSDP2 \(`distributed_type: FSDP` with `fsdp_config: "
+                           r"\{fsdp_version: 2\}`"),
     (DistributedType.XLA, "distributed type XLA is not supported"),
     ("MEGATRON_LM", "distributed type MEGATRON_LM is not supported"),
 ])
 def test_other_unsupported_distributed_types(kind, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         KTransformersPlugin().check_distributed_type(kind)
+
+
+def test_fsdp2_is_supported() -> None:
+    plugin = KTransformersPlugin()
+    plugin.check_distributed_type(DistributedType.FSDP, fsdp_version=2)
+    plugin.check_distributed_type("FSDP", fsdp_version=2)
+
+
+def _fsdp2(**kw):
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    return FullyShardedDataParallelPlugin(fsdp_version=2, **kw)
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda: _fsdp2(), None),
+    (lambda: SimpleNamespace(fsdp_version=1), r"FSDP version 1 .* use FSDP2"),
+    (lambda: _fsdp2(cpu_offload=True),
+     r"FSDP2 CPU offload .* is not supported with kt: .* would mix devices"),
+    (lambda: _fsdp2(cpu_ram_efficient_loading=True),
+     r"FSDP2 `cpu_ram_efficient_loading` is not supported with kt: .*set "
+     r"cpu_ram_efficient_loading=False"),
+    (lambda: _fsdp2(activation_checkpointing=True),
+     r"FSDP2 `activation_checkpointing` .* would write an empty adapter.*"
+     r"gradient_checkpointing_enable"),
+])
+def test_fsdp_plugin_settings(make, message: str | None) -> None:
+    plugin = KTransformersPlugin()
+    if message is None:
+        plugin.check_fsdp_plugin(make())
+        return
+    with pytest.raises(ValueError, match=message):
+        plugin.check_fsdp_plugin(make())
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"fsdp_version": "1"}, "FSDP version 1"),
+    ({"fsdp_version": "2", "fsdp_offload_params": "true"}, "FSDP2 CPU offload"),
+    ({"fsdp_version": "2", "fsdp_cpu_ram_efficient_loading": "true"},
+     "cpu_ram_efficient_loading"),
+    ({"fsdp_version": "2", "fsdp_activation_checkpointing": "true"},
+     "activation_checkpointing"),
+])
+def test_fsdp_launch_environment_is_checked(env: dict, message: str) -> None:
+    """As `accelerate launch` with an FSDP config exports it."""
+    with patch_environment(accelerate_use_fsdp="true", **env), \
+            pytest.raises(ValueError, match=message):
+        KTransformersPlugin()
+    with patch_environment(accelerate_use_fsdp="true", fsdp_version="2"):
+        KTransformersPlugin()
 
 
 def _args(**kw) -> SimpleNamespace:
@@ -132,7 +184,8 @@ def _args(**kw) -> SimpleNamespace:
 
 @pytest.mark.parametrize(("plugin_kwargs", "args", "message"), [
     ({}, _args(deepspeed={"zero_optimization": {"stage": 3}}), "DeepSpeed ZeRO-3"),
-    ({}, _args(fsdp="full_shard"), "FSDP is not supported"),
+    ({}, _args(fsdp="full_shard"), r"TrainingArguments\.fsdp is not supported with KTTrainer "
+                                   r"yet .* FSDP2 in your own loop"),
     ({}, _args(torch_compile=True), r"TrainingArguments\.torch_compile=True conflicts"),
     ({"kt_config": {"num_gpu_experts": 2}}, _args(use_cpu=True),
      r"TrainingArguments\.use_cpu=True conflicts with KTransformersPlugin\.kt_config\."

@@ -6,6 +6,8 @@
 * :func:`wrap_model` / :func:`load_model` — kt-sft's, after starting kt's distributed mode.
 * :func:`prepare_model`, :func:`sync_expert_grads`, :func:`init_distributed` — the same steps
   for a plain ``torch.distributed`` loop.
+* FSDP2 (``FullyShardedDataParallelPlugin(fsdp_version=2)``) through :class:`KTAccelerator`: the
+  non-expert parameters are sharded, kt keeps its own (:mod:`kt_accelerate.fsdp`).
 
 See docs/distributed.md for launching on one or several nodes.
 """

@@ -17,11 +17,17 @@ for batch in loader:
 
 What the subclass adds to ``Accelerator``:
 
-* ``__init__``: refuses distributed types kt cannot run under (DeepSpeed, FSDP) and starts kt's
-  distributed mode (one engine per node) right after accelerate set up ``torch.distributed``.
+* ``__init__``: refuses distributed types kt cannot run under (DeepSpeed, FSDP1, FSDP2 with CPU
+  offload) and starts kt's distributed mode (one engine per node) right after accelerate set up
+  ``torch.distributed``. accelerate turns FSDP on only for accelerator devices; with
+  ``cpu=True`` and an FSDP2 plugin (``fsdp_plugin=`` or ``accelerate launch`` with an FSDP2
+  config) the run uses accelerate's FSDP2 path on the CPU (gloo) all the same.
 * ``prepare_model``: wraps a supported MoE model that is not wrapped yet (experts go to the
   engine, everything else to the accelerator's device as usual), checks the plugin against a
   model wrapped elsewhere, and keeps the expert LoRA parameters out of DDP (kt reduces them).
+* ``prepare`` under FSDP2: the same, then keeps kt's parameters out of sharding and makes the
+  trainable parameters equal on all ranks before accelerate shards the rest (see
+  :mod:`kt_accelerate.fsdp`).
 * ``prepare_optimizer``: makes sure the optimizer updates the expert LoRA parameters and that
   the engines re-read them after each step (fused optimizers bypass torch's version counters).
 * ``backward``: after the backward that completes a step (``sync_gradients``), reduces the
@@ -37,9 +43,10 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 
-from kt_accelerate import checkpoint, integration
-from kt_accelerate.plugin import KTransformersPlugin
+from kt_accelerate import checkpoint, fsdp, integration
+from kt_accelerate.plugin import KTransformersPlugin, _flag
 
 __all__ = ["KTAccelerator"]
 
@@ -64,8 +71,11 @@ class KTAccelerator(Accelerator):
             plugin.check_distributed_type("DEEPSPEED", zero_stage=getattr(first, "zero_stage",
                                                                           None))
         if kwargs.get("fsdp_plugin") is not None:
-            plugin.check_distributed_type("FSDP")
+            plugin.check_fsdp_plugin(kwargs["fsdp_plugin"])
         super().__init__(*args, **kwargs)
+        if self.state.distributed_type == DistributedType.MULTI_CPU and (
+                kwargs.get("fsdp_plugin") is not None or _flag("ACCELERATE_USE_FSDP")):
+            self._fsdp_on_cpu(kwargs.get("fsdp_plugin"))
         launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
         if launched > 1 and self.num_processes == 1:
             raise ValueError(
@@ -77,20 +87,58 @@ class KTAccelerator(Accelerator):
         ds = getattr(self.state, "deepspeed_plugin", None)
         if ds is not None:
             zero_stage = getattr(ds, "zero_stage", None)
-        plugin.check_distributed_type(self.distributed_type, zero_stage=zero_stage)
+        fsdp_plugin = getattr(self.state, "fsdp_plugin", None)
+        if self.distributed_type == DistributedType.FSDP:
+            plugin.check_fsdp_plugin(fsdp_plugin)
+        plugin.check_distributed_type(self.distributed_type, zero_stage=zero_stage,
+                                      fsdp_version=getattr(fsdp_plugin, "fsdp_version", None))
         self.kt_plugin = plugin
         self._kt_models: list[torch.nn.Module] = []
         integration.init_distributed(plugin)
         self.register_save_state_pre_hook(self._kt_save_state_hook)
         self.register_load_state_pre_hook(self._kt_load_state_hook)
 
+    def _fsdp_on_cpu(self, fsdp_plugin: Any) -> None:
+        """Use accelerate's FSDP2 path on the CPU. accelerate's state enables FSDP only for
+        accelerator devices and keeps ``MULTI_CPU`` otherwise; this sets the fields it would
+        have set (``distributed_type`` and ``fsdp_plugin``). The process state gets the type
+        too, since every new ``AcceleratorState()`` copies it over the accelerator state's.
+        FSDP2 itself runs on a CPU device mesh over gloo."""
+        from accelerate.state import PartialState
+        from accelerate.utils import FullyShardedDataParallelPlugin
+
+        if fsdp_plugin is None:
+            fsdp_plugin = FullyShardedDataParallelPlugin()  # from the launcher's FSDP_* variables
+        if self.state.mixed_precision != "no":
+            fsdp_plugin.set_mixed_precision(self.state.mixed_precision)
+        PartialState().distributed_type = DistributedType.FSDP
+        self.state.distributed_type = DistributedType.FSDP
+        self.state.fsdp_plugin = fsdp_plugin
+
     # -- prepare --------------------------------------------------------------------------
+    def _prepare_kt_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        model = integration.prepare_model(model, self.kt_plugin)
+        if integration.is_kt_model(model):
+            if all(m is not model for m in self._kt_models):
+                self._kt_models.append(model)
+            if self.is_fsdp2:
+                fsdp.prepare_for_fsdp2(model, self.state.fsdp_plugin, self.device)
+        return model
+
+    def prepare(self, *args: Any, device_placement: list[bool] | None = None) -> Any:
+        if self.is_fsdp2:
+            # accelerate's FSDP2 path shards models itself (prepare_model is not called), after
+            # the optimizers are prepared: kt's steps come first.
+            args = tuple(self._prepare_kt_model(obj)
+                         if isinstance(obj, torch.nn.Module)
+                         and not getattr(obj, "_is_accelerate_prepared", False) else obj
+                         for obj in args)
+        return super().prepare(*args, device_placement=device_placement)
+
     def prepare_model(self, model: torch.nn.Module, device_placement: bool | None = None,
                       evaluation_mode: bool = False) -> torch.nn.Module:
         if not getattr(model, "_is_accelerate_prepared", False):
-            model = integration.prepare_model(model, self.kt_plugin)
-            if integration.is_kt_model(model) and all(m is not model for m in self._kt_models):
-                self._kt_models.append(model)
+            model = self._prepare_kt_model(model)
         return super().prepare_model(model, device_placement=device_placement,
                                      evaluation_mode=evaluation_mode)
 

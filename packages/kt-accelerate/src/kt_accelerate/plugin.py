@@ -40,8 +40,9 @@ ENV_PREFIX = "ACCELERATE_KT_"
 PLACEMENTS = ("per_node", "per_rank")
 DEFAULT_DIST_TIMEOUT = 1800.0
 
-#: accelerate distributed types kt runs under (DDP for the parameters kt does not own).
-SUPPORTED_DISTRIBUTED_TYPES = ("NO", "MULTI_CPU", "MULTI_GPU")
+#: accelerate distributed types kt runs under (DDP for the parameters kt does not own); FSDP
+#: too, in its version 2 (see :meth:`KTransformersPlugin.check_fsdp_plugin`).
+SUPPORTED_DISTRIBUTED_TYPES = ("NO", "MULTI_CPU", "MULTI_GPU", "FSDP")
 
 _TRUE = {"1", "true", "yes", "y", "on", "t"}
 _FALSE = {"0", "false", "no", "n", "off", "f"}
@@ -50,6 +51,10 @@ _DDP_HINT = ("use DDP instead: `distributed_type: MULTI_GPU` in the accelerate c
              "(`MULTI_CPU` on CPU) or `accelerate launch --multi_gpu`, without DeepSpeed or FSDP. "
              "With kt, DDP already keeps the routed experts once per node (in the CPU engine of "
              "each node's local rank 0), so ZeRO-3's memory saving is not needed for them")
+_FSDP2_HINT = ("use FSDP2 (`distributed_type: FSDP` with `fsdp_config: {fsdp_version: 2}` in "
+               "the accelerate config, or FullyShardedDataParallelPlugin(fsdp_version=2)), which "
+               "shards the non-expert parameters while kt keeps the expert ones, or DDP "
+               "(`distributed_type: MULTI_GPU`, `accelerate launch --multi_gpu`)")
 
 
 def _str_to_bool(name: str, value: Any) -> bool:
@@ -210,14 +215,29 @@ class KTransformersPlugin:
             stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "").strip()
             self.check_distributed_type("DEEPSPEED", zero_stage=int(stage) if stage else None)
         if _flag("ACCELERATE_USE_FSDP"):
-            self.check_distributed_type("FSDP")
+            version = os.environ.get("FSDP_VERSION", "").strip()
+            self.check_distributed_type("FSDP", fsdp_version=int(version) if version else 1)
+            if _flag("FSDP_OFFLOAD_PARAMS"):
+                raise ValueError(_OFFLOAD_ERROR)
+            if _flag("FSDP_CPU_RAM_EFFICIENT_LOADING"):
+                raise ValueError(_RAM_EFFICIENT_ERROR)
+            if _flag("FSDP_ACTIVATION_CHECKPOINTING"):
+                raise ValueError(_CHECKPOINT_WRAPPER_ERROR)
 
-    def check_distributed_type(self, distributed_type: Any, *, zero_stage: int | None = None
-                               ) -> None:
+    def check_distributed_type(self, distributed_type: Any, *, zero_stage: int | None = None,
+                               fsdp_version: int | None = None) -> None:
         """Raise ``ValueError`` unless kt supports ``distributed_type`` (an accelerate
-        ``DistributedType`` or its name)."""
+        ``DistributedType`` or its name); for ``FSDP``, ``fsdp_version`` must be 2."""
         name = str(getattr(distributed_type, "name", None) or distributed_type).upper()
         name = name.split(".")[-1]
+        if name == "FSDP":
+            if fsdp_version == 2:
+                return
+            raise ValueError(
+                f"KTransformersPlugin: FSDP version {fsdp_version or 1} "
+                "(FullyShardedDataParallel) is not supported: it flattens the parameters of "
+                "each wrapped module into one buffer, but kt's engines read and write the expert "
+                f"LoRA tensors in place; {_FSDP2_HINT}")
         if name in SUPPORTED_DISTRIBUTED_TYPES:
             return
         if name == "DEEPSPEED":
@@ -232,8 +252,6 @@ class KTransformersPlugin:
                 f"KTransformersPlugin: DeepSpeed{stage} is not supported: DeepSpeed reduces "
                 "gradients through its own hooks, which never see the expert LoRA gradients "
                 f"kt's engine writes; {_DDP_HINT}")
-        if name == "FSDP":
-            raise ValueError(f"KTransformersPlugin: FSDP is not supported yet; {_DDP_HINT}")
         raise ValueError(
             f"KTransformersPlugin: distributed type {name} is not supported (kt runs under "
             f"{', '.join(SUPPORTED_DISTRIBUTED_TYPES)}); {_DDP_HINT}")
@@ -247,7 +265,11 @@ class KTransformersPlugin:
             self.check_distributed_type("DEEPSPEED", zero_stage=_zero_stage(deepspeed))
         fsdp = getattr(args, "fsdp", None)
         if fsdp and fsdp not in ("", [], False):
-            self.check_distributed_type("FSDP")
+            raise ValueError(
+                "TrainingArguments.fsdp is not supported with KTTrainer yet (FSDP2 with kt runs "
+                "through KTAccelerator only); use DDP with the Trainer (no fsdp argument), or "
+                "FSDP2 in your own loop: kt_accelerate.KTAccelerator(fsdp_plugin="
+                "FullyShardedDataParallelPlugin(fsdp_version=2))")
         if getattr(args, "torch_compile", False):
             raise ValueError(
                 "TrainingArguments.torch_compile=True conflicts with KTransformersPlugin: kt's "
@@ -267,6 +289,20 @@ class KTransformersPlugin:
                 f"TrainingArguments.ddp_timeout={ddp_timeout}s: DDP would give up first and "
                 "hide which kt exchange stalled; make dist_timeout <= ddp_timeout")
 
+    def check_fsdp_plugin(self, fsdp_plugin: Any) -> None:
+        """Raise ``ValueError`` for accelerate FSDP settings kt cannot run under: FSDP1, CPU
+        offload of the parameters, ``cpu_ram_efficient_loading``, the plugin's
+        ``activation_checkpointing``."""
+        version = getattr(fsdp_plugin, "fsdp_version", None)
+        self.check_distributed_type("FSDP", fsdp_version=version)
+        offload = getattr(fsdp_plugin, "cpu_offload", None)
+        if offload is True or type(offload).__name__ == "CPUOffloadPolicy":
+            raise ValueError(_OFFLOAD_ERROR)
+        if getattr(fsdp_plugin, "cpu_ram_efficient_loading", False):
+            raise ValueError(_RAM_EFFICIENT_ERROR)
+        if getattr(fsdp_plugin, "activation_checkpointing", False):
+            raise ValueError(_CHECKPOINT_WRAPPER_ERROR)
+
     @property
     def timeout(self) -> float:
         """``dist_timeout`` with its default applied."""
@@ -279,6 +315,30 @@ class KTransformersPlugin:
         return {"kt_config": cfg.to_dict(), "config_file": self.config_file,
                 "engine_placement": self.engine_placement, "dist_timeout": self.timeout,
                 "allow_world_size_change": self.allow_world_size_change}
+
+
+_OFFLOAD_ERROR = (
+    "KTransformersPlugin: FSDP2 CPU offload (FullyShardedDataParallelPlugin(cpu_offload=True), "
+    "`fsdp_offload_params: true`) is not supported with kt: FSDP would keep the sharded "
+    "parameters and their gradients in host memory while the expert LoRA parameters, which kt "
+    "keeps out of FSDP, stay on the accelerator, so gradient clipping and the optimizer step "
+    "would mix devices (and without a GPU torch cannot offload at all). The routed experts, the "
+    "bulk of the model, are in host memory already; set cpu_offload=False")
+_RAM_EFFICIENT_ERROR = (
+    "KTransformersPlugin: FSDP2 `cpu_ram_efficient_loading` is not supported with kt: it moves "
+    "the model to the meta device and refills it from rank 0's state dict, which would drop the "
+    "expert LoRA tensors the engines are bound to (the routed experts are not in the state dict "
+    "at all); set cpu_ram_efficient_loading=False (kt_accelerate.load_model already keeps the "
+    "expert weights once per node)")
+
+_CHECKPOINT_WRAPPER_ERROR = (
+    "KTransformersPlugin: FSDP2 `activation_checkpointing` (FullyShardedDataParallelPlugin) is "
+    "not supported with kt: it wraps every decoder layer in torch's CheckpointWrapper, which "
+    "renames the modules PEFT uses to find the adapter in the state dict, so save_pretrained "
+    "would write an empty adapter. Keep activation_checkpointing=False and turn on the model's "
+    "own gradient checkpointing instead (model.gradient_checkpointing_enable("
+    "gradient_checkpointing_kwargs={'use_reentrant': False}), or TrainingArguments("
+    "gradient_checkpointing=True)), which kt supports")
 
 
 def _env(suffix: str) -> str | None:

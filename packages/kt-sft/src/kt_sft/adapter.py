@@ -8,6 +8,12 @@ it into place, so a reader never sees a half-written adapter. The PEFT part is s
 (``kt_lora_experts.safetensors``, only when ``lora_experts > 0``) and ``kt_adapter.json``
 describing them; stock PEFT ignores both files.
 
+Under FSDP2 (``torch.distributed.fsdp.fully_shard``) the adapter's parameters are sharded
+``DTensor``s: :func:`save_adapter` then gathers the full adapter tensors first (a collective:
+call ``save_pretrained`` on every rank) and only the main process (global rank 0, or
+``is_main_process=``) writes, so the directory holds the same standard, unsharded adapter as a
+single-process run.
+
 :func:`load_adapter` loads such a directory into a kt-wrapped model (to resume training or to
 serve), checking every tensor's shape against the model first, so an adapter trained on another
 model fails with the mismatching names rather than deep inside PEFT.
@@ -50,7 +56,8 @@ def _canonical(name: str) -> str:
     return ".".join(parts)
 
 
-def _write_extras(model: nn.Module, directory: Path) -> None:
+def _write_extras(model: nn.Module, directory: Path,
+                  state: dict[str, torch.Tensor] | None = None) -> None:
     from safetensors.torch import save_file
 
     experts = _lora_experts(model)
@@ -61,7 +68,8 @@ def _write_extras(model: nn.Module, directory: Path) -> None:
     for name, module in experts.items():
         key = _canonical(name)
         for pname, p in module.named_parameters():
-            tensors[f"{key}.{pname}"] = p.detach().to("cpu").contiguous()
+            value = state.get(f"{name}.{pname}", p) if state is not None else p
+            tensors[f"{key}.{pname}"] = value.detach().to("cpu").contiguous()
         meta["modules"][key] = {"num_experts": module.num_experts, "width": module.width,
                                 "hidden_size": module.hidden_size,
                                 "activation": module.activation}
@@ -90,16 +98,74 @@ def save_adapter(peft_model: Any, save_directory: str | os.PathLike[str], **kwar
     """
     from peft import PeftModel
 
+    gathered = _gather_sharded(peft_model, kwargs)
+    if gathered is not None:
+        kwargs["state_dict"] = gathered
+        main = kwargs.pop("is_main_process", None)
+        if main is None:
+            import torch.distributed as dist
+
+            main = not dist.is_initialized() or dist.get_rank() == 0
+        if not main:
+            return
     target = Path(save_directory).absolute()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         PeftModel.save_pretrained(peft_model, str(tmp), **kwargs)
-        _write_extras(peft_model, tmp)
+        _write_extras(peft_model, tmp, gathered)
         _atomic_replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _is_dtensor(value: Any) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return isinstance(value, DTensor)
+
+
+def _full_tensor(value: Any) -> torch.Tensor:
+    """The whole tensor behind a DTensor (collective unless it is replicated), on the CPU."""
+    from torch.distributed.tensor import Replicate
+
+    if all(isinstance(p, Replicate) for p in value.placements):
+        full = value.to_local()
+    else:
+        full = value.full_tensor()
+    return full.detach().to("cpu")
+
+
+def _gather_sharded(peft_model: Any, kwargs: dict[str, Any]) -> dict[str, Any] | None:
+    """A state dict whose adapter tensors are whole, when the model (or the ``state_dict``
+    given) holds FSDP2-sharded ``DTensor``s; ``None`` otherwise. Collective in that case:
+    every rank gathers the same tensors in the same order."""
+    state = kwargs.get("state_dict")
+    if state is None:
+        if not any(_is_dtensor(p) for p in peft_model.parameters()):
+            return None
+        state = peft_model.state_dict()
+    elif not any(_is_dtensor(v) for v in state.values()):
+        return None
+    from peft.utils import get_peft_model_state_dict
+
+    wanted: set[int] = set()
+    names = kwargs.get("selected_adapters") or list(peft_model.peft_config)
+    for adapter in names:
+        selected = get_peft_model_state_dict(
+            peft_model, state_dict=state, adapter_name=adapter,
+            save_embedding_layers=kwargs.get("save_embedding_layers", "auto"))
+        wanted.update(id(v) for v in selected.values())
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    out: dict[str, Any] = {}
+    for key, value in state.items():
+        if _is_dtensor(value) and (id(value) in wanted or key in trainable):
+            value = _full_tensor(value)
+        out[key] = value
+    return out
 
 
 def install_save(peft_model: Any) -> None:

@@ -29,6 +29,16 @@ Keys: see docs/configuration.md (model_name_or_path, dataset, dataset_format, te
 cutoff_len, lora_rank, lora_alpha, lora_target, learning_rate, num_train_epochs, max_steps,
 per_device_train_batch_size, gradient_accumulation_steps, gradient_checkpointing, output_dir,
 save_steps, resume_from_checkpoint, kt_* engine options, ...).
+
+Several processes (one per GPU, or CPU shares; docs/distributed.md): start it with torchrun or
+accelerate launch. The global batch is per_device_train_batch_size x gradient_accumulation_steps
+x processes, split over the ranks; each node's local rank 0 holds the CPU engine and serves the
+other ranks' tokens; rank 0 writes every file and logs the global loss. Resume with the same
+number of processes. KT_ENGINE_PLACEMENT (per_node | per_rank) and KT_DIST_TIMEOUT (seconds a
+rank waits for a crashed or stuck peer) apply.
+
+  torchrun --nproc-per-node 2 -m kt_sft.cli train --per_device_train_batch_size 4
+  accelerate launch --multi_gpu --num_processes 2 -m kt_sft.cli train my.yaml
 """
 
 
@@ -277,12 +287,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except KeyboardInterrupt:
-        print("kt-sft: interrupted", file=sys.stderr)
+        print(f"{_rank_prefix()}kt-sft: interrupted", file=sys.stderr)
         return 130
     except _user_errors() as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-        print(f"kt-sft {args.command}: error: {msg}", file=sys.stderr)
+        print(f"{_rank_prefix()}kt-sft {args.command}: error: {msg}", file=sys.stderr)
         return 2
+    except _distributed_errors() as exc:
+        print(f"{_rank_prefix()}kt-sft {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _distributed_errors() -> tuple[type[BaseException], ...]:
+    """A peer rank crashed, hung or ran out of step (only under a multi-process launcher)."""
+    module = sys.modules.get("kt_sft.distributed")
+    return (module.KTDistributedError,) if module is not None else ()
+
+
+def _rank_prefix() -> str:
+    """``[rank N] `` under a launcher that started several processes (messages interleave)."""
+    import os
+
+    if os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1"):
+        return f"[rank {os.environ.get('RANK', '?')}] "
+    return ""
 
 
 if __name__ == "__main__":

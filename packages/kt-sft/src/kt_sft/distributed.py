@@ -17,6 +17,15 @@ The expert LoRA parameters are not DDP's business (their gradients are written b
 not by autograd): :func:`ignore_expert_lora_in_ddp` removes them from DDP's view and
 :func:`broadcast_expert_lora` makes them equal on all ranks at the start.
 
+Under FSDP2 the same parameters, plus the empty placeholders of the engine-held expert weights
+(:func:`kt_managed_parameters`), are left out of sharding and synchronised the same way. Loops
+without DDP (``kt-sft train`` on several processes) sum the other gradients with
+:func:`all_reduce_gradients` and start from rank 0's values with :func:`broadcast_parameters`.
+
+Backends: NCCL for processes whose model runs on a GPU, gloo otherwise (:func:`default_backend`);
+token exchanges always use gloo groups (host memory, the engine's side), gradient reductions the
+default group on :func:`reduction_device` (the current GPU under NCCL).
+
 The seam into kt-sft is :func:`kt_sft.backend.create_backend`: while a
 :class:`DistributedContext` is active it hands each layer a :class:`LeaderBackend` (wrapping the
 real engine) or a :class:`MemberBackend` (no engine, no weights), both with the engine's API, so
@@ -59,12 +68,18 @@ __all__ = [
     "LeaderBackend",
     "MemberBackend",
     "Topology",
+    "all_reduce_gradients",
     "broadcast_expert_lora",
+    "broadcast_parameters",
     "current_context",
+    "default_backend",
     "expert_lora_parameters",
     "ignore_expert_lora_in_ddp",
     "init_distributed",
+    "kt_managed_parameters",
     "reduce_expert_lora_grads",
+    "reduction_device",
+    "resolve_settings",
     "shutdown",
 ]
 
@@ -181,8 +196,8 @@ class DistributedContext:
         self.timeout = float(timeout)
         self.topology = _topology(placement, node_rank)
         td = datetime.timedelta(seconds=self.timeout)
-        default_backend = str(dist.get_backend())
-        cpu_only = default_backend == "gloo"
+        self._reduce_device = reduction_device(str(dist.get_backend()))
+        cpu_only = self._reduce_device.type == "cpu"
         # Token exchange: host tensors (the engine's side), so gloo; one group per node.
         # Gradient reduction: on the gradients' device, so the default backend.
         self._exchange_group: Any = None
@@ -204,7 +219,6 @@ class DistributedContext:
                 self._leaders_group = group
         self._world_group = dist.new_group(list(range(self.topology.world_size)), timeout=td,
                                            backend=None if not cpu_only else "gloo")
-        self._reduce_device = torch.device("cpu") if cpu_only else _default_device()
         self._next_index = 0
         self._lock = threading.Lock()
         self.closed = False
@@ -263,6 +277,36 @@ def _default_device() -> torch.device:
     return torch.device("cpu")
 
 
+def default_backend(device: torch.device | str | None = None) -> str:
+    """The ``torch.distributed`` backend for a process whose model runs on ``device``:
+    ``"nccl"`` for a CUDA device (when this torch has NCCL), ``"gloo"`` otherwise. ``None``
+    means CUDA when it is available, else the CPU."""
+    import torch.distributed as dist
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    kind = torch.device(device).type
+    if kind == "cuda" and dist.is_nccl_available():
+        return "nccl"
+    return "gloo"
+
+
+def reduction_device(backend: str) -> torch.device:
+    """Where tensors must be for collectives of the process group ``backend`` (a name as
+    ``dist.get_backend()`` returns it): the CPU for gloo and MPI, the current CUDA device for
+    NCCL (``"cuda:nccl,cpu:gloo"`` included)."""
+    name = backend.lower()
+    if "nccl" in name:
+        if not torch.cuda.is_available():
+            raise KTDistributedError(
+                f"the process group uses {backend!r} but torch sees no CUDA device; start it "
+                "with gloo on machines without GPUs (kt_sft.distributed.default_backend())")
+        return torch.device("cuda", torch.cuda.current_device())
+    if name in ("gloo", "mpi") or name.startswith(("cpu:", "gloo")):
+        return torch.device("cpu")
+    return _default_device()
+
+
 _CONTEXT: DistributedContext | None = None
 _CONTEXT_LOCK = threading.Lock()
 
@@ -295,6 +339,16 @@ def _is_multiprocess() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def resolve_settings(*, placement: str | None = None, timeout: float | None = None
+                     ) -> tuple[str, float]:
+    """``(placement, timeout)`` with the ``KT_*`` environment and the defaults applied, checked
+    (``ValueError`` for bad values)."""
+    placement = placement if placement is not None else (_env_placement() or "per_node")
+    timeout = float(timeout) if timeout is not None else (_env_timeout() or DEFAULT_TIMEOUT)
+    _check_settings(placement, timeout)
+    return placement, timeout
+
+
 def init_distributed(*, placement: str | None = None, timeout: float | None = None,
                      node_rank: int | None = None) -> DistributedContext | None:
     """Start kt's distributed mode (collective: call it on every rank, before wrapping).
@@ -305,9 +359,7 @@ def init_distributed(*, placement: str | None = None, timeout: float | None = No
     exist (the engines are placed already).
     """
     global _CONTEXT
-    placement = placement if placement is not None else (_env_placement() or "per_node")
-    timeout = float(timeout) if timeout is not None else (_env_timeout() or DEFAULT_TIMEOUT)
-    _check_settings(placement, timeout)
+    placement, timeout = resolve_settings(placement=placement, timeout=timeout)
     if not _is_multiprocess():
         return None
     with _CONTEXT_LOCK:
@@ -683,15 +735,23 @@ def _collective(ctx: DistributedContext, what: str, fn: Callable[[], Any]) -> An
 def broadcast_expert_lora(model: torch.nn.Module, *, src: int = 0) -> None:
     """Copy the expert LoRA values of global rank ``src`` to every rank (collective). DDP does
     this for the parameters it manages; these it does not."""
+    broadcast_parameters(expert_lora_parameters(model), src=src,
+                         what="broadcast of the expert LoRA weights")
+
+
+def broadcast_parameters(params: Iterable[torch.Tensor], *, src: int = 0,
+                         what: str = "broadcast of parameters") -> None:
+    """Copy the values of ``params`` on global rank ``src`` to every rank, in place
+    (collective: every rank passes the same parameters in the same order). A no-op for one
+    process."""
     import torch.distributed as dist
 
     ctx = current_context()
     if ctx is None:
         return
-    params = expert_lora_parameters(model)
     for bucket in _buckets([p.data for p in params]):
         flat = torch.cat([t.reshape(-1) for t in bucket]).to(ctx._reduce_device)
-        _collective(ctx, "broadcast of the expert LoRA weights",
+        _collective(ctx, what,
                     lambda flat=flat: dist.broadcast(flat, src=src, group=ctx._world_group))
         flat = flat.to(bucket[0].device)
         offset = 0
@@ -699,6 +759,53 @@ def broadcast_expert_lora(model: torch.nn.Module, *, src: int = 0) -> None:
             for t in bucket:
                 t.copy_(flat[offset: offset + t.numel()].view_as(t))
                 offset += t.numel()
+
+
+def all_reduce_gradients(params: Iterable[torch.Tensor], *, average: bool = True) -> None:
+    """Sum (``average``: and divide by the world size) the gradients of ``params`` over every
+    rank, in place (collective: every rank passes the same parameters in the same order). A
+    parameter without a gradient takes part with zeros and gets the result. For loops without
+    DDP; a no-op for one process."""
+    import torch.distributed as dist
+
+    ctx = current_context()
+    if ctx is None:
+        return
+    params = [p for p in params if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    world = ctx.topology.world_size
+    for bucket in _buckets([p.grad for p in params]):
+        flat = torch.cat([g.reshape(-1) for g in bucket]).to(ctx._reduce_device)
+        _collective(ctx, "all-reduce of gradients",
+                    lambda flat=flat: dist.all_reduce(flat, group=ctx._world_group))
+        if average:
+            flat.div_(world)
+        flat = flat.to(bucket[0].device)
+        offset = 0
+        with torch.no_grad():
+            for g in bucket:
+                g.copy_(flat[offset: offset + g.numel()].view_as(g))
+                offset += g.numel()
+
+
+def kt_managed_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters that kt, not DDP or FSDP, looks after: the expert LoRA bound to kt
+    engines (see :func:`expert_lora_parameters`) and the empty placeholders that stand for the
+    expert weights the engines hold. FSDP must leave them out of sharding (``ignored_params``):
+    the engines read and write them in place."""
+    seen: set[int] = set()
+    out: list[torch.nn.Parameter] = []
+    for p in expert_lora_parameters(model):
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    for p in model.parameters():
+        if getattr(p, "kt_released", False) and id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
 
 
 def _members_contribute(model: torch.nn.Module) -> bool:

@@ -6,6 +6,9 @@ linear / constant schedule, resumable checkpoints every `save_steps`, and Ctrl-C
 first Ctrl-C stops at the next micro-batch boundary and writes a resumable checkpoint of the last
 completed optimizer step (atomically), a second one aborts at once (nothing half-written is ever
 published). Progress goes to a tqdm bar (steps, loss, tokens/s) and log lines.
+
+Launched by torchrun or `accelerate launch`, the same loop trains on a global batch split over
+the ranks (see :mod:`kt_sft.train.ranks`): rank 0 writes every file and prints the global loss.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any
 
 from kt_sft.train import artifacts
 from kt_sft.train.profiling import ExpertTimer, Timeline
+from kt_sft.train.ranks import Ranks
 from kt_sft.train.schema import EMBEDDED, ConfigError, TrainConfig
 
 __all__ = ["TrainResult", "TrainState", "train"]
@@ -65,8 +69,9 @@ class TrainResult:
 class _StopFlag:
     """SIGINT -> request a graceful stop; a second SIGINT raises KeyboardInterrupt at once."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, announce: bool = True) -> None:
         self.requested = False
+        self.announce = announce
         self._previous: Any = None
         self._installed = False
 
@@ -81,9 +86,10 @@ class _StopFlag:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\nCtrl-C: stopping after the current micro-batch and saving a resumable "
-              "checkpoint (press Ctrl-C again to abort without saving)", file=sys.stderr,
-              flush=True)
+        if self.announce:
+            print("\nCtrl-C: stopping after the current micro-batch and saving a resumable "
+                  "checkpoint (press Ctrl-C again to abort without saving)", file=sys.stderr,
+                  flush=True)
 
     def __exit__(self, *exc: Any) -> None:
         if self._installed:
@@ -109,7 +115,8 @@ def _lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
 
 def _micro_batches(n: int, batch_size: int, seed: int, start: int) -> Iterator[list[int]]:
     """Endless stream of index batches: a fresh seeded permutation per epoch, resumable at any
-    micro-batch position `start`."""
+    micro-batch position `start`. Several ranks draw global batches (`batch_size` = per-device
+    size x ranks) and split them."""
     import torch
 
     per_epoch = math.ceil(n / batch_size)
@@ -130,6 +137,11 @@ def _device(cfg: TrainConfig) -> str:
     return cfg.device
 
 
+def _targets(example: Any) -> int:
+    """Trained tokens of one example (labels after the first position that are not ignored)."""
+    return sum(1 for label in example.labels[1:] if label != -100)
+
+
 def _log(msg: str, bar: Any = None) -> None:
     if bar is not None:
         bar.write(msg, file=sys.stdout)
@@ -145,23 +157,44 @@ def _save_adapter(model: Any, directory: Path) -> None:
 
 
 def _save_checkpoint(output_dir: Path, model: Any, optimizer: Any, scheduler: Any,
-                     state: TrainState, cfg: TrainConfig) -> Path:
+                     state: TrainState, cfg: TrainConfig, ranks: Ranks) -> Path:
+    """Rank 0 writes the checkpoint (collective: it gathers every rank's RNG state). The adapter
+    and optimizer state are the same on every rank."""
     import torch
+
+    rng = ranks.gather(torch.get_rng_state(), "gathering of the RNG states for a checkpoint")
+    path = output_dir / f"checkpoint-{state.global_step}"
+    if not ranks.is_main:
+        return path
 
     def write(tmp: Path) -> None:
         _save_adapter(model, tmp)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save({"torch": torch.get_rng_state()}, tmp / "rng_state.pt")
-        payload = state.to_json() | {"config": cfg.to_dict()}
+        torch.save({"torch": rng[0], "torch_per_rank": rng}, tmp / "rng_state.pt")
+        payload = state.to_json() | {"config": cfg.to_dict(), "world_size": ranks.world_size}
         from kt_sft import __version__
 
         payload["kt_sft_version"] = __version__
         (tmp / artifacts.STATE_FILE).write_text(json.dumps(payload, indent=2, default=str))
 
-    path = artifacts.atomic_dir(output_dir / f"checkpoint-{state.global_step}", write)
+    artifacts.atomic_dir(path, write)
     artifacts.prune_checkpoints(output_dir, cfg.save_total_limit)
     return path
+
+
+def _check_world_size(path: Path, ranks: Ranks) -> None:
+    """A checkpoint continues only under the number of processes that wrote it: the global batch
+    and the data position depend on it."""
+    saved = int(json.loads((path / artifacts.STATE_FILE).read_text()).get("world_size", 1))
+    if saved != ranks.world_size:
+        raise ConfigError(
+            f"checkpoint {path} was saved by {saved} process(es) but this run has "
+            f"{ranks.world_size}: the global batch (per_device_train_batch_size x "
+            "gradient_accumulation_steps x processes) and the data order would change, so the "
+            f"resumed run would not continue the saved one; resume with {saved} process(es)"
+            + (f" (torchrun --nproc-per-node {saved} -m kt_sft.cli train ...)" if saved > 1
+               else " (without torchrun)"))
 
 
 def _resolve_resume(cfg: TrainConfig, output_dir: Path) -> Path | None:
@@ -181,7 +214,8 @@ def _resolve_resume(cfg: TrainConfig, output_dir: Path) -> Path | None:
     return path
 
 
-def _load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any) -> TrainState:
+def _load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any,
+                     ranks: Ranks) -> TrainState:
     import torch
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
@@ -195,14 +229,16 @@ def _load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any) -> 
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     rng = torch.load(path / "rng_state.pt", weights_only=True)
-    torch.set_rng_state(rng["torch"])
+    per_rank = rng.get("torch_per_rank")
+    torch.set_rng_state(per_rank[ranks.rank] if per_rank is not None
+                        and len(per_rank) == ranks.world_size else rng["torch"])
     return TrainState.from_json(json.loads((path / artifacts.STATE_FILE).read_text()))
 
 
-def _kt_options(cfg: TrainConfig, output_dir: Path) -> dict[str, Any]:
+def _kt_options(cfg: TrainConfig, output_dir: Path, *, main: bool = True) -> dict[str, Any]:
     """The kt_* options for KTConfig: the engine's LoRA rank/alpha follow lora_rank/lora_alpha
     (rank 0 = frozen experts when lora_target leaves them out), and with `profile` the engine's
-    own Chrome trace goes to output_dir/engine_trace.json."""
+    own Chrome trace goes to output_dir/engine_trace.json (rank 0's engine only)."""
     options = dict(cfg.kt)
     on_experts = any(t in ("all", "experts") for t in cfg.lora_targets)
     given = options.get("kt_lora_rank")
@@ -211,8 +247,8 @@ def _kt_options(cfg: TrainConfig, output_dir: Path) -> dict[str, Any]:
                           "set only lora_rank (kt-sft passes it to the engine)")
     options.setdefault("kt_lora_rank", cfg.lora_rank if on_experts else 0)
     options.setdefault("kt_lora_alpha", cfg.scaling_alpha)
-    if cfg.profile and cfg.use_kt and not any(k in options for k in ("kt_profile",
-                                                                    "kt_profile_path")):
+    if main and cfg.profile and cfg.use_kt and not any(k in options for k in (
+            "kt_profile", "kt_profile_path")):
         options["kt_profile"] = str(output_dir / "engine_trace.json")
     return options
 
@@ -221,24 +257,52 @@ def _kt_options(cfg: TrainConfig, output_dir: Path) -> dict[str, Any]:
 
 def train(cfg: TrainConfig, *, on_step_end: Callable[[TrainState], None] | None = None,
           quiet: bool = False) -> TrainResult:
-    """Run one training job described by `cfg`; see the module docstring."""
+    """Run one training job described by `cfg`; see the module docstring. Under a launcher
+    that started several processes (torchrun, `accelerate launch`) every rank calls this."""
+    ranks = Ranks.start(_device(cfg))
+    try:
+        result = _train(cfg, ranks, on_step_end=on_step_end, quiet=quiet or not ranks.is_main)
+    except BaseException:
+        ranks.close(wait=False)  # the peers fail at their next exchange with this rank
+        raise
+    ranks.close()
+    return result
+
+
+def _train(cfg: TrainConfig, ranks: Ranks, *, on_step_end: Callable[[TrainState], None] | None,
+           quiet: bool) -> TrainResult:
     import torch
 
     from kt_sft.data import Columns, collate, prepare_dataset, resolve_dataset_paths
     from kt_sft.train import modeling
 
     t_start = time.perf_counter()
-    output_dir = artifacts.prepare_output_dir(cfg.output_dir, overwrite=cfg.overwrite_output_dir,
-                                              resuming=cfg.resume_from_checkpoint is not None)
-    resume_path = _resolve_resume(cfg, output_dir)
-    device = _device(cfg)
+    resuming = cfg.resume_from_checkpoint is not None
+    output_dir = Path(cfg.output_dir).expanduser()
+    error: BaseException | None = None
+    resume_path: Path | None = None
+    try:  # rank 0 prepares output_dir; every rank finds the checkpoint to resume from
+        if ranks.is_main:
+            output_dir = artifacts.prepare_output_dir(cfg.output_dir,
+                                                      overwrite=cfg.overwrite_output_dir,
+                                                      resuming=resuming)
+        resume_path = _resolve_resume(cfg, output_dir)
+        if resume_path is not None:
+            _check_world_size(resume_path, ranks)
+    except (ConfigError, artifacts.OutputDirError) as exc:
+        error = exc
+    ranks.agree(error)
+    device = ranks.device(_device(cfg))
+    if device.startswith("cuda:"):
+        torch.cuda.set_device(torch.device(device))
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
     if cfg.torch_num_threads:
         torch.set_num_threads(cfg.torch_num_threads)
     torch.manual_seed(cfg.seed)
 
     # ---- tokenizer and data first: bad data fails before the (slow) model load
-    model_path = modeling.resolve_model_path(cfg.model_name_or_path, quiet=quiet)
+    model_path = ranks.main_first(lambda: modeling.resolve_model_path(cfg.model_name_or_path,
+                                                                      quiet=quiet))
     tok_path = modeling.resolve_model_path(cfg.tokenizer_name_or_path, quiet=True) \
         if cfg.tokenizer_name_or_path else model_path
     tokenizer = modeling.load_tokenizer(tok_path, trust_remote_code=cfg.trust_remote_code)
@@ -249,7 +313,8 @@ def train(cfg: TrainConfig, *, on_step_end: Callable[[TrainState], None] | None 
                         cfg.messages_column),
         template=cfg.template, cutoff_len=cfg.cutoff_len, max_samples=cfg.max_samples,
         train_on_prompt=cfg.train_on_prompt, tokenizer_path=tok_path)
-    micro_per_epoch = math.ceil(len(data.examples) / cfg.per_device_train_batch_size)
+    global_batch = cfg.per_device_train_batch_size * ranks.world_size
+    micro_per_epoch = math.ceil(len(data.examples) / global_batch)
     if cfg.max_steps > 0:
         total_steps = cfg.max_steps
     else:
@@ -259,12 +324,13 @@ def train(cfg: TrainConfig, *, on_step_end: Callable[[TrainState], None] | None 
         fmts = ", ".join(f"{k} {v}" for k, v in sorted(data.formats.items()))
         dropped = f", {data.num_dropped} dropped (nothing to train within cutoff_len)" \
             if data.num_dropped else ""
+        procs = f" x {ranks.world_size} processes" if ranks.active else ""
         _log(f"data: {len(data.examples)} examples ({fmts}){dropped}, {data.num_tokens} tokens; "
              f"{total_steps} steps of {cfg.per_device_train_batch_size} x "
-             f"{cfg.gradient_accumulation_steps} examples")
+             f"{cfg.gradient_accumulation_steps} examples{procs}")
 
     # ---- model + LoRA
-    kt_options = _kt_options(cfg, output_dir)
+    kt_options = _kt_options(cfg, output_dir, main=ranks.is_main)
     model = modeling.load_base_model(model_path, use_kt=cfg.use_kt, kt_options=kt_options,
                                      dtype=dtype, device=device,
                                      trust_remote_code=cfg.trust_remote_code)
@@ -282,6 +348,7 @@ def train(cfg: TrainConfig, *, on_step_end: Callable[[TrainState], None] | None 
                 gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
+    ranks.broadcast_parameters(params)
     n_trainable = sum(p.numel() for p in params)
     n_total = sum(p.numel() for p in model.parameters())
     if not quiet:
@@ -300,7 +367,7 @@ def train(cfg: TrainConfig, *, on_step_end: Callable[[TrainState], None] | None 
         optimizer, _lr_lambda(cfg.lr_scheduler_type, warmup, total_steps))
     state = TrainState()
     if resume_path is not None:
-        state = _load_checkpoint(resume_path, model, optimizer, scheduler)
+        state = _load_checkpoint(resume_path, model, optimizer, scheduler, ranks)
         if not quiet:
             _log(f"resumed from {resume_path} at step {state.global_step}")
 
@@ -310,8 +377,7 @@ def train(cfg: TrainConfig, *, on_step_end: Callable[[TrainState], None] | None 
         expert_timer.attach(model)
 
     pad_id = tokenizer.pad_token_id
-    batches = _micro_batches(len(data.examples), cfg.per_device_train_batch_size, cfg.seed,
-                             state.micro_index)
+    batches = _micro_batches(len(data.examples), global_batch, cfg.seed, state.micro_index)
     bar = None
     if not cfg.disable_tqdm and not quiet:
         from tqdm.auto import tqdm
@@ -322,14 +388,19 @@ def train(cfg: TrainConfig, *, on_step_end: Callable[[TrainState], None] | None 
     checkpoint_dir: Path | None = None
     run_tokens, run_seconds = 0, 0.0
     try:
-        with _StopFlag() as stop:
-            while state.global_step < total_steps and not stop.requested:
+        with _StopFlag(announce=ranks.is_main) as stop:
+            stopping = False
+            while state.global_step < total_steps and not stopping:
                 step_start = time.perf_counter()
-                micro = [collate([data.examples[i] for i in next(batches)], pad_id)
-                         for _ in range(cfg.gradient_accumulation_steps)]
-                n_items = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+                window = [next(batches) for _ in range(cfg.gradient_accumulation_steps)]
+                # the loss is normalised by the trained tokens of the whole global window
+                n_items = sum(_targets(data.examples[i]) for idx in window for i in idx)
                 loss_sum, step_tokens, completed = 0.0, 0, 0
-                for b in micro:
+                for idx in window:
+                    mine = ranks.share(idx)
+                    # A rank with no example of a short last batch still takes part in every
+                    # exchange: it runs one example with zero weight.
+                    b = collate([data.examples[i] for i in (mine or idx[:1])], pad_id)
                     b = {k: v.to(device) for k, v in b.items()}
                     with timeline.span("forward", step=state.global_step):
                         logits = model(input_ids=b["input_ids"],
@@ -337,22 +408,28 @@ def train(cfg: TrainConfig, *, on_step_end: Callable[[TrainState], None] | None 
                         loss = torch.nn.functional.cross_entropy(
                             logits[:, :-1].flatten(0, 1).float(), b["labels"][:, 1:].flatten(),
                             ignore_index=-100, reduction="sum") / n_items
+                        if not mine:
+                            loss = loss * 0.0
                     with timeline.span("backward", step=state.global_step):
                         loss.backward()
                     loss_sum += float(loss.detach())
-                    step_tokens += int(b["attention_mask"].sum())
+                    step_tokens += int(b["attention_mask"].sum()) if mine else 0
                     completed += 1
-                    if stop.requested:
+                    stopping = ranks.any(stop.requested)  # every rank stops at the same point
+                    if stopping:
                         break
-                if stop.requested and completed < len(micro):
+                if stopping and completed < len(window):
                     optimizer.zero_grad(set_to_none=True)  # partial window: drop it
                     break
                 with timeline.span("optimizer", step=state.global_step):
+                    ranks.reduce_gradients(model, params)
                     grad_norm = float(torch.nn.utils.clip_grad_norm_(
                         params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")))
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
+                loss_sum, tokens = ranks.sum([loss_sum, step_tokens])
+                step_tokens = int(tokens)
                 step_end = time.perf_counter()
                 timeline.add(f"step {state.global_step + 1}", "step", step_start, step_end,
                              loss=loss_sum, tokens=step_tokens)
@@ -360,7 +437,7 @@ def train(cfg: TrainConfig, *, on_step_end: Callable[[TrainState], None] | None 
                 run_tokens += step_tokens
                 run_seconds += dt
                 state.global_step += 1
-                state.micro_index += len(micro)
+                state.micro_index += len(window)
                 state.tokens_seen += step_tokens
                 state.train_seconds += dt
                 lr = scheduler.get_last_lr()[0]
@@ -379,32 +456,37 @@ def train(cfg: TrainConfig, *, on_step_end: Callable[[TrainState], None] | None 
                 if cfg.save_steps and (state.global_step % cfg.save_steps == 0
                                        or state.global_step == total_steps):
                     checkpoint_dir = _save_checkpoint(output_dir, model, optimizer, scheduler,
-                                                      state, cfg)
+                                                      state, cfg, ranks)
                 if on_step_end is not None:
                     on_step_end(state)
-            if stop.requested:
+                # a stop requested during the step's optimizer part ends the run here
+                stopping = stopping or ranks.any(stop.requested)
+            if stopping:
                 interrupted = True
                 checkpoint_dir = _save_checkpoint(output_dir, model, optimizer, scheduler,
-                                                  state, cfg)
+                                                  state, cfg, ranks)
     finally:
         if bar is not None:
             bar.close()
         expert_timer.detach()
 
     adapter_dir = None
-    if not interrupted:
+    summary: dict[str, Any] = {}
+    if not interrupted and ranks.is_main:
         adapter_dir = artifacts.atomic_dir(output_dir / artifacts.ADAPTER_DIR,
                                            lambda d: _save_adapter(model, d))
-    summary = _finish(cfg, output_dir, state, timeline, expert_timer, run_tokens, run_seconds,
-                      total_steps, adapter_dir, checkpoint_dir, interrupted, n_trainable, n_total,
-                      model_path, time.perf_counter() - t_start)
+    if ranks.is_main:
+        summary = _finish(cfg, output_dir, state, timeline, expert_timer, run_tokens,
+                          run_seconds, total_steps, adapter_dir, checkpoint_dir, interrupted,
+                          n_trainable, n_total, model_path, time.perf_counter() - t_start,
+                          ranks.world_size)
     with contextlib.suppress(Exception):
         if cfg.use_kt:
             import kt_sft
 
             kt_sft.close(model)
     engine_trace = output_dir / "engine_trace.json"
-    if engine_trace.is_file():
+    if ranks.is_main and engine_trace.is_file():
         summary["engine_trace"] = str(engine_trace)
         artifacts.write_json_atomic(output_dir / "train_summary.json", summary)
     if not quiet:
@@ -416,10 +498,12 @@ def train(cfg: TrainConfig, *, on_step_end: Callable[[TrainState], None] | None 
 def _finish(cfg: TrainConfig, output_dir: Path, state: TrainState, timeline: Timeline,
             timer: ExpertTimer, run_tokens: int, run_seconds: float, total_steps: int,
             adapter_dir: Path | None, checkpoint_dir: Path | None, interrupted: bool,
-            n_trainable: int, n_total: int, model_path: str, wall: float) -> dict[str, Any]:
+            n_trainable: int, n_total: int, model_path: str, wall: float,
+            world_size: int = 1) -> dict[str, Any]:
     losses = [e["loss"] for e in state.log]
     summary: dict[str, Any] = {
         "steps": state.global_step, "total_steps": total_steps, "interrupted": interrupted,
+        "world_size": world_size,
         "model": model_path, "use_kt": cfg.use_kt,
         "trainable_parameters": n_trainable, "parameters": n_total,
         "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
