@@ -45,8 +45,7 @@ def lora_arrays(c: Case, dtype=np.float32, peft_strided: bool = False) -> dict[s
     if L.fused:
         d = dict(a_gate_up=a_view(L.a_g), b_gate_up=b_view(np.concatenate([L.b_g, L.b_u], 1)))
     else:
-        d = dict(a_gate=a_view(L.a_g), a_up=a_view(L.a_u), b_gate=b_view(L.b_g),
-                 b_up=b_view(L.b_u))
+        d = dict(a_gate=a_view(L.a_g), a_up=a_view(L.a_u), b_gate=b_view(L.b_g), b_up=b_view(L.b_u))
     d["a_down"] = a_view(L.a_d)
     d["b_down"] = b_view(L.b_d)
     return d
@@ -54,8 +53,10 @@ def lora_arrays(c: Case, dtype=np.float32, peft_strided: bool = False) -> dict[s
 
 def grad_arrays(c: Case, peft_strided: bool = False) -> dict[str, np.ndarray]:
     """Zeroed float32 gradient arrays (grad_<name>) in the same layouts as lora_arrays."""
-    return {f"grad_{k}": np.zeros_like(v, dtype=np.float32) if not peft_strided else _zeros_like_view(v)
-            for k, v in lora_arrays(c, np.float32, peft_strided).items()}
+    return {
+        f"grad_{k}": np.zeros_like(v, dtype=np.float32) if not peft_strided else _zeros_like_view(v)
+        for k, v in lora_arrays(c, np.float32, peft_strided).items()
+    }
 
 
 def _zeros_like_view(v: np.ndarray) -> np.ndarray:
@@ -67,17 +68,37 @@ def _zeros_like_view(v: np.ndarray) -> np.ndarray:
     return np.lib.stride_tricks.as_strided(z, shape=v.shape, strides=v.strides)
 
 
-def make_engine(c: Case, *, isa: str | None = None, threads: int | None = 1,
-                lora_dtype=np.float32, peft_strided: bool = False, with_grads: bool = True,
-                split_weights: bool = False, weight_dtype=np.float32, **kw) -> tuple:
+def make_engine(
+    c: Case,
+    *,
+    isa: str | None = None,
+    threads: int | None = 1,
+    lora_dtype=np.float32,
+    peft_strided: bool = False,
+    with_grads: bool = True,
+    split_weights: bool = False,
+    weight_dtype=np.float32,
+    **kw,
+) -> tuple:
     """Engine with the case's weights and LoRA bound; returns (engine, lora, grads)."""
-    eng = kk.MoEEngine(c.E, c.K, c.H, c.I, lora_rank=c.r,
-                       lora_alpha=(c.lora.scaling * c.r if c.lora else None),
-                       lora_layout="fused" if (c.lora is None or c.lora.fused) else "split",
-                       num_threads=threads, isa=isa, **kw)
+    eng = kk.MoEEngine(
+        c.E,
+        c.K,
+        c.H,
+        c.I,
+        lora_rank=c.r,
+        lora_alpha=(c.lora.scaling * c.r if c.lora else None),
+        lora_layout="fused" if (c.lora is None or c.lora.fused) else "split",
+        num_threads=threads,
+        isa=isa,
+        **kw,
+    )
     if split_weights:
-        eng.load_weights(gate=c.gate.astype(weight_dtype), up=c.up.astype(weight_dtype),
-                         down=c.down.astype(weight_dtype))
+        eng.load_weights(
+            gate=c.gate.astype(weight_dtype),
+            up=c.up.astype(weight_dtype),
+            down=c.down.astype(weight_dtype),
+        )
     else:
         eng.load_weights(gate_up=c.gate_up.astype(weight_dtype), down=c.down.astype(weight_dtype))
     lora, grads = {}, {}

@@ -27,10 +27,19 @@ CASES = {
 
 
 def engine(c, wd, group, tp, threads=1):
-    eng = kk.MoEEngine(c.E, c.K, c.H, c.I, lora_rank=c.r,
-                       lora_alpha=(c.lora.scaling * c.r if c.lora else None),
-                       lora_layout="fused" if (c.lora is None or c.lora.fused) else "split",
-                       weight_dtype=wd, group_size=group, tp=tp, num_threads=threads)
+    eng = kk.MoEEngine(
+        c.E,
+        c.K,
+        c.H,
+        c.I,
+        lora_rank=c.r,
+        lora_alpha=(c.lora.scaling * c.r if c.lora else None),
+        lora_layout="fused" if (c.lora is None or c.lora.fused) else "split",
+        weight_dtype=wd,
+        group_size=group,
+        tp=tp,
+        num_threads=threads,
+    )
     eng.load_weights(gate_up=c.gate_up, down=c.down)
     grads = {}
     if c.lora is not None:
