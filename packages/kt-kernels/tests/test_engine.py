@@ -102,7 +102,7 @@ def test_bf16_activations_and_split_weights(isa: str) -> None:
     """x / out / grad_out / grad_input in bfloat16 (NumPy + ml_dtypes), base weights given split
     and in bfloat16."""
     c = make_case(6, 2, 80, 40, 2, 9, seed=3, fused=True)
-    eng, _, grads = make_engine(c, isa=isa, split_weights=True, weight_dtype=BF16)
+    eng, _, grads = make_engine(c, isa=isa, split_weights=True, weight_array_dtype=BF16)
     got = run(eng, c, act_dtype="bf16")
     check_all(c, got, grads, out_tol=flip_tol(c) + 2.0**-8)
 
