@@ -19,7 +19,7 @@ import dataclasses
 
 import numpy as np
 import pytest
-from kk_helpers import grad_arrays, isa_params, lora_arrays, run
+from kk_helpers import isa_params, make_engine, run, run_and_close
 from kk_reference import backward, bf16, forward, make_case, max_rel_err
 
 import kt_kernels as kk
@@ -46,52 +46,9 @@ def dequantized_case(c, wd: str, group: int):
     return dataclasses.replace(c, gate=dq(c.gate), up=dq(c.up), down=dq(c.down))
 
 
-def quant_engine(
-    c, wd: str, group: int, *, isa=None, threads=1, prequantized=False, split=False, tp=1
-):
-    eng = kk.MoEEngine(
-        c.E,
-        c.K,
-        c.H,
-        c.I,
-        lora_rank=c.r,
-        lora_alpha=(c.lora.scaling * c.r if c.lora else None),
-        lora_layout="fused" if (c.lora is None or c.lora.fused) else "split",
-        weight_dtype=wd,
-        group_size=group,
-        num_threads=threads,
-        isa=isa,
-        tp=tp,
-    )
-    if prequantized:
-        q = {
-            n: kk.quantize_weights(getattr(c, n), wd, group)
-            for n in ("gate_up", "gate", "up", "down")
-        }
-        if split:
-            eng.load_quantized_weights(
-                gate=q["gate"][0],
-                gate_scale=q["gate"][1],
-                up=q["up"][0],
-                up_scale=q["up"][1],
-                down=q["down"][0],
-                down_scale=q["down"][1],
-            )
-        else:
-            eng.load_quantized_weights(
-                gate_up=q["gate_up"][0],
-                gate_up_scale=q["gate_up"][1],
-                down=q["down"][0],
-                down_scale=q["down"][1],
-            )
-    elif split:
-        eng.load_weights(gate=c.gate, up=c.up, down=c.down)
-    else:
-        eng.load_weights(gate_up=c.gate_up, down=c.down)
-    grads = {}
-    if c.lora is not None:
-        grads = grad_arrays(c)
-        eng.set_lora(**lora_arrays(c), **grads)
+def quant_engine(c, wd: str, group: int, **kw) -> tuple[kk.MoEEngine, dict[str, np.ndarray]]:
+    """make_engine with weight_dtype wd and group_size group; returns (engine, grads)."""
+    eng, _, grads = make_engine(c, weight_dtype=wd, group_size=group, **kw)
     return eng, grads
 
 
@@ -131,11 +88,9 @@ def test_prequantized_equals_load_time_quantization(wd: str, group: int) -> None
         (True, True, 2, 2),
     ):
         eng, grads = quant_engine(
-            c, wd, group, prequantized=pre, split=split, threads=threads, tp=tp
+            c, wd, group, prequantized=pre, split_weights=split, threads=threads, tp=tp
         )
-        r = run(eng, c)
-        outs.setdefault(tp, []).append([r["out"], r["dx"], r["dw"], *grads.values()])
-        eng.close()
+        outs.setdefault(tp, []).append(list(run_and_close(eng, c, grads).values()))
     for same_tp in outs.values():
         for other in same_tp[1:]:
             for a, b in zip(same_tp[0], other):
