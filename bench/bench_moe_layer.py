@@ -380,34 +380,6 @@ def worker_decode(
     return res
 
 
-def run_decode(
-    case: Case, tokens: list[int], threads: int, warmup: int, reps: int, isa: str | None
-) -> dict:
-    cmd = [
-        sys.executable,
-        os.path.abspath(__file__),
-        "--worker",
-        "decode",
-        "--case",
-        json.dumps(asdict(case)),
-        "--threads",
-        str(threads),
-        "--warmup",
-        str(warmup),
-        "--reps",
-        str(reps),
-        "--decode-tokens",
-        ",".join(map(str, tokens)),
-    ]
-    if isa:
-        cmd += ["--isa", isa]
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), KT_NUM_THREADS=str(threads))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"decode worker failed for {case} threads={threads}:\n{proc.stderr}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def print_decode(
     case: Case, tokens: list[int], threads: int, res: dict, steps: str = "step"
 ) -> list[dict]:
@@ -463,8 +435,12 @@ def run_worker(
     warmup: int,
     reps: int,
     isa: str | None,
-    weight_dtype: str = "bf16",
+    weight_dtype: str | None = None,
+    decode_tokens: list[int] | None = None,
 ) -> dict:
+    """Run one worker (--worker KIND: ours, torch, peak or decode) in a fresh process with
+    `threads` threads and return the JSON result it prints. weight_dtype goes to the "ours"
+    worker, decode_tokens to the "decode" worker."""
     cmd = [
         sys.executable,
         os.path.abspath(__file__),
@@ -481,7 +457,10 @@ def run_worker(
     ]
     if isa:
         cmd += ["--isa", isa]
-    cmd += ["--weight-dtypes", weight_dtype]
+    if weight_dtype is not None:
+        cmd += ["--weight-dtypes", weight_dtype]
+    if decode_tokens is not None:
+        cmd += ["--decode-tokens", ",".join(map(str, decode_tokens))]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), KT_NUM_THREADS=str(threads))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -696,7 +675,15 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_decode:
         decode_reps = max(3 * reps, 9)  # forwards of a few tokens: cheap, so more samples
         for threads in thread_list:
-            res = run_decode(DECODE_CASE, decode_tokens, threads, 2, decode_reps, args.isa)
+            res = run_worker(
+                "decode",
+                DECODE_CASE,
+                threads,
+                2,
+                decode_reps,
+                args.isa,
+                decode_tokens=decode_tokens,
+            )
             steps = f"of {decode_reps} timed steps after 2 warm-up steps"
             results += print_decode(DECODE_CASE, decode_tokens, threads, res, steps)
     print(

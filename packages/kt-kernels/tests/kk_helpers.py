@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 from kk_reference import BF16, Case
+from numpy.typing import DTypeLike
 
 import kt_kernels as kk
 
@@ -45,8 +48,7 @@ def lora_arrays(c: Case, dtype=np.float32, peft_strided: bool = False) -> dict[s
     if L.fused:
         d = dict(a_gate_up=a_view(L.a_g), b_gate_up=b_view(np.concatenate([L.b_g, L.b_u], 1)))
     else:
-        d = dict(a_gate=a_view(L.a_g), a_up=a_view(L.a_u), b_gate=b_view(L.b_g),
-                 b_up=b_view(L.b_u))
+        d = dict(a_gate=a_view(L.a_g), a_up=a_view(L.a_u), b_gate=b_view(L.b_g), b_up=b_view(L.b_u))
     d["a_down"] = a_view(L.a_d)
     d["b_down"] = b_view(L.b_d)
     return d
@@ -54,8 +56,10 @@ def lora_arrays(c: Case, dtype=np.float32, peft_strided: bool = False) -> dict[s
 
 def grad_arrays(c: Case, peft_strided: bool = False) -> dict[str, np.ndarray]:
     """Zeroed float32 gradient arrays (grad_<name>) in the same layouts as lora_arrays."""
-    return {f"grad_{k}": np.zeros_like(v, dtype=np.float32) if not peft_strided else _zeros_like_view(v)
-            for k, v in lora_arrays(c, np.float32, peft_strided).items()}
+    return {
+        f"grad_{k}": np.zeros_like(v, dtype=np.float32) if not peft_strided else _zeros_like_view(v)
+        for k, v in lora_arrays(c, np.float32, peft_strided).items()
+    }
 
 
 def _zeros_like_view(v: np.ndarray) -> np.ndarray:
@@ -67,24 +71,110 @@ def _zeros_like_view(v: np.ndarray) -> np.ndarray:
     return np.lib.stride_tricks.as_strided(z, shape=v.shape, strides=v.strides)
 
 
-def make_engine(c: Case, *, isa: str | None = None, threads: int | None = 1,
-                lora_dtype=np.float32, peft_strided: bool = False, with_grads: bool = True,
-                split_weights: bool = False, weight_dtype=np.float32, **kw) -> tuple:
-    """Engine with the case's weights and LoRA bound; returns (engine, lora, grads)."""
-    eng = kk.MoEEngine(c.E, c.K, c.H, c.I, lora_rank=c.r,
-                       lora_alpha=(c.lora.scaling * c.r if c.lora else None),
-                       lora_layout="fused" if (c.lora is None or c.lora.fused) else "split",
-                       num_threads=threads, isa=isa, **kw)
-    if split_weights:
-        eng.load_weights(gate=c.gate.astype(weight_dtype), up=c.up.astype(weight_dtype),
-                         down=c.down.astype(weight_dtype))
+def case_engine(
+    c: Case, *, isa: str | None = None, threads: int | None = 1, **kw: Any
+) -> kk.MoEEngine:
+    """A MoEEngine shaped for the case (E, K, H, I, LoRA rank, alpha and layout), nothing loaded
+    yet. kw go to MoEEngine as they are (weight_dtype, group_size, activation_dtype, tp, ...)."""
+    return kk.MoEEngine(
+        c.E,
+        c.K,
+        c.H,
+        c.I,
+        lora_rank=c.r,
+        lora_alpha=(c.lora.scaling * c.r if c.lora else None),
+        lora_layout="fused" if (c.lora is None or c.lora.fused) else "split",
+        num_threads=threads,
+        isa=isa,
+        **kw,
+    )
+
+
+def load_case_weights(
+    eng: kk.MoEEngine, c: Case, *, split: bool = False, array_dtype: DTypeLike = np.float32
+) -> None:
+    """load_weights with the case's base weights cast to array_dtype (the engine stores them in
+    its own weight_dtype); split: gate and up as two arrays instead of the concatenated gate_up."""
+    if split:
+        eng.load_weights(
+            gate=c.gate.astype(array_dtype),
+            up=c.up.astype(array_dtype),
+            down=c.down.astype(array_dtype),
+        )
     else:
-        eng.load_weights(gate_up=c.gate_up.astype(weight_dtype), down=c.down.astype(weight_dtype))
-    lora, grads = {}, {}
+        eng.load_weights(gate_up=c.gate_up.astype(array_dtype), down=c.down.astype(array_dtype))
+
+
+def load_case_codes(
+    eng: kk.MoEEngine,
+    c: Case,
+    weight_dtype: str,
+    group_size: int | None = None,
+    *,
+    split: bool = False,
+) -> None:
+    """load_quantized_weights with the case's base weights quantized by kk.quantize_weights
+    (weight_dtype 'int8' / 'int4'; group_size left to its default when None); split as in
+    load_case_weights."""
+
+    def codes(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if group_size is None:
+            return kk.quantize_weights(w, weight_dtype)
+        return kk.quantize_weights(w, weight_dtype, group_size)
+
+    arrays: dict[str, np.ndarray] = {}
+    for name in ("gate", "up", "down") if split else ("gate_up", "down"):
+        arrays[name], arrays[f"{name}_scale"] = codes(getattr(c, name))
+    eng.load_quantized_weights(**arrays)
+
+
+def bind_lora(
+    eng: kk.MoEEngine,
+    c: Case,
+    *,
+    lora_dtype: DTypeLike = np.float32,
+    peft_strided: bool = False,
+    with_grads: bool = True,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """set_lora with the case's LoRA weights (lora_arrays) and, with_grads, zeroed gradient arrays
+    (grad_arrays) that the engine's backward accumulates into. Returns (lora, grads); both are
+    empty for a case without LoRA, which binds nothing."""
+    lora: dict[str, np.ndarray] = {}
+    grads: dict[str, np.ndarray] = {}
     if c.lora is not None:
         lora = lora_arrays(c, lora_dtype, peft_strided)
         grads = grad_arrays(c, peft_strided) if with_grads else {}
         eng.set_lora(**lora, **grads)
+    return lora, grads
+
+
+def make_engine(
+    c: Case,
+    *,
+    isa: str | None = None,
+    threads: int | None = 1,
+    lora_dtype: DTypeLike = np.float32,
+    peft_strided: bool = False,
+    with_grads: bool = True,
+    split_weights: bool = False,
+    weight_array_dtype: DTypeLike = np.float32,
+    prequantized: bool = False,
+    **kw: Any,
+) -> tuple[kk.MoEEngine, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Engine with the case's weights and LoRA bound; returns (engine, lora, grads).
+
+    kw go to MoEEngine (see case_engine). The base weights are loaded as float arrays of
+    weight_array_dtype (load_case_weights) or, with prequantized, as codes from
+    kk.quantize_weights for kw's weight_dtype and group_size (load_case_codes); split_weights
+    loads gate and up separately. LoRA as in bind_lora."""
+    eng = case_engine(c, isa=isa, threads=threads, **kw)
+    if prequantized:
+        load_case_codes(eng, c, kw["weight_dtype"], kw.get("group_size"), split=split_weights)
+    else:
+        load_case_weights(eng, c, split=split_weights, array_dtype=weight_array_dtype)
+    lora, grads = bind_lora(
+        eng, c, lora_dtype=lora_dtype, peft_strided=peft_strided, with_grads=with_grads
+    )
     return eng, lora, grads
 
 
@@ -99,3 +189,13 @@ def run(eng: kk.MoEEngine, c: Case, *, x=None, dout=None, act_dtype=np.float32) 
     dw = np.full((c.T, c.K), np.nan, dtype=np.float32)
     eng.backward(dout.astype(dt), dx, dw)
     return dict(out=out.astype(np.float64), dx=dx.astype(np.float64), dw=dw.astype(np.float64))
+
+
+def run_and_close(
+    eng: kk.MoEEngine, c: Case, grads: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """run (forward + backward), then close the engine. Returns out, dx, dw followed by the
+    gradient arrays grads that the backward accumulated into (grad_<name>), in that order."""
+    r = run(eng, c)
+    eng.close()
+    return {**r, **grads}

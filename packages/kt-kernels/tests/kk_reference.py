@@ -14,6 +14,7 @@ taken as exact integer matmuls of the codes followed by the engine's float32 epi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import ml_dtypes
@@ -141,6 +142,26 @@ def _f64(a: np.ndarray) -> np.ndarray:
 
 def forward(c: Case, x: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
     """Return out (T x H, float64) and what backward needs."""
+
+    def gate_up(e: int, tt: np.ndarray, xe: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return xe @ _f64(c.gate[e]).T, xe @ _f64(c.up[e]).T
+
+    def down(e: int, hb: np.ndarray) -> np.ndarray:
+        return hb @ _f64(c.down[e]).T
+
+    return _forward(c, x, gate_up, down)
+
+
+def _forward(
+    c: Case,
+    x: np.ndarray | None,
+    gate_up: Callable[[int, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]],
+    down: Callable[[int, np.ndarray], np.ndarray],
+) -> tuple[np.ndarray, dict]:
+    """The forward around the base-weight products: gate_up(e, tt, xe) gives expert e's base g and
+    u for the bf16 x rows xe of tokens tt, down(e, hb) its base y for the bf16 h rows hb. Routing,
+    LoRA (float64 from bf16 x / h), silu, the bf16 rounding of h and the combine are the same for
+    every forward. Returns out (T x H, float64) and what backward needs."""
     x = c.x if x is None else x
     xb = bf16(x)
     T, H, K = c.T, c.H, c.K
@@ -153,8 +174,7 @@ def forward(c: Case, x: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
         if tt.size == 0:
             continue
         xe = xb[tt]
-        g = xe @ _f64(c.gate[e]).T
-        u = xe @ _f64(c.up[e]).T
+        g, u = gate_up(e, tt, xe)
         if L:
             xag = xe @ _f64(L.a_g[e]).T
             xau = xe @ _f64(L.a_u[e]).T
@@ -162,9 +182,8 @@ def forward(c: Case, x: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
             u = u + s * xau @ _f64(L.b_u[e]).T
         else:
             xag = xau = None
-        h = g * sigmoid(g) * u
-        hb = bf16(h)
-        y = hb @ _f64(c.down[e]).T
+        hb = bf16(g * sigmoid(g) * u)
+        y = down(e, hb)
         had = None
         if L:
             had = hb @ _f64(L.a_d[e]).T
@@ -275,17 +294,10 @@ def forward_w8a8(c: Case, x: np.ndarray | None = None) -> tuple[np.ndarray, dict
     from bf16 x / h. Returns out and a cache for `backward` on `dequantized(c)`, which is the
     straight-through backward. Without LoRA, g and u equal the engine's float32 values bit for
     bit."""
-    x = c.x if x is None else x
-    xb = bf16(x)
-    qx, sx = quantize_rows_i8(xb)
+    qx, sx = quantize_rows_i8(bf16(c.x if x is None else x))
     qg, sg = _q_int8(c.gate)
     qu, su = _q_int8(c.up)
     qd, sd = _q_int8(c.down)
-    T, H, K = c.T, c.H, c.K
-    out = np.zeros((T, H))
-    per_slot: dict = {}
-    L = c.lora
-    s = L.scaling if L else 0.0
 
     def mm(codes, s_row, w_codes, s_col):
         acc = codes.astype(np.int64) @ w_codes.astype(np.int64).T
@@ -294,31 +306,14 @@ def forward_w8a8(c: Case, x: np.ndarray | None = None) -> tuple[np.ndarray, dict
             np.float64
         )
 
-    for e in range(c.E):
-        tt, jj = np.nonzero(c.ids == e)
-        if tt.size == 0:
-            continue
-        xe = xb[tt]
-        g = mm(qx[tt], sx[tt], qg[e], sg[e])
-        u = mm(qx[tt], sx[tt], qu[e], su[e])
-        if L:
-            xag = xe @ _f64(L.a_g[e]).T
-            xau = xe @ _f64(L.a_u[e]).T
-            g = g + s * xag @ _f64(L.b_g[e]).T
-            u = u + s * xau @ _f64(L.b_u[e]).T
-        else:
-            xag = xau = None
-        hb = bf16(g * sigmoid(g) * u)
+    def gate_up(e: int, tt: np.ndarray, xe: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return mm(qx[tt], sx[tt], qg[e], sg[e]), mm(qx[tt], sx[tt], qu[e], su[e])
+
+    def down(e: int, hb: np.ndarray) -> np.ndarray:
         qh, sh = quantize_rows_i8(hb)
-        y = mm(qh, sh, qd[e], sd[e])
-        had = None
-        if L:
-            had = hb @ _f64(L.a_d[e]).T
-            y = y + s * had @ _f64(L.b_d[e]).T
-        per_slot[e] = dict(tt=tt, jj=jj, xe=xe, g=g, u=u, hb=hb, y=y, xag=xag, xau=xau, had=had)
-    for d in per_slot.values():
-        np.add.at(out, d["tt"], _f64(c.w[d["tt"], d["jj"]])[:, None] * d["y"])
-    return out, dict(per_slot=per_slot, T=T, H=H, K=K)
+        return mm(qh, sh, qd[e], sd[e])
+
+    return _forward(c, x, gate_up, down)
 
 
 def max_rel_err(got: np.ndarray, ref: np.ndarray) -> float:

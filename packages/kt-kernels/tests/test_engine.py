@@ -55,7 +55,7 @@ def check_all(c, got, grads, tol=None, out_tol=None):
     assert max_rel_err(got["dx"], ref["dx"]) <= out_tol, max_rel_err(got["dx"], ref["dx"])
     assert max_rel_err(got["dw"], ref["dw"]) <= tol, max_rel_err(got["dw"], ref["dw"])
     for name, g in grads.items():
-        err = max_rel_err(g, ref[name[len("grad_"):]])
+        err = max_rel_err(g, ref[name[len("grad_") :]])
         assert err <= tol, (name, err)
     return ref_out, ref
 
@@ -64,8 +64,18 @@ def check_all(c, got, grads, tol=None, out_tol=None):
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_reference(isa: str, case: str) -> None:
     E, K, H, I, r, T, fused, ldt, peft = CASES[case]  # noqa: E741 (I is the spec's name)
-    c = make_case(E, K, H, I, r, T, seed=hash(case) % 1000, fused=fused, used_experts=E - 1,
-                  alpha=2.0 * r if r else None)
+    c = make_case(
+        E,
+        K,
+        H,
+        I,
+        r,
+        T,
+        seed=hash(case) % 1000,
+        fused=fused,
+        used_experts=E - 1,
+        alpha=2.0 * r if r else None,
+    )
     eng, _, grads = make_engine(c, isa=isa, lora_dtype=ldt, peft_strided=peft)
     assert eng.isa == isa
     if ldt is BF16:
@@ -82,8 +92,7 @@ def test_matches_reference(isa: str, case: str) -> None:
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("top_k", range(1, 9))
 def test_top_k_range(isa: str, top_k: int) -> None:
-    c = make_case(10, top_k, 40, 24, 2, 7, seed=100 + top_k, fused=top_k % 2 == 0,
-                  used_experts=7)
+    c = make_case(10, top_k, 40, 24, 2, 7, seed=100 + top_k, fused=top_k % 2 == 0, used_experts=7)
     eng, _, grads = make_engine(c, isa=isa)
     check_all(c, run(eng, c), grads)
 
@@ -93,7 +102,7 @@ def test_bf16_activations_and_split_weights(isa: str) -> None:
     """x / out / grad_out / grad_input in bfloat16 (NumPy + ml_dtypes), base weights given split
     and in bfloat16."""
     c = make_case(6, 2, 80, 40, 2, 9, seed=3, fused=True)
-    eng, _, grads = make_engine(c, isa=isa, split_weights=True, weight_dtype=BF16)
+    eng, _, grads = make_engine(c, isa=isa, split_weights=True, weight_array_dtype=BF16)
     got = run(eng, c, act_dtype="bf16")
     check_all(c, got, grads, out_tol=flip_tol(c) + 2.0**-8)
 
@@ -150,7 +159,7 @@ def test_cache_depth_two_lifo(isa: str) -> None:
     assert max_rel_err(dx1, ref1["dx"]) <= TOL and max_rel_err(dx2, ref2["dx"]) <= TOL
     assert max_rel_err(dw1, ref1["dw"]) <= TOL and max_rel_err(dw2, ref2["dw"]) <= TOL
     for k, v in grads.items():
-        name = k[len("grad_"):]
+        name = k[len("grad_") :]
         assert max_rel_err(g2[k], ref2[name]) <= TOL, k
         assert max_rel_err(v, ref1[name] + ref2[name]) <= TOL, k
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from kk_helpers import grad_arrays, isa_params, lora_arrays, run
+from kk_helpers import isa_params, make_engine, run_and_close
 from kk_reference import make_case
 
 import kt_kernels as kk
@@ -29,29 +29,6 @@ CASES = {
 }
 
 
-def _engine(c, wd: str, group: int, *, isa: str, tp: int, monkeypatch, mode: str):
-    monkeypatch.setenv("KT_KERNELS_FUSED_DEQUANT", mode)
-    eng = kk.MoEEngine(
-        c.E,
-        c.K,
-        c.H,
-        c.I,
-        lora_rank=c.r,
-        lora_alpha=(c.lora.scaling * c.r if c.lora else None),
-        weight_dtype=wd,
-        group_size=group,
-        num_threads=2,
-        isa=isa,
-        tp=tp,
-    )
-    eng.load_weights(gate_up=c.gate_up, down=c.down)
-    grads = {}
-    if c.lora is not None:
-        grads = grad_arrays(c)
-        eng.set_lora(**lora_arrays(c), **grads)
-    return eng, grads
-
-
 @pytest.mark.parametrize("tp", [1, 2])
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("isa", ISAS)
@@ -62,11 +39,10 @@ def test_fused_and_dequant_paths_give_the_same_bits(
     c = make_case(*shape, seed=17)
     results = {}
     for mode in MODES:
-        eng, grads = _engine(c, wd, group, isa=isa, tp=tp, monkeypatch=monkeypatch, mode=mode)
+        monkeypatch.setenv("KT_KERNELS_FUSED_DEQUANT", mode)
+        eng, _, grads = make_engine(c, isa=isa, threads=2, weight_dtype=wd, group_size=group, tp=tp)
         assert eng.tp == tp
-        r = run(eng, c)
-        results[mode] = [r["out"], r["dx"], r["dw"], *grads.values()]
-        eng.close()
+        results[mode] = list(run_and_close(eng, c, grads).values())
     assert np.all(np.isfinite(results["0"][0]))
     for mode in MODES[1:]:
         for got, want in zip(results[mode], results["0"]):
@@ -79,7 +55,8 @@ def test_fused_inference_forward_same_bits(wd: str, monkeypatch: pytest.MonkeyPa
     c = make_case(16, 4, 256, 128, 0, 1, seed=3, pad_frac=0.0)
     outs = []
     for mode in ("0", "1"):
-        eng, _ = _engine(c, wd, 64, isa=None, tp=1, monkeypatch=monkeypatch, mode=mode)
+        monkeypatch.setenv("KT_KERNELS_FUSED_DEQUANT", mode)
+        eng, _, _ = make_engine(c, threads=2, weight_dtype=wd, group_size=64, tp=1)
         out = np.zeros((c.T, c.H), dtype=np.float32)
         eng.forward(c.x, c.ids, c.w, out, save_for_backward=False)
         outs.append(out)
@@ -105,22 +82,7 @@ def test_w8a8_engines_ignore_the_fused_path(monkeypatch: pytest.MonkeyPatch) -> 
     results = []
     for mode in ("0", "1"):
         monkeypatch.setenv("KT_KERNELS_FUSED_DEQUANT", mode)
-        eng = kk.MoEEngine(
-            c.E,
-            c.K,
-            c.H,
-            c.I,
-            lora_rank=c.r,
-            lora_alpha=c.lora.scaling * c.r,
-            weight_dtype="int8",
-            activation_dtype="int8",
-            num_threads=1,
-        )
-        eng.load_weights(gate_up=c.gate_up, down=c.down)
-        grads = grad_arrays(c)
-        eng.set_lora(**lora_arrays(c), **grads)
-        r = run(eng, c)
-        results.append([r["out"], r["dx"], r["dw"], *grads.values()])
-        eng.close()
+        eng, _, grads = make_engine(c, weight_dtype="int8", activation_dtype="int8")
+        results.append(list(run_and_close(eng, c, grads).values()))
     for got, want in zip(results[1], results[0]):
         np.testing.assert_array_equal(got, want)

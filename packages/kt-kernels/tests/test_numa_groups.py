@@ -17,7 +17,7 @@ import json
 
 import numpy as np
 import pytest
-from kk_helpers import grad_arrays, lora_arrays, run
+from kk_helpers import make_engine, run, run_and_close
 from kk_reference import make_case, max_rel_err
 
 import kt_kernels as kk
@@ -38,27 +38,11 @@ CASES = {
 
 def engine(
     c, wd: str, group: int, tp: int, threads: int, max_tokens: int = 4096, isa: str | None = None
-):
-    eng = kk.MoEEngine(
-        c.E,
-        c.K,
-        c.H,
-        c.I,
-        lora_rank=c.r,
-        lora_alpha=(c.lora.scaling * c.r if c.lora else None),
-        lora_layout="fused" if (c.lora is None or c.lora.fused) else "split",
-        weight_dtype=wd,
-        group_size=group,
-        tp=tp,
-        num_threads=threads,
-        max_tokens=max_tokens,
-        isa=isa,
+) -> tuple[kk.MoEEngine, dict[str, np.ndarray]]:
+    """The case's engine for these tests and its LoRA gradient arrays (make_engine)."""
+    eng, _, grads = make_engine(
+        c, isa=isa, threads=threads, weight_dtype=wd, group_size=group, tp=tp, max_tokens=max_tokens
     )
-    eng.load_weights(gate_up=c.gate_up, down=c.down)
-    grads = {}
-    if c.lora is not None:
-        grads = grad_arrays(c)
-        eng.set_lora(**lora_arrays(c), **grads)
     return eng, grads
 
 
@@ -67,9 +51,7 @@ def results(
 ) -> dict:
     eng, grads = engine(c, wd, group, tp, threads, max_tokens, isa)
     assert eng.tp == tp and eng.num_threads == threads
-    r = run(eng, c)
-    eng.close()
-    return {**r, **grads}
+    return run_and_close(eng, c, grads)
 
 
 @pytest.mark.parametrize("case", list(CASES))

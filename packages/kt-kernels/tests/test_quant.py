@@ -19,7 +19,7 @@ import dataclasses
 
 import numpy as np
 import pytest
-from kk_helpers import grad_arrays, isa_params, lora_arrays, run
+from kk_helpers import isa_params, make_engine, run, run_and_close
 from kk_reference import backward, bf16, forward, make_case, max_rel_err
 
 import kt_kernels as kk
@@ -38,34 +38,17 @@ CASES = {
 
 def dequantized_case(c, wd: str, group: int):
     """The case with its base weights replaced by bf16(code * scale), as the engine uses them."""
+
     def dq(w):
         codes, scales = kk.quantize_weights(w, wd, group)
         return bf16(kk.dequantize_weights(codes, scales, wd, group)).astype(np.float32)
+
     return dataclasses.replace(c, gate=dq(c.gate), up=dq(c.up), down=dq(c.down))
 
 
-def quant_engine(c, wd: str, group: int, *, isa=None, threads=1, prequantized=False, split=False,
-                 tp=1):
-    eng = kk.MoEEngine(c.E, c.K, c.H, c.I, lora_rank=c.r,
-                       lora_alpha=(c.lora.scaling * c.r if c.lora else None),
-                       lora_layout="fused" if (c.lora is None or c.lora.fused) else "split",
-                       weight_dtype=wd, group_size=group, num_threads=threads, isa=isa, tp=tp)
-    if prequantized:
-        q = {n: kk.quantize_weights(getattr(c, n), wd, group) for n in ("gate_up", "gate", "up", "down")}
-        if split:
-            eng.load_quantized_weights(gate=q["gate"][0], gate_scale=q["gate"][1], up=q["up"][0],
-                                       up_scale=q["up"][1], down=q["down"][0], down_scale=q["down"][1])
-        else:
-            eng.load_quantized_weights(gate_up=q["gate_up"][0], gate_up_scale=q["gate_up"][1],
-                                       down=q["down"][0], down_scale=q["down"][1])
-    elif split:
-        eng.load_weights(gate=c.gate, up=c.up, down=c.down)
-    else:
-        eng.load_weights(gate_up=c.gate_up, down=c.down)
-    grads = {}
-    if c.lora is not None:
-        grads = grad_arrays(c)
-        eng.set_lora(**lora_arrays(c), **grads)
+def quant_engine(c, wd: str, group: int, **kw) -> tuple[kk.MoEEngine, dict[str, np.ndarray]]:
+    """make_engine with weight_dtype wd and group_size group; returns (engine, grads)."""
+    eng, _, grads = make_engine(c, weight_dtype=wd, group_size=group, **kw)
     return eng, grads
 
 
@@ -84,7 +67,7 @@ def test_quantized_matches_reference(isa: str, case: str) -> None:
     assert max_rel_err(got["dx"], ref["dx"]) <= tol
     assert max_rel_err(got["dw"], ref["dw"]) <= tol
     for name, g in grads.items():
-        assert max_rel_err(g, ref[name[len("grad_"):]]) <= tol, name
+        assert max_rel_err(g, ref[name[len("grad_") :]]) <= tol, name
     # Stated bound against the unquantized weights.
     full_out, full_cache = forward(c)
     full = backward(c, full_cache)
@@ -97,13 +80,17 @@ def test_quantized_matches_reference(isa: str, case: str) -> None:
 def test_prequantized_equals_load_time_quantization(wd: str, group: int) -> None:
     c = make_case(4, 2, 128, 128, 2, 13, seed=5)
     outs = {}
-    for pre, split, threads, tp in ((False, False, 1, 1), (True, False, 2, 1), (True, True, 1, 1),
-                                    (False, False, 1, 2), (True, True, 2, 2)):
-        eng, grads = quant_engine(c, wd, group, prequantized=pre, split=split, threads=threads,
-                                  tp=tp)
-        r = run(eng, c)
-        outs.setdefault(tp, []).append([r["out"], r["dx"], r["dw"], *grads.values()])
-        eng.close()
+    for pre, split, threads, tp in (
+        (False, False, 1, 1),
+        (True, False, 2, 1),
+        (True, True, 1, 1),
+        (False, False, 1, 2),
+        (True, True, 2, 2),
+    ):
+        eng, grads = quant_engine(
+            c, wd, group, prequantized=pre, split_weights=split, threads=threads, tp=tp
+        )
+        outs.setdefault(tp, []).append(list(run_and_close(eng, c, grads).values()))
     for same_tp in outs.values():
         for other in same_tp[1:]:
             for a, b in zip(same_tp[0], other):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from kk_helpers import grad_arrays, lora_arrays, run
+from kk_helpers import make_engine, run_and_close
 from kk_reference import make_case, max_rel_err
 
 import kt_kernels as kk
@@ -26,25 +26,10 @@ CASES = {
 }
 
 
-def engine(c, wd, group, tp, threads=1):
-    eng = kk.MoEEngine(c.E, c.K, c.H, c.I, lora_rank=c.r,
-                       lora_alpha=(c.lora.scaling * c.r if c.lora else None),
-                       lora_layout="fused" if (c.lora is None or c.lora.fused) else "split",
-                       weight_dtype=wd, group_size=group, tp=tp, num_threads=threads)
-    eng.load_weights(gate_up=c.gate_up, down=c.down)
-    grads = {}
-    if c.lora is not None:
-        grads = grad_arrays(c)
-        eng.set_lora(**lora_arrays(c), **grads)
-    return eng, grads
-
-
 def results(c, wd, group, tp, threads=1):
-    eng, grads = engine(c, wd, group, tp, threads)
+    eng, _, grads = make_engine(c, threads=threads, weight_dtype=wd, group_size=group, tp=tp)
     assert eng.tp == tp
-    r = run(eng, c)
-    eng.close()
-    return {**r, **grads}
+    return run_and_close(eng, c, grads)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -65,7 +50,7 @@ def test_tp_memory_same_and_none_is_per_node() -> None:
     c = make_case(2, 2, 64, 64, 0, 1, seed=1)
     sizes = []
     for tp in (1, 2):
-        eng, _ = engine(c, "bf16", 128, tp)
+        eng, _, _ = make_engine(c, weight_dtype="bf16", group_size=128, tp=tp)
         sizes.append(eng.memory_stats()["weight_bytes"])
         eng.close()
     assert sizes[0] == sizes[1]

@@ -30,7 +30,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import FAST
-from kk_helpers import grad_arrays, isa_params, lora_arrays, run
+from kk_helpers import isa_params, make_engine, run, run_and_close
 from kk_reference import (
     backward,
     dequantized,
@@ -66,57 +66,15 @@ def flip_tol(c) -> float:
     return max(1e-3, 2.0**-6 / np.sqrt(c.I))
 
 
-def w8a8_engine(c, *, isa=None, threads=1, tp=1, prequantized=False, split=False, with_grads=True):
-    eng = kk.MoEEngine(
-        c.E,
-        c.K,
-        c.H,
-        c.I,
-        lora_rank=c.r,
-        lora_alpha=(c.lora.scaling * c.r if c.lora else None),
-        lora_layout="fused" if (c.lora is None or c.lora.fused) else "split",
-        weight_dtype="int8",
-        activation_dtype="int8",
-        num_threads=threads,
-        isa=isa,
-        tp=tp,
-    )
-    if prequantized:
-        q = {
-            n: kk.quantize_weights(getattr(c, n), "int8") for n in ("gate_up", "gate", "up", "down")
-        }
-        if split:
-            eng.load_quantized_weights(
-                gate=q["gate"][0],
-                gate_scale=q["gate"][1],
-                up=q["up"][0],
-                up_scale=q["up"][1],
-                down=q["down"][0],
-                down_scale=q["down"][1],
-            )
-        else:
-            eng.load_quantized_weights(
-                gate_up=q["gate_up"][0],
-                gate_up_scale=q["gate_up"][1],
-                down=q["down"][0],
-                down_scale=q["down"][1],
-            )
-    elif split:
-        eng.load_weights(gate=c.gate, up=c.up, down=c.down)
-    else:
-        eng.load_weights(gate_up=c.gate_up, down=c.down)
-    grads = {}
-    if c.lora is not None:
-        grads = grad_arrays(c) if with_grads else {}
-        eng.set_lora(**lora_arrays(c), **grads)
+def w8a8_engine(c, **kw) -> tuple[kk.MoEEngine, dict[str, np.ndarray]]:
+    """make_engine with int8 weights and int8 activations; returns (engine, grads)."""
+    eng, _, grads = make_engine(c, weight_dtype="int8", activation_dtype="int8", **kw)
     return eng, grads
 
 
 def all_results(c, **kw) -> dict:
     eng, grads = w8a8_engine(c, **kw)
-    r = run(eng, c)
-    eng.close()
-    return {**r, **grads}
+    return run_and_close(eng, c, grads)
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -231,7 +189,7 @@ def test_skip_lora_and_inference_only_engine() -> None:
 def test_prequantized_equals_load_time_quantization(split: bool) -> None:
     c = make_case(4, 2, 128, 96, 2, 13, seed=5, fused=not split)
     want = all_results(c)
-    got = all_results(c, prequantized=True, split=split, threads=2)
+    got = all_results(c, prequantized=True, split_weights=split, threads=2)
     for name, v in want.items():
         np.testing.assert_array_equal(got[name], v, err_msg=name)
 

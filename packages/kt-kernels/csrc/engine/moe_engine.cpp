@@ -140,6 +140,29 @@ struct Tile {
   int64_t e, m0, m1, n0, n1;
 };
 
+// One phase's tiles split by tensor-parallel slice, for run_slices: tiles[s] run on worker group s.
+struct SliceTiles {
+  std::vector<std::vector<Tile>> tiles;
+  std::vector<int64_t> counts;  // tiles[s].size()
+  const Tile& at(int s, int64_t i) const {
+    return tiles[static_cast<size_t>(s)][static_cast<size_t>(i)];
+  }
+};
+
+// add(b0, b1, out) appends to out, in the order they are to run, the tiles of the slice that owns
+// I blocks [b0, b1); it is called once per slice, in slice order.
+template <class Slices, class AddTiles>
+SliceTiles slice_tiles(const Slices& slices, AddTiles&& add) {
+  SliceTiles st;
+  st.tiles.resize(slices.size());
+  st.counts.reserve(slices.size());
+  for (size_t si = 0; si < slices.size(); ++si) {
+    add(slices[si]->b0, slices[si]->b0 + slices[si]->nb, st.tiles[si]);
+    st.counts.push_back(static_cast<int64_t>(st.tiles[si].size()));
+  }
+  return st;
+}
+
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // The per-slot fp32 rows of the last GEMM (y in forward, dx in backward) are produced and combined
@@ -1177,24 +1200,20 @@ void MoEEngine::run_forward(Ctx& c) {
   // tensor-parallel slice; slice s's tiles run on worker group s.
   const int64_t n_pairs = nbI_;
   const size_t tp = sl_.size();
-  std::vector<std::vector<Tile>> stiles(tp);
-  std::vector<int64_t> counts(tp);
-  for (size_t si = 0; si < tp; ++si) {
-    const int64_t pb = sl_[si]->b0, pe = pb + sl_[si]->nb;
+  const SliceTiles gu_tiles = slice_tiles(sl_, [&](int64_t pb, int64_t pe, std::vector<Tile>& out) {
     for (int64_t e = 0; e < E; ++e) {
       for (int64_t m0 = off[e]; m0 < off[e + 1]; m0 += kRowsFwd) {
         for (int64_t p0 = pb; p0 < pe; p0 += kPairsFwd) {
-          stiles[si].push_back(
+          out.push_back(
               {e, m0, std::min(off[e + 1], m0 + kRowsFwd), p0, std::min(pe, p0 + kPairsFwd)});
         }
       }
     }
-    counts[si] = static_cast<int64_t>(stiles[si].size());
-  }
+  });
   bf16* hb = shared_buf<bf16>(kSlotH, Sc * std::max(KpI, 2 * Ib));
   float* gu = en.gu.get<float>(Sc * 2 * Ib);
-  run_slices(counts, [&](int si, int64_t i, int th) {
-    const Tile& tl = stiles[static_cast<size_t>(si)][static_cast<size_t>(i)];
+  run_slices(gu_tiles.counts, [&](int si, int64_t i, int th) {
+    const Tile& tl = gu_tiles.at(si, i);
     const int64_t M = tl.m1 - tl.m0, np = tl.n1 - tl.n0, ncols = 32 * np, nh = 16 * np;
     float* C = gu + tl.m0 * 2 * Ib + 32 * tl.n0;  // written in place in the cache
     const int64_t ldc = 2 * Ib;
@@ -1274,7 +1293,7 @@ void MoEEngine::run_forward(Ctx& c) {
       }
     }
     // The same tiles for every slice: tile i of slice s computes slice s's partial.
-    counts.assign(tp, static_cast<int64_t>(tiles.size()));
+    const std::vector<int64_t> counts(tp, static_cast<int64_t>(tiles.size()));
     run_slices(counts, [&](int si, int64_t i, int th) {
       const Tile& tl = tiles[static_cast<size_t>(i)];
       const Slice& sl = *sl_[static_cast<size_t>(si)];
@@ -1405,26 +1424,22 @@ void MoEEngine::run_backward(Ctx& c) {
   // -- down^T tiles (expert, I chunk): D, dw partials, dg/du, LoRA down-A and gate_up-B grads.
   // A chunk belongs to one slice: slice s's tiles run on worker group s.
   const size_t tp = sl_.size();
-  std::vector<std::vector<Tile>> stiles(tp);
-  std::vector<int64_t> counts(tp);
-  for (size_t si = 0; si < tp; ++si) {
-    const int64_t pb = sl_[si]->b0, pe = pb + sl_[si]->nb;
+  const SliceTiles dt_tiles = slice_tiles(sl_, [&](int64_t pb, int64_t pe, std::vector<Tile>& out) {
     for (int64_t e = 0; e < E; ++e) {
       if (off[e + 1] == off[e]) continue;
       for (const auto& ch : ichunks) {
         if (ch.first >= pb && ch.first < pe) {
-          stiles[si].push_back({e, off[e], off[e + 1], ch.first, ch.second});
+          out.push_back({e, off[e], off[e + 1], ch.first, ch.second});
         }
       }
     }
-    counts[si] = static_cast<int64_t>(stiles[si].size());
-  }
+  });
   bf16* dgu = shared_buf<bf16>(kSlotH, Sc * std::max(KpI_, 2 * Ib));
   const float* gu = en.gu.get<float>(S * 2 * Ib);
   const float* xa = lora ? en.xa.get<float>(S * RA) : nullptr;
   const int64_t wdt_elems = kPairsBwd * kernels::packed_block_elems(H);
-  run_slices(counts, [&](int sidx, int64_t ti, int th) {
-    const Tile& tl = stiles[static_cast<size_t>(sidx)][static_cast<size_t>(ti)];
+  run_slices(dt_tiles.counts, [&](int sidx, int64_t ti, int th) {
+    const Tile& tl = dt_tiles.at(sidx, ti);
     const int64_t np = tl.n1 - tl.n0, ni = 16 * np, i0 = 16 * tl.n0;
     const int64_t chunk = chunk_of[static_cast<size_t>(tl.n0)];
     bf16* wdt = local_buf<bf16>(th, kL0, wdt_elems);
@@ -1581,7 +1596,7 @@ void MoEEngine::run_backward(Ctx& c) {
         tiles.push_back({e, off[e], off[e + 1], b0, std::min(bhi, b0 + kBlocksBwdH)});
       }
     }
-    counts.assign(tp, static_cast<int64_t>(tiles.size()));
+    const std::vector<int64_t> counts(tp, static_cast<int64_t>(tiles.size()));
     run_slices(counts, [&](int sidx, int64_t ti, int th) {
       const Tile& tl = tiles[static_cast<size_t>(ti)];
       const Slice& sl = *sl_[static_cast<size_t>(sidx)];
