@@ -13,10 +13,11 @@
 //   h = silu(g) * u rounded to bf16 as on the bf16 path, then quantized the same way per row over
 //   the whole intermediate width I (one scale per row, whatever the tensor-parallel split)
 //   y = (float(acc_h) * sh) * sw_down + the LoRA term from bf16 h.
-// With tp slices, each slice's int8 partial product over its columns of I is added in int32 (exact)
-// before the epilogue: one h scale per row makes the slices' partials commensurable, so W8A8
-// outputs do not depend on tp at all, and the down weight scale of a row is the same in every
-// slice (rows are quantized whole).
+// With tp slices, the h scale is still one per row over all of I, and a row's down weight scale
+// is the same in every slice (rows are quantized whole). Each slice's int32 partial product over
+// its columns of I is scaled on its own, on that slice's worker group, and the float partials are
+// added per token in slice order like the bf16 path: results match tp = 1 to float32 rounding and
+// do not depend on the thread count.
 //
 // Backward is straight-through: the gradients are those of the weight-only int8 path (weights
 // dequantized to bf16(code * scale)), evaluated on the activations this forward cached ([g | u],

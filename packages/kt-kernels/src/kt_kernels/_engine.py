@@ -85,7 +85,7 @@ class MoEEngine:
             int32 sums (AMX-INT8, AVX512-VNNI, or int16 multiplies on AVX2 / AVX-512F), then
             ``float(acc) * scale_row * scale_channel``; LoRA terms stay float32 from bf16 x / h.
             Backward is straight-through: the gradients of the weight-only int8 path on the
-            activations of the W8A8 forward. Outputs do not depend on ``tp``.
+            activations of the W8A8 forward. Outputs match ``tp=1`` to float32 rounding.
         tp: tensor-parallel slices of the intermediate dim I (None: one per NUMA node). Each
             slice's weights are allocated apart (bound to NUMA node ``slice % nodes`` when the
             build found libnuma). The threads form ``tp`` groups and group ``s`` computes slice
