@@ -455,6 +455,56 @@ def scenario_trainer(outdir: str) -> None:
                    "engine_ranks": _engine_ranks(model), "placement": plugin.engine_placement})
 
 
+#: ``TrainingArguments`` turning on FSDP2 in the Trainer (docs/distributed.md).
+TRAINER_FSDP2: dict[str, Any] = {
+    "fsdp": "full_shard",
+    "fsdp_config": {"fsdp_version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+                    "reshard_after_forward": True},
+}
+
+
+def scenario_trainer_fsdp2(outdir: str) -> None:
+    """KTTrainer with ``TrainingArguments(fsdp=..., fsdp_config={"fsdp_version": 2})`` on this
+    rank's share of the dataset: 4 steps with a checkpoint every 2, then (unless
+    ``KTA_RESUME=0``) a second trainer resuming from ``checkpoint-2`` in another folder."""
+    from torch.distributed.tensor import DTensor
+
+    import kt_accelerate
+
+    out = Path(os.environ["KTA_TRAIN_DIR"])
+    payload: dict[str, Any] = {}
+    for run, resume in (("full", None), ("resumed", str(out / "full" / "checkpoint-2"))):
+        if run == "resumed" and os.environ.get("KTA_RESUME", "1") == "0":
+            break
+        args = trainer_args(str(out / run), per_device=2, **TRAINER_FSDP2)
+        plugin = kt_accelerate.KTransformersPlugin(kt_config=dict(KT_SETTINGS))
+        model = build_model(plugin, lora_seed=_rank() + 1)  # the trainer makes them rank 0's
+        if os.environ.get("KTA_TRL") == "1":
+            from trl import SFTConfig
+
+            from kt_accelerate import KTSFTTrainer as trainer_class
+            args = SFTConfig(**{**args.to_dict(), **TRAINER_FSDP2})
+        else:
+            trainer_class = kt_accelerate.KTTrainer
+        recorder = LossRecorder()
+        trainer = trainer_class(model=model, args=args, train_dataset=sequences(),
+                                data_collator=collate, kt_plugin=plugin, callbacks=[recorder])
+        trainer.train(resume_from_checkpoint=resume)
+        wrapped = trainer.model
+        payload[run] = {
+            "losses": recorder.losses,
+            "state": {n: _full(p) for n, p in wrapped.named_parameters() if p.requires_grad},
+            "sharded": sorted({isinstance(p, DTensor) for n, p in wrapped.named_parameters()
+                               if p.requires_grad and "experts" not in n}),
+            "experts_sharded": sorted({isinstance(p, DTensor) for n, p in
+                                       wrapped.named_parameters() if "experts" in n}),
+            "distributed_type": str(trainer.accelerator.distributed_type),
+            "model_class": type(wrapped).__name__,
+            "engine_ranks": _engine_ranks(wrapped),
+        }
+    _save(outdir, payload)
+
+
 # ---------------------------------------------------------------------------------------------
 # Trainer helpers
 
@@ -516,7 +566,7 @@ class LossRecorder:
 
 
 SCENARIOS = {"parity": scenario_parity, "crash": scenario_crash, "trainer": scenario_trainer,
-             "fsdp2": scenario_fsdp2}
+             "fsdp2": scenario_fsdp2, "trainer_fsdp2": scenario_trainer_fsdp2}
 
 if __name__ == "__main__":
     torch.set_num_threads(1)

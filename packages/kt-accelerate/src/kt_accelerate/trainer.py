@@ -31,9 +31,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from accelerate.utils import DistributedType
 from transformers import Trainer, TrainerCallback
 
-from kt_accelerate import checkpoint, integration
+from kt_accelerate import checkpoint, fsdp, integration
 from kt_accelerate.plugin import KTransformersPlugin
 
 __all__ = ["KTCallback", "KTTrainer", "KTTrainerMixin"]
@@ -88,7 +89,53 @@ class KTTrainerMixin:
         # PEFT may only now be applied (SFTTrainer's peft_config): place its parameters.
         if self.model is not None:  # type: ignore[has-type]
             self.model = integration.prepare_model(self.model, plugin, wrap=False)
+            if self._kt_fsdp2 and integration.is_kt_model(self.model):
+                fsdp.prepare_for_fsdp2(self.model, self.accelerator.state.fsdp_plugin,
+                                       self.accelerator.device)
         self.add_callback(KTCallback())  # type: ignore[attr-defined]
+
+    @property
+    def _kt_fsdp2(self) -> bool:
+        return bool(getattr(self, "is_fsdp_enabled", False)) and getattr(
+            self.accelerator.state.fsdp_plugin, "fsdp_version", None) == 2  # type: ignore
+
+    def create_accelerator_and_postprocess(self) -> None:
+        """The stock accelerator, checked against kt; under ``TrainingArguments(fsdp=...)`` on
+        the CPU it takes accelerate's FSDP2 path over gloo (accelerate keeps ``MULTI_CPU``
+        there, see :func:`kt_accelerate.fsdp.use_fsdp_on_cpu`)."""
+        super().create_accelerator_and_postprocess()  # type: ignore[misc]
+        accelerator = self.accelerator  # type: ignore[attr-defined]
+        requested = getattr(self.args, "fsdp_plugin_args", None)  # type: ignore[attr-defined]
+        if requested is not None and accelerator.distributed_type == DistributedType.MULTI_CPU:
+            from accelerate.utils import FullyShardedDataParallelPlugin
+
+            fsdp.use_fsdp_on_cpu(accelerator, FullyShardedDataParallelPlugin(**requested))
+            self.is_fsdp_enabled = True
+        if accelerator.distributed_type == DistributedType.FSDP:
+            self.kt_plugin.check_fsdp_plugin(accelerator.state.fsdp_plugin)
+
+    def create_optimizer(self, *args: Any, **kwargs: Any) -> Any:
+        optimizer = super().create_optimizer(*args, **kwargs)  # type: ignore[misc]
+        if self._kt_fsdp2:
+            fsdp.separate_kt_parameters(optimizer, self.model)  # type: ignore[attr-defined]
+        return optimizer
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Under FSDP2 a PEFT model's adapter is gathered (collective) and written whole by the
+        main process, whatever ``fsdp_config["state_dict_type"]`` is: checkpoints and
+        ``save_model`` hold the standard PEFT adapter, as without FSDP."""
+        from peft import PeftModel
+
+        unwrapped = self.accelerator.unwrap_model(self.model)  # type: ignore[attr-defined]
+        if not (self._kt_fsdp2 and isinstance(unwrapped, PeftModel)):
+            return super().save_model(output_dir, _internal_call)  # type: ignore[misc]
+        from kt_sft.adapter import gather_adapter_state_dict
+
+        state = gather_adapter_state_dict(unwrapped)
+        self._save(output_dir, state_dict=state)  # type: ignore[attr-defined]
+        if self.args.push_to_hub and not _internal_call:  # type: ignore[attr-defined]
+            self.push_to_hub(commit_message="Model save",  # type: ignore[attr-defined]
+                             revision=self.args.hub_revision)  # type: ignore[attr-defined]
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         loss = super().training_step(*args, **kwargs)  # type: ignore[misc]
