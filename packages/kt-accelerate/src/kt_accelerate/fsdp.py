@@ -148,8 +148,7 @@ def separate_kt_parameters(optimizer: torch.optim.Optimizer, model: nn.Module) -
         kt_params = [p for p in group["params"] if id(p) in ids]
         if kt_params and len(kt_params) < len(group["params"]):
             group["params"] = [p for p in group["params"] if id(p) not in ids]
-            added.append({**{k: v for k, v in group.items() if k != "params"},
-                          "params": kt_params})
+            added.append({**{k: v for k, v in group.items() if k != "params"}, "params": kt_params})
     for group in added:
         optimizer.add_param_group(group)
     return len(added)
