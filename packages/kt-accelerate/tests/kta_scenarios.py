@@ -457,7 +457,7 @@ def scenario_trainer(outdir: str) -> None:
 
 #: ``TrainingArguments`` turning on FSDP2 in the Trainer (docs/distributed.md).
 TRAINER_FSDP2: dict[str, Any] = {
-    "fsdp": "full_shard",
+    "fsdp": True,
     "fsdp_config": {"fsdp_version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
                     "reshard_after_forward": True},
 }

@@ -136,7 +136,7 @@ def test_unsupported_fsdp_training_arguments_are_refused(tmp_path, fsdp_config, 
     args = sc.trainer_args(
         str(tmp_path),
         per_device=2,
-        fsdp="full_shard",
+        fsdp=True,
         fsdp_config=fsdp_config,
         gradient_checkpointing=False,
     )
@@ -144,10 +144,10 @@ def test_unsupported_fsdp_training_arguments_are_refused(tmp_path, fsdp_config, 
         plugin.check_training_args(args)
 
 
-def test_fsdp_cpu_offload_in_training_arguments_is_refused(tmp_path) -> None:
+@pytest.mark.parametrize("fsdp", ["full_shard offload", True])
+def test_fsdp_cpu_offload_in_training_arguments_is_refused(tmp_path, fsdp) -> None:
     plugin = KTransformersPlugin(kt_config=dict(sc.KT_SETTINGS))
-    args = sc.trainer_args(
-        str(tmp_path), per_device=2, fsdp="full_shard offload", fsdp_config={"fsdp_version": 2}
-    )
+    config = {"fsdp_version": 2} if fsdp is not True else {"fsdp_version": 2, "cpu_offload": True}
+    args = sc.trainer_args(str(tmp_path), per_device=2, fsdp=fsdp, fsdp_config=config)
     with pytest.raises(ValueError, match=r"FSDP2 CPU offload .* is not supported with kt"):
         plugin.check_training_args(args)
