@@ -455,6 +455,103 @@ def scenario_trainer(outdir: str) -> None:
                    "engine_ranks": _engine_ranks(model), "placement": plugin.engine_placement})
 
 
+#: ``TrainingArguments`` turning on FSDP2 in the Trainer (docs/distributed.md).
+TRAINER_FSDP2: dict[str, Any] = {
+    "fsdp": True,
+    "fsdp_config": {"fsdp_version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+                    "reshard_after_forward": True},
+}
+
+
+def scenario_trainer_fsdp2(outdir: str) -> None:
+    """KTTrainer with ``TrainingArguments(fsdp=..., fsdp_config={"fsdp_version": 2})`` on this
+    rank's share of the dataset: 4 steps with a checkpoint every 2, then (unless
+    ``KTA_RESUME=0``) a second trainer resuming from ``checkpoint-2`` in another folder."""
+    from torch.distributed.tensor import DTensor
+
+    import kt_accelerate
+
+    out = Path(os.environ["KTA_TRAIN_DIR"])
+    payload: dict[str, Any] = {}
+    for run, resume in (("full", None), ("resumed", str(out / "full" / "checkpoint-2"))):
+        if run == "resumed" and os.environ.get("KTA_RESUME", "1") == "0":
+            break
+        args = trainer_args(str(out / run), per_device=2, **TRAINER_FSDP2)
+        plugin = kt_accelerate.KTransformersPlugin(kt_config=dict(KT_SETTINGS))
+        model = build_model(plugin, lora_seed=_rank() + 1)  # the trainer makes them rank 0's
+        recorder = LossRecorder()
+        trainer = kt_accelerate.KTTrainer(model=model, args=args, train_dataset=sequences(),
+                                          data_collator=collate, kt_plugin=plugin,
+                                          callbacks=[recorder])
+        trainer.train(resume_from_checkpoint=resume)
+        wrapped = trainer.model
+        payload[run] = {
+            "losses": recorder.losses,
+            "state": {n: _full(p) for n, p in wrapped.named_parameters() if p.requires_grad},
+            "sharded": sorted({isinstance(p, DTensor) for n, p in wrapped.named_parameters()
+                               if p.requires_grad and "experts" not in n}),
+            "experts_sharded": sorted({isinstance(p, DTensor) for n, p in
+                                       wrapped.named_parameters() if "experts" in n}),
+            "distributed_type": str(trainer.accelerator.distributed_type),
+            "model_class": type(wrapped).__name__,
+            "engine_ranks": _engine_ranks(wrapped),
+        }
+    _save(outdir, payload)
+
+
+def word_tokenizer() -> Any:
+    """A word-level tokenizer over the tiny model's vocabulary (``w0`` … ``w127``)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(vocab={f"w{i}": i for i in range(VOCAB)}, unk_token="w3"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="w0", bos_token="w1",
+                                   eos_token="w2", unk_token="w3")
+
+
+def scenario_trl_fsdp2(outdir: str) -> None:
+    """TRL's SFTTrainer with kt (KTSFTTrainer) under FSDP2 from an unwrapped model, a text
+    dataset and a ``peft_config``: one step, one checkpoint."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from torch.distributed.tensor import DTensor
+    from trl import SFTConfig
+
+    import kt_accelerate
+    from kt_models import tiny
+    from kt_sft.distributed import expert_lora_parameters
+
+    g = torch.Generator().manual_seed(0)
+    rows = [{"text": " ".join(f"w{int(i)}" for i in torch.randint(4, VOCAB, (8,), generator=g))}
+            for _ in range(4)]
+    args = SFTConfig(output_dir=os.environ["KTA_TRAIN_DIR"], max_steps=1,
+                     per_device_train_batch_size=2, use_cpu=True, report_to=[], save_steps=1,
+                     logging_steps=1, max_length=16, disable_tqdm=True, ddp_timeout=120,
+                     **TRAINER_FSDP2)
+    trainer = kt_accelerate.KTSFTTrainer(
+        model=tiny.build(MODEL_TYPE), args=args, train_dataset=Dataset.from_list(rows),
+        processing_class=word_tokenizer(),
+        kt_plugin=kt_accelerate.KTransformersPlugin(kt_config=dict(KT_SETTINGS)),
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                               target_parameters=["mlp.experts.gate_up_proj",
+                                                  "mlp.experts.down_proj"]))
+    before = [p.detach().clone() for p in expert_lora_parameters(trainer.model)]
+    recorder = LossRecorder()
+    trainer.add_callback(recorder)
+    trainer.train()
+    after = expert_lora_parameters(trainer.model)
+    _save(outdir, {
+        "losses": recorder.losses,
+        "distributed_type": str(trainer.accelerator.distributed_type),
+        "sharded": sorted({isinstance(p, DTensor) for n, p in trainer.model.named_parameters()
+                           if p.requires_grad and "experts" not in n}),
+        # PEFT's default init has B = 0, so the first step moves the B factors only.
+        "experts_trained": len(after) == len(before) > 0
+        and any(not torch.equal(a, b) for a, b in zip(after, before)),
+    })
+
+
 # ---------------------------------------------------------------------------------------------
 # Trainer helpers
 
@@ -516,7 +613,8 @@ class LossRecorder:
 
 
 SCENARIOS = {"parity": scenario_parity, "crash": scenario_crash, "trainer": scenario_trainer,
-             "fsdp2": scenario_fsdp2}
+             "fsdp2": scenario_fsdp2, "trainer_fsdp2": scenario_trainer_fsdp2,
+             "trl_fsdp2": scenario_trl_fsdp2}
 
 if __name__ == "__main__":
     torch.set_num_threads(1)

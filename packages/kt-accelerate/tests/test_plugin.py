@@ -173,6 +173,10 @@ def test_fsdp_launch_environment_is_checked(env: dict, message: str) -> None:
         KTransformersPlugin()
     with patch_environment(accelerate_use_fsdp="true", fsdp_version="2"):
         KTransformersPlugin()
+    # An Accelerator given a plugin sets ACCELERATE_USE_FSDP in its own process (no
+    # FSDP_VERSION): the accelerator checks its plugin itself, later plugins are not refused.
+    with patch_environment(accelerate_use_fsdp="true"):
+        KTransformersPlugin()
 
 
 def _args(**kw) -> SimpleNamespace:
@@ -184,8 +188,10 @@ def _args(**kw) -> SimpleNamespace:
 
 @pytest.mark.parametrize(("plugin_kwargs", "args", "message"), [
     ({}, _args(deepspeed={"zero_optimization": {"stage": 3}}), "DeepSpeed ZeRO-3"),
-    ({}, _args(fsdp="full_shard"), r"TrainingArguments\.fsdp is not supported with KTTrainer "
-                                   r"yet .* FSDP2 in your own loop"),
+    ({}, _args(fsdp="full_shard", fsdp_plugin_args={"fsdp_version": 1}),
+     r"FSDP version 1 .* use FSDP2"),
+    ({}, _args(fsdp="full_shard offload",
+               fsdp_plugin_args={"fsdp_version": 2, "cpu_offload": True}), "FSDP2 CPU offload"),
     ({}, _args(torch_compile=True), r"TrainingArguments\.torch_compile=True conflicts"),
     ({"kt_config": {"num_gpu_experts": 2}}, _args(use_cpu=True),
      r"TrainingArguments\.use_cpu=True conflicts with KTransformersPlugin\.kt_config\."

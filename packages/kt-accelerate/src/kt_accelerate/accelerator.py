@@ -75,7 +75,7 @@ class KTAccelerator(Accelerator):
         super().__init__(*args, **kwargs)
         if self.state.distributed_type == DistributedType.MULTI_CPU and (
                 kwargs.get("fsdp_plugin") is not None or _flag("ACCELERATE_USE_FSDP")):
-            self._fsdp_on_cpu(kwargs.get("fsdp_plugin"))
+            fsdp.use_fsdp_on_cpu(self, kwargs.get("fsdp_plugin"))
         launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
         if launched > 1 and self.num_processes == 1:
             raise ValueError(
@@ -97,23 +97,6 @@ class KTAccelerator(Accelerator):
         integration.init_distributed(plugin)
         self.register_save_state_pre_hook(self._kt_save_state_hook)
         self.register_load_state_pre_hook(self._kt_load_state_hook)
-
-    def _fsdp_on_cpu(self, fsdp_plugin: Any) -> None:
-        """Use accelerate's FSDP2 path on the CPU. accelerate's state enables FSDP only for
-        accelerator devices and keeps ``MULTI_CPU`` otherwise; this sets the fields it would
-        have set (``distributed_type`` and ``fsdp_plugin``). The process state gets the type
-        too, since every new ``AcceleratorState()`` copies it over the accelerator state's.
-        FSDP2 itself runs on a CPU device mesh over gloo."""
-        from accelerate.state import PartialState
-        from accelerate.utils import FullyShardedDataParallelPlugin
-
-        if fsdp_plugin is None:
-            fsdp_plugin = FullyShardedDataParallelPlugin()  # from the launcher's FSDP_* variables
-        if self.state.mixed_precision != "no":
-            fsdp_plugin.set_mixed_precision(self.state.mixed_precision)
-        PartialState().distributed_type = DistributedType.FSDP
-        self.state.distributed_type = DistributedType.FSDP
-        self.state.fsdp_plugin = fsdp_plugin
 
     # -- prepare --------------------------------------------------------------------------
     def _prepare_kt_model(self, model: torch.nn.Module) -> torch.nn.Module:

@@ -33,7 +33,13 @@ from torch import nn
 
 from kt_sft import distributed as kt_distributed
 
-__all__ = ["KTManagedParameters", "exclude_kt_parameters", "prepare_for_fsdp2"]
+__all__ = [
+    "KTManagedParameters",
+    "exclude_kt_parameters",
+    "prepare_for_fsdp2",
+    "separate_kt_parameters",
+    "use_fsdp_on_cpu",
+]
 
 
 class KTManagedParameters(nn.Module):
@@ -103,3 +109,46 @@ def prepare_for_fsdp2(
             trainable, what="broadcast of the trainable parameters before FSDP2 sharding"
         )
     return model
+
+
+def use_fsdp_on_cpu(accelerator: Any, fsdp_plugin: Any = None) -> Any:
+    """Put a CPU (``MULTI_CPU``) ``accelerator`` on accelerate's FSDP path; returns the plugin.
+
+    accelerate's state enables FSDP only for accelerator devices and keeps ``MULTI_CPU``
+    otherwise; this sets the fields it would have set (``distributed_type`` and
+    ``fsdp_plugin``; ``fsdp_plugin=None`` builds one from the launcher's ``FSDP_*``
+    variables). The process state gets the type too, since every new ``AcceleratorState()``
+    copies it over the accelerator state's. FSDP2 itself then runs on a CPU device mesh over
+    gloo."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    if fsdp_plugin is None:
+        fsdp_plugin = FullyShardedDataParallelPlugin()
+    if accelerator.state.mixed_precision != "no":
+        fsdp_plugin.set_mixed_precision(accelerator.state.mixed_precision)
+    PartialState().distributed_type = DistributedType.FSDP
+    accelerator.state.distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = fsdp_plugin
+    return fsdp_plugin
+
+
+def separate_kt_parameters(optimizer: torch.optim.Optimizer, model: nn.Module) -> int:
+    """Move the parameters kt looks after in ``model`` into param groups of their own (same
+    settings as the group they came from); returns how many groups were added.
+
+    After ``fully_shard`` the other parameters are ``DTensor``s while kt's stay plain tensors,
+    and fused optimizers (the Trainer's default ``adamw_torch_fused``) refuse a group mixing
+    both. Call before the optimizer is prepared and before any state exists."""
+    ids = {id(p) for p in kt_distributed.kt_managed_parameters(model)}
+    if not ids:
+        return 0
+    added = []
+    for group in optimizer.param_groups:
+        kt_params = [p for p in group["params"] if id(p) in ids]
+        if kt_params and len(kt_params) < len(group["params"]):
+            group["params"] = [p for p in group["params"] if id(p) not in ids]
+            added.append({**{k: v for k, v in group.items() if k != "params"}, "params": kt_params})
+    for group in added:
+        optimizer.add_param_group(group)
+    return len(added)

@@ -24,6 +24,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from kt_sft import KTConfig
@@ -214,9 +215,12 @@ class KTransformersPlugin:
         if _flag("ACCELERATE_USE_DEEPSPEED"):
             stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "").strip()
             self.check_distributed_type("DEEPSPEED", zero_stage=int(stage) if stage else None)
-        if _flag("ACCELERATE_USE_FSDP"):
-            version = os.environ.get("FSDP_VERSION", "").strip()
-            self.check_distributed_type("FSDP", fsdp_version=int(version) if version else 1)
+        # `accelerate launch` exports FSDP_VERSION with ACCELERATE_USE_FSDP; without it the flag
+        # is the one an Accelerator sets in its own process when given a plugin, which the
+        # accelerator (KTAccelerator, KTTrainer) checks itself.
+        version = os.environ.get("FSDP_VERSION", "").strip()
+        if _flag("ACCELERATE_USE_FSDP") and version:
+            self.check_distributed_type("FSDP", fsdp_version=int(version))
             if _flag("FSDP_OFFLOAD_PARAMS"):
                 raise ValueError(_OFFLOAD_ERROR)
             if _flag("FSDP_CPU_RAM_EFFICIENT_LOADING"):
@@ -263,13 +267,10 @@ class KTransformersPlugin:
         deepspeed = getattr(args, "deepspeed", None)
         if deepspeed:
             self.check_distributed_type("DEEPSPEED", zero_stage=_zero_stage(deepspeed))
-        fsdp = getattr(args, "fsdp", None)
-        if fsdp and fsdp not in ("", [], False):
-            raise ValueError(
-                "TrainingArguments.fsdp is not supported with KTTrainer yet (FSDP2 with kt runs "
-                "through KTAccelerator only); use DDP with the Trainer (no fsdp argument), or "
-                "FSDP2 in your own loop: kt_accelerate.KTAccelerator(fsdp_plugin="
-                "FullyShardedDataParallelPlugin(fsdp_version=2))")
+        fsdp_args = getattr(args, "fsdp_plugin_args", None)
+        if getattr(args, "fsdp", None) and fsdp_args is not None:
+            # What Trainer builds its FullyShardedDataParallelPlugin from (fsdp + fsdp_config).
+            self.check_fsdp_plugin(SimpleNamespace(**fsdp_args))
         if getattr(args, "torch_compile", False):
             raise ValueError(
                 "TrainingArguments.torch_compile=True conflicts with KTransformersPlugin: kt's "

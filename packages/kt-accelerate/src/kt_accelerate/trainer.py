@@ -22,6 +22,11 @@ class for TRL). The additions:
   default ``adamw_torch_fused`` writes them without bumping torch's version counters);
 * ``training_step``: after the backward that completes an optimizer step, reduces the expert
   LoRA gradients across ranks (before the Trainer clips and steps);
+* ``TrainingArguments(fsdp=..., fsdp_config={"fsdp_version": 2, ...})``: FSDP2 shards the
+  non-expert parameters (on the CPU too, over gloo) while kt keeps its own out of sharding
+  (:mod:`kt_accelerate.fsdp`); the optimizer keeps kt's parameters in param groups of their
+  own, and checkpoints hold the gathered, standard PEFT adapter. FSDP1, CPU offload,
+  ``cpu_ram_efficient_loading`` and ``fsdp_config["activation_checkpointing"]`` are refused;
 * checkpoints record the process layout (``kt_layout.json``, by :class:`KTCallback`) and
   ``train(resume_from_checkpoint=...)`` checks it (see :mod:`kt_accelerate.checkpoint`).
 """
@@ -31,9 +36,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from accelerate.utils import DistributedType
 from transformers import Trainer, TrainerCallback
 
-from kt_accelerate import checkpoint, integration
+from kt_accelerate import checkpoint, fsdp, integration
 from kt_accelerate.plugin import KTransformersPlugin
 
 __all__ = ["KTCallback", "KTTrainer", "KTTrainerMixin"]
@@ -63,8 +69,9 @@ def _resolve_checkpoint(resume: Any, output_dir: str) -> str | None:
 class KTTrainerMixin:
     """kt's additions to a ``transformers.Trainer`` subclass (mix in first)."""
 
-    def __init__(self, *args: Any, kt_plugin: KTransformersPlugin | None = None,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, kt_plugin: KTransformersPlugin | None = None, **kwargs: Any
+    ) -> None:
         plugin = kt_plugin if kt_plugin is not None else KTransformersPlugin()
         if not isinstance(plugin, KTransformersPlugin):
             raise TypeError(f"kt_plugin must be a KTransformersPlugin, got {type(plugin).__name__}")
@@ -88,7 +95,58 @@ class KTTrainerMixin:
         # PEFT may only now be applied (SFTTrainer's peft_config): place its parameters.
         if self.model is not None:  # type: ignore[has-type]
             self.model = integration.prepare_model(self.model, plugin, wrap=False)
+            if self._kt_fsdp2 and integration.is_kt_model(self.model):
+                fsdp.prepare_for_fsdp2(
+                    self.model, self.accelerator.state.fsdp_plugin, self.accelerator.device
+                )
         self.add_callback(KTCallback())  # type: ignore[attr-defined]
+
+    @property
+    def _kt_fsdp2(self) -> bool:
+        return (
+            bool(getattr(self, "is_fsdp_enabled", False))
+            and getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", None) == 2
+        )  # type: ignore
+
+    def create_accelerator_and_postprocess(self) -> None:
+        """The stock accelerator, checked against kt; under ``TrainingArguments(fsdp=...)`` on
+        the CPU it takes accelerate's FSDP2 path over gloo (accelerate keeps ``MULTI_CPU``
+        there, see :func:`kt_accelerate.fsdp.use_fsdp_on_cpu`)."""
+        super().create_accelerator_and_postprocess()  # type: ignore[misc]
+        accelerator = self.accelerator  # type: ignore[attr-defined]
+        requested = getattr(self.args, "fsdp_plugin_args", None)  # type: ignore[attr-defined]
+        if requested is not None and accelerator.distributed_type == DistributedType.MULTI_CPU:
+            from accelerate.utils import FullyShardedDataParallelPlugin
+
+            fsdp.use_fsdp_on_cpu(accelerator, FullyShardedDataParallelPlugin(**requested))
+            self.is_fsdp_enabled = True
+        if accelerator.distributed_type == DistributedType.FSDP:
+            self.kt_plugin.check_fsdp_plugin(accelerator.state.fsdp_plugin)
+
+    def create_optimizer(self, *args: Any, **kwargs: Any) -> Any:
+        optimizer = super().create_optimizer(*args, **kwargs)  # type: ignore[misc]
+        if self._kt_fsdp2:
+            fsdp.separate_kt_parameters(optimizer, self.model)  # type: ignore[attr-defined]
+        return optimizer
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Under FSDP2 a PEFT model's adapter is gathered (collective) and written whole by the
+        main process, whatever ``fsdp_config["state_dict_type"]`` is: checkpoints and
+        ``save_model`` hold the standard PEFT adapter, as without FSDP."""
+        from peft import PeftModel
+
+        unwrapped = self.accelerator.unwrap_model(self.model)  # type: ignore[attr-defined]
+        if not (self._kt_fsdp2 and isinstance(unwrapped, PeftModel)):
+            return super().save_model(output_dir, _internal_call)  # type: ignore[misc]
+        from kt_sft.adapter import gather_adapter_state_dict
+
+        state = gather_adapter_state_dict(unwrapped)
+        self._save(output_dir, state_dict=state)  # type: ignore[attr-defined]
+        if self.args.push_to_hub and not _internal_call:  # type: ignore[attr-defined]
+            self.push_to_hub(
+                commit_message="Model save",  # type: ignore[attr-defined]
+                revision=self.args.hub_revision,
+            )  # type: ignore[attr-defined]
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         loss = super().training_step(*args, **kwargs)  # type: ignore[misc]
@@ -97,11 +155,11 @@ class KTTrainerMixin:
         return loss
 
     def train(self, resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any) -> Any:
-        path = _resolve_checkpoint(resume_from_checkpoint,
-                                   self.args.output_dir)  # type: ignore[attr-defined]
+        path = _resolve_checkpoint(resume_from_checkpoint, self.args.output_dir)  # type: ignore[attr-defined]
         if path is not None:
             checkpoint.check_layout(
-                path, allow_world_size_change=bool(self.kt_plugin.allow_world_size_change))
+                path, allow_world_size_change=bool(self.kt_plugin.allow_world_size_change)
+            )
         return super().train(resume_from_checkpoint, *args, **kwargs)  # type: ignore[misc]
 
 

@@ -32,7 +32,13 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["KTAdapterError", "install_save", "load_adapter", "save_adapter"]
+__all__ = [
+    "KTAdapterError",
+    "gather_adapter_state_dict",
+    "install_save",
+    "load_adapter",
+    "save_adapter",
+]
 
 LORA_EXPERTS_FILE = "kt_lora_experts.safetensors"
 KT_ADAPTER_FILE = "kt_adapter.json"
@@ -113,7 +119,7 @@ def save_adapter(peft_model: Any, save_directory: str | os.PathLike[str], **kwar
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         PeftModel.save_pretrained(peft_model, str(tmp), **kwargs)
-        _write_extras(peft_model, tmp, gathered)
+        _write_extras(peft_model, tmp, kwargs.get("state_dict"))
         _atomic_replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -165,6 +171,34 @@ def _gather_sharded(peft_model: Any, kwargs: dict[str, Any]) -> dict[str, Any] |
         if _is_dtensor(value) and (id(value) in wanted or key in trainable):
             value = _full_tensor(value)
         out[key] = value
+    return out
+
+
+def gather_adapter_state_dict(peft_model: Any) -> dict[str, torch.Tensor]:
+    """The state-dict entries an adapter save writes (every adapter's tensors, the trainable
+    parameters, kt's LoRA experts), whole and on the CPU, under the model's own key names.
+
+    Collective when the model holds FSDP2-sharded ``DTensor``s (call it on every rank); the
+    result can go to ``save_pretrained(..., state_dict=...)`` on the main process alone, which
+    then writes the same standard adapter as :func:`save_adapter`."""
+    state = peft_model.state_dict()
+    kwargs: dict[str, Any] = {"state_dict": state}
+    gathered = _gather_sharded(peft_model, kwargs)
+    full = gathered if gathered is not None else state
+    from peft.utils import get_peft_model_state_dict
+
+    wanted = set()
+    for adapter in list(peft_model.peft_config):
+        selected = get_peft_model_state_dict(peft_model, state_dict=state, adapter_name=adapter)
+        wanted.update(id(v) for v in selected.values())
+    keep = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    keep.update(f"{name}.{pname}" for name, module in _lora_experts(peft_model).items()
+                for pname, _ in module.named_parameters())
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if id(value) in wanted or key in keep:
+            value = full[key]
+            out[key] = value.detach().to("cpu") if not _is_dtensor(value) else _full_tensor(value)
     return out
 
 
