@@ -1,9 +1,12 @@
 // Dequantization of weight codes (weight_dtype int8 / int4, and the int8 blocks of W8A8,
-// engine/quant.h) into the packed bf16 block layout, one implementation per ISA folder
+// engine/quant.h) into the packed bf16 block layout, and the two steps of load-time quantization
+// of a group of float weights (its max |w|, then its codes), one implementation per ISA folder
 // (kernels/<isa>/quant.cpp). The engine picks the table with quant_kernels(isa); ISAs without a
 // folder of their own use the next one down (amx, avx512_bf16 -> avx512 -> avx2 -> scalar). Every
 // implementation gives the scalar reference's bits: a product of a small integer and a float32
-// scale is one IEEE multiply, and the bf16 rounding below is integer arithmetic.
+// scale is one IEEE multiply, and the bf16 rounding below is integer arithmetic; a code is one IEEE
+// division w / s rounded half to even (the default rounding mode's nearbyint) and clamped, and a
+// maximum of finite magnitudes is exact in any order.
 #pragma once
 
 #include <cstdint>
@@ -25,10 +28,19 @@ using dequant_i4_fn = void (*)(int64_t npairs, const uint8_t* codes, const float
 //     out[64 q + 32 h + 2 n + i] = bf16(float(codes[64 q + 4 n + 2 h + i]) * sv[2 n + i]).
 using dequant_i8x4_fn = void (*)(int64_t nquads, const int8_t* codes, const float* sv, bf16* out);
 
+// Load-time quantization of one group of n floats (engine/quant.h). absmax: *amax = max |w[k]|
+// (+0 for n = 0 or all zeros); returns false, *amax unspecified, if a value is Inf or NaN.
+using quant_absmax_fn = bool (*)(int64_t n, const float* w, float* amax);
+// quantize, for finite w and a scale s > 0: codes[k] = int8(min(qm, max(-qm, nearbyint(w[k] / s))))
+// with IEEE division (not a product with 1 / s) and round half to even.
+using quant_codes_fn = void (*)(int64_t n, const float* w, float s, float qm, int8_t* codes);
+
 struct QuantKernels {
   dequant_i8_fn i8;
   dequant_i4_fn i4;
   dequant_i8x4_fn i8x4;
+  quant_absmax_fn absmax;
+  quant_codes_fn quantize;
 };
 
 inline namespace KT_ISA_NAMESPACE {

@@ -1,7 +1,10 @@
 // The dequantization kernels (kernels/quant_kernels.h) of every runnable ISA: bit-identical to the
-// scalar reference, for every int8 code and int4 nibble and scales of varied magnitude.
+// scalar reference, for every int8 code and int4 nibble and scales of varied magnitude. The
+// quantization kernels (max |w| and codes) likewise, on data made of ties, zeros, denormals,
+// clamped and non-finite values and odd lengths; place_block equals place_row row by row.
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <random>
 #include <vector>
 
@@ -103,6 +106,129 @@ TEST(w8a8_blocks_place_and_dequantize_ranges) {
                     isa_name(isa), (long long)kp0, (long long)kp1, (long long)b, j, (long long)k, v,
                     want);
           }
+        }
+      }
+    }
+  }
+}
+
+namespace {
+
+// Groups of floats that stress the quantization kernels; each comes with scales to try.
+struct QuantCase {
+  std::vector<float> w;
+  std::vector<float> scales;  // extra scales besides max|w| / qm (some force clamping)
+};
+
+std::vector<QuantCase> quant_cases(int64_t n, std::mt19937& rng) {
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  std::vector<QuantCase> cases;
+  auto at = [&](std::vector<float>& v, int64_t i) -> float& { return v[static_cast<size_t>(i)]; };
+  QuantCase c;
+  c.w.resize(static_cast<size_t>(n));
+  // Gaussian values.
+  for (auto& x : c.w) x = nd(rng) * 0.02f;
+  c.scales = {0.02f / 127.0f, 1e-3f, 3e-4f};
+  cases.push_back(c);
+  // Ties: halves of multiples of a power-of-two scale (exact quotients m + 0.5), both signs, up to
+  // and past +-qmax (clamped).
+  for (int64_t i = 0; i < n; ++i) {
+    const int m = static_cast<int>(rng() % 300) - 150;
+    at(c.w, i) = (static_cast<float>(m) + 0.5f) * 0x1p-7f;
+  }
+  c.scales = {0x1p-7f, 0x1p-6f, 0x1p-9f};
+  cases.push_back(c);
+  // Ties of scales that are not powers of two (whose reciprocals are inexact: w * (1 / s) misses
+  // some of these ties where w / s hits them).
+  for (const float s : {3 * 0x1p-10f, 5 * 0x1p-11f, 7 * 0x1p-12f, 11 * 0x1p-9f}) {
+    for (int64_t i = 0; i < n; ++i) {
+      const int m = static_cast<int>(rng() % 280) - 140;
+      at(c.w, i) = (static_cast<float>(m) + 0.5f) * s;  // exact: a small odd integer times 2^e
+    }
+    c.scales = {s};
+    cases.push_back(c);
+  }
+  // Zeros of both signs among small values; then all zeros.
+  for (int64_t i = 0; i < n; ++i) {
+    at(c.w, i) = i % 3 == 0 ? 0.0f : i % 3 == 1 ? -0.0f : nd(rng) * 1e-3f;
+  }
+  c.scales = {1e-3f / 127.0f, 1e-5f};
+  cases.push_back(c);
+  for (auto& x : c.w) x = (rng() & 1) ? 0.0f : -0.0f;
+  c.scales = {1.0f};
+  cases.push_back(c);
+  // Denormal inputs and quotients: values near the bottom of the float range, scales at and just
+  // above the smallest normal.
+  for (auto& x : c.w) x = nd(rng) * 0x1p-124f;
+  for (int64_t i = 0; i < n; i += 5) at(c.w, i) = nd(rng) * 0x1p-140f;  // denormal w
+  c.scales = {0x1p-126f, 0x1.8p-126f, 0x1p-120f, 3.0f};
+  cases.push_back(c);
+  // Huge values: quotients overflow to infinity and clamp.
+  for (auto& x : c.w) x = nd(rng) * 1e37f;
+  c.scales = {1e37f / 127.0f, 0x1p-126f};
+  cases.push_back(c);
+  return cases;
+}
+
+}  // namespace
+
+TEST(quantize_kernels_bit_identical_to_scalar) {
+  std::mt19937 rng(3);
+  const QuantKernels& ref = *scalar_quant_table();
+  const int64_t lengths[] = {0,  1,  2,  3,  7,  8,  9,   15,  16,  17,  31,
+                             32, 33, 47, 63, 64, 65, 127, 128, 129, 255, 2051};
+  for (const int64_t n : lengths) {
+    for (const QuantCase& c : quant_cases(n, rng)) {
+      float want_max = -1.0f;
+      REQUIRE(ref.absmax(n, c.w.data(), &want_max), "n %lld: finite", (long long)n);
+      for (Isa isa : available_isas()) {
+        const QuantKernels& q = quant_kernels(isa);
+        float got_max = -1.0f;
+        REQUIRE(q.absmax(n, c.w.data(), &got_max), "%s n %lld: finite", isa_name(isa),
+                (long long)n);
+        REQUIRE(std::memcmp(&got_max, &want_max, sizeof(float)) == 0, "%s n %lld: max %a, want %a",
+                isa_name(isa), (long long)n, got_max, want_max);
+        for (const float qm : {127.0f, 7.0f}) {
+          std::vector<float> scales = c.scales;
+          if (want_max > 0.0f && want_max / qm >= 0x1p-126f) scales.push_back(want_max / qm);
+          for (const float s : scales) {
+            std::vector<int8_t> want(static_cast<size_t>(n) + 1, 0x55), got = want;
+            ref.quantize(n, c.w.data(), s, qm, want.data());
+            q.quantize(n, c.w.data(), s, qm, got.data());
+            for (int64_t k = 0; k <= n; ++k) {
+              REQUIRE(got[static_cast<size_t>(k)] == want[static_cast<size_t>(k)],
+                      "%s n %lld qm %g s %a: code %lld of w %a is %d, want %d", isa_name(isa),
+                      (long long)n, qm, s, (long long)k, k < n ? c.w[static_cast<size_t>(k)] : 0.f,
+                      got[static_cast<size_t>(k)], want[static_cast<size_t>(k)]);
+            }
+          }
+        }
+      }
+    }
+  }
+  // The reference itself: ties round to even, quotients clamp to +-qm.
+  const float w[] = {0.5f, 1.5f, 2.5f, -0.5f, -1.5f, -2.5f, 200.0f, -200.0f, 7.5f};
+  int8_t codes[9];
+  ref.quantize(9, w, 1.0f, 127.0f, codes);
+  const int8_t want[] = {0, 2, 2, 0, -2, -2, 127, -127, 8};
+  REQUIRE(std::memcmp(codes, want, sizeof want) == 0, "round half even and clamp");
+  ref.quantize(9, w, 1.0f, 7.0f, codes);
+  REQUIRE(codes[6] == 7 && codes[7] == -7 && codes[8] == 7, "int4 clamp");
+}
+
+TEST(absmax_rejects_non_finite_anywhere) {
+  const float bad[] = {std::numeric_limits<float>::infinity(),
+                       -std::numeric_limits<float>::infinity(),
+                       std::numeric_limits<float>::quiet_NaN(), -std::nanf("")};
+  for (const int64_t n : {1, 7, 16, 17, 40, 131}) {
+    for (int64_t pos = 0; pos < n; pos += (n > 20 ? 3 : 1)) {
+      for (const float b : bad) {
+        std::vector<float> w(static_cast<size_t>(n), 0.25f);
+        w[static_cast<size_t>(pos)] = b;
+        for (Isa isa : available_isas()) {
+          float m = 0.0f;
+          REQUIRE(!quant_kernels(isa).absmax(n, w.data(), &m), "%s n %lld pos %lld value %a",
+                  isa_name(isa), (long long)n, (long long)pos, b);
         }
       }
     }

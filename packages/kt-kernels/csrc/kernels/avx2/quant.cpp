@@ -1,7 +1,12 @@
 // AVX2 dequantization (kernels/quant_kernels.h): 8 codes per step widened to int32, converted,
 // multiplied by the row scales and rounded to bf16 with integer arithmetic (bit-exact with the
 // scalar reference). int4 pairs are first unpacked to 32 int8 codes with byte shuffles.
+// Quantization: 32 floats per step (IEEE division, round half to even, clamp, then saturating packs
+// of values already integral and in range), the tail element by element with the same operations.
 #include "kernels/intrinsics.h"  // first: before anything includes <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
 
 #include "kernels/quant_kernels.h"
 
@@ -77,10 +82,62 @@ void dequant_i8x4(int64_t nquads, const int8_t* codes, const float* sv, bf16* ou
   }
 }
 
+bool absmax(int64_t n, const float* w, float* amax) {
+  // Magnitudes as bits: for non-negative floats the integer order is the float order, and any
+  // pattern > 0x7f7fffff is Inf or NaN.
+  const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff), big = _mm256_set1_epi32(0x7f7fffff);
+  __m256i m = _mm256_setzero_si256(), bad = _mm256_setzero_si256();
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8) {
+    const __m256i a =
+        _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k)), abs_mask);
+    bad = _mm256_or_si256(bad, _mm256_cmpgt_epi32(a, big));
+    m = _mm256_max_epi32(m, a);
+  }
+  if (!_mm256_testz_si256(bad, bad)) return false;
+  alignas(32) int32_t lanes[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), m);
+  int32_t mb = 0;
+  for (int i = 0; i < 8; ++i) mb = std::max(mb, lanes[i]);
+  float r;
+  std::memcpy(&r, &mb, sizeof r);
+  for (; k < n; ++k) {
+    if (!std::isfinite(w[k])) return false;
+    r = std::max(r, std::fabs(w[k]));
+  }
+  *amax = r;
+  return true;
+}
+
+inline __m256i code8(const float* w, __m256 vs, __m256 lo, __m256 hi) {
+  const __m256 q = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(w), vs),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return _mm256_cvtps_epi32(_mm256_min_ps(hi, _mm256_max_ps(lo, q)));
+}
+
+void quantize(int64_t n, const float* w, float s, float qm, int8_t* codes) {
+  const __m256 vs = _mm256_set1_ps(s), hi = _mm256_set1_ps(qm), lo = _mm256_set1_ps(-qm);
+  // packs work per 128-bit lane: after both, dwords 0 .. 3 hold codes 0-3, 8-11, 16-19, 24-27
+  // and dwords 4 .. 7 codes 4-7, 12-15, 20-23, 28-31.
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  int64_t k = 0;
+  for (; k + 32 <= n; k += 32) {
+    const __m256i ab = _mm256_packs_epi32(code8(w + k, vs, lo, hi), code8(w + k + 8, vs, lo, hi));
+    const __m256i cd =
+        _mm256_packs_epi32(code8(w + k + 16, vs, lo, hi), code8(w + k + 24, vs, lo, hi));
+    const __m256i p = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(ab, cd), order);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + k), p);
+  }
+  for (; k < n; ++k) {
+    const float q = std::nearbyint(w[k] / s);
+    codes[k] = static_cast<int8_t>(std::min(qm, std::max(-qm, q)));
+  }
+}
+
 }  // namespace
 
 const QuantKernels* avx2_quant_table() {
-  static const QuantKernels t{&dequant_i8, &dequant_i4, &dequant_i8x4};
+  static const QuantKernels t{&dequant_i8, &dequant_i4, &dequant_i8x4, &absmax, &quantize};
   return &t;
 }
 

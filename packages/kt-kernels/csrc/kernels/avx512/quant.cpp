@@ -1,6 +1,8 @@
 // AVX-512F dequantization (kernels/quant_kernels.h): 16 codes per step widened to int32, converted,
 // multiplied by the row scales and rounded to bf16 with integer arithmetic (bit-exact with the
 // scalar reference). int4 pairs are first unpacked to 32 int8 codes with byte shuffles.
+// Quantization: 16 floats per step, tails under a mask; IEEE division, round half to even
+// (roundscale), clamp, and a saturating narrow to int8 (the values are already integers in range).
 #include "kernels/intrinsics.h"  // first: before anything includes <immintrin.h>
 
 #include "kernels/quant_kernels.h"
@@ -67,10 +69,54 @@ void dequant_i8x4(int64_t nquads, const int8_t* codes, const float* sv, bf16* ou
   }
 }
 
+inline __mmask16 tail_mask(int64_t r) { return static_cast<__mmask16>((1u << r) - 1u); }
+
+bool absmax(int64_t n, const float* w, float* amax) {
+  const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff), inf = _mm512_set1_epi32(0x7f800000);
+  __m512i m = _mm512_setzero_si512();
+  __mmask16 bad = 0;
+  int64_t k = 0;
+  // Magnitudes as bits: for non-negative floats the integer order is the float order, and any
+  // pattern >= 0x7f800000 is Inf or NaN.
+  for (; k + 16 <= n; k += 16) {
+    const __m512i a = _mm512_and_si512(_mm512_loadu_si512(w + k), abs_mask);
+    bad |= _mm512_cmpge_epi32_mask(a, inf);
+    m = _mm512_max_epi32(m, a);
+  }
+  if (k < n) {
+    const __m512i a = _mm512_and_si512(_mm512_maskz_loadu_epi32(tail_mask(n - k), w + k), abs_mask);
+    bad |= _mm512_cmpge_epi32_mask(a, inf);
+    m = _mm512_max_epi32(m, a);
+  }
+  if (bad) return false;
+  *amax = _mm512_cvtss_f32(_mm512_castsi512_ps(_mm512_set1_epi32(_mm512_reduce_max_epi32(m))));
+  return true;
+}
+
+inline __m512 code16(__m512 x, __m512 vs, __m512 lo, __m512 hi) {
+  const __m512 q =
+      _mm512_roundscale_ps(_mm512_div_ps(x, vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return _mm512_min_ps(hi, _mm512_max_ps(lo, q));
+}
+
+void quantize(int64_t n, const float* w, float s, float qm, int8_t* codes) {
+  const __m512 vs = _mm512_set1_ps(s), hi = _mm512_set1_ps(qm), lo = _mm512_set1_ps(-qm);
+  int64_t k = 0;
+  for (; k + 16 <= n; k += 16) {
+    const __m512i c = _mm512_cvtps_epi32(code16(_mm512_loadu_ps(w + k), vs, lo, hi));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + k), _mm512_cvtsepi32_epi8(c));
+  }
+  if (k < n) {
+    const __mmask16 m = tail_mask(n - k);
+    const __m512i c = _mm512_cvtps_epi32(code16(_mm512_maskz_loadu_ps(m, w + k), vs, lo, hi));
+    _mm512_mask_cvtsepi32_storeu_epi8(codes + k, m, c);
+  }
+}
+
 }  // namespace
 
 const QuantKernels* avx512_quant_table() {
-  static const QuantKernels t{&dequant_i8, &dequant_i4, &dequant_i8x4};
+  static const QuantKernels t{&dequant_i8, &dequant_i4, &dequant_i8x4, &absmax, &quantize};
   return &t;
 }
 

@@ -1,5 +1,8 @@
-// Portable dequantization: the reference of kernels/quant_kernels.h.
+// Portable dequantization and quantization: the reference of kernels/quant_kernels.h.
 #include "kernels/quant_kernels.h"
+
+#include <algorithm>
+#include <cmath>
 
 namespace kt::kernels {
 namespace {
@@ -36,10 +39,27 @@ void dequant_i8x4(int64_t nquads, const int8_t* codes, const float* sv, bf16* ou
   }
 }
 
+bool absmax(int64_t n, const float* w, float* amax) {
+  float m = 0.0f;
+  for (int64_t k = 0; k < n; ++k) {
+    if (!std::isfinite(w[k])) return false;
+    m = std::max(m, std::fabs(w[k]));
+  }
+  *amax = m;
+  return true;
+}
+
+void quantize(int64_t n, const float* w, float s, float qm, int8_t* codes) {
+  for (int64_t k = 0; k < n; ++k) {
+    const float q = std::nearbyint(w[k] / s);
+    codes[k] = static_cast<int8_t>(std::min(qm, std::max(-qm, q)));
+  }
+}
+
 }  // namespace
 
 const QuantKernels* scalar_quant_table() {
-  static const QuantKernels t{&dequant_i8, &dequant_i4, &dequant_i8x4};
+  static const QuantKernels t{&dequant_i8, &dequant_i4, &dequant_i8x4, &absmax, &quantize};
   return &t;
 }
 
