@@ -559,24 +559,38 @@ void MoEEngine::load_weights(const View& gate_up, const View& gate, const View& 
   };
   // int8 / int4: quantizes the same 16 rows into a code block and its scales.
   // Rows are quantized whole (all Kfull columns: an int8 scale belongs to the whole output
-  // channel whatever the tensor-parallel split); the slice keeps columns [c0, c0 + K).
+  // channel whatever the tensor-parallel split); the slice keeps columns [c0, c0 + K). A row
+  // contiguous along K is read as is (float32) or converted whole (bf16); the 16 rows of codes
+  // are then placed at once.
+  const kernels::QuantKernels& qk = *qk_;
   auto quant_block = [&](const View& src, const quant::Format& f, int64_t e, int64_t row_off,
                          int64_t c0, int64_t N, int64_t K, int64_t b, uint8_t* blk, float* sc,
                          int th) {
     const int64_t Kfull = src.shape[2];
     const quant::Format ff = quant::make_format(kind, Kfull, cfg_.group_size);
     float* row = local_buf<float>(th, kL0, Kfull);
-    int8_t* codes = local_buf<int8_t>(th, kL1, Kfull);
+    int8_t* codes = local_buf<int8_t>(th, kL1, kBlockN * Kfull);
     float* fsc = local_buf<float>(th, kL2, ff.ngroups);
-    std::memset(blk, 0, static_cast<size_t>(quant::block_bytes(f)));
+    const int64_t sk = src.strides[2];
     for (int j = 0; j < kBlockN; ++j) {
       const int64_t n = b * kBlockN + j;
       float* srow = sc + j * f.ngroups;
+      int8_t* cj = codes + j * Kfull;
       std::fill(srow, srow + f.ngroups, 0.0f);
-      if (n >= N) continue;
+      if (n >= N) {
+        std::memset(cj + c0, 0, static_cast<size_t>(K));
+        continue;
+      }
       const int64_t base = e * src.strides[0] + (row_off + n) * src.strides[1];
-      for (int64_t k = 0; k < Kfull; ++k) row[k] = load_f(src, base + k * src.strides[2]);
-      if (!quant::quantize_row(ff, row, Kfull, codes, fsc)) {
+      const float* w = row;
+      if (sk == 1 && src.dtype == DType::f32) {
+        w = src.ptr<const float>() + base;
+      } else if (sk == 1) {
+        kt.cvt_bf16_f32(Kfull, src.ptr<const bf16>() + base, row);
+      } else {
+        for (int64_t k = 0; k < Kfull; ++k) row[k] = load_f(src, base + k * sk);
+      }
+      if (!quant::quantize_row(qk, ff, w, Kfull, cj, fsc)) {
         throw ValueError("load_weights: weight_dtype='" + cfg_.weight_dtype +
                          "' needs finite weights; expert " + std::to_string(e) +
                          " has a NaN or infinite value");
@@ -586,8 +600,8 @@ void MoEEngine::load_weights(const View& gate_up, const View& gate, const View& 
       } else {
         for (int64_t g = 0; g < K / ff.group; ++g) srow[g] = fsc[c0 / ff.group + g];
       }
-      quant::place_row(f, codes + c0, K, j, blk);
     }
+    quant::place_block(f, codes + c0, Kfull, K, blk);
   };
   // One (expert, weight block, slice) at a time: src rows, column offset, sizes, destination.
   auto one = [&](const View& src, int64_t e, int64_t row_off, int64_t c0, int64_t N, int64_t K,
@@ -770,35 +784,47 @@ void MoEEngine::load_quantized(const View& gate_up, const View& gate_up_scale, c
   PhaseClock clock(timings_, "load.", id_, 0, &prof_);
   alloc_weights();
   clock.mark("alloc");
+  // Codes contiguous along K of a block of 16 source rows are placed straight from the source;
+  // otherwise (strided codes, or a last block of fewer rows) the rows are first gathered.
   auto copy_block = [&](const View& src, const View& ssrc, const quant::Format& f, int64_t e,
                         int64_t row_off, int64_t c0, int64_t N, int64_t K, int64_t b, uint8_t* blk,
                         float* sc, int th) {
-    int8_t* codes = local_buf<int8_t>(th, kL1, K);
-    std::memset(blk, 0, static_cast<size_t>(quant::block_bytes(f)));
     const int64_t ng = int4 ? K / G : 1;
+    const int64_t rowb = int4 ? K / 2 : K;  // source bytes of a row's codes
+    const int64_t base0 = e * src.strides[0] + (row_off + b * kBlockN) * src.strides[1];
+    const bool direct = src.strides[2] == 1 && (b + 1) * kBlockN <= N;
+    const uint8_t* p = src.ptr<const uint8_t>();
+    const uint8_t* rows = p + base0 + (int4 ? c0 / 2 : c0);
+    int64_t ld = src.strides[1];
+    if (!direct) {
+      uint8_t* g = local_buf<uint8_t>(th, kL1, kBlockN * rowb);
+      for (int j = 0; j < kBlockN; ++j) {
+        uint8_t* o = g + j * rowb;
+        if (b * kBlockN + j >= N) {
+          std::memset(o, 0, static_cast<size_t>(rowb));
+          continue;
+        }
+        const int64_t base = base0 + j * src.strides[1] + (int4 ? c0 / 2 : c0) * src.strides[2];
+        for (int64_t k = 0; k < rowb; ++k) o[k] = p[base + k * src.strides[2]];
+      }
+      rows = g;
+      ld = rowb;
+    }
+    if (int4) {
+      quant::place_block_nibbles(f, rows, ld, K, blk);
+    } else {
+      quant::place_block(f, reinterpret_cast<const int8_t*>(rows), ld, K, blk);
+    }
     for (int j = 0; j < kBlockN; ++j) {
       const int64_t n = b * kBlockN + j;
       float* srow = sc + j * f.ngroups;
       std::fill(srow, srow + f.ngroups, 0.0f);
       if (n >= N) continue;
-      const int64_t base = e * src.strides[0] + (row_off + n) * src.strides[1];
-      if (int4) {
-        const uint8_t* p = src.ptr<const uint8_t>();
-        for (int64_t k2 = 0; k2 < K / 2; ++k2) {
-          const uint8_t byte = p[base + (c0 / 2 + k2) * src.strides[2]];
-          codes[2 * k2] = static_cast<int8_t>(static_cast<int8_t>(byte << 4) >> 4);
-          codes[2 * k2 + 1] = static_cast<int8_t>(static_cast<int8_t>(byte) >> 4);
-        }
-      } else {
-        const int8_t* p = src.ptr<const int8_t>();
-        for (int64_t k = 0; k < K; ++k) codes[k] = p[base + (c0 + k) * src.strides[2]];
-      }
       const int64_t sbase = e * ssrc.strides[0] + (row_off + n) * ssrc.strides[1];
       for (int64_t g = 0; g < ng; ++g) {
         srow[g] = quant::flush_scale(
             ssrc.ptr<const float>()[sbase + (int4 ? (c0 / G + g) * ssrc.strides[2] : 0)]);
       }
-      quant::place_row(f, codes, K, j, blk);
     }
   };
   for_each_weight_block([&](int64_t e, int64_t b, int s, int th) {

@@ -28,21 +28,19 @@ int64_t block_bytes(const Format& f) {
   return f.kind == Kind::int4 ? kBlockN * f.Kp / 2 : kBlockN * f.Kp;
 }
 
-bool quantize_row(const Format& f, const float* w, int64_t K, int8_t* codes, float* scales) {
+bool quantize_row(const kernels::QuantKernels& qk, const Format& f, const float* w, int64_t K,
+                  int8_t* codes, float* scales) {
   const float qm = static_cast<float>(qmax(f.kind));
   for (int64_t g = 0; g < f.ngroups; ++g) {
-    const int64_t k0 = g * f.group, k1 = std::min(K, k0 + f.group);
+    const int64_t k0 = std::min(K, g * f.group), k1 = std::min(K, k0 + f.group);
     float amax = 0.0f;
-    for (int64_t k = k0; k < k1; ++k) {
-      if (!std::isfinite(w[k])) return false;
-      amax = std::max(amax, std::fabs(w[k]));
-    }
+    if (!qk.absmax(k1 - k0, w + k0, &amax)) return false;
     const float s = flush_scale(amax / qm);
     scales[g] = s;
-    for (int64_t k = k0; k < k1; ++k) {
-      float q = s > 0.0f ? std::nearbyint(w[k] / s) : 0.0f;
-      q = std::min(qm, std::max(-qm, q));
-      codes[k] = static_cast<int8_t>(q);
+    if (s > 0.0f) {
+      qk.quantize(k1 - k0, w + k0, s, qm, codes + k0);
+    } else {
+      std::memset(codes + k0, 0, static_cast<size_t>(k1 - k0));
     }
   }
   return true;
@@ -74,6 +72,29 @@ void place_row(const Format& f, const int8_t* codes, int64_t K, int j, uint8_t* 
 }
 
 namespace {
+
+// out[m * 16 + j] = element m of row j (rows of T at src + j * ld bytes), m in [0, n): the block
+// layouts are transposes of 16 rows of code pairs (int8), nibble bytes (int4) or quads (w8a8).
+template <class T>
+void transpose16(const uint8_t* src, int64_t ld, int64_t n, uint8_t* out) {
+  constexpr int64_t kChunk = 64;  // elements per row and step: 16 source lines stay in L1
+  for (int64_t m0 = 0; m0 < n; m0 += kChunk) {
+    const int64_t m1 = std::min(n, m0 + kChunk);
+    for (int j = 0; j < kBlockN; ++j) {
+      const uint8_t* row = src + j * ld;
+      for (int64_t m = m0; m < m1; ++m) {
+        T v;
+        std::memcpy(&v, row + m * static_cast<int64_t>(sizeof(T)), sizeof(T));
+        std::memcpy(out + (m * kBlockN + j) * static_cast<int64_t>(sizeof(T)), &v, sizeof(T));
+      }
+    }
+  }
+}
+
+// The codes of row j from k0 on, zero from K on, as `width` int8 values into tail (width >= 1).
+void padded_tail(const int8_t* row, int64_t k0, int64_t K, int64_t width, int8_t* tail) {
+  for (int64_t i = 0; i < width; ++i) tail[i] = k0 + i < K ? row[k0 + i] : 0;
+}
 
 // dequant_range for w8a8 blocks: whole k quads through the ISA's kernel; a pair at an odd end is
 // taken from its quad dequantized into a small buffer (same bits: each value is one product).
@@ -109,6 +130,68 @@ void dequant_range_w8a8(const kernels::QuantKernels& qk, const Format& f, const 
 }
 
 }  // namespace
+
+void place_block_nibbles(const Format& f, const uint8_t* nib, int64_t ld, int64_t K, uint8_t* blk) {
+  const int64_t n = (K + 1) / 2;
+  transpose16<uint8_t>(nib, ld, n, blk);
+  std::memset(blk + n * kBlockN, 0, static_cast<size_t>((f.Kp / 2 - n) * kBlockN));
+}
+
+void place_block(const Format& f, const int8_t* codes, int64_t ld, int64_t K, uint8_t* blk) {
+  const uint8_t* src = reinterpret_cast<const uint8_t*>(codes);
+  if (f.kind == Kind::int8) {  // pairs: 16 rows of uint16
+    const int64_t n = K / 2;
+    transpose16<uint16_t>(src, ld, n, blk);
+    int64_t done = n;
+    if (K % 2 == 1) {
+      for (int j = 0; j < kBlockN; ++j) {
+        padded_tail(codes + j * ld, 2 * n, K, 2,
+                    reinterpret_cast<int8_t*>(blk + n * 2 * kBlockN + 2 * j));
+      }
+      ++done;
+    }
+    std::memset(blk + done * 2 * kBlockN, 0, static_cast<size_t>((f.Kp / 2 - done) * 2 * kBlockN));
+    return;
+  }
+  if (f.kind == Kind::w8a8) {  // quads: 16 rows of uint32, then the row sums
+    const int64_t n = K / 4;
+    transpose16<uint32_t>(src, ld, n, blk);
+    int64_t done = n;
+    if (K % 4 != 0) {
+      for (int j = 0; j < kBlockN; ++j) {
+        padded_tail(codes + j * ld, 4 * n, K, 4,
+                    reinterpret_cast<int8_t*>(blk + n * 4 * kBlockN + 4 * j));
+      }
+      ++done;
+    }
+    std::memset(blk + done * 4 * kBlockN, 0, static_cast<size_t>((f.Kp / 4 - done) * 4 * kBlockN));
+    for (int j = 0; j < kBlockN; ++j) {
+      int32_t sum = 0;
+      for (int64_t k = 0; k < K; ++k) sum += codes[j * ld + k];
+      std::memcpy(blk + kBlockN * f.Kp + j * static_cast<int64_t>(sizeof(int32_t)), &sum,
+                  sizeof sum);
+    }
+    return;
+  }
+  // int4: pack 16 rows x kChunk bytes of nibbles at a time, then place them.
+  constexpr int64_t kChunk = 64;
+  alignas(64) uint8_t nib[kBlockN * kChunk];
+  const int64_t nbytes = (K + 1) / 2, whole = K / 2;
+  for (int64_t m0 = 0; m0 < nbytes; m0 += kChunk) {
+    const int64_t m1 = std::min(nbytes, m0 + kChunk), mw = std::min(m1, whole);
+    for (int j = 0; j < kBlockN; ++j) {
+      const int8_t* row = codes + j * ld;
+      uint8_t* o = nib + j * kChunk - m0;
+      for (int64_t m = m0; m < mw; ++m) {
+        o[m] = static_cast<uint8_t>((static_cast<uint8_t>(row[2 * m]) & 0x0f) |
+                                    (static_cast<uint8_t>(row[2 * m + 1]) << 4));
+      }
+      if (mw < m1) o[mw] = static_cast<uint8_t>(row[2 * mw]) & 0x0f;  // odd K: last code alone
+    }
+    transpose16<uint8_t>(nib, kChunk, m1 - m0, blk + m0 * kBlockN);
+  }
+  std::memset(blk + nbytes * kBlockN, 0, static_cast<size_t>((f.Kp / 2 - nbytes) * kBlockN));
+}
 
 void dequant_range(const kernels::QuantKernels& qk, const Format& f, const uint8_t* blk,
                    const float* scales, int64_t nblk, int64_t kp0, int64_t kp1, bf16* dst,

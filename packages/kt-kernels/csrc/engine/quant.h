@@ -44,16 +44,26 @@ inline int qmax(Kind k) { return k == Kind::int4 ? 7 : 127; }
 // Bytes of one packed block of 16 rows.
 int64_t block_bytes(const Format& f);
 
-// Quantizes one row of K finite floats: codes[0, K) and scales[0, ngroups). Returns false if a
-// value is not finite.
-bool quantize_row(const Format& f, const float* w, int64_t K, int8_t* codes, float* scales);
+// Quantizes one row of K finite floats: codes[0, K) and scales[0, ngroups), with the ISA's
+// kernels (every table gives the same bits). Returns false if a value is not finite.
+bool quantize_row(const kernels::QuantKernels& qk, const Format& f, const float* w, int64_t K,
+                  int8_t* codes, float* scales);
 
 // A scale as stored: below the smallest normal float it becomes 0.
 inline float flush_scale(float s) { return s < 0x1p-126f ? 0.0f : s; }
 
 // Writes a row of K codes as row j (0 .. 15) of a block (codes at k >= K are zero; w8a8: also the
-// row's code sum).
+// row's code sum). The element-by-element definition of place_block.
 void place_row(const Format& f, const int8_t* codes, int64_t K, int j, uint8_t* blk);
+
+// Writes a whole block: row j (0 .. 15) has the K codes codes[j * ld + k], k < K; the block's
+// bytes equal place_row of each row into it (whatever the block held before).
+void place_block(const Format& f, const int8_t* codes, int64_t ld, int64_t K, uint8_t* blk);
+
+// int4: the same from codes already packed two per byte in row order (byte m of row j at
+// nib[j * ld + m] holds codes 2m (low nibble) and 2m + 1; ceil(K / 2) bytes per row, the high
+// nibble of the last byte zero when K is odd).
+void place_block_nibbles(const Format& f, const uint8_t* nib, int64_t ld, int64_t K, uint8_t* blk);
 
 // Dequantizes nblk consecutive packed blocks (first block at `blk`, its first row's scales at
 // `scales`) into nblk packed bf16 blocks.

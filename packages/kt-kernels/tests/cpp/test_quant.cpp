@@ -235,4 +235,80 @@ TEST(absmax_rejects_non_finite_anywhere) {
   }
 }
 
+// quantize_row (engine/quant.h) through every ISA's kernels: same codes and scales as through the
+// scalar reference, for int8 rows and int4 groups (all-zero groups, a group below the smallest
+// normal scale, a ragged last group), and false on a non-finite value.
+TEST(quantize_row_bit_identical_across_isas) {
+  namespace q = kt::engine::quant;
+  std::mt19937 rng(5);
+  std::normal_distribution<float> nd(0.0f, 0.03f);
+  for (const q::Kind kind : {q::Kind::int8, q::Kind::int4, q::Kind::w8a8}) {
+    for (const int64_t K : {1, 33, 200, 256, 333}) {
+      const q::Format f = q::make_format(kind, K, 32);
+      std::vector<float> w(static_cast<size_t>(K));
+      for (auto& x : w) x = nd(rng);
+      for (int64_t k = 0; k < std::min<int64_t>(K, 32); ++k) w[static_cast<size_t>(k)] = 0.0f;
+      for (int64_t k = 64; k < std::min<int64_t>(K, 96); ++k) w[static_cast<size_t>(k)] = 1e-38f;
+      for (int64_t k = 100; k < K; k += 7) w[static_cast<size_t>(k)] = 0.25f;  // ties for int4
+      std::vector<int8_t> want_c(static_cast<size_t>(K)), got_c(want_c.size());
+      std::vector<float> want_s(static_cast<size_t>(f.ngroups), -1.0f), got_s(want_s.size());
+      REQUIRE(q::quantize_row(*scalar_quant_table(), f, w.data(), K, want_c.data(), want_s.data()),
+              "finite");
+      for (Isa isa : available_isas()) {
+        std::fill(got_s.begin(), got_s.end(), -2.0f);
+        REQUIRE(q::quantize_row(quant_kernels(isa), f, w.data(), K, got_c.data(), got_s.data()),
+                "finite");
+        REQUIRE(got_c == want_c, "%s kind %d K %lld: codes", isa_name(isa), (int)kind,
+                (long long)K);
+        REQUIRE(std::memcmp(got_s.data(), want_s.data(), want_s.size() * sizeof(float)) == 0,
+                "%s kind %d K %lld: scales", isa_name(isa), (int)kind, (long long)K);
+        std::vector<float> nan_w = w;
+        nan_w[static_cast<size_t>(K - 1)] = std::nanf("");
+        REQUIRE(
+            !q::quantize_row(quant_kernels(isa), f, nan_w.data(), K, got_c.data(), got_s.data()),
+            "%s: NaN", isa_name(isa));
+      }
+      if (kind == q::Kind::int4 && K >= 96) REQUIRE(want_s[0] == 0.0f && want_s[2] == 0.0f, "0");
+    }
+  }
+}
+
+// place_block and place_block_nibbles write the bytes place_row writes, row by row, for every
+// kind and ragged depths (odd K, K short of a pair, a quad or a 32-column block).
+TEST(place_block_equals_place_row) {
+  namespace q = kt::engine::quant;
+  std::mt19937 rng(9);
+  for (const q::Kind kind : {q::Kind::int8, q::Kind::int4, q::Kind::w8a8}) {
+    for (const int64_t K : {1, 2, 3, 5, 31, 32, 63, 64, 130, 255, 256, 1000}) {
+      const q::Format f = q::make_format(kind, K, 32);
+      const int64_t ld = K + 3;
+      const int qm = q::qmax(kind);
+      std::vector<int8_t> codes(static_cast<size_t>(16 * ld));
+      for (auto& c : codes) c = static_cast<int8_t>(static_cast<int>(rng() % (2 * qm + 1)) - qm);
+      const size_t bb = static_cast<size_t>(q::block_bytes(f));
+      std::vector<uint8_t> want(bb, 0), got(bb, 0xA5);
+      for (int j = 0; j < 16; ++j) q::place_row(f, codes.data() + j * ld, K, j, want.data());
+      q::place_block(f, codes.data(), ld, K, got.data());
+      REQUIRE(got == want, "kind %d K %lld", (int)kind, (long long)K);
+      if (kind == q::Kind::int4) {
+        const int64_t nb = (K + 1) / 2, ldn = nb + 1;
+        std::vector<uint8_t> nib(static_cast<size_t>(16 * ldn), 0xEE);
+        for (int j = 0; j < 16; ++j) {
+          for (int64_t m = 0; m < nb; ++m) {
+            const auto lo = static_cast<uint8_t>(codes[static_cast<size_t>(j * ld + 2 * m)] & 0x0f);
+            const auto hi =
+                2 * m + 1 < K
+                    ? static_cast<uint8_t>(codes[static_cast<size_t>(j * ld + 2 * m + 1)] << 4)
+                    : uint8_t{0};
+            nib[static_cast<size_t>(j * ldn + m)] = static_cast<uint8_t>(lo | hi);
+          }
+        }
+        std::fill(got.begin(), got.end(), 0x5A);
+        q::place_block_nibbles(f, nib.data(), ldn, K, got.data());
+        REQUIRE(got == want, "nibbles K %lld", (long long)K);
+      }
+    }
+  }
+}
+
 int main(int argc, char** argv) { return kt::testing::run_all(argc, argv); }
