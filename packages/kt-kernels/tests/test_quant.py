@@ -19,8 +19,8 @@ import dataclasses
 
 import numpy as np
 import pytest
-from kk_helpers import isa_params, make_engine, run, run_and_close
-from kk_reference import backward, bf16, forward, make_case, max_rel_err
+from kk_helpers import bind_lora, case_engine, isa_params, make_engine, run, run_and_close
+from kk_reference import BF16, backward, bf16, forward, make_case, max_rel_err
 
 import kt_kernels as kk
 
@@ -95,6 +95,91 @@ def test_prequantized_equals_load_time_quantization(wd: str, group: int) -> None
         for other in same_tp[1:]:
             for a, b in zip(same_tp[0], other):
                 np.testing.assert_array_equal(a, b)
+
+
+def _strided(a: np.ndarray) -> np.ndarray:
+    """The same values as a view whose last axis is not contiguous (stride != 1)."""
+    return np.swapaxes(np.ascontiguousarray(np.swapaxes(a, 1, 2)), 1, 2)
+
+
+# Shapes (E, K, H, I, r, T) with ragged depths and a last block of fewer than 16 rows (int8), and
+# whole groups (int4).
+LOAD_CASES = {
+    ("int8", 128): (4, 2, 200, 72, 2, 9),
+    ("int4", 32): (4, 2, 128, 96, 2, 9),
+    ("int4", 64): (3, 2, 192, 128, 0, 7),
+}
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("wd,group", list(LOAD_CASES))
+def test_load_time_quantization_on_every_isa(
+    isa: str, wd: str, group: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Float weights quantized at load time on each ISA (forced as users force it) store the codes
+    and scales of kk.quantize_weights: float32, bfloat16 and strided arrays, fused or split, give
+    the outputs and gradients of the same values loaded as codes, bit for bit (and so do strided
+    codes)."""
+    monkeypatch.setenv("KT_KERNELS_ISA", isa)
+    c = make_case(*LOAD_CASES[(wd, group)], seed=17)
+    # bf16-valued weights, so that the bfloat16 arrays hold exactly the values quantize_weights sees
+    c = dataclasses.replace(
+        c, **{n: bf16(getattr(c, n)).astype(np.float32) for n in ("gate", "up", "down")}
+    )
+
+    def results(load) -> list[np.ndarray]:
+        eng = case_engine(c, weight_dtype=wd, group_size=group)
+        assert eng.isa == isa
+        load(eng)
+        _, grads = bind_lora(eng, c)
+        return list(run_and_close(eng, c, grads).values())
+
+    def codes(eng, strided: bool = False) -> None:
+        arrays = {}
+        for name in ("gate_up", "down"):
+            q, arrays[f"{name}_scale"] = kk.quantize_weights(getattr(c, name), wd, group)
+            arrays[name] = _strided(q) if strided else q
+        eng.load_quantized_weights(**arrays)
+
+    want = results(codes)
+    loads = {
+        "strided codes": lambda eng: codes(eng, strided=True),
+        "float32": lambda eng: eng.load_weights(gate_up=c.gate_up, down=c.down),
+        "bfloat16": lambda eng: eng.load_weights(
+            gate_up=c.gate_up.astype(BF16), down=c.down.astype(BF16)
+        ),
+        "strided float32": lambda eng: eng.load_weights(
+            gate_up=_strided(c.gate_up), down=_strided(c.down)
+        ),
+        "strided bfloat16 split": lambda eng: eng.load_weights(
+            gate=_strided(c.gate.astype(BF16)),
+            up=_strided(c.up.astype(BF16)),
+            down=_strided(c.down.astype(BF16)),
+        ),
+    }
+    for label, load in loads.items():
+        for a, b in zip(results(load), want):
+            np.testing.assert_array_equal(a, b, err_msg=label)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("wd", ["int8", "int4"])
+def test_non_finite_weights_raise_on_every_isa(
+    isa: str, wd: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KT_KERNELS_ISA", isa)
+    E, H, inter = 3, 96, 64
+    for dtype in (np.float32, BF16):
+        for where, bad in (((2, 5, 95), np.inf), ((1, 127, 0), np.nan), ((0, 0, 33), -np.inf)):
+            gu = np.full((E, 2 * inter, H), 0.5, np.float32)
+            gu[where] = bad
+            with kk.MoEEngine(E, 2, H, inter, num_threads=2, weight_dtype=wd, group_size=32) as eng:
+                assert eng.isa == isa
+                with pytest.raises(ValueError, match=f"expert {where[0]} has a NaN or infinite"):
+                    eng.load_weights(
+                        gate_up=gu.astype(dtype),
+                        down=np.ones((E, H, inter), np.float32).astype(dtype),
+                    )
 
 
 def test_resident_bytes() -> None:

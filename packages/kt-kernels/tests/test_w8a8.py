@@ -185,8 +185,12 @@ def test_skip_lora_and_inference_only_engine() -> None:
     eng.close()
 
 
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("split", [False, True])
-def test_prequantized_equals_load_time_quantization(split: bool) -> None:
+def test_prequantized_equals_load_time_quantization(
+    isa: str, split: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KT_KERNELS_ISA", isa)
     c = make_case(4, 2, 128, 96, 2, 13, seed=5, fused=not split)
     want = all_results(c)
     got = all_results(c, prequantized=True, split_weights=split, threads=2)
