@@ -50,6 +50,7 @@ This module imports only torch; kt-accelerate configures it from its plugin.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import socket
@@ -222,6 +223,7 @@ class DistributedContext:
         self._next_index = 0
         self._lock = threading.Lock()
         self.closed = False
+        atexit.register(_destroy_groups_at_exit, self)
 
     # -- backends -------------------------------------------------------------------------
     @property
@@ -269,6 +271,24 @@ class DistributedContext:
         return (f"DistributedContext(rank={t.rank}, world_size={t.world_size}, "
                 f"nodes={[list(n) for n in t.nodes]}, placement={self.placement!r}, "
                 f"timeout={self.timeout:g}s)")
+
+
+def _destroy_groups_at_exit(context: DistributedContext) -> None:
+    """Destroys kt's groups and the default group while the interpreter is still whole.
+
+    A process that exits with a live gloo group can abort ("terminate called without an active
+    exception") when gloo's worker threads release their last tensors during interpreter
+    finalization; destroying the groups first avoids it. Registered after the default group was
+    created, so this runs before any exit handler of the code that created it.
+    """
+    import torch.distributed as dist
+
+    context.close()
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except (RuntimeError, ValueError):  # pragma: no cover - already gone
+            pass
 
 
 def _default_device() -> torch.device:
