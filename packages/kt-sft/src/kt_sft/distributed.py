@@ -55,6 +55,7 @@ import datetime
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -289,6 +290,11 @@ def _destroy_groups_at_exit(context: DistributedContext) -> None:
             dist.destroy_process_group()
         except (RuntimeError, ValueError):  # pragma: no cover - already gone
             pass
+    # A group object that FSDP2's device mesh still holds keeps its gloo worker threads; one
+    # that just finished a collective drops the work's tensors, which takes the GIL. Seen as
+    # an abort in a core dump when that came after finalization had begun: give those threads
+    # the GIL for a moment while the interpreter is still whole.
+    time.sleep(0.2)
 
 
 def _default_device() -> torch.device:
