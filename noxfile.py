@@ -1,25 +1,62 @@
 """Build and test the kt monorepo: `nox -l` lists the sessions.
 
-Set KT_NOX_CONSTRAINTS to a pip constraints file (CI uses testing/constraints-cpu.txt) to pin
-packages such as torch on a given machine without narrowing the packages' own metadata.
+Sessions run on every Python the packages declare (their `Programming Language :: Python :: 3.x`
+classifiers) that is installed on this machine; missing interpreters are skipped.
+
+PyTorch: on a machine without an NVIDIA driver the `tests` and `bench` sessions install PyTorch's
+CPU build first (requirements/torch-cpu.txt, the same file the README's CPU-only install uses),
+so no multi-GB CUDA build is pulled; with a driver, pip's default build. KT_NOX_TORCH=cpu or
+KT_NOX_TORCH=default forces one or the other. KT_NOX_CONSTRAINTS names an extra pip constraints
+file for every install (to pin packages on a given machine without narrowing the packages' own
+metadata).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
 
 import nox
+from nox.command import CommandFailed
 
 ROOT = Path(__file__).parent
 PACKAGES = ("kt-kernels", "kt-models", "kt-sft", "kt-accelerate")
-PYTHONS = ["3.11"]
 KERNELS = ROOT / "packages" / "kt-kernels"
+TORCH_CPU = ROOT / "requirements" / "torch-cpu.txt"
+
+
+def _declared_pythons() -> list[str]:
+    """The Python versions every package declares in its classifiers (sorted)."""
+    found: set[str] | None = None
+    for name in PACKAGES:
+        text = (ROOT / "packages" / name / "pyproject.toml").read_text(encoding="utf-8")
+        versions = set(re.findall(r'"Programming Language :: Python :: (3\.\d+)"', text))
+        found = versions if found is None else found & versions
+    if not found:
+        raise RuntimeError("the packages declare no common Python 3.x classifier")
+    return sorted(found, key=lambda v: tuple(map(int, v.split("."))))
+
+
+def _default_python(pythons: list[str]) -> str:
+    """The interpreter nox runs on when the packages declare it, else the newest declared one
+    that is installed: the Python of the single-interpreter sessions and of the C++ tests."""
+    import sys
+
+    own = f"{sys.version_info.major}.{sys.version_info.minor}"
+    if own in pythons:
+        return own
+    installed = [v for v in pythons if shutil.which(f"python{v}")]
+    return installed[-1] if installed else pythons[-1]
+
+
+PYTHONS = _declared_pythons()
+DEFAULT_PYTHON = _default_python(PYTHONS)
 
 nox.options.sessions = ["tests", "kernels"]
-nox.options.error_on_missing_interpreters = True
+nox.options.error_on_missing_interpreters = False  # declared but not installed: skipped
 nox.options.default_venv_backend = "venv"
 
 
@@ -33,6 +70,28 @@ def _constraints() -> list[str]:
     return ["-c", str(full)]
 
 
+def _has_nvidia_driver() -> bool:
+    return shutil.which("nvidia-smi") is not None or Path("/proc/driver/nvidia/version").exists()
+
+
+def _install_torch(session: nox.Session) -> None:
+    """PyTorch's CPU build where there is no NVIDIA driver (or KT_NOX_TORCH=cpu), else leave
+    torch to the packages' own requirement. Skips the session, saying why, when no CPU build of
+    the pinned torch exists for this Python where pip can reach it."""
+    choice = os.environ.get("KT_NOX_TORCH", "auto")
+    if choice not in ("auto", "cpu", "default"):
+        session.error(f"KT_NOX_TORCH must be auto, cpu or default, got {choice!r}")
+    if choice == "default" or (choice == "auto" and _has_nvidia_driver()):
+        return
+    try:
+        # --retries 0: an unreachable index answers at once instead of after minutes of retries
+        session.install("--retries", "0", *_constraints(), "-r", str(TORCH_CPU), silent=False)
+    except CommandFailed:
+        session.skip(f"no CPU build of torch from {TORCH_CPU.relative_to(ROOT)} could be "
+                     f"installed for Python {session.python} (PyTorch's CPU index unreachable "
+                     "and no local wheel); set KT_NOX_TORCH=default to use pip's default build")
+
+
 def _pkg(name: str, extras: str = "") -> str:
     return str(ROOT / "packages" / name) + (f"[{extras}]" if extras else "")
 
@@ -44,26 +103,36 @@ def _pytest(session: nox.Session, *paths: str | Path) -> None:
 
 @nox.session(python=PYTHONS)
 def tests(session: nox.Session) -> None:
-    """Build and install all four packages, run every package's tests and the top-level tests."""
+    """Build and install all four packages, run every package's tests and the top-level tests.
+    Every test tree runs even when an earlier one fails; the session fails at the end, naming
+    each failed tree."""
+    _install_torch(session)
     session.install(*_constraints(), _pkg("kt-kernels", "test"), _pkg("kt-models", "test"),
-                    _pkg("kt-sft", "test"), _pkg("kt-accelerate", "test"))
+                    _pkg("kt-sft", "test"), _pkg("kt-accelerate", "test"), silent=False)
     # One pytest run per test tree: each package's tests import their own conftest/helpers by
     # module name, which must not collide across packages.
-    for name in PACKAGES:
-        _pytest(session, ROOT / "packages" / name / "tests")
-    _pytest(session, ROOT / "tests")
+    failed = []
+    for tree in [ROOT / "packages" / name / "tests" for name in PACKAGES] + [ROOT / "tests"]:
+        try:
+            _pytest(session, tree)
+        except CommandFailed:
+            failed.append(str(tree.relative_to(ROOT)))
+    if failed:
+        session.error(f"tests failed in: {', '.join(failed)}")
 
 
 @nox.session(python=PYTHONS)
 def kernels(session: nox.Session) -> None:
     """Install kt-kernels alone (no torch, no training code); run its Python and C++ tests."""
-    session.install(*_constraints(), _pkg("kt-kernels", "test"))
+    session.install(*_constraints(), _pkg("kt-kernels", "test"), silent=False)
     forbidden = ("torch", "kt_sft", "kt_models", "kt_accelerate", "transformers", "peft")
     session.run("python", "-c",
                 "import importlib.util, sys\n"
                 f"bad = [m for m in {forbidden!r} if importlib.util.find_spec(m)]\n"
                 "sys.exit(f'kernels venv must not contain {bad}' if bad else 0)")
     _pytest(session, KERNELS / "tests")
+    if session.python != DEFAULT_PYTHON:
+        return  # the C++ tests do not depend on the Python version: built and run once
     # The C++ tests (kernels per ISA against scalar, dispatch, AMX on a tile model) need no Python.
     session.install("cmake>=3.18", "ninja")
     build = KERNELS / "build" / "ctest"
@@ -73,7 +142,7 @@ def kernels(session: nox.Session) -> None:
     session.run("ctest", "--test-dir", str(build), "--output-on-failure")
 
 
-@nox.session(python=PYTHONS)
+@nox.session(python=DEFAULT_PYTHON)
 def sanitize(session: nox.Session) -> None:
     """Build kt-kernels with AddressSanitizer + UBSan and run its tests under them."""
     session.install(*_constraints(), "numpy", "ml_dtypes", "pytest", "hypothesis", "safetensors",
@@ -96,7 +165,7 @@ def sanitize(session: nox.Session) -> None:
                 "no:cacheprovider", str(KERNELS / "tests"), *session.posargs, env=env)
 
 
-@nox.session(python=PYTHONS)
+@nox.session(python=DEFAULT_PYTHON)
 def build(session: nox.Session) -> None:
     """Build wheel + sdist of each package into dist/, install the wheels fresh, import each."""
     session.install("build")
@@ -114,7 +183,7 @@ def build(session: nox.Session) -> None:
                 "kt_sft.__version__, kt_accelerate.__version__)")
 
 
-@nox.session(python=PYTHONS)
+@nox.session(python=DEFAULT_PYTHON)
 def lint(session: nox.Session) -> None:
     """ruff on Python, clang-format --dry-run on C++."""
     session.install("ruff>=0.6", "clang-format>=18")
@@ -124,13 +193,14 @@ def lint(session: nox.Session) -> None:
     session.run("clang-format", "--dry-run", "--Werror", *sources)
 
 
-@nox.session(python=PYTHONS)
+@nox.session(python=DEFAULT_PYTHON)
 def bench(session: nox.Session) -> None:
     """Run the benchmarks in bench/ (each prints ours vs baseline from one run)."""
     scripts = sorted((ROOT / "bench").glob("bench_*.py"))
     if not scripts:
         session.log("bench/ has no benchmarks yet; nothing to run.")
         return
+    _install_torch(session)
     session.install(*_constraints(), _pkg("kt-kernels", "test"), _pkg("kt-models"), _pkg("kt-sft"),
                     "psutil")
     for script in scripts:

@@ -185,6 +185,11 @@ PROBE = torch.tensor([[5, 17, 42, 99, 3, 64, 7, 120]])
 # worker side
 
 
+# `accelerate` through this interpreter, not whatever PATH holds (the test venv's bin may not be
+# on PATH at all).
+ACCELERATE_CLI = [sys.executable, "-m", "accelerate.commands.accelerate_cli"]
+
+
 def free_port() -> int:
     """A TCP port on localhost that was free a moment ago."""
     import socket

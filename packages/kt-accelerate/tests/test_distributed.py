@@ -89,7 +89,7 @@ def test_accelerate_launch_two_ranks_one_node_match_single_process(
     kt.write_text(KT_CONFIG + extra)
     outdir = tmp_path / "out"
     outdir.mkdir()
-    argv = ["accelerate", "launch", "--config_file", str(accel), "--num_processes", "2",
+    argv = [*sc.ACCELERATE_CLI, "launch", "--config_file", str(accel), "--num_processes", "2",
             str(sc.__file__), "parity", str(outdir)]
     launch = launch_command(argv, 2, outdir, env={"ACCELERATE_KT_CONFIG_FILE": str(kt)})
     launch.check()

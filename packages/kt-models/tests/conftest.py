@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers.utils import logging as hf_logging
@@ -28,3 +30,11 @@ def saved_tiny(tiny_models, tmp_path_factory) -> dict[str, Path]:
     """``save_pretrained`` directories of the tiny models (single file)."""
     root = tmp_path_factory.mktemp("saved")
     return {t: tiny.save(m, root / t) for t, m in tiny_models.items()}
+
+
+@pytest.fixture(autouse=True)
+def _same_random_state_for_every_test() -> None:
+    """Each test starts from the same global RNG state, whatever ran before it."""
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import random
 import warnings
 
+import numpy as np
 import pytest
+import torch
 
 from kt_sft.backend import engine_available
 
@@ -33,3 +36,11 @@ def _one_torch_thread() -> object:
 def _quiet() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*")
+
+
+@pytest.fixture(autouse=True)
+def _same_random_state_for_every_test() -> None:
+    """Each test starts from the same global RNG state, whatever ran before it."""
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)

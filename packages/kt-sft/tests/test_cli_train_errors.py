@@ -132,6 +132,63 @@ def test_output_dir_with_a_previous_run(tmp_path: Path, capsys) -> None:
     assert "overwrite_output_dir: true" in err and "resume_from_checkpoint: auto" in err
 
 
+def _previous_run(out: Path) -> dict[str, bytes]:
+    """A previous run's results in out: adapter, checkpoint, summary (name -> content)."""
+    files = {
+        "adapter/adapter_config.json": b'{"r": 8}',
+        "adapter/adapter_model.safetensors": b"weights",
+        "checkpoint-4/trainer_state.json": b'{"global_step": 4}',
+        "train_summary.json": b'{"steps": 4}',
+    }
+    for name, data in files.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_bytes(data)
+    return files
+
+
+@pytest.mark.parametrize(
+    "mistake, message",
+    [
+        (["--dataset", "missing.jsonl"], "dataset file not found"),
+        (["--dataset", "empty.jsonl"], "empty.jsonl"),
+        (["--dataset", "broken.jsonl"], "broken.jsonl"),
+        (["--model_name_or_path", "no-such-model"], "model path not found"),
+    ],
+    ids=["missing-dataset", "empty-dataset", "malformed-dataset", "bad-model"],
+)
+def test_a_failed_run_keeps_the_previous_results(
+    tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch, mistake: list[str], message: str
+) -> None:
+    """overwrite_output_dir: true (the demo default) replaces a previous run only once the new
+    run writes its own results: a typo in the dataset or model leaves it whole."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "broken.jsonl").write_text('{"messages": [\n')
+    out = tmp_path / "out"
+    files = _previous_run(out)
+    err = _fails(capsys, ["train", *mistake, "--output_dir", str(out),
+                          "--overwrite_output_dir", "true"])
+    assert message in err
+    assert {name: (out / name).read_bytes() for name in files} == files
+
+
+def test_overwrite_replaces_the_previous_run_once_the_new_one_saves(
+    tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "out"
+    _previous_run(out)
+    (out / "checkpoint-9").mkdir()  # a later step than the new run reaches
+    (out / "checkpoint-9" / "trainer_state.json").write_text('{"global_step": 9}')
+    argv = ["train", "--max_steps", "2", "--save_steps", "1", "--max_samples", "16",
+            "--disable_tqdm", "true", "--output_dir", str(out), "--overwrite_output_dir", "true"]
+    assert main(argv) == 0, capsys.readouterr().err
+    names = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    assert "checkpoint-4" not in names and "checkpoint-9" not in names
+    assert {"adapter", "checkpoint-1", "checkpoint-2", "train_summary.json"} <= set(names)
+    assert json.loads((out / "train_summary.json").read_text())["steps"] == 2
+    assert (out / "adapter" / "adapter_config.json").read_bytes() != b'{"r": 8}'
+
+
 def test_bad_value_on_the_command_line(tmp_path: Path, capsys) -> None:
     err = _fails(capsys, ["train", "--learning_rate", "fast"])
     assert "'learning_rate' must be a number, got 'fast'" in err

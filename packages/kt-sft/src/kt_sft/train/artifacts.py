@@ -27,6 +27,7 @@ __all__ = [
     "ADAPTER_DIR",
     "CHECKPOINT_RE",
     "OutputDirError",
+    "PreviousRun",
     "atomic_dir",
     "find_adapter_dir",
     "latest_checkpoint",
@@ -70,11 +71,37 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def prepare_output_dir(path: str | Path, *, overwrite: bool, resuming: bool) -> Path:
+class PreviousRun:
+    """A previous run's adapter, checkpoints and run files in output_dir, kept until the new run
+    has something of its own to write: a run that fails before that (bad dataset, bad model, a
+    crash in the first step) leaves the previous results untouched."""
+
+    def __init__(self, output_dir: Path, names: Sequence[str]) -> None:
+        self.output_dir = output_dir
+        self.names = sorted(names)
+
+    def discard(self, keep: Path | None = None) -> None:
+        """Remove the previous run's files except `keep` (what the new run just wrote in their
+        place); once: later calls do nothing."""
+        for name in self.names:
+            path = self.output_dir / name
+            if keep is not None and path == keep:
+                continue
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+        self.names = []
+
+
+def prepare_output_dir(path: str | Path, *, overwrite: bool, resuming: bool
+                       ) -> tuple[Path, PreviousRun]:
     """Create/check output_dir before any expensive work; raise OutputDirError when unusable.
 
     An output_dir that holds a previous run's adapter or checkpoints is refused unless
-    `overwrite` (its kt-sft artifacts are then removed) or `resuming`.
+    `overwrite` or `resuming`. Nothing is deleted here: with `overwrite`, the returned
+    PreviousRun names the files to replace, and the caller discards them when it first writes.
     """
     out = Path(path).expanduser()
     if out.exists() and not out.is_dir():
@@ -88,23 +115,20 @@ def prepare_output_dir(path: str | Path, *, overwrite: bool, resuming: bool) -> 
                              "output_dir (e.g. --output_dir /tmp/kt-sft-output)") from exc
     previous = [p.name for p in out.iterdir()
                 if p.name == ADAPTER_DIR or CHECKPOINT_RE.match(p.name)]
+    replaced: list[str] = []
     if previous and not resuming:
         if not overwrite:
             raise OutputDirError(
                 f"output_dir {out} already holds a training run ({', '.join(sorted(previous))}); "
                 "set overwrite_output_dir: true to replace it, or resume_from_checkpoint: auto "
                 "to continue it")
-        for name in previous:
-            shutil.rmtree(out / name)
-        for name in _RUN_FILES:
-            with contextlib.suppress(FileNotFoundError):
-                (out / name).unlink()
+        replaced = previous + [name for name in _RUN_FILES if (out / name).exists()]
     for stale in out.glob(".tmp-*"):  # leftovers of an interrupted write
         if stale.is_dir():
             shutil.rmtree(stale, ignore_errors=True)
         else:
             stale.unlink(missing_ok=True)
-    return out
+    return out, PreviousRun(out, replaced)
 
 
 def atomic_dir(target: Path, write: Callable[[Path], None]) -> Path:

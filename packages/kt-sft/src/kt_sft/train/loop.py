@@ -157,9 +157,10 @@ def _save_adapter(model: Any, directory: Path) -> None:
 
 
 def _save_checkpoint(output_dir: Path, model: Any, optimizer: Any, scheduler: Any,
-                     state: TrainState, cfg: TrainConfig, ranks: Ranks) -> Path:
+                     state: TrainState, cfg: TrainConfig, ranks: Ranks,
+                     previous: artifacts.PreviousRun) -> Path:
     """Rank 0 writes the checkpoint (collective: it gathers every rank's RNG state). The adapter
-    and optimizer state are the same on every rank."""
+    and optimizer state are the same on every rank. The first write replaces a previous run."""
     import torch
 
     rng = ranks.gather(torch.get_rng_state(), "gathering of the RNG states for a checkpoint")
@@ -179,6 +180,7 @@ def _save_checkpoint(output_dir: Path, model: Any, optimizer: Any, scheduler: An
         (tmp / artifacts.STATE_FILE).write_text(json.dumps(payload, indent=2, default=str))
 
     artifacts.atomic_dir(path, write)
+    previous.discard(keep=path)  # only now: a failed first save leaves the previous run whole
     artifacts.prune_checkpoints(output_dir, cfg.save_total_limit)
     return path
 
@@ -281,11 +283,11 @@ def _train(cfg: TrainConfig, ranks: Ranks, *, on_step_end: Callable[[TrainState]
     output_dir = Path(cfg.output_dir).expanduser()
     error: BaseException | None = None
     resume_path: Path | None = None
+    previous = artifacts.PreviousRun(output_dir, [])
     try:  # rank 0 prepares output_dir; every rank finds the checkpoint to resume from
         if ranks.is_main:
-            output_dir = artifacts.prepare_output_dir(cfg.output_dir,
-                                                      overwrite=cfg.overwrite_output_dir,
-                                                      resuming=resuming)
+            output_dir, previous = artifacts.prepare_output_dir(
+                cfg.output_dir, overwrite=cfg.overwrite_output_dir, resuming=resuming)
         resume_path = _resolve_resume(cfg, output_dir)
         if resume_path is not None:
             _check_world_size(resume_path, ranks)
@@ -456,7 +458,7 @@ def _train(cfg: TrainConfig, ranks: Ranks, *, on_step_end: Callable[[TrainState]
                 if cfg.save_steps and (state.global_step % cfg.save_steps == 0
                                        or state.global_step == total_steps):
                     checkpoint_dir = _save_checkpoint(output_dir, model, optimizer, scheduler,
-                                                      state, cfg, ranks)
+                                                      state, cfg, ranks, previous)
                 if on_step_end is not None:
                     on_step_end(state)
                 # a stop requested during the step's optimizer part ends the run here
@@ -464,7 +466,7 @@ def _train(cfg: TrainConfig, ranks: Ranks, *, on_step_end: Callable[[TrainState]
             if stopping:
                 interrupted = True
                 checkpoint_dir = _save_checkpoint(output_dir, model, optimizer, scheduler,
-                                                  state, cfg, ranks)
+                                                  state, cfg, ranks, previous)
     finally:
         if bar is not None:
             bar.close()
@@ -475,6 +477,7 @@ def _train(cfg: TrainConfig, ranks: Ranks, *, on_step_end: Callable[[TrainState]
     if not interrupted and ranks.is_main:
         adapter_dir = artifacts.atomic_dir(output_dir / artifacts.ADAPTER_DIR,
                                            lambda d: _save_adapter(model, d))
+        previous.discard(keep=adapter_dir)
     if ranks.is_main:
         summary = _finish(cfg, output_dir, state, timeline, expert_timer, run_tokens,
                           run_seconds, total_steps, adapter_dir, checkpoint_dir, interrupted,
