@@ -211,3 +211,27 @@ def test_train_help(capsys) -> None:
     assert main(["train", "--help"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: kt-sft train [CONFIG.yaml]") and "--print-config" in out
+
+
+def test_a_key_without_its_value(capsys) -> None:
+    err = _fails(capsys, ["train", "--max_steps"])
+    assert "--max_steps needs a value (--max_steps VALUE)" in err
+
+
+def test_a_missing_column_names_the_key_to_set(tmp_path: Path, capsys) -> None:
+    data = _jsonl(tmp_path / "qa.jsonl", [{"question": "1 + 1?", "completion": " 2"}])
+    err = _fails(capsys, ["train", "--dataset", str(data), "--dataset_format",
+                          "prompt_completion", "--output_dir", str(tmp_path / "out")])
+    assert "no column 'prompt'" in err and "set prompt_column: <column>" in err
+
+
+def test_version_and_help_with_defaults(capsys) -> None:
+    from kt_sft import __version__
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"kt-sft {__version__}"
+    assert main(["train", "--help"]) == 0
+    text = capsys.readouterr().out
+    assert "--learning_rate [0.0001]" in text and "--cutoff_len [1024]" in text
+    assert max(len(line) for line in text.splitlines()) <= 100

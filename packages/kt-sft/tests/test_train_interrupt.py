@@ -60,6 +60,11 @@ def test_ctrl_c_saves_a_resumable_checkpoint_and_resume_matches(tmp_path: Path) 
     resumed = train(_cfg(out, "--max_steps", "6", "--resume_from_checkpoint", "auto"), quiet=True)
     assert not resumed.interrupted and resumed.state.global_step == 6
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    # the summary counts the whole run's time, and says which part this process ran
+    summary = resumed.summary
+    assert summary["resumed_from_step"] == 3
+    assert summary["train_seconds_total"] == pytest.approx(
+        first.summary["train_seconds"] + summary["train_seconds"])
     a = [e["loss"] for e in straight.state.log]
     b = [e["loss"] for e in resumed.state.log]
     assert b == pytest.approx(a, rel=1e-4, abs=1e-5)

@@ -152,7 +152,9 @@ def _lora_experts_options(adapter_dir: Path) -> dict[str, Any]:
 
 def _check_adapter_base(adapter_dir: Path, model_path: str) -> None:
     """Refuse an adapter whose recorded base model is a different demo build (a common mix-up:
-    an adapter trained on one embedded model loaded on a rebuilt one)."""
+    an adapter trained on one embedded model loaded on a rebuilt one). Adapters written by this
+    version record `embedded` instead of the build's path; a wrong build then fails the shape
+    check when the adapter loads."""
     import json
 
     cfg = json.loads((adapter_dir / "adapter_config.json").read_text())

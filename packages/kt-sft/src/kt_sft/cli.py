@@ -25,10 +25,9 @@ options:
   --print-config   print the resolved configuration as YAML and exit
   -h, --help       show this help and exit
 
-Keys: see docs/configuration.md (model_name_or_path, dataset, dataset_format, template,
-cutoff_len, lora_rank, lora_alpha, lora_target, learning_rate, num_train_epochs, max_steps,
-per_device_train_batch_size, gradient_accumulation_steps, gradient_checkpointing, output_dir,
-save_steps, resume_from_checkpoint, kt_* engine options, ...).
+Keys (defaults in brackets; with no CONFIG the demo's values apply, shown by --print-config;
+kt_* engine options and the full descriptions: docs/configuration.md):
+{keys}
 
 Several processes (one per GPU, or CPU shares; docs/distributed.md): start it with torchrun or
 accelerate launch. The global batch is per_device_train_batch_size x gradient_accumulation_steps
@@ -42,6 +41,31 @@ rank waits for a crashed or stuck peer) apply.
 """
 
 
+def _train_usage() -> str:
+    """TRAIN_USAGE with every config key, its default and the first sentence of its help."""
+    import dataclasses
+    import re
+    import textwrap
+
+    from kt_sft.train.schema import GROUPS, describe_keys
+
+    lines: list[str] = []
+    group_seen = None
+    for group, f in describe_keys():
+        if group != group_seen:
+            lines.append(f"  {GROUPS[group]}:")
+            group_seen = group
+        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+        if default is None:
+            shown = "required" if "Required" in f.metadata["help"] else "unset"
+        else:
+            shown = str(default).lower() if isinstance(default, bool) else str(default)
+        first = re.split(r"(?<=\.)\s+(?=[A-Z`])", f.metadata["help"])[0].rstrip(".")
+        lines += textwrap.wrap(f"--{f.name} [{shown}]  {first}", width=98,
+                               initial_indent="    ", subsequent_indent="        ")
+    return TRAIN_USAGE.format(keys="\n".join(lines))
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     from kt_sft.info import collect_info, format_info
 
@@ -53,7 +77,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     rest = list(args.rest)
     if any(a in ("-h", "--help") for a in rest):
-        print(TRAIN_USAGE)
+        print(_train_usage())
         return 0
     print_config = "--print-config" in rest or "--print_config" in rest
     rest = [a for a in rest if a not in ("--print-config", "--print_config")]
@@ -163,9 +187,13 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of `kt-sft`."""
+    from kt_sft import __version__
+
     parser = argparse.ArgumentParser(
         prog="kt-sft", description="LoRA fine-tuning of MoE models with CPU experts.")
+    parser.add_argument("--version", action="version", version=f"kt-sft {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    defaults_shown = argparse.ArgumentDefaultsHelpFormatter
 
     train = sub.add_parser("train", help="fine-tune (no config: the embedded demo)",
                            add_help=False, usage="kt-sft train [CONFIG.yaml] [--key value ...]")
@@ -174,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, help_text in (("chat", "chat with a base model + adapter"),
                             ("generate", "generate replies to --prompt (or stdin lines)")):
-        p = sub.add_parser(name, help=help_text)
+        p = sub.add_parser(name, help=help_text, formatter_class=defaults_shown)
         p.add_argument("--model", default="embedded",
                        help="base checkpoint directory (default: the embedded demo model)")
         p.add_argument("--adapter", help="PEFT adapter directory (or a kt-sft output_dir)")
@@ -198,7 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="engine options as --kt kt_num_threads=2 ...")
         p.set_defaults(func=_cmd_chat)
 
-    est = sub.add_parser("estimate", help="RAM needed for a MoE model with CPU experts")
+    est = sub.add_parser("estimate", help="RAM needed for a MoE model with CPU experts",
+                         formatter_class=defaults_shown)
     est.add_argument("--config", help="a config.json or checkpoint directory to read the shape "
                      "from")
     est.add_argument("--experts", type=int, help="E: routed experts per MoE layer")

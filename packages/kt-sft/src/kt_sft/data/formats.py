@@ -122,8 +122,14 @@ def to_examples(records: Sequence[dict[str, Any]], fmt: str, cols: Columns,
         fmt = detect_format(records, cols, source)
     missing = [c for c in _required(fmt, cols) if c not in records[0]]
     if missing:
+        keys = {cols.text: "text_column", cols.prompt: "prompt_column",
+                cols.completion: "completion_column", cols.messages: "messages_column"}
+        settable = [f"{keys[c]}: <column>" for c in missing if c in keys
+                    and fmt in ("text", "prompt_completion", "messages")]
+        hint = f"; set {' and '.join(settable)} to read other columns" if settable else ""
         raise DataError(f"dataset {source} is read as {fmt!r} but has no column "
-                        f"{', '.join(repr(c) for c in missing)}; found {sorted(records[0])}")
+                        f"{', '.join(repr(c) for c in missing)}; found {sorted(records[0])}"
+                        + hint)
     out: list[Example] = []
     for i, rec in enumerate(records):
         where = f"{source}, record {i + 1}"

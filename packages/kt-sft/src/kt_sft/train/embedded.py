@@ -119,11 +119,13 @@ def embedded_model_dir(*, rebuild: bool = False, quiet: bool = False) -> Path:
         model.generation_config.bos_token_id = None
         from transformers.utils import logging as hf_logging
 
+        bars_were_on = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()
         try:
             tiny.save(model, tmp)
         finally:
-            hf_logging.enable_progress_bar()
+            if bars_were_on:  # the CLI turns them off for the whole run: leave them off
+                hf_logging.enable_progress_bar()
         tokenizer.save_pretrained(tmp)
         if target.exists():
             shutil.rmtree(target)

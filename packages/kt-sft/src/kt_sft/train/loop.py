@@ -341,6 +341,10 @@ def _train(cfg: TrainConfig, ranks: Ranks, *, on_step_end: Callable[[TrainState]
                                       alpha=cfg.scaling_alpha, dropout=cfg.lora_dropout,
                                       use_kt=cfg.use_kt)
     model = modeling.apply_lora(model, lora, cfg.lora_targets, use_kt=cfg.use_kt)
+    for peft_config in getattr(model, "peft_config", {}).values():
+        # the adapter names its base as the user did (a Hub id, their path, or `embedded`),
+        # not as the absolute path it was resolved to on this machine
+        peft_config.base_model_name_or_path = cfg.model_name_or_path
     if cfg.gradient_checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x
         if enable is not None:
@@ -368,8 +372,10 @@ def _train(cfg: TrainConfig, ranks: Ranks, *, on_step_end: Callable[[TrainState]
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_lambda(cfg.lr_scheduler_type, warmup, total_steps))
     state = TrainState()
+    resumed_from = 0
     if resume_path is not None:
         state = _load_checkpoint(resume_path, model, optimizer, scheduler, ranks)
+        resumed_from = state.global_step
         if not quiet:
             _log(f"resumed from {resume_path} at step {state.global_step}")
 
@@ -482,7 +488,7 @@ def _train(cfg: TrainConfig, ranks: Ranks, *, on_step_end: Callable[[TrainState]
         summary = _finish(cfg, output_dir, state, timeline, expert_timer, run_tokens,
                           run_seconds, total_steps, adapter_dir, checkpoint_dir, interrupted,
                           n_trainable, n_total, model_path, time.perf_counter() - t_start,
-                          ranks.world_size)
+                          ranks.world_size, resumed_from=resumed_from)
     with contextlib.suppress(Exception):
         if cfg.use_kt:
             import kt_sft
@@ -502,7 +508,7 @@ def _finish(cfg: TrainConfig, output_dir: Path, state: TrainState, timeline: Tim
             timer: ExpertTimer, run_tokens: int, run_seconds: float, total_steps: int,
             adapter_dir: Path | None, checkpoint_dir: Path | None, interrupted: bool,
             n_trainable: int, n_total: int, model_path: str, wall: float,
-            world_size: int = 1) -> dict[str, Any]:
+            world_size: int = 1, *, resumed_from: int = 0) -> dict[str, Any]:
     losses = [e["loss"] for e in state.log]
     summary: dict[str, Any] = {
         "steps": state.global_step, "total_steps": total_steps, "interrupted": interrupted,
@@ -513,6 +519,7 @@ def _finish(cfg: TrainConfig, output_dir: Path, state: TrainState, timeline: Tim
         "loss_first5_mean": sum(losses[:5]) / len(losses[:5]) if losses else None,
         "loss_last5_mean": sum(losses[-5:]) / len(losses[-5:]) if losses else None,
         "tokens": run_tokens, "train_seconds": run_seconds,
+        "resumed_from_step": resumed_from, "train_seconds_total": state.train_seconds,
         "tokens_per_second": run_tokens / run_seconds if run_seconds else 0.0,
         "wall_seconds": wall,
         "adapter": str(adapter_dir) if adapter_dir else None,
@@ -557,6 +564,10 @@ def _print_summary(s: dict[str, Any]) -> None:
                      f"{s['checkpoint']}")
         lines.append(f"  resume with the same command plus --resume_from_checkpoint "
                      f"{s['checkpoint']}")
+    elif s.get("resumed_from_step"):
+        lines.append(f"done: {s['steps']} steps in {s['train_seconds_total']:.1f} s (resumed at "
+                     f"step {s['resumed_from_step']}: {s['steps'] - s['resumed_from_step']} "
+                     f"steps in {s['train_seconds']:.1f} s this run)")
     else:
         lines.append(f"done: {s['steps']} steps in {s['train_seconds']:.1f} s")
     if s["loss_first"] is not None:
@@ -568,12 +579,14 @@ def _print_summary(s: dict[str, Any]) -> None:
     if split:
         rest = split["rest_seconds"]
         total = split["experts_seconds"] + rest
+        # two lines: one would wrap on a 100-column terminal
         lines.append(
             f"time split      CPU experts {split['experts_seconds']:.1f} s "
             f"({100 * split['experts_seconds'] / total:.0f}%: forward "
             f"{split['experts_forward_seconds']:.1f} s, backward "
-            f"{split['experts_backward_seconds']:.1f} s) | rest (attention, router, embeddings, "
-            f"LM head, optimizer) {rest:.1f} s ({100 * rest / total:.0f}%)")
+            f"{split['experts_backward_seconds']:.1f} s)")
+        lines.append(f"                rest {rest:.1f} s ({100 * rest / total:.0f}%: attention, "
+                     "router, embeddings, LM head, optimizer)")
     if s.get("adapter"):
         lines.append(f"adapter         {s['adapter']}")
     if s.get("loss_curve"):

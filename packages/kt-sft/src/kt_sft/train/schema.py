@@ -511,13 +511,15 @@ def parse_overrides(args: Sequence[str]) -> dict[str, Any]:
         key = key.replace("-", "_")
         if not key:
             raise ConfigError(f"command line: empty option name in {token!r}")
+        canonical = ALIASES.get(key, (key, None))[0]
         if not eq:
             if i + 1 < len(args) and not args[i + 1].startswith("--"):
                 value = args[i + 1]
                 i += 1
+            elif canonical in _FIELDS and _FIELDS[canonical].type not in (bool, "bool"):
+                raise ConfigError(f"command line: --{key} needs a value (--{key} VALUE)")
             else:
                 value = "true"
-        canonical = ALIASES.get(key, (key, None))[0]
         if canonical in _FIELDS and _FIELDS[canonical].metadata.get("kind") in ("paths", "names") \
                 and "," in value:
             out[key] = [v for v in value.split(",") if v]
