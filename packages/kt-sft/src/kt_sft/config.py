@@ -354,10 +354,11 @@ def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
 
 
 def _physical_cores() -> int | None:
+    """Physical cores as the engine counts them (its default thread count); logical CPUs when
+    the engine is not installed."""
     try:
-        from kt_sft._lib import physical_core_count
-
-        return physical_core_count()
-    except Exception:  # pragma: no cover - only without a working engine install
+        from kt_sft._lib import kt_kernels
+    except ImportError:  # pragma: no cover - only without a working engine install
         return os.cpu_count()
+    return kt_kernels.physical_core_count()
 
