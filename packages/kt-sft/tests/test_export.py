@@ -195,10 +195,12 @@ def _fp8_roundtrip(model: torch.nn.Module, block: tuple[int, int]) -> torch.nn.M
     return out
 
 
-def test_fp8_base_is_dequantized(tmp_path: Path) -> None:
+@pytest.mark.parametrize("layout", ["per_expert", "fused"])
+def test_fp8_base_is_dequantized(tmp_path: Path, layout: str) -> None:
     block = (16, 16)
     model = tiny.build("deepseek_v3", seed=10)
-    base = tiny.write_checkpoint(model, tmp_path / "base", fp8=True, block_size=block)
+    base = tiny.write_checkpoint(model, tmp_path / "base", fp8=True, block_size=block,
+                                 layout=layout)
     adapter = _adapter(model, tmp_path / "adapter", seed=11)
     result = export_merged(adapter, tmp_path / "merged", base_model=base, dtype="float32")
     assert result.dequantized_fp8 > 0

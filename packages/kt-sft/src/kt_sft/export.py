@@ -15,10 +15,11 @@ How, and why this way:
   into. Routed-expert keys are mapped through the kt-models registry (the per-expert / fused
   names that :class:`kt_models.CheckpointReader` reads).
 * Output shards are written tensor by tensor: the safetensors header is computed from the base's
-  headers first, then each tensor is read (:meth:`kt_models.CheckpointReader.get_tensor`: memory
-  mapped, cast or FP8-dequantized, unmapped again), merged in float32, cast and appended. Peak
-  memory is the adapter plus the largest merged tensor in float32 (plus its output copy), never a
-  whole shard and never the model.
+  headers first, then each tensor is read (:class:`kt_models.CheckpointReader`: memory mapped,
+  cast or FP8-dequantized, unmapped again), merged in float32, cast and appended; fused 3-D
+  expert tensors go one expert at a time. Peak memory is the adapter plus the largest 2-D tensor
+  (in float32 when it is merged; usually the embeddings or ``lm_head``) or one expert matrix,
+  plus its output copy: never a whole shard and never the model.
 * The output is written into a temporary directory beside the target and renamed into place at the
   end: a crash or Ctrl-C leaves the previous state, never a half-written checkpoint.
 
@@ -45,7 +46,7 @@ import shutil
 import struct
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -341,16 +342,20 @@ def _meta_model(config: Any, trust_remote_code: bool) -> torch.nn.Module:
 # disk key -> what to add to it
 
 
+#: Adds LoRA deltas to a float32 base tensor, or to its slice ``index`` (one expert) when given.
+_Op = Callable[[torch.Tensor, "int | None"], None]
+
+
 @dataclass
 class _Plan:
     """Where LoRA deltas go on disk: ``ops[disk_key]`` adds its deltas to a float32 tensor."""
 
-    ops: dict[str, list[Callable[[torch.Tensor], None]]] = field(default_factory=dict)
+    ops: dict[str, list[_Op]] = field(default_factory=dict)
     expected: dict[str, tuple[int, ...]] = field(default_factory=dict)
     #: Base weights taken from the adapter instead of the checkpoint.
     replace: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    def add(self, key: str, shape: tuple[int, ...], op: Callable[[torch.Tensor], None]) -> None:
+    def add(self, key: str, shape: tuple[int, ...], op: _Op) -> None:
         self.ops.setdefault(key, []).append(op)
         self.expected[key] = shape
 
@@ -406,11 +411,9 @@ def _plan_merges(reader: Any, disk_of: dict[str, str], targets: dict[str, _Targe
     return plan
 
 
-def _adder(delta: Callable[[], torch.Tensor], transpose: bool = False
-           ) -> Callable[[torch.Tensor], None]:
-    def op(t: torch.Tensor) -> None:
-        d = delta()
-        t.add_(d.t() if transpose else d)
+def _adder(delta: Callable[[], torch.Tensor]) -> _Op:
+    def op(t: torch.Tensor, index: int | None) -> None:
+        t.add_(delta())
     return op
 
 
@@ -435,10 +438,11 @@ def _plan_experts(plan: _Plan, reader: Any, target: _Target, layer: int, which: 
                       and stored == (num_experts, in_dim, out_dim))
         shape = (num_experts, in_dim, out_dim) if transposed else target.shape
 
-        def op(t: torch.Tensor) -> None:
-            for e in range(num_experts):
+        def op(t: torch.Tensor, index: int | None) -> None:
+            # 3-D tensors are streamed one expert (index) at a time
+            for e in range(num_experts) if index is None else (index,):
                 d = target.expert_delta(e)
-                t[e].add_(d.t() if transposed else d)
+                (t if index is not None else t[e]).add_(d.t() if transposed else d)
         plan.add(key, shape, op)
 
 
@@ -574,22 +578,30 @@ def export_merged(adapter: str | os.PathLike[str], output_dir: str | os.PathLike
             raise ExportError(f"base tensor {key} has shape {stored}, the adapter's LoRA delta "
                               f"has {shape}")
 
-    def produce(key: str) -> torch.Tensor:
+    def produce(key: str) -> Iterator[torch.Tensor]:
+        """The output tensor ``key`` in consecutive pieces: 3-D tensors (fused experts) one
+        expert at a time, everything else whole."""
         info = reader.tensor_info(key)
-        ops = plan.ops.get(key)
-        if info.dtype in _FP8 or info.dtype in _FLOAT:
-            stored = torch.bfloat16 if info.dtype in _FP8 else _ST_DTYPES[info.dtype]
-            want = out_dtype or stored
-            if not ops:
-                return reader.get_tensor(key, dtype=want)
-            compute = torch.float64 if stored == torch.float64 else torch.float32
-            saved = plan.replace.get(key)
-            t = (saved.to(compute, copy=True) if saved is not None
-                 else reader.get_tensor(key, dtype=compute))
+        ops = plan.ops.get(key, [])
+        if info.dtype not in _FP8 and info.dtype not in _FLOAT:
+            yield reader.get_tensor(key)
+            return
+        stored = torch.bfloat16 if info.dtype in _FP8 else _ST_DTYPES[info.dtype]
+        want = out_dtype or stored
+        compute = torch.float64 if stored == torch.float64 else torch.float32
+        read = compute if ops else want
+        saved = plan.replace.get(key)
+        pieces: Iterator[tuple[int | None, torch.Tensor]]
+        if saved is not None:
+            pieces = iter([(None, saved.to(read, copy=True))])
+        elif len(info.shape) == 3:
+            pieces = ((e, reader.get_slice(key, e, dtype=read)) for e in range(info.shape[0]))
+        else:
+            pieces = iter([(None, reader.get_tensor(key, dtype=read))])
+        for index, t in pieces:
             for op in ops:
-                op(t)
-            return t if want == compute else t.to(want)
-        return reader.get_tensor(key)
+                op(t, index)
+            yield t if t.dtype == want else t.to(want)
 
     def write(tmp: Path) -> tuple[list[str], int, int, int]:
         weight_map: dict[str, str] = {}
@@ -614,12 +626,17 @@ def export_merged(adapter: str | os.PathLike[str], output_dir: str | os.PathLike
                 fh.write(struct.pack("<Q", len(header)))
                 fh.write(header)
                 for key, kind, shape in entries:
-                    tensor = produce(key)
-                    if tensor.dtype != kind or tuple(tensor.shape) != shape:  # pragma: no cover
-                        raise RuntimeError(f"internal: {key} came out {tensor.dtype} "
-                                           f"{tuple(tensor.shape)}, planned {kind} {shape}")
-                    _write_tensor(fh, tensor)
-                    del tensor
+                    numel = 0
+                    for piece in produce(key):
+                        if piece.dtype != kind:  # pragma: no cover
+                            raise RuntimeError(f"internal: {key} came out {piece.dtype}, "
+                                               f"planned {kind}")
+                        _write_tensor(fh, piece)
+                        numel += piece.numel()
+                        del piece
+                    if numel != torch.Size(shape).numel():  # pragma: no cover
+                        raise RuntimeError(f"internal: {key} wrote {numel} values, planned "
+                                           f"{shape}")
                     weight_map[key] = file.name
                     merged_here += key in plan.ops
                 written += len(entries)
