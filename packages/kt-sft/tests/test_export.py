@@ -266,6 +266,16 @@ def test_adapter_of_another_architecture(tmp_path: Path, qwen: tuple) -> None:
         export_merged(adapter, tmp_path / "out", base_model=base)
 
 
+def test_lora_on_a_tied_lm_head_is_refused(tmp_path: Path) -> None:
+    model = tiny.build("qwen3_moe", seed=23, tie_word_embeddings=True)
+    base = tiny.save(model, tmp_path / "base")
+    adapter = get_peft_model(copy.deepcopy(model), LoraConfig(r=2, target_modules=["lm_head",
+                                                                                   "q_proj"]))
+    adapter.save_pretrained(str(tmp_path / "adapter"))
+    with pytest.raises(ExportError, match=r"lm_head\.weight has no tensor of its own"):
+        export_merged(tmp_path / "adapter", tmp_path / "out", base_model=base)
+
+
 def _patched_config(adapter: Path, target: Path, **fields: object) -> Path:
     target.mkdir()
     for f in adapter.iterdir():
