@@ -125,6 +125,10 @@ def test_rank_and_alpha_patterns_and_rslora_are_honoured(tmp_path: Path) -> None
                        alpha_pattern={"o_proj": 3.0, "gate_up_proj": 5.0})
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["use_rslora"] and config["rank_pattern"] and config["alpha_pattern"]
+    with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as fh:
+        ranks = {k.split(".")[-3]: fh.get_slice(k).get_shape()[0] for k in fh.keys()
+                 if k.endswith("lora_A.weight") and ".layers.0." in k}
+    assert ranks["q_proj"] == 2 and ranks["k_proj"] == 4  # the pattern gave q_proj its own rank
     export_merged(adapter, tmp_path / "merged", base_model=base)
     want = _logits(_stock_merged(base, adapter))
     assert rel_err(_logits(_load(tmp_path / "merged")), want) <= FP32_TOL
