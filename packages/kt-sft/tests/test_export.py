@@ -47,8 +47,16 @@ BF16_TOL = 2.0**-5
 MIN_LORA_EFFECT = 1e-2
 
 
-def _adapter(model: torch.nn.Module, directory: Path, *, seed: int = 0, r: int = 4,
-             lora_alpha: float = 8.0, scale: float = 0.05, **overrides: object) -> Path:
+def _adapter(
+    model: torch.nn.Module,
+    directory: Path,
+    *,
+    seed: int = 0,
+    r: int = 4,
+    lora_alpha: float = 8.0,
+    scale: float = 0.05,
+    **overrides: object,
+) -> Path:
     """A LoRA adapter on the experts (target_parameters), every nn.Linear, the router weight
     (where it is a parameter) and lm_head, with random non-zero A and B, saved by PEFT."""
     kwargs = lora_config_kwargs(model, r=r, lora_alpha=lora_alpha)
@@ -90,8 +98,12 @@ def _keys(directory: Path) -> dict[str, tuple[str, ...]]:
 
 # ---- logits equal the stock merge -----------------------------------------------------------
 
-ARCHS = [("qwen3_moe", {"use_rslora": True}), ("mixtral", {}), ("deepseek_v3", {}),
-         ("qwen2_moe", {})]
+ARCHS = [
+    ("qwen3_moe", {"use_rslora": True}),
+    ("mixtral", {}),
+    ("deepseek_v3", {}),
+    ("qwen2_moe", {}),
+]
 
 
 @pytest.mark.parametrize(("model_type", "lora_extra"), ARCHS, ids=[a for a, _ in ARCHS])
@@ -103,8 +115,9 @@ def test_export_equals_stock_merge(tmp_path: Path, model_type: str, lora_extra: 
     result = export_merged(adapter, tmp_path / "merged", base_model=base)
 
     assert _keys(tmp_path / "merged") == _keys(base)  # same names, layout and shard files
-    assert len(result.shards) > 2 and (tmp_path / "merged" / "model.safetensors.index.json"
-                                       ).is_file()
+    assert (
+        len(result.shards) > 2 and (tmp_path / "merged" / "model.safetensors.index.json").is_file()
+    )
     assert result.merged_tensors > 0 and result.lora_targets > 0
     reference = _stock_merged(base, adapter)
     want = _logits(reference)
@@ -112,22 +125,32 @@ def test_export_equals_stock_merge(tmp_path: Path, model_type: str, lora_extra: 
     base_logits = _logits(_load(base))
     assert rel_err(base_logits, want) > MIN_LORA_EFFECT  # the adapter changes the model
     err = rel_err(got, want)
-    print(f"{model_type}: logits rel err {err:.2e}, max abs diff "
-          f"{(got - want).abs().max().item():.2e}")
+    print(
+        f"{model_type}: logits rel err {err:.2e}, max abs diff "
+        f"{(got - want).abs().max().item():.2e}"
+    )
     assert err <= FP32_TOL
 
 
 def test_rank_and_alpha_patterns_and_rslora_are_honoured(tmp_path: Path) -> None:
     model = tiny.build("qwen3_moe", seed=4)
     base = tiny.save(model, tmp_path / "base")
-    adapter = _adapter(model, tmp_path / "adapter", seed=5, use_rslora=True,
-                       rank_pattern={"q_proj": 2, "down_proj": 6},
-                       alpha_pattern={"o_proj": 3.0, "gate_up_proj": 5.0})
+    adapter = _adapter(
+        model,
+        tmp_path / "adapter",
+        seed=5,
+        use_rslora=True,
+        rank_pattern={"q_proj": 2, "down_proj": 6},
+        alpha_pattern={"o_proj": 3.0, "gate_up_proj": 5.0},
+    )
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["use_rslora"] and config["rank_pattern"] and config["alpha_pattern"]
     with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as fh:
-        ranks = {k.split(".")[-3]: fh.get_slice(k).get_shape()[0] for k in fh.keys()
-                 if k.endswith("lora_A.weight") and ".layers.0." in k}
+        ranks = {
+            k.split(".")[-3]: fh.get_slice(k).get_shape()[0]
+            for k in fh.keys()
+            if k.endswith("lora_A.weight") and ".layers.0." in k
+        }
     assert ranks["q_proj"] == 2 and ranks["k_proj"] == 4  # the pattern gave q_proj its own rank
     export_merged(adapter, tmp_path / "merged", base_model=base)
     want = _logits(_stock_merged(base, adapter))
@@ -159,8 +182,10 @@ def test_bf16_export(tmp_path: Path) -> None:
         total += diff.numel()
     assert flips <= total * 1e-3
     err = rel_err(_logits(exported), _logits(reference))
-    print(f"bf16 export: logits rel err {err:.2e} vs the fp32 stock merge; {flips} of {total} "
-          "weights one bf16 ulp off the rounded reference")
+    print(
+        f"bf16 export: logits rel err {err:.2e} vs the fp32 stock merge; {flips} of {total} "
+        "weights one bf16 ulp off the rounded reference"
+    )
     assert err <= BF16_TOL
 
 
@@ -189,12 +214,15 @@ def _fp8_roundtrip(model: torch.nn.Module, block: tuple[int, int]) -> torch.nn.M
                 if not (isinstance(p, torch.Tensor) and p.dim() == 3):
                     continue
                 for e in range(p.shape[0]):
-                    rows = [p[e, :p.shape[1] // 2], p[e, p.shape[1] // 2:]] \
-                        if name == "gate_up_proj" else [p[e]]
+                    rows = (
+                        [p[e, : p.shape[1] // 2], p[e, p.shape[1] // 2 :]]
+                        if name == "gate_up_proj"
+                        else [p[e]]
+                    )
                     for w in rows:  # gate and up are quantized as separate matrices
                         q, s = tiny.quantize_fp8_blockwise(w, block)
-                        scale = s.repeat_interleave(block[0], 0)[:w.shape[0]]
-                        scale = scale.repeat_interleave(block[1], 1)[:, :w.shape[1]]
+                        scale = s.repeat_interleave(block[0], 0)[: w.shape[0]]
+                        scale = scale.repeat_interleave(block[1], 1)[:, : w.shape[1]]
                         w.copy_(q.float() * scale)
     return out
 
@@ -203,15 +231,17 @@ def _fp8_roundtrip(model: torch.nn.Module, block: tuple[int, int]) -> torch.nn.M
 def test_fp8_base_is_dequantized(tmp_path: Path, layout: str) -> None:
     block = (16, 16)
     model = tiny.build("deepseek_v3", seed=10)
-    base = tiny.write_checkpoint(model, tmp_path / "base", fp8=True, block_size=block,
-                                 layout=layout)
+    base = tiny.write_checkpoint(
+        model, tmp_path / "base", fp8=True, block_size=block, layout=layout
+    )
     adapter = _adapter(model, tmp_path / "adapter", seed=11)
     result = export_merged(adapter, tmp_path / "merged", base_model=base, dtype="float32")
     assert result.dequantized_fp8 > 0
     config = json.loads((tmp_path / "merged" / "config.json").read_text())
     assert "quantization_config" not in config
-    assert not any(k.endswith("_scale_inv") for ks in _keys(tmp_path / "merged").values()
-                   for k in ks)
+    assert not any(
+        k.endswith("_scale_inv") for ks in _keys(tmp_path / "merged").values() for k in ks
+    )
     # reference: the same weights as the FP8 checkpoint holds, in float32, merged by PEFT
     tiny.save(_fp8_roundtrip(model, block), tmp_path / "dequantized")
     want = _logits(_stock_merged(tmp_path / "dequantized", adapter))
@@ -273,8 +303,9 @@ def test_adapter_of_another_architecture(tmp_path: Path, qwen: tuple) -> None:
 def test_lora_on_a_tied_lm_head_is_refused(tmp_path: Path) -> None:
     model = tiny.build("qwen3_moe", seed=23, tie_word_embeddings=True)
     base = tiny.save(model, tmp_path / "base")
-    adapter = get_peft_model(copy.deepcopy(model), LoraConfig(r=2, target_modules=["lm_head",
-                                                                                   "q_proj"]))
+    adapter = get_peft_model(
+        copy.deepcopy(model), LoraConfig(r=2, target_modules=["lm_head", "q_proj"])
+    )
     adapter.save_pretrained(str(tmp_path / "adapter"))
     with pytest.raises(ExportError, match=r"lm_head\.weight has no tensor of its own"):
         export_merged(tmp_path / "adapter", tmp_path / "out", base_model=base)
@@ -290,16 +321,21 @@ def _patched_config(adapter: Path, target: Path, **fields: object) -> Path:
     return target
 
 
-@pytest.mark.parametrize(("fields", "message"), [
-    ({"use_dora": True}, "DoRA"),
-    ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
-    ({"lora_bias": True}, "lora_bias"),
-    ({"trainable_token_indices": [1, 2]}, "trainable_token_indices"),
-    ({"init_lora_weights": "pissa"}, "pissa"),
-    ({"peft_type": "LOHA"}, "'LOHA' PEFT adapter"),
-], ids=["dora", "modules_to_save", "lora_bias", "trainable_tokens", "pissa", "loha"])
-def test_unsupported_adapter_features(tmp_path: Path, qwen: tuple, fields: dict,
-                                      message: str) -> None:
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"use_dora": True}, "DoRA"),
+        ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+        ({"lora_bias": True}, "lora_bias"),
+        ({"trainable_token_indices": [1, 2]}, "trainable_token_indices"),
+        ({"init_lora_weights": "pissa"}, "pissa"),
+        ({"peft_type": "LOHA"}, "'LOHA' PEFT adapter"),
+    ],
+    ids=["dora", "modules_to_save", "lora_bias", "trainable_tokens", "pissa", "loha"],
+)
+def test_unsupported_adapter_features(
+    tmp_path: Path, qwen: tuple, fields: dict, message: str
+) -> None:
     _, base, adapter = qwen
     bad = _patched_config(adapter, tmp_path / "adapter", **fields)
     with pytest.raises(ExportError, match=message):
@@ -308,13 +344,16 @@ def test_unsupported_adapter_features(tmp_path: Path, qwen: tuple, fields: dict,
 
 def test_embedding_lora_and_other_peft_methods_are_refused(tmp_path: Path, qwen: tuple) -> None:
     model, base, _ = qwen
-    emb = get_peft_model(copy.deepcopy(model), LoraConfig(r=2, target_modules=["embed_tokens",
-                                                                               "q_proj"]))
+    emb = get_peft_model(
+        copy.deepcopy(model), LoraConfig(r=2, target_modules=["embed_tokens", "q_proj"])
+    )
     emb.save_pretrained(str(tmp_path / "emb"))
     with pytest.raises(ExportError, match=r"Embedding LoRA layer on model\.embed_tokens"):
         export_merged(tmp_path / "emb", tmp_path / "out", base_model=base)
-    ia3 = get_peft_model(copy.deepcopy(model), IA3Config(target_modules=["q_proj", "o_proj"],
-                                                         feedforward_modules=["o_proj"]))
+    ia3 = get_peft_model(
+        copy.deepcopy(model),
+        IA3Config(target_modules=["q_proj", "o_proj"], feedforward_modules=["o_proj"]),
+    )
     ia3.save_pretrained(str(tmp_path / "ia3"))
     with pytest.raises(ExportError, match="'IA3' PEFT adapter"):
         export_merged(tmp_path / "ia3", tmp_path / "out", base_model=base)
@@ -323,9 +362,17 @@ def test_embedding_lora_and_other_peft_methods_are_refused(tmp_path: Path, qwen:
 def test_kt_lora_experts_are_refused(tmp_path: Path, qwen: tuple) -> None:
     _, base, adapter = qwen
     bad = _patched_config(adapter, tmp_path / "adapter")
-    (bad / "kt_adapter.json").write_text(json.dumps(
-        {"format": "kt-lora-experts", "version": 1,
-         "modules": {"model.layers.1.mlp": {"num_experts": 2, "width": 8, "hidden_size": 64}}}))
+    (bad / "kt_adapter.json").write_text(
+        json.dumps(
+            {
+                "format": "kt-lora-experts",
+                "version": 1,
+                "modules": {
+                    "model.layers.1.mlp": {"num_experts": 2, "width": 8, "hidden_size": 64}
+                },
+            }
+        )
+    )
     with pytest.raises(ExportError, match="kt LoRA experts"):
         export_merged(bad, tmp_path / "out", base_model=base)
 
@@ -355,8 +402,9 @@ def test_existing_output(tmp_path: Path, qwen: tuple) -> None:
     assert not list(tmp_path.glob(".tmp-*"))
 
 
-def test_failed_export_leaves_the_previous_output(tmp_path: Path, qwen: tuple,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_export_leaves_the_previous_output(
+    tmp_path: Path, qwen: tuple, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import kt_sft.export as export_module
 
     _, base, adapter = qwen
@@ -384,17 +432,55 @@ def test_failed_export_leaves_the_previous_output(tmp_path: Path, qwen: tuple,
 
 def test_cli_export(tmp_path: Path, qwen: tuple, capsys: pytest.CaptureFixture[str]) -> None:
     _, base, adapter = qwen
-    assert main(["export", "--adapter", str(adapter), "--model", str(base), "--output",
-                 str(tmp_path / "merged"), "--dtype", "bf16"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--adapter",
+                str(adapter),
+                "--model",
+                str(base),
+                "--output",
+                str(tmp_path / "merged"),
+                "--dtype",
+                "bf16",
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     assert "merged" in captured.out and str(tmp_path / "merged") in captured.out
     assert "shard 1/1 model.safetensors" in captured.err
     assert json.loads((tmp_path / "merged" / "config.json").read_text())["dtype"] == "bfloat16"
-    assert main(["export", "--adapter", str(adapter), "--model", str(base), "--output",
-                 str(tmp_path / "merged")]) == 2
+    assert (
+        main(
+            [
+                "export",
+                "--adapter",
+                str(adapter),
+                "--model",
+                str(base),
+                "--output",
+                str(tmp_path / "merged"),
+            ]
+        )
+        == 2
+    )
     assert "kt-sft export: error: output directory" in capsys.readouterr().err
-    assert main(["export", "--adapter", str(tmp_path / "missing"), "--model", str(base),
-                 "--output", str(tmp_path / "other")]) == 2
+    assert (
+        main(
+            [
+                "export",
+                "--adapter",
+                str(tmp_path / "missing"),
+                "--model",
+                str(base),
+                "--output",
+                str(tmp_path / "other"),
+            ]
+        )
+        == 2
+    )
     assert "adapter path not found" in capsys.readouterr().err
 
 
@@ -436,8 +522,14 @@ def _export_growth(warm_up: tuple[Path, Path], adapter: Path, base: Path, out: P
     """Peak RSS growth (bytes) of one export in a fresh interpreter, after a warm-up export."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     args = [*map(str, warm_up), str(adapter), str(base), str(out)]
-    proc = subprocess.run([sys.executable, "-c", _CHILD, *args], capture_output=True, text=True,
-                          env=env, timeout=600, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     return max(0, report["peak"] - report["before"])
@@ -451,8 +543,10 @@ def _can_reset_peak_rss() -> bool:
     return True
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or not _can_reset_peak_rss(),
-                    reason="needs Linux's /proc/self/clear_refs to reset the peak RSS")
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or not _can_reset_peak_rss(),
+    reason="needs Linux's /proc/self/clear_refs to reset the peak RSS",
+)
 def test_peak_memory_is_about_one_shard(tmp_path: Path) -> None:
     """A 4-layer model of ~50 MiB in 8 MiB shards exports with a peak RSS growth below
     ``baseline + largest shard + adapter + 4 MiB``.
@@ -470,9 +564,17 @@ def test_peak_memory_is_about_one_shard(tmp_path: Path) -> None:
     small = tiny.build("qwen3_moe", seed=30)
     tiny.save(small, tmp_path / "small")
     small_adapter = _adapter(small, tmp_path / "small_adapter", seed=31)
-    big = tiny.build("qwen3_moe", seed=32, hidden_size=256, moe_intermediate_size=256,
-                     intermediate_size=256, num_experts=16, num_hidden_layers=4,
-                     decoder_sparse_step=1, head_dim=64)
+    big = tiny.build(
+        "qwen3_moe",
+        seed=32,
+        hidden_size=256,
+        moe_intermediate_size=256,
+        intermediate_size=256,
+        num_experts=16,
+        num_hidden_layers=4,
+        decoder_sparse_step=1,
+        head_dim=64,
+    )
     shard = 8 * 2**20
     tiny.save(big, tmp_path / "big", shard_size=shard)
     big_adapter = _adapter(big, tmp_path / "big_adapter", seed=33)
@@ -488,9 +590,11 @@ def test_peak_memory_is_about_one_shard(tmp_path: Path) -> None:
     growth = _export_growth(warm_up, big_adapter, tmp_path / "big", tmp_path / "big_out")
     bound = baseline + largest + adapter_bytes + 4 * 2**20
     mib = 2**20
-    print(f"export of {model_bytes / mib:.1f} MiB in {len(shards)} shards (largest "
-          f"{largest / mib:.1f} MiB, adapter {adapter_bytes / mib:.2f} MiB): peak RSS growth "
-          f"{growth / mib:.1f} MiB; baseline {baseline / mib:.1f} MiB; bound {bound / mib:.1f} MiB")
+    print(
+        f"export of {model_bytes / mib:.1f} MiB in {len(shards)} shards (largest "
+        f"{largest / mib:.1f} MiB, adapter {adapter_bytes / mib:.2f} MiB): peak RSS growth "
+        f"{growth / mib:.1f} MiB; baseline {baseline / mib:.1f} MiB; bound {bound / mib:.1f} MiB"
+    )
     assert len(shards) >= 5
     assert model_bytes > 2 * bound  # the test tells streaming from loading
     assert growth < bound

@@ -58,22 +58,41 @@ __all__ = ["EXPORT_DTYPES", "ExportError", "ExportResult", "export_merged"]
 #: Accepted ``dtype`` values: ``"auto"`` keeps each tensor's stored dtype (FP8 becomes bfloat16).
 EXPORT_DTYPES: dict[str, torch.dtype | None] = {
     "auto": None,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16,
-    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
 }
 
 _ST_NAMES: dict[torch.dtype, str] = {
-    torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.float64: "F64",
-    torch.int8: "I8", torch.uint8: "U8", torch.int16: "I16", torch.int32: "I32",
-    torch.int64: "I64", torch.bool: "BOOL",
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.float32: "F32",
+    torch.float64: "F64",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.int16: "I16",
+    torch.int32: "I32",
+    torch.int64: "I64",
+    torch.bool: "BOOL",
 }
 _ST_DTYPES = {name: dtype for dtype, name in _ST_NAMES.items()}
 _FLOAT = {"BF16", "F16", "F32", "F64"}
 _FP8 = {"F8_E4M3", "F8_E5M2"}
 _SCALE_SUFFIX = "_scale_inv"
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf",
-                    ".onnx")
+_WEIGHT_SUFFIXES = (
+    ".safetensors",
+    ".bin",
+    ".pt",
+    ".pth",
+    ".ckpt",
+    ".h5",
+    ".msgpack",
+    ".gguf",
+    ".onnx",
+)
 _WEIGHT_FILES = {"model.safetensors.index.json", "pytorch_model.bin.index.json"}
 _ADAPTER = "default"
 
@@ -159,15 +178,16 @@ class _Target:
     def expert_delta(self, e: int, rows: slice | None = None) -> torch.Tensor:
         """Expert ``e``'s ``s · B_e @ A_e`` in the parameter's ``out x in`` layout."""
         num_experts, r = self.shape[0], self.rank
-        a = self.lora_a[e * r:(e + 1) * r]
+        a = self.lora_a[e * r : (e + 1) * r]
         b = self.lora_b[:, e::num_experts]  # column k·E + e holds rank k of expert e
         if rows is not None:
             b = b[rows]
         return (b @ a) * self.scaling
 
 
-def _lora_targets(model: torch.nn.Module, adapter_state: dict[str, torch.Tensor],
-                  adapter_dir: Path) -> dict[str, _Target]:
+def _lora_targets(
+    model: torch.nn.Module, adapter_state: dict[str, torch.Tensor], adapter_dir: Path
+) -> dict[str, _Target]:
     """Every LoRA layer PEFT injected into the meta ``model``, with the adapter's tensors."""
     from peft.tuners.lora import Linear as LoraLinear
     from peft.tuners.lora import LoraLayer
@@ -185,15 +205,19 @@ def _lora_targets(model: torch.nn.Module, adapter_state: dict[str, torch.Tensor]
             param = f"{owner}.{module.parameter_name}" if owner else module.parameter_name
             shape = tuple(module.get_param().shape)
             if len(shape) == 3 and not module._did_swap_in_out_features:
-                raise ExportError(f"LoRA on {param}: experts stored transposed (E x in x out) "
-                                  "are not supported by kt-sft export")
+                raise ExportError(
+                    f"LoRA on {param}: experts stored transposed (E x in x out) "
+                    "are not supported by kt-sft export"
+                )
         elif type(module) is LoraLinear:
             param = f"{name}.weight"
             shape = tuple(module.get_base_layer().weight.shape)
         else:
-            raise ExportError(f"adapter {adapter_dir} puts a {type(module).__name__} LoRA layer "
-                              f"on {name}; kt-sft export merges LoRA on nn.Linear modules and on "
-                              "parameters (target_parameters) only")
+            raise ExportError(
+                f"adapter {adapter_dir} puts a {type(module).__name__} LoRA layer "
+                f"on {name}; kt-sft export merges LoRA on nn.Linear modules and on "
+                "parameters (target_parameters) only"
+            )
         if _ADAPTER not in module.lora_A:
             continue
         keys = {}
@@ -205,31 +229,45 @@ def _lora_targets(model: torch.nn.Module, adapter_state: dict[str, torch.Tensor]
         if type(module) is LoraLinear and saved_base in adapter_state:
             expected[saved_base] = shape
         scaling = float(module.scaling[_ADAPTER])
-        targets[param] = _Target(name=name, param=param, shape=shape,
-                                 lora_a=adapter_state.get(keys["lora_A"], torch.empty(0)),
-                                 lora_b=adapter_state.get(keys["lora_B"], torch.empty(0)),
-                                 scaling=scaling, rank=int(module.r[_ADAPTER]),
-                                 base_weight=adapter_state.get(saved_base))
+        targets[param] = _Target(
+            name=name,
+            param=param,
+            shape=shape,
+            lora_a=adapter_state.get(keys["lora_A"], torch.empty(0)),
+            lora_b=adapter_state.get(keys["lora_B"], torch.empty(0)),
+            scaling=scaling,
+            rank=int(module.r[_ADAPTER]),
+            base_weight=adapter_state.get(saved_base),
+        )
     if not targets:
-        raise ExportError(f"adapter {adapter_dir} targets no module or parameter of the base "
-                          "model (nothing to merge)")
+        raise ExportError(
+            f"adapter {adapter_dir} targets no module or parameter of the base "
+            "model (nothing to merge)"
+        )
     missing = sorted(k for k in expected if k not in adapter_state)
     unexpected = sorted(k for k in adapter_state if k not in expected)
-    mismatched = [f"{k}: adapter {tuple(adapter_state[k].shape)}, base model needs {shape}"
-                  for k, shape in expected.items()
-                  if k in adapter_state and tuple(adapter_state[k].shape) != shape]
+    mismatched = [
+        f"{k}: adapter {tuple(adapter_state[k].shape)}, base model needs {shape}"
+        for k, shape in expected.items()
+        if k in adapter_state and tuple(adapter_state[k].shape) != shape
+    ]
     problems = []
     if mismatched:
         problems.append(f"shape mismatch ({len(mismatched)}): " + "; ".join(mismatched[:3]))
     if missing:
-        problems.append(f"tensors missing from the adapter ({len(missing)}): "
-                        + ", ".join(missing[:3]))
+        problems.append(
+            f"tensors missing from the adapter ({len(missing)}): " + ", ".join(missing[:3])
+        )
     if unexpected:
-        problems.append(f"adapter tensors the base model has no LoRA layer for "
-                        f"({len(unexpected)}): " + ", ".join(unexpected[:3]))
+        problems.append(
+            f"adapter tensors the base model has no LoRA layer for "
+            f"({len(unexpected)}): " + ", ".join(unexpected[:3])
+        )
     if problems:
-        raise ExportError(f"adapter {adapter_dir} does not fit the base model (trained on another "
-                          f"model?): {' | '.join(problems)}")
+        raise ExportError(
+            f"adapter {adapter_dir} does not fit the base model (trained on another "
+            f"model?): {' | '.join(problems)}"
+        )
     for t in targets.values():
         t.lora_a = t.lora_a.to(torch.float32)
         t.lora_b = t.lora_b.to(torch.float32)
@@ -250,18 +288,23 @@ def _read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
         raise ExportError(f"{path} is not a JSON object")
     peft_type = str(raw.get("peft_type", "")).upper()
     if peft_type != "LORA":
-        raise ExportError(f"adapter {adapter_dir} is a {raw.get('peft_type')!r} PEFT adapter; "
-                          "kt-sft export merges LoRA adapters only")
+        raise ExportError(
+            f"adapter {adapter_dir} is a {raw.get('peft_type')!r} PEFT adapter; "
+            "kt-sft export merges LoRA adapters only"
+        )
     for key, is_set, what in _UNSUPPORTED:
         if is_set(raw.get(key)):
-            raise ExportError(f"adapter {adapter_dir} uses {what}, which kt-sft export does not "
-                              "merge")
+            raise ExportError(
+                f"adapter {adapter_dir} uses {what}, which kt-sft export does not merge"
+            )
     init = raw.get("init_lora_weights")
     if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INIT):
-        raise ExportError(f"adapter {adapter_dir} was initialised with {init!r}, which also "
-                          "rewrites the base weights; save it with PEFT's "
-                          "path_initial_model_for_weight_conversion so it applies to the "
-                          "original base, then export that")
+        raise ExportError(
+            f"adapter {adapter_dir} was initialised with {init!r}, which also "
+            "rewrites the base weights; save it with PEFT's "
+            "path_initial_model_for_weight_conversion so it applies to the "
+            "original base, then export that"
+        )
     kt_meta = adapter_dir / "kt_adapter.json"
     if kt_meta.is_file():
         try:
@@ -269,9 +312,11 @@ def _read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
         except (ValueError, AttributeError):
             modules = {}
         if modules:
-            raise ExportError(f"adapter {adapter_dir} has kt LoRA experts (lora_experts > 0): "
-                              "extra always-active experts that the stock architecture has no "
-                              "place for, so they cannot be merged into a Hugging Face checkpoint")
+            raise ExportError(
+                f"adapter {adapter_dir} has kt LoRA experts (lora_experts > 0): "
+                "extra always-active experts that the stock architecture has no "
+                "place for, so they cannot be merged into a Hugging Face checkpoint"
+            )
     return raw
 
 
@@ -294,13 +339,15 @@ def _read_adapter_weights(adapter_dir: Path) -> dict[str, torch.Tensor]:
     raise ExportError(f"adapter {adapter_dir} has no adapter_model.safetensors (nor .bin)")
 
 
-def _resolve_base(base_model: str | os.PathLike[str] | None, adapter_cfg: dict[str, Any],
-                  adapter_dir: Path) -> Path:
-    name = str(base_model) if base_model is not None else adapter_cfg.get(
-        "base_model_name_or_path")
+def _resolve_base(
+    base_model: str | os.PathLike[str] | None, adapter_cfg: dict[str, Any], adapter_dir: Path
+) -> Path:
+    name = str(base_model) if base_model is not None else adapter_cfg.get("base_model_name_or_path")
     if not name:
-        raise ExportError(f"adapter {adapter_dir} does not record its base model "
-                          "(base_model_name_or_path); pass the base checkpoint directory")
+        raise ExportError(
+            f"adapter {adapter_dir} does not record its base model "
+            "(base_model_name_or_path); pass the base checkpoint directory"
+        )
     if name == "embedded":
         from kt_sft.train.embedded import embedded_model_dir
 
@@ -308,9 +355,11 @@ def _resolve_base(base_model: str | os.PathLike[str] | None, adapter_cfg: dict[s
     path = Path(name).expanduser()
     if not path.is_dir():
         where = "" if base_model is not None else " (the adapter's base_model_name_or_path)"
-        raise ExportError(f"base model {name}{where} is not a local checkpoint directory; "
-                          "download it first (e.g. `hf download ORG/NAME --local-dir DIR`) and "
-                          "pass that directory")
+        raise ExportError(
+            f"base model {name}{where} is not a local checkpoint directory; "
+            "download it first (e.g. `hf download ORG/NAME --local-dir DIR`) and "
+            "pass that directory"
+        )
     if not (path / "config.json").is_file():
         raise ExportError(f"base model directory {path} has no config.json")
     return path
@@ -326,8 +375,10 @@ def _check_output(output: Path, overwrite: bool, *inputs: Path) -> None:
         if not output.is_dir():
             raise ExportError(f"output {output} exists and is not a directory")
         if any(output.iterdir()) and not overwrite:
-            raise ExportError(f"output directory {output} is not empty; pass overwrite=True "
-                              "(--overwrite) to replace it")
+            raise ExportError(
+                f"output directory {output} is not empty; pass overwrite=True "
+                "(--overwrite) to replace it"
+            )
 
 
 def _meta_model(config: Any, trust_remote_code: bool) -> torch.nn.Module:
@@ -375,8 +426,9 @@ def _disk_names(reader: Any, model: torch.nn.Module) -> dict[str, str]:
     for key in reader.keys():
         if key.endswith(_SCALE_SUFFIX):
             continue
-        renamed, pattern = rename_source_key(key, renamings, converters,
-                                             model.base_model_prefix, meta_state)
+        renamed, pattern = rename_source_key(
+            key, renamings, converters, model.base_model_prefix, meta_state
+        )
         if pattern is None:
             disk_of.setdefault(renamed, key)
     return disk_of
@@ -385,26 +437,34 @@ def _disk_names(reader: Any, model: torch.nn.Module) -> dict[str, str]:
 def _plan_merges(reader: Any, disk_of: dict[str, str], targets: dict[str, _Target]) -> _Plan:
     spec = reader.spec
     plan = _Plan()
-    experts_of = {f"{spec.layers_path}.{layer}.{spec.moe_block_attr}.{spec.experts_attr}": layer
-                  for layer in reader.moe_layer_indices}
+    experts_of = {
+        f"{spec.layers_path}.{layer}.{spec.moe_block_attr}.{spec.experts_attr}": layer
+        for layer in reader.moe_layer_indices
+    }
     for target in targets.values():
         owner, _, pname = target.param.rpartition(".")
         if len(target.shape) == 3:
             layer = experts_of.get(owner)
             if layer is None or pname not in ("gate_up_proj", "down_proj"):
-                raise ExportError(f"LoRA on the 3-D parameter {target.param}: only the routed "
-                                  "experts' gate_up_proj / down_proj of an MoE layer are merged")
+                raise ExportError(
+                    f"LoRA on the 3-D parameter {target.param}: only the routed "
+                    "experts' gate_up_proj / down_proj of an MoE layer are merged"
+                )
             _plan_experts(plan, reader, target, layer, pname.removesuffix("_proj"))
             continue
         if len(target.shape) != 2:
-            raise ExportError(f"LoRA on {target.param} of shape {target.shape}: only 2-D weights "
-                              "and 3-D experts are merged")
+            raise ExportError(
+                f"LoRA on {target.param} of shape {target.shape}: only 2-D weights "
+                "and 3-D experts are merged"
+            )
         key = disk_of.get(target.param)
         if key is None:
-            raise ExportError(f"LoRA target {target.param} has no tensor of its own in the base "
-                              "checkpoint (a weight tied to another, e.g. lm_head with "
-                              "tie_word_embeddings?); such adapters cannot be merged tensor by "
-                              "tensor")
+            raise ExportError(
+                f"LoRA target {target.param} has no tensor of its own in the base "
+                "checkpoint (a weight tied to another, e.g. lm_head with "
+                "tie_word_embeddings?); such adapters cannot be merged tensor by "
+                "tensor"
+            )
         plan.add(key, target.shape, _adder(target.delta))
         if target.base_weight is not None:
             plan.replace[key] = target.base_weight
@@ -414,6 +474,7 @@ def _plan_merges(reader: Any, disk_of: dict[str, str], targets: dict[str, _Targe
 def _adder(delta: Callable[[], torch.Tensor]) -> _Op:
     def op(t: torch.Tensor, index: int | None) -> None:
         t.add_(delta())
+
     return op
 
 
@@ -426,16 +487,22 @@ def _plan_experts(plan: _Plan, reader: Any, target: _Target, layer: int, which: 
             if which == "gate_up":
                 for proj, rows in (("gate", slice(0, inter)), ("up", slice(inter, 2 * inter))):
                     key = spec.checkpoint_expert_key(layer, e, proj)
-                    plan.add(key, (inter, in_dim),
-                             _adder(lambda e=e, rows=rows: target.expert_delta(e, rows)))
+                    plan.add(
+                        key,
+                        (inter, in_dim),
+                        _adder(lambda e=e, rows=rows: target.expert_delta(e, rows)),
+                    )
             else:
                 key = spec.checkpoint_expert_key(layer, e, "down")
                 plan.add(key, (out_dim, in_dim), _adder(lambda e=e: target.expert_delta(e)))
     else:
         key = spec.checkpoint_fused_key(layer, which)
         stored = reader.tensor_info(key).shape
-        transposed = (spec.checkpoint_fused_transposed and stored != target.shape
-                      and stored == (num_experts, in_dim, out_dim))
+        transposed = (
+            spec.checkpoint_fused_transposed
+            and stored != target.shape
+            and stored == (num_experts, in_dim, out_dim)
+        )
         shape = (num_experts, in_dim, out_dim) if transposed else target.shape
 
         def op(t: torch.Tensor, index: int | None) -> None:
@@ -443,6 +510,7 @@ def _plan_experts(plan: _Plan, reader: Any, target: _Target, layer: int, which: 
             for e in range(num_experts) if index is None else (index,):
                 d = target.expert_delta(e)
                 (t if index is not None else t[e]).add_(d.t() if transposed else d)
+
         plan.add(key, shape, op)
 
 
@@ -455,8 +523,11 @@ def _shard_header(entries: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> tu
     offset = 0
     for key, dtype, shape in entries:
         nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-        header[key] = {"dtype": _ST_NAMES[dtype], "shape": list(shape),
-                       "data_offsets": [offset, offset + nbytes]}
+        header[key] = {
+            "dtype": _ST_NAMES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
@@ -472,20 +543,32 @@ def _write_tensor(fh: Any, tensor: torch.Tensor) -> None:
 def _copy_side_files(base: Path, out: Path, config: dict[str, Any]) -> tuple[str, ...]:
     copied = []
     for f in sorted(base.iterdir()):
-        if (not f.is_file() or f.name.startswith(".") or f.name == "config.json"
-                or f.name in _WEIGHT_FILES or f.name.endswith(_WEIGHT_SUFFIXES)):
+        if (
+            not f.is_file()
+            or f.name.startswith(".")
+            or f.name == "config.json"
+            or f.name in _WEIGHT_FILES
+            or f.name.endswith(_WEIGHT_SUFFIXES)
+        ):
             continue
         shutil.copy2(f, out / f.name)
         copied.append(f.name)
-    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n",
-                                     encoding="utf-8")
+    (out / "config.json").write_text(
+        json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+    )
     return ("config.json", *copied)
 
 
-def export_merged(adapter: str | os.PathLike[str], output_dir: str | os.PathLike[str], *,
-                  base_model: str | os.PathLike[str] | None = None, dtype: str = "auto",
-                  overwrite: bool = False, trust_remote_code: bool = False,
-                  progress: Callable[[str], None] | None = None) -> ExportResult:
+def export_merged(
+    adapter: str | os.PathLike[str],
+    output_dir: str | os.PathLike[str],
+    *,
+    base_model: str | os.PathLike[str] | None = None,
+    dtype: str = "auto",
+    overwrite: bool = False,
+    trust_remote_code: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> ExportResult:
     """Write base + LoRA adapter as one merged Hugging Face checkpoint in ``output_dir``.
 
     Args:
@@ -534,14 +617,18 @@ def export_merged(adapter: str | os.PathLike[str], output_dir: str | os.PathLike
     fp8_base = isinstance(qcfg, dict) and qcfg.get("quant_method") == "fp8"
     if qcfg and not fp8_base:
         method = qcfg.get("quant_method") if isinstance(qcfg, dict) else qcfg
-        raise ExportError(f"base {base} is quantized with {method!r}; kt-sft export merges into "
-                          "float or FP8 block-scaled checkpoints only")
+        raise ExportError(
+            f"base {base} is quantized with {method!r}; kt-sft export merges into "
+            "float or FP8 block-scaled checkpoints only"
+        )
     reader = CheckpointReader(base)
     model = _meta_model(reader.config, trust_remote_code)
     trained_on = (adapter_cfg.get("auto_mapping") or {}).get("base_model_class")
     if trained_on and trained_on != type(model).__name__:
-        raise ExportError(f"adapter {adapter_dir} was trained on a {trained_on}, but the base "
-                          f"{base} is a {type(model).__name__}")
+        raise ExportError(
+            f"adapter {adapter_dir} was trained on a {trained_on}, but the base "
+            f"{base} is a {type(model).__name__}"
+        )
 
     disk_of = _disk_names(reader, model)
 
@@ -552,8 +639,9 @@ def export_merged(adapter: str | os.PathLike[str], output_dir: str | os.PathLike
     try:
         inject_adapter_in_model(lora_config, model, adapter_name=_ADAPTER, low_cpu_mem_usage=True)
     except (ValueError, RuntimeError, TypeError) as exc:
-        raise ExportError(f"adapter {adapter_dir} does not fit the base model {base}: "
-                          f"{exc}") from exc
+        raise ExportError(
+            f"adapter {adapter_dir} does not fit the base model {base}: {exc}"
+        ) from exc
     targets = _lora_targets(model, _read_adapter_weights(adapter_dir), adapter_dir)
     plan = _plan_merges(reader, disk_of, targets)
     del model
@@ -566,17 +654,19 @@ def export_merged(adapter: str | os.PathLike[str], output_dir: str | os.PathLike
         info = reader.tensor_info(key)
         if info.dtype in _FP8:
             if key + _SCALE_SUFFIX not in reader:
-                raise ExportError(f"FP8 tensor {key} in {info.file} has no {key}{_SCALE_SUFFIX} "
-                                  "block scales; kt-sft export cannot dequantize it")
+                raise ExportError(
+                    f"FP8 tensor {key} in {info.file} has no {key}{_SCALE_SUFFIX} "
+                    "block scales; kt-sft export cannot dequantize it"
+                )
             dropped.add(key + _SCALE_SUFFIX)
         elif info.dtype not in _ST_DTYPES:
-            raise ExportError(f"tensor {key} in {info.file} has the unsupported dtype "
-                              f"{info.dtype}")
+            raise ExportError(f"tensor {key} in {info.file} has the unsupported dtype {info.dtype}")
     for key, shape in plan.expected.items():
         stored = reader.tensor_info(key).shape
         if stored != shape:
-            raise ExportError(f"base tensor {key} has shape {stored}, the adapter's LoRA delta "
-                              f"has {shape}")
+            raise ExportError(
+                f"base tensor {key} has shape {stored}, the adapter's LoRA delta has {shape}"
+            )
 
     def produce(key: str) -> Iterator[torch.Tensor]:
         """The output tensor ``key`` in consecutive pieces: 3-D tensors (fused experts) one
@@ -629,33 +719,39 @@ def export_merged(adapter: str | os.PathLike[str], output_dir: str | os.PathLike
                     numel = 0
                     for piece in produce(key):
                         if piece.dtype != kind:  # pragma: no cover
-                            raise RuntimeError(f"internal: {key} came out {piece.dtype}, "
-                                               f"planned {kind}")
+                            raise RuntimeError(
+                                f"internal: {key} came out {piece.dtype}, planned {kind}"
+                            )
                         _write_tensor(fh, piece)
                         numel += piece.numel()
                         del piece
                     if numel != torch.Size(shape).numel():  # pragma: no cover
-                        raise RuntimeError(f"internal: {key} wrote {numel} values, planned "
-                                           f"{shape}")
+                        raise RuntimeError(f"internal: {key} wrote {numel} values, planned {shape}")
                     weight_map[key] = file.name
                     merged_here += key in plan.ops
                 written += len(entries)
             total_bytes += data_size
             names.append(file.name)
             if progress is not None:
-                progress(f"shard {i}/{len(files)} {file.name}: {len(entries)} tensors, "
-                         f"{merged_here} merged, {data_size / 2**20:.1f} MiB")
+                progress(
+                    f"shard {i}/{len(files)} {file.name}: {len(entries)} tensors, "
+                    f"{merged_here} merged, {data_size / 2**20:.1f} MiB"
+                )
         if reader.index_path is not None:
             index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
-            (tmp / reader.index_path.name).write_text(json.dumps(index, indent=2) + "\n",
-                                                      encoding="utf-8")
+            (tmp / reader.index_path.name).write_text(
+                json.dumps(index, indent=2) + "\n", encoding="utf-8"
+            )
         return names, total_bytes, written, len(dropped)
 
     config_out = dict(config_raw)
     if fp8_base:
         config_out.pop("quantization_config", None)
-    out_name = str(out_dtype).removeprefix("torch.") if out_dtype is not None else (
-        "bfloat16" if fp8_base else None)
+    out_name = (
+        str(out_dtype).removeprefix("torch.")
+        if out_dtype is not None
+        else ("bfloat16" if fp8_base else None)
+    )
     if out_name is not None:
         config_out["dtype"] = out_name
         if "torch_dtype" in config_out:
@@ -670,8 +766,17 @@ def export_merged(adapter: str | os.PathLike[str], output_dir: str | os.PathLike
     output.parent.mkdir(parents=True, exist_ok=True)
     atomic_dir(output, write_all)
     names, total_bytes, written, n_dropped = results["shards"]
-    return ExportResult(output_dir=output, base_dir=base, adapter_dir=adapter_dir,
-                        shards=tuple(names), merged_tensors=len(plan.ops),
-                        total_tensors=written, lora_targets=len(targets), dtype=dtype,
-                        total_bytes=total_bytes, seconds=time.monotonic() - start,
-                        dequantized_fp8=n_dropped, copied_files=results["copied"])
+    return ExportResult(
+        output_dir=output,
+        base_dir=base,
+        adapter_dir=adapter_dir,
+        shards=tuple(names),
+        merged_tensors=len(plan.ops),
+        total_tensors=written,
+        lora_targets=len(targets),
+        dtype=dtype,
+        total_bytes=total_bytes,
+        seconds=time.monotonic() - start,
+        dequantized_fp8=n_dropped,
+        copied_files=results["copied"],
+    )
