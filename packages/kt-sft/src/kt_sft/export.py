@@ -540,6 +540,70 @@ def _write_tensor(fh: Any, tensor: torch.Tensor) -> None:
         fh.write(flat.view(torch.uint8).numpy().data)
 
 
+@dataclass
+class _ShardWriter:
+    """Writes output shards: header first (from the base's headers), then tensor by tensor."""
+
+    reader: Any
+    plan: _Plan
+    out_dtype: torch.dtype | None
+    dropped: set[str]
+
+    def dtype_of(self, stored: str) -> torch.dtype:
+        """Output dtype of a tensor stored as ``stored`` (a safetensors dtype name)."""
+        if stored in _FP8:
+            return self.out_dtype or torch.bfloat16
+        if stored in _FLOAT:
+            return self.out_dtype or _ST_DTYPES[stored]
+        return _ST_DTYPES[stored]
+
+    def pieces(self, key: str) -> Iterator[torch.Tensor]:
+        """Output tensor ``key`` in consecutive pieces: 3-D tensors (fused experts) one expert
+        at a time, everything else whole; LoRA deltas added in float32."""
+        reader, info = self.reader, self.reader.tensor_info(key)
+        if info.dtype not in _FP8 and info.dtype not in _FLOAT:
+            yield reader.get_tensor(key)
+            return
+        ops = self.plan.ops.get(key, [])
+        want = self.dtype_of(info.dtype)
+        compute = torch.float64 if info.dtype == "F64" else torch.float32
+        read = compute if ops else want
+        saved = self.plan.replace.get(key)
+        parts: Iterator[tuple[int | None, torch.Tensor]]
+        if saved is not None:
+            parts = iter([(None, saved.to(read, copy=True))])
+        elif len(info.shape) == 3:
+            parts = ((e, reader.get_slice(key, e, dtype=read)) for e in range(info.shape[0]))
+        else:
+            parts = iter([(None, reader.get_tensor(key, dtype=read))])
+        for index, t in parts:
+            for op in ops:
+                op(t, index)
+            yield t if t.dtype == want else t.to(want)
+
+    def write(self, path: Path, keys: list[str]) -> tuple[int, int]:
+        """Write ``keys`` as the safetensors file ``path``; ``(data bytes, tensors merged)``."""
+        entries = []
+        for key in keys:
+            info = self.reader.tensor_info(key)
+            entries.append((key, self.dtype_of(info.dtype), info.shape))
+        header, data_size = _shard_header(entries)
+        with open(path, "wb") as fh:
+            fh.write(struct.pack("<Q", len(header)))
+            fh.write(header)
+            for key, kind, shape in entries:
+                numel = 0
+                for piece in self.pieces(key):
+                    if piece.dtype != kind:  # pragma: no cover
+                        raise RuntimeError(f"internal: {key} came out {piece.dtype}, not {kind}")
+                    _write_tensor(fh, piece)
+                    numel += piece.numel()
+                    del piece
+                if numel != torch.Size(shape).numel():  # pragma: no cover
+                    raise RuntimeError(f"internal: {key} wrote {numel} values, planned {shape}")
+        return data_size, sum(key in self.plan.ops for key in keys)
+
+
 def _copy_side_files(base: Path, out: Path, config: dict[str, Any]) -> tuple[str, ...]:
     copied = []
     for f in sorted(base.iterdir()):
@@ -646,9 +710,6 @@ def export_merged(
     plan = _plan_merges(reader, disk_of, targets)
     del model
 
-    files: dict[Path, list[str]] = {}
-    for key in reader.keys():
-        files.setdefault(reader.tensor_info(key).file, []).append(key)
     dropped: set[str] = set()  # the block scales of FP8 weights, which are dequantized
     for key in reader.keys():
         info = reader.tensor_info(key)
@@ -668,82 +729,6 @@ def export_merged(
                 f"base tensor {key} has shape {stored}, the adapter's LoRA delta has {shape}"
             )
 
-    def produce(key: str) -> Iterator[torch.Tensor]:
-        """The output tensor ``key`` in consecutive pieces: 3-D tensors (fused experts) one
-        expert at a time, everything else whole."""
-        info = reader.tensor_info(key)
-        ops = plan.ops.get(key, [])
-        if info.dtype not in _FP8 and info.dtype not in _FLOAT:
-            yield reader.get_tensor(key)
-            return
-        stored = torch.bfloat16 if info.dtype in _FP8 else _ST_DTYPES[info.dtype]
-        want = out_dtype or stored
-        compute = torch.float64 if stored == torch.float64 else torch.float32
-        read = compute if ops else want
-        saved = plan.replace.get(key)
-        pieces: Iterator[tuple[int | None, torch.Tensor]]
-        if saved is not None:
-            pieces = iter([(None, saved.to(read, copy=True))])
-        elif len(info.shape) == 3:
-            pieces = ((e, reader.get_slice(key, e, dtype=read)) for e in range(info.shape[0]))
-        else:
-            pieces = iter([(None, reader.get_tensor(key, dtype=read))])
-        for index, t in pieces:
-            for op in ops:
-                op(t, index)
-            yield t if t.dtype == want else t.to(want)
-
-    def write(tmp: Path) -> tuple[list[str], int, int, int]:
-        weight_map: dict[str, str] = {}
-        total_bytes = written = 0
-        names = []
-        for i, (file, keys) in enumerate(sorted(files.items()), 1):
-            entries = []
-            for key in keys:
-                if key in dropped:
-                    continue
-                info = reader.tensor_info(key)
-                if info.dtype in _FP8:
-                    kind: torch.dtype = out_dtype or torch.bfloat16
-                elif info.dtype in _FLOAT:
-                    kind = out_dtype or _ST_DTYPES[info.dtype]
-                else:
-                    kind = _ST_DTYPES[info.dtype]
-                entries.append((key, kind, info.shape))
-            header, data_size = _shard_header(entries)
-            merged_here = 0
-            with open(tmp / file.name, "wb") as fh:
-                fh.write(struct.pack("<Q", len(header)))
-                fh.write(header)
-                for key, kind, shape in entries:
-                    numel = 0
-                    for piece in produce(key):
-                        if piece.dtype != kind:  # pragma: no cover
-                            raise RuntimeError(
-                                f"internal: {key} came out {piece.dtype}, planned {kind}"
-                            )
-                        _write_tensor(fh, piece)
-                        numel += piece.numel()
-                        del piece
-                    if numel != torch.Size(shape).numel():  # pragma: no cover
-                        raise RuntimeError(f"internal: {key} wrote {numel} values, planned {shape}")
-                    weight_map[key] = file.name
-                    merged_here += key in plan.ops
-                written += len(entries)
-            total_bytes += data_size
-            names.append(file.name)
-            if progress is not None:
-                progress(
-                    f"shard {i}/{len(files)} {file.name}: {len(entries)} tensors, "
-                    f"{merged_here} merged, {data_size / 2**20:.1f} MiB"
-                )
-        if reader.index_path is not None:
-            index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
-            (tmp / reader.index_path.name).write_text(
-                json.dumps(index, indent=2) + "\n", encoding="utf-8"
-            )
-        return names, total_bytes, written, len(dropped)
-
     config_out = dict(config_raw)
     if fp8_base:
         config_out.pop("quantization_config", None)
@@ -757,26 +742,46 @@ def export_merged(
         if "torch_dtype" in config_out:
             config_out["torch_dtype"] = out_name
 
-    results: dict[str, Any] = {}
+    writer = _ShardWriter(reader, plan, out_dtype, dropped)
+    files: dict[Path, list[str]] = {}
+    for key in reader.keys():
+        if key not in dropped:
+            files.setdefault(reader.tensor_info(key).file, []).append(key)
+    weight_map: dict[str, str] = {}
+    sizes: list[int] = []
+    copied: tuple[str, ...] = ()
 
     def write_all(tmp: Path) -> None:
-        results["shards"] = write(tmp)
-        results["copied"] = _copy_side_files(base, tmp, config_out)
+        nonlocal copied
+        for i, (file, keys) in enumerate(sorted(files.items()), 1):
+            size, merged = writer.write(tmp / file.name, keys)
+            weight_map.update(dict.fromkeys(keys, file.name))
+            sizes.append(size)
+            if progress is not None:
+                progress(
+                    f"shard {i}/{len(files)} {file.name}: {len(keys)} tensors, {merged} merged, "
+                    f"{size / 2**20:.1f} MiB"
+                )
+        if reader.index_path is not None:
+            index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
+            (tmp / reader.index_path.name).write_text(
+                json.dumps(index, indent=2) + "\n", encoding="utf-8"
+            )
+        copied = _copy_side_files(base, tmp, config_out)
 
     output.parent.mkdir(parents=True, exist_ok=True)
     atomic_dir(output, write_all)
-    names, total_bytes, written, n_dropped = results["shards"]
     return ExportResult(
         output_dir=output,
         base_dir=base,
         adapter_dir=adapter_dir,
-        shards=tuple(names),
+        shards=tuple(f.name for f in sorted(files)),
         merged_tensors=len(plan.ops),
-        total_tensors=written,
+        total_tensors=len(weight_map),
         lora_targets=len(targets),
         dtype=dtype,
-        total_bytes=total_bytes,
+        total_bytes=sum(sizes),
         seconds=time.monotonic() - start,
-        dequantized_fp8=n_dropped,
-        copied_files=results["copied"],
+        dequantized_fp8=len(dropped),
+        copied_files=copied,
     )
