@@ -257,8 +257,20 @@ def test_output_dir_of_a_training_run_and_recorded_base(tmp_path: Path) -> None:
     config = json.loads((adapter / "adapter_config.json").read_text())
     config["base_model_name_or_path"] = str(base)
     (adapter / "adapter_config.json").write_text(json.dumps(config))
+    # side files: tokenizer and templates are copied; weights of other formats and hidden files not
+    (base / "tokenizer_config.json").write_text("{}")
+    (base / "chat_template.jinja").write_text("{{ messages }}")
+    (base / "pytorch_model.bin").write_bytes(b"old weights")
+    (base / ".cache").write_text("x")
     result = export_merged(tmp_path / "run", tmp_path / "merged")
     assert result.base_dir == base and result.adapter_dir == adapter
+    assert sorted(p.name for p in (tmp_path / "merged").iterdir()) == [
+        "chat_template.jinja",
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer_config.json",
+    ]
     want = _logits(_stock_merged(base, adapter))
     assert rel_err(_logits(_load(tmp_path / "merged")), want) <= FP32_TOL
 
