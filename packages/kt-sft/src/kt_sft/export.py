@@ -46,6 +46,7 @@ import shutil
 import struct
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -701,7 +702,15 @@ def export_merged(
     lora_config = LoraConfig.from_pretrained(str(adapter_dir))
     lora_config.inference_mode = True
     try:
-        inject_adapter_in_model(lora_config, model, adapter_name=_ADAPTER, low_cpu_mem_usage=True)
+        with warnings.catch_warnings():
+            # PEFT checks rank / alpha patterns against target_modules before it wraps the
+            # target_parameters they apply to; the shapes are checked below instead
+            warnings.filterwarnings(
+                "ignore", message=r".*_pattern keys did not match", category=RuntimeWarning
+            )
+            inject_adapter_in_model(
+                lora_config, model, adapter_name=_ADAPTER, low_cpu_mem_usage=True
+            )
     except (ValueError, RuntimeError, TypeError) as exc:
         raise ExportError(
             f"adapter {adapter_dir} does not fit the base model {base}: {exc}"
