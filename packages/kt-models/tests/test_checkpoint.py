@@ -206,6 +206,10 @@ def test_written_layouts_read_back_exactly(tiny_models, tmp_path, model_type, la
         ref = extract_expert_weights(model, layer, release=False)
         got = reader.layer_experts(layer, dtype=torch.float32)
         assert torch.equal(got.gate_up, ref.gate_up) and torch.equal(got.down, ref.down)
+        if layout == "fused":
+            key = spec.checkpoint_fused_key(layer, "down")
+            stored = reader.get_tensor(key)
+            assert torch.equal(reader.get_slice(key, 3), stored[3])
     if model_type == "qwen3_vl_moe" and layout == "fused":
         # hub layout: E x H x 2I on disk
         key = spec.checkpoint_fused_key(0, "gate_up")
@@ -228,6 +232,9 @@ def test_fp8_tiny_checkpoint(tiny_models, tmp_path, layout) -> None:
         q = reader.get_tensor(key, dtype=torch.float32)
         expect = got.down[2] if layout == "per_expert" else got.down
         assert torch.equal(q, expect)
+        if layout == "fused":  # one expert alone, dequantized with its own block scales
+            assert torch.equal(reader.get_slice(key, 5, dtype=torch.float32), got.down[5])
+            assert reader.get_slice(key, 5).dtype == torch.bfloat16
 
 
 # ---- bad input ---------------------------------------------------------------------------------

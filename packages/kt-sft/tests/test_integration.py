@@ -173,7 +173,7 @@ def test_merge_is_refused_and_disable_adapter_gives_base(base_model: torch.nn.Mo
         want = base_model(input_ids=batch["input_ids"]).logits
     assert rel_err(base_logits, want) < 1e-5
     assert rel_err(lora_logits, want) > 1e-3
-    with pytest.raises(NotImplementedError, match="stock model"):
+    with pytest.raises(NotImplementedError, match="kt-sft export"):
         pm.merge_and_unload()
 
 

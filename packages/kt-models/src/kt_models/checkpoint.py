@@ -506,6 +506,31 @@ class CheckpointReader:
                 self._copy_into(out, handles, info, key, scale)
         return out
 
+    def get_slice(self, key: str, index: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``tensor[index]`` of a 3-D tensor (one expert of a fused experts tensor), cast to
+        ``dtype`` when given; only that slice is read.
+
+        An FP8 slice that has ``weight_scale_inv`` block scales is dequantized (to ``dtype``, or
+        bfloat16) with the slice's own scales, as :meth:`get_tensor` does for the whole tensor.
+        """
+        info = self.tensor_info(key)
+        if len(info.shape) != 3:
+            raise ValueError(f"get_slice reads 3-D tensors; {key!r} has shape {info.shape}")
+        if not 0 <= index < info.shape[0]:
+            raise IndexError(f"index {index} out of range for {key!r} of shape {info.shape}")
+        scale = None
+        if info.dtype in _FP8 and key + SCALE_SUFFIX in self._tensors:
+            info, scale = self._plan(key, info.shape)
+        stored = _DTYPES.get(info.dtype)
+        if stored is None:
+            raise UnsupportedTensorDtypeError(f"unknown safetensors dtype {info.dtype}",
+                                              path=info.file, key=key)
+        out = torch.empty(info.shape[1:], dtype=dtype or (
+            torch.bfloat16 if scale is not None else stored))
+        with _Handles() as handles:
+            self._copy_into(out, handles, info, key, scale, index)
+        return out
+
     def close(self) -> None:
         """Nothing stays mapped between calls; kept for symmetry with file objects."""
 

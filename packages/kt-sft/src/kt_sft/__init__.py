@@ -4,6 +4,8 @@
 from kt_sft import KTConfig, wrap_model
 model = wrap_model(model, KTConfig(lora_rank=8))       # experts -> engines, weights released
 peft_model = kt_sft.get_peft_model(model, LoraConfig(**kt_sft.default_expert_lora_targets(model)))
+# ... train, peft_model.save_pretrained(adapter_dir), then a merged stock checkpoint:
+kt_sft.export_merged(adapter_dir, "merged/", base_model="/models/base")  # streamed from disk
 ```
 
 Importing ``kt_sft`` is light (no torch, transformers or accelerate); the API below loads on
@@ -22,6 +24,9 @@ from kt_sft._version import __version__
 from kt_sft.config import KTConfig, KTConfigError
 
 __all__ = [
+    "EXPORT_DTYPES",
+    "ExportError",
+    "ExportResult",
     "KTAdapterError",
     "KTAlreadyWrappedError",
     "KTCacheError",
@@ -37,6 +42,7 @@ __all__ = [
     "close",
     "default_expert_lora_targets",
     "engine_available",
+    "export_merged",
     "get_peft_model",
     "kt_moe",
     "load_adapter",
@@ -50,6 +56,10 @@ __all__ = [
 ]
 
 _LAZY = {
+    "EXPORT_DTYPES": "kt_sft.export",
+    "ExportError": "kt_sft.export",
+    "ExportResult": "kt_sft.export",
+    "export_merged": "kt_sft.export",
     "KTAdapterError": "kt_sft.adapter",
     "load_adapter": "kt_sft.adapter",
     "save_adapter": "kt_sft.adapter",

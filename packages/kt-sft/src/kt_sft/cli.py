@@ -1,4 +1,4 @@
-"""The `kt-sft` command line: train, chat / generate, estimate, info."""
+"""The `kt-sft` command line: train, chat / generate, export, estimate, info."""
 
 from __future__ import annotations
 
@@ -149,6 +149,22 @@ def _answer(session: object, prompt: str, gen: dict, compare: bool) -> None:
         print(session.generate(prompt, **gen), flush=True)
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from kt_sft.export import export_merged
+
+    def progress(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    result = export_merged(args.adapter, args.output, base_model=args.model, dtype=args.dtype,
+                           overwrite=args.overwrite, trust_remote_code=args.trust_remote_code,
+                           progress=None if args.quiet else progress)
+    print(f"merged {result.lora_targets} LoRA targets into {result.merged_tensors} of "
+          f"{result.total_tensors} tensors ({result.total_bytes / 2**20:.1f} MiB in "
+          f"{len(result.shards)} shards, dtype {result.dtype}) in {result.seconds:.1f} s: "
+          f"{result.output_dir}")
+    return 0
+
+
 def _cmd_estimate(args: argparse.Namespace) -> int:
     from kt_sft.estimate import ModelShape, estimate_memory, format_estimate, shape_from_config
 
@@ -226,6 +242,31 @@ def build_parser() -> argparse.ArgumentParser:
                        help="engine options as --kt kt_num_threads=2 ...")
         p.set_defaults(func=_cmd_chat)
 
+    exp = sub.add_parser(
+        "export", help="merge an adapter into its base: a stock Hugging Face checkpoint",
+        formatter_class=defaults_shown,
+        description="Write base + LoRA adapter as one merged Hugging Face checkpoint that stock "
+        "transformers loads (AutoModelForCausalLM.from_pretrained). The base checkpoint is "
+        "streamed tensor by tensor, so memory stays about one tensor plus the adapter, never the "
+        "whole model; tensor names, expert layout and shard files are the base's. FP8 "
+        "block-scaled bases are dequantized (bfloat16 by default).")
+    exp.add_argument("--adapter", required=True,
+                     help="PEFT LoRA adapter directory, or a kt-sft output_dir / checkpoint")
+    exp.add_argument("--output", "-o", required=True, help="directory for the merged checkpoint")
+    exp.add_argument("--model", default=None,
+                     help="base checkpoint directory, or 'embedded' (default: the adapter's "
+                     "base_model_name_or_path)")
+    exp.add_argument("--dtype", default="auto",
+                     choices=("auto", "bfloat16", "bf16", "float16", "fp16", "float32", "fp32"),
+                     help="dtype of the written weights (default: auto, the base's; FP8 -> bfloat16)")
+    exp.add_argument("--overwrite", action="store_true",
+                     help="replace a non-empty --output (only once the new checkpoint is "
+                     "complete)")
+    exp.add_argument("--trust-remote-code", "--trust_remote_code", dest="trust_remote_code",
+                     action="store_true", help="allow a base whose config needs remote code")
+    exp.add_argument("--quiet", "-q", action="store_true", help="no per-shard progress lines")
+    exp.set_defaults(func=_cmd_export)
+
     est = sub.add_parser("estimate", help="RAM needed for a MoE model with CPU experts",
                          formatter_class=defaults_shown)
     est.add_argument("--config", help="a config.json or checkpoint directory to read the shape "
@@ -275,6 +316,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     except ImportError:  # pragma: no cover
         pass
     try:
+        from kt_sft.export import ExportError
+
+        errors.append(ExportError)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
         from kt_sft.adapter import KTAdapterError
 
         errors.append(KTAdapterError)
@@ -311,7 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = argparse.Namespace(command="train", rest=argv[1:], func=_cmd_train)
     else:
         args = build_parser().parse_args(argv)
-    if args.command in ("train", "chat", "generate"):
+    if args.command in ("train", "chat", "generate", "export"):
         _quiet_libraries()
     try:
         return int(args.func(args))

@@ -131,8 +131,9 @@ def _kt_layer(wrapper: nn.Module) -> tuple[LayerEngine | None, nn.Module]:
 def _refuse_merge(wrapper: nn.Module) -> None:
     raise NotImplementedError(
         "merging LoRA into kt experts is not supported: the base expert weights live packed in "
-        "the engine. Save the adapter (save_pretrained) and merge it on the stock model with "
-        "stock transformers + peft")
+        "the engine. Save the adapter (save_pretrained) and run `kt-sft export --adapter DIR "
+        "--model BASE --output MERGED` (kt_sft.export_merged), which streams the base "
+        "checkpoint and writes a merged Hugging Face checkpoint without loading the model")
 
 
 def install_peft_hooks() -> None:
