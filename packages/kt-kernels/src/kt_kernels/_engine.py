@@ -98,7 +98,10 @@ class MoEEngine:
             ``ceil(I / 32)``; on a single-node machine ``tp > 1`` gives logical slices with the
             same results up to float32 summation order.
         max_tokens: the batch size buffers are planned for. A larger T is accepted: the
-            activation cache and scratch grow on demand (and stay grown).
+            activation cache and scratch grow on demand (and stay grown). Bounded (as is T):
+            ``max_tokens * top_k`` below ``2**31`` (routed rows are numbered in int32) and at
+            most ``2**47`` bytes per planned buffer; a larger value is a ``ValueError`` that
+            names the largest allowed one.
         max_cache_depth: forwards with ``save_for_backward=True`` that may be pending at once;
             backwards consume them last-in first-out.
         num_threads: threads of the process-wide worker pool this engine uses (None:
