@@ -69,3 +69,93 @@ def test_byte_limit_applies_to_wide_layers() -> None:
         kk.MoEEngine(4, 1, H, 32, max_tokens=2**30, num_threads=1)
     limit = int(str(info.value).rsplit(" ", 1)[1])
     assert limit * H * 4 <= 2**47 < (limit + 1) * H * 4 * 2  # within the packed width's rounding
+
+
+# -- threads ----------------------------------------------------------------------------------
+
+_THREADED = """
+    import threading, time
+    import numpy as np
+    import kt_kernels as kk
+    from kk_helpers import make_engine
+    from kk_reference import make_case
+
+    c = make_case(8, 2, 256, 128, 4, 512, seed=7)
+    eng, _, _ = make_engine(c, threads=2, max_cache_depth=64)
+    inside = threading.Event()
+    stop = threading.Event()
+    errors = []
+
+    def busy():
+        out = np.empty((c.T, c.H), np.float32)
+        try:
+            while not stop.is_set():
+                inside.set()
+                eng.forward(c.x, c.ids, c.w, out, save_for_backward=False)
+        except RuntimeError as e:  # closed under us: must say so
+            errors.append(str(e))
+
+    t = threading.Thread(target=busy)
+    t.start()
+    inside.wait()
+"""
+
+
+def test_concurrent_calls_on_one_engine_raise() -> None:
+    r = _run_child(
+        _THREADED
+        + """
+    seen = None
+    deadline = time.monotonic() + 20
+    while seen is None and time.monotonic() < deadline:
+        dx = np.empty((c.T, c.H), np.float32)
+        dw = np.empty((c.T, c.K), np.float32)
+        try:
+            eng.forward(c.x, c.ids, c.w, np.empty((c.T, c.H), np.float32))
+            eng.backward(c.dout, dx, dw)
+        except RuntimeError as e:
+            seen = str(e)
+    stop.set()
+    t.join()
+    print("SEEN", seen)
+    print("ERRORS", errors)
+    """
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "SEEN" in r.stdout and "another thread is inside forward()" in r.stdout, r.stdout
+    assert "ERRORS []" in r.stdout
+
+
+def test_close_while_another_thread_is_in_forward() -> None:
+    r = _run_child(
+        _THREADED
+        + """
+    time.sleep(0.05)
+    eng.close()          # waits for the running forward, then frees the engine
+    stop.set()
+    t.join()
+    assert eng.closed
+    print("ERRORS", errors)
+    """
+    )
+    assert r.returncode == 0, f"child died ({r.returncode}): {r.stderr[-2000:]}"
+    assert "ERRORS" in r.stdout
+    # the busy thread either finished its loop or was told the engine is closed
+    errors = r.stdout.split("ERRORS", 1)[1]
+    assert errors.strip() == "[]" or "closed" in errors
+
+
+def test_reads_wait_for_a_running_call() -> None:
+    """Read-only calls (memory_stats, cache_depth, ...) from another thread wait, never raise."""
+    r = _run_child(
+        _THREADED
+        + """
+    for _ in range(200):
+        eng.memory_stats(); eng.cache_depth; eng.last_timings(); eng.profile_stats()
+    stop.set()
+    t.join()
+    print("ERRORS", errors)
+    """
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "ERRORS []" in r.stdout

@@ -108,8 +108,12 @@ class MoEEngine:
             ``KT_NUM_THREADS``, else one per physical core).
         isa: kernel ISA (None: ``KT_KERNELS_ISA``, else the best runnable one).
 
-    Threads: calls on one engine must not overlap (no two at once from different Python
-    threads); engines of one process run one at a time and share the worker pool and scratch.
+    Threads: calls on one engine must not overlap. A call made while another Python thread is
+    inside one on the same engine raises ``RuntimeError`` at once (it would otherwise consume the
+    other thread's cached forward); read-only calls (``memory_stats``, ``cache_depth``,
+    ``last_timings``, ``profile_stats``) wait for the running call instead, and :meth:`close`
+    waits for it before it frees anything. Engines of one process run one at a time and share
+    the worker pool and scratch.
     """
 
     def __init__(
@@ -418,7 +422,8 @@ class MoEEngine:
 
     def close(self) -> None:
         """Free the packed weights and caches and release the bound arrays. Waits for a
-        submitted forward first. Later calls raise ``RuntimeError``; closing twice is fine."""
+        submitted forward and for a call running on another thread first. Later calls raise
+        ``RuntimeError``; closing twice is fine."""
         self._eng.close()
 
     def __enter__(self) -> MoEEngine:
