@@ -6,12 +6,17 @@ process so a crash or hang fails the test instead of the test run."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from kk_helpers import make_engine
+from kk_reference import forward, make_case, max_rel_err
 
 import kt_kernels as kk
 
@@ -159,3 +164,83 @@ def test_reads_wait_for_a_running_call() -> None:
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "ERRORS []" in r.stdout
+
+
+# -- fork ---------------------------------------------------------------------------------------
+
+
+def _wait(pid: int, timeout: float) -> int | None:
+    """Exit status of child `pid`, or None (after killing it) when it runs past `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.02)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return None
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_fork_after_the_pool_ran() -> None:
+    """A forked child uses the parent's engine and a new one with several threads; both give the
+    parent's results (the parent's pool threads do not exist in the child)."""
+    c = make_case(8, 2, 96, 64, 2, 40, seed=11)
+    eng, _, _ = make_engine(c, threads=2)
+    want = np.empty((c.T, c.H), np.float32)
+    eng.forward(c.x, c.ids, c.w, want, save_for_backward=False)
+    assert max_rel_err(want, forward(c)[0]) <= TOL
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: no pytest machinery, report through the exit code
+        code = 1
+        try:
+            os.close(r)
+            out = np.empty_like(want)
+            eng.forward(c.x, c.ids, c.w, out, save_for_backward=False)
+            eng2, _, _ = make_engine(c, threads=2)
+            out2 = np.empty_like(want)
+            eng2.forward(c.x, c.ids, c.w, out2, save_for_backward=False)
+            ok = np.array_equal(out, want) and np.array_equal(out2, want)
+            code = 0 if ok else 3
+        finally:
+            os._exit(code)
+    os.close(w)
+    os.close(r)
+    status = _wait(pid, 60)
+    eng.forward(c.x, c.ids, c.w, want, save_for_backward=False)  # the parent still works
+    eng.close()
+    assert status is not None, "the forked child hung on an engine call"
+    assert status == 0, f"forked child failed with exit status {status}"
+
+
+def _worker_forward(args: tuple) -> float:
+    """A fork-started worker (like a DataLoader worker) calling the inherited engine."""
+    eng, c, want = _FORK_STATE
+    out = np.empty_like(want)
+    eng.forward(c.x, c.ids, c.w, out, save_for_backward=False)
+    return float(np.abs(out - want).max())
+
+
+_FORK_STATE: tuple = ()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_fork_started_workers_call_the_engine() -> None:
+    import multiprocessing as mp
+
+    global _FORK_STATE
+    c = make_case(8, 2, 96, 64, 2, 40, seed=13)
+    eng, _, _ = make_engine(c, threads=2)
+    want = np.empty((c.T, c.H), np.float32)
+    eng.forward(c.x, c.ids, c.w, want, save_for_backward=False)
+    _FORK_STATE = (eng, c, want)
+    try:
+        with mp.get_context("fork").Pool(2) as pool:
+            res = pool.map_async(_worker_forward, range(4))
+            diffs = res.get(timeout=60)  # a hang is a TimeoutError here
+    finally:
+        _FORK_STATE = ()
+        eng.close()
+    assert diffs == [0.0] * 4

@@ -12,6 +12,7 @@
 #include "engine/limits.h"
 #include "engine/w8a8.h"
 #include "kernels/dispatch.h"
+#include "runtime/fork.h"
 #include "runtime/numa.h"
 #include "runtime/scratch.h"
 #include "runtime/thread_pool.h"
@@ -65,9 +66,16 @@ T* shared_buf(int slot, int64_t count) {
 }
 
 // The lock every engine holds while it runs: layers run one at a time and share the scratch pool.
+// fork() waits for the running call and the child starts with the lock free (runtime/fork.h).
 std::mutex& engine_mutex() {
-  static std::mutex m;
-  return m;
+  static std::mutex* m = [] {
+    auto* mu = new std::mutex();
+    runtime::on_fork(
+        runtime::kForkOrderEngine, [mu] { mu->lock(); }, [mu] { mu->unlock(); },
+        [mu] { mu->unlock(); });
+    return mu;
+  }();
+  return *m;
 }
 
 // Times the phases of one engine call with the steady clock. When the profiler is on (checked once

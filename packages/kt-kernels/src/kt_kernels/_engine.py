@@ -113,7 +113,8 @@ class MoEEngine:
     other thread's cached forward); read-only calls (``memory_stats``, ``cache_depth``,
     ``last_timings``, ``profile_stats``) wait for the running call instead, and :meth:`close`
     waits for it before it frees anything. Engines of one process run one at a time and share
-    the worker pool and scratch.
+    the worker pool and scratch. ``fork()`` is handled: a forked child (``os.fork``, fork-started
+    DataLoader workers) can call inherited and new engines; its worker pool starts afresh.
     """
 
     def __init__(
