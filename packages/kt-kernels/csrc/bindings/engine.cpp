@@ -3,6 +3,7 @@
 // submit_forward on a background thread. Calls from several Python threads: bindings/call_guard.h.
 #include <pybind11/stl.h>
 
+#include <cmath>
 #include <exception>
 #include <memory>
 #include <thread>
@@ -34,7 +35,15 @@ class PyEngine {
     cfg.hidden_size = hidden_size;
     cfg.intermediate_size = intermediate_size;
     cfg.lora_rank = lora_rank;
-    cfg.lora_alpha = lora_alpha.is_none() ? std::nan("") : lora_alpha.cast<double>();
+    // None: alpha = rank (the engine's NaN); a given alpha must be a number.
+    cfg.lora_alpha = std::nan("");
+    if (!lora_alpha.is_none()) {
+      cfg.lora_alpha = lora_alpha.cast<double>();
+      if (std::isnan(cfg.lora_alpha)) {
+        throw engine::ValueError(
+            "lora_alpha: expected None or a finite non-zero number, got nan");
+      }
+    }
     if (lora_layout != "fused" && lora_layout != "split") {
       throw engine::ValueError("lora_layout: expected 'fused' or 'split', got '" + lora_layout +
                                "'");

@@ -234,11 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from kt_sft.data.loading import DataError
     from kt_sft.train.artifacts import OutputDirError
+    from kt_sft.train.loop import NonFiniteLossError
     from kt_sft.train.modeling import ModelLoadError
     from kt_sft.train.schema import ConfigError
 
     errors: list[type[BaseException]] = [ConfigError, DataError, OutputDirError, ModelLoadError,
-                                         FileNotFoundError]
+                                         FileNotFoundError, NonFiniteLossError]
     try:
         from kt_sft.config import KTConfigError
 
