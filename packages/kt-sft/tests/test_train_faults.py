@@ -123,3 +123,42 @@ def test_range_edges_accepted() -> None:
                                    "--seed", str(2**63 - 1)])
     assert cfg.gradient_accumulation_steps == 65536 and cfg.seed == 2**63 - 1
 
+
+# -- exact resume -----------------------------------------------------------------------------
+
+
+def test_ctrl_c_inside_an_accumulation_window_resumes_exactly_with_dropout(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C during the first micro-batch of step 3 drops that partial window; the checkpoint
+    holds the RNG state the window started from, so the resumed run draws the same LoRA dropout
+    masks as an uninterrupted one and ends with the same adapter."""
+    import os
+    import signal
+
+    from safetensors.torch import load_file
+
+    args = ("--max_steps", "4", "--gradient_accumulation_steps", "2", "--lora_target",
+            "q_proj,v_proj", "--lora_dropout", "0.3")
+    straight = train(_cfg(tmp_path / "straight", *args), quiet=True)
+
+    real = torch.nn.functional.cross_entropy
+    count = [0]
+
+    def ce(*a, **k):
+        count[0] += 1
+        if count[0] == 5:  # step 3, first micro-batch
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*a, **k)
+
+    out = tmp_path / "interrupted"
+    with monkeypatch.context() as m:
+        m.setattr(torch.nn.functional, "cross_entropy", ce)
+        first = train(_cfg(out, *args), quiet=True)
+    assert first.interrupted and first.state.global_step == 2
+    resumed = train(_cfg(out, *args, "--resume_from_checkpoint", "auto"), quiet=True)
+    assert resumed.state.global_step == 4
+    a = load_file(str(straight.adapter_dir / "adapter_model.safetensors"))
+    b = load_file(str(resumed.adapter_dir / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

@@ -414,6 +414,10 @@ def _train(cfg: TrainConfig, ranks: Ranks, *, on_step_end: Callable[[TrainState]
             stopping = False
             while state.global_step < total_steps and not stopping:
                 step_start = time.perf_counter()
+                # The RNG state the window starts from (LoRA dropout draws from it): a Ctrl-C
+                # inside the window drops the partial window and checkpoints this state, so the
+                # resumed run replays the window exactly.
+                window_rng = torch.get_rng_state()
                 window = [next(batches) for _ in range(cfg.gradient_accumulation_steps)]
                 # the loss is normalised by the trained tokens of the whole global window
                 n_items = sum(_targets(data.examples[i]) for idx in window for i in idx)
@@ -442,6 +446,7 @@ def _train(cfg: TrainConfig, ranks: Ranks, *, on_step_end: Callable[[TrainState]
                         break
                 if stopping and completed < len(window):
                     optimizer.zero_grad(set_to_none=True)  # partial window: drop it
+                    torch.set_rng_state(window_rng)
                     break
                 skipped = False
                 with timeline.span("optimizer", step=state.global_step):
