@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from collections.abc import Sequence
@@ -296,6 +297,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except _distributed_errors() as exc:
         print(f"{_rank_prefix()}kt-sft {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        print(f"{_rank_prefix()}kt-sft {args.command}: error: {exc.strerror}; free some space "
+              "(or choose another output_dir) and resume from the last checkpoint",
+              file=sys.stderr)
         return 1
 
 
