@@ -75,11 +75,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 130 if result.interrupted else 0
 
 
+def _kt_tokens(tokens: Sequence[str]) -> list[str]:
+    """``--kt`` values as option tokens: ``kt_num_threads=2`` (the documented form) and
+    ``kt_num_threads 2`` become ``--kt_num_threads=2`` / ``--kt_num_threads 2``; ``--...`` tokens
+    (``--kt=--kt_num_threads=2``) stay as they are."""
+    out = []
+    for t in tokens:
+        if not t.startswith("--") and ("=" in t or t.startswith("kt_")):
+            t = "--" + t
+        out.append(t)
+    return out
+
+
 def _cmd_chat(args: argparse.Namespace) -> int:
     from kt_sft.chat import load_chat_session
     from kt_sft.train.schema import parse_overrides
 
-    kt_options = parse_overrides(args.kt) if args.kt else {}
+    kt_options = parse_overrides(_kt_tokens(args.kt)) if args.kt else {}
     bad = [k for k in kt_options if not k.startswith("kt_")]
     if bad:
         raise SystemExit(f"kt-sft {args.command}: --kt takes kt_* options, got {bad}")
