@@ -40,8 +40,7 @@ class PyEngine {
     if (!lora_alpha.is_none()) {
       cfg.lora_alpha = lora_alpha.cast<double>();
       if (std::isnan(cfg.lora_alpha)) {
-        throw engine::ValueError(
-            "lora_alpha: expected None or a finite non-zero number, got nan");
+        throw engine::ValueError("lora_alpha: expected None or a finite non-zero number, got nan");
       }
     }
     if (lora_layout != "fused" && lora_layout != "split") {
