@@ -162,3 +162,17 @@ def test_ctrl_c_inside_an_accumulation_window_resumes_exactly_with_dropout(
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_huge_kt_max_tokens_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """KT_MAX_TOKENS / kt_max_tokens reach the engine's bound: a ValueError naming the largest
+    allowed value, before any buffer is allocated."""
+    import kt_sft
+    from kt_sft.backend import engine_available
+
+    if not engine_available():
+        pytest.skip("kt-kernels engine not built")
+    tiny = pytest.importorskip("kt_models.tiny")
+    monkeypatch.setenv("KT_MAX_TOKENS", str(2**40))
+    with pytest.raises(ValueError, match=r"max_tokens=1099511627776 is too large.*largest"):
+        kt_sft.wrap_model(tiny.build("qwen3_moe"), kt_sft.KTConfig(num_threads=1))
