@@ -73,7 +73,10 @@ def test_byte_limit_applies_to_wide_layers() -> None:
     with pytest.raises(ValueError, match=r"largest allowed value here is (\d+)") as info:
         kk.MoEEngine(4, 1, H, 32, max_tokens=2**30, num_threads=1)
     limit = int(str(info.value).rsplit(" ", 1)[1])
-    assert limit * H * 4 <= 2**47 < (limit + 1) * H * 4 * 2  # within the packed width's rounding
+    assert limit == 2**47 // (4 * H)  # float32 rows of H (a multiple of the packing) per token
+    kk.MoEEngine(4, 1, H, 32, max_tokens=limit, num_threads=1).close()
+    with pytest.raises(ValueError, match="max_tokens"):
+        kk.MoEEngine(4, 1, H, 32, max_tokens=limit + 1, num_threads=1)
 
 
 # -- threads ----------------------------------------------------------------------------------
