@@ -247,3 +247,77 @@ def test_fork_started_workers_call_the_engine() -> None:
         _FORK_STATE = ()
         eng.close()
     assert diffs == [0.0] * 4
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_fork_with_a_submitted_forward_pending() -> None:
+    """The submitted forward ran in the parent: the child's sync_forward says so (instead of
+    joining a thread that does not exist there), and the engine works on in the child."""
+    c = make_case(8, 2, 96, 64, 2, 40, seed=17)
+    eng, _, _ = make_engine(c, threads=2)
+    want = np.empty((c.T, c.H), np.float32)
+    eng.forward(c.x, c.ids, c.w, want, save_for_backward=False)
+    out = np.empty_like(want)
+    eng.submit_forward(c.x, c.ids, c.w, out, save_for_backward=False)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            try:
+                eng.sync_forward()
+                code = 4
+            except RuntimeError as e:
+                code = 0 if "forked" in str(e) else 5
+            if code == 0:
+                eng.clear_cache()
+                again = np.empty_like(want)
+                eng.forward(c.x, c.ids, c.w, again, save_for_backward=False)
+                eng.close()
+                code = 0 if np.array_equal(again, want) else 3
+        finally:
+            os._exit(code)
+    status = _wait(pid, 60)
+    eng.sync_forward()
+    assert np.array_equal(out, want)
+    eng.close()
+    assert status == 0, f"forked child: exit status {status} (None: hung)"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_fork_while_another_thread_is_in_a_call() -> None:
+    """A call running on another thread of the parent at fork time does not exist in the child:
+    the child's calls are not refused as concurrent, and close() does not wait for it."""
+    r = _run_child(
+        _THREADED
+        + """
+    import os
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            out = np.empty((c.T, c.H), np.float32)
+            eng.forward(c.x, c.ids, c.w, out, save_for_backward=False)
+            eng.memory_stats()
+            eng.close()
+            code = 0
+        except BaseException as e:
+            print("CHILD", e, flush=True)
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.02)
+    else:
+        os.kill(pid, 9)
+        status = -1
+    stop.set()
+    t.join()
+    eng.close()
+    print("CHILD_STATUS", status)
+    """
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "CHILD_STATUS 0" in r.stdout, r.stdout + r.stderr[-2000:]

@@ -3,7 +3,11 @@
 // entry) or close it (and free the weights under the running call). CallState admits one call at
 // a time: a second concurrent call raises StateError at once, and close() waits for the running
 // call (with the GIL released) before it frees anything; calls after close() raise StateError.
+// In a forked child a call that was running in the parent does not count: its thread does not
+// exist there.
 #pragma once
+
+#include <unistd.h>
 
 #include <condition_variable>
 #include <mutex>
@@ -19,6 +23,7 @@ class CallState {
   // (or closing).
   void enter(const char* what) {
     std::lock_guard<std::mutex> lock(mutex_);
+    forget_parent_call();
     if (closing_) throw engine::StateError(std::string(what) + ": the engine is closed");
     if (busy_) {
       throw engine::StateError(
@@ -27,6 +32,7 @@ class CallState {
           "or serialize the calls with a lock)");
     }
     busy_ = true;
+    busy_pid_ = getpid();
     running_ = what;
   }
 
@@ -43,6 +49,7 @@ class CallState {
   // released: the running call may need it to return.
   void close_and_wait() {
     std::unique_lock<std::mutex> lock(mutex_);
+    forget_parent_call();
     closing_ = true;
     idle_.wait(lock, [&] { return !busy_; });
   }
@@ -52,6 +59,7 @@ class CallState {
   template <typename F>
   auto read(F f) {
     std::unique_lock<std::mutex> lock(mutex_);
+    forget_parent_call();
     idle_.wait(lock, [&] { return !busy_; });
     return f();
   }
@@ -62,9 +70,18 @@ class CallState {
   }
 
  private:
+  // A call marked running by another process (this one is a forked child): its thread is gone.
+  void forget_parent_call() {
+    if (busy_ && busy_pid_ != getpid()) {
+      busy_ = false;
+      running_ = nullptr;
+    }
+  }
+
   mutable std::mutex mutex_;
   std::condition_variable idle_;
   bool busy_ = false;
+  pid_t busy_pid_ = 0;
   bool closing_ = false;
   const char* running_ = nullptr;
 };

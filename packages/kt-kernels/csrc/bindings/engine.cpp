@@ -2,6 +2,7 @@
 // arrays and a submitted forward's arrays alive, releases the GIL while the engine runs, and runs
 // submit_forward on a background thread. Calls from several Python threads: bindings/call_guard.h.
 #include <pybind11/stl.h>
+#include <unistd.h>
 
 #include <cmath>
 #include <exception>
@@ -83,6 +84,7 @@ class PyEngine {
   }
 
   ~PyEngine() {
+    forget_forked_submit();
     if (worker_.joinable()) {
       py::gil_scoped_release nogil;
       worker_.join();
@@ -93,6 +95,7 @@ class PyEngine {
   // under the state lock without the GIL; `f` must not touch Python objects.
   template <typename F>
   auto read(const char* what, F f) {
+    forget_forked_submit();
     py::gil_scoped_release nogil;
     return state_.read([&] {
       if (!eng_) throw StateError(std::string(what) + ": the engine is closed");
@@ -104,7 +107,21 @@ class PyEngine {
     });
   }
 
+  // In a process forked while a submitted forward was pending, the thread running it exists only
+  // in the parent: forget its handle (a join would wait forever) and the call's arrays; the next
+  // sync_forward says so. Returns whether that happened now.
+  bool forget_forked_submit() {
+    if (!worker_.joinable() || getpid() == submit_pid_) return false;
+    auto* lost = new std::thread(std::move(worker_));  // leaked on purpose: never joinable here
+    (void)lost;
+    submitted_.reset();
+    async_error_ = nullptr;
+    forked_submit_ = true;
+    return true;
+  }
+
   engine::MoEEngine& live(const char* what) {
+    forget_forked_submit();
     if (!eng_) throw StateError(std::string(what) + ": the engine is closed");
     if (worker_.joinable()) {
       throw StateError(std::string(what) +
@@ -215,6 +232,8 @@ class PyEngine {
     e.check_forward(c->x->view, c->ids->view, c->w->view, c->out->view, save);
     submitted_ = c;
     async_error_ = nullptr;
+    forked_submit_ = false;
+    submit_pid_ = getpid();
     engine::MoEEngine* eng = &e;
     worker_ = std::thread([this, eng, c, save] {
       try {
@@ -228,6 +247,14 @@ class PyEngine {
   void sync_forward() {
     CallGuard guard(state_, "sync_forward");
     if (!eng_) throw StateError("sync_forward: the engine is closed");
+    forget_forked_submit();
+    if (forked_submit_) {
+      forked_submit_ = false;
+      throw StateError(
+          "sync_forward: the forward was submitted before this process was forked and ran in the "
+          "parent; its output and cached activations are not in this process (call "
+          "clear_cache() and submit it again)");
+    }
     if (!worker_.joinable()) {
       throw StateError("sync_forward: no submitted forward is pending; call submit_forward first");
     }
@@ -243,7 +270,7 @@ class PyEngine {
     }
   }
 
-  bool pending_submit() const { return worker_.joinable(); }
+  bool pending_submit() const { return worker_.joinable() && getpid() == submit_pid_; }
 
   void backward(py::handle dout, py::handle dx, py::handle dw) {
     CallGuard guard(state_, "backward");
@@ -300,6 +327,7 @@ class PyEngine {
   // Waits for a call running on another thread and for a submitted forward, then frees the
   // engine; later calls raise StateError.
   void close() {
+    forget_forked_submit();
     {
       py::gil_scoped_release nogil;
       state_.close_and_wait();
@@ -325,6 +353,8 @@ class PyEngine {
   std::unique_ptr<engine::MoEEngine> eng_;
   std::vector<std::unique_ptr<Array>> lora_arrays_;
   std::thread worker_;
+  pid_t submit_pid_ = 0;        // the process that started worker_
+  bool forked_submit_ = false;  // a submitted forward was lost to a fork (see forget_forked_submit)
   std::shared_ptr<Call> submitted_;
   std::exception_ptr async_error_;
   CallState state_;
