@@ -265,6 +265,45 @@ def test_index_naming_a_missing_key(sharded) -> None:
     assert info.value.path.name == "model-00001-of-00003.safetensors"
 
 
+@pytest.mark.parametrize("how", ["parent", "absolute", "nested_parent"])
+def test_shard_names_stay_inside_the_model_directory(sharded, how: str) -> None:
+    """An index naming a shard outside the model directory is refused, even when that file
+    exists and is a valid shard (it is never opened)."""
+    outside = sharded.parent / "outside"
+    outside.mkdir()
+    victim = "model-00002-of-00003.safetensors"
+    (outside / victim).write_bytes((sharded / victim).read_bytes())
+    name = {"parent": f"../outside/{victim}", "absolute": str(outside / victim),
+            "nested_parent": f"sub/../../outside/{victim}"}[how]
+    index_path = sharded / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"] = {k: (name if v == victim else v)
+                           for k, v in index["weight_map"].items()}
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(CorruptCheckpointError, match="outside the model directory") as info:
+        CheckpointReader(sharded)
+    assert info.value.path == index_path and info.value.key
+
+
+def test_shards_in_a_subfolder_and_symlinked_shards_are_fine(sharded, tmp_path) -> None:
+    """Relative names without '..' work, including symlinks to blobs elsewhere (the layout of a
+    Hugging Face cache snapshot)."""
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    (sharded / "sub").mkdir()
+    index_path = sharded / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    first, second = "model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors"
+    (sharded / first).rename(blobs / "blob1")
+    (sharded / first).symlink_to(blobs / "blob1")
+    (sharded / second).rename(sharded / "sub" / second)
+    index["weight_map"] = {k: (f"sub/{second}" if v == second else v)
+                           for k, v in index["weight_map"].items()}
+    index_path.write_text(json.dumps(index))
+    reader = CheckpointReader(sharded)
+    assert len(reader.keys()) == len(index["weight_map"])
+
+
 def test_layer_without_expert_keys(tmp_path) -> None:
     ref = _reference(3)
     ref = {k: v for k, v in ref.items() if ".layers.2." not in k}

@@ -124,3 +124,22 @@ def test_unsupported_architecture_fails_before_loading(tmp_path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(UnsupportedArchitectureError):
         from_pretrained_kwargs(tmp_path)
+
+
+def test_expert_count_mismatch_shows_the_load_report(tmp_path, capsys) -> None:
+    """A config whose expert count differs from the checkpoint's: the error carries
+    transformers' load report (which kt silences) naming the mismatching tensors."""
+    from kt_models import TensorShapeError, tiny
+
+    out = tmp_path / "m"
+    tiny.build("qwen3_moe").save_pretrained(out)
+    cfg = json.loads((out / "config.json").read_text())
+    experts = cfg["num_local_experts"]
+    cfg["num_local_experts"] = experts - 2
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(TensorShapeError, match="number of experts") as info:
+        kt_models.load_model(out)
+    text = str(info.value)
+    assert "LOAD REPORT" in text and "mlp.gate.weight" in text and "MISMATCH" in text
+    assert f"torch.Size([{experts}, 64])" in text and "\x1b[" not in text
+    assert "LOAD REPORT" not in capsys.readouterr().err  # reported once, in the error

@@ -109,3 +109,24 @@ def test_adapter_of_another_shape(run_dir: Path, tmp_path: Path, capsys) -> None
         assert rc == 2 and "does not fit the model" in err and "q_proj" in err, err
     cfg = json.loads((bad / "adapter_config.json").read_text())
     assert cfg["r"] == 16
+
+
+@pytest.mark.parametrize("kt", [["--kt", "kt_num_threads=1"], ["--kt", "kt_num_threads", "1"],
+                                ["--kt=--kt_num_threads=1"],
+                                ["--kt", "kt_num_threads=1", "kt_max_tokens=64"]])
+def test_kt_option_forms(kt: list[str], capsys, monkeypatch) -> None:
+    """The documented `--kt kt_num_threads=2` form (and the others) reach the engine options."""
+    import kt_sft.chat
+
+    seen = {}
+
+    def fake(*args, kt_options, **kwargs):
+        seen.update(kt_options)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(kt_sft.chat, "load_chat_session", fake)
+    with pytest.raises(SystemExit):
+        main(["generate", "--prompt", "x", *kt])
+    assert seen["kt_num_threads"] in (1, "1")
+    if len(kt) == 3 and "=" in kt[2]:
+        assert seen["kt_max_tokens"] in (64, "64")

@@ -1,8 +1,10 @@
 // Python binding of engine::MoEEngine: imports arrays (bindings/array.h), keeps the bound LoRA
 // arrays and a submitted forward's arrays alive, releases the GIL while the engine runs, and runs
-// submit_forward on a background thread.
+// submit_forward on a background thread. Calls from several Python threads: bindings/call_guard.h.
 #include <pybind11/stl.h>
+#include <unistd.h>
 
+#include <cmath>
 #include <exception>
 #include <memory>
 #include <thread>
@@ -10,6 +12,7 @@
 
 #include "bindings/array.h"
 #include "bindings/bindings.h"
+#include "bindings/call_guard.h"
 #include "engine/moe_engine.h"
 #include "kernels/dispatch.h"
 
@@ -33,7 +36,14 @@ class PyEngine {
     cfg.hidden_size = hidden_size;
     cfg.intermediate_size = intermediate_size;
     cfg.lora_rank = lora_rank;
-    cfg.lora_alpha = lora_alpha.is_none() ? std::nan("") : lora_alpha.cast<double>();
+    // None: alpha = rank (the engine's NaN); a given alpha must be a number.
+    cfg.lora_alpha = std::nan("");
+    if (!lora_alpha.is_none()) {
+      cfg.lora_alpha = lora_alpha.cast<double>();
+      if (std::isnan(cfg.lora_alpha)) {
+        throw engine::ValueError("lora_alpha: expected None or a finite non-zero number, got nan");
+      }
+    }
     if (lora_layout != "fused" && lora_layout != "split") {
       throw engine::ValueError("lora_layout: expected 'fused' or 'split', got '" + lora_layout +
                                "'");
@@ -74,13 +84,44 @@ class PyEngine {
   }
 
   ~PyEngine() {
+    forget_forked_submit();
     if (worker_.joinable()) {
       py::gil_scoped_release nogil;
       worker_.join();
     }
   }
 
+  // Reads of the engine's state (no work): wait for a running call instead of refusing, and read
+  // under the state lock without the GIL; `f` must not touch Python objects.
+  template <typename F>
+  auto read(const char* what, F f) {
+    forget_forked_submit();
+    py::gil_scoped_release nogil;
+    return state_.read([&] {
+      if (!eng_) throw StateError(std::string(what) + ": the engine is closed");
+      if (worker_.joinable()) {
+        throw StateError(std::string(what) +
+                         ": a submitted forward is pending; call sync_forward() first");
+      }
+      return f(*eng_);
+    });
+  }
+
+  // In a process forked while a submitted forward was pending, the thread running it exists only
+  // in the parent: forget its handle (a join would wait forever) and the call's arrays; the next
+  // sync_forward says so. Returns whether that happened now.
+  bool forget_forked_submit() {
+    if (!worker_.joinable() || getpid() == submit_pid_) return false;
+    auto* lost = new std::thread(std::move(worker_));  // leaked on purpose: never joinable here
+    (void)lost;
+    submitted_.reset();
+    async_error_ = nullptr;
+    forked_submit_ = true;
+    return true;
+  }
+
   engine::MoEEngine& live(const char* what) {
+    forget_forked_submit();
     if (!eng_) throw StateError(std::string(what) + ": the engine is closed");
     if (worker_.joinable()) {
       throw StateError(std::string(what) +
@@ -91,6 +132,7 @@ class PyEngine {
   }
 
   void load_weights(py::object gate_up, py::object gate, py::object up, py::object down) {
+    CallGuard guard(state_, "load_weights");
     engine::MoEEngine& e = live("load_weights");
     auto a_gu = import_array(gate_up, "gate_up");
     auto a_g = import_array(gate, "gate");
@@ -104,6 +146,7 @@ class PyEngine {
   void load_quantized(py::object gate_up, py::object gate_up_scale, py::object gate,
                       py::object gate_scale, py::object up, py::object up_scale, py::object down,
                       py::object down_scale) {
+    CallGuard guard(state_, "load_quantized_weights");
     engine::MoEEngine& e = live("load_quantized_weights");
     auto a_gu = import_array(gate_up, "gate_up");
     auto s_gu = import_array(gate_up_scale, "gate_up_scale");
@@ -119,6 +162,7 @@ class PyEngine {
   }
 
   void set_lora(py::kwargs kw) {
+    CallGuard guard(state_, "set_lora");
     engine::MoEEngine& e = live("set_lora");
     static const char* const kNames[] = {
         "a_gate_up",   "b_gate_up", "a_gate",         "a_up",           "b_gate",      "b_up",
@@ -154,6 +198,7 @@ class PyEngine {
   }
 
   void lora_updated() {
+    CallGuard guard(state_, "lora_updated");
     engine::MoEEngine& e = live("lora_updated");
     py::gil_scoped_release nogil;
     e.lora_updated();
@@ -173,6 +218,7 @@ class PyEngine {
   }
 
   void forward(py::handle x, py::handle ids, py::handle w, py::handle out, bool save) {
+    CallGuard guard(state_, "forward");
     engine::MoEEngine& e = live("forward");
     Call c = import_forward(x, ids, w, out);
     py::gil_scoped_release nogil;
@@ -180,11 +226,14 @@ class PyEngine {
   }
 
   void submit_forward(py::handle x, py::handle ids, py::handle w, py::handle out, bool save) {
+    CallGuard guard(state_, "submit_forward");
     engine::MoEEngine& e = live("submit_forward");
     auto c = std::make_shared<Call>(import_forward(x, ids, w, out));
     e.check_forward(c->x->view, c->ids->view, c->w->view, c->out->view, save);
     submitted_ = c;
     async_error_ = nullptr;
+    forked_submit_ = false;
+    submit_pid_ = getpid();
     engine::MoEEngine* eng = &e;
     worker_ = std::thread([this, eng, c, save] {
       try {
@@ -196,7 +245,16 @@ class PyEngine {
   }
 
   void sync_forward() {
+    CallGuard guard(state_, "sync_forward");
     if (!eng_) throw StateError("sync_forward: the engine is closed");
+    forget_forked_submit();
+    if (forked_submit_) {
+      forked_submit_ = false;
+      throw StateError(
+          "sync_forward: the forward was submitted before this process was forked and ran in the "
+          "parent; its output and cached activations are not in this process (call "
+          "clear_cache() and submit it again)");
+    }
     if (!worker_.joinable()) {
       throw StateError("sync_forward: no submitted forward is pending; call submit_forward first");
     }
@@ -212,9 +270,10 @@ class PyEngine {
     }
   }
 
-  bool pending_submit() const { return worker_.joinable(); }
+  bool pending_submit() const { return worker_.joinable() && getpid() == submit_pid_; }
 
   void backward(py::handle dout, py::handle dx, py::handle dw) {
+    CallGuard guard(state_, "backward");
     engine::MoEEngine& e = live("backward");
     auto a = import_array(dout, "grad_out");
     auto b = import_array(dx, "grad_input");
@@ -223,11 +282,17 @@ class PyEngine {
     e.backward(a->view, b->view, c->view);
   }
 
-  void clear_cache() { live("clear_cache").clear_cache(); }
-  int64_t cache_depth() { return live("cache_depth").cache_depth(); }
+  void clear_cache() {
+    CallGuard guard(state_, "clear_cache");
+    live("clear_cache").clear_cache();
+  }
+  int64_t cache_depth() {
+    return read("cache_depth", [](engine::MoEEngine& e) { return e.cache_depth(); });
+  }
 
   py::dict memory_stats() {
-    const engine::MemoryStats m = live("memory_stats").memory_stats();
+    const engine::MemoryStats m =
+        read("memory_stats", [](engine::MoEEngine& e) { return e.memory_stats(); });
     py::dict d;
     d["weight_bytes"] = m.weight_bytes;
     d["lora_bytes"] = m.lora_bytes;
@@ -238,30 +303,42 @@ class PyEngine {
 
   py::dict last_timings() {
     py::dict d;
-    for (const auto& [k, v] : live("last_timings").last_timings()) d[py::str(k)] = v;
+    const auto timings =
+        read("last_timings", [](engine::MoEEngine& e) { return e.last_timings(); });
+    for (const auto& [k, v] : timings) d[py::str(k)] = v;
     return d;
   }
 
   py::dict profile_stats() {
     py::dict d;
-    for (const auto& [k, v] : live("profile_stats").profile_stats()) {
+    const auto stats =
+        read("profile_stats", [](engine::MoEEngine& e) { return e.profile_stats(); });
+    for (const auto& [k, v] : stats) {
       d[py::str(k)] = py::make_tuple(v.calls, v.total_ms);
     }
     return d;
   }
 
-  void reset_profile() { live("reset_profile").reset_profile(); }
+  void reset_profile() {
+    CallGuard guard(state_, "reset_profile");
+    live("reset_profile").reset_profile();
+  }
 
+  // Waits for a call running on another thread and for a submitted forward, then frees the
+  // engine; later calls raise StateError.
   void close() {
-    if (worker_.joinable()) {
+    forget_forked_submit();
+    {
       py::gil_scoped_release nogil;
-      worker_.join();
+      state_.close_and_wait();
+      if (worker_.joinable()) worker_.join();
     }
     submitted_.reset();
     async_error_ = nullptr;
+    std::unique_ptr<engine::MoEEngine> doomed = std::move(eng_);  // readers now see "closed"
     {
       py::gil_scoped_release nogil;
-      eng_.reset();
+      doomed.reset();
     }
     lora_arrays_.clear();
   }
@@ -276,8 +353,11 @@ class PyEngine {
   std::unique_ptr<engine::MoEEngine> eng_;
   std::vector<std::unique_ptr<Array>> lora_arrays_;
   std::thread worker_;
+  pid_t submit_pid_ = 0;        // the process that started worker_
+  bool forked_submit_ = false;  // a submitted forward was lost to a fork (see forget_forked_submit)
   std::shared_ptr<Call> submitted_;
   std::exception_ptr async_error_;
+  CallState state_;
 };
 
 }  // namespace

@@ -9,8 +9,10 @@
 #include <limits>
 #include <new>
 
+#include "engine/limits.h"
 #include "engine/w8a8.h"
 #include "kernels/dispatch.h"
+#include "runtime/fork.h"
 #include "runtime/numa.h"
 #include "runtime/scratch.h"
 #include "runtime/thread_pool.h"
@@ -64,9 +66,16 @@ T* shared_buf(int slot, int64_t count) {
 }
 
 // The lock every engine holds while it runs: layers run one at a time and share the scratch pool.
+// fork() waits for the running call and the child starts with the lock free (runtime/fork.h).
 std::mutex& engine_mutex() {
-  static std::mutex m;
-  return m;
+  static std::mutex* m = [] {
+    auto* mu = new std::mutex();
+    runtime::on_fork(
+        runtime::kForkOrderEngine, [mu] { mu->lock(); }, [mu] { mu->unlock(); },
+        [mu] { mu->unlock(); });
+    return mu;
+  }();
+  return *m;
 }
 
 // Times the phases of one engine call with the steady clock. When the profiler is on (checked once
@@ -442,6 +451,7 @@ MoEEngine::MoEEngine(const EngineConfig& cfg) : cfg_(cfg) {
   nbH_ = kernels::packed_blocks(H_);
   Ib_ = nbI_ * kBlockN;
   Hb_ = nbH_ * kBlockN;
+  limits::check_tokens(cfg.max_tokens, K_, std::max({KpH_, KpI_, 2 * Ib_}), "max_tokens");
   RA_ = cfg.lora_fused ? r_ : 2 * r_;
   infer_ = std::make_unique<Entry>();
   fgu_ = quant::make_format(wkind_, H_, cfg.group_size);
@@ -1086,9 +1096,7 @@ void MoEEngine::check_forward(const View& x, const View& ids, const View& w, con
   check(ids, {"expert_ids", {DType::i64, DType::i32}, {T, K_}, "(T, top_k)"});
   check(w, {"routing_weights", fl, {T, K_}, "(T, top_k)"});
   check(out, {"out", fl, {T, H_}, "(T, hidden_size)", true, true});
-  if (T * K_ >= (int64_t{1} << 31)) {
-    throw ValueError("x: T * top_k must be below 2**31, got T=" + std::to_string(T));
-  }
+  limits::check_tokens(T, K_, std::max({KpH_, KpI_, 2 * Ib_}), "x: T (tokens)");
   for (int64_t t = 0; t < T; ++t) {
     for (int64_t j = 0; j < K_; ++j) {
       const int64_t id = load_i(ids, t * ids.strides[0] + j * ids.strides[1]);

@@ -7,10 +7,12 @@
 #include <cstdlib>
 #include <exception>
 #include <iterator>
+#include <new>
 #include <stdexcept>
 #include <string>
 
 #include "runtime/cpu_features.h"
+#include "runtime/fork.h"
 #include "runtime/numa.h"
 
 namespace kt::runtime {
@@ -31,8 +33,46 @@ constexpr auto kSpin = std::chrono::microseconds(50);
 ThreadPool& ThreadPool::instance() {
   // Never destroyed: workers may still be parked at interpreter exit, and joining them from a
   // static destructor could deadlock. The OS reclaims them with the process.
-  static ThreadPool* pool = new ThreadPool();
+  static ThreadPool* pool = [] {
+    auto* p = new ThreadPool();
+    on_fork(
+        kForkOrderPool, [p] { p->before_fork(); }, [p] { p->after_fork_parent(); },
+        [p] { p->after_fork_child(); });
+    return p;
+  }();
   return *pool;
+}
+
+// Before fork(): wait for the running phase (if any) and hold both locks, so the child starts
+// with no run in progress and no lock owned by a thread that does not exist there.
+void ThreadPool::before_fork() {
+  run_mutex_.lock();
+  mutex_.lock();
+}
+
+void ThreadPool::after_fork_parent() {
+  mutex_.unlock();
+  run_mutex_.unlock();
+}
+
+// In the child only the forking thread exists. The workers' handles are forgotten without a join
+// (they name threads of the parent; destroying a joinable std::thread would terminate), the
+// condition variables start afresh (their waiters were the parent's workers), and the next run
+// starts new workers, so engines old and new work in the child.
+void ThreadPool::after_fork_child() {
+  auto* lost = new std::vector<std::thread>(std::move(workers_));  // leaked on purpose
+  (void)lost;
+  workers_.clear();
+  new (&wake_) std::condition_variable();
+  new (&done_) std::condition_variable();
+  pending_.store(0);
+  task_ = nullptr;
+  group_task_ = nullptr;
+  group_tasks_ = nullptr;
+  group_node_ = nullptr;
+  forks_.fetch_add(1);
+  mutex_.unlock();
+  run_mutex_.unlock();
 }
 
 ThreadPool::~ThreadPool() {

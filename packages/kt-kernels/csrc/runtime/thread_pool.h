@@ -5,6 +5,9 @@
 //
 // run_grouped() splits the workers into groups with one task counter each (tensor parallel: group
 // g computes slice g, on NUMA node g's CPUs when the caller asks for pinning).
+//
+// fork(): a handler (runtime/fork.h) waits for the running phase, and the child forgets the
+// parent's workers and starts its own on the next run.
 #pragma once
 
 #include <atomic>
@@ -50,6 +53,9 @@ class ThreadPool {
 
   // Threads the pool holds (workers + caller).
   int size() const;
+  // Times a forked child rebuilt the pool (fork() is handled: the child starts new workers on
+  // its next run instead of waiting for the parent's, which do not exist there).
+  int64_t forks() const { return forks_.load(); }
 
   ~ThreadPool();
   ThreadPool(const ThreadPool&) = delete;
@@ -64,6 +70,10 @@ class ThreadPool {
   void work_grouped(int id, Affinity* aff);
   void start(int n_threads);
   void finish();
+  void before_fork();
+  void after_fork_parent();
+  void after_fork_child();
+  std::atomic<int64_t> forks_{0};
 
   std::mutex run_mutex_;  // one run() at a time
 

@@ -98,15 +98,23 @@ class MoEEngine:
             ``ceil(I / 32)``; on a single-node machine ``tp > 1`` gives logical slices with the
             same results up to float32 summation order.
         max_tokens: the batch size buffers are planned for. A larger T is accepted: the
-            activation cache and scratch grow on demand (and stay grown).
+            activation cache and scratch grow on demand (and stay grown). Bounded (as is T):
+            ``max_tokens * top_k`` below ``2**31`` (routed rows are numbered in int32) and at
+            most ``2**47`` bytes per planned buffer; a larger value is a ``ValueError`` that
+            names the largest allowed one.
         max_cache_depth: forwards with ``save_for_backward=True`` that may be pending at once;
             backwards consume them last-in first-out.
         num_threads: threads of the process-wide worker pool this engine uses (None:
             ``KT_NUM_THREADS``, else one per physical core).
         isa: kernel ISA (None: ``KT_KERNELS_ISA``, else the best runnable one).
 
-    Threads: calls on one engine must not overlap (no two at once from different Python
-    threads); engines of one process run one at a time and share the worker pool and scratch.
+    Threads: calls on one engine must not overlap. A call made while another Python thread is
+    inside one on the same engine raises ``RuntimeError`` at once (it would otherwise consume the
+    other thread's cached forward); read-only calls (``memory_stats``, ``cache_depth``,
+    ``last_timings``, ``profile_stats``) wait for the running call instead, and :meth:`close`
+    waits for it before it frees anything. Engines of one process run one at a time and share
+    the worker pool and scratch. ``fork()`` is handled: a forked child (``os.fork``, fork-started
+    DataLoader workers) can call inherited and new engines; its worker pool starts afresh.
     """
 
     def __init__(
@@ -415,7 +423,8 @@ class MoEEngine:
 
     def close(self) -> None:
         """Free the packed weights and caches and release the bound arrays. Waits for a
-        submitted forward first. Later calls raise ``RuntimeError``; closing twice is fine."""
+        submitted forward and for a call running on another thread first. Later calls raise
+        ``RuntimeError``; closing twice is fine."""
         self._eng.close()
 
     def __enter__(self) -> MoEEngine:

@@ -1,10 +1,16 @@
 // The worker pool's grouped runs (tensor parallel across NUMA nodes): the split of workers into
 // groups, every task run exactly once by a worker of its group, exceptions, pinning requests (a
 // no-op change on a one-node machine, but the calls must succeed or be ignored), the per-group
-// trace events, and the cpulist parser.
+// trace events, the cpulist parser, and fork() (the child rebuilds the pool).
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <atomic>
+#include <chrono>
+#include <csignal>
 #include <iterator>
+#include <thread>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -188,6 +194,43 @@ TEST(parse_cpulist) {
   REQUIRE(parse_cpulist("a-b").empty(), "garbage");
   REQUIRE(parse_cpulist("1,1,0").size() == 2, "repeats");
   REQUIRE(kt::runtime::numa_node_count() >= 1, "nodes");
+}
+
+// After the pool ran with several threads, a forked child runs plain and grouped runs on its own
+// (new) workers: every task once, no hang (the parent kills a child that takes over 30 s).
+TEST(fork_child_rebuilds_the_pool) {
+  std::atomic<int64_t> sum{0};
+  kt::runtime::parallel_for(64, 4, [&](int64_t i, int) { sum += i; });
+  REQUIRE(sum.load() == 64 * 63 / 2, "parent sum %lld", static_cast<long long>(sum.load()));
+  const int64_t forks = ThreadPool::instance().forks();
+  const pid_t pid = fork();
+  REQUIRE(pid >= 0, "fork failed");
+  if (pid == 0) {
+    std::atomic<int64_t> s{0};
+    kt::runtime::parallel_for(64, 4, [&](int64_t i, int) { s += i; });
+    std::vector<std::atomic<int>> seen(12);
+    grouped_for({4, 4, 4}, 3,
+                [&](int g, int64_t i, int) { ++seen[static_cast<size_t>(g * 4 + i)]; });
+    bool ok = s.load() == 64 * 63 / 2 && ThreadPool::instance().forks() == forks + 1;
+    for (auto& v : seen) ok = ok && v.load() == 1;
+    _exit(ok ? 0 : 3);
+  }
+  int status = 0;
+  pid_t done = 0;
+  const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while ((done = waitpid(pid, &status, WNOHANG)) == 0 && std::chrono::steady_clock::now() < until) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  if (done == 0) {
+    kill(pid, SIGKILL);
+    waitpid(pid, &status, 0);
+  }
+  REQUIRE(done == pid, "the forked child hung on a pool run");
+  REQUIRE(WIFEXITED(status) && WEXITSTATUS(status) == 0, "child status %d", status);
+  REQUIRE(ThreadPool::instance().forks() == forks, "the parent's pool is untouched");
+  sum = 0;
+  kt::runtime::parallel_for(64, 4, [&](int64_t i, int) { sum += i; });
+  REQUIRE(sum.load() == 64 * 63 / 2, "parent sum after fork");
 }
 
 int main(int argc, char** argv) { return kt::testing::run_all(argc, argv); }

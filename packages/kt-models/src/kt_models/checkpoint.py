@@ -23,7 +23,7 @@ import os
 import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Literal
 
 import torch
@@ -272,7 +272,7 @@ class CheckpointReader:
         for key, name in weight_map.items():
             by_file.setdefault(str(name), []).append(key)
         for name, keys in by_file.items():
-            file = root / name
+            file = _shard_path(root, name, index_path, keys[0])
             if not file.is_file():
                 raise MissingShardError(
                     f"shard named by {index_path.name} does not exist ({len(keys)} tensors map "
@@ -543,6 +543,20 @@ class CheckpointReader:
     def __repr__(self) -> str:
         return (f"CheckpointReader({str(self.path)!r}, model_type={self.spec.model_type!r}, "
                 f"files={len(self.files)}, moe_layers={len(self._moe_layers)})")
+
+
+def _shard_path(root: Path, name: str, index_path: Path, key: str) -> Path:
+    """``root / name`` for a shard name from an index, which must stay inside ``root``: a
+    relative path without ``..`` (checked on the name itself, so the symlinked blobs of a Hugging
+    Face cache snapshot still resolve)."""
+    pure = PurePosixPath(name.replace("\\", "/"))
+    if (not name or pure.is_absolute() or PureWindowsPath(name).drive
+            or any(part == ".." for part in pure.parts)):
+        raise CorruptCheckpointError(
+            f"{index_path.name} names the shard {name!r}, which is outside the model directory "
+            f"{root}; shard names must be relative paths inside it (no '..', not absolute)",
+            path=index_path, key=key)
+    return root.joinpath(*pure.parts)
 
 
 def _out_dtype(info: TensorInfo) -> torch.dtype:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import re
 import threading
 import weakref
 from collections.abc import Iterator
@@ -40,7 +41,7 @@ import torch
 from torch import nn
 
 from kt_models.config_fields import config_model_type, get_field
-from kt_models.errors import UnsupportedArchitectureError
+from kt_models.errors import TensorShapeError, UnsupportedArchitectureError
 from kt_models.registry import ArchSpec, get_arch_spec
 
 __all__ = ["experts_on_meta", "from_pretrained_kwargs", "load_config", "load_model"]
@@ -246,8 +247,18 @@ def load_model(path: str | os.PathLike[str], *, device: str | torch.device = "cp
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        with experts_on_meta(spec):
-            model, info = cls.from_pretrained(str(path), output_loading_info=True, **load_kwargs)
+        with experts_on_meta(spec), _captured_load_report() as reports:
+            try:
+                model, info = cls.from_pretrained(str(path), output_loading_info=True,
+                                                  **load_kwargs)
+            except RuntimeError as exc:
+                # transformers refers to its (silenced) report: raise with the report itself
+                if "above report" not in str(exc) or not reports:
+                    raise
+                raise TensorShapeError(
+                    f"the checkpoint's tensors do not fit the model built from its config (a "
+                    f"config / checkpoint mismatch, e.g. in the number of experts or a hidden "
+                    f"size); transformers' load report:\n{reports[-1]}", path=path) from exc
     finally:
         hf_logging.set_verbosity(verbosity)
     prefixes = _expert_prefixes(spec, config)
@@ -262,6 +273,35 @@ def load_model(path: str | os.PathLike[str], *, device: str | torch.device = "cp
             + (f" (+{len(value) - 10} more)" if len(value) > 10 else "")
             for name, value in problems.items()))
     return (model, info) if want_info else model
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+@contextmanager
+def _captured_load_report() -> Iterator[list[str]]:
+    """Collect transformers' load report (logged by ``transformers.modeling_utils``) instead of
+    printing it; yields the list the reports (ANSI colours removed) are appended to."""
+    reports: list[str] = []
+    log = logging.getLogger("transformers.modeling_utils")
+
+    class _Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            message = record.getMessage()
+            if "LOAD REPORT" in message:
+                reports.append(_ANSI.sub("", message))
+
+    handler = _Collect(logging.WARNING)
+    level, propagate = log.level, log.propagate
+    log.setLevel(logging.WARNING)
+    log.propagate = False
+    log.addHandler(handler)
+    try:
+        yield reports
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+        log.propagate = propagate
 
 
 def _expert_prefixes(spec: ArchSpec, config: Any) -> tuple[str, ...]:

@@ -84,17 +84,10 @@ def _write_extras(model: nn.Module, directory: Path,
 
 
 def _atomic_replace(tmp: Path, target: Path) -> None:
-    if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        os.replace(target, old / target.name)
-        try:
-            os.replace(tmp, target)
-        except BaseException:
-            os.replace(old / target.name, target)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
+    from kt_sft._swap import fsync_tree, swap_into_place
+
+    fsync_tree(tmp)
+    swap_into_place(tmp, target)
 
 
 def save_adapter(peft_model: Any, save_directory: str | os.PathLike[str], **kwargs: Any) -> None:

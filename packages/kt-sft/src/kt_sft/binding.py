@@ -202,7 +202,9 @@ class LoRAPlan:
                     gbuf = grad_buffers.get(id(p), old_buffers.get(id(p)))
                     if gbuf is None or gbuf.shape != p.shape or gbuf.stride() != p.stride():
                         gbuf = torch.zeros_like(p, dtype=torch.float32, device="cpu")
-                        grad_buffers[id(p)] = gbuf
+                    # recorded whether new or reused from the previous plan: before_backward
+                    # looks every direct gradient's buffer up here
+                    grad_buffers[id(p)] = gbuf
                     g = _select(factor.view(gbuf), rows)[sl]
                     arrays[f"grad_{name}"] = g
                     grads.append(_Array(f"grad_{name}", g, True, factor, letter == "a", rows,

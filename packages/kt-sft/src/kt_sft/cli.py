@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from collections.abc import Sequence
@@ -98,11 +99,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 130 if result.interrupted else 0
 
 
+def _kt_tokens(tokens: Sequence[str]) -> list[str]:
+    """``--kt`` values as option tokens: ``kt_num_threads=2`` (the documented form) and
+    ``kt_num_threads 2`` become ``--kt_num_threads=2`` / ``--kt_num_threads 2``; ``--...`` tokens
+    (``--kt=--kt_num_threads=2``) stay as they are."""
+    out = []
+    for t in tokens:
+        if not t.startswith("--") and ("=" in t or t.startswith("kt_")):
+            t = "--" + t
+        out.append(t)
+    return out
+
+
 def _cmd_chat(args: argparse.Namespace) -> int:
     from kt_sft.chat import load_chat_session
     from kt_sft.train.schema import parse_overrides
 
-    kt_options = parse_overrides(args.kt) if args.kt else {}
+    kt_options = parse_overrides(_kt_tokens(args.kt)) if args.kt else {}
     bad = [k for k in kt_options if not k.startswith("kt_")]
     if bad:
         raise SystemExit(f"kt-sft {args.command}: --kt takes kt_* options, got {bad}")
@@ -304,11 +317,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from kt_sft.data.loading import DataError
     from kt_sft.train.artifacts import OutputDirError
+    from kt_sft.train.loop import NonFiniteLossError
     from kt_sft.train.modeling import ModelLoadError
     from kt_sft.train.schema import ConfigError
 
     errors: list[type[BaseException]] = [ConfigError, DataError, OutputDirError, ModelLoadError,
-                                         FileNotFoundError]
+                                         FileNotFoundError, NonFiniteLossError]
     try:
         from kt_sft.config import KTConfigError
 
@@ -371,6 +385,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except _distributed_errors() as exc:
         print(f"{_rank_prefix()}kt-sft {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        print(f"{_rank_prefix()}kt-sft {args.command}: error: {exc.strerror}; free some space "
+              "(or choose another output_dir) and resume from the last checkpoint",
+              file=sys.stderr)
         return 1
 
 

@@ -9,6 +9,7 @@ in ``__post_init__``, then from the default. Names used by existing KT / LLaMA-F
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Mapping
@@ -212,8 +213,8 @@ class KTConfig:
         if self.lora_expert_intermediate_size < 1:
             raise KTConfigError("lora_expert_intermediate_size must be >= 1, got "
                                 f"{self.lora_expert_intermediate_size}")
-        if self.lora_alpha <= 0:
-            raise KTConfigError(f"lora_alpha must be > 0, got {self.lora_alpha}")
+        if not math.isfinite(self.lora_alpha) or self.lora_alpha <= 0:
+            raise KTConfigError(f"lora_alpha must be a finite number > 0, got {self.lora_alpha}")
         if self.num_threads is not None:
             if self.num_threads < 1:
                 raise KTConfigError(f"num_threads must be >= 1, got {self.num_threads}")

@@ -29,11 +29,25 @@ from kt_sft.binding import LoRAPlan, LoRASource
 from kt_sft.config import KTConfig
 from kt_sft.reference import ACTIVATIONS
 
-__all__ = ["KTCacheError", "LayerEngine"]
+__all__ = ["KTCacheError", "KTCopyError", "LayerEngine"]
 
 
 class KTCacheError(RuntimeError):
     """The per-layer activation cache cannot take another pending forward."""
+
+
+class KTCopyError(TypeError):
+    """A kt-wrapped model was deep-copied or pickled; its routed experts cannot be."""
+
+
+_COPY_HELP = (
+    "the routed experts of a kt-wrapped model live once in the compiled kt engine (packed, "
+    "outside torch), so the model cannot be deep-copied or pickled. For a frozen reference model "
+    "(DPO / KL), use the same model with the adapter disabled (`with model.disable_adapter():`; "
+    "TRL does this when ref_model=None); for an EMA or snapshot of the adapter, copy its "
+    "trainable tensors (`{n: p.detach().clone() for n, p in model.named_parameters() if "
+    "p.requires_grad}`) or save it with save_pretrained; for a second independent model, load "
+    "it again with kt_sft.load_model / kt_sft.wrap_model")
 
 
 class _Holder:
@@ -56,7 +70,16 @@ class _Entry:
 
 
 class LayerEngine:
-    """Routed experts of one MoE layer: engine part, GPU experts, LoRA experts, LoRA binding."""
+    """Routed experts of one MoE layer: engine part, GPU experts, LoRA experts, LoRA binding.
+
+    Neither deep-copyable nor picklable (:class:`KTCopyError` says what to do instead).
+    """
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> LayerEngine:
+        raise KTCopyError(f"copy.deepcopy: {_COPY_HELP}")
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise KTCopyError(f"pickling: {_COPY_HELP}")
 
     def __init__(self, cfg: KTConfig, *, num_experts: int, top_k: int, hidden_size: int,
                  intermediate_size: int, activation: str = "silu", lora_layout: str = "fused",

@@ -14,6 +14,7 @@ never a half-written adapter. Layout of `output_dir`:
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -22,6 +23,8 @@ import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from kt_sft._swap import clean_leftovers, fsync_tree, recover, swap_into_place
 
 __all__ = [
     "ADAPTER_DIR",
@@ -41,6 +44,8 @@ __all__ = [
 ADAPTER_DIR = "adapter"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
+# A write that failed with this little space left counts as "disk full".
+_DISK_FULL_BYTES = 16 << 20
 _RUN_FILES = ("loss_curve.png", "trace.json", "train_summary.json", "engine_trace.json")
 
 
@@ -113,6 +118,7 @@ def prepare_output_dir(path: str | Path, *, overwrite: bool, resuming: bool
         reason = exc.strerror or str(exc)
         raise OutputDirError(f"output_dir {out} is not writable: {reason}; choose another "
                              "output_dir (e.g. --output_dir /tmp/kt-sft-output)") from exc
+    recover(out)  # a checkpoint or adapter a kill left parked mid-swap counts as present
     previous = [p.name for p in out.iterdir()
                 if p.name == ADAPTER_DIR or CHECKPOINT_RE.match(p.name)]
     replaced: list[str] = []
@@ -123,20 +129,19 @@ def prepare_output_dir(path: str | Path, *, overwrite: bool, resuming: bool
                 "set overwrite_output_dir: true to replace it, or resume_from_checkpoint: auto "
                 "to continue it")
         replaced = previous + [name for name in _RUN_FILES if (out / name).exists()]
-    for stale in out.glob(".tmp-*"):  # leftovers of an interrupted write
-        if stale.is_dir():
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            stale.unlink(missing_ok=True)
+    clean_leftovers(out)  # of interrupted writes (a checkpoint parked mid-swap is restored)
     return out, PreviousRun(out, replaced)
 
 
 def atomic_dir(target: Path, write: Callable[[Path], None]) -> Path:
-    """Call `write(tmpdir)`, then move tmpdir to `target`, replacing any previous version.
+    """Call `write(tmpdir)`, then swap tmpdir into place as `target`, replacing any previous
+    version (kt_sft._swap: one atomic exchange where the file system supports it).
 
-    A reader sees the old complete directory or the new complete one; if `write` fails or the
-    process dies, `target` is untouched and only a `.tmp-*` folder is left behind (cleaned up by
-    the next run).
+    At every instant `target` is the old complete directory or the new complete one (or, on a
+    file system without an atomic exchange, the old one is parked under `.<name>.old-<pid>` for
+    the instant between two renames, and the next run's `prepare_output_dir` puts it back). If
+    `write` fails, its temporary folder is removed; if the process dies, the `.tmp-*` folder left
+    behind is removed by the next run.
     """
     target = Path(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
@@ -144,22 +149,34 @@ def atomic_dir(target: Path, write: Callable[[Path], None]) -> Path:
         write(tmp)
         mask = _umask()
         os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes 0700 folders
-        for f in tmp.iterdir():  # make the contents durable before the rename publishes them
+        for f in tmp.iterdir():
             if f.is_file():
                 os.chmod(f, 0o666 & ~mask)
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        if target.exists():
-            old = target.parent / f".tmp-old-{target.name}-{os.getpid()}"
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
+        fsync_tree(tmp)  # the contents are durable before the swap publishes them
+        swap_into_place(tmp, target)
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        _raise_if_disk_full(exc, target)
         raise
     return target
+
+
+def _raise_if_disk_full(exc: BaseException, target: Path) -> None:
+    """Re-raise a failed write as ``OSError(ENOSPC)`` naming "No space left on device" when the
+    file system is full (torch.save reports it as an iostream error without the cause)."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        raise OSError(errno.ENOSPC, f"No space left on device while writing {target}") from exc
+    if not isinstance(exc, (OSError, RuntimeError)):
+        return
+    try:
+        st = os.statvfs(target.parent)
+    except OSError:
+        return
+    free = st.f_bavail * st.f_frsize
+    if free < _DISK_FULL_BYTES:
+        raise OSError(errno.ENOSPC, f"No space left on device while writing {target} "
+                      f"({free} bytes free on its file system; the write failed with: {exc})"
+                      ) from exc
 
 
 def _umask() -> int:

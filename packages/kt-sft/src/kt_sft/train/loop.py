@@ -30,7 +30,15 @@ from kt_sft.train.profiling import ExpertTimer, Timeline
 from kt_sft.train.ranks import Ranks
 from kt_sft.train.schema import EMBEDDED, ConfigError, TrainConfig
 
-__all__ = ["TrainResult", "TrainState", "train"]
+__all__ = ["NonFiniteLossError", "TrainResult", "TrainState", "train"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """A training step produced a NaN / Inf loss or gradient norm (``on_nonfinite_loss: error``).
+
+    Raised before that step's optimizer update, so the parameters, the last checkpoint and any
+    adapter written so far stay finite.
+    """
 
 
 @dataclass
@@ -42,17 +50,18 @@ class TrainState:
     tokens_seen: int = 0
     train_seconds: float = 0.0
     log: list[dict[str, float]] = field(default_factory=list)  # per optimizer step
+    skipped_steps: int = 0               # steps dropped by on_nonfinite_loss: skip
 
     def to_json(self) -> dict[str, Any]:
         return {"global_step": self.global_step, "micro_index": self.micro_index,
                 "tokens_seen": self.tokens_seen, "train_seconds": self.train_seconds,
-                "log": self.log}
+                "log": self.log, "skipped_steps": self.skipped_steps}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> TrainState:
         return cls(int(data["global_step"]), int(data["micro_index"]),
                    int(data.get("tokens_seen", 0)), float(data.get("train_seconds", 0.0)),
-                   list(data.get("log", [])))
+                   list(data.get("log", [])), int(data.get("skipped_steps", 0)))
 
 
 @dataclass
@@ -149,7 +158,20 @@ def _log(msg: str, bar: Any = None) -> None:
         print(msg, flush=True)
 
 
+def _check_finite_parameters(model: Any, what: str) -> None:
+    """Refuse to write `what` when a trainable parameter holds NaN / Inf."""
+    import torch
+
+    for name, p in model.named_parameters():
+        if p.requires_grad and not bool(torch.isfinite(p.detach()).all()):
+            raise NonFiniteLossError(
+                f"not writing {what}: trainable parameter {name} holds NaN / Inf values (an "
+                "earlier optimizer step diverged); lower learning_rate or lora_alpha, check the "
+                "data and the model's weights, and train again from the last good checkpoint")
+
+
 def _save_adapter(model: Any, directory: Path) -> None:
+    _check_finite_parameters(model, f"the adapter {directory.name}")
     # LoRA on lm_head / embeddings must not copy the (frozen, possibly huge) base matrices
     model.save_pretrained(str(directory), save_embedding_layers=False)
     if not (directory / "adapter_config.json").is_file():
@@ -400,6 +422,10 @@ def _train(cfg: TrainConfig, ranks: Ranks, *, on_step_end: Callable[[TrainState]
             stopping = False
             while state.global_step < total_steps and not stopping:
                 step_start = time.perf_counter()
+                # The RNG state the window starts from (LoRA dropout draws from it): a Ctrl-C
+                # inside the window drops the partial window and checkpoints this state, so the
+                # resumed run replays the window exactly.
+                window_rng = torch.get_rng_state()
                 window = [next(batches) for _ in range(cfg.gradient_accumulation_steps)]
                 # the loss is normalised by the trained tokens of the whole global window
                 n_items = sum(_targets(data.examples[i]) for idx in window for i in idx)
@@ -428,14 +454,33 @@ def _train(cfg: TrainConfig, ranks: Ranks, *, on_step_end: Callable[[TrainState]
                         break
                 if stopping and completed < len(window):
                     optimizer.zero_grad(set_to_none=True)  # partial window: drop it
+                    torch.set_rng_state(window_rng)
                     break
+                skipped = False
                 with timeline.span("optimizer", step=state.global_step):
                     ranks.reduce_gradients(model, params)
                     grad_norm = float(torch.nn.utils.clip_grad_norm_(
                         params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")))
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    # every rank takes the same decision (the local losses differ)
+                    bad = ranks.any(not (math.isfinite(loss_sum) and math.isfinite(grad_norm)),
+                                    "non-finite loss check")
+                    if bad and cfg.on_nonfinite_loss == "error":
+                        optimizer.zero_grad(set_to_none=True)
+                        raise NonFiniteLossError(
+                            f"step {state.global_step + 1}: the loss is {loss_sum} and the "
+                            f"gradient norm {grad_norm}; stopped before the optimizer step, so "
+                            "the parameters stay finite and nothing non-finite was written"
+                            + (f" (last checkpoint: {checkpoint_dir})" if checkpoint_dir else "")
+                            + ". Typical causes: a too large learning_rate or lora_alpha, "
+                            "NaN / Inf in the model's weights or inputs. Set on_nonfinite_loss: "
+                            "skip to skip such steps instead")
+                    if bad:
+                        skipped = True
+                        optimizer.zero_grad(set_to_none=True)
+                    else:
+                        optimizer.step()
+                        scheduler.step()
+                        optimizer.zero_grad(set_to_none=True)
                 loss_sum, tokens = ranks.sum([loss_sum, step_tokens])
                 step_tokens = int(tokens)
                 step_end = time.perf_counter()
@@ -449,9 +494,15 @@ def _train(cfg: TrainConfig, ranks: Ranks, *, on_step_end: Callable[[TrainState]
                 state.tokens_seen += step_tokens
                 state.train_seconds += dt
                 lr = scheduler.get_last_lr()[0]
-                state.log.append({"step": state.global_step, "loss": loss_sum, "lr": lr,
-                                  "grad_norm": grad_norm, "tokens": step_tokens,
-                                  "seconds": dt})
+                entry = {"step": state.global_step, "loss": loss_sum, "lr": lr,
+                         "grad_norm": grad_norm, "tokens": step_tokens, "seconds": dt}
+                if skipped:
+                    entry["skipped"] = 1.0
+                    state.skipped_steps += 1
+                    if not quiet:
+                        _log(f"step {state.global_step}: non-finite loss {loss_sum} / gradient "
+                             f"norm {grad_norm}: step skipped (on_nonfinite_loss: skip)", bar)
+                state.log.append(entry)
                 tok_s = run_tokens / run_seconds if run_seconds else 0.0
                 if bar is not None:
                     bar.update(1)
@@ -509,7 +560,8 @@ def _finish(cfg: TrainConfig, output_dir: Path, state: TrainState, timeline: Tim
             adapter_dir: Path | None, checkpoint_dir: Path | None, interrupted: bool,
             n_trainable: int, n_total: int, model_path: str, wall: float,
             world_size: int = 1, *, resumed_from: int = 0) -> dict[str, Any]:
-    losses = [e["loss"] for e in state.log]
+    good = [e for e in state.log if not e.get("skipped")]
+    losses = [e["loss"] for e in good]
     summary: dict[str, Any] = {
         "steps": state.global_step, "total_steps": total_steps, "interrupted": interrupted,
         "world_size": world_size,
@@ -522,6 +574,7 @@ def _finish(cfg: TrainConfig, output_dir: Path, state: TrainState, timeline: Tim
         "resumed_from_step": resumed_from, "train_seconds_total": state.train_seconds,
         "tokens_per_second": run_tokens / run_seconds if run_seconds else 0.0,
         "wall_seconds": wall,
+        "skipped_steps": state.skipped_steps,
         "adapter": str(adapter_dir) if adapter_dir else None,
         "checkpoint": str(checkpoint_dir) if checkpoint_dir else None,
     }
@@ -548,7 +601,7 @@ def _finish(cfg: TrainConfig, output_dir: Path, state: TrainState, timeline: Tim
     if cfg.plot_loss and losses:
         png = output_dir / "loss_curve.png"
         title = f"kt-sft: {Path(model_path).name}, LoRA r={cfg.lora_rank}"
-        if artifacts.plot_loss(png, [e["step"] for e in state.log], losses, title=title):
+        if artifacts.plot_loss(png, [e["step"] for e in good], losses, title=title):
             summary["loss_curve"] = str(png)
         else:
             summary["loss_curve"] = None

@@ -14,7 +14,10 @@ gate/up, down, combine ... in milliseconds), each experts call is broken down in
 the trace, laid out in the engine's order from the start of the call.
 
 `Timeline` collects named intervals and writes them in the Chrome trace event format
-(https://ui.perfetto.dev or chrome://tracing opens it).
+(https://ui.perfetto.dev or chrome://tracing opens it). Its memory is bounded on runs of any
+length: the trace keeps the newest `max_events` intervals (a ring buffer; the trace's metadata
+says how many older ones were dropped), and the totals (`Timeline.total`, `ExpertTimer`'s
+seconds) are kept as running sums, folded at the end of every training step.
 """
 
 from __future__ import annotations
@@ -22,12 +25,17 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ExpertTimer", "Timeline", "find_expert_modules", "union_seconds"]
+__all__ = ["DEFAULT_MAX_EVENTS", "ExpertTimer", "IntervalUnion", "Timeline",
+           "find_expert_modules", "union_seconds"]
+
+#: Intervals a Timeline keeps for the trace (about 30 MB at most); older ones are dropped.
+DEFAULT_MAX_EVENTS = 100_000
 
 _TIDS = {"step": 1, "phase": 2, "experts": 3, "engine": 4}
 _TNAMES = {1: "training steps", 2: "forward / backward / optimizer", 3: "routed experts (CPU)",
@@ -39,17 +47,87 @@ _PHASE_ORDER = {
 }
 
 
-class Timeline:
-    """Intervals (name, lane, start, end, args) in perf_counter seconds."""
+class IntervalUnion:
+    """Length of the union of [start, end) intervals added over time, in bounded memory.
 
-    def __init__(self, enabled: bool = True) -> None:
+    Intervals are kept until :meth:`fold` with a horizon that no later interval starts before
+    (the end of a training step); everything up to the horizon is then summed into a number.
+    """
+
+    def __init__(self) -> None:
+        self.folded = 0.0
+        self.pending: list[tuple[float, float]] = []
+
+    def add(self, start: float, end: float) -> None:
+        self.pending.append((start, end))
+
+    def fold(self, horizon: float) -> None:
+        """Sum the parts of the pending intervals before ``horizon`` into the running total."""
+        if not self.pending:
+            return
+        merged: list[list[float]] = []
+        for s, e in sorted(self.pending):
+            if merged and s <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], e)
+            else:
+                merged.append([s, e])
+        keep: list[tuple[float, float]] = []
+        for s, e in merged:
+            if e <= horizon:
+                self.folded += e - s
+            elif s < horizon:
+                self.folded += horizon - s
+                keep.append((horizon, e))
+            else:
+                keep.append((s, e))
+        self.pending = keep
+
+    @property
+    def seconds(self) -> float:
+        return self.folded + union_seconds(self.pending)
+
+
+class Timeline:
+    """Intervals (name, lane, start, end, args) in perf_counter seconds: the newest
+    ``max_events`` for the trace, and running totals per lane and per (lane, name)."""
+
+    def __init__(self, enabled: bool = True, max_events: int = DEFAULT_MAX_EVENTS) -> None:
+        if max_events < 1:
+            raise ValueError(f"max_events must be >= 1, got {max_events}")
         self.enabled = enabled
-        self.events: list[tuple[str, str, float, float, dict[str, Any]]] = []
+        self.max_events = max_events
+        self.events: deque[tuple[str, str, float, float, dict[str, Any]]] = deque(
+            maxlen=max_events)
+        self.recorded = 0
         self.origin = time.perf_counter()
+        self._totals: dict[tuple[str, str | None], IntervalUnion] = {}
+        #: other unions folded with this timeline's (ExpertTimer's)
+        self.followers: list[IntervalUnion] = []
+
+    @property
+    def dropped(self) -> int:
+        """Intervals recorded but no longer kept for the trace (the oldest ones)."""
+        return self.recorded - len(self.events)
 
     def add(self, name: str, lane: str, start: float, end: float, **args: Any) -> None:
-        if self.enabled:
-            self.events.append((name, lane, start, end, args))
+        if not self.enabled:
+            return
+        self.events.append((name, lane, start, end, args))
+        self.recorded += 1
+        for key in ((lane, None), (lane, name)):
+            union = self._totals.get(key)
+            if union is None:
+                union = self._totals[key] = IntervalUnion()
+            union.add(start, end)
+        if lane == "step":  # a step ended: nothing later starts before its end
+            self.fold(end)
+
+    def fold(self, horizon: float) -> None:
+        """Fold every running total up to ``horizon`` (see :class:`IntervalUnion`)."""
+        for union in self._totals.values():
+            union.fold(horizon)
+        for union in self.followers:
+            union.fold(horizon)
 
     @contextmanager
     def span(self, name: str, lane: str = "phase", **args: Any) -> Iterator[None]:
@@ -60,8 +138,9 @@ class Timeline:
             self.add(name, lane, start, time.perf_counter(), **args)
 
     def total(self, lane: str, name: str | None = None) -> float:
-        return union_seconds([(s, e) for n, ln, s, e, _ in self.events
-                              if ln == lane and (name is None or n == name)])
+        """Seconds covered by the intervals of ``lane`` (named ``name``), dropped ones included."""
+        union = self._totals.get((lane, name))
+        return union.seconds if union is not None else 0.0
 
     def write_chrome_trace(self, path: Path, metadata: dict[str, Any] | None = None) -> None:
         events: list[dict[str, Any]] = [
@@ -74,9 +153,14 @@ class Timeline:
                            "tid": _TIDS.get(lane, 9),
                            "ts": round((start - self.origin) * 1e6, 3),
                            "dur": round(max(end - start, 0.0) * 1e6, 3), "args": args})
+        other = dict(metadata or {})
+        if self.dropped:
+            other["dropped_events"] = self.dropped
+            other["note"] = (f"the trace keeps the newest {self.max_events} intervals; "
+                             f"{self.dropped} older ones were dropped (totals include them)")
         tmp = path.with_name(f".tmp-{path.name}")
         tmp.write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms",
-                                   "otherData": metadata or {}}), encoding="utf-8")
+                                   "otherData": other}), encoding="utf-8")
         os.replace(tmp, path)
 
 
@@ -149,8 +233,9 @@ class ExpertTimer:
 
     def __init__(self, timeline: Timeline) -> None:
         self.timeline = timeline
-        self.fwd: list[tuple[float, float]] = []
-        self.bwd: list[tuple[float, float]] = []
+        self.fwd = IntervalUnion()
+        self.all = IntervalUnion()  # forward and backward intervals
+        timeline.followers += [self.fwd, self.all]
         self._handles: list[Any] = []
         self._fwd_start: dict[int, float] = {}
         self._bwd_start: dict[int, list[float]] = {}
@@ -194,7 +279,8 @@ class ExpertTimer:
         def hook(module: Any, args: tuple, output: Any) -> Any:
             end = time.perf_counter()
             start = self._fwd_start.pop(layer, end)
-            self.fwd.append((start, end))
+            self.fwd.add(start, end)
+            self.all.add(start, end)
             self.timeline.add(f"experts fwd L{layer}", "experts", start, end, layer=layer)
             self._phases(layer, "forward", start)
             if isinstance(output, torch.Tensor) and output.requires_grad:
@@ -211,7 +297,7 @@ class ExpertTimer:
         if not stack:
             return
         start, end = stack.pop(), time.perf_counter()
-        self.bwd.append((start, end))
+        self.all.add(start, end)
         self.timeline.add(f"experts bwd L{layer}", "experts", start, end, layer=layer)
         self._phases(layer, "backward", start)
 
@@ -236,11 +322,11 @@ class ExpertTimer:
 
     @property
     def forward_seconds(self) -> float:
-        return union_seconds(self.fwd)
+        return self.fwd.seconds
 
     @property
     def total_seconds(self) -> float:
-        return union_seconds(self.fwd + self.bwd)
+        return self.all.seconds
 
     @property
     def backward_seconds(self) -> float:

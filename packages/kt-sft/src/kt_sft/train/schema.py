@@ -31,6 +31,9 @@ __all__ = [
 
 #: The value of `model_name_or_path` / `dataset` that selects the embedded demo model / data.
 EMBEDDED = "embedded"
+# Micro-batches per optimizer step: the loop plans a window's batches up front, so the count is
+# bounded (a typo such as 1e20 must be an error, not unbounded memory).
+MAX_ACCUMULATION_STEPS = 65536
 
 GROUPS = {
     "model": "Model",
@@ -139,7 +142,8 @@ class TrainConfig:
                          minimum=-1)
     per_device_train_batch_size: int = opt(1, "Examples per micro-batch.", "train", minimum=1)
     gradient_accumulation_steps: int = opt(
-        1, "Micro-batches per optimizer step.", "train", minimum=1)
+        1, "Micro-batches per optimizer step (at most 65536).", "train", minimum=1,
+        maximum=MAX_ACCUMULATION_STEPS)
     gradient_checkpointing: bool = opt(
         False, "Recompute activations in backward to save memory.", "train")
     lr_scheduler_type: str = opt(
@@ -156,7 +160,13 @@ class TrainConfig:
     adam_beta2: float = opt(0.999, "AdamW beta2.", "train", minimum=0, maximum=1)
     adam_epsilon: float = opt(1e-8, "AdamW epsilon.", "train", minimum=0, exclusive_min=True)
     optim: str = opt("adamw_torch", "Optimizer.", "train", choices=("adamw_torch",))
-    seed: int = opt(42, "Seed for LoRA initialisation and data order.", "train")
+    seed: int = opt(42, "Seed for LoRA initialisation and data order (0 to 2**63 - 1).", "train",
+                    minimum=0, maximum=2**63 - 1)
+    on_nonfinite_loss: str = opt(
+        "error", "What a step whose loss or gradient norm is NaN / Inf does: `error` stops the "
+        "run with an error before the optimizer step (nothing non-finite reaches the adapter or a "
+        "checkpoint), `skip` drops that step's gradients and goes on (the step still consumes "
+        "its data and counts).", "train", choices=("error", "skip"))
 
     # ---- output
     output_dir: str = opt(
@@ -368,15 +378,19 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     return value
 
 
+def _bound(v: float) -> str:
+    return str(v) if isinstance(v, int) else f"{v:g}"
+
+
 def _check_range(name: str, value: float, where: str, meta: Mapping[str, Any]) -> Any:
     lo, hi = meta.get("minimum"), meta.get("maximum")
     if lo is not None:
         if meta.get("exclusive_min") and not value > lo:
-            raise ConfigError(f"{where} must be > {lo:g}, got {value!r}")
+            raise ConfigError(f"{where} must be > {_bound(lo)}, got {value!r}")
         if not meta.get("exclusive_min") and value < lo:
-            raise ConfigError(f"{where} must be >= {lo:g}, got {value!r}")
+            raise ConfigError(f"{where} must be >= {_bound(lo)}, got {value!r}")
     if hi is not None and value > hi:
-        raise ConfigError(f"{where} must be <= {hi:g}, got {value!r}")
+        raise ConfigError(f"{where} must be <= {_bound(hi)}, got {value!r}")
     return value
 
 
@@ -467,6 +481,9 @@ def _check_combinations(cfg: TrainConfig, source: str) -> None:
         raise ConfigError(f"{source}: 'warmup_ratio' must be < 1, got {cfg.warmup_ratio}")
     if not cfg.lora_targets:
         raise ConfigError(f"{source}: 'lora_target' names no module")
+    if not str(cfg.output_dir).strip():
+        raise ConfigError(f"{source}: 'output_dir' must not be empty (it names the directory "
+                          "that receives the adapter and checkpoints)")
     if cfg.device == "cuda":
         import torch
 
