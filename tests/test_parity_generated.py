@@ -36,7 +36,7 @@ pytestmark = [
 
 kt_models = pytest.importorskip("kt_models")
 from kt_models.discover import experts_interface_model_types  # noqa: E402
-from kt_sft.coverage import check_model_type  # noqa: E402
+from kt_sft.coverage import check_model_type, check_streaming  # noqa: E402
 
 TYPES = experts_interface_model_types()
 
@@ -90,3 +90,17 @@ def test_enough_types_train(reports: dict[str, Any]) -> None:
         pytest.skip("runs after the per-type tests of this module")
     supported = sorted(t for t, r in reports.items() if r.status == "supported")
     assert len(supported) >= MIN_SUPPORTED, supported
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_streamed_loading_from_a_saved_checkpoint(
+    model_type: str, reports: dict[str, Any], tmp_path: Any
+) -> None:
+    """Every supported type loads from its ``save_pretrained`` checkpoint (sharded) with the
+    experts streamed into the engines: logits equal the original model's (fp32 operator:
+    relative 1e-5, summation order only)."""
+    report = reports.get(model_type) or check_model_type(model_type, work_dir=tmp_path)
+    if report.status != "supported":
+        pytest.skip(f"{model_type} {report.status}")
+    err = check_streaming(model_type, tmp_path)
+    assert err <= 1e-5, f"{model_type}: streamed model logits relative error {err:.2e}"

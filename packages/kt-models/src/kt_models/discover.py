@@ -308,6 +308,7 @@ def discover_arch_spec(model: nn.Module) -> Any:
         ),
         "gate",
     )
+    disk = _checkpoint_names(base, found[0][0], layers_path, experts_attr, layout.num_experts)
     discovered = DiscoveredExperts(
         layer_indices=tuple(sorted(indices)),
         num_experts=layout.num_experts,
@@ -315,6 +316,7 @@ def discover_arch_spec(model: nn.Module) -> Any:
         intermediate_size=layout.intermediate_size,
         activation=layout.activation or "silu",
         experts_class=type(first_block).__name__,
+        experts_module=type(first_block).__module__,
     )
     return ArchSpec(
         model_type=model_type,
@@ -324,10 +326,105 @@ def discover_arch_spec(model: nn.Module) -> Any:
         router_attr=router_attr,
         expert_storage="fused",
         experts_class=type(first_block).__name__,
-        checkpoint_layers_prefix=layers_path,
         discovered=discovered,
+        **disk,
         notes=f"discovered from {type(first_block).__name__} ({layout.variant} layout)",
     )
+
+
+_PROJ = ("gate", "up", "down")
+
+
+def _checkpoint_names(
+    base: nn.Module, experts_name: str, layers_path: str, experts_attr: str, num_experts: int
+) -> dict[str, Any]:
+    """On-disk names of one layer's expert tensors, from transformers' own conversion rules.
+
+    ``save_pretrained`` writes a model through the reverse of the conversion mapping that
+    ``from_pretrained`` applies (``transformers.conversion_mapping``; e.g. fused
+    ``experts.gate_up_proj`` back to per-expert ``experts.{e}.gate_proj.weight``, or Mixtral's
+    ``block_sparse_moe.experts.{e}.w1.weight``). A probe state dict of tiny tensors whose values
+    encode (expert, projection) goes through that reverse conversion; the names and values that
+    come out give the :class:`ArchSpec` checkpoint fields (``checkpoint_layers_prefix``,
+    ``checkpoint_moe_attr``, ``checkpoint_proj_names`` or ``checkpoint_fused_names``). Returns
+    ``{"checkpoint_layers_prefix": layers_path}`` (the in-memory names) when the model has no
+    conversion rules for its experts or they are of a kind the reader does not map.
+    """
+    import torch
+
+    default: dict[str, Any] = {"checkpoint_layers_prefix": layers_path}
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:
+        return default
+    match = _LAYER_RE.match(experts_name)
+    if match is None:
+        return default
+    layer_idx = int(match["idx"])
+    codes = torch.arange(1, 3 * num_experts + 1, dtype=torch.float32).reshape(num_experts, 3)
+    probe = {
+        f"{experts_name}.gate_up_proj": codes[:, :2].reshape(num_experts, 2, 1).clone(),
+        f"{experts_name}.down_proj": codes[:, 2:].reshape(num_experts, 1, 1).clone(),
+    }
+    try:
+        out = revert_weight_conversion(base, dict(probe))
+    except Exception:  # a rule that needs real shapes: keep the in-memory names
+        return default
+    if set(out) == set(probe):
+        return default
+    if len(out) == 2:  # fused on disk under other names
+        names: dict[str, str] = {}
+        for key, tensor in out.items():
+            t = tensor.reshape(num_experts, -1)
+            if torch.equal(t, codes[:, :2]):
+                names["gate_up"] = key
+            elif torch.equal(t, codes[:, 2:]):
+                names["down"] = key
+        if set(names) != {"gate_up", "down"}:
+            return default
+        disk_layers = _LAYER_RE.match(names["gate_up"])
+        if disk_layers is None or int(disk_layers["idx"]) != layer_idx:
+            return default
+        prefix = f"{disk_layers['layers']}.{layer_idx}."
+        if not names["down"].startswith(prefix):
+            return default
+        return {
+            "checkpoint_layers_prefix": disk_layers["layers"],
+            "checkpoint_fused_names": (
+                names["gate_up"][len(prefix) :],
+                names["down"][len(prefix) :],
+            ),
+        }
+    if len(out) != 3 * num_experts:
+        return default
+    proj_names: dict[str, str] = {}
+    experts_prefixes = set()
+    for key, tensor in out.items():
+        if tensor.numel() != 1:
+            return default
+        code = int(tensor.reshape(()).item()) - 1
+        expert, proj = divmod(code, 3)
+        head, sep, tail = key.rpartition(f".{expert}.")
+        if not sep or not tail.endswith(".weight"):
+            return default
+        experts_prefixes.add(head)
+        name = tail[: -len(".weight")]
+        if proj_names.setdefault(_PROJ[proj], name) != name:
+            return default
+    if len(experts_prefixes) != 1 or len(proj_names) != 3:
+        return default
+    head = experts_prefixes.pop()
+    disk = _LAYER_RE.match(head)
+    if disk is None or int(disk["idx"]) != layer_idx:
+        return default
+    moe_attr, _, disk_experts = disk["rest"].rpartition(".")
+    if disk_experts != experts_attr or not moe_attr:
+        return default
+    return {
+        "checkpoint_layers_prefix": disk["layers"],
+        "checkpoint_moe_attr": moe_attr,
+        "checkpoint_proj_names": tuple(proj_names[p] for p in _PROJ),
+    }
 
 
 @lru_cache(maxsize=4)

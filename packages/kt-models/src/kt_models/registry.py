@@ -89,8 +89,9 @@ class DiscoveredExperts:
     intermediate_size: int
     #: ``ACT2FN`` name of the experts' activation.
     activation: str
-    #: The experts class name.
+    #: The experts class name and the module defining it.
     experts_class: str
+    experts_module: str = ""
 
 
 @dataclass(frozen=True)
@@ -148,6 +149,10 @@ class ArchSpec:
     #: ``E x I x H``, as Qwen3-VL-MoE hub checkpoints are); detected by shape, the in-memory
     #: layout winning when both fit (as transformers decides).
     checkpoint_fused_transposed: bool = False
+    #: On-disk names of fused expert tensors relative to ``"{checkpoint_layers_prefix}.{i}."``
+    #: when they are not ``"<moe block>.experts.gate_up_proj"`` / ``"...down_proj"``
+    #: (``("block_sparse_moe.input_linear.weight", "block_sparse_moe.output_linear.weight")``).
+    checkpoint_fused_names: tuple[str, str] | None = None
     #: Free-form remarks shown in the docs table.
     notes: str = field(default="", compare=False)
     #: Set on specs discovered from a model (not registered): the module tree's MoE layers and
@@ -281,6 +286,9 @@ class ArchSpec:
         """On-disk key of a fused expert tensor (``"...experts.gate_up_proj"``/``"...down_proj"``)."""
         if which not in ("gate_up", "down"):
             raise ValueError(f"which must be 'gate_up' or 'down', got {which!r}")
+        if self.checkpoint_fused_names is not None:
+            name = self.checkpoint_fused_names[0 if which == "gate_up" else 1]
+            return f"{self.checkpoint_layers_prefix}.{layer_idx}.{name}"
         return f"{self.checkpoint_experts_prefix(layer_idx)}.{which}_proj"
 
 

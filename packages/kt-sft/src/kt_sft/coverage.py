@@ -41,6 +41,7 @@ __all__ = [
     "TOLERANCE",
     "TypeReport",
     "check_model_type",
+    "check_streaming",
     "coverage",
     "markdown_table",
     "write_table",
@@ -275,6 +276,39 @@ def check_model_type(
     finally:
         if kt is not None:
             kt_sft.close(kt)
+
+
+def check_streaming(
+    model_type: str, work_dir: str | Path, *, seed: int = 0, shard_size: str = "200KB"
+) -> float:
+    """Save ``model_type``'s tiny model with ``save_pretrained`` (sharded; transformers writes
+    the experts through its reverse conversion rules) and load it back with
+    :func:`kt_sft.load_model` (experts streamed from the shards into the engines, never created
+    in torch). Returns the relative error of the loaded model's logits against the original's,
+    with kt's exact fp32 operator (``backend="torch"``), so only the tensor names and layouts
+    are under test.
+    """
+    import kt_sft
+    from kt_models.tiny import build_any, save
+    from kt_sft.testing import make_batch, rel_err
+
+    model = build_any(model_type, seed=seed)
+    path = save(model, Path(work_dir) / model_type, shard_size=shard_size)
+    cfg = kt_sft.KTConfig(backend="torch", weight_dtype="fp32", lora_rank=4, lora_alpha=8.0)
+    loaded = kt_sft.load_model(path, cfg)
+    try:
+        for name, module in loaded.named_modules():
+            if hasattr(module, "_kt_engine") or "_kt_engine" in module.__dict__:
+                if module.gate_up_proj.numel() != 0:
+                    raise AssertionError(f"{model_type}: {name} holds its experts in torch")
+        vocab = int(model.config.get_text_config().vocab_size)
+        ids = make_batch(vocab, batch=2, seq=8, seed=seed + 3)["input_ids"]
+        with torch.no_grad():
+            got = loaded(input_ids=ids).logits
+            want = model(input_ids=ids).logits
+        return rel_err(got, want)
+    finally:
+        kt_sft.close(loaded)
 
 
 def coverage(model_types: list[str] | None = None) -> list[TypeReport]:
