@@ -308,6 +308,12 @@ def discover_arch_spec(model: nn.Module) -> Any:
         ),
         "gate",
     )
+    top_k = None
+    for holder in (getattr(block, router_attr, None), block):
+        value = getattr(holder, "top_k", None) if holder is not None else None
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            top_k = value
+            break
     disk = _checkpoint_names(base, found[0][0], layers_path, experts_attr, layout.num_experts)
     discovered = DiscoveredExperts(
         layer_indices=tuple(sorted(indices)),
@@ -317,6 +323,7 @@ def discover_arch_spec(model: nn.Module) -> Any:
         activation=layout.activation or "silu",
         experts_class=type(first_block).__name__,
         experts_module=type(first_block).__module__,
+        top_k=top_k,
     )
     return ArchSpec(
         model_type=model_type,

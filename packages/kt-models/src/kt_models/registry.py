@@ -92,6 +92,8 @@ class DiscoveredExperts:
     #: The experts class name and the module defining it.
     experts_class: str
     experts_module: str = ""
+    #: The router's (or MoE block's) ``top_k`` attribute, when it has one.
+    top_k: int | None = None
 
 
 @dataclass(frozen=True)
@@ -172,7 +174,13 @@ class ArchSpec:
         return read_field(config, self.num_experts_fields, what="number of routed experts")
 
     def top_k(self, config: Any) -> int:
-        """K, experts chosen per token."""
+        """K, experts chosen per token (a discovered spec falls back to the router's
+        ``top_k`` attribute when the config has none of the fields)."""
+        if self.discovered is not None and self.discovered.top_k is not None:
+            from kt_models.config_fields import has_field
+
+            if not has_field(config, self.top_k_fields):
+                return self.discovered.top_k
         return read_field(config, self.top_k_fields, what="number of experts per token (top-k)")
 
     def hidden_size(self, config: Any) -> int:

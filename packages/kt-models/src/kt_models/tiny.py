@@ -25,6 +25,7 @@ from kt_models.registry import ArchSpec, get_arch_spec
 __all__ = [
     "FP8_E4M3_MAX",
     "GENERIC_SIZES",
+    "SECOND_LAYER_CHOICES",
     "TINY_CONFIGS",
     "build",
     "build_any",
@@ -161,17 +162,29 @@ _GENERIC_LAYERS = 2
 _LAYER_COUNT_FIELDS = ("num_hidden_layers", "num_layers", "n_layer")
 
 
-def _shrink(raw: dict[str, Any]) -> dict[str, Any]:
+def _shrink(raw: dict[str, Any], second_layer: str = "last") -> dict[str, Any]:
     """``raw`` (a config dict) with :data:`GENERIC_SIZES` applied and per-layer lists / dicts cut
     to the first and last of the original layers (so hybrid models keep both layer kinds)."""
     num_layers = next((raw[k] for k in _LAYER_COUNT_FIELDS if isinstance(raw.get(k), int)), 0)
-    keep = {0: 0, num_layers - 1: 1} if num_layers > 1 else {0: 0}
+    per_layer = [v for v in raw.values() if isinstance(v, list) and num_layers > 1
+                 and len(v) == num_layers]
+    # The second layer kept: the last one, or ("varied") the first of those differing from
+    # layer 0 in the most per-layer lists (hybrid models keep both kinds of layer).
+    differing = [sum(v[i] != v[0] for v in per_layer) for i in range(num_layers)]
+    second = num_layers - 1
+    if second_layer == "varied" and num_layers > 1 and max(differing) > 0:
+        second = differing.index(max(differing))
+    keep = {0: 0, second: 1} if num_layers > 1 else {0: 0}
     out: dict[str, Any] = {}
     for key, value in raw.items():
         if key in GENERIC_SIZES:
             value = copy.deepcopy(GENERIC_SIZES[key])
         elif isinstance(value, list) and num_layers > 1 and len(value) == num_layers:
-            value = [value[0], value[-1]]
+            value = [value[0], value[second]]
+        elif key.endswith("_layer_period") and isinstance(value, int) and value > 1:
+            value = 2  # e.g. attention / experts every other layer, offset 1
+        elif key.endswith("_layer_offset") and isinstance(value, int) and value > 0:
+            value = 1
         elif (isinstance(value, dict) and num_layers > 1 and value
               and all(str(k).isdigit() for k in value)):
             value = {keep[int(k)]: v for k, v in value.items() if int(k) in keep}
@@ -187,11 +200,17 @@ def _shrink(raw: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def generic_tiny_config(model_type: str) -> Any:
+#: The choices of :func:`generic_tiny_config`'s ``second_layer``, in the order tried.
+SECOND_LAYER_CHOICES: tuple[str, ...] = ("last", "varied")
+
+
+def generic_tiny_config(model_type: str, *, second_layer: str = "last") -> Any:
     """A small config of any model type, derived from its default config alone.
 
     The default config's sizes are replaced by :data:`GENERIC_SIZES` (hidden size 64, 8 experts,
-    top-2 ...), 2 decoder layers are kept (per-layer lists cut to the first and last layer), and
+    top-2 ...), 2 decoder layers are kept (per-layer lists cut to the first layer and, with
+    ``second_layer="last"``, the last one, or with ``"varied"`` the first layer that differs
+    most from the first: hybrid models whose last layer is of the first one's kind), and
     a nested ``text_config`` is shrunk the same way. Types whose configs need more than that
     fail here or when the model is built (the generated tests skip them with the reason).
     Registered types with a hand-tuned :data:`TINY_CONFIGS` entry use that one instead.
@@ -203,17 +222,19 @@ def generic_tiny_config(model_type: str) -> Any:
     raw = AutoConfig.for_model(model_type).to_dict()
     for key in ("architectures", "transformers_version", "model_type", "_name_or_path", "dtype"):
         raw.pop(key, None)
-    raw = _shrink(raw)
+    if second_layer not in SECOND_LAYER_CHOICES:
+        raise ValueError(f"second_layer must be one of {SECOND_LAYER_CHOICES}, got {second_layer!r}")
+    raw = _shrink(raw, second_layer)
     if isinstance(raw.get("text_config"), dict):
-        raw["text_config"] = _shrink(raw["text_config"])
+        raw["text_config"] = _shrink(raw["text_config"], second_layer)
     return AutoConfig.for_model(model_type, **raw)
 
 
-def build_any(model_type: str, *, seed: int = 0) -> Any:
+def build_any(model_type: str, *, seed: int = 0, second_layer: str = "last") -> Any:
     """:func:`build` for any model type: :func:`generic_tiny_config`, seeded FP32 weights."""
     from kt_models.loading import _auto_class
 
-    config = generic_tiny_config(model_type)
+    config = generic_tiny_config(model_type, second_layer=second_layer)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = _auto_class(config).from_config(config, dtype=torch.float32)

@@ -28,10 +28,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -70,11 +71,15 @@ class TypeReport:
     variant: str = ""
     #: Largest relative errors seen (``loss``, ``grad``, ``logits``), for supported types.
     errors: tuple[tuple[str, float], ...] = ()
+    #: Which :data:`kt_models.tiny.SECOND_LAYER_CHOICES` entry built the tiny model.
+    second_layer: str = ""
 
 
-def _first_line(exc: BaseException, limit: int = 160) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    text = f"{type(exc).__name__}: {text}"
+def _first_line(exc: BaseException, limit: int = 200) -> str:
+    """``Type: message`` on one line (a message's first two non-empty lines: validation errors
+    put the cause on the second)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()][:2]
+    text = f"{type(exc).__name__}: {' '.join(lines)}"
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -101,31 +106,23 @@ def _registered() -> set[str]:
     return set(supported_model_types())
 
 
-def check_model_type(
-    model_type: str, *, seed: int = 0, work_dir: str | Path | None = None
-) -> TypeReport:
-    """One LoRA step of ``model_type``'s tiny model with kt against stock, as a report.
+def _prepare(model_type: str, seed: int, second_layer: str) -> Any:
+    """The tiny model, its variant, the LoRA kwargs and the batch, after one stock step; or the
+    :class:`TypeReport` saying why not (skipped / refused)."""
+    from peft import LoraConfig, get_peft_model
 
-    ``work_dir`` receives the saved adapter (a temporary directory when ``None``). Uses the
-    compiled engine (bf16 expert weights).
-    """
-    from peft import LoraConfig, PeftModel, get_peft_model
-
-    import kt_sft
     from kt_models import UnsupportedArchitectureError, get_arch_spec
+    from kt_models.discover import find_experts_modules
     from kt_models.tiny import build_any
-    from kt_sft.inject import KTUnsupportedExpertsError
-    from kt_sft.testing import copy_lora, lora_config_kwargs, make_batch, make_pair, named_trainable
+    from kt_sft.testing import lora_config_kwargs, make_batch
 
     try:
-        model = build_any(model_type, seed=seed)
+        model = build_any(model_type, seed=seed, second_layer=second_layer)
     except Exception as exc:
         return TypeReport(
             model_type, "skipped", f"cannot be built from its config alone ({_first_line(exc)})"
         )
     variant = _variant(model)
-    from kt_models.discover import find_experts_modules
-
     if not find_experts_modules(model) and model_type not in _registered():
         return TypeReport(
             model_type,
@@ -139,25 +136,72 @@ def check_model_type(
     vocab = int(model.config.get_text_config().vocab_size)
     batch = make_batch(vocab, batch=2, seq=8, seed=seed + 2)
 
-    clean = copy.deepcopy(model)
-    cfg = kt_sft.KTConfig(backend="engine", weight_dtype="bf16", lora_rank=8, lora_alpha=16.0)
-    try:
-        kwargs = lora_config_kwargs(model)
+    def stock_step(kwargs: dict) -> None:
         torch.manual_seed(seed)
         stock = get_peft_model(copy.deepcopy(model), LoraConfig(**copy.deepcopy(kwargs)))
         stock.train()
+        torch.manual_seed(seed + 1)
         stock(**batch).loss.backward()
+
+    try:
+        kwargs = lora_config_kwargs(model)
+        try:
+            stock_step(kwargs)
+        except Exception:
+            # Some routers cannot carry LoRA in stock PEFT (a parameter LoRA, or an nn.Linear
+            # subclass returning a tuple): train them frozen.
+            router = get_arch_spec(model).router_attr
+            kwargs = lora_config_kwargs(model, router=False)
+            kwargs["target_modules"] = [n for n in kwargs["target_modules"] if n != router]
+            stock_step(kwargs)
     except Exception as exc:
         return TypeReport(
             model_type, "skipped", f"the stock step fails ({_first_line(exc)})", variant
         )
+    return model, variant, kwargs, batch, vocab
+
+
+def check_model_type(
+    model_type: str, *, seed: int = 0, work_dir: str | Path | None = None
+) -> TypeReport:
+    """One LoRA step of ``model_type``'s tiny model with kt against stock, as a report.
+
+    The tiny model is :func:`kt_models.tiny.build_any`'s, with the first of
+    :data:`kt_models.tiny.SECOND_LAYER_CHOICES` that builds and trains in stock (the report
+    records which). ``work_dir`` receives the saved adapters (a temporary directory when
+    ``None``). Uses the compiled engine (bf16 expert weights).
+    """
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    import kt_sft
+    from kt_models import UnsupportedArchitectureError
+    from kt_models.tiny import SECOND_LAYER_CHOICES
+    from kt_sft.inject import KTUnsupportedExpertsError
+    from kt_sft.testing import copy_lora, make_batch, make_pair, named_trainable
+
+    first: TypeReport | None = None
+    for second_layer in SECOND_LAYER_CHOICES:
+        prepared = _prepare(model_type, seed, second_layer)
+        if not isinstance(prepared, TypeReport):
+            break
+        if prepared.status == "refused":
+            return prepared
+        first = first or prepared
+    else:
+        assert first is not None
+        return first
+    model, variant, kwargs, batch, vocab = prepared
+    report = functools.partial(TypeReport, second_layer=second_layer)
+
+    clean = copy.deepcopy(model)
+    cfg = kt_sft.KTConfig(backend="engine", weight_dtype="bf16", lora_rank=8, lora_alpha=16.0)
     try:
         pair = make_pair(model, cfg)
     except (UnsupportedArchitectureError, KTUnsupportedExpertsError) as exc:
         reason = getattr(exc, "reason", None) or str(exc)
-        return TypeReport(model_type, "refused", reason, variant)
+        return report(model_type, "refused", reason, variant)
     except Exception as exc:
-        return TypeReport(model_type, "failed", f"wrap_model crashed ({_first_line(exc)})", variant)
+        return report(model_type, "failed", f"wrap_model crashed ({_first_line(exc)})", variant)
     kt = None
     try:
         torch.manual_seed(seed)
@@ -166,8 +210,11 @@ def check_model_type(
         copy_lora(stock, kt, seed=seed)
         for pm in (stock, kt):
             pm.train()
+        # The same random state for both steps (routers with jitter / sampling in training).
+        torch.manual_seed(seed + 1)
         loss_stock = stock(**batch).loss
         loss_stock.backward()
+        torch.manual_seed(seed + 1)
         loss_kt = kt(**batch).loss
         loss_kt.backward()
         errors: dict[str, float] = {
@@ -179,28 +226,26 @@ def check_model_type(
             q = kt_params[name]
             if p.grad is None:
                 if q.grad is not None and float(q.grad.abs().max()) != 0.0:
-                    return TypeReport(
+                    return report(
                         model_type, "failed", f"{name}: kt has a gradient, stock none", variant
                     )
                 continue
             if q.grad is None:
-                return TypeReport(
-                    model_type, "failed", f"{name}: no gradient on the kt side", variant
-                )
+                return report(model_type, "failed", f"{name}: no gradient on the kt side", variant)
             err = _rel(q.grad, p.grad)
             grad_err = max(grad_err, err)
             expert_grads += ".experts." in name
             if err > TOLERANCE["grad"]:
-                return TypeReport(
+                return report(
                     model_type, "failed", f"{name}: gradient relative error {err:.2e}", variant
                 )
         errors["grad"] = grad_err
         if errors["loss"] > TOLERANCE["loss"]:
-            return TypeReport(
+            return report(
                 model_type, "failed", f"loss relative error {errors['loss']:.2e}", variant
             )
         if expert_grads < 4:
-            return TypeReport(
+            return report(
                 model_type,
                 "failed",
                 f"only {expert_grads} routed-expert LoRA gradients compared",
@@ -224,7 +269,7 @@ def check_model_type(
             theirs = load_file(str(stock_dir / "adapter_model.safetensors"))
             if mine.keys() != theirs.keys():
                 diff = sorted(mine.keys() ^ theirs.keys())[:3]
-                return TypeReport(
+                return report(
                     model_type,
                     "failed",
                     f"saved adapter keys differ from stock PEFT's ({diff})",
@@ -232,7 +277,7 @@ def check_model_type(
                 )
             for key, tensor in theirs.items():
                 if not torch.equal(mine[key], tensor):
-                    return TypeReport(
+                    return report(
                         model_type,
                         "failed",
                         f"saved adapter tensor {key} differs from stock PEFT's",
@@ -262,7 +307,7 @@ def check_model_type(
         above = float((per_token > TOLERANCE["logits"]).double().mean())
         errors["logits"] = median
         if median > TOLERANCE["logits"] / 2 or above > 1 / 16:
-            return TypeReport(
+            return report(
                 model_type,
                 "failed",
                 f"reloaded adapter: per-token logits relative error median "
@@ -270,16 +315,21 @@ def check_model_type(
                 f"{TOLERANCE['logits']:.0e}",
                 variant,
             )
-        return TypeReport(model_type, "supported", note, variant, tuple(errors.items()))
+        return report(model_type, "supported", note, variant, tuple(errors.items()))
     except Exception as exc:
-        return TypeReport(model_type, "failed", f"kt step crashed ({_first_line(exc)})", variant)
+        return report(model_type, "failed", f"kt step crashed ({_first_line(exc)})", variant)
     finally:
         if kt is not None:
             kt_sft.close(kt)
 
 
 def check_streaming(
-    model_type: str, work_dir: str | Path, *, seed: int = 0, shard_size: str = "200KB"
+    model_type: str,
+    work_dir: str | Path,
+    *,
+    seed: int = 0,
+    shard_size: str = "200KB",
+    second_layer: str = "last",
 ) -> float:
     """Save ``model_type``'s tiny model with ``save_pretrained`` (sharded; transformers writes
     the experts through its reverse conversion rules) and load it back with
@@ -292,7 +342,7 @@ def check_streaming(
     from kt_models.tiny import build_any, save
     from kt_sft.testing import make_batch, rel_err
 
-    model = build_any(model_type, seed=seed)
+    model = build_any(model_type, seed=seed, second_layer=second_layer)
     path = save(model, Path(work_dir) / model_type, shard_size=shard_size)
     cfg = kt_sft.KTConfig(backend="torch", weight_dtype="fp32", lora_rank=4, lora_alpha=8.0)
     loaded = kt_sft.load_model(path, cfg)

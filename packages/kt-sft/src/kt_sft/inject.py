@@ -65,6 +65,12 @@ def kt_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index
 
     layer = get_layer_engine(self, create=True)
     assert layer is not None
+    if top_k_index.shape[-1] != layer.top_k:
+        raise KTUnsupportedExpertsError(
+            f"{layer.name or type(self).__name__}: the experts are called with top-k "
+            f"{top_k_index.shape[-1]} (top_k_index {tuple(top_k_index.shape)}), but the engine "
+            f"was built for top-k {layer.top_k} from the config; a model whose router picks a "
+            "varying number of experts per call is not supported")
     out = kt_moe(layer, hidden_states, top_k_index, top_k_weights, layer.call_source)
     lora_experts = getattr(self, "kt_lora_experts", None)
     if lora_experts is not None:
