@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import functools
 import tempfile
 from dataclasses import dataclass
@@ -361,13 +362,29 @@ def check_streaming(
         kt_sft.close(loaded)
 
 
-def coverage(model_types: list[str] | None = None) -> list[TypeReport]:
+def coverage(model_types: list[str] | None = None, *, streaming: bool = True) -> list[TypeReport]:
     """:func:`check_model_type` for ``model_types`` (default: every experts-interface causal-LM
-    type of the installed transformers)."""
+    type of the installed transformers); with ``streaming``, every supported type must also
+    pass :func:`check_streaming` (relative 1e-5) or is reported as failed."""
     from kt_models.discover import experts_interface_model_types
 
     types = model_types if model_types is not None else experts_interface_model_types()
-    return [check_model_type(t) for t in types]
+    reports = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for model_type in types:
+            report = check_model_type(model_type, work_dir=tmp)
+            if streaming and report.status == "supported":
+                try:
+                    err = check_streaming(model_type, tmp, second_layer=report.second_layer)
+                    problem = (
+                        f"streamed loading: logits relative error {err:.2e}" if err > 1e-5 else ""
+                    )
+                except Exception as exc:
+                    problem = f"streamed loading crashed ({_first_line(exc)})"
+                if problem:
+                    report = dataclasses.replace(report, status="failed", reason=problem)
+            reports.append(report)
+    return reports
 
 
 def markdown_table(reports: list[TypeReport]) -> str:
