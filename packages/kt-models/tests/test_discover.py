@@ -153,3 +153,15 @@ def test_a_model_without_experts_is_not_discovered() -> None:
     )
     with pytest.raises(UnsupportedArchitectureError, match="'llama'"):
         get_arch_spec(model)
+
+
+def test_gate_override_computing_the_default_is_accepted() -> None:
+    from kt_models.discover import gate_is_default
+
+    beam = tiny.build_any("beam")  # overrides _apply_gate with an fp32 upcast of the default
+    (_, experts), *_ = find_experts_modules(beam)
+    assert type(experts)._apply_gate is not None and gate_is_default(experts)
+    assert get_arch_spec(beam).discovered is not None
+    clamped = tiny.build_any("deepseek_v4")  # clamps gate and up: a different function
+    (_, experts), *_ = find_experts_modules(clamped)
+    assert not gate_is_default(experts) and experts_layout(experts).custom_gate

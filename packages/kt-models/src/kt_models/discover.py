@@ -39,6 +39,7 @@ __all__ = [
     "experts_interface_model_types",
     "experts_layout",
     "find_experts_modules",
+    "gate_is_default",
     "is_experts_module",
     "unsupported_features",
 ]
@@ -113,6 +114,51 @@ def _activation_name(module: nn.Module) -> str | None:
     return None
 
 
+#: Magnitudes of the probe inputs :func:`_gate_is_default` feeds both gatings (clamps,
+#: soft-caps and limits of the gatings in transformers are at most a few hundred).
+_GATE_PROBE_SCALES: tuple[float, ...] = (1.0, 10.0, 100.0, 1000.0)
+
+
+def gate_is_default(module: nn.Module) -> bool:
+    """Whether ``module`` (an experts-interface module) gates as transformers' default
+    ``act(gate) * up`` (see :func:`_gate_is_default`)."""
+    from transformers.integrations.moe import _default_apply_gate
+
+    down = getattr(module, "down_proj", None)
+    shape = tuple(getattr(down, "ds_shape", getattr(down, "shape", (0, 0, 1))))
+    inter = shape[1] if getattr(module, "is_transposed", False) else shape[-1]
+    return _gate_is_default(module, int(inter), _default_apply_gate)
+
+
+def _gate_is_default(module: nn.Module, inter: int, default: Any) -> bool:
+    """Whether the module's ``_apply_gate`` is transformers' default ``act(gate) * up``, or a
+    class override that computes the same in float32 (e.g. an explicit ``.float()`` upcast, or a
+    clamp whose limit this instance's config leaves unset).
+
+    An override is compared with the default on seeded random float32 inputs spanning
+    :data:`_GATE_PROBE_SCALES` (so clamps, soft-caps and scaled GLUs show up) and must give
+    bit-identical outputs; anything else (or a failure) counts as a custom gating.
+    """
+    import torch
+
+    override = getattr(type(module), "_apply_gate", default)
+    if override is default:
+        return True
+    if getattr(module, "act_fn", None) is None:
+        return False
+    gen = torch.Generator().manual_seed(0)
+    width = max(1, min(inter, 256))
+    try:
+        with torch.no_grad():
+            for scale in _GATE_PROBE_SCALES:
+                probe = torch.randn(16, 2 * width, generator=gen, dtype=torch.float32) * scale
+                if not torch.equal(override(module, probe.clone()), default(module, probe.clone())):
+                    return False
+    except Exception:
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class ExpertsLayout:
     """What one experts-interface module declares, read from the module itself."""
@@ -129,7 +175,8 @@ class ExpertsLayout:
     has_bias: bool
     has_gate: bool
     has_post_expert_norm: bool
-    #: Whether the class overrides transformers' default ``_apply_gate`` (``act(gate) * up``).
+    #: Whether the class overrides transformers' default ``_apply_gate`` (``act(gate) * up``)
+    #: with a gating that computes something else (see :func:`_gate_is_default`).
     custom_gate: bool
     #: ``ACT2FN`` name of the activation (``None``: none, or not one of ``ACT2FN``'s).
     activation: str | None
@@ -188,7 +235,7 @@ def experts_layout(module: nn.Module) -> ExpertsLayout:
         hidden_size=int(hidden),
         intermediate_size=int(inter),
         **flags,
-        custom_gate=type(module)._apply_gate is not _default_apply_gate,
+        custom_gate=not _gate_is_default(module, int(inter), _default_apply_gate),
         activation=_activation_name(module),
         activation_class=type(act).__name__ if act is not None else "none",
     )

@@ -123,8 +123,10 @@ def _check_hf_flags(experts: nn.Module, where: str) -> None:
         problems.append("there is no gate projection (has_gate=False)")
     if getattr(experts, "has_post_expert_norm", False):
         problems.append("a norm follows each expert (has_post_expert_norm=True)")
+    from kt_models.discover import gate_is_default
+
     apply_gate = getattr(type(experts), "_apply_gate", _default_apply_gate)
-    if apply_gate is not _default_apply_gate:
+    if apply_gate is not _default_apply_gate and not gate_is_default(experts):
         problems.append(f"the class overrides _apply_gate ({type(experts).__name__}._apply_gate: "
                         "a custom gating, e.g. clamped)")
     if problems:
