@@ -84,7 +84,7 @@ def test_discovery_agrees_with_every_registered_entry(model_type: str) -> None:
     ("model_type", "features"),
     [
         ("gpt_oss", ("interleaved", "bias")),
-        ("ergo", ("is_transposed=True", "has_gate=False", "relu2")),
+        ("ergo", ("has_gate=False", "relu2")),
         ("nemotron_h", ("has_gate=False", "relu2")),
         ("deepseek_v4", ("_apply_gate",)),
     ],
@@ -106,7 +106,7 @@ def test_layout_flags_and_features() -> None:
     layout = experts_layout(experts)
     assert not layout.has_gate and layout.is_transposed and layout.activation == "relu2"
     assert not layout.is_default and "is_transposed" in layout.variant
-    assert len(unsupported_features(layout)) == 3
+    assert len(unsupported_features(layout)) == 2  # transposed storage is repacked at load
     qwen = tiny.build("qwen3_moe")
     (_, experts), *_ = find_experts_modules(qwen)
     layout = experts_layout(experts)
@@ -165,3 +165,19 @@ def test_gate_override_computing_the_default_is_accepted() -> None:
     clamped = tiny.build_any("deepseek_v4")  # clamps gate and up: a different function
     (_, experts), *_ = find_experts_modules(clamped)
     assert not gate_is_default(experts) and experts_layout(experts).custom_gate
+
+
+def test_transposed_storage_is_repacked_not_refused() -> None:
+    model = tiny.build_any("aria_text")  # is_transposed=True, otherwise the default layout
+    spec = get_arch_spec(model)
+    (_, experts), *_ = find_experts_modules(model)
+    layout = experts_layout(experts)
+    assert layout.is_transposed and unsupported_features(layout) == []
+    assert "repacked at load" in layout.variant
+    e, h, two_i = experts.gate_up_proj.shape
+    assert (
+        spec.num_experts(model.config),
+        spec.hidden_size(model.config),
+        spec.intermediate_size(model.config),
+    ) == (e, h, two_i // 2)
+    assert spec.checkpoint_fused_transposed

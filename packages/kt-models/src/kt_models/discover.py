@@ -34,6 +34,7 @@ from kt_models.errors import UnsupportedArchitectureError
 __all__ = [
     "DEFAULT_LAYOUT",
     "ENGINE_ACTIVATIONS",
+    "REPACKED_AT_LOAD",
     "ExpertsLayout",
     "discover_arch_spec",
     "experts_interface_model_types",
@@ -53,6 +54,9 @@ DEFAULT_LAYOUT: dict[str, bool] = {
     "has_gate": True,
     "has_post_expert_norm": False,
 }
+
+#: Layout flags kt handles by repacking the weights at load (the engine's loops unchanged).
+REPACKED_AT_LOAD: tuple[str, ...] = ("is_transposed",)
 
 #: Gate activations (transformers ``ACT2FN`` names) the compiled engine computes.
 ENGINE_ACTIVATIONS: tuple[str, ...] = ("silu", "swish")
@@ -194,7 +198,7 @@ class ExpertsLayout:
     def variant(self) -> str:
         """Short name of the engine variant: ``"default"`` or what differs from it."""
         parts = [
-            k if v else f"not {k}"
+            (k if v else f"not {k}") + (" (repacked at load)" if k in REPACKED_AT_LOAD else "")
             for k, v in ((k, getattr(self, k)) for k in DEFAULT_LAYOUT)
             if v != DEFAULT_LAYOUT[k]
         ]
@@ -243,7 +247,11 @@ def experts_layout(module: nn.Module) -> ExpertsLayout:
 
 def unsupported_features(layout: ExpertsLayout) -> list[str]:
     """What of ``layout`` the engine does not compute exactly (empty: it computes all of it)."""
-    problems = [_FLAG_FEATURES[k] for k, v in DEFAULT_LAYOUT.items() if getattr(layout, k) != v]
+    problems = [
+        _FLAG_FEATURES[k]
+        for k, v in DEFAULT_LAYOUT.items()
+        if getattr(layout, k) != v and k not in REPACKED_AT_LOAD
+    ]
     if layout.custom_gate:
         problems.append(
             f"a custom gating ({layout.class_name}._apply_gate overrides act(gate) * up)"
@@ -361,7 +369,9 @@ def discover_arch_spec(model: nn.Module) -> Any:
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             top_k = value
             break
-    disk = _checkpoint_names(base, found[0][0], layers_path, experts_attr, layout.num_experts)
+    disk = _checkpoint_names(
+        base, found[0][0], layers_path, experts_attr, layout.num_experts, layout.is_transposed
+    )
     discovered = DiscoveredExperts(
         layer_indices=tuple(sorted(indices)),
         num_experts=layout.num_experts,
@@ -390,7 +400,12 @@ _PROJ = ("gate", "up", "down")
 
 
 def _checkpoint_names(
-    base: nn.Module, experts_name: str, layers_path: str, experts_attr: str, num_experts: int
+    base: nn.Module,
+    experts_name: str,
+    layers_path: str,
+    experts_attr: str,
+    num_experts: int,
+    transposed: bool = False,
 ) -> dict[str, Any]:
     """On-disk names of one layer's expert tensors, from transformers' own conversion rules.
 
@@ -406,7 +421,10 @@ def _checkpoint_names(
     """
     import torch
 
-    default: dict[str, Any] = {"checkpoint_layers_prefix": layers_path}
+    default: dict[str, Any] = {
+        "checkpoint_layers_prefix": layers_path,
+        "checkpoint_fused_transposed": transposed,
+    }
     try:
         from transformers.core_model_loading import revert_weight_conversion
     except ImportError:
@@ -416,8 +434,9 @@ def _checkpoint_names(
         return default
     layer_idx = int(match["idx"])
     codes = torch.arange(1, 3 * num_experts + 1, dtype=torch.float32).reshape(num_experts, 3)
+    gate_up_shape = (num_experts, 1, 2) if transposed else (num_experts, 2, 1)
     probe = {
-        f"{experts_name}.gate_up_proj": codes[:, :2].reshape(num_experts, 2, 1).clone(),
+        f"{experts_name}.gate_up_proj": codes[:, :2].reshape(gate_up_shape).clone(),
         f"{experts_name}.down_proj": codes[:, 2:].reshape(num_experts, 1, 1).clone(),
     }
     try:
@@ -444,6 +463,7 @@ def _checkpoint_names(
             return default
         return {
             "checkpoint_layers_prefix": disk_layers["layers"],
+            "checkpoint_fused_transposed": transposed,
             "checkpoint_fused_names": (
                 names["gate_up"][len(prefix) :],
                 names["down"][len(prefix) :],
