@@ -307,8 +307,8 @@ _REGISTRY: dict[str, ArchSpec] = {}
 _REFUSED: dict[str, str] = {
     "gpt_oss": (
         "its routed experts are not SwiGLU as the engine computes it: gate and up are interleaved "
-        "(is_concatenated=False), stored transposed, carry biases, and the activation is a "
-        "clamped sigmoid-GLU with an (up + 1) factor"),
+        "(is_concatenated=False), carry biases (has_bias=True), and the gating is a clamped "
+        "sigmoid-GLU with an (up + 1) factor (GptOssExperts._apply_gate)"),
 }
 
 
