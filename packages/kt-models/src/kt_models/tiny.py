@@ -149,7 +149,7 @@ GENERIC_SIZES: dict[str, Any] = {
     "moe_ffn_hidden_size": 32, "ffn_hidden_size": 96,
     "n_routed_experts": 8, "num_experts": 8, "num_local_experts": 8, "moe_num_experts": 8,
     "num_experts_per_tok": 2, "num_experts_per_token": 2, "moe_topk": 2, "moe_k": 2, "top_k": 2,
-    "n_group": 1, "topk_group": 1, "kv_lora_rank": 16, "q_lora_rank": 32,
+    "n_group": 1, "num_expert_group": 1, "topk_group": 1, "kv_lora_rank": 16, "q_lora_rank": 32,
     "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16, "qk_head_dim": 16,
     "max_position_embeddings": 256, "tie_word_embeddings": False,
     "linear_num_key_heads": 2, "linear_num_value_heads": 2, "linear_key_head_dim": 16,
