@@ -286,6 +286,8 @@ class CheckpointReader:
 
     def _check_config(self, raw: Any) -> None:
         spec = self.spec
+        if spec.discovered is not None:
+            return  # sizes and MoE layers come from the module tree, not from config fields
         needed = {
             "number of routed experts": spec.num_experts_fields,
             "number of experts per token (top-k)": spec.top_k_fields,

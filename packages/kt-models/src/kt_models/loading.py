@@ -120,6 +120,8 @@ def _experts_class(spec: ArchSpec) -> type[nn.Module]:
             "fused experts (ArchSpec.experts_class); load remote-code models normally and call "
             "kt_models.release_experts", model_type=spec.model_type)
     module_name = f"transformers.models.{spec.model_type}.modeling_{spec.model_type}"
+    if spec.discovered is not None and spec.discovered.experts_module:
+        module_name = spec.discovered.experts_module
     try:
         module = importlib.import_module(module_name)
         cls = getattr(module, spec.experts_class)
@@ -309,4 +311,6 @@ def _expert_prefixes(spec: ArchSpec, config: Any) -> tuple[str, ...]:
     for layer in spec.moe_layer_indices(config):
         out.append(f"{spec.layers_path}.{layer}.{spec.moe_block_attr}.{spec.experts_attr}.")
         out.append(spec.checkpoint_experts_prefix(layer) + ".")
+        if spec.checkpoint_fused_names is not None:
+            out.extend(spec.checkpoint_fused_key(layer, w) for w in ("gate_up", "down"))
     return tuple(out)

@@ -34,6 +34,7 @@ from kt_models.navigate import resolve_path, unwrap_model
 __all__ = [
     "PROJECTIONS",
     "ArchSpec",
+    "DiscoveredExperts",
     "MoELayerRule",
     "after_first_k_dense",
     "every_layer",
@@ -74,6 +75,25 @@ def sparse_step(config: Any, layer_idx: int, num_layers: int) -> bool:
 
 def _text_model_type(config: Any) -> str | None:
     return config_model_type(text_config(config))
+
+
+@dataclass(frozen=True)
+class DiscoveredExperts:
+    """What :func:`kt_models.discover.discover_arch_spec` read from a model's experts modules."""
+
+    #: Indices of the decoder layers that hold an experts module.
+    layer_indices: tuple[int, ...]
+    #: E, H and I, from the parameter shapes.
+    num_experts: int
+    hidden_size: int
+    intermediate_size: int
+    #: ``ACT2FN`` name of the experts' activation.
+    activation: str
+    #: The experts class name and the module defining it.
+    experts_class: str
+    experts_module: str = ""
+    #: The router's (or MoE block's) ``top_k`` attribute, when it has one.
+    top_k: int | None = None
 
 
 @dataclass(frozen=True)
@@ -131,8 +151,15 @@ class ArchSpec:
     #: ``E x I x H``, as Qwen3-VL-MoE hub checkpoints are); detected by shape, the in-memory
     #: layout winning when both fit (as transformers decides).
     checkpoint_fused_transposed: bool = False
+    #: On-disk names of fused expert tensors relative to ``"{checkpoint_layers_prefix}.{i}."``
+    #: when they are not ``"<moe block>.experts.gate_up_proj"`` / ``"...down_proj"``
+    #: (``("block_sparse_moe.input_linear.weight", "block_sparse_moe.output_linear.weight")``).
+    checkpoint_fused_names: tuple[str, str] | None = None
     #: Free-form remarks shown in the docs table.
     notes: str = field(default="", compare=False)
+    #: Set on specs discovered from a model (not registered): the module tree's MoE layers and
+    #: the experts' shapes and activation, which then win over the config fields.
+    discovered: DiscoveredExperts | None = None
 
     # ---- config ------------------------------------------------------------------------------
 
@@ -142,28 +169,44 @@ class ArchSpec:
 
     def num_experts(self, config: Any) -> int:
         """E, routed experts per MoE layer."""
+        if self.discovered is not None:
+            return self.discovered.num_experts
         return read_field(config, self.num_experts_fields, what="number of routed experts")
 
     def top_k(self, config: Any) -> int:
-        """K, experts chosen per token."""
+        """K, experts chosen per token (a discovered spec falls back to the router's
+        ``top_k`` attribute when the config has none of the fields)."""
+        if self.discovered is not None and self.discovered.top_k is not None:
+            from kt_models.config_fields import has_field
+
+            if not has_field(config, self.top_k_fields):
+                return self.discovered.top_k
         return read_field(config, self.top_k_fields, what="number of experts per token (top-k)")
 
     def hidden_size(self, config: Any) -> int:
         """H, the model width."""
+        if self.discovered is not None:
+            return self.discovered.hidden_size
         return read_field(config, self.hidden_size_fields, what="hidden size")
 
     def intermediate_size(self, config: Any) -> int:
         """I, the intermediate size of one routed expert."""
+        if self.discovered is not None:
+            return self.discovered.intermediate_size
         return read_field(config, self.intermediate_size_fields,
                           what="routed expert intermediate size")
 
     def activation(self, config: Any) -> str:
         """Name of the gate activation (``"silu"`` for SwiGLU)."""
+        if self.discovered is not None:
+            return self.discovered.activation
         value = get_field(config, self.activation_fields, None)
         return str(value) if value is not None else self.default_activation
 
     def moe_layer_indices(self, config: Any) -> list[int]:
         """Indices of the decoder layers that have routed experts."""
+        if self.discovered is not None:
+            return list(self.discovered.layer_indices)
         cfg = text_config(config)
         num_layers = self.num_layers(cfg)
         self.num_experts(cfg)  # a config without expert fields is an error, not "no MoE layers"
@@ -251,6 +294,9 @@ class ArchSpec:
         """On-disk key of a fused expert tensor (``"...experts.gate_up_proj"``/``"...down_proj"``)."""
         if which not in ("gate_up", "down"):
             raise ValueError(f"which must be 'gate_up' or 'down', got {which!r}")
+        if self.checkpoint_fused_names is not None:
+            name = self.checkpoint_fused_names[0 if which == "gate_up" else 1]
+            return f"{self.checkpoint_layers_prefix}.{layer_idx}.{name}"
         return f"{self.checkpoint_experts_prefix(layer_idx)}.{which}_proj"
 
 
@@ -261,8 +307,8 @@ _REGISTRY: dict[str, ArchSpec] = {}
 _REFUSED: dict[str, str] = {
     "gpt_oss": (
         "its routed experts are not SwiGLU as the engine computes it: gate and up are interleaved "
-        "(is_concatenated=False), stored transposed, carry biases, and the activation is a "
-        "clamped sigmoid-GLU with an (up + 1) factor"),
+        "(is_concatenated=False), carry biases (has_bias=True), and the gating is a clamped "
+        "sigmoid-GLU with an (up + 1) factor (GptOssExperts._apply_gate)"),
 }
 
 
@@ -354,17 +400,70 @@ def _model_types_of(obj: Any) -> tuple[str, list[str]]:
     return label, candidates
 
 
+_DISCOVERED_ATTR = "_kt_discovered_arch_spec"
+
+
+def _discover(config_or_model: Any, candidates: list[str]) -> ArchSpec | None:
+    """The spec discovered from the model's experts-interface modules (``None`` when the model
+    type does not use the interface). A config, config dict or model type string is built on the
+    ``meta`` device (no memory) to read its module tree."""
+    from kt_models.discover import discover_arch_spec, experts_interface_model_types
+
+    if isinstance(config_or_model, nn.Module):
+        base = unwrap_model(config_or_model)
+        cached = base.__dict__.get(_DISCOVERED_ATTR)
+        if cached is not None:
+            return cached
+        from kt_models.discover import find_experts_modules
+
+        if not find_experts_modules(base):
+            return None
+        spec = discover_arch_spec(base)
+        base.__dict__[_DISCOVERED_ATTR] = spec
+        return spec
+    interface = set(experts_interface_model_types(causal_lm_only=False))
+    if not any(t in interface for t in candidates):
+        return None
+    import torch
+    from transformers import AutoConfig, PretrainedConfig
+
+    if isinstance(config_or_model, str):
+        config = AutoConfig.for_model(config_or_model)
+    elif isinstance(config_or_model, PretrainedConfig):
+        config = config_or_model
+    else:
+        raw = dict(config_or_model) if isinstance(config_or_model, Mapping) else None
+        if raw is None:
+            return None
+        model_type = raw.pop("model_type")
+        config = AutoConfig.for_model(model_type, **raw)
+    from kt_models.loading import _auto_class
+
+    with torch.device("meta"):
+        model = _auto_class(config).from_config(config)
+    return discover_arch_spec(model)
+
+
 def get_arch_spec(config_or_model: Any) -> ArchSpec:
     """The registry entry for a model, config, config dict or ``model_type`` string.
 
     The top-level ``model_type`` is looked up first, then that of the ``text_config`` (so a
-    registered language model is found inside a vision-language config).
+    registered language model is found inside a vision-language config). A model type that is
+    not registered but whose experts use transformers' experts interface is discovered from the
+    module tree (:func:`kt_models.discover.discover_arch_spec`; a config is built on ``meta``).
 
     Raises:
         UnsupportedArchitectureError: no entry matches; the message lists the supported types and
             says how to register one, or gives the reason a known type is refused.
     """
     label, candidates = _model_types_of(config_or_model)
+    registered = False
+    with _LOCK:
+        registered = any(t in _REGISTRY or t in _REFUSED for t in candidates)
+    if not registered:
+        spec = _discover(config_or_model, candidates)
+        if spec is not None:
+            return spec
     with _LOCK:
         for model_type in candidates:
             if model_type in _REGISTRY:

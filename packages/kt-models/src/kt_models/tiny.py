@@ -24,8 +24,12 @@ from kt_models.registry import ArchSpec, get_arch_spec
 
 __all__ = [
     "FP8_E4M3_MAX",
+    "GENERIC_SIZES",
+    "SECOND_LAYER_CHOICES",
     "TINY_CONFIGS",
     "build",
+    "build_any",
+    "generic_tiny_config",
     "quantize_fp8_blockwise",
     "save",
     "tiny_config",
@@ -135,6 +139,106 @@ def tiny_config(model_type: str, **overrides: Any) -> Any:
         kwargs = _merge(_COMMON, base)
     kwargs = _merge(kwargs, overrides)
     return AutoConfig.for_model(model_type, **kwargs)
+
+
+#: Fields :func:`generic_tiny_config` sets wherever a model type's default config has them.
+GENERIC_SIZES: dict[str, Any] = {
+    "vocab_size": 128, "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 4,
+    "head_dim": 16, "intermediate_size": 96, "moe_intermediate_size": 32,
+    "shared_expert_intermediate_size": 48, "expert_intermediate_size": 32,
+    "moe_ffn_hidden_size": 32, "ffn_hidden_size": 96,
+    "n_routed_experts": 8, "num_experts": 8, "num_local_experts": 8, "moe_num_experts": 8,
+    "num_experts_per_tok": 2, "num_experts_per_token": 2, "moe_topk": 2, "moe_k": 2, "top_k": 2,
+    "n_group": 1, "num_expert_group": 1, "topk_group": 1, "kv_lora_rank": 16, "q_lora_rank": 32,
+    "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16, "qk_head_dim": 16,
+    "max_position_embeddings": 256, "tie_word_embeddings": False,
+    "linear_num_key_heads": 2, "linear_num_value_heads": 2, "linear_key_head_dim": 16,
+    "linear_value_head_dim": 16, "linear_conv_kernel_dim": 4,
+    "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
+    "first_k_dense_replace": 1, "decoder_sparse_step": 1, "mlp_only_layers": [],
+    "sliding_window": 16, "n_shared_experts": 1, "num_shared_experts": 1,
+}
+_GENERIC_LAYERS = 2
+_LAYER_COUNT_FIELDS = ("num_hidden_layers", "num_layers", "n_layer")
+
+
+def _shrink(raw: dict[str, Any], second_layer: str = "last") -> dict[str, Any]:
+    """``raw`` (a config dict) with :data:`GENERIC_SIZES` applied and per-layer lists / dicts cut
+    to the first and last of the original layers (so hybrid models keep both layer kinds)."""
+    num_layers = next((raw[k] for k in _LAYER_COUNT_FIELDS if isinstance(raw.get(k), int)), 0)
+    per_layer = [v for v in raw.values() if isinstance(v, list) and num_layers > 1
+                 and len(v) == num_layers]
+    # The second layer kept: the last one, or ("varied") the first of those differing from
+    # layer 0 in the most per-layer lists (hybrid models keep both kinds of layer).
+    differing = [sum(v[i] != v[0] for v in per_layer) for i in range(num_layers)]
+    second = num_layers - 1
+    if second_layer == "varied" and num_layers > 1 and max(differing) > 0:
+        second = differing.index(max(differing))
+    keep = {0: 0, second: 1} if num_layers > 1 else {0: 0}
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in GENERIC_SIZES:
+            value = copy.deepcopy(GENERIC_SIZES[key])
+        elif isinstance(value, list) and num_layers > 1 and len(value) == num_layers:
+            value = [value[0], value[second]]
+        elif key.endswith("_layer_period") and isinstance(value, int) and value > 1:
+            value = 2  # e.g. attention / experts every other layer, offset 1
+        elif key.endswith("_layer_offset") and isinstance(value, int) and value > 0:
+            value = 1
+        elif (isinstance(value, dict) and num_layers > 1 and value
+              and all(str(k).isdigit() for k in value)):
+            value = {keep[int(k)]: v for k, v in value.items() if int(k) in keep}
+        elif (key.endswith("_layers") and isinstance(value, list) and num_layers > 1
+              and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+            value = [keep[v] for v in value if v in keep]
+        out[key] = value
+    for key in _LAYER_COUNT_FIELDS:
+        if key in raw:
+            out[key] = _GENERIC_LAYERS
+    if "qk_rope_head_dim" in raw and "head_dim" in raw:
+        out["head_dim"] = out["qk_rope_head_dim"]  # multi-head latent attention: rope dims
+    return out
+
+
+#: The choices of :func:`generic_tiny_config`'s ``second_layer``, in the order tried.
+SECOND_LAYER_CHOICES: tuple[str, ...] = ("last", "varied")
+
+
+def generic_tiny_config(model_type: str, *, second_layer: str = "last") -> Any:
+    """A small config of any model type, derived from its default config alone.
+
+    The default config's sizes are replaced by :data:`GENERIC_SIZES` (hidden size 64, 8 experts,
+    top-2 ...), 2 decoder layers are kept (per-layer lists cut to the first layer and, with
+    ``second_layer="last"``, the last one, or with ``"varied"`` the first layer that differs
+    most from the first: hybrid models whose last layer is of the first one's kind), and
+    a nested ``text_config`` is shrunk the same way. Types whose configs need more than that
+    fail here or when the model is built (the generated tests skip them with the reason).
+    Registered types with a hand-tuned :data:`TINY_CONFIGS` entry use that one instead.
+    """
+    from transformers import AutoConfig
+
+    if model_type in TINY_CONFIGS:
+        return tiny_config(model_type)
+    raw = AutoConfig.for_model(model_type).to_dict()
+    for key in ("architectures", "transformers_version", "model_type", "_name_or_path", "dtype"):
+        raw.pop(key, None)
+    if second_layer not in SECOND_LAYER_CHOICES:
+        raise ValueError(f"second_layer must be one of {SECOND_LAYER_CHOICES}, got {second_layer!r}")
+    raw = _shrink(raw, second_layer)
+    if isinstance(raw.get("text_config"), dict):
+        raw["text_config"] = _shrink(raw["text_config"], second_layer)
+    return AutoConfig.for_model(model_type, **raw)
+
+
+def build_any(model_type: str, *, seed: int = 0, second_layer: str = "last") -> Any:
+    """:func:`build` for any model type: :func:`generic_tiny_config`, seeded FP32 weights."""
+    from kt_models.loading import _auto_class
+
+    config = generic_tiny_config(model_type, second_layer=second_layer)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = _auto_class(config).from_config(config, dtype=torch.float32)
+    return model.eval()
 
 
 def build(model_type: str, *, seed: int = 0, **overrides: Any) -> Any:

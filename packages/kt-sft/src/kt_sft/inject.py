@@ -65,6 +65,12 @@ def kt_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index
 
     layer = get_layer_engine(self, create=True)
     assert layer is not None
+    if top_k_index.shape[-1] != layer.top_k:
+        raise KTUnsupportedExpertsError(
+            f"{layer.name or type(self).__name__}: the experts are called with top-k "
+            f"{top_k_index.shape[-1]} (top_k_index {tuple(top_k_index.shape)}), but the engine "
+            f"was built for top-k {layer.top_k} from the config; a model whose router picks a "
+            "varying number of experts per call is not supported")
     out = kt_moe(layer, hidden_states, top_k_index, top_k_weights, layer.call_source)
     lora_experts = getattr(self, "kt_lora_experts", None)
     if lora_experts is not None:
@@ -109,16 +115,16 @@ def _check_hf_flags(experts: nn.Module, where: str) -> None:
     problems = []
     if not getattr(experts, "is_concatenated", True):
         problems.append("gate and up are interleaved (is_concatenated=False)")
-    if getattr(experts, "is_transposed", False):
-        problems.append("weights are stored transposed (is_transposed=True)")
     if getattr(experts, "has_bias", False):
         problems.append("projections carry biases (has_bias=True)")
     if not getattr(experts, "has_gate", True):
         problems.append("there is no gate projection (has_gate=False)")
     if getattr(experts, "has_post_expert_norm", False):
         problems.append("a norm follows each expert (has_post_expert_norm=True)")
+    from kt_models.discover import gate_is_default
+
     apply_gate = getattr(type(experts), "_apply_gate", _default_apply_gate)
-    if apply_gate is not _default_apply_gate:
+    if apply_gate is not _default_apply_gate and not gate_is_default(experts):
         problems.append(f"the class overrides _apply_gate ({type(experts).__name__}._apply_gate: "
                         "a custom gating, e.g. clamped)")
     if problems:
@@ -189,13 +195,22 @@ def _build_hf_layer(experts: nn.Module, cfg: KTConfig, *, top_k: int, name: str,
     gate_up_p, down_p = experts.gate_up_proj, experts.down_proj
     gu_shape = tuple(getattr(gate_up_p, "ds_shape", gate_up_p.shape))
     d_shape = tuple(getattr(down_p, "ds_shape", down_p.shape))
-    num_experts, hidden, inter = d_shape
+    # Transposed storage (E x H x 2I, E x I x H) is repacked to the engine's layout at load;
+    # the hot loops do not change. A checkpoint reader already yields the engine's layout.
+    transposed = bool(getattr(experts, "is_transposed", False))
+    if transposed:
+        num_experts, inter, hidden = d_shape
+        gu_shape = (gu_shape[0], gu_shape[2], gu_shape[1])
+    else:
+        num_experts, hidden, inter = d_shape
     if weights is None:
         if gate_up_p.device.type == "meta" or getattr(gate_up_p, "kt_released", False):
             raise RuntimeError(
                 f"{name}: the expert weights are not in memory (meta); load the model with "
                 "kt_sft.load_model(path, cfg) or pass KTConfig(checkpoint=path) to wrap_model")
         weights = (gate_up_p.detach(), down_p.detach())
+        if transposed:
+            weights = (weights[0].transpose(1, 2), weights[1].transpose(1, 2))
     gate_up, down = weights
     dtype = gate_up_p.dtype
     if device is None:

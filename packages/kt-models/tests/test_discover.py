@@ -1,0 +1,183 @@
+"""Architectures discovered from transformers' experts interface (no registry entry)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kt_models
+from kt_models import UnsupportedArchitectureError, get_arch_spec, tiny
+from kt_models.discover import (
+    DEFAULT_LAYOUT,
+    discover_arch_spec,
+    experts_interface_model_types,
+    experts_layout,
+    find_experts_modules,
+    unsupported_features,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def test_enumeration_reads_the_installed_transformers() -> None:
+    types = experts_interface_model_types()
+    assert {"mixtral", "qwen3_moe", "cohere2_moe", "gpt_oss"} <= set(types)
+    assert "llama" not in types  # dense: no experts interface
+    everything = experts_interface_model_types(causal_lm_only=False)
+    assert set(types) < set(everything)  # vision / audio sub-configs are left out by default
+
+
+def test_unregistered_default_layout_type_is_discovered() -> None:
+    assert "cohere2_moe" not in kt_models.supported_model_types()
+    model = tiny.build_any("cohere2_moe")
+    spec = get_arch_spec(model)
+    assert spec.discovered is not None and spec.model_type == "cohere2_moe"
+    assert (spec.layers_path, spec.moe_block_attr, spec.experts_attr) == (
+        "model.layers",
+        "mlp",
+        "experts",
+    )
+    layers = spec.moe_layer_indices(model.config)
+    assert layers == [0, 1]
+    experts = spec.experts(model, layers[0])
+    assert experts is model.model.layers[0].mlp.experts
+    e, two_i, h = experts.gate_up_proj.shape
+    assert (
+        spec.num_experts(model.config),
+        spec.hidden_size(model.config),
+        spec.intermediate_size(model.config),
+    ) == (e, h, two_i // 2)
+    assert spec.top_k(model.config) == 2 and spec.activation(model.config) == "silu"
+    assert get_arch_spec(model) is spec  # cached on the model
+
+
+def test_config_and_model_type_string_are_discovered_on_meta() -> None:
+    config = tiny.generic_tiny_config("cohere2_moe")
+    spec = get_arch_spec(config)
+    assert spec.discovered is not None and spec.discovered.num_experts == 8
+    assert get_arch_spec("cohere2_moe").model_type == "cohere2_moe"
+
+
+@pytest.mark.parametrize("model_type", sorted(kt_models.tiny.TINY_CONFIGS))
+def test_discovery_agrees_with_every_registered_entry(model_type: str) -> None:
+    """The registry's hand-written paths, MoE layers and sizes are what discovery reads."""
+    model = tiny.build(model_type)
+    registered = get_arch_spec(model)
+    found = discover_arch_spec(model)
+    config = model.config.get_text_config()
+    assert found.layers_path == registered.layers_path
+    assert (found.moe_block_attr, found.experts_attr) == (
+        registered.moe_block_attr,
+        registered.experts_attr,
+    )
+    assert found.moe_layer_indices(config) == registered.moe_layer_indices(config)
+    for what in ("num_experts", "hidden_size", "intermediate_size", "top_k"):
+        assert getattr(found, what)(config) == getattr(registered, what)(config), what
+    layer = registered.moe_layer_indices(config)[0]
+    for e, proj in ((0, "gate"), (5, "up"), (7, "down")):
+        assert found.checkpoint_expert_key(layer, e, proj) == registered.checkpoint_expert_key(
+            layer, e, proj
+        ), (model_type, proj)
+
+
+@pytest.mark.parametrize(
+    ("model_type", "features"),
+    [
+        ("gpt_oss", ("interleaved", "bias")),
+        ("ergo", ("has_gate=False", "relu2")),
+        ("nemotron_h", ("has_gate=False", "relu2")),
+        ("deepseek_v4", ("_apply_gate",)),
+    ],
+)
+def test_refusals_name_the_model_type_and_the_feature(
+    model_type: str, features: tuple[str, ...]
+) -> None:
+    model = tiny.build_any(model_type)
+    with pytest.raises(UnsupportedArchitectureError) as info:
+        get_arch_spec(model)
+    assert repr(model_type) in str(info.value) and info.value.model_type == model_type
+    for feature in features:
+        assert feature in str(info.value), feature
+
+
+def test_layout_flags_and_features() -> None:
+    model = tiny.build_any("ergo")
+    (_, experts), *_ = find_experts_modules(model)
+    layout = experts_layout(experts)
+    assert not layout.has_gate and layout.is_transposed and layout.activation == "relu2"
+    assert not layout.is_default and "is_transposed" in layout.variant
+    assert len(unsupported_features(layout)) == 2  # transposed storage is repacked at load
+    qwen = tiny.build("qwen3_moe")
+    (_, experts), *_ = find_experts_modules(qwen)
+    layout = experts_layout(experts)
+    assert layout.is_default and layout.variant == "default"
+    assert unsupported_features(layout) == []
+    assert {k: getattr(layout, k) for k in DEFAULT_LAYOUT} == DEFAULT_LAYOUT
+
+
+def test_checkpoint_names_come_from_the_conversion_rules(tmp_path) -> None:
+    minimax = tiny.build_any("minimax")
+    spec = get_arch_spec(minimax)
+    assert (
+        spec.checkpoint_expert_key(0, 3, "up")
+        == "model.layers.0.block_sparse_moe.experts.3.w3.weight"
+    )
+    granite = tiny.build_any("granitemoe")
+    spec = get_arch_spec(granite)
+    assert (
+        spec.checkpoint_fused_key(1, "gate_up")
+        == "model.layers.1.block_sparse_moe.input_linear.weight"
+    )
+    # what save_pretrained writes is what the reader finds, value for value
+    for model in (minimax, granite):
+        path = tiny.save(model, tmp_path / model.config.model_type)
+        reader = kt_models.CheckpointReader(path)
+        for layer, weights in reader.iter_layer_experts(dtype=torch.float32):
+            ref = kt_models.extract_expert_weights(model, layer, release=False)
+            assert torch.equal(weights.gate_up, ref.gate_up)
+            assert torch.equal(weights.down, ref.down)
+
+
+def test_a_model_without_experts_is_not_discovered() -> None:
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    model = AutoModelForCausalLM.from_config(
+        LlamaConfig(
+            num_hidden_layers=1,
+            hidden_size=32,
+            intermediate_size=16,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            vocab_size=64,
+        )
+    )
+    with pytest.raises(UnsupportedArchitectureError, match="'llama'"):
+        get_arch_spec(model)
+
+
+def test_gate_override_computing_the_default_is_accepted() -> None:
+    from kt_models.discover import gate_is_default
+
+    beam = tiny.build_any("beam")  # overrides _apply_gate with an fp32 upcast of the default
+    (_, experts), *_ = find_experts_modules(beam)
+    assert type(experts)._apply_gate is not None and gate_is_default(experts)
+    assert get_arch_spec(beam).discovered is not None
+    clamped = tiny.build_any("deepseek_v4")  # clamps gate and up: a different function
+    (_, experts), *_ = find_experts_modules(clamped)
+    assert not gate_is_default(experts) and experts_layout(experts).custom_gate
+
+
+def test_transposed_storage_is_repacked_not_refused() -> None:
+    model = tiny.build_any("aria_text")  # is_transposed=True, otherwise the default layout
+    spec = get_arch_spec(model)
+    (_, experts), *_ = find_experts_modules(model)
+    layout = experts_layout(experts)
+    assert layout.is_transposed and unsupported_features(layout) == []
+    assert "repacked at load" in layout.variant
+    e, h, two_i = experts.gate_up_proj.shape
+    assert (
+        spec.num_experts(model.config),
+        spec.hidden_size(model.config),
+        spec.intermediate_size(model.config),
+    ) == (e, h, two_i // 2)
+    assert spec.checkpoint_fused_transposed
