@@ -247,9 +247,10 @@ void combine_slots(int64_t T, int64_t K, const int32_t* pos, const float* slot_w
 }
 
 // KT_KERNELS_FUSED_DEQUANT: which path int8 / int4 weights take into the GEMM (read when an
-// engine is created). auto (or unset): the fused kernel up to the ISA's fused_max_rows rows per
-// tile, dequantize + gemm_bf16 above; 1: always fused; 0: never. Both paths give the same bits.
-int64_t fused_rows_setting(const kernels::KernelTable& k) {
+// engine is created). auto (or unset): the fused kernel up to the ISA's fused_max_rows_q8 / _q4
+// rows per tile, dequantize + gemm_bf16 above; 1: always fused; 0: never. Both paths give the
+// same bits.
+int64_t fused_rows_setting(const kernels::KernelTable& k, quant::Kind kind) {
   const int64_t none = -1;
   const bool have = k.gemm_q8 != nullptr && k.gemm_q4 != nullptr;
   const char* env = std::getenv("KT_KERNELS_FUSED_DEQUANT");
@@ -258,7 +259,9 @@ int64_t fused_rows_setting(const kernels::KernelTable& k) {
   v.erase(v.find_last_not_of(" \t") + 1);
   std::transform(v.begin(), v.end(), v.begin(),
                  [](unsigned char ch) { return static_cast<char>(std::tolower(ch)); });
-  if (v.empty() || v == "auto") return have ? k.fused_max_rows : none;
+  if (v.empty() || v == "auto") {
+    return have ? (kind == quant::Kind::int4 ? k.fused_max_rows_q4 : k.fused_max_rows_q8) : none;
+  }
   if (v == "1" || v == "on") return have ? std::numeric_limits<int64_t>::max() : none;
   if (v == "0" || v == "off") return none;
   throw ValueError(std::string("KT_KERNELS_FUSED_DEQUANT='") + env +
@@ -437,7 +440,7 @@ MoEEngine::MoEEngine(const EngineConfig& cfg) : cfg_(cfg) {
   if (!k_.silu_mul_bwd) k_.silu_mul_bwd = ref.silu_mul_bwd;
   if (!k_.pack_transposed) k_.pack_transposed = ref.pack_transposed;
   qk_ = &kernels::quant_kernels(isa_);
-  fused_rows_ = fused_rows_setting(k_);
+  fused_rows_ = fused_rows_setting(k_, wkind_);
   threads_ = cfg.num_threads > 0 ? cfg.num_threads : runtime::default_thread_count();
 
   E_ = cfg.num_experts;

@@ -214,8 +214,8 @@ class MoEEngine {
   void gemm_weights(Proj w, int s, int64_t e, int64_t b0, int64_t nblk, int64_t M,
                     const kernels::bf16* A, int64_t lda, float* C, int64_t ldc, bool accumulate,
                     int th, int slot) const;
-  // Largest tile row count that takes the fused path: the ISA's fused_max_rows, or forced by
-  // KT_KERNELS_FUSED_DEQUANT (-1: never; INT64_MAX: always).
+  // Largest tile row count that takes the fused path: the ISA's fused_max_rows_q8 / _q4, or forced
+  // by KT_KERNELS_FUSED_DEQUANT (-1: never; INT64_MAX: always).
   int64_t fused_rows_ = -1;
   // pack_transposed of slice s of expert e's gate_up / down weight (k0 local to the slice).
   // Quantized storage: only the depth range read is dequantized, in thread th's scratch.

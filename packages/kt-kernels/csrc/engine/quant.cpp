@@ -203,10 +203,19 @@ void dequant_range(const kernels::QuantKernels& qk, const Format& f, const uint8
   const int64_t bb = block_bytes(f);
   const int64_t kp_per_group = f.group / 2;  // pairs of k per group (group is even)
   alignas(64) float sv[32];
+  // Bytes of codes per pair row, and of the range read in each block.
+  const int64_t pair_bytes = f.kind == Kind::int8 ? 32 : 16;
+  const int64_t run_bytes = (kp1 - kp0) * pair_bytes;
   for (int64_t b = 0; b < nblk; ++b) {
     const uint8_t* src = blk + b * bb;
     const float* sc = scales + b * kBlockN * f.ngroups;
     bf16* out = dst + b * kBlockN * dst_Kp - kp0 * 32;  // pair kp lands at (kp - kp0) * 32
+    // A part of each block's depth (the transposed repack of backward) leaves a block-sized stride
+    // between the runs read, which the hardware prefetchers do not follow: fetch the next run now.
+    if (run_bytes < bb && b + 1 < nblk) {
+      for (int64_t i = 0; i < run_bytes; i += 64)
+        __builtin_prefetch(src + bb + kp0 * pair_bytes + i);
+    }
     for (int64_t g = kp0 / kp_per_group; g * kp_per_group < kp1; ++g) {
       for (int i = 0; i < 32; ++i) sv[i] = sc[(i / 2) * f.ngroups + g];
       const int64_t ga = std::max(kp0, g * kp_per_group);

@@ -187,8 +187,10 @@ struct KernelTable {
   gemm_q8_fn gemm_q8 = nullptr;
   gemm_q4_fn gemm_q4 = nullptr;
   // Up to this many rows of A the fused kernels beat dequantization + gemm_bf16 (measured per ISA
-  // with bench_gemm --fused; beyond it one dequantized copy serves enough rows to pay for itself).
-  int64_t fused_max_rows = 0;
+  // and code width with bench_gemm --fused; beyond it one dequantized copy serves enough rows to
+  // pay for itself): gemm_q8, gemm_q4.
+  int64_t fused_max_rows_q8 = 0;
+  int64_t fused_max_rows_q4 = 0;
 };
 
 // Fills the fp32 helper entries of a table with the scalar reference (kernels/scalar/vec.cpp).

@@ -2,7 +2,8 @@
 // engine/quant.h) into the packed bf16 block layout, and the two steps of load-time quantization
 // of a group of float weights (its max |w|, then its codes), one implementation per ISA folder
 // (kernels/<isa>/quant.cpp). The engine picks the table with quant_kernels(isa); ISAs without a
-// folder of their own use the next one down (amx, avx512_bf16 -> avx512 -> avx2 -> scalar). Every
+// folder of their own, and entries a folder leaves null, use the next one down (amx ->
+// avx512_bf16 -> avx512 -> avx2 -> scalar; avx512_bf16 has dequantization only). Every
 // implementation gives the scalar reference's bits: a product of a small integer and a float32
 // scale is one IEEE multiply, and the bf16 rounding below is integer arithmetic; a code is one IEEE
 // division w / s rounded half to even (the default rounding mode's nearbyint) and clamped, and a
@@ -62,6 +63,7 @@ inline int8_t int4_hi(uint8_t byte) { return static_cast<int8_t>(static_cast<int
 const QuantKernels* scalar_quant_table();
 const QuantKernels* avx2_quant_table();
 const QuantKernels* avx512_quant_table();
+const QuantKernels* avx512_bf16_quant_table();  // dequantization entries only
 
 // The table for `isa` (which must be runnable here).
 const QuantKernels& quant_kernels(Isa isa);

@@ -98,7 +98,7 @@ void bench_fused(const std::vector<Isa>& isas, bool smoke) {
       const KernelTable& t = kernel_table(isa);
       const QuantKernels& qk = quant_kernels(isa);
       for (bool cold : {true, false}) {
-        for (int64_t M : {1, 2, 4, 8, 12, 16, 24, 32}) {
+        for (int64_t M : {1, 2, 4, 8, 12, 16, 24, 32, 48, 64}) {
           if (smoke && M > 2) break;
           const auto a = kt::testing::make_a(M, K, 0, rng);
           std::vector<float> c(static_cast<size_t>(M * nblk * kBlockN));

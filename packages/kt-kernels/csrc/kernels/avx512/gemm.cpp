@@ -212,7 +212,7 @@ void gemm_i8(int64_t M, int64_t nblk, int64_t Kp, const int8_t* A, int64_t lda, 
 }  // namespace
 
 const KernelTable kTable = KT_KERNEL_TABLE(avx512, &Gemm::gemm_bf16, &gemm_i8, &Gemm::gemm_q8,
-                                           &Gemm::gemm_q4, kFusedMaxRows);
+                                           &Gemm::gemm_q4, kFusedMaxRows, kFusedMaxRows);
 
 const KernelTable* avx512_table() { return &kTable; }
 
