@@ -184,3 +184,23 @@ def test_counters_by_kind_and_trim() -> None:
     after = kk.memory_stats()
     assert after["weights_bytes"] == before["weights_bytes"]
     assert after["lora_bytes"] == before["lora_bytes"]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize(("weight_dtype", "activation_dtype"), [("bf16", "bf16"), ("int8", "int8")])
+def test_inference_forward_gives_the_bits_of_a_saved_one(
+    isa: str, weight_dtype: str, activation_dtype: str
+) -> None:
+    """Without save_for_backward the gate/up outputs live only per tile, never as a whole: the
+    output is the same bits."""
+    c = make_case(6, 3, 64, 96, 4, 45, seed=55)
+    eng, _, _ = make_engine(
+        c, isa=isa, threads=2, weight_dtype=weight_dtype, activation_dtype=activation_dtype
+    )
+    saved = np.empty((c.T, c.H), np.float32)
+    eng.forward(c.x, c.ids, c.w, saved, save_for_backward=True)
+    eng.clear_cache()
+    plain = np.empty((c.T, c.H), np.float32)
+    eng.forward(c.x, c.ids, c.w, plain, save_for_backward=False)
+    np.testing.assert_array_equal(plain, saved, strict=True)
+    eng.close()

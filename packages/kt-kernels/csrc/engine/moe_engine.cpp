@@ -49,7 +49,7 @@ enum SharedSlot : int {
   kSlotQTok = 5,     // x codes per token (T x KpH8 int8)
   kSlotQRows = 6,    // x codes per slot (S x KpH8), then h codes (S x w8a8_h_stride())
   kSlotQScales = 7,  // their row scales: T per token, S per slot for x, S for h
-  kSlotGU = 8,       // [g | u] (S x 2Ib fp32) of forwards that do not keep it, and of recomputes
+  kSlotGU = 8,       // bwd: [g | u] (S x 2Ib fp32) recomputed for a forward that did not keep it
 };
 
 enum LocalSlot : int { kL0 = 0, kL1, kL2, kL3, kL4, kL5, kL6, kL7, kL8, kL9, kLocalSlots };
@@ -1253,7 +1253,7 @@ void MoEEngine::run_forward(Ctx& c) {
   // -- gate_up tiles: [g | u] per block pair, activation, h as bf16 (kept in the cache entry, or
   // in scratch when backward will recompute it).
   bf16* hb = shared_buf<bf16>(kSlotH, S * std::max(KpI, 2 * Ib));
-  float* gu = en.has_gu ? en.gu.get<float>(S * 2 * Ib) : shared_buf<float>(kSlotGU, S * 2 * Ib);
+  float* gu = en.has_gu ? en.gu.get<float>(S * 2 * Ib) : nullptr;
   gate_up_phase(off, xg, xq, sxq, xa, c.lora, gu, hb);
   clock.mark("gate_up");
 
@@ -1358,8 +1358,10 @@ void MoEEngine::gate_up_phase(const int64_t* off, const bf16* xg, const int8_t* 
   run_slices(gu_tiles.counts, [&](int si, int64_t i, int th) {
     const Tile& tl = gu_tiles.at(si, i);
     const int64_t M = tl.m1 - tl.m0, np = tl.n1 - tl.n0, ncols = 32 * np, nh = 16 * np;
-    float* C = gu + tl.m0 * 2 * Ib + 32 * tl.n0;  // written in place
-    const int64_t ldc = 2 * Ib;
+    // In place in gu, or (no gu wanted) in a tile of the thread's scratch: the same values.
+    float* C =
+        gu != nullptr ? gu + tl.m0 * 2 * Ib + 32 * tl.n0 : local_buf<float>(th, kL3, M * ncols);
+    const int64_t ldc = gu != nullptr ? 2 * Ib : ncols;
     if (w8a8) {
       w8a8_gate_up_tile(tl.e, tl.n0, np, M, xq + tl.m0 * ldxq, ldxq, sxq + tl.m0, C, ldc, th, kL2);
     } else {

@@ -158,8 +158,9 @@ class MoEEngine {
   void run_forward(Ctx& c);
   void run_backward(Ctx& c);
   // The gate_up tiles over the routed rows (offsets off): [g | u] = x Wgu^T + s (x A^T) Bgu^T into
-  // gu (S x 2Ib fp32), from the bf16 rows xg (or, W8A8, the codes xq with row scales sxq); with
-  // hb, also h = silu(g) * u as bf16 rows of KpI. The same tiles whoever calls, so the same bits.
+  // gu (S x 2Ib fp32; null: only per tile, in thread scratch), from the bf16 rows xg (or, W8A8,
+  // the codes xq with row scales sxq); with hb, also h = silu(g) * u as bf16 rows of KpI. The
+  // same tiles whoever calls, so the same bits.
   void gate_up_phase(const int64_t* off, const kernels::bf16* xg, const int8_t* xq,
                      const float* sxq, const float* xa, bool lora, float* gu,
                      kernels::bf16* hb) const;
