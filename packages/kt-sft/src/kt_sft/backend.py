@@ -93,10 +93,12 @@ def _create_local_backend(cfg: KTConfig, *, num_experts: int, top_k: int, hidden
                               activation=activation, **kwargs)
     cls = _engine_class()
     # Profiling is kt-sft's (kt_sft.profiling, from the engine's last_timings()), not a kwarg.
-    optional = {"activation": activation, "tp": cfg.tp}
+    optional: dict[str, Any] = {"activation": activation, "tp": cfg.tp}
+    if cfg.activation_policy != "auto":  # auto: LayerEngine sets it per forward
+        optional["activation_policy"] = cfg.activation_policy
     accepted = _accepted_kwargs(cls)
     for name, value in optional.items():
-        default = {"activation": "silu", "tp": 1}[name]
+        default = {"activation": "silu", "tp": 1, "activation_policy": "retain"}[name]
         if value == default:
             continue
         if accepted is not None and name not in accepted:

@@ -9,10 +9,16 @@ The mirror stack makes the engine's LIFO cache safe under everything autograd ma
 cached forward gets a token held by its autograd node; a backward pops its own entry when it is
 on top, entries whose node was freed without a backward (a forward whose graph was dropped) are
 discarded when they reach the top, and a backward whose entry is not on top (out-of-order
-backwards) recomputes its forward first. Gradient checkpointing stays cheap: reentrant
-checkpointing runs the first forward without grad (no cache) and the recompute caches; during a
-non-reentrant recompute the forward runs without caching, because the original forward's entry
-is still pending.
+backwards) recomputes its forward first. Gradient checkpointing saves engine memory as it saves
+PyTorch's: reentrant checkpointing runs the first forward without grad (no cache) and the
+recompute caches; non-reentrant checkpointing's first pass does not cache either, and its
+recompute leaves a *claimable* entry that the original node's backward, which comes next,
+consumes. Either way at most one checkpointed layer's engine activations are alive.
+
+``KTConfig.activation_policy`` sets what a cached forward keeps: ``retain`` (the gate/up
+outputs), ``recompute`` (only the inputs; the engine recomputes gate/up in backward, bit for
+bit), or ``auto`` (retain while the process's live engine cache plus this entry fits
+``KTConfig.activation_memory_budget``, else recompute).
 """
 
 from __future__ import annotations
@@ -43,12 +49,19 @@ class _Holder:
 
 
 class _Entry:
-    __slots__ = ("holder", "popped", "tokens")
+    __slots__ = ("claim", "holder", "popped", "tokens")
 
-    def __init__(self, holder: _Holder, tokens: int) -> None:
+    def __init__(self, holder: _Holder, tokens: int, claimable: bool = False) -> None:
         self.holder = weakref.ref(holder)
         self.popped = False
         self.tokens = tokens
+        # A non-reentrant checkpoint's recompute: its node is dropped right away, so the entry
+        # keeps its holder alive and goes to the next backward of the layer.
+        self.claim = holder if claimable else None
+
+    @property
+    def claimable(self) -> bool:
+        return self.claim is not None
 
     @property
     def abandoned(self) -> bool:
@@ -190,15 +203,21 @@ class LayerEngine:
 
     # -- compute --------------------------------------------------------------------------
     def engine_forward(self, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, *,
-                       cache: bool, holder: _Holder | None, overlap: Any = None
-                       ) -> tuple[torch.Tensor, Any]:
+                       cache: bool, holder: _Holder | None, overlap: Any = None,
+                       claimable: bool = False) -> tuple[torch.Tensor, Any]:
         """Run the engine on ``x: T x H`` (any device); returns (out fp32 on x's device,
-        result of ``overlap()`` run while the engine computes)."""
+        result of ``overlap()`` run while the engine computes). ``claimable``: the forward of a
+        non-reentrant checkpoint's recompute, consumed by the layer's next backward."""
         self.check_open()
         T = x.shape[0]
         device = x.device
         with self._lock:
+            for entry in self._stack:  # a recompute whose backward never came
+                if entry.claimable:
+                    entry.popped = True
             self._reap()
+            if cache:
+                self._choose_policy(T)
             if cache and len(self._stack) >= self.cfg.max_cache_depth:
                 raise KTCacheError(
                     f"{self.name}: {len(self._stack)} forwards already await their backward "
@@ -213,7 +232,7 @@ class LayerEngine:
                 self.backend.sync_forward()
             if cache:
                 assert holder is not None
-                self._stack.append(_Entry(holder, T))
+                self._stack.append(_Entry(holder, T, claimable))
             result = out if device.type == "cpu" else self._from_host(out, device)
             if self._profile:
                 self._trace("forward", t0, T, cache=cache)
@@ -230,7 +249,9 @@ class LayerEngine:
         with self._lock:
             self._reap()
             top = self._stack[-1] if self._stack else None
-            mine = top is not None and holder is not None and top.holder() is holder
+            mine = top is not None and (
+                (holder is not None and top.holder() is holder)
+                or (top.claimable and top.tokens == T))
             if not mine:
                 # Out-of-order backward, or a forward that did not cache: recompute it. If the
                 # cache is full, every pending entry is dropped (their backwards recompute too).
@@ -243,6 +264,7 @@ class LayerEngine:
                         entry.popped = True
                     self._reap()
                 xh, idh, wh, out = self._to_host(x, ids, w)
+                self._choose_policy(T)
                 self.backend.forward(xh, idh, wh, out, save_for_backward=True)
             else:
                 self._stack.pop()
@@ -264,6 +286,23 @@ class LayerEngine:
             dx = dx.to(device, non_blocking=True)
             dw = dw.to(device, non_blocking=True)
         return dx, dw
+
+    def _choose_policy(self, tokens: int) -> None:
+        """Set the backend's activation policy for the cached forward about to run."""
+        policy = self.cfg.activation_policy
+        if not hasattr(self.backend, "activation_policy"):
+            return  # the torch reference keeps its own cache
+        if policy == "auto":
+            from kt_sft.estimate import cache_entry_bytes, live_cache_bytes
+
+            entry = cache_entry_bytes(tokens, hidden_size=self.hidden_size,
+                                      intermediate_size=self.intermediate_size,
+                                      top_k=self.top_k, lora_rank=self.lora_rank,
+                                      policy="retain")
+            budget = self.cfg.activation_budget_bytes()
+            policy = "retain" if live_cache_bytes() + entry <= budget else "recompute"
+        if self.backend.activation_policy != policy:
+            self.backend.activation_policy = policy
 
     def _trace(self, phase: str, t0: int, tokens: int, **args: Any) -> None:
         from kt_sft.profiling import tracer
