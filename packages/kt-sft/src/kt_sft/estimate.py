@@ -381,7 +381,8 @@ def format_estimate(shape: ModelShape, results: list[MemoryEstimate]) -> str:
     lines.append("")
     if results:
         r = results[0]
-        lines.append(f"activation policy {r.policy}, gradient checkpointing {r.checkpointing}; "
-                     f"one training step adds {_gib(r.step_growth)} GiB over the loaded model")
+        lines.append(f"activation policy {r.policy}, gradient checkpointing {r.checkpointing}: "
+                     f"a step's forward + backward peaks {_gib(r.step_growth)} GiB above the "
+                     "loaded model (cache, scratch, activations, LoRA gradients)")
     lines.append("formula: docs/troubleshooting.md#how-much-memory-do-i-need")
     return "\n".join(lines)
