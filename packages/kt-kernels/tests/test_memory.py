@@ -204,3 +204,20 @@ def test_inference_forward_gives_the_bits_of_a_saved_one(
     eng.forward(c.x, c.ids, c.w, plain, save_for_backward=False)
     np.testing.assert_array_equal(plain, saved, strict=True)
     eng.close()
+
+
+def test_pool_does_not_keep_outgrown_blocks() -> None:
+    """Calls that grow (longer sequences) free the smaller free blocks instead of hoarding every
+    size seen: after a short and then a long step the pool holds the long entry's blocks."""
+    small = make_case(8, 2, 128, 96, 4, 16, seed=57)
+    large = make_case(8, 2, 128, 96, 4, 200, seed=57)
+    eng, _, _ = make_engine(small)
+    kk.trim_memory()
+    _forward(eng, small)
+    _backward(eng, small)
+    kk.reset_memory_peaks()
+    _forward(eng, large)
+    long_entry = kk.memory_stats()["cache_bytes"]
+    _backward(eng, large)
+    assert kk.memory_stats()["pool_bytes"] == long_entry
+    eng.close()

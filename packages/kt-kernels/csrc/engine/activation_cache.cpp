@@ -34,6 +34,14 @@ void* ActivationPool::acquire(size_t bytes, size_t* size) {
       runtime::mem_add(MemKind::cache, *size);
       return block;
     }
+    // Free blocks smaller than this request are returned to the system: calls grew, so they
+    // would mostly sit unused (with varying T the pool would otherwise keep every size seen).
+    for (auto small = free_.begin(); small != free_.end() && small->first < want;) {
+      std::free(small->second);
+      free_bytes_ -= small->first;
+      runtime::mem_sub(MemKind::pool, small->first);
+      small = free_.erase(small);
+    }
   }
   void* block = std::aligned_alloc(kPage, want);
   if (block == nullptr) throw std::bad_alloc();

@@ -16,7 +16,8 @@ class ActivationPool {
   static ActivationPool& instance();
 
   // A block of at least `bytes` (page aligned, contents undefined): a free block not more than
-  // twice that size when there is one (the smallest such), else a new one. Sets *size.
+  // twice that size when there is one (the smallest such), else a new one, and then the free
+  // blocks smaller than `bytes` are freed. Sets *size.
   void* acquire(size_t bytes, size_t* size);
   void release(void* block, size_t size);
   // Frees the blocks kept for reuse (blocks in use are not affected).
