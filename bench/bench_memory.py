@@ -83,13 +83,13 @@ def engine_row(cfg: dict[str, Any]) -> dict[str, Any]:
         for eng in engines:
             eng.forward(x, ids, w, out, save_for_backward=True)
         for eng in reversed(engines):
-            eng.backward(x, dx, dw)
+            eng.backward(x, dx, dw, x=x)
     else:
         for eng in engines:
             eng.forward(x, ids, w, out, save_for_backward=False)
         for eng in reversed(engines):
             eng.forward(x, ids, w, out, save_for_backward=True)
-            eng.backward(x, dx, dw)
+            eng.backward(x, dx, dw, x=x)
     _, peak = _rss()
     return {"rss_growth": peak - base, "engine": kk.memory_stats()}
 

@@ -8,12 +8,22 @@ import gc
 
 import numpy as np
 import pytest
-from kk_helpers import isa_params, make_engine, run
+from kk_helpers import isa_params, make_engine
 from kk_reference import make_case
 
 import kt_kernels as kk
 
 ISAS = isa_params()
+
+
+def run(eng: kk.MoEEngine, c) -> dict[str, np.ndarray]:
+    """forward + backward (x given again, as a recompute entry needs); out, dx, dw."""
+    out = np.full((c.T, c.H), np.nan, dtype=np.float32)
+    eng.forward(c.x, c.ids, c.w, out)
+    dx = np.full((c.T, c.H), np.nan, dtype=np.float32)
+    dw = np.full((c.T, c.K), np.nan, dtype=np.float32)
+    eng.backward(c.dout, dx, dw, x=c.x)
+    return {"out": out, "dx": dx, "dw": dw}
 
 
 def _run_with_grads(eng: kk.MoEEngine, c, grads: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -81,26 +91,26 @@ def _forward(eng: kk.MoEEngine, c, save: bool = True) -> None:
 
 
 def _backward(eng: kk.MoEEngine, c) -> None:
-    eng.backward(c.dout, np.empty((c.T, c.H), np.float32), np.empty((c.T, c.K), np.float32))
+    eng.backward(c.dout, np.empty((c.T, c.H), np.float32), np.empty((c.T, c.K), np.float32), x=c.x)
 
 
 def test_cache_entry_is_sized_by_the_rows_routed() -> None:
-    """A pending entry holds x (T x H bf16), x A^T, h Ad^T (S x r fp32 each) and, under retain,
-    [g | u] (S x 2I fp32), S = T * K minus padding; max_tokens does not size it."""
+    """A pending retain entry holds x (T x H bf16), x A^T, h Ad^T (S x r fp32 each) and [g | u]
+    (S x 2I fp32), S = T * K minus padding; a recompute entry only the routing; max_tokens
+    sizes neither."""
     E, K, H, I, r, T = 8, 2, 256, 128, 4, 50  # noqa: E741
     c = make_case(E, K, H, I, r, T, seed=45, pad_frac=0.0)
     S = int((c.ids >= 0).sum())
     page = 4096
-    for policy, gu in (("retain", S * 2 * I * 4), ("recompute", 0)):
+    # The routing index: S * 8 + T * K * 4 + (E + 1) * 8 bytes (vector capacities may round up).
+    index = S * 8 + T * K * 4 + (E + 1) * 8
+    for policy, need in (("retain", T * H * 2 + 2 * S * r * 4 + S * 2 * I * 4), ("recompute", 0)):
         eng, _, _ = make_engine(c, max_tokens=65536, activation_policy=policy)
         kk.trim_memory()  # no free pool block (reused blocks may be up to twice the size)
         _forward(eng, c)
-        need = T * H * 2 + 2 * S * r * 4 + gu
-        # Each of the 3 or 4 buffers rounds up to whole pages; the routing index adds S * 8 +
-        # T * K * 4 + (E + 1) * 8 bytes.
-        index = S * 8 + T * K * 4 + (E + 1) * 8
         stats = eng.memory_stats()
-        assert need <= stats["cache_bytes"] <= need + 4 * page + index
+        # Each of the 4 pooled buffers rounds up to whole pages.
+        assert need + index <= stats["cache_bytes"] <= need + 4 * page + 2 * index
         _backward(eng, c)
         assert eng.memory_stats()["cache_bytes"] == 0
         eng.close()
@@ -220,4 +230,19 @@ def test_pool_does_not_keep_outgrown_blocks() -> None:
     long_entry = kk.memory_stats()["cache_bytes"]
     _backward(eng, large)
     assert kk.memory_stats()["pool_bytes"] == long_entry
+    eng.close()
+
+
+def test_recompute_backward_needs_x() -> None:
+    c = make_case(4, 2, 48, 32, 2, 9, seed=59)
+    eng, _, _ = make_engine(c, activation_policy="recompute")
+    _forward(eng, c)
+    dx, dw = np.empty((c.T, c.H), np.float32), np.empty((c.T, c.K), np.float32)
+    with pytest.raises(ValueError, match=r"activation_policy='recompute'.*pass its input again"):
+        eng.backward(c.dout, dx, dw)
+    assert eng.cache_depth == 1  # a rejected call pops nothing
+    with pytest.raises(ValueError, match="x"):
+        eng.backward(c.dout, dx, dw, x=c.x[:-1])
+    eng.backward(c.dout, dx, dw, x=c.x)
+    assert eng.cache_depth == 0
     eng.close()

@@ -215,13 +215,14 @@ class PyEngine {
 
   bool pending_submit() const { return worker_.joinable(); }
 
-  void backward(py::handle dout, py::handle dx, py::handle dw) {
+  void backward(py::handle dout, py::handle dx, py::handle dw, py::object x) {
     engine::MoEEngine& e = live("backward");
     auto a = import_array(dout, "grad_out");
     auto b = import_array(dx, "grad_input");
     auto c = import_array(dw, "grad_routing_weights");
+    auto d = import_array(x, "x");
     py::gil_scoped_release nogil;
-    e.backward(a->view, b->view, c->view);
+    e.backward(a->view, b->view, c->view, d->view);
   }
 
   void clear_cache() { live("clear_cache").clear_cache(); }
@@ -311,7 +312,7 @@ void register_engine(py::module_& m) {
            py::arg("routing_weights"), py::arg("out"), py::arg("save_for_backward") = true)
       .def("sync_forward", &PyEngine::sync_forward)
       .def("backward", &PyEngine::backward, py::arg("grad_out"), py::arg("grad_input"),
-           py::arg("grad_routing_weights"))
+           py::arg("grad_routing_weights"), py::arg("x") = py::none())
       .def("clear_cache", &PyEngine::clear_cache)
       .def_property_readonly("cache_depth", &PyEngine::cache_depth)
       .def_property_readonly("pending_submit", &PyEngine::pending_submit)

@@ -50,6 +50,8 @@ enum SharedSlot : int {
   kSlotQRows = 6,    // x codes per slot (S x KpH8), then h codes (S x w8a8_h_stride())
   kSlotQScales = 7,  // their row scales: T per token, S per slot for x, S for h
   kSlotGU = 8,       // bwd: [g | u] (S x 2Ib fp32) recomputed for a forward that did not keep it
+  kSlotX = 9,        // x rows as bf16 (T x KpH) of a forward that keeps no cache, or recomputed
+  kSlotXA = 10,      // x A^T (S x RA) then h Ad^T (S x r), the same
 };
 
 enum LocalSlot : int { kL0 = 0, kL1, kL2, kL3, kL4, kL5, kL6, kL7, kL8, kL9, kLocalSlots };
@@ -284,7 +286,8 @@ void MoEEngine::Buf::reset(size_t n, runtime::MemKind k) {
 struct MoEEngine::Entry {
   int64_t T = 0;
   int64_t S = 0;                  // valid (token, slot) pairs
-  bool has_gu = false;            // gu holds [g | u]; else backward recomputes it
+  bool has_gu = false;            // retained: xb, xa, gu, had hold the forward's values; else
+                                  // backward recomputes them from the x it is given
   std::vector<int64_t> offsets;   // E + 1: rows of expert e are [offsets[e], offsets[e+1])
   std::vector<int32_t> slot_tok;  // S: token of each row
   std::vector<float> slot_w;      // S: routing weight of each row
@@ -315,6 +318,7 @@ struct MoEEngine::Entry {
 struct MoEEngine::Ctx {
   View x, ids, w, out;  // forward
   View dout, dx, dw;    // backward
+  View x_again;         // backward of a recompute entry: the forward's x
   Entry* entry = nullptr;
   bool lora = false;   // LoRA terms on
   bool grads = false;  // LoRA gradients on (backward)
@@ -1206,7 +1210,8 @@ void MoEEngine::run_forward(Ctx& c) {
   clock.mark("route");
 
   // -- convert: x rows to bf16, zero padded to KpH.
-  bf16* xb = en.xb.get<bf16>(T * KpH);
+  const bool keep = en.has_gu;  // retain: the entry keeps x, x A^T, [g | u], h Ad^T
+  bf16* xb = keep ? en.xb.get<bf16>(T * KpH) : shared_buf<bf16>(kSlotX, T * KpH);
   rows_to_bf16(c.x, T, H, KpH, xb, nt, k);
   clock.mark("convert");
 
@@ -1227,27 +1232,10 @@ void MoEEngine::run_forward(Ctx& c) {
   }
 
   // -- gather rows into expert order; LoRA x A^T.
-  std::vector<Tile> tiles;
-  for (int64_t e = 0; e < E; ++e) {
-    for (int64_t m0 = off[e]; m0 < off[e + 1]; m0 += kRowsGather) {
-      tiles.push_back({e, m0, std::min(off[e + 1], m0 + kRowsGather), 0, 0});
-    }
-  }
   bf16* xg = shared_buf<bf16>(kSlotRows, S * KpH);
-  float* xa = c.lora ? en.xa.get<float>(S * RA) : nullptr;
-  parallel_for(static_cast<int64_t>(tiles.size()), nt, [&](int64_t i, int th) {
-    const Tile& tl = tiles[static_cast<size_t>(i)];
-    const int64_t M = tl.m1 - tl.m0;
-    for (int64_t p = tl.m0; p < tl.m1; ++p) {
-      std::memcpy(xg + p * KpH, xb + slot_tok[p] * KpH, static_cast<size_t>(KpH) * sizeof(bf16));
-    }
-    if (c.lora) {
-      float* xf = local_buf<float>(th, kL0, M * H);
-      for (int64_t m = 0; m < M; ++m) k.cvt_bf16_f32(H, xg + (tl.m0 + m) * KpH, xf + m * H);
-      k.gemm_f32_nt(M, RA, H, 1.0f, xf, H, a_all_.as<float>() + tl.e * RA * Hb, Hb, xa + tl.m0 * RA,
-                    RA, false);
-    }
-  });
+  float* xa_scratch = (c.lora && !keep) ? shared_buf<float>(kSlotXA, S * (RA + r)) : nullptr;
+  float* xa = !c.lora ? nullptr : keep ? en.xa.get<float>(S * RA) : xa_scratch;
+  gather_phase(off, slot_tok, xb, xg, xa);
   clock.mark("gather");
 
   // -- gate_up tiles: [g | u] per block pair, activation, h as bf16 (kept in the cache entry, or
@@ -1265,22 +1253,9 @@ void MoEEngine::run_forward(Ctx& c) {
   }
 
   // -- LoRA h Ad^T.
+  float* had = !c.lora ? nullptr : keep ? en.had.get<float>(S * r) : xa_scratch + S * RA;
   if (c.lora) {
-    tiles.clear();
-    for (int64_t e = 0; e < E; ++e) {
-      for (int64_t m0 = off[e]; m0 < off[e + 1]; m0 += kRowsGather) {
-        tiles.push_back({e, m0, std::min(off[e + 1], m0 + kRowsGather), 0, 0});
-      }
-    }
-    float* had = en.had.get<float>(S * r);
-    parallel_for(static_cast<int64_t>(tiles.size()), nt, [&](int64_t i, int th) {
-      const Tile& tl = tiles[static_cast<size_t>(i)];
-      const int64_t M = tl.m1 - tl.m0;
-      float* hf = local_buf<float>(th, kL0, M * Ib);
-      for (int64_t m = 0; m < M; ++m) k.cvt_bf16_f32(Ib, hb + (tl.m0 + m) * KpI, hf + m * Ib);
-      k.gemm_f32_nt(M, r, Ib, 1.0f, hf, Ib, ad_.as<float>() + tl.e * r * Ib, Ib, had + tl.m0 * r, r,
-                    false);
-    });
+    lora_down_phase(off, hb, had);
     clock.mark("lora_down_a");
   }
 
@@ -1291,9 +1266,9 @@ void MoEEngine::run_forward(Ctx& c) {
   const ColGroups cg = col_groups(Sg * static_cast<int64_t>(tp), nbH_, kBlocksDown);
   const int64_t ldy = cg.blocks * kBlockN, ypart = S * ldy;
   float* y = shared_buf<float>(kSlotY, static_cast<int64_t>(tp) * ypart);
-  const float* had = c.lora ? en.had.data<float>() : nullptr;
   const int32_t* pos = en.pos.data();
   const float* slot_w = en.slot_w.data();
+  std::vector<Tile> tiles;
   for (int64_t grp = 0; grp < cg.count; ++grp) {
     const int64_t blo = grp * cg.blocks, bhi = std::min(nbH_, blo + cg.blocks);
     tiles.clear();
@@ -1391,19 +1366,61 @@ void MoEEngine::gate_up_phase(const int64_t* off, const bf16* xg, const int8_t* 
   });
 }
 
-void MoEEngine::recompute_gate_up(const Entry& en, bool lora, float* gu) const {
-  const int64_t T = en.T, S = en.S, KpH = KpH_;
-  const int nt = threads_;
-  const int32_t* slot_tok = en.slot_tok.data();
-  const bf16* xb = en.xb.data<bf16>();
-  // The forward's inputs of the gate_up tiles, rebuilt from the cached x rows: the same copies
-  // (and, W8A8, the same per-token quantization), so the tiles write the same bits.
-  bf16* xg = shared_buf<bf16>(kSlotRows, S * KpH);
-  parallel_for(ceil_div(S, kRowsGather), nt, [&](int64_t task, int) {
-    for (int64_t p = task * kRowsGather; p < std::min(S, (task + 1) * kRowsGather); ++p) {
+void MoEEngine::gather_phase(const int64_t* off, const int32_t* slot_tok, const bf16* xb, bf16* xg,
+                             float* xa) const {
+  const int64_t E = E_, H = H_, KpH = KpH_, Hb = Hb_, RA = RA_;
+  const kernels::KernelTable& k = k_;
+  std::vector<Tile> tiles;
+  for (int64_t e = 0; e < E; ++e) {
+    for (int64_t m0 = off[e]; m0 < off[e + 1]; m0 += kRowsGather) {
+      tiles.push_back({e, m0, std::min(off[e + 1], m0 + kRowsGather), 0, 0});
+    }
+  }
+  parallel_for(static_cast<int64_t>(tiles.size()), threads_, [&](int64_t i, int th) {
+    const Tile& tl = tiles[static_cast<size_t>(i)];
+    const int64_t M = tl.m1 - tl.m0;
+    for (int64_t p = tl.m0; p < tl.m1; ++p) {
       std::memcpy(xg + p * KpH, xb + slot_tok[p] * KpH, static_cast<size_t>(KpH) * sizeof(bf16));
     }
+    if (xa != nullptr) {
+      float* xf = local_buf<float>(th, kL0, M * H);
+      for (int64_t m = 0; m < M; ++m) k.cvt_bf16_f32(H, xg + (tl.m0 + m) * KpH, xf + m * H);
+      k.gemm_f32_nt(M, RA, H, 1.0f, xf, H, a_all_.as<float>() + tl.e * RA * Hb, Hb, xa + tl.m0 * RA,
+                    RA, false);
+    }
   });
+}
+
+void MoEEngine::lora_down_phase(const int64_t* off, const bf16* hb, float* had) const {
+  const int64_t E = E_, KpI = KpI_, Ib = Ib_, r = r_;
+  const kernels::KernelTable& k = k_;
+  std::vector<Tile> tiles;
+  for (int64_t e = 0; e < E; ++e) {
+    for (int64_t m0 = off[e]; m0 < off[e + 1]; m0 += kRowsGather) {
+      tiles.push_back({e, m0, std::min(off[e + 1], m0 + kRowsGather), 0, 0});
+    }
+  }
+  parallel_for(static_cast<int64_t>(tiles.size()), threads_, [&](int64_t i, int th) {
+    const Tile& tl = tiles[static_cast<size_t>(i)];
+    const int64_t M = tl.m1 - tl.m0;
+    float* hf = local_buf<float>(th, kL0, M * Ib);
+    for (int64_t m = 0; m < M; ++m) k.cvt_bf16_f32(Ib, hb + (tl.m0 + m) * KpI, hf + m * Ib);
+    k.gemm_f32_nt(M, r, Ib, 1.0f, hf, Ib, ad_.as<float>() + tl.e * r * Ib, Ib, had + tl.m0 * r, r,
+                  false);
+  });
+}
+
+void MoEEngine::recompute_inputs(const Entry& en, const View& x, bool lora, Recomputed& out) const {
+  const int64_t T = en.T, S = en.S, H = H_, KpH = KpH_, KpI = KpI_, Ib = Ib_, RA = RA_;
+  const int nt = threads_;
+  const int64_t* off = en.offsets.data();
+  const int32_t* slot_tok = en.slot_tok.data();
+  // The forward's phases on the forward's x, in the same tiles: the same bits.
+  bf16* xb = shared_buf<bf16>(kSlotX, T * KpH);
+  rows_to_bf16(x, T, H, KpH, xb, nt, k_);
+  bf16* xg = shared_buf<bf16>(kSlotRows, S * KpH);
+  float* xa = lora ? shared_buf<float>(kSlotXA, S * (RA + r_)) : nullptr;
+  gather_phase(off, slot_tok, xb, xg, xa);
   int8_t* xq = nullptr;
   float* sxq = nullptr;
   if (wkind_ == quant::Kind::w8a8) {
@@ -1412,16 +1429,24 @@ void MoEEngine::recompute_gate_up(const Entry& en, bool lora, float* gu) const {
     float* sx_tok = shared_buf<float>(kSlotQScales, T + S);
     sxq = sx_tok + T;
     xq = shared_buf<int8_t>(kSlotQRows, S * ldxq);
-    w8a8::quantize_rows(T, xb, KpH, H_, xq_tok, ldxq, sx_tok, nt);
+    w8a8::quantize_rows(T, xb, KpH, H, xq_tok, ldxq, sx_tok, nt);
     w8a8::gather_rows(S, slot_tok, xq_tok, sx_tok, ldxq, xq, sxq, nt);
   }
-  gate_up_phase(en.offsets.data(), xg, xq, sxq, lora ? en.xa.data<float>() : nullptr, lora, gu,
-                nullptr);
+  float* gu = shared_buf<float>(kSlotGU, S * 2 * Ib);
+  bf16* hb = lora ? shared_buf<bf16>(kSlotH, S * std::max(KpI, 2 * Ib)) : nullptr;
+  gate_up_phase(off, xg, xq, sxq, xa, lora, gu, hb);
+  float* had = nullptr;
+  if (lora) {
+    had = xa + S * RA;
+    lora_down_phase(off, hb, had);
+  }
+  out = {xb, xa, gu, had};
 }
 
 // ---- backward ----------------------------------------------------------------------------------
 
-void MoEEngine::check_backward(const View& dout, const View& dx, const View& dw) const {
+void MoEEngine::check_backward(const View& dout, const View& dx, const View& dw,
+                               const View& x) const {
   if (pending_ == 0) {
     throw StateError(
         "backward: no forward is pending; run forward(..., save_for_backward=True) "
@@ -1432,15 +1457,24 @@ void MoEEngine::check_backward(const View& dout, const View& dx, const View& dw)
   check(dout, {"grad_out", fl, {T, H_}, "(T, hidden_size) of the pending forward", false, true});
   check(dx, {"grad_input", fl, {T, H_}, "(T, hidden_size) of the pending forward", true, true});
   check(dw, {"grad_routing_weights", fl, {T, K_}, "(T, top_k) of the pending forward", true});
+  if (!cache_[pending_ - 1]->has_gu) {
+    if (!x.present) {
+      throw ValueError(
+          "backward: the pending forward ran with activation_policy='recompute' and kept only "
+          "its routing; pass its input again as x= (the same (T, hidden_size) values)");
+    }
+    check(x, {"x", fl, {T, H_}, "(T, hidden_size): the pending forward's input", false, true});
+  }
 }
 
-void MoEEngine::backward(const View& dout, const View& dx, const View& dw) {
-  check_backward(dout, dx, dw);
+void MoEEngine::backward(const View& dout, const View& dx, const View& dw, const View& x) {
+  check_backward(dout, dx, dw, x);
   std::lock_guard<std::mutex> lock(engine_mutex());
   Ctx c;
   c.dout = dout;
   c.dx = dx;
   c.dw = dw;
+  c.x_again = x;
   c.entry = cache_[pending_ - 1].get();
   c.lora = r_ > 0;
   c.grads = c.lora && lora_grads_;
@@ -1479,13 +1513,15 @@ void MoEEngine::run_backward(Ctx& c) {
   const int64_t Sg = std::max(S, std::max(T, cfg_.max_tokens) * K);
 
   // -- recompute: [g | u] of a forward that did not keep it, into scratch.
-  const float* gu = en.has_gu ? en.gu.data<float>() : nullptr;
-  if (!en.has_gu) {
-    float* fresh = shared_buf<float>(kSlotGU, S * 2 * Ib);
-    recompute_gate_up(en, lora, fresh);
-    gu = fresh;
+  Recomputed in;
+  if (en.has_gu) {
+    in = {en.xb.data<bf16>(), lora ? en.xa.data<float>() : nullptr, en.gu.data<float>(),
+          lora ? en.had.data<float>() : nullptr};
+  } else {
+    recompute_inputs(en, c.x_again, lora, in);
     clock.mark("recompute");
   }
+  const float* gu = in.gu;
 
   // -- convert dout to bf16 per token, then gather into expert order; LoRA dY Bd.
   bf16* dtok = shared_buf<bf16>(kSlotTok, T * KpH);
@@ -1549,7 +1585,7 @@ void MoEEngine::run_backward(Ctx& c) {
     }
   });
   bf16* dgu = shared_buf<bf16>(kSlotH, S * std::max(KpI_, 2 * Ib));
-  const float* xa = lora ? en.xa.data<float>() : nullptr;
+  const float* xa = in.xa;
   const int64_t wdt_elems = kPairsBwd * kernels::packed_block_elems(H);
   run_slices(dt_tiles.counts, [&](int sidx, int64_t ti, int th) {
     const Tile& tl = dt_tiles.at(sidx, ti);
@@ -1697,8 +1733,8 @@ void MoEEngine::run_backward(Ctx& c) {
   const ColGroups cg = col_groups(Sg * static_cast<int64_t>(tp), nbH_, kBlocksBwdH);
   const int64_t ldx = cg.blocks * kBlockN, xpart = S * ldx;
   float* dxs = shared_buf<float>(kSlotY, static_cast<int64_t>(tp) * xpart);
-  const bf16* xb = en.xb.data<bf16>();
-  const float* had = lora ? en.had.data<float>() : nullptr;
+  const bf16* xb = in.xb;
+  const float* had = in.had;
   const int64_t Kgu = 2 * Ib;  // depth of the transposed gate_up (a multiple of 32)
   for (int64_t grp = 0; grp < cg.count; ++grp) {
     const int64_t blo = grp * cg.blocks, bhi = std::min(nbH_, blo + cg.blocks);

@@ -129,8 +129,11 @@ class MoEEngine {
   void check_forward(const View& x, const View& ids, const View& w, const View& out,
                      bool save) const;
   void forward(const View& x, const View& ids, const View& w, const View& out, bool save);
-  void check_backward(const View& dout, const View& dx, const View& dw) const;
-  void backward(const View& dout, const View& dx, const View& dw);
+  // x: the pending forward's input again, required when that forward ran with
+  // activation_policy "recompute" (its entry keeps only the routing), ignored otherwise.
+  void check_backward(const View& dout, const View& dx, const View& dw,
+                      const View& x = View()) const;
+  void backward(const View& dout, const View& dx, const View& dw, const View& x = View());
 
   int64_t cache_depth() const { return static_cast<int64_t>(pending_); }
   // Drops every pending forward; their cache memory returns to the pool.
@@ -164,8 +167,20 @@ class MoEEngine {
   void gate_up_phase(const int64_t* off, const kernels::bf16* xg, const int8_t* xq,
                      const float* sxq, const float* xa, bool lora, float* gu,
                      kernels::bf16* hb) const;
-  // Backward of a forward that kept no [g | u]: recomputes it from the entry's x rows.
-  void recompute_gate_up(const Entry& en, bool lora, float* gu) const;
+  // x rows into expert order (xg) from the bf16 token rows xb; with xa, LoRA x A^T too.
+  void gather_phase(const int64_t* off, const int32_t* slot_tok, const kernels::bf16* xb,
+                    kernels::bf16* xg, float* xa) const;
+  // LoRA h Ad^T (S x r) from the bf16 h rows.
+  void lora_down_phase(const int64_t* off, const kernels::bf16* hb, float* had) const;
+  // What backward reads of its forward: the entry's buffers (retain) or, for a recompute entry,
+  // scratch refilled from the forward's x by the forward's own phases.
+  struct Recomputed {
+    const kernels::bf16* xb = nullptr;
+    const float* xa = nullptr;
+    const float* gu = nullptr;
+    const float* had = nullptr;
+  };
+  void recompute_inputs(const Entry& en, const View& x, bool lora, Recomputed& out) const;
   void note_cache_bytes();
   void check_lora_ready(const char* what) const;
 

@@ -104,9 +104,10 @@ class MoEEngine:
             backwards consume them last-in first-out.
         activation_policy: what a forward with ``save_for_backward=True`` keeps for backward:
             ``"retain"`` (default: x, x A^T, h Ad^T and the gate/up outputs, T*(2H) + T*K*(8I +
-            8r) bytes) or ``"recompute"`` (the same minus the gate/up outputs, T*(2H) + T*K*8r
-            bytes; backward recomputes them with the forward's own tiles, so gradients are bit
-            for bit those of ``"retain"`` at the cost of one more gate/up GEMM). Cache entries
+            8r) bytes) or ``"recompute"`` (only the routing, 12 bytes per routed row:
+            :meth:`backward` then takes the forward's ``x`` again and recomputes the rest with
+            the forward's own tiles, so gradients are bit for bit those of ``"retain"``, for one
+            more gate/up GEMM). Cache entries
             come from a process-wide pool and return to it when backward consumes them.
         num_threads: threads of the process-wide worker pool this engine uses (None:
             ``KT_NUM_THREADS``, else one per physical core).
@@ -335,14 +336,23 @@ class MoEEngine:
         """Wait for the forward started by :meth:`submit_forward`; re-raises its error, if any."""
         self._eng.sync_forward()
 
-    def backward(self, grad_out: Array, grad_input: Array, grad_routing_weights: Array) -> None:
+    def backward(
+        self,
+        grad_out: Array,
+        grad_input: Array,
+        grad_routing_weights: Array,
+        x: Array | None = None,
+    ) -> None:
         """Backward of the most recent pending forward (last in, first out).
 
         grad_out: (T, H) float32/bfloat16. Writes grad_input (T, H) and grad_routing_weights
         (T, K) (0 where the id was -1), and adds the LoRA gradients into the bound gradient
-        arrays (when given).
+        arrays (when given). x: that forward's input again (the same values, float32 or
+        bfloat16), required when it ran with ``activation_policy="recompute"`` (its cache entry
+        keeps only the routing: backward recomputes x A^T, [g | u] and h Ad^T from x with the
+        forward's own tiles), ignored otherwise.
         """
-        self._eng.backward(grad_out, grad_input, grad_routing_weights)
+        self._eng.backward(grad_out, grad_input, grad_routing_weights, x)
 
     def clear_cache(self) -> None:
         """Drop every pending forward (their memory returns to the process-wide pool)."""

@@ -49,12 +49,14 @@ class _Holder:
 
 
 class _Entry:
-    __slots__ = ("claim", "holder", "popped", "tokens")
+    __slots__ = ("claim", "holder", "policy", "popped", "tokens")
 
-    def __init__(self, holder: _Holder, tokens: int, claimable: bool = False) -> None:
+    def __init__(self, holder: _Holder, tokens: int, claimable: bool = False,
+                 policy: str = "retain") -> None:
         self.holder = weakref.ref(holder)
         self.popped = False
         self.tokens = tokens
+        self.policy = policy  # "recompute": the backward passes x again
         # A non-reentrant checkpoint's recompute: its node is dropped right away, so the entry
         # keeps its holder alive and goes to the next backward of the layer.
         self.claim = holder if claimable else None
@@ -196,7 +198,11 @@ class LayerEngine:
         saved = ({k: v.clone() for k, v in plan.arrays.items() if k.startswith("grad_")}
                  if plan is not None else {})
         T, H, K = entry.tokens, self.hidden_size, self.top_k
-        self.backend.backward(torch.zeros(T, H), torch.empty(T, H), torch.empty(T, K))
+        if entry.policy == "recompute":  # any x will do: the gradients are restored below
+            self.backend.backward(torch.zeros(T, H), torch.empty(T, H), torch.empty(T, K),
+                                  x=torch.zeros(T, H))
+        else:
+            self.backend.backward(torch.zeros(T, H), torch.empty(T, H), torch.empty(T, K))
         for k, v in saved.items():
             assert plan is not None
             plan.arrays[k].copy_(v)
@@ -216,8 +222,7 @@ class LayerEngine:
                 if entry.claimable:
                     entry.popped = True
             self._reap()
-            if cache:
-                self._choose_policy(T)
+            policy = self._choose_policy(T) if cache else "retain"
             if cache and len(self._stack) >= self.cfg.max_cache_depth:
                 raise KTCacheError(
                     f"{self.name}: {len(self._stack)} forwards already await their backward "
@@ -232,7 +237,7 @@ class LayerEngine:
                 self.backend.sync_forward()
             if cache:
                 assert holder is not None
-                self._stack.append(_Entry(holder, T, claimable))
+                self._stack.append(_Entry(holder, T, claimable, policy))
             result = out if device.type == "cpu" else self._from_host(out, device)
             if self._profile:
                 self._trace("forward", t0, T, cache=cache)
@@ -264,10 +269,10 @@ class LayerEngine:
                         entry.popped = True
                     self._reap()
                 xh, idh, wh, out = self._to_host(x, ids, w)
-                self._choose_policy(T)
+                used = self._choose_policy(T)
                 self.backend.forward(xh, idh, wh, out, save_for_backward=True)
             else:
-                self._stack.pop()
+                used = self._stack.pop().policy
             if plan is not None and plan is not self._plan:
                 # The binding changed since this forward (another adapter): restore its arrays.
                 self.backend.set_lora(**plan.arrays)
@@ -277,7 +282,11 @@ class LayerEngine:
             gh = self._grad_to_host(grad_out)
             dx = torch.empty(T, self.hidden_size, dtype=torch.float32)
             dw = torch.empty(T, self.top_k, dtype=torch.float32)
-            self.backend.backward(gh, dx, dw)
+            if used == "recompute":
+                # The entry kept only its routing: the engine recomputes the rest from x.
+                self.backend.backward(gh, dx, dw, x=self._to_host(x, ids, w)[0])
+            else:
+                self.backend.backward(gh, dx, dw)
             if plan is not None:
                 plan.after_backward(pending)
             if self._profile:
@@ -287,11 +296,12 @@ class LayerEngine:
             dw = dw.to(device, non_blocking=True)
         return dx, dw
 
-    def _choose_policy(self, tokens: int) -> None:
-        """Set the backend's activation policy for the cached forward about to run."""
+    def _choose_policy(self, tokens: int) -> str:
+        """Set the backend's activation policy for the cached forward about to run; returns it
+        (``"retain"`` for backends without policies)."""
         policy = self.cfg.activation_policy
         if not hasattr(self.backend, "activation_policy"):
-            return  # the torch reference keeps its own cache
+            return "retain"  # the torch reference keeps its own cache
         if policy == "auto":
             from kt_sft.estimate import cache_entry_bytes, live_cache_bytes
 
@@ -303,6 +313,7 @@ class LayerEngine:
             policy = "retain" if live_cache_bytes() + entry <= budget else "recompute"
         if self.backend.activation_policy != policy:
             self.backend.activation_policy = policy
+        return policy
 
     def _trace(self, phase: str, t0: int, tokens: int, **args: Any) -> None:
         from kt_sft.profiling import tracer

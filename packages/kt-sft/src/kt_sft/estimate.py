@@ -10,18 +10,20 @@ LoRA rank r, T tokens per step (batch × sequence), S = T·K routed rows:
                            int4 one fp32 per group of g inputs, L·E·3·H·I/g·4
     expert LoRA  = L · E · r·(2H + 3I) · 16      fp32 weight + grad + AdamW m and v (training)
     cache        = n · entry                     engine activations kept for backward
-                   entry = 2·T·H + S·(8r + 12)  +  S·8·Ib under the retain policy
+                   entry = 2·T·H + S·(8·Ib + 8r + 12) under the retain policy, S·12 (the
+                   routing) under recompute: backward is given x again
                    n = L · D without checkpointing (D pending forwards per layer), 1 with
                    gradient checkpointing (either kind): the first pass caches nothing
     scratch      = S·2·KpH + S·4·Ib + S·4·min(Hb, cols) + T·2·KpH + S·4·(r + c·(2r + 1))
-                   (+ S·8·Ib with recompute: [g | u] recomputed in backward)
+                   (+ 2·T·KpH + 8·S·r when forwards keep no entry; + S·8·Ib with recompute:
+                   [g | u] recomputed in backward)
                    one set shared by all layers (KpH: H rounded up to 32; cols: the 64 MiB
                    column budget of the down / dx passes; c = ceil(I / 96) row chunks)
     activations  = PyTorch's saved and transient tensors on the CPU (0 when the model runs on a
                    GPU): a · T·H·b per decoder layer, b the non-expert dtype's bytes; a = 19
-                   without checkpointing, with it a = 9 (reentrant) or 12 (non-reentrant)
-                   plus 19 once for the layer being recomputed (measured on qwen3_moe-shaped
-                   models, bench/bench_memory.py)
+                   without checkpointing; with it a = 6 (reentrant) or 12 (non-reentrant),
+                   plus 25 or 18 once for the layer being recomputed (measured on
+                   qwen3_moe-shaped models, bench/bench_memory.py)
     rest         = P_rest · b                    non-expert parameters (0 when on a GPU)
     overhead     = 1 GiB                         Python, PyTorch, transformers
 
@@ -52,9 +54,10 @@ CHECKPOINTING = ("none", "reentrant", "non_reentrant")
 #: PyTorch activation bytes per decoder layer, in units of T·H·(non-expert dtype bytes): saved
 #: tensors (attention inputs and outputs, norms, residuals, router) plus what is alive next to
 #: them at the backward peak; measured on qwen3_moe-shaped models (bench/bench_memory.py).
-ACTIVATION_FACTOR = {"none": 19.0, "reentrant": 9.0, "non_reentrant": 12.0}
-#: With checkpointing, one layer's full activations (recomputed in backward) come on top.
-RECOMPUTED_LAYER_FACTOR = 19.0
+ACTIVATION_FACTOR = {"none": 19.0, "reentrant": 6.0, "non_reentrant": 12.0}
+#: With checkpointing, the layer being recomputed (its full activations) and the backward's
+#: transients come on top, once.
+RECOMPUTED_LAYER_FACTOR = {"reentrant": 25.0, "non_reentrant": 18.0}
 _PAGE = 4096
 _SLOT_BUDGET = 64 << 20  # the engine's column budget of the down / dx passes
 
@@ -168,13 +171,14 @@ def estimate_memory(shape: ModelShape, *, weight_dtype: str = "bf16", lora_rank:
             recompute = retained < pending
         else:
             cache = pending * (lean if recompute else keep)
-    scratch = scratch_bytes(T, recompute=training and recompute, training=training, **dims)
+    scratch = scratch_bytes(T, recompute=training and recompute, training=training,
+                            uncached=checkpointing != "none", **dims)
     layers = shape.num_layers or L
     activations = 0.0
     if training and not non_expert_on_gpu:
         factor = ACTIVATION_FACTOR[checkpointing] * layers
         if checkpointing != "none":
-            factor += RECOMPUTED_LAYER_FACTOR
+            factor += RECOMPUTED_LAYER_FACTOR[checkpointing]
         activations = factor * T * H * non_expert_bytes
     rest = 0 if non_expert_on_gpu else shape.other_params * non_expert_bytes
     return MemoryEstimate(weight_dtype, float(experts), float(lora), float(cache), float(scratch),
@@ -188,9 +192,11 @@ def _pages(n: float) -> int:
 
 def scratch_bytes(tokens: int, *, hidden_size: int, intermediate_size: int, top_k: int,
                   lora_rank: int, recompute: bool = False, training: bool = True,
-                  max_tokens: int | None = None) -> int:
+                  max_tokens: int | None = None, uncached: bool = False) -> int:
     """Bytes of the engine's process-wide scratch after a step of ``tokens`` tokens (the
-    largest of forward and backward: both use the same slots)."""
+    largest of forward and backward: both use the same slots). ``uncached``: some forwards keep
+    no cache entry (inference, checkpointing's first pass), so x, x A^T and h Ad^T go to
+    scratch; ``recompute``: backward recomputes them and [g | u] there too."""
     T, H, K, r = tokens, hidden_size, top_k, lora_rank
     S = T * K
     ib = -(-intermediate_size // 16) * 16
@@ -209,6 +215,8 @@ def scratch_bytes(tokens: int, *, hidden_size: int, intermediate_size: int, top_
     hslot = _pages(S * max(kpi, 2 * ib) * 2)
     yslot = _pages(S * cols(6) * 4)
     total = rows + hslot + yslot
+    if uncached or recompute or not training:
+        total += _pages(T * kph * 2) + _pages(S * 2 * r * 4)
     if training:
         chunks = -(-(ib // 16) // 6)
         total += _pages(T * kph * 2) + _pages((S * (r + chunks + chunks * r + r) + 16) * 4)
@@ -220,15 +228,17 @@ def scratch_bytes(tokens: int, *, hidden_size: int, intermediate_size: int, top_
 def cache_entry_bytes(tokens: int, *, hidden_size: int, intermediate_size: int, top_k: int,
                       lora_rank: int, policy: str = "retain") -> int:
     """Bytes of one engine cache entry for a forward of ``tokens`` tokens (every slot routed):
-    x as bf16 (2H per token, H rounded up to 32), x A^T and h Ad^T (4r each per routed row), the routing index (12
-    per routed row) and, under ``retain``, [g | u] as fp32 (8I per routed row; I rounded up to
-    16)."""
+    the routing index (12 per routed row) and, under ``retain``, x as bf16 (2H per token, H
+    rounded up to 32), x A^T and h Ad^T (4r each per routed row) and [g | u] as fp32 (8I per
+    routed row, I rounded up to 16). A ``recompute`` entry is recomputed from the x that
+    backward is given again."""
     if policy not in ("retain", "recompute"):
         raise ValueError(f"policy must be 'retain' or 'recompute', got {policy!r}")
     rows = tokens * top_k
+    if policy == "recompute":
+        return 12 * rows
     ib = -(-intermediate_size // 16) * 16
-    per_row = 8 * lora_rank + 12 + (8 * ib if policy == "retain" else 0)
-    return 2 * tokens * (-(-hidden_size // 32) * 32) + rows * per_row
+    return 2 * tokens * (-(-hidden_size // 32) * 32) + rows * (8 * lora_rank + 12 + 8 * ib)
 
 
 def live_cache_bytes() -> int:
