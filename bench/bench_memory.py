@@ -109,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--time-reps", type=int, default=7, help="timed steps per policy")
     p.add_argument("--engine-only", action="store_true",
                    help="the engines alone, no PyTorch model (see the module docstring)")
+    p.add_argument("--timing-only", action="store_true",
+                   help="only the recompute / retain step time of one layer")
     p.add_argument("--engine-row", default=None, help=argparse.SUPPRESS)
     args, _ = p.parse_known_args(argv)  # nox passes the same arguments to every bench script
     if args.engine_row:
@@ -122,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         args.layers, args.tokens = "2,4", "1024"
     layers = [int(v) for v in args.layers.split(",")]
     tokens = [int(v) for v in args.tokens.split(",")]
-    modes = [m.strip() for m in args.modes.split(",")]
+    modes = [] if args.timing_only else [m.strip() for m in args.modes.split(",")]
     shape_kw = {"hidden_size": args.hidden, "intermediate_size": args.intermediate,
                 "num_experts": args.experts, "top_k": args.top_k, "lora_rank": args.rank}
     print(("engines only (no PyTorch model), " if args.engine_only else "") +
