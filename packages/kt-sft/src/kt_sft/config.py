@@ -145,10 +145,11 @@ class KTConfig:
             device; the others run in the engine.
         activation_policy: what the engine keeps from a training forward for its backward:
             ``retain`` (the gate/up outputs: fastest, T·K·(8I + 8r) + 2TH bytes per pending
-            layer), ``recompute`` (only the inputs, 2TH + 8TKr bytes; backward recomputes
-            gate/up, one more GEMM, gradients bit for bit the same) or ``auto`` (retain while the
-            live engine cache plus the new entry fits ``activation_memory_budget``, else
-            recompute). Gradient checkpointing already keeps at most one layer's activations.
+            layer), ``recompute`` (only the routing, 12TK bytes; backward recomputes the rest
+            from the layer input, one more gate/up GEMM, gradients bit for bit the same) or
+            ``auto`` (retain while the live engine cache plus the new entry fits
+            ``activation_memory_budget``, else recompute). Gradient checkpointing already keeps
+            at most one layer's activations.
         activation_memory_budget: GiB the retained activation caches of all layers may take
             under ``activation_policy="auto"``; ``None`` means half the memory available when
             the first training forward runs.
