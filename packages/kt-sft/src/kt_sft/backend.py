@@ -71,6 +71,10 @@ def create_backend(cfg: KTConfig, *, num_experts: int, top_k: int, hidden_size: 
     context = current_context()
     if context is None:
         return local()
+    if cfg.activation_policy != "retain":
+        # The node leader's engine serves every rank's tokens and does not get their inputs
+        # back in backward: it retains (gradient checkpointing still saves its memory).
+        cfg = cfg.replace(activation_policy="retain")
     return context.make_backend(local, top_k=top_k, hidden_size=hidden_size)
 
 

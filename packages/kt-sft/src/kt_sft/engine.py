@@ -300,8 +300,8 @@ class LayerEngine:
         """Set the backend's activation policy for the cached forward about to run; returns it
         (``"retain"`` for backends without policies)."""
         policy = self.cfg.activation_policy
-        if not hasattr(self.backend, "activation_policy"):
-            return "retain"  # the torch reference keeps its own cache
+        if policy == "retain" or not _is_local_engine(self.backend):
+            return "retain"  # the torch reference and distributed backends retain
         if policy == "auto":
             from kt_sft.estimate import cache_entry_bytes, live_cache_bytes
 
@@ -396,6 +396,15 @@ class LayerEngine:
         if self._closed:
             raise RuntimeError(f"{self.name}: the kt engine of this layer was closed "
                                "(kt_sft.close(model)); wrap or load the model again")
+
+
+def _is_local_engine(backend: Any) -> bool:
+    """Whether ``backend`` is this process's compiled engine (policies apply to it only)."""
+    try:
+        from kt_kernels import MoEEngine
+    except ImportError:  # pragma: no cover - no engine installed
+        return False
+    return isinstance(backend, MoEEngine)
 
 
 def _source_key(source: LoRASource | None) -> tuple[Any, ...]:
