@@ -289,7 +289,9 @@ def test_t_above_max_tokens_grows() -> None:
     got = run(eng, c)
     check_all(c, got, grads)
     stats = eng.memory_stats()
-    assert stats["cache_bytes"] > 0 and stats["weight_bytes"] > 0 and stats["lora_bytes"] > 0
+    assert stats["weight_bytes"] > 0 and stats["lora_bytes"] > 0
+    # The entry held the 40-token forward while it was pending; backward returned it to the pool.
+    assert stats["cache_peak_bytes"] > 0 and stats["cache_bytes"] == 0
 
 
 def test_memory_stats_weights_once() -> None:

@@ -8,5 +8,6 @@ namespace kt::bindings {
 void register_errors(pybind11::module_& m);
 void register_isa(pybind11::module_& m);
 void register_engine(pybind11::module_& m);
+void register_memory(pybind11::module_& m);
 
 }  // namespace kt::bindings

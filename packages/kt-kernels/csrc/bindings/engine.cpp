@@ -29,7 +29,7 @@ class PyEngine {
            int64_t lora_rank, py::object lora_alpha, const std::string& lora_layout,
            const std::string& weight_dtype, int64_t max_tokens, int64_t max_cache_depth,
            py::object num_threads, py::object isa, int64_t group_size, py::object tp,
-           const std::string& activation_dtype) {
+           const std::string& activation_dtype, const std::string& activation_policy) {
     engine::EngineConfig cfg;
     cfg.num_experts = num_experts;
     cfg.top_k = top_k;
@@ -52,6 +52,7 @@ class PyEngine {
     cfg.weight_dtype = weight_dtype;
     cfg.group_size = group_size;
     cfg.activation_dtype = activation_dtype;
+    cfg.activation_policy = activation_policy;
     if (tp.is_none()) {
       cfg.tp = 0;  // one slice per NUMA node
     } else {
@@ -272,14 +273,15 @@ class PyEngine {
 
   bool pending_submit() const { return worker_.joinable() && getpid() == submit_pid_; }
 
-  void backward(py::handle dout, py::handle dx, py::handle dw) {
+  void backward(py::handle dout, py::handle dx, py::handle dw, py::object x) {
     CallGuard guard(state_, "backward");
     engine::MoEEngine& e = live("backward");
     auto a = import_array(dout, "grad_out");
     auto b = import_array(dx, "grad_input");
     auto c = import_array(dw, "grad_routing_weights");
+    auto d = import_array(x, "x");
     py::gil_scoped_release nogil;
-    e.backward(a->view, b->view, c->view);
+    e.backward(a->view, b->view, c->view, d->view);
   }
 
   void clear_cache() {
@@ -297,6 +299,7 @@ class PyEngine {
     d["weight_bytes"] = m.weight_bytes;
     d["lora_bytes"] = m.lora_bytes;
     d["cache_bytes"] = m.cache_bytes;
+    d["cache_peak_bytes"] = m.cache_peak_bytes;
     d["scratch_bytes"] = m.scratch_bytes;
     return d;
   }
@@ -366,14 +369,14 @@ void register_engine(py::module_& m) {
   py::class_<PyEngine>(m, "MoEEngine")
       .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, py::object, const std::string&,
                     const std::string&, int64_t, int64_t, py::object, py::object, int64_t,
-                    py::object, const std::string&>(),
+                    py::object, const std::string&, const std::string&>(),
            py::arg("num_experts"), py::arg("top_k"), py::arg("hidden_size"),
            py::arg("intermediate_size"), py::kw_only(), py::arg("lora_rank") = 0,
            py::arg("lora_alpha") = py::none(), py::arg("lora_layout") = "fused",
            py::arg("weight_dtype") = "bf16", py::arg("max_tokens") = 4096,
            py::arg("max_cache_depth") = 1, py::arg("num_threads") = py::none(),
            py::arg("isa") = py::none(), py::arg("group_size") = 128, py::arg("tp") = 1,
-           py::arg("activation_dtype") = "bf16")
+           py::arg("activation_dtype") = "bf16", py::arg("activation_policy") = "retain")
       .def("load_weights", &PyEngine::load_weights, py::kw_only(), py::arg("gate_up") = py::none(),
            py::arg("gate") = py::none(), py::arg("up") = py::none(), py::arg("down") = py::none())
       .def("load_quantized_weights", &PyEngine::load_quantized, py::kw_only(),
@@ -389,7 +392,7 @@ void register_engine(py::module_& m) {
            py::arg("routing_weights"), py::arg("out"), py::arg("save_for_backward") = true)
       .def("sync_forward", &PyEngine::sync_forward)
       .def("backward", &PyEngine::backward, py::arg("grad_out"), py::arg("grad_input"),
-           py::arg("grad_routing_weights"))
+           py::arg("grad_routing_weights"), py::arg("x") = py::none())
       .def("clear_cache", &PyEngine::clear_cache)
       .def_property_readonly("cache_depth", &PyEngine::cache_depth)
       .def_property_readonly("pending_submit", &PyEngine::pending_submit)
@@ -419,6 +422,12 @@ void register_engine(py::module_& m) {
       .def_property_readonly(
           "activation_dtype",
           [](const PyEngine& p) { return p.get("activation_dtype").config().activation_dtype; })
+      .def_property(
+          "activation_policy",
+          [](const PyEngine& p) { return p.get("activation_policy").activation_policy(); },
+          [](PyEngine& p, const std::string& policy) {
+            p.live("activation_policy").set_activation_policy(policy);
+          })
       .def_property_readonly("weights_loaded", [](const PyEngine& p) {
         return p.get("weights_loaded").weights_loaded();
       });

@@ -17,8 +17,9 @@ namespace py = pybind11;
 // Bumped whenever the Python-visible C++ API gains or changes something, so pure-Python packages
 // can gate on features without parsing versions.
 // 2: MoEEngine, ISA selection; 3: profiler, int8/int4 weights; 4: worker groups per tp slice
-// (MoEEngine.pinned_threads, numa_node_count), activation_dtype (W8A8).
-constexpr int kAbiVersion = 4;
+// (MoEEngine.pinned_threads, numa_node_count), activation_dtype (W8A8); 5: activation_policy,
+// memory_stats / reset_memory_peaks / trim_memory.
+constexpr int kAbiVersion = 5;
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "kt-kernels compiled engine";
@@ -61,4 +62,5 @@ PYBIND11_MODULE(_core, m) {
   kt::bindings::register_errors(m);
   kt::bindings::register_isa(m);
   kt::bindings::register_engine(m);
+  kt::bindings::register_memory(m);
 }

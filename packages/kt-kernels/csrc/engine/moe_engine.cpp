@@ -9,6 +9,7 @@
 #include <limits>
 #include <new>
 
+#include "engine/activation_cache.h"
 #include "engine/limits.h"
 #include "engine/w8a8.h"
 #include "kernels/dispatch.h"
@@ -50,6 +51,9 @@ enum SharedSlot : int {
   kSlotQTok = 5,     // x codes per token (T x KpH8 int8)
   kSlotQRows = 6,    // x codes per slot (S x KpH8), then h codes (S x w8a8_h_stride())
   kSlotQScales = 7,  // their row scales: T per token, S per slot for x, S for h
+  kSlotGU = 8,       // bwd: [g | u] (S x 2Ib fp32) recomputed for a forward that did not keep it
+  kSlotX = 9,        // x rows as bf16 (T x KpH) of a forward that keeps no cache, or recomputed
+  kSlotXA = 10,      // x A^T (S x RA) then h Ad^T (S x r), the same
 };
 
 enum LocalSlot : int { kL0 = 0, kL1, kL2, kL3, kL4, kL5, kL6, kL7, kL8, kL9, kLocalSlots };
@@ -273,65 +277,60 @@ int64_t fused_rows_setting(const kernels::KernelTable& k, quant::Kind kind) {
 
 // ---- buffers -----------------------------------------------------------------------------------
 
-MoEEngine::Buf::~Buf() { std::free(p); }
+MoEEngine::Buf::~Buf() { reset(0, kind); }
 
-void MoEEngine::Buf::reset(size_t n) {
+void MoEEngine::Buf::reset(size_t n, runtime::MemKind k) {
+  if (p != nullptr) runtime::mem_sub(kind, bytes);
   std::free(p);
   p = nullptr;
   bytes = 0;
+  kind = k;
   if (n == 0) return;
   const size_t rounded = (n + 63) / 64 * 64;
   p = std::aligned_alloc(64, rounded);
   if (p == nullptr) throw std::bad_alloc();
   bytes = rounded;
+  runtime::mem_add(kind, bytes);
 }
 
-// A growable aligned array; contents undefined after growth.
-struct GrowBuf {
-  void* p = nullptr;
-  size_t bytes = 0;
-  GrowBuf() = default;
-  GrowBuf(const GrowBuf&) = delete;
-  GrowBuf& operator=(const GrowBuf&) = delete;
-  ~GrowBuf() { std::free(p); }
-  template <typename T>
-  T* get(int64_t count) {
-    const size_t need = std::max<size_t>(64, static_cast<size_t>(count) * sizeof(T));
-    if (need > bytes) {
-      std::free(p);
-      p = nullptr;
-      bytes = 0;
-      const size_t want = (need + 4095) / 4096 * 4096;
-      p = std::aligned_alloc(4096, want);
-      if (p == nullptr) throw std::bad_alloc();
-      bytes = want;
-    }
-    return static_cast<T*>(p);
-  }
-};
-
-// One activation cache entry: what backward needs of one forward.
+// One activation cache entry: what backward needs of one forward, sized for the rows it routed.
+// Its buffers come from the process-wide pool and go back there when backward pops it.
 struct MoEEngine::Entry {
   int64_t T = 0;
   int64_t S = 0;                  // valid (token, slot) pairs
+  bool has_gu = false;            // retained: xb, xa, gu, had hold the forward's values; else
+                                  // backward recomputes them from the x it is given
   std::vector<int64_t> offsets;   // E + 1: rows of expert e are [offsets[e], offsets[e+1])
   std::vector<int32_t> slot_tok;  // S: token of each row
   std::vector<float> slot_w;      // S: routing weight of each row
   std::vector<int32_t> pos;       // T * K: row of (t, j), -1 for padding ids
-  GrowBuf xb;                     // T x KpH bf16: x rounded to bf16
-  GrowBuf xa;                     // S x RA: x A^T
-  GrowBuf gu;                     // S x 2Ib fp32: [g | u] per block pair, as the GEMM wrote them
-  GrowBuf had;                    // S x r: h Ad^T
+  PooledBuffer xb;                // T x KpH bf16: x rounded to bf16
+  PooledBuffer xa;                // S x RA: x A^T
+  PooledBuffer gu;                // S x 2Ib fp32: [g | u] per block pair, as the GEMM wrote them
+  PooledBuffer had;               // S x r: h Ad^T
   size_t bytes() const {
-    return xb.bytes + xa.bytes + gu.bytes + had.bytes + offsets.capacity() * sizeof(int64_t) +
-           slot_tok.capacity() * sizeof(int32_t) + slot_w.capacity() * sizeof(float) +
-           pos.capacity() * sizeof(int32_t);
+    return xb.bytes() + xa.bytes() + gu.bytes() + had.bytes() +
+           offsets.capacity() * sizeof(int64_t) + slot_tok.capacity() * sizeof(int32_t) +
+           slot_w.capacity() * sizeof(float) + pos.capacity() * sizeof(int32_t);
+  }
+  // Returns every buffer (the pool keeps the blocks for the next forward of any layer).
+  void release() {
+    xb.release();
+    xa.release();
+    gu.release();
+    had.release();
+    std::vector<int64_t>().swap(offsets);
+    std::vector<int32_t>().swap(slot_tok);
+    std::vector<float>().swap(slot_w);
+    std::vector<int32_t>().swap(pos);
+    has_gu = false;
   }
 };
 
 struct MoEEngine::Ctx {
   View x, ids, w, out;  // forward
   View dout, dx, dw;    // backward
+  View x_again;         // backward of a recompute entry: the forward's x
   Entry* entry = nullptr;
   bool lora = false;   // LoRA terms on
   bool grads = false;  // LoRA gradients on (backward)
@@ -456,7 +455,7 @@ MoEEngine::MoEEngine(const EngineConfig& cfg) : cfg_(cfg) {
   Hb_ = nbH_ * kBlockN;
   limits::check_tokens(cfg.max_tokens, K_, std::max({KpH_, KpI_, 2 * Ib_}), "max_tokens");
   RA_ = cfg.lora_fused ? r_ : 2 * r_;
-  infer_ = std::make_unique<Entry>();
+  set_activation_policy(cfg.activation_policy);
   fgu_ = quant::make_format(wkind_, H_, cfg.group_size);
   // Tensor-parallel slices of I, in units of whole 32-column blocks pairs (int4: whole groups),
   // so every slice but the last has a depth that needs no padding.
@@ -1032,10 +1031,11 @@ void MoEEngine::lora_updated() {
   std::lock_guard<std::mutex> lock(engine_mutex());
   const int64_t r = r_, RA = RA_;
   if (a_all_.empty()) {
-    a_all_.reset(static_cast<size_t>(E_ * RA * Hb_) * sizeof(float));
-    bgu_t_.reset(static_cast<size_t>(E_ * RA * 2 * Ib_) * sizeof(float));
-    ad_.reset(static_cast<size_t>(E_ * r * Ib_) * sizeof(float));
-    bd_t_.reset(static_cast<size_t>(E_ * r * Hb_) * sizeof(float));
+    const runtime::MemKind lk = runtime::MemKind::lora;
+    a_all_.reset(static_cast<size_t>(E_ * RA * Hb_) * sizeof(float), lk);
+    bgu_t_.reset(static_cast<size_t>(E_ * RA * 2 * Ib_) * sizeof(float), lk);
+    ad_.reset(static_cast<size_t>(E_ * r * Ib_) * sizeof(float), lk);
+    bd_t_.reset(static_cast<size_t>(E_ * r * Hb_) * sizeof(float), lk);
   }
   const bool fused = cfg_.lora_fused;
   const LoraArrays& L = lora_;
@@ -1121,11 +1121,15 @@ void MoEEngine::check_forward(const View& x, const View& ids, const View& w, con
 void MoEEngine::forward(const View& x, const View& ids, const View& w, const View& out, bool save) {
   check_forward(x, ids, w, out, save);
   std::lock_guard<std::mutex> lock(engine_mutex());
-  Entry* entry = infer_.get();
+  // A forward without save_for_backward borrows a transient entry: its buffers go back to the
+  // pool when it returns.
+  Entry transient;
+  Entry* entry = &transient;
   if (save) {
     if (cache_.size() <= pending_) cache_.push_back(std::make_unique<Entry>());
     entry = cache_[pending_].get();
   }
+  entry->has_gu = save && !recompute_;
   Ctx c;
   c.x = x;
   c.ids = ids;
@@ -1133,8 +1137,36 @@ void MoEEngine::forward(const View& x, const View& ids, const View& w, const Vie
   c.out = out;
   c.entry = entry;
   c.lora = r_ > 0;
-  run_forward(c);
-  if (save) ++pending_;
+  try {
+    run_forward(c);
+  } catch (...) {
+    entry->release();
+    throw;
+  }
+  if (save) {
+    ++pending_;
+    note_cache_bytes();
+  }
+}
+
+void MoEEngine::note_cache_bytes() {
+  size_t bytes = 0;
+  for (size_t i = 0; i < pending_; ++i) bytes += cache_[i]->bytes();
+  cache_peak_ = std::max(cache_peak_, bytes);
+}
+
+void MoEEngine::set_activation_policy(const std::string& policy) {
+  if (policy != "retain" && policy != "recompute") {
+    throw ValueError("activation_policy: expected 'retain' or 'recompute', got '" + policy + "'");
+  }
+  cfg_.activation_policy = policy;
+  recompute_ = policy == "recompute";
+}
+
+void MoEEngine::trim_memory() {
+  std::lock_guard<std::mutex> lock(engine_mutex());
+  Scratch::instance().release();
+  ActivationPool::instance().trim();
 }
 
 void MoEEngine::run_forward(Ctx& c) {
@@ -1183,13 +1215,14 @@ void MoEEngine::run_forward(Ctx& c) {
   }
   const int64_t* off = en.offsets.data();
   const int32_t* slot_tok = en.slot_tok.data();
-  // Buffers are sized for max_tokens (address space only: pages are touched as they are used)
-  // and grow when a batch is larger.
-  const int64_t Tc = std::max(T, cfg_.max_tokens), Sc = std::max(S, Tc * K);
+  // Cache and scratch buffers hold the T tokens and S routed rows of this call. Sg (the rows
+  // max_tokens would route) only sets the column groups of the down phase, as it always has.
+  const int64_t Sg = std::max(S, std::max(T, cfg_.max_tokens) * K);
   clock.mark("route");
 
   // -- convert: x rows to bf16, zero padded to KpH.
-  bf16* xb = en.xb.get<bf16>(Tc * KpH);
+  const bool keep = en.has_gu;  // retain: the entry keeps x, x A^T, [g | u], h Ad^T
+  bf16* xb = keep ? en.xb.get<bf16>(T * KpH) : shared_buf<bf16>(kSlotX, T * KpH);
   rows_to_bf16(c.x, T, H, KpH, xb, nt, k);
   clock.mark("convert");
 
@@ -1199,87 +1232,28 @@ void MoEEngine::run_forward(Ctx& c) {
   int8_t* xq = nullptr;
   float *sxq = nullptr, *shq = nullptr;
   if (w8a8) {
-    int8_t* xq_tok = shared_buf<int8_t>(kSlotQTok, Tc * ldxq);
-    float* sx_tok = shared_buf<float>(kSlotQScales, Tc + 2 * Sc);
-    sxq = sx_tok + Tc;
-    shq = sxq + Sc;
-    xq = shared_buf<int8_t>(kSlotQRows, Sc * std::max(ldxq, ldhq));
+    int8_t* xq_tok = shared_buf<int8_t>(kSlotQTok, T * ldxq);
+    float* sx_tok = shared_buf<float>(kSlotQScales, T + 2 * S);
+    sxq = sx_tok + T;
+    shq = sxq + S;
+    xq = shared_buf<int8_t>(kSlotQRows, S * std::max(ldxq, ldhq));
     w8a8::quantize_rows(T, xb, KpH, H, xq_tok, ldxq, sx_tok, nt);
     w8a8::gather_rows(S, slot_tok, xq_tok, sx_tok, ldxq, xq, sxq, nt);
     clock.mark("quantize_x");
   }
 
   // -- gather rows into expert order; LoRA x A^T.
-  std::vector<Tile> tiles;
-  for (int64_t e = 0; e < E; ++e) {
-    for (int64_t m0 = off[e]; m0 < off[e + 1]; m0 += kRowsGather) {
-      tiles.push_back({e, m0, std::min(off[e + 1], m0 + kRowsGather), 0, 0});
-    }
-  }
-  bf16* xg = shared_buf<bf16>(kSlotRows, Sc * KpH);
-  float* xa = c.lora ? en.xa.get<float>(Sc * RA) : nullptr;
-  parallel_for(static_cast<int64_t>(tiles.size()), nt, [&](int64_t i, int th) {
-    const Tile& tl = tiles[static_cast<size_t>(i)];
-    const int64_t M = tl.m1 - tl.m0;
-    for (int64_t p = tl.m0; p < tl.m1; ++p) {
-      std::memcpy(xg + p * KpH, xb + slot_tok[p] * KpH, static_cast<size_t>(KpH) * sizeof(bf16));
-    }
-    if (c.lora) {
-      float* xf = local_buf<float>(th, kL0, M * H);
-      for (int64_t m = 0; m < M; ++m) k.cvt_bf16_f32(H, xg + (tl.m0 + m) * KpH, xf + m * H);
-      k.gemm_f32_nt(M, RA, H, 1.0f, xf, H, a_all_.as<float>() + tl.e * RA * Hb, Hb, xa + tl.m0 * RA,
-                    RA, false);
-    }
-  });
+  bf16* xg = shared_buf<bf16>(kSlotRows, S * KpH);
+  float* xa_scratch = (c.lora && !keep) ? shared_buf<float>(kSlotXA, S * (RA + r)) : nullptr;
+  float* xa = !c.lora ? nullptr : keep ? en.xa.get<float>(S * RA) : xa_scratch;
+  gather_phase(off, slot_tok, xb, xg, xa);
   clock.mark("gather");
 
-  // -- gate_up tiles: [g | u] per block pair, activation, h as bf16. Column chunks never cross a
-  // tensor-parallel slice; slice s's tiles run on worker group s.
-  const int64_t n_pairs = nbI_;
-  const size_t tp = sl_.size();
-  const SliceTiles gu_tiles = slice_tiles(sl_, [&](int64_t pb, int64_t pe, std::vector<Tile>& out) {
-    for (int64_t e = 0; e < E; ++e) {
-      for (int64_t m0 = off[e]; m0 < off[e + 1]; m0 += kRowsFwd) {
-        for (int64_t p0 = pb; p0 < pe; p0 += kPairsFwd) {
-          out.push_back(
-              {e, m0, std::min(off[e + 1], m0 + kRowsFwd), p0, std::min(pe, p0 + kPairsFwd)});
-        }
-      }
-    }
-  });
-  bf16* hb = shared_buf<bf16>(kSlotH, Sc * std::max(KpI, 2 * Ib));
-  float* gu = en.gu.get<float>(Sc * 2 * Ib);
-  run_slices(gu_tiles.counts, [&](int si, int64_t i, int th) {
-    const Tile& tl = gu_tiles.at(si, i);
-    const int64_t M = tl.m1 - tl.m0, np = tl.n1 - tl.n0, ncols = 32 * np, nh = 16 * np;
-    float* C = gu + tl.m0 * 2 * Ib + 32 * tl.n0;  // written in place in the cache
-    const int64_t ldc = 2 * Ib;
-    if (w8a8) {
-      w8a8_gate_up_tile(tl.e, tl.n0, np, M, xq + tl.m0 * ldxq, ldxq, sxq + tl.m0, C, ldc, th, kL2);
-    } else {
-      gemm_weights(Proj::gate_up, si, tl.e, 2 * tl.n0, 2 * np, M, xg + tl.m0 * KpH, KpH, C, ldc,
-                   false, th, kL2);
-    }
-    if (c.lora) {
-      k.gemm_f32_nn(M, ncols, RA, s, xa + tl.m0 * RA, RA,
-                    bgu_t_.as<float>() + tl.e * RA * 2 * Ib + 32 * tl.n0, 2 * Ib, C, ldc, true);
-    }
-    float* g = local_buf<float>(th, kL0, M * nh);
-    float* u = local_buf<float>(th, kL1, M * nh);
-    for (int64_t m = 0; m < M; ++m) {
-      for (int64_t q = 0; q < np; ++q) {
-        std::memcpy(g + m * nh + 16 * q, C + m * ldc + 32 * q, 16 * sizeof(float));
-        std::memcpy(u + m * nh + 16 * q, C + m * ldc + 32 * q + 16, 16 * sizeof(float));
-      }
-    }
-    k.silu_mul(M * nh, g, u, g);
-    const bool last = tl.n1 == n_pairs;
-    for (int64_t m = 0; m < M; ++m) {
-      bf16* hrow = hb + (tl.m0 + m) * KpI;
-      k.cvt_f32_bf16(nh, g + m * nh, hrow + 16 * tl.n0);
-      if (last) std::memset(hrow + Ib, 0, static_cast<size_t>(KpI - Ib) * sizeof(bf16));
-    }
-  });
+  // -- gate_up tiles: [g | u] per block pair, activation, h as bf16 (kept in the cache entry, or
+  // in scratch when backward will recompute it).
+  bf16* hb = shared_buf<bf16>(kSlotH, S * std::max(KpI, 2 * Ib));
+  float* gu = en.has_gu ? en.gu.get<float>(S * 2 * Ib) : nullptr;
+  gate_up_phase(off, xg, xq, sxq, xa, c.lora, gu, hb);
   clock.mark("gate_up");
 
   // -- W8A8: h rows to int8 codes, one scale per row over all of I (into x codes' buffer).
@@ -1290,34 +1264,22 @@ void MoEEngine::run_forward(Ctx& c) {
   }
 
   // -- LoRA h Ad^T.
+  float* had = !c.lora ? nullptr : keep ? en.had.get<float>(S * r) : xa_scratch + S * RA;
   if (c.lora) {
-    tiles.clear();
-    for (int64_t e = 0; e < E; ++e) {
-      for (int64_t m0 = off[e]; m0 < off[e + 1]; m0 += kRowsGather) {
-        tiles.push_back({e, m0, std::min(off[e + 1], m0 + kRowsGather), 0, 0});
-      }
-    }
-    float* had = en.had.get<float>(Sc * r);
-    parallel_for(static_cast<int64_t>(tiles.size()), nt, [&](int64_t i, int th) {
-      const Tile& tl = tiles[static_cast<size_t>(i)];
-      const int64_t M = tl.m1 - tl.m0;
-      float* hf = local_buf<float>(th, kL0, M * Ib);
-      for (int64_t m = 0; m < M; ++m) k.cvt_bf16_f32(Ib, hb + (tl.m0 + m) * KpI, hf + m * Ib);
-      k.gemm_f32_nt(M, r, Ib, 1.0f, hf, Ib, ad_.as<float>() + tl.e * r * Ib, Ib, had + tl.m0 * r, r,
-                    false);
-    });
+    lora_down_phase(off, hb, had);
     clock.mark("lora_down_a");
   }
 
   // -- down tiles (y per slot) and the per-token combine, per group of H columns. Tensor
-  // parallel: slice s's tiles (on group s) write its partial y_s, tp buffers of Sc rows (the
+  // parallel: slice s's tiles (on group s) write its partial y_s, tp buffers of S rows (the
   // column groups shrink so that they fit the same budget); the combine sums them.
-  const ColGroups cg = col_groups(Sc * static_cast<int64_t>(tp), nbH_, kBlocksDown);
-  const int64_t ldy = cg.blocks * kBlockN, ypart = Sc * ldy;
+  const size_t tp = sl_.size();
+  const ColGroups cg = col_groups(Sg * static_cast<int64_t>(tp), nbH_, kBlocksDown);
+  const int64_t ldy = cg.blocks * kBlockN, ypart = S * ldy;
   float* y = shared_buf<float>(kSlotY, static_cast<int64_t>(tp) * ypart);
-  const float* had = c.lora ? en.had.get<float>(Sc * r) : nullptr;
   const int32_t* pos = en.pos.data();
   const float* slot_w = en.slot_w.data();
+  std::vector<Tile> tiles;
   for (int64_t grp = 0; grp < cg.count; ++grp) {
     const int64_t blo = grp * cg.blocks, bhi = std::min(nbH_, blo + cg.blocks);
     tiles.clear();
@@ -1359,9 +1321,143 @@ void MoEEngine::run_forward(Ctx& c) {
   clock.total();
 }
 
+void MoEEngine::gate_up_phase(const int64_t* off, const bf16* xg, const int8_t* xq,
+                              const float* sxq, const float* xa, bool lora, float* gu,
+                              bf16* hb) const {
+  const int64_t E = E_, KpH = KpH_, KpI = KpI_, Ib = Ib_, RA = RA_;
+  const kernels::KernelTable& k = k_;
+  const float s = scale_;
+  const bool w8a8 = wkind_ == quant::Kind::w8a8;
+  const int64_t ldxq = fgu_.Kp;
+  // Column chunks never cross a tensor-parallel slice; slice s's tiles run on worker group s.
+  const int64_t n_pairs = nbI_;
+  const SliceTiles gu_tiles = slice_tiles(sl_, [&](int64_t pb, int64_t pe, std::vector<Tile>& out) {
+    for (int64_t e = 0; e < E; ++e) {
+      for (int64_t m0 = off[e]; m0 < off[e + 1]; m0 += kRowsFwd) {
+        for (int64_t p0 = pb; p0 < pe; p0 += kPairsFwd) {
+          out.push_back(
+              {e, m0, std::min(off[e + 1], m0 + kRowsFwd), p0, std::min(pe, p0 + kPairsFwd)});
+        }
+      }
+    }
+  });
+  run_slices(gu_tiles.counts, [&](int si, int64_t i, int th) {
+    const Tile& tl = gu_tiles.at(si, i);
+    const int64_t M = tl.m1 - tl.m0, np = tl.n1 - tl.n0, ncols = 32 * np, nh = 16 * np;
+    // In place in gu, or (no gu wanted) in a tile of the thread's scratch: the same values.
+    float* C =
+        gu != nullptr ? gu + tl.m0 * 2 * Ib + 32 * tl.n0 : local_buf<float>(th, kL3, M * ncols);
+    const int64_t ldc = gu != nullptr ? 2 * Ib : ncols;
+    if (w8a8) {
+      w8a8_gate_up_tile(tl.e, tl.n0, np, M, xq + tl.m0 * ldxq, ldxq, sxq + tl.m0, C, ldc, th, kL2);
+    } else {
+      gemm_weights(Proj::gate_up, si, tl.e, 2 * tl.n0, 2 * np, M, xg + tl.m0 * KpH, KpH, C, ldc,
+                   false, th, kL2);
+    }
+    if (lora) {
+      k.gemm_f32_nn(M, ncols, RA, s, xa + tl.m0 * RA, RA,
+                    bgu_t_.as<float>() + tl.e * RA * 2 * Ib + 32 * tl.n0, 2 * Ib, C, ldc, true);
+    }
+    if (hb == nullptr) return;
+    float* g = local_buf<float>(th, kL0, M * nh);
+    float* u = local_buf<float>(th, kL1, M * nh);
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t q = 0; q < np; ++q) {
+        std::memcpy(g + m * nh + 16 * q, C + m * ldc + 32 * q, 16 * sizeof(float));
+        std::memcpy(u + m * nh + 16 * q, C + m * ldc + 32 * q + 16, 16 * sizeof(float));
+      }
+    }
+    k.silu_mul(M * nh, g, u, g);
+    const bool last = tl.n1 == n_pairs;
+    for (int64_t m = 0; m < M; ++m) {
+      bf16* hrow = hb + (tl.m0 + m) * KpI;
+      k.cvt_f32_bf16(nh, g + m * nh, hrow + 16 * tl.n0);
+      if (last) std::memset(hrow + Ib, 0, static_cast<size_t>(KpI - Ib) * sizeof(bf16));
+    }
+  });
+}
+
+void MoEEngine::gather_phase(const int64_t* off, const int32_t* slot_tok, const bf16* xb, bf16* xg,
+                             float* xa) const {
+  const int64_t E = E_, H = H_, KpH = KpH_, Hb = Hb_, RA = RA_;
+  const kernels::KernelTable& k = k_;
+  std::vector<Tile> tiles;
+  for (int64_t e = 0; e < E; ++e) {
+    for (int64_t m0 = off[e]; m0 < off[e + 1]; m0 += kRowsGather) {
+      tiles.push_back({e, m0, std::min(off[e + 1], m0 + kRowsGather), 0, 0});
+    }
+  }
+  parallel_for(static_cast<int64_t>(tiles.size()), threads_, [&](int64_t i, int th) {
+    const Tile& tl = tiles[static_cast<size_t>(i)];
+    const int64_t M = tl.m1 - tl.m0;
+    for (int64_t p = tl.m0; p < tl.m1; ++p) {
+      std::memcpy(xg + p * KpH, xb + slot_tok[p] * KpH, static_cast<size_t>(KpH) * sizeof(bf16));
+    }
+    if (xa != nullptr) {
+      float* xf = local_buf<float>(th, kL0, M * H);
+      for (int64_t m = 0; m < M; ++m) k.cvt_bf16_f32(H, xg + (tl.m0 + m) * KpH, xf + m * H);
+      k.gemm_f32_nt(M, RA, H, 1.0f, xf, H, a_all_.as<float>() + tl.e * RA * Hb, Hb, xa + tl.m0 * RA,
+                    RA, false);
+    }
+  });
+}
+
+void MoEEngine::lora_down_phase(const int64_t* off, const bf16* hb, float* had) const {
+  const int64_t E = E_, KpI = KpI_, Ib = Ib_, r = r_;
+  const kernels::KernelTable& k = k_;
+  std::vector<Tile> tiles;
+  for (int64_t e = 0; e < E; ++e) {
+    for (int64_t m0 = off[e]; m0 < off[e + 1]; m0 += kRowsGather) {
+      tiles.push_back({e, m0, std::min(off[e + 1], m0 + kRowsGather), 0, 0});
+    }
+  }
+  parallel_for(static_cast<int64_t>(tiles.size()), threads_, [&](int64_t i, int th) {
+    const Tile& tl = tiles[static_cast<size_t>(i)];
+    const int64_t M = tl.m1 - tl.m0;
+    float* hf = local_buf<float>(th, kL0, M * Ib);
+    for (int64_t m = 0; m < M; ++m) k.cvt_bf16_f32(Ib, hb + (tl.m0 + m) * KpI, hf + m * Ib);
+    k.gemm_f32_nt(M, r, Ib, 1.0f, hf, Ib, ad_.as<float>() + tl.e * r * Ib, Ib, had + tl.m0 * r, r,
+                  false);
+  });
+}
+
+void MoEEngine::recompute_inputs(const Entry& en, const View& x, bool lora, Recomputed& out) const {
+  const int64_t T = en.T, S = en.S, H = H_, KpH = KpH_, KpI = KpI_, Ib = Ib_, RA = RA_;
+  const int nt = threads_;
+  const int64_t* off = en.offsets.data();
+  const int32_t* slot_tok = en.slot_tok.data();
+  // The forward's phases on the forward's x, in the same tiles: the same bits.
+  bf16* xb = shared_buf<bf16>(kSlotX, T * KpH);
+  rows_to_bf16(x, T, H, KpH, xb, nt, k_);
+  bf16* xg = shared_buf<bf16>(kSlotRows, S * KpH);
+  float* xa = lora ? shared_buf<float>(kSlotXA, S * (RA + r_)) : nullptr;
+  gather_phase(off, slot_tok, xb, xg, xa);
+  int8_t* xq = nullptr;
+  float* sxq = nullptr;
+  if (wkind_ == quant::Kind::w8a8) {
+    const int64_t ldxq = fgu_.Kp;
+    int8_t* xq_tok = shared_buf<int8_t>(kSlotQTok, T * ldxq);
+    float* sx_tok = shared_buf<float>(kSlotQScales, T + S);
+    sxq = sx_tok + T;
+    xq = shared_buf<int8_t>(kSlotQRows, S * ldxq);
+    w8a8::quantize_rows(T, xb, KpH, H, xq_tok, ldxq, sx_tok, nt);
+    w8a8::gather_rows(S, slot_tok, xq_tok, sx_tok, ldxq, xq, sxq, nt);
+  }
+  float* gu = shared_buf<float>(kSlotGU, S * 2 * Ib);
+  bf16* hb = lora ? shared_buf<bf16>(kSlotH, S * std::max(KpI, 2 * Ib)) : nullptr;
+  gate_up_phase(off, xg, xq, sxq, xa, lora, gu, hb);
+  float* had = nullptr;
+  if (lora) {
+    had = xa + S * RA;
+    lora_down_phase(off, hb, had);
+  }
+  out = {xb, xa, gu, had};
+}
+
 // ---- backward ----------------------------------------------------------------------------------
 
-void MoEEngine::check_backward(const View& dout, const View& dx, const View& dw) const {
+void MoEEngine::check_backward(const View& dout, const View& dx, const View& dw,
+                               const View& x) const {
   if (pending_ == 0) {
     throw StateError(
         "backward: no forward is pending; run forward(..., save_for_backward=True) "
@@ -1372,24 +1468,40 @@ void MoEEngine::check_backward(const View& dout, const View& dx, const View& dw)
   check(dout, {"grad_out", fl, {T, H_}, "(T, hidden_size) of the pending forward", false, true});
   check(dx, {"grad_input", fl, {T, H_}, "(T, hidden_size) of the pending forward", true, true});
   check(dw, {"grad_routing_weights", fl, {T, K_}, "(T, top_k) of the pending forward", true});
+  if (!cache_[pending_ - 1]->has_gu) {
+    if (!x.present) {
+      throw ValueError(
+          "backward: the pending forward ran with activation_policy='recompute' and kept only "
+          "its routing; pass its input again as x= (the same (T, hidden_size) values)");
+    }
+    check(x, {"x", fl, {T, H_}, "(T, hidden_size): the pending forward's input", false, true});
+  }
 }
 
-void MoEEngine::backward(const View& dout, const View& dx, const View& dw) {
-  check_backward(dout, dx, dw);
+void MoEEngine::backward(const View& dout, const View& dx, const View& dw, const View& x) {
+  check_backward(dout, dx, dw, x);
   std::lock_guard<std::mutex> lock(engine_mutex());
   Ctx c;
   c.dout = dout;
   c.dx = dx;
   c.dw = dw;
+  c.x_again = x;
   c.entry = cache_[pending_ - 1].get();
   c.lora = r_ > 0;
   c.grads = c.lora && lora_grads_;
   --pending_;  // popped whether or not the run succeeds: a failed backward cannot be retried
-  run_backward(c);
+  try {
+    run_backward(c);
+  } catch (...) {
+    c.entry->release();
+    throw;
+  }
+  c.entry->release();  // its memory goes back to the pool for the next forward of any layer
 }
 
 void MoEEngine::clear_cache() {
   std::lock_guard<std::mutex> lock(engine_mutex());
+  for (auto& entry : cache_) entry->release();
   pending_ = 0;
 }
 
@@ -1408,10 +1520,22 @@ void MoEEngine::run_backward(Ctx& c) {
   const float* slot_w = en.slot_w.data();
   const int32_t* pos = en.pos.data();
   const bool lora = c.lora, grads = c.grads;
-  const int64_t Tc = std::max(T, cfg_.max_tokens), Sc = std::max(S, Tc * K);
+  // Column groups of the dx phase as max_tokens has always set them (Sg); buffers hold S rows.
+  const int64_t Sg = std::max(S, std::max(T, cfg_.max_tokens) * K);
+
+  // -- recompute: [g | u] of a forward that did not keep it, into scratch.
+  Recomputed in;
+  if (en.has_gu) {
+    in = {en.xb.data<bf16>(), lora ? en.xa.data<float>() : nullptr, en.gu.data<float>(),
+          lora ? en.had.data<float>() : nullptr};
+  } else {
+    recompute_inputs(en, c.x_again, lora, in);
+    clock.mark("recompute");
+  }
+  const float* gu = in.gu;
 
   // -- convert dout to bf16 per token, then gather into expert order; LoRA dY Bd.
-  bf16* dtok = shared_buf<bf16>(kSlotTok, Tc * KpH);
+  bf16* dtok = shared_buf<bf16>(kSlotTok, T * KpH);
   rows_to_bf16(c.dout, T, H, KpH, dtok, nt, k);
   clock.mark("convert");
 
@@ -1442,7 +1566,7 @@ void MoEEngine::run_backward(Ctx& c) {
       tiles.push_back({e, m0, std::min(off[e + 1], m0 + kRowsGather), 0, 0});
     }
   }
-  bf16* dyg = shared_buf<bf16>(kSlotRows, Sc * KpH);
+  bf16* dyg = shared_buf<bf16>(kSlotRows, S * KpH);
   parallel_for(static_cast<int64_t>(tiles.size()), nt, [&](int64_t i, int th) {
     const Tile& tl = tiles[static_cast<size_t>(i)];
     const int64_t M = tl.m1 - tl.m0;
@@ -1471,9 +1595,8 @@ void MoEEngine::run_backward(Ctx& c) {
       }
     }
   });
-  bf16* dgu = shared_buf<bf16>(kSlotH, Sc * std::max(KpI_, 2 * Ib));
-  const float* gu = en.gu.get<float>(S * 2 * Ib);
-  const float* xa = lora ? en.xa.get<float>(S * RA) : nullptr;
+  bf16* dgu = shared_buf<bf16>(kSlotH, S * std::max(KpI_, 2 * Ib));
+  const float* xa = in.xa;
   const int64_t wdt_elems = kPairsBwd * kernels::packed_block_elems(H);
   run_slices(dt_tiles.counts, [&](int sidx, int64_t ti, int th) {
     const Tile& tl = dt_tiles.at(sidx, ti);
@@ -1618,11 +1741,11 @@ void MoEEngine::run_backward(Ctx& c) {
   // per-token combine of dx. Both per group of H columns (see col_groups). Tensor parallel: tile
   // i of slice s (on group s) writes slice s's partial of dx (the product over its I columns);
   // slice 0's tile adds the LoRA A term and owns the tile's LoRA A / down-B gradients.
-  const ColGroups cg = col_groups(Sc * static_cast<int64_t>(tp), nbH_, kBlocksBwdH);
-  const int64_t ldx = cg.blocks * kBlockN, xpart = Sc * ldx;
+  const ColGroups cg = col_groups(Sg * static_cast<int64_t>(tp), nbH_, kBlocksBwdH);
+  const int64_t ldx = cg.blocks * kBlockN, xpart = S * ldx;
   float* dxs = shared_buf<float>(kSlotY, static_cast<int64_t>(tp) * xpart);
-  const bf16* xb = en.xb.get<bf16>(Tc * KpH);
-  const float* had = lora ? en.had.get<float>(Sc * r) : nullptr;
+  const bf16* xb = in.xb;
+  const float* had = in.had;
   const int64_t Kgu = 2 * Ib;  // depth of the transposed gate_up (a multiple of 32)
   for (int64_t grp = 0; grp < cg.count; ++grp) {
     const int64_t blo = grp * cg.blocks, bhi = std::min(nbH_, blo + cg.blocks);
@@ -1711,9 +1834,10 @@ MemoryStats MoEEngine::memory_stats() const {
         static_cast<int64_t>(sl->wgu.bytes + sl->wd.bytes + sl->sgu.bytes + sl->sd.bytes);
   }
   m.lora_bytes = static_cast<int64_t>(a_all_.bytes + bgu_t_.bytes + ad_.bytes + bd_t_.bytes);
-  size_t cache = infer_ ? infer_->bytes() : 0;
+  size_t cache = 0;
   for (const auto& e : cache_) cache += e->bytes();
   m.cache_bytes = static_cast<int64_t>(cache);
+  m.cache_peak_bytes = static_cast<int64_t>(std::max(cache_peak_, cache));
   m.scratch_bytes = static_cast<int64_t>(Scratch::instance().bytes());
   return m;
 }

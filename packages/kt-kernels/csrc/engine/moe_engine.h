@@ -41,6 +41,7 @@
 #include "engine/quant.h"
 #include "engine/tensor.h"
 #include "kernels/kernels.h"
+#include "runtime/memory_stats.h"
 
 namespace kt::engine {
 
@@ -62,6 +63,9 @@ struct EngineConfig {
   // "bf16", or "int8" (W8A8, with weight_dtype "int8" only): int8 x int8 base GEMMs in forward,
   // activations quantized per row (engine/w8a8.h).
   std::string activation_dtype = "bf16";
+  // What a forward that saves for backward keeps: "retain" (the gate/up outputs, so backward
+  // reads them) or "recompute" (only the inputs; backward recomputes gate/up, bit for bit).
+  std::string activation_policy = "retain";
 };
 
 // LoRA arrays as the caller gives them (any float dtype the engine accepts, any strides).
@@ -78,11 +82,14 @@ struct PhaseStat {
   double total_ms = 0.0;
 };
 
+// One engine's memory. Cache entries come from the process-wide pool (engine/activation_cache.h)
+// and scratch is process-wide (runtime/scratch.h): runtime/memory_stats.h has the process totals.
 struct MemoryStats {
-  int64_t weight_bytes = 0;   // packed base weights
-  int64_t lora_bytes = 0;     // internal fp32 copy of the LoRA weights
-  int64_t cache_bytes = 0;    // activation cache entries (allocated, pending or free)
-  int64_t scratch_bytes = 0;  // process-wide scratch pool (shared by all engines)
+  int64_t weight_bytes = 0;      // packed base weights
+  int64_t lora_bytes = 0;        // internal fp32 copy of the LoRA weights
+  int64_t cache_bytes = 0;       // activation cache entries of this engine's pending forwards
+  int64_t cache_peak_bytes = 0;  // the most cache_bytes has been since construction
+  int64_t scratch_bytes = 0;     // process-wide scratch pool (shared by all engines)
 };
 
 class MoEEngine {
@@ -122,11 +129,21 @@ class MoEEngine {
   void check_forward(const View& x, const View& ids, const View& w, const View& out,
                      bool save) const;
   void forward(const View& x, const View& ids, const View& w, const View& out, bool save);
-  void check_backward(const View& dout, const View& dx, const View& dw) const;
-  void backward(const View& dout, const View& dx, const View& dw);
+  // x: the pending forward's input again, required when that forward ran with
+  // activation_policy "recompute" (its entry keeps only the routing), ignored otherwise.
+  void check_backward(const View& dout, const View& dx, const View& dw,
+                      const View& x = View()) const;
+  void backward(const View& dout, const View& dx, const View& dw, const View& x = View());
 
   int64_t cache_depth() const { return static_cast<int64_t>(pending_); }
+  // Drops every pending forward; their cache memory returns to the pool.
   void clear_cache();
+  // "retain" or "recompute" (EngineConfig::activation_policy), for the forwards that follow.
+  void set_activation_policy(const std::string& policy);
+  const std::string& activation_policy() const { return cfg_.activation_policy; }
+  // Returns the scratch buffers and the cache blocks kept for reuse to the system (every engine
+  // of the process; pending forwards keep their entries).
+  static void trim_memory();
   MemoryStats memory_stats() const;
   // Milliseconds per phase of the last forward and the last backward.
   std::map<std::string, double> last_timings() const { return timings_; }
@@ -143,6 +160,28 @@ class MoEEngine {
   struct Ctx;
   void run_forward(Ctx& c);
   void run_backward(Ctx& c);
+  // The gate_up tiles over the routed rows (offsets off): [g | u] = x Wgu^T + s (x A^T) Bgu^T into
+  // gu (S x 2Ib fp32; null: only per tile, in thread scratch), from the bf16 rows xg (or, W8A8,
+  // the codes xq with row scales sxq); with hb, also h = silu(g) * u as bf16 rows of KpI. The
+  // same tiles whoever calls, so the same bits.
+  void gate_up_phase(const int64_t* off, const kernels::bf16* xg, const int8_t* xq,
+                     const float* sxq, const float* xa, bool lora, float* gu,
+                     kernels::bf16* hb) const;
+  // x rows into expert order (xg) from the bf16 token rows xb; with xa, LoRA x A^T too.
+  void gather_phase(const int64_t* off, const int32_t* slot_tok, const kernels::bf16* xb,
+                    kernels::bf16* xg, float* xa) const;
+  // LoRA h Ad^T (S x r) from the bf16 h rows.
+  void lora_down_phase(const int64_t* off, const kernels::bf16* hb, float* had) const;
+  // What backward reads of its forward: the entry's buffers (retain) or, for a recompute entry,
+  // scratch refilled from the forward's x by the forward's own phases.
+  struct Recomputed {
+    const kernels::bf16* xb = nullptr;
+    const float* xa = nullptr;
+    const float* gu = nullptr;
+    const float* had = nullptr;
+  };
+  void recompute_inputs(const Entry& en, const View& x, bool lora, Recomputed& out) const;
+  void note_cache_bytes();
   void check_lora_ready(const char* what) const;
 
   EngineConfig cfg_;
@@ -167,7 +206,9 @@ class MoEEngine {
     Buf(const Buf&) = delete;
     Buf& operator=(const Buf&) = delete;
     ~Buf();
-    void reset(size_t n);
+    // Frees, then allocates n bytes (none for 0) counted as memory of `kind`.
+    void reset(size_t n, runtime::MemKind kind = runtime::MemKind::weights);
+    runtime::MemKind kind = runtime::MemKind::weights;
     bool empty() const { return p == nullptr; }
     template <typename T>
     T* as() const {
@@ -245,7 +286,8 @@ class MoEEngine {
 
   std::vector<std::unique_ptr<Entry>> cache_;  // entries [0, pending_) are pending
   size_t pending_ = 0;
-  std::unique_ptr<Entry> infer_;  // buffers of forwards without save_for_backward
+  size_t cache_peak_ = 0;   // the most bytes this engine's pending entries have held
+  bool recompute_ = false;  // activation_policy == "recompute"
 
   std::map<std::string, double> timings_;
   std::map<std::string, PhaseStat> prof_;

@@ -3,6 +3,8 @@
 #include <cstdlib>
 #include <new>
 
+#include "runtime/memory_stats.h"
+
 namespace kt::runtime {
 
 Scratch& Scratch::instance() {
@@ -24,6 +26,7 @@ void* Scratch::ensure(Buffer& b, size_t bytes) {
   b.ptr = p;
   b.size = want;
   bytes_.fetch_add(want);
+  mem_add(MemKind::scratch, want);
   return p;
 }
 
@@ -31,6 +34,7 @@ void Scratch::free_buffer(Buffer& b) {
   if (b.ptr == nullptr) return;
   std::free(b.ptr);
   bytes_.fetch_sub(b.size);
+  mem_sub(MemKind::scratch, b.size);
   b.ptr = nullptr;
   b.size = 0;
 }

@@ -1,7 +1,7 @@
 // Scratch memory shared by every engine of the process: layers run one at a time, so one set of
-// buffers serves them all. Buffers grow on demand (never shrink until release()), are 64-byte
-// aligned, and their contents are undefined when handed out. Pages that were never touched cost
-// no resident memory.
+// buffers serves them all, sized by the largest call so far (the widest layer at the most tokens).
+// Buffers grow on demand (never shrink until release(), which kt_kernels.trim_memory() calls), are
+// page aligned, and their contents are undefined when handed out.
 #pragma once
 
 #include <atomic>

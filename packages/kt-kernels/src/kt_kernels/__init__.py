@@ -38,6 +38,30 @@ def default_thread_count() -> int:
     return int(_core.default_thread_count())
 
 
+def memory_stats() -> dict[str, int]:
+    """Return the engine memory of the whole process, in bytes, by kind: ``<kind>_bytes`` (live
+    now) and ``<kind>_peak_bytes`` (the most since :func:`reset_memory_peaks`) for ``weights``
+    (packed base weights), ``lora`` (the engines' fp32 LoRA copies), ``cache`` (activation cache
+    entries of pending forwards), ``pool`` (cache blocks kept for reuse by the next forward of
+    any layer) and ``scratch`` (the process-wide scratch buffers); ``total_bytes`` and
+    ``total_peak_bytes`` are their sum (the peak of the sum, not the sum of the peaks)."""
+    return {str(k): int(v) for k, v in _core.memory_stats().items()}
+
+
+def reset_memory_peaks() -> None:
+    """Set every peak of :func:`memory_stats` to its live value."""
+    _core.reset_memory_peaks()
+
+
+def trim_memory() -> None:
+    """Free the process-wide scratch buffers and the activation-cache blocks kept for reuse.
+
+    Both are allocated again when an engine next needs them; cache entries of pending forwards
+    are not touched. Call it between phases of different size (after a long-sequence step, before
+    evaluation) to give the memory back to the system."""
+    _core.trim_memory()
+
+
 def numa_node_count() -> int:
     """Return the NUMA nodes of this machine (``tp=None`` engines use one slice per node)."""
     return int(_core.numa_node_count())
@@ -53,10 +77,13 @@ __all__ = [
     "cpu_features",
     "default_thread_count",
     "dequantize_weights",
+    "memory_stats",
     "numa_node_count",
     "physical_core_count",
     "profile",
     "profiling",
     "quantize_weights",
+    "reset_memory_peaks",
+    "trim_memory",
     "write_chrome_trace",
 ]

@@ -97,13 +97,21 @@ class MoEEngine:
             multiples of 32 columns of I (int4: of ``group_size``), so ``tp`` is at most
             ``ceil(I / 32)``; on a single-node machine ``tp > 1`` gives logical slices with the
             same results up to float32 summation order.
-        max_tokens: the batch size buffers are planned for. A larger T is accepted: the
-            activation cache and scratch grow on demand (and stay grown). Bounded (as is T):
-            ``max_tokens * top_k`` below ``2**31`` (routed rows are numbered in int32) and at
-            most ``2**47`` bytes per planned buffer; a larger value is a ``ValueError`` that
-            names the largest allowed one.
+        max_tokens: the batch size the down / dx column passes are planned for (any T is
+            accepted). Memory follows the tokens actually seen: a cache entry holds the T x K
+            rows its forward routed, and the process-wide scratch grows to the largest call.
+            Bounded (as is T): ``max_tokens * top_k`` below ``2**31`` (routed rows are numbered
+            in int32) and at most ``2**47`` bytes per planned buffer; a larger value is a
+            ``ValueError`` that names the largest allowed one.
         max_cache_depth: forwards with ``save_for_backward=True`` that may be pending at once;
             backwards consume them last-in first-out.
+        activation_policy: what a forward with ``save_for_backward=True`` keeps for backward:
+            ``"retain"`` (default: x, x A^T, h Ad^T and the gate/up outputs, T*(2H) + T*K*(8I +
+            8r) bytes) or ``"recompute"`` (only the routing, 12 bytes per routed row:
+            :meth:`backward` then takes the forward's ``x`` again and recomputes the rest with
+            the forward's own tiles, so gradients are bit for bit those of ``"retain"``, for one
+            more gate/up GEMM). Cache entries
+            come from a process-wide pool and return to it when backward consumes them.
         num_threads: threads of the process-wide worker pool this engine uses (None:
             ``KT_NUM_THREADS``, else one per physical core).
         isa: kernel ISA (None: ``KT_KERNELS_ISA``, else the best runnable one).
@@ -134,6 +142,7 @@ class MoEEngine:
         isa: str | None = None,
         group_size: int = 128,
         tp: int | None = 1,
+        activation_policy: Literal["retain", "recompute"] = "retain",
         activation_dtype: Literal["bf16", "int8"] = "bf16",
     ) -> None:
         try:
@@ -153,6 +162,7 @@ class MoEEngine:
                 group_size=group_size,
                 tp=tp,
                 activation_dtype=activation_dtype,
+                activation_policy=activation_policy,
             )
         finally:
             _emit_dispatch_warnings()
@@ -184,6 +194,16 @@ class MoEEngine:
     def scaling(self) -> float:
         """LoRA scaling ``lora_alpha / lora_rank`` (1.0 without LoRA)."""
         return float(self._eng.scaling)
+
+    @property
+    def activation_policy(self) -> str:
+        """``"retain"`` or ``"recompute"``: what later forwards keep for backward (settable;
+        forwards already pending keep what they saved)."""
+        return str(self._eng.activation_policy)
+
+    @activation_policy.setter
+    def activation_policy(self, policy: str) -> None:
+        self._eng.activation_policy = policy
 
     @property
     def cache_depth(self) -> int:
@@ -324,17 +344,26 @@ class MoEEngine:
         """Wait for the forward started by :meth:`submit_forward`; re-raises its error, if any."""
         self._eng.sync_forward()
 
-    def backward(self, grad_out: Array, grad_input: Array, grad_routing_weights: Array) -> None:
+    def backward(
+        self,
+        grad_out: Array,
+        grad_input: Array,
+        grad_routing_weights: Array,
+        x: Array | None = None,
+    ) -> None:
         """Backward of the most recent pending forward (last in, first out).
 
         grad_out: (T, H) float32/bfloat16. Writes grad_input (T, H) and grad_routing_weights
         (T, K) (0 where the id was -1), and adds the LoRA gradients into the bound gradient
-        arrays (when given).
+        arrays (when given). x: that forward's input again (the same values, float32 or
+        bfloat16), required when it ran with ``activation_policy="recompute"`` (its cache entry
+        keeps only the routing: backward recomputes x A^T, [g | u] and h Ad^T from x with the
+        forward's own tiles), ignored otherwise.
         """
-        self._eng.backward(grad_out, grad_input, grad_routing_weights)
+        self._eng.backward(grad_out, grad_input, grad_routing_weights, x)
 
     def clear_cache(self) -> None:
-        """Drop every pending forward (their memory is kept for reuse)."""
+        """Drop every pending forward (their memory returns to the process-wide pool)."""
         self._eng.clear_cache()
 
     # -- introspection -----------------------------------------------------------------------
@@ -342,8 +371,10 @@ class MoEEngine:
     def memory_stats(self) -> dict[str, int]:
         """Bytes held: ``weight_bytes`` (packed base weights; codes + scales for int8/int4, plus
         per-row code sums for W8A8),
-        ``lora_bytes`` (internal fp32 LoRA copy), ``cache_bytes`` (activation cache) and
-        ``scratch_bytes`` (the process-wide scratch pool, shared by all engines)."""
+        ``lora_bytes`` (internal fp32 LoRA copy), ``cache_bytes`` (the cache entries of this
+        engine's pending forwards), ``cache_peak_bytes`` (the most ``cache_bytes`` has been) and
+        ``scratch_bytes`` (the process-wide scratch pool, shared by all engines: do not sum it
+        over engines). Process totals by kind: :func:`kt_kernels.memory_stats`."""
         return {k: int(v) for k, v in self._eng.memory_stats().items()}
 
     def last_timings(self) -> dict[str, float]:

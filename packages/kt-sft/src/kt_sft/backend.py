@@ -71,6 +71,10 @@ def create_backend(cfg: KTConfig, *, num_experts: int, top_k: int, hidden_size: 
     context = current_context()
     if context is None:
         return local()
+    if cfg.activation_policy != "retain":
+        # The node leader's engine serves every rank's tokens and does not get their inputs
+        # back in backward: it retains (gradient checkpointing still saves its memory).
+        cfg = cfg.replace(activation_policy="retain")
     return context.make_backend(local, top_k=top_k, hidden_size=hidden_size)
 
 
@@ -93,10 +97,12 @@ def _create_local_backend(cfg: KTConfig, *, num_experts: int, top_k: int, hidden
                               activation=activation, **kwargs)
     cls = _engine_class()
     # Profiling is kt-sft's (kt_sft.profiling, from the engine's last_timings()), not a kwarg.
-    optional = {"activation": activation, "tp": cfg.tp}
+    optional: dict[str, Any] = {"activation": activation, "tp": cfg.tp}
+    if cfg.activation_policy != "auto":  # auto: LayerEngine sets it per forward
+        optional["activation_policy"] = cfg.activation_policy
     accepted = _accepted_kwargs(cls)
     for name, value in optional.items():
-        default = {"activation": "silu", "tp": 1}[name]
+        default = {"activation": "silu", "tp": 1, "activation_policy": "retain"}[name]
         if value == default:
             continue
         if accepted is not None and name not in accepted:

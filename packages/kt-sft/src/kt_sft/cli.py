@@ -206,7 +206,10 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
     results = [estimate_memory(shape, weight_dtype=d, lora_rank=args.lora_rank,
                                max_tokens=args.max_tokens, cache_depth=args.cache_depth,
                                group_size=args.group_size, training=not args.inference,
-                               non_expert_on_gpu=args.gpu) for d in dtypes]
+                               non_expert_on_gpu=args.gpu, policy=args.policy,
+                               checkpointing=args.checkpointing,
+                               budget=(args.budget * 1024**3 if args.budget else None))
+               for d in dtypes]
     if args.json:
         print(json.dumps([r.to_dict() for r in results], indent=2))
     else:
@@ -295,10 +298,17 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("--dtype", action="append", choices=("bf16", "int8", "int4"),
                      help="expert weight dtype (repeatable; default: all three)")
     est.add_argument("--lora-rank", "--lora_rank", dest="lora_rank", type=int, default=8)
-    est.add_argument("--max-tokens", "--max_tokens", dest="max_tokens", type=int, default=4096,
-                     help="tokens per MoE call (batch x sequence)")
+    est.add_argument("--max-tokens", "--max_tokens", "--tokens", dest="max_tokens", type=int,
+                     default=4096, help="tokens per step / MoE call (batch x sequence)")
     est.add_argument("--cache-depth", "--cache_depth", dest="cache_depth", type=int, default=1,
-                     help="pending forwards per layer (2 with gradient checkpointing)")
+                     help="pending forwards per layer (gradient accumulation without "
+                     "checkpointing)")
+    est.add_argument("--policy", choices=("retain", "recompute", "auto"), default="retain",
+                     help="engine activation policy (KTConfig.activation_policy)")
+    est.add_argument("--checkpointing", choices=("none", "reentrant", "non_reentrant"),
+                     default="none", help="gradient checkpointing of the decoder layers")
+    est.add_argument("--budget", type=float,
+                     help="GiB the auto policy may retain (default: half the available memory)")
     est.add_argument("--group-size", "--group_size", dest="group_size", type=int, default=128,
                      help="int4 quantization group size")
     est.add_argument("--gpu", action="store_true",

@@ -27,6 +27,7 @@ BACKENDS = ("engine", "torch")
 ISAS = ("scalar", "avx2", "avx512", "avx512_bf16", "amx")
 WEIGHT_DTYPES = ("bf16", "fp32", "int8", "int4")
 LORA_LAYOUTS = ("auto", "fused", "split")
+ACTIVATION_POLICIES = ("retain", "recompute", "auto")
 
 #: field -> environment variable that supplies its default.
 ENV_VARS: dict[str, str] = {
@@ -45,6 +46,8 @@ ENV_VARS: dict[str, str] = {
     "lora_experts": "KT_LORA_EXPERTS",
     "lora_expert_intermediate_size": "KT_LORA_EXPERT_INTERMEDIATE_SIZE",
     "num_gpu_experts": "KT_NUM_GPU_EXPERTS",
+    "activation_policy": "KT_ACTIVATION_POLICY",
+    "activation_memory_budget": "KT_ACTIVATION_MEMORY_BUDGET",
 }
 
 _DEFAULTS: dict[str, Any] = {
@@ -63,6 +66,8 @@ _DEFAULTS: dict[str, Any] = {
     "lora_experts": 0,
     "lora_expert_intermediate_size": 64,
     "num_gpu_experts": 0,
+    "activation_policy": "retain",
+    "activation_memory_budget": None,
 }
 
 # Values of the original KT backend switch: kernel family -> (isa, weight dtype).
@@ -139,6 +144,16 @@ class KTConfig:
         lora_expert_intermediate_size: intermediate width of each LoRA expert.
         num_gpu_experts: the first N routed experts of each layer stay in torch on the model's
             device; the others run in the engine.
+        activation_policy: what the engine keeps from a training forward for its backward:
+            ``retain`` (the gate/up outputs: fastest, T·K·(8I + 8r) + 2TH bytes per pending
+            layer), ``recompute`` (only the routing, 12TK bytes; backward recomputes the rest
+            from the layer input, one more gate/up GEMM, gradients bit for bit the same) or
+            ``auto`` (retain while the live engine cache plus the new entry fits
+            ``activation_memory_budget``, else recompute). Gradient checkpointing already keeps
+            at most one layer's activations.
+        activation_memory_budget: GiB the retained activation caches of all layers may take
+            under ``activation_policy="auto"``; ``None`` means half the memory available when
+            the first training forward runs.
     """
 
     backend: str | None = None
@@ -156,6 +171,8 @@ class KTConfig:
     lora_experts: int | None = None
     lora_expert_intermediate_size: int | None = None
     num_gpu_experts: int | None = None
+    activation_policy: str | None = None
+    activation_memory_budget: float | None = None
     _explicit: frozenset[str] = field(default=frozenset(), init=False, repr=False, compare=False)
 
     def __init__(self, backend: str | None = None, isa: str | None = None,
@@ -165,7 +182,8 @@ class KTConfig:
                  lora_layout: str | None = None, checkpoint: str | None = None,
                  tp: int | None = None, profile: str | None = None,
                  lora_experts: int | None = None, lora_expert_intermediate_size: int | None = None,
-                 num_gpu_experts: int | None = None, **aliases: Any) -> None:
+                 num_gpu_experts: int | None = None, activation_policy: str | None = None,
+                 activation_memory_budget: float | None = None, **aliases: Any) -> None:
         values = dict(locals())
         del values["self"], values["aliases"]
         if aliases:
@@ -201,6 +219,10 @@ class KTConfig:
             _choice("isa", self.isa, ISAS)
         _choice("weight_dtype", self.weight_dtype, WEIGHT_DTYPES)
         _choice("lora_layout", self.lora_layout, LORA_LAYOUTS)
+        _choice("activation_policy", self.activation_policy, ACTIVATION_POLICIES)
+        budget = self.activation_memory_budget
+        if budget is not None and not budget > 0:
+            raise KTConfigError(f"activation_memory_budget must be > 0 (GiB), got {budget}")
         if self.weight_dtype == "fp32" and self.backend == "engine":
             raise KTConfigError("weight_dtype='fp32' is only available with backend='torch'; the "
                                 "engine packs bf16, int8 or int4")
@@ -231,6 +253,14 @@ class KTConfig:
     def lora_scaling(self) -> float:
         """``lora_alpha / lora_rank`` (0 when the experts carry no LoRA)."""
         return self.lora_alpha / self.lora_rank if self.lora_rank else 0.0
+
+    def activation_budget_bytes(self) -> float:
+        """The ``auto`` policy's budget in bytes (see ``activation_memory_budget``)."""
+        if self.activation_memory_budget is not None:
+            return self.activation_memory_budget * 1024**3
+        from kt_sft.estimate import default_activation_budget
+
+        return default_activation_budget()
 
     def is_explicit(self, name: str) -> bool:
         """Whether ``name`` was given explicitly (not taken from the environment or default)."""
@@ -313,8 +343,8 @@ def _kt_backend(value: Any) -> tuple[str | None, str]:
 
 _INT_FIELDS = {"num_threads", "max_tokens", "max_cache_depth", "lora_rank", "tp", "lora_experts",
                "lora_expert_intermediate_size", "num_gpu_experts"}
-_FLOAT_FIELDS = {"lora_alpha"}
-_LOWER_FIELDS = {"backend", "isa", "weight_dtype", "lora_layout"}
+_FLOAT_FIELDS = {"lora_alpha", "activation_memory_budget"}
+_LOWER_FIELDS = {"backend", "isa", "weight_dtype", "lora_layout", "activation_policy"}
 
 
 def _coerce(name: str, value: Any, *, source: str) -> Any:

@@ -9,10 +9,16 @@ The mirror stack makes the engine's LIFO cache safe under everything autograd ma
 cached forward gets a token held by its autograd node; a backward pops its own entry when it is
 on top, entries whose node was freed without a backward (a forward whose graph was dropped) are
 discarded when they reach the top, and a backward whose entry is not on top (out-of-order
-backwards) recomputes its forward first. Gradient checkpointing stays cheap: reentrant
-checkpointing runs the first forward without grad (no cache) and the recompute caches; during a
-non-reentrant recompute the forward runs without caching, because the original forward's entry
-is still pending.
+backwards) recomputes its forward first. Gradient checkpointing saves engine memory as it saves
+PyTorch's: reentrant checkpointing runs the first forward without grad (no cache) and the
+recompute caches; non-reentrant checkpointing's first pass does not cache either, and its
+recompute leaves a *claimable* entry that the original node's backward, which comes next,
+consumes. Either way at most one checkpointed layer's engine activations are alive.
+
+``KTConfig.activation_policy`` sets what a cached forward keeps: ``retain`` (the gate/up
+outputs), ``recompute`` (only the inputs; the engine recomputes gate/up in backward, bit for
+bit), or ``auto`` (retain while the process's live engine cache plus this entry fits
+``KTConfig.activation_memory_budget``, else recompute).
 """
 
 from __future__ import annotations
@@ -57,12 +63,21 @@ class _Holder:
 
 
 class _Entry:
-    __slots__ = ("holder", "popped", "tokens")
+    __slots__ = ("claim", "holder", "policy", "popped", "tokens")
 
-    def __init__(self, holder: _Holder, tokens: int) -> None:
+    def __init__(self, holder: _Holder, tokens: int, claimable: bool = False,
+                 policy: str = "retain") -> None:
         self.holder = weakref.ref(holder)
         self.popped = False
         self.tokens = tokens
+        self.policy = policy  # "recompute": the backward passes x again
+        # A non-reentrant checkpoint's recompute: its node is dropped right away, so the entry
+        # keeps its holder alive and goes to the next backward of the layer.
+        self.claim = holder if claimable else None
+
+    @property
+    def claimable(self) -> bool:
+        return self.claim is not None
 
     @property
     def abandoned(self) -> bool:
@@ -206,22 +221,31 @@ class LayerEngine:
         saved = ({k: v.clone() for k, v in plan.arrays.items() if k.startswith("grad_")}
                  if plan is not None else {})
         T, H, K = entry.tokens, self.hidden_size, self.top_k
-        self.backend.backward(torch.zeros(T, H), torch.empty(T, H), torch.empty(T, K))
+        if entry.policy == "recompute":  # any x will do: the gradients are restored below
+            self.backend.backward(torch.zeros(T, H), torch.empty(T, H), torch.empty(T, K),
+                                  x=torch.zeros(T, H))
+        else:
+            self.backend.backward(torch.zeros(T, H), torch.empty(T, H), torch.empty(T, K))
         for k, v in saved.items():
             assert plan is not None
             plan.arrays[k].copy_(v)
 
     # -- compute --------------------------------------------------------------------------
     def engine_forward(self, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, *,
-                       cache: bool, holder: _Holder | None, overlap: Any = None
-                       ) -> tuple[torch.Tensor, Any]:
+                       cache: bool, holder: _Holder | None, overlap: Any = None,
+                       claimable: bool = False) -> tuple[torch.Tensor, Any]:
         """Run the engine on ``x: T x H`` (any device); returns (out fp32 on x's device,
-        result of ``overlap()`` run while the engine computes)."""
+        result of ``overlap()`` run while the engine computes). ``claimable``: the forward of a
+        non-reentrant checkpoint's recompute, consumed by the layer's next backward."""
         self.check_open()
         T = x.shape[0]
         device = x.device
         with self._lock:
+            for entry in self._stack:  # a recompute whose backward never came
+                if entry.claimable:
+                    entry.popped = True
             self._reap()
+            policy = self._choose_policy(T) if cache else "retain"
             if cache and len(self._stack) >= self.cfg.max_cache_depth:
                 raise KTCacheError(
                     f"{self.name}: {len(self._stack)} forwards already await their backward "
@@ -236,7 +260,7 @@ class LayerEngine:
                 self.backend.sync_forward()
             if cache:
                 assert holder is not None
-                self._stack.append(_Entry(holder, T))
+                self._stack.append(_Entry(holder, T, claimable, policy))
             result = out if device.type == "cpu" else self._from_host(out, device)
             if self._profile:
                 self._trace("forward", t0, T, cache=cache)
@@ -253,7 +277,9 @@ class LayerEngine:
         with self._lock:
             self._reap()
             top = self._stack[-1] if self._stack else None
-            mine = top is not None and holder is not None and top.holder() is holder
+            mine = top is not None and (
+                (holder is not None and top.holder() is holder)
+                or (top.claimable and top.tokens == T))
             if not mine:
                 # Out-of-order backward, or a forward that did not cache: recompute it. If the
                 # cache is full, every pending entry is dropped (their backwards recompute too).
@@ -266,9 +292,10 @@ class LayerEngine:
                         entry.popped = True
                     self._reap()
                 xh, idh, wh, out = self._to_host(x, ids, w)
+                used = self._choose_policy(T)
                 self.backend.forward(xh, idh, wh, out, save_for_backward=True)
             else:
-                self._stack.pop()
+                used = self._stack.pop().policy
             if plan is not None and plan is not self._plan:
                 # The binding changed since this forward (another adapter): restore its arrays.
                 self.backend.set_lora(**plan.arrays)
@@ -278,7 +305,11 @@ class LayerEngine:
             gh = self._grad_to_host(grad_out)
             dx = torch.empty(T, self.hidden_size, dtype=torch.float32)
             dw = torch.empty(T, self.top_k, dtype=torch.float32)
-            self.backend.backward(gh, dx, dw)
+            if used == "recompute":
+                # The entry kept only its routing: the engine recomputes the rest from x.
+                self.backend.backward(gh, dx, dw, x=self._to_host(x, ids, w)[0])
+            else:
+                self.backend.backward(gh, dx, dw)
             if plan is not None:
                 plan.after_backward(pending)
             if self._profile:
@@ -287,6 +318,25 @@ class LayerEngine:
             dx = dx.to(device, non_blocking=True)
             dw = dw.to(device, non_blocking=True)
         return dx, dw
+
+    def _choose_policy(self, tokens: int) -> str:
+        """Set the backend's activation policy for the cached forward about to run; returns it
+        (``"retain"`` for backends without policies)."""
+        policy = self.cfg.activation_policy
+        if policy == "retain" or not _is_local_engine(self.backend):
+            return "retain"  # the torch reference and distributed backends retain
+        if policy == "auto":
+            from kt_sft.estimate import cache_entry_bytes, live_cache_bytes
+
+            entry = cache_entry_bytes(tokens, hidden_size=self.hidden_size,
+                                      intermediate_size=self.intermediate_size,
+                                      top_k=self.top_k, lora_rank=self.lora_rank,
+                                      policy="retain")
+            budget = self.cfg.activation_budget_bytes()
+            policy = "retain" if live_cache_bytes() + entry <= budget else "recompute"
+        if self.backend.activation_policy != policy:
+            self.backend.activation_policy = policy
+        return policy
 
     def _trace(self, phase: str, t0: int, tokens: int, **args: Any) -> None:
         from kt_sft.profiling import tracer
@@ -369,6 +419,15 @@ class LayerEngine:
         if self._closed:
             raise RuntimeError(f"{self.name}: the kt engine of this layer was closed "
                                "(kt_sft.close(model)); wrap or load the model again")
+
+
+def _is_local_engine(backend: Any) -> bool:
+    """Whether ``backend`` is this process's compiled engine (policies apply to it only)."""
+    try:
+        from kt_kernels import MoEEngine
+    except ImportError:  # pragma: no cover - no engine installed
+        return False
+    return isinstance(backend, MoEEngine)
 
 
 def _source_key(source: LoRASource | None) -> tuple[Any, ...]:

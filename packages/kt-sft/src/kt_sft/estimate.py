@@ -1,25 +1,37 @@
 """Memory sizing: how much CPU RAM a MoE model needs with kt (`kt-sft estimate`).
 
-The formula (docs/troubleshooting.md, "How much memory do I need?"), with E routed experts per
-MoE layer, L MoE layers, hidden size H, expert intermediate size I, top-k K, LoRA rank r, T tokens
-per MoE call (batch × sequence), cache depth D (pending forwards per layer):
+The model (docs/troubleshooting.md, "How much memory do I need?"), with E routed experts per MoE
+layer, L MoE layers, hidden size H, expert intermediate size I (Ib: rounded up to 16), top-k K,
+LoRA rank r, T tokens per step (batch × sequence), S = T·K routed rows:
 
     experts      = L · E · 3·H·I · w  +  scales
                    w = 2 (bf16), 1 (int8), 0.5 (int4) bytes per weight
                    scales: int8 one fp32 per output row, L·E·(2I + H)·4;
                            int4 one fp32 per group of g inputs, L·E·3·H·I/g·4
     expert LoRA  = L · E · r·(2H + 3I) · 16      fp32 weight + grad + AdamW m and v (training)
-    cache        = L · D · T · (2H + K·(6I + 8r))  saved activations for backward (training)
-    scratch      = T · K · (H + 2I) · 4          one pool shared by all layers
-    rest         = P_rest · b                    non-expert parameters (0 when on a GPU),
-                                                  b = 4 (fp32) or 2 (bf16)
+    cache        = n · entry                     engine activations kept for backward
+                   entry = 2·T·H + S·(8·Ib + 8r + 12) under the retain policy, S·12 (the
+                   routing) under recompute: backward is given x again
+                   n = L · D without checkpointing (D pending forwards per layer), 1 with
+                   gradient checkpointing (either kind): the first pass caches nothing
+    scratch      = S·2·KpH + S·4·Ib + S·4·min(Hb, cols) + T·2·KpH + S·4·(r + c·(2r + 1))
+                   (+ 2·T·KpH + 8·S·r when forwards keep no entry; + S·8·Ib with recompute:
+                   [g | u] recomputed in backward)
+                   one set shared by all layers (KpH: H rounded up to 32; cols: the 64 MiB
+                   column budget of the down / dx passes; c = ceil(I / 96) row chunks)
+    activations  = PyTorch's saved and transient tensors on the CPU (0 when the model runs on a
+                   GPU): a · T·H·b per decoder layer, b the non-expert dtype's bytes; a = 19
+                   without checkpointing; with it a = 6 (reentrant) or 12 (non-reentrant),
+                   plus 25 or 18 once for the layer being recomputed (measured on
+                   qwen3_moe-shaped models, bench/bench_memory.py)
+    rest         = P_rest · b                    non-expert parameters (0 when on a GPU)
     overhead     = 1 GiB                         Python, PyTorch, transformers
 
-    RAM ≈ experts + expert LoRA + cache + scratch + rest + overhead
+    RAM ≈ experts + expert LoRA + cache + scratch + activations + rest + overhead
 
-It deliberately ignores PyTorch-side activations (attention, logits), which depend on the
-sequence length and live on the GPU when there is one. P_rest is counted from the config: embeddings
-and LM head, attention (standard or multi-head latent), dense MLP layers, shared experts, routers.
+The ``recompute`` policy keeps no [g | u] (one more gate/up GEMM in backward); ``auto`` retains
+while the retained entries fit a budget. P_rest is counted from the config: embeddings and LM
+head, attention (standard or multi-head latent), dense MLP layers, shared experts, routers.
 """
 
 from __future__ import annotations
@@ -30,12 +42,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["GIB", "MemoryEstimate", "ModelShape", "estimate_memory", "format_estimate",
+__all__ = ["GIB", "MemoryEstimate", "ModelShape", "cache_entry_bytes", "default_activation_budget",
+           "estimate_memory", "format_estimate", "live_cache_bytes", "scratch_bytes",
            "shape_from_config"]
 
 GIB = 1024**3
 OVERHEAD_BYTES = 1 * GIB
 WEIGHT_BYTES = {"bf16": 2.0, "int8": 1.0, "int4": 0.5}
+POLICIES = ("retain", "recompute", "auto")
+CHECKPOINTING = ("none", "reentrant", "non_reentrant")
+#: PyTorch activation bytes per decoder layer, in units of T·H·(non-expert dtype bytes): saved
+#: tensors (attention inputs and outputs, norms, residuals, router) plus what is alive next to
+#: them at the backward peak; measured on qwen3_moe-shaped models (bench/bench_memory.py).
+ACTIVATION_FACTOR = {"none": 19.0, "reentrant": 6.0, "non_reentrant": 12.0}
+#: With checkpointing, the layer being recomputed (its full activations) and the backward's
+#: transients come on top, once.
+RECOMPUTED_LAYER_FACTOR = {"reentrant": 25.0, "non_reentrant": 18.0}
+_PAGE = 4096
+_SLOT_BUDGET = 64 << 20  # the engine's column budget of the down / dx passes
 
 
 @dataclass(frozen=True)
@@ -71,6 +95,9 @@ class ModelShape:
 
 @dataclass(frozen=True)
 class MemoryEstimate:
+    """Bytes by component (see the module docstring). ``step_growth``: what one training step
+    adds over the loaded model (cache, scratch, activations, LoRA gradients)."""
+
     weight_dtype: str
     experts: float
     expert_lora: float
@@ -78,15 +105,24 @@ class MemoryEstimate:
     scratch: float
     rest: float
     overhead: float
+    activations: float = 0.0
+    lora_grads: float = 0.0
+    policy: str = "retain"
+    checkpointing: str = "none"
 
     @property
     def total(self) -> float:
-        return self.experts + self.expert_lora + self.cache + self.scratch + self.rest + \
-            self.overhead
+        return self.experts + self.expert_lora + self.cache + self.scratch + self.activations + \
+            self.rest + self.overhead
+
+    @property
+    def step_growth(self) -> float:
+        return self.cache + self.scratch + self.activations + self.lora_grads
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["total"] = self.total
+        d["step_growth"] = self.step_growth
         d["total_gib"] = self.total / GIB
         return d
 
@@ -94,11 +130,19 @@ class MemoryEstimate:
 def estimate_memory(shape: ModelShape, *, weight_dtype: str = "bf16", lora_rank: int = 8,
                     max_tokens: int = 4096, cache_depth: int = 1, group_size: int = 128,
                     training: bool = True, non_expert_on_gpu: bool = False,
-                    non_expert_bytes: int = 4) -> MemoryEstimate:
-    """Bytes of CPU RAM per component; see the module docstring for the formula."""
+                    non_expert_bytes: int = 4, policy: str = "retain",
+                    checkpointing: str = "none", budget: float | None = None) -> MemoryEstimate:
+    """Bytes of CPU RAM per component for steps of ``max_tokens`` tokens; see the module
+    docstring for the model. ``budget``: bytes the ``auto`` policy may retain (``None``: half
+    the memory available now)."""
     if weight_dtype not in WEIGHT_BYTES:
         raise ValueError(f"weight_dtype must be one of {', '.join(WEIGHT_BYTES)}, got "
                          f"{weight_dtype!r}")
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+    if checkpointing not in CHECKPOINTING:
+        raise ValueError(f"checkpointing must be one of {', '.join(CHECKPOINTING)}, got "
+                         f"{checkpointing!r}")
     for name, value in (("lora_rank", lora_rank), ("max_tokens", max_tokens),
                         ("cache_depth", cache_depth), ("group_size", group_size)):
         if value < (0 if name == "lora_rank" else 1):
@@ -112,11 +156,122 @@ def estimate_memory(shape: ModelShape, *, weight_dtype: str = "bf16", lora_rank:
     elif weight_dtype == "int4":
         experts += L * E * 3 * H * I / group_size * 4
     lora = L * E * r * (2 * H + 3 * I) * 16 if training else 0
-    cache = L * cache_depth * T * (2 * H + K * (6 * I + 8 * r)) if training else 0
-    scratch = T * K * (H + 2 * I) * 4
+    grads = L * E * r * (2 * H + 3 * I) * 4 if training else 0
+    dims = {"hidden_size": H, "intermediate_size": I, "top_k": K, "lora_rank": r}
+    cache = 0.0
+    recompute = policy == "recompute"
+    if training:
+        pending = 1 if checkpointing != "none" else L * cache_depth
+        keep = cache_entry_bytes(T, policy="retain", **dims)
+        lean = cache_entry_bytes(T, policy="recompute", **dims)
+        if policy == "auto":
+            limit = default_activation_budget() if budget is None else budget
+            retained = min(pending, int(limit // keep))
+            cache = retained * keep + (pending - retained) * lean
+            recompute = retained < pending
+        else:
+            cache = pending * (lean if recompute else keep)
+    scratch = scratch_bytes(T, recompute=training and recompute, training=training,
+                            uncached=checkpointing != "none", **dims)
+    layers = shape.num_layers or L
+    activations = 0.0
+    if training and not non_expert_on_gpu:
+        factor = ACTIVATION_FACTOR[checkpointing] * layers
+        if checkpointing != "none":
+            factor += RECOMPUTED_LAYER_FACTOR[checkpointing]
+        activations = factor * T * H * non_expert_bytes
     rest = 0 if non_expert_on_gpu else shape.other_params * non_expert_bytes
     return MemoryEstimate(weight_dtype, float(experts), float(lora), float(cache), float(scratch),
-                          float(rest), float(OVERHEAD_BYTES))
+                          float(rest), float(OVERHEAD_BYTES), float(activations), float(grads),
+                          policy, checkpointing)
+
+
+def _pages(n: float) -> int:
+    return int(-(-n // _PAGE) * _PAGE)
+
+
+def scratch_bytes(tokens: int, *, hidden_size: int, intermediate_size: int, top_k: int,
+                  lora_rank: int, recompute: bool = False, training: bool = True,
+                  max_tokens: int | None = None, uncached: bool = False) -> int:
+    """Bytes of the engine's process-wide scratch after a step of ``tokens`` tokens (the
+    largest of forward and backward: both use the same slots). ``uncached``: some forwards keep
+    no cache entry (inference, checkpointing's first pass), so x, x A^T and h Ad^T go to
+    scratch; ``recompute``: backward recomputes them and [g | u] there too."""
+    T, H, K, r = tokens, hidden_size, top_k, lora_rank
+    S = T * K
+    ib = -(-intermediate_size // 16) * 16
+    kph, kpi, hb = -(-H // 32) * 32, -(-intermediate_size // 32) * 32, -(-H // 16) * 16
+    sg = max(S, max(T, max_tokens or T) * K)
+
+    def cdiv(a: int, b: int) -> int:
+        return -(-a // b)
+
+    def cols(tile: int) -> int:  # the engine's col_groups: H columns per pass
+        nbh = hb // 16
+        want = max(1, cdiv(sg * nbh * 16 * 4, _SLOT_BUDGET))
+        return max(tile, cdiv(cdiv(nbh, want), tile) * tile) * 16
+
+    rows = _pages(S * kph * 2)
+    hslot = _pages(S * max(kpi, 2 * ib) * 2)
+    yslot = _pages(S * cols(6) * 4)
+    total = rows + hslot + yslot
+    if uncached or recompute or not training:
+        total += _pages(T * kph * 2) + _pages(S * 2 * r * 4)
+    if training:
+        chunks = -(-(ib // 16) // 6)
+        total += _pages(T * kph * 2) + _pages((S * (r + chunks + chunks * r + r) + 16) * 4)
+        if recompute:
+            total += _pages(S * 2 * ib * 4)
+    return total
+
+
+def cache_entry_bytes(tokens: int, *, hidden_size: int, intermediate_size: int, top_k: int,
+                      lora_rank: int, policy: str = "retain") -> int:
+    """Bytes of one engine cache entry for a forward of ``tokens`` tokens (every slot routed):
+    the routing index (12 per routed row) and, under ``retain``, x as bf16 (2H per token, H
+    rounded up to 32), x A^T and h Ad^T (4r each per routed row) and [g | u] as fp32 (8I per
+    routed row, I rounded up to 16). A ``recompute`` entry is recomputed from the x that
+    backward is given again."""
+    if policy not in ("retain", "recompute"):
+        raise ValueError(f"policy must be 'retain' or 'recompute', got {policy!r}")
+    rows = tokens * top_k
+    if policy == "recompute":
+        return 12 * rows
+    ib = -(-intermediate_size // 16) * 16
+    return 2 * tokens * (-(-hidden_size // 32) * 32) + rows * (8 * lora_rank + 12 + 8 * ib)
+
+
+def live_cache_bytes() -> int:
+    """Bytes of engine cache entries alive in this process now (0 without the engine)."""
+    try:
+        import kt_kernels
+
+        return int(kt_kernels.memory_stats()["cache_bytes"])
+    except (ImportError, AttributeError, KeyError):
+        return 0
+
+
+_default_budget: list[float] = []
+
+
+def default_activation_budget() -> float:
+    """Half the memory available (``MemAvailable``) the first time it is asked for, in bytes."""
+    if not _default_budget:
+        available = None
+        try:
+            with open("/proc/meminfo", encoding="ascii") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        available = int(line.split()[1]) * 1024
+                        break
+        except OSError:
+            pass
+        if available is None:
+            import os
+
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        _default_budget.append(available / 2)
+    return _default_budget[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,7 +375,8 @@ def format_estimate(shape: ModelShape, results: list[MemoryEstimate]) -> str:
             f"{shape.other_params / 1e9:,.2f} B")
     rows = [("GiB", *[r.weight_dtype for r in results])]
     for label, attr in (("routed experts", "experts"), ("expert LoRA + AdamW", "expert_lora"),
-                        ("activation cache", "cache"), ("scratch", "scratch"),
+                        ("engine activation cache", "cache"), ("engine scratch", "scratch"),
+                        ("PyTorch activations", "activations"),
                         ("non-expert weights", "rest"), ("runtime overhead", "overhead"),
                         ("total RAM", "total")):
         rows.append((label, *[_gib(getattr(r, attr)) for r in results]))
@@ -233,5 +389,10 @@ def format_estimate(shape: ModelShape, results: list[MemoryEstimate]) -> str:
         if i == 0 or i == len(rows) - 2:
             lines.append("-" * (width + 2 + sum(cols) + 2 * (len(cols) - 1)))
     lines.append("")
+    if results:
+        r = results[0]
+        lines.append(f"activation policy {r.policy}, gradient checkpointing {r.checkpointing}: "
+                     f"a step's forward + backward peaks {_gib(r.step_growth)} GiB above the "
+                     "loaded model (cache, scratch, activations, LoRA gradients)")
     lines.append("formula: docs/troubleshooting.md#how-much-memory-do-i-need")
     return "\n".join(lines)

@@ -7,13 +7,16 @@ LoRA gradients straight into the bound buffers (the parameters' ``.grad``), so t
 parameters are inputs of the node only to make autograd run its backward (and to receive the
 GPU experts' share of their gradients).
 
-Which forwards cache activations in the engine (see :mod:`kt_sft.engine`):
+Which forwards cache activations in the engine (see :mod:`kt_sft.engine`), so that with
+gradient checkpointing at most one layer's engine activations are alive:
 
 * no grad needed (``torch.no_grad``, eval, reentrant checkpointing's first pass): inference
-  forward, no autograd node;
-* a non-reentrant checkpoint recompute: the node is rebuilt for the saved-tensor bookkeeping
-  but the engine does not cache (the original forward's entry is still pending);
-* otherwise: cached; the backward pops it.
+  forward, no autograd node, no cache entry;
+* the first pass of a non-reentrant checkpoint (``"checkpointed"``): the autograd node is built
+  but the engine keeps no cache, since the layer will be recomputed before its backward;
+* that recompute (``"recompute"``): the engine caches, and the original node's backward, which
+  follows it, consumes the entry;
+* otherwise (``"cache"``): cached; the backward pops it.
 """
 
 from __future__ import annotations
@@ -28,34 +31,46 @@ from kt_sft.engine import LayerEngine, _Holder
 __all__ = ["KTMoEFunction", "forward_mode", "kt_moe"]
 
 
-def _in_checkpoint_recompute() -> bool:
-    """Whether we run inside a non-reentrant checkpoint's recomputation."""
+def _checkpoint_phase() -> str | None:
+    """``"first"`` inside a non-reentrant checkpoint's first pass, ``"recompute"`` inside its
+    recomputation, else ``None`` (read from the innermost saved-tensor hooks torch installs)."""
     top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
     if top is None:  # pragma: no cover - older torch
-        return False
+        return None
     try:
         hooks = top(False)
     except TypeError:  # pragma: no cover - signature differs
         hooks = top()
     if not hooks:
-        return False
+        return None
     pack = hooks[0]
     name = getattr(pack, "__qualname__", "") or ""
     wrapped = getattr(pack, "__wrapped__", None)
     if wrapped is not None:
         name += " " + (getattr(wrapped, "__qualname__", "") or "")
-    return "_recomputation_hook" in name
+    if "_recomputation_hook" in name:
+        return "recompute"
+    if "_checkpoint_hook" in name:
+        return "first"
+    return None
 
 
 def forward_mode(hidden: torch.Tensor, routing_weights: torch.Tensor,
                  params: list[torch.Tensor]) -> str:
-    """``"infer"``, ``"nocache"`` (graph without engine cache) or ``"cache"``."""
+    """``"infer"`` (no graph), ``"checkpointed"`` (graph, no engine cache: a non-reentrant
+    checkpoint will recompute the layer), ``"recompute"`` (that recomputation: cached for the
+    backward that follows) or ``"cache"``."""
     if not torch.is_grad_enabled():
         return "infer"
     if not (hidden.requires_grad or routing_weights.requires_grad
             or any(p.requires_grad for p in params)):
         return "infer"
-    return "nocache" if _in_checkpoint_recompute() else "cache"
+    phase = _checkpoint_phase()
+    if phase == "first":
+        return "checkpointed"
+    if phase == "recompute":
+        return "recompute"
+    return "cache"
 
 
 class KTMoEFunction(torch.autograd.Function):
@@ -73,9 +88,10 @@ class KTMoEFunction(torch.autograd.Function):
     def forward(ctx: Any, hidden: torch.Tensor, expert_ids: torch.Tensor,
                 routing_weights: torch.Tensor, layer: LayerEngine, source: LoRASource | None,
                 plan: LoRAPlan | None, mode: str, *lora_params: torch.Tensor) -> torch.Tensor:
-        holder = _Holder() if mode == "cache" else None
-        out = _forward(layer, hidden, expert_ids, routing_weights, source, cache=(mode == "cache"),
-                       holder=holder)
+        cache = mode in ("cache", "recompute")
+        holder = _Holder() if cache else None
+        out = _forward(layer, hidden, expert_ids, routing_weights, source, cache=cache,
+                       holder=holder, claimable=(mode == "recompute"))
         ctx.save_for_backward(hidden, expert_ids, routing_weights)
         ctx.layer = layer
         ctx.source = source
@@ -141,11 +157,12 @@ def _engine_ids(expert_ids: torch.Tensor, layer: LayerEngine) -> torch.Tensor:
 
 def _forward(layer: LayerEngine, hidden: torch.Tensor, expert_ids: torch.Tensor,
              routing_weights: torch.Tensor, source: LoRASource | None, *, cache: bool,
-             holder: _Holder | None) -> torch.Tensor:
+             holder: _Holder | None, claimable: bool = False) -> torch.Tensor:
     T = hidden.shape[0]
     if T == 0:
         if _collective(layer):  # the node's other ranks wait for this call, tokens or not
-            layer.engine_forward(hidden, expert_ids, routing_weights, cache=cache, holder=holder)
+            layer.engine_forward(hidden, expert_ids, routing_weights, cache=cache, holder=holder,
+                                 claimable=claimable)
         return hidden.new_zeros(hidden.shape)
 
     def gpu_forward() -> torch.Tensor:
@@ -157,7 +174,7 @@ def _forward(layer: LayerEngine, hidden: torch.Tensor, expert_ids: torch.Tensor,
         overlap = gpu_forward if layer.gpu_experts is not None else None
         out, gpu_out = layer.engine_forward(hidden, _engine_ids(expert_ids, layer),
                                             routing_weights, cache=cache, holder=holder,
-                                            overlap=overlap)
+                                            overlap=overlap, claimable=claimable)
         if gpu_out is not None:
             out = out + gpu_out
     elif layer.gpu_experts is not None:

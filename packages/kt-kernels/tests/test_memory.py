@@ -1,0 +1,248 @@
+"""Engine memory: the retain / recompute activation policies give the same bits, cache entries
+are sized by the rows routed and go back to the process-wide pool when backward consumes them,
+and the process-wide counters of kt_kernels.memory_stats() follow allocations by kind."""
+
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+import pytest
+from kk_helpers import isa_params, make_engine
+from kk_reference import make_case
+
+import kt_kernels as kk
+
+ISAS = isa_params()
+
+
+def run(eng: kk.MoEEngine, c) -> dict[str, np.ndarray]:
+    """forward + backward (x given again, as a recompute entry needs); out, dx, dw."""
+    out = np.full((c.T, c.H), np.nan, dtype=np.float32)
+    eng.forward(c.x, c.ids, c.w, out)
+    dx = np.full((c.T, c.H), np.nan, dtype=np.float32)
+    dw = np.full((c.T, c.K), np.nan, dtype=np.float32)
+    eng.backward(c.dout, dx, dw, x=c.x)
+    return {"out": out, "dx": dx, "dw": dw}
+
+
+def _run_with_grads(eng: kk.MoEEngine, c, grads: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    for g in grads.values():
+        g[...] = 0
+    got = run(eng, c)
+    got.update({k: np.array(v, dtype=np.float64) for k, v in grads.items()})
+    return got
+
+
+def _bits_equal(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k, strict=True)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize(
+    ("weight_dtype", "activation_dtype", "fused", "tp"),
+    [
+        ("bf16", "bf16", True, 1),
+        ("bf16", "bf16", False, 2),
+        ("int8", "bf16", True, 1),
+        ("int4", "bf16", False, 1),
+        ("int8", "int8", True, 1),
+    ],
+)
+def test_recompute_gives_the_bits_of_retain(
+    isa: str, weight_dtype: str, activation_dtype: str, fused: bool, tp: int
+) -> None:
+    """Outputs, dx, dw and every LoRA gradient are bit for bit those of retain, on each ISA and
+    for 1 and 3 threads (the recompute runs the forward's own gate_up tiles)."""
+    c = make_case(6, 3, 64, 64, 4, 37, seed=41, fused=fused)
+    kw = {"weight_dtype": weight_dtype, "activation_dtype": activation_dtype, "tp": tp}
+    if weight_dtype == "int4":
+        kw["group_size"] = 32
+    results = {}
+    for threads in (1, 3):
+        for policy in ("retain", "recompute"):
+            eng, _, grads = make_engine(c, isa=isa, threads=threads, activation_policy=policy, **kw)
+            assert eng.activation_policy == policy
+            results[(threads, policy)] = _run_with_grads(eng, c, grads)
+            eng.close()
+    base = results[(1, "retain")]
+    for got in results.values():
+        _bits_equal(base, got)
+
+
+def test_policy_switch_and_bad_policy() -> None:
+    c = make_case(4, 2, 48, 32, 2, 9, seed=43)
+    eng, _, grads = make_engine(c)
+    retained = _run_with_grads(eng, c, grads)
+    eng.activation_policy = "recompute"
+    assert eng.activation_policy == "recompute"
+    _bits_equal(retained, _run_with_grads(eng, c, grads))
+    with pytest.raises(ValueError, match="activation_policy: expected 'retain' or 'recompute'"):
+        eng.activation_policy = "sometimes"
+    with pytest.raises(ValueError, match="activation_policy"):
+        kk.MoEEngine(4, 2, 48, 32, activation_policy="keep")
+
+
+def _forward(eng: kk.MoEEngine, c, save: bool = True) -> None:
+    out = np.empty((c.T, c.H), dtype=np.float32)
+    eng.forward(c.x, c.ids, c.w, out, save_for_backward=save)
+
+
+def _backward(eng: kk.MoEEngine, c) -> None:
+    eng.backward(c.dout, np.empty((c.T, c.H), np.float32), np.empty((c.T, c.K), np.float32), x=c.x)
+
+
+def test_cache_entry_is_sized_by_the_rows_routed() -> None:
+    """A pending retain entry holds x (T x H bf16), x A^T, h Ad^T (S x r fp32 each) and [g | u]
+    (S x 2I fp32), S = T * K minus padding; a recompute entry only the routing; max_tokens
+    sizes neither."""
+    E, K, H, I, r, T = 8, 2, 256, 128, 4, 50  # noqa: E741
+    c = make_case(E, K, H, I, r, T, seed=45, pad_frac=0.0)
+    S = int((c.ids >= 0).sum())
+    page = 4096
+    # The routing index: S * 8 + T * K * 4 + (E + 1) * 8 bytes (vector capacities may round up).
+    index = S * 8 + T * K * 4 + (E + 1) * 8
+    for policy, need in (("retain", T * H * 2 + 2 * S * r * 4 + S * 2 * I * 4), ("recompute", 0)):
+        eng, _, _ = make_engine(c, max_tokens=65536, activation_policy=policy)
+        kk.trim_memory()  # no free pool block (reused blocks may be up to twice the size)
+        _forward(eng, c)
+        stats = eng.memory_stats()
+        # Each of the 4 pooled buffers rounds up to whole pages.
+        assert need + index <= stats["cache_bytes"] <= need + 4 * page + 2 * index
+        _backward(eng, c)
+        assert eng.memory_stats()["cache_bytes"] == 0
+        eng.close()
+
+
+def test_entries_come_from_one_pool_across_engines() -> None:
+    """Layers one after another: the second engine's entry reuses the first one's blocks, so
+    forward, backward, forward, backward over many engines holds one entry's memory."""
+    c = make_case(8, 2, 128, 96, 4, 64, seed=47)
+    engines = [make_engine(c)[0] for _ in range(4)]
+    gc.collect()
+    kk.trim_memory()
+    kk.reset_memory_peaks()
+    _forward(engines[0], c)
+    one_entry = kk.memory_stats()["cache_bytes"]
+    assert one_entry > 0
+    _backward(engines[0], c)
+    for eng in engines[1:]:
+        _forward(eng, c)
+        _backward(eng, c)
+    stats = kk.memory_stats()
+    assert stats["cache_bytes"] == 0
+    assert stats["cache_peak_bytes"] == one_entry
+    assert stats["pool_bytes"] == one_entry
+    # All four pending at once (no checkpointing): four entries, the pool serves the first.
+    for eng in engines:
+        _forward(eng, c)
+    assert kk.memory_stats()["cache_bytes"] == 4 * one_entry
+    for eng in reversed(engines):
+        _backward(eng, c)
+    assert kk.memory_stats()["cache_bytes"] == 0
+    for eng in engines:
+        eng.close()
+
+
+def test_inference_forward_keeps_no_entry() -> None:
+    c = make_case(8, 2, 128, 96, 4, 64, seed=49)
+    eng, _, _ = make_engine(c)
+    _forward(eng, c, save=False)
+    assert eng.memory_stats()["cache_bytes"] == 0
+    assert kk.memory_stats()["cache_bytes"] == 0
+    eng.close()
+
+
+def test_clear_cache_returns_entries() -> None:
+    c = make_case(8, 2, 128, 96, 4, 64, seed=51)
+    eng, _, _ = make_engine(c, max_cache_depth=3)
+    for _ in range(3):
+        _forward(eng, c)
+    assert eng.memory_stats()["cache_bytes"] > 0
+    eng.clear_cache()
+    assert eng.memory_stats()["cache_bytes"] == 0
+    eng.close()
+
+
+def test_counters_by_kind_and_trim() -> None:
+    E, K, H, I = 8, 2, 128, 96  # noqa: E741
+    gc.collect()
+    before = kk.memory_stats()
+    c = make_case(E, K, H, I, 4, 64, seed=53)
+    eng, _, _ = make_engine(c)
+    stats = kk.memory_stats()
+    own = eng.memory_stats()
+    assert stats["weights_bytes"] - before["weights_bytes"] == own["weight_bytes"]
+    assert stats["lora_bytes"] - before["lora_bytes"] == own["lora_bytes"]
+    _forward(eng, c)
+    _backward(eng, c)
+    stats = kk.memory_stats()
+    assert stats["scratch_bytes"] == eng.memory_stats()["scratch_bytes"] > 0
+    assert stats["pool_bytes"] > 0
+    kinds = ("weights", "lora", "cache", "pool", "scratch")
+    assert stats["total_bytes"] == sum(stats[f"{k}_bytes"] for k in kinds)
+    kk.trim_memory()
+    stats = kk.memory_stats()
+    assert stats["scratch_bytes"] == 0 and stats["pool_bytes"] == 0
+    # Trimmed memory comes back on demand, with the same results.
+    first = run(eng, c)
+    _bits_equal(first, run(eng, c))
+    eng.close()
+    gc.collect()
+    after = kk.memory_stats()
+    assert after["weights_bytes"] == before["weights_bytes"]
+    assert after["lora_bytes"] == before["lora_bytes"]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize(("weight_dtype", "activation_dtype"), [("bf16", "bf16"), ("int8", "int8")])
+def test_inference_forward_gives_the_bits_of_a_saved_one(
+    isa: str, weight_dtype: str, activation_dtype: str
+) -> None:
+    """Without save_for_backward the gate/up outputs live only per tile, never as a whole: the
+    output is the same bits."""
+    c = make_case(6, 3, 64, 96, 4, 45, seed=55)
+    eng, _, _ = make_engine(
+        c, isa=isa, threads=2, weight_dtype=weight_dtype, activation_dtype=activation_dtype
+    )
+    saved = np.empty((c.T, c.H), np.float32)
+    eng.forward(c.x, c.ids, c.w, saved, save_for_backward=True)
+    eng.clear_cache()
+    plain = np.empty((c.T, c.H), np.float32)
+    eng.forward(c.x, c.ids, c.w, plain, save_for_backward=False)
+    np.testing.assert_array_equal(plain, saved, strict=True)
+    eng.close()
+
+
+def test_pool_does_not_keep_outgrown_blocks() -> None:
+    """Calls that grow (longer sequences) free the smaller free blocks instead of hoarding every
+    size seen: after a short and then a long step the pool holds the long entry's blocks."""
+    small = make_case(8, 2, 128, 96, 4, 16, seed=57)
+    large = make_case(8, 2, 128, 96, 4, 200, seed=57)
+    eng, _, _ = make_engine(small)
+    kk.trim_memory()
+    _forward(eng, small)
+    _backward(eng, small)
+    kk.reset_memory_peaks()
+    _forward(eng, large)
+    long_entry = kk.memory_stats()["cache_bytes"]
+    _backward(eng, large)
+    assert kk.memory_stats()["pool_bytes"] == long_entry
+    eng.close()
+
+
+def test_recompute_backward_needs_x() -> None:
+    c = make_case(4, 2, 48, 32, 2, 9, seed=59)
+    eng, _, _ = make_engine(c, activation_policy="recompute")
+    _forward(eng, c)
+    dx, dw = np.empty((c.T, c.H), np.float32), np.empty((c.T, c.K), np.float32)
+    with pytest.raises(ValueError, match=r"activation_policy='recompute'.*pass its input again"):
+        eng.backward(c.dout, dx, dw)
+    assert eng.cache_depth == 1  # a rejected call pops nothing
+    with pytest.raises(ValueError, match="x"):
+        eng.backward(c.dout, dx, dw, x=c.x[:-1])
+    eng.backward(c.dout, dx, dw, x=c.x)
+    assert eng.cache_depth == 0
+    eng.close()
