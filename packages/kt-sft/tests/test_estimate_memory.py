@@ -106,6 +106,17 @@ def test_command_from_a_checkpoint_config(capsys, tmp_path: Path) -> None:
     assert "qwen3_moe" in capsys.readouterr().out
 
 
+def test_a_custom_shape_without_other_params_says_so(capsys) -> None:
+    shape = ["--experts", "256", "--layers", "58", "--hidden", "7168", "--intermediate", "2048",
+             "--dtype", "int4"]
+    assert main(["estimate", *shape]) == 0
+    text = capsys.readouterr().out
+    assert "not counted" in text and "give --other-params N" in text and " 0.00" not in text
+    assert main(["estimate", *shape, "--other-params", "17e9"]) == 0
+    text = capsys.readouterr().out
+    assert "not counted" not in text and "other 17.00 B" in text
+
+
 def test_command_needs_a_shape(capsys) -> None:
     with pytest.raises(SystemExit, match=r"--config PATH .* \(missing --layers --intermediate\)"):
         main(["estimate", "--experts", "8", "--hidden", "64"])

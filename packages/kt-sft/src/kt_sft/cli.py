@@ -213,7 +213,8 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([r.to_dict() for r in results], indent=2))
     else:
-        print(format_estimate(shape, results))
+        known = bool(args.config) or args.other_params is not None
+        print(format_estimate(shape, results, other_params_known=known))
     return 0
 
 

@@ -366,19 +366,25 @@ def _gib(x: float) -> str:
     return f"{x / GIB:,.1f}" if x >= 0.1 * GIB else f"{x / GIB:,.2f}"
 
 
-def format_estimate(shape: ModelShape, results: list[MemoryEstimate]) -> str:
+def format_estimate(shape: ModelShape, results: list[MemoryEstimate], *,
+                    other_params_known: bool = True) -> str:
+    """The estimate as a table. `other_params_known=False` (a custom shape given without its
+    non-expert parameter count) shows that row as not counted instead of 0."""
     head = (f"model: {shape.model_type or 'custom'} — E={shape.num_experts} experts x "
             f"{shape.num_moe_layers} MoE layers"
             + (f" (of {shape.num_layers})" if shape.num_layers else "")
             + f", H={shape.hidden_size}, I={shape.intermediate_size}, K={shape.top_k}; "
             f"routed expert parameters {shape.expert_params / 1e9:,.2f} B, other "
-            f"{shape.other_params / 1e9:,.2f} B")
+            + (f"{shape.other_params / 1e9:,.2f} B" if other_params_known else "not given"))
     rows = [("GiB", *[r.weight_dtype for r in results])]
     for label, attr in (("routed experts", "experts"), ("expert LoRA + AdamW", "expert_lora"),
                         ("engine activation cache", "cache"), ("engine scratch", "scratch"),
                         ("PyTorch activations", "activations"),
                         ("non-expert weights", "rest"), ("runtime overhead", "overhead"),
                         ("total RAM", "total")):
+        if attr == "rest" and not other_params_known:
+            rows.append((label, *["not counted" for _ in results]))
+            continue
         rows.append((label, *[_gib(getattr(r, attr)) for r in results]))
     width = max(len(r[0]) for r in rows)
     cols = [max(len(r[i]) for r in rows) for i in range(1, len(rows[0]))]
@@ -394,5 +400,8 @@ def format_estimate(shape: ModelShape, results: list[MemoryEstimate]) -> str:
         lines.append(f"activation policy {r.policy}, gradient checkpointing {r.checkpointing}: "
                      f"a step's forward + backward peaks {_gib(r.step_growth)} GiB above the "
                      "loaded model (cache, scratch, activations, LoRA gradients)")
+    if not other_params_known:
+        lines.append("non-expert weights (attention, embeddings, LM head, shared experts) are not "
+                     "in the total: give --other-params N, or --config PATH to read them")
     lines.append("formula: docs/troubleshooting.md#how-much-memory-do-i-need")
     return "\n".join(lines)
