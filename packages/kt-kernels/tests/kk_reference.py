@@ -1,4 +1,4 @@
-"""Independent NumPy reference of the MoE experts operator (DESIGN.md section 2), forward and the
+"""Independent NumPy reference of the MoE experts operator (docs/api/kernels.md, "The operator"), forward and the
 analytic backward, in float64.
 
 It rounds to bfloat16 exactly where the engine's contract says activations are BF16: x and

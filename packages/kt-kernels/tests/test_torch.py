@@ -1,5 +1,5 @@
 """Cross-checks with torch: tensors through DLPack (float32, bfloat16, PEFT's strided lora_B
-views) and gradients against torch.autograd of the plain float32 math (DESIGN.md section 2).
+views) and gradients against torch.autograd of the plain float32 math (docs/api/kernels.md, "The operator").
 
 Tolerance against autograd: TOL_AUTOGRAD = 2e-2 of the largest reference magnitude per output.
 The autograd reference is float32 throughout, while the engine rounds activations to bf16 (h

@@ -1,6 +1,7 @@
-// The MoE experts operator of DESIGN.md section 2: packed BF16 (or int8 / int4, engine/quant.h)
-// base weights in tp slices of I, LoRA (fused gate_up or split), forward with an activation cache,
-// backward producing dx, dw and the LoRA gradients. W8A8 (int8 activations too): engine/w8a8.h.
+// The MoE experts operator of docs/api/kernels.md ("The operator"): packed BF16 (or int8 / int4,
+// engine/quant.h) base weights in tp slices of I, LoRA (fused gate_up or split), forward with an
+// activation cache, backward producing dx, dw and the LoRA gradients. W8A8 (int8 activations too):
+// engine/w8a8.h.
 //
 // Forward phases (each a parallel loop on the process pool; run() returns = barrier):
 //   route      sort (t, j) pairs by expert, stable by token then slot; ids -1 skipped

@@ -1,8 +1,8 @@
 """`MoEEngine`: routed experts of one MoE layer, forward and backward with LoRA, on the CPU.
 
-The math is DESIGN.md section 2. Arrays cross by DLPack (torch tensors, NumPy arrays, ...) or,
-for NumPy bfloat16 (ml_dtypes), the NumPy array interface; the C++ side checks dtype, shape,
-strides and device of every array before it uses a pointer.
+The math: docs/api/kernels.md, "The operator". Arrays cross by DLPack (torch tensors, NumPy
+arrays, ...) or, for NumPy bfloat16 (ml_dtypes), the NumPy array interface; the C++ side checks
+dtype, shape, strides and device of every array before it uses a pointer.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Creates the object that computes one layer's routed experts: the engine or the torch reference.
 
-Both offer the ``kt_kernels.MoEEngine`` API (issue 3 / docs/api/kernels.md); the rest of kt-sft
+Both offer the ``kt_kernels.MoEEngine`` API (docs/api/kernels.md); the rest of kt-sft
 only talks to that API.
 """
 
