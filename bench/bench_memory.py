@@ -54,16 +54,28 @@ def engine_row(cfg: dict[str, Any]) -> dict[str, Any]:
     from kt_sft.memory_probe import _reset_peak, _rss
 
     L, T, mode = cfg["layers"], cfg["tokens"], cfg["mode"]
-    E, K, H, inter, r = cfg["experts"], cfg["top_k"], cfg["hidden"], cfg["intermediate"], cfg["rank"]
+    E, K, H, inter, r = (
+        cfg["experts"],
+        cfg["top_k"],
+        cfg["hidden"],
+        cfg["intermediate"],
+        cfg["rank"],
+    )
     checkpointing, policy = MODES[mode]
     rng = np.random.default_rng(0)
     engines, keep = [], []
-    shapes = {"a_gate_up": (E, r, H), "b_gate_up": (E, 2 * inter, r), "a_down": (E, r, inter),
-              "b_down": (E, H, r)}
+    shapes = {
+        "a_gate_up": (E, r, H),
+        "b_gate_up": (E, 2 * inter, r),
+        "a_down": (E, r, inter),
+        "b_down": (E, H, r),
+    }
     for _ in range(L):
         eng = kk.MoEEngine(E, K, H, inter, lora_rank=r, max_tokens=T, activation_policy=policy)
-        eng.load_weights(gate_up=(rng.standard_normal((E, 2 * inter, H), np.float32) * 0.05),
-                         down=(rng.standard_normal((E, H, inter), np.float32) * 0.05))
+        eng.load_weights(
+            gate_up=(rng.standard_normal((E, 2 * inter, H), np.float32) * 0.05),
+            down=(rng.standard_normal((E, H, inter), np.float32) * 0.05),
+        )
         arrays = {k: rng.standard_normal(v, np.float32) * 0.05 for k, v in shapes.items()}
         arrays.update({"grad_" + k: np.zeros(v, np.float32) for k, v in shapes.items()})
         eng.set_lora(**arrays)
@@ -107,10 +119,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="2 and 4 layers at T=1024")
     p.add_argument("--json", default=None, help="also write the rows to this file")
     p.add_argument("--time-reps", type=int, default=7, help="timed steps per policy")
-    p.add_argument("--engine-only", action="store_true",
-                   help="the engines alone, no PyTorch model (see the module docstring)")
-    p.add_argument("--timing-only", action="store_true",
-                   help="only the recompute / retain step time of one layer")
+    p.add_argument(
+        "--engine-only",
+        action="store_true",
+        help="the engines alone, no PyTorch model (see the module docstring)",
+    )
+    p.add_argument(
+        "--timing-only",
+        action="store_true",
+        help="only the recompute / retain step time of one layer",
+    )
     p.add_argument("--engine-row", default=None, help=argparse.SUPPRESS)
     args, _ = p.parse_known_args(argv)  # nox passes the same arguments to every bench script
     if args.engine_row:
@@ -125,14 +143,24 @@ def main(argv: list[str] | None = None) -> int:
     layers = [int(v) for v in args.layers.split(",")]
     tokens = [int(v) for v in args.tokens.split(",")]
     modes = [] if args.timing_only else [m.strip() for m in args.modes.split(",")]
-    shape_kw = {"hidden_size": args.hidden, "intermediate_size": args.intermediate,
-                "num_experts": args.experts, "top_k": args.top_k, "lora_rank": args.rank}
-    print(("engines only (no PyTorch model), " if args.engine_only else "") +
-          f"qwen3_moe-shaped: H={args.hidden}, I={args.intermediate}, {args.experts} experts "
-          f"top-{args.top_k}, LoRA r={args.rank} on the experts, bf16 experts"
-          + ("" if args.engine_only else ", fp32 PyTorch side") + "; MiB")
-    head = (f"{'layers':>6} {'T':>5} {'mode':<13} {'RSS growth':>10} {'estimate':>9} "
-            f"{'cache':>8} {'scratch':>8} {'cache+scr':>9} {'weights':>8}")
+    shape_kw = {
+        "hidden_size": args.hidden,
+        "intermediate_size": args.intermediate,
+        "num_experts": args.experts,
+        "top_k": args.top_k,
+        "lora_rank": args.rank,
+    }
+    print(
+        ("engines only (no PyTorch model), " if args.engine_only else "")
+        + f"qwen3_moe-shaped: H={args.hidden}, I={args.intermediate}, {args.experts} experts "
+        f"top-{args.top_k}, LoRA r={args.rank} on the experts, bf16 experts"
+        + ("" if args.engine_only else ", fp32 PyTorch side")
+        + "; MiB"
+    )
+    head = (
+        f"{'layers':>6} {'T':>5} {'mode':<13} {'RSS growth':>10} {'estimate':>9} "
+        f"{'cache':>8} {'scratch':>8} {'cache+scr':>9} {'weights':>8}"
+    )
     print(head)
     print("-" * len(head))
     rows: list[dict[str, Any]] = []
@@ -140,47 +168,90 @@ def main(argv: list[str] | None = None) -> int:
         for L in layers:
             for mode in modes:
                 checkpointing, policy = MODES[mode]
-                shape = ModelShape(num_experts=args.experts, num_moe_layers=L,
-                                   hidden_size=args.hidden, intermediate_size=args.intermediate,
-                                   top_k=args.top_k)
-                est = estimate_memory(shape, lora_rank=args.rank, max_tokens=T, policy=policy,
-                                      checkpointing=checkpointing,
-                                      non_expert_on_gpu=args.engine_only)
-                row: dict[str, Any] = {"layers": L, "tokens": T, "mode": mode,
-                                       "estimate": est.step_growth}
+                shape = ModelShape(
+                    num_experts=args.experts,
+                    num_moe_layers=L,
+                    hidden_size=args.hidden,
+                    intermediate_size=args.intermediate,
+                    top_k=args.top_k,
+                )
+                est = estimate_memory(
+                    shape,
+                    lora_rank=args.rank,
+                    max_tokens=T,
+                    policy=policy,
+                    checkpointing=checkpointing,
+                    non_expert_on_gpu=args.engine_only,
+                )
+                row: dict[str, Any] = {
+                    "layers": L,
+                    "tokens": T,
+                    "mode": mode,
+                    "estimate": est.step_growth,
+                }
                 if est.step_growth + 2 * est.experts > 0.5 * _available():
-                    row["skipped"] = (f"estimate {est.step_growth / MIB:,.0f} MiB does not fit "
-                                      "in half the available memory")
+                    row["skipped"] = (
+                        f"estimate {est.step_growth / MIB:,.0f} MiB does not fit "
+                        "in half the available memory"
+                    )
                     print(f"{L:>6} {T:>5} {mode:<13} skipped: {row['skipped']}", flush=True)
                     rows.append(row)
                     continue
                 if args.engine_only:
-                    got = _engine_row_process({"layers": L, "tokens": T, "mode": mode,
-                                               "experts": args.experts, "top_k": args.top_k,
-                                               "hidden": args.hidden, "rank": args.rank,
-                                               "intermediate": args.intermediate})
+                    got = _engine_row_process(
+                        {
+                            "layers": L,
+                            "tokens": T,
+                            "mode": mode,
+                            "experts": args.experts,
+                            "top_k": args.top_k,
+                            "hidden": args.hidden,
+                            "rank": args.rank,
+                            "intermediate": args.intermediate,
+                        }
+                    )
                 else:
-                    got = measure(ProbeConfig(layers=L, tokens=T, checkpointing=checkpointing,
-                                              policy=policy, **shape_kw))
+                    got = measure(
+                        ProbeConfig(
+                            layers=L,
+                            tokens=T,
+                            checkpointing=checkpointing,
+                            policy=policy,
+                            **shape_kw,
+                        )
+                    )
                 e = got["engine"]
-                row.update(rss_growth=got["rss_growth"], cache=e["cache_peak_bytes"],
-                           scratch=e["scratch_peak_bytes"], weights=e["weights_bytes"],
-                           engine=e)
-                print(f"{L:>6} {T:>5} {mode:<13} {got['rss_growth'] / MIB:>10,.0f} "
-                      f"{est.step_growth / MIB:>9,.0f} {row['cache'] / MIB:>8,.0f} "
-                      f"{row['scratch'] / MIB:>8,.0f} "
-                      f"{(row['cache'] + row['scratch']) / MIB:>9,.0f} "
-                      f"{row['weights'] / MIB:>8,.0f}", flush=True)
+                row.update(
+                    rss_growth=got["rss_growth"],
+                    cache=e["cache_peak_bytes"],
+                    scratch=e["scratch_peak_bytes"],
+                    weights=e["weights_bytes"],
+                    engine=e,
+                )
+                print(
+                    f"{L:>6} {T:>5} {mode:<13} {got['rss_growth'] / MIB:>10,.0f} "
+                    f"{est.step_growth / MIB:>9,.0f} {row['cache'] / MIB:>8,.0f} "
+                    f"{row['scratch'] / MIB:>8,.0f} "
+                    f"{(row['cache'] + row['scratch']) / MIB:>9,.0f} "
+                    f"{row['weights'] / MIB:>8,.0f}",
+                    flush=True,
+                )
                 rows.append(row)
     timing: dict[str, Any] = {}
     for T in tokens:
         times = _time_one_layer(ProbeConfig(layers=1, tokens=T, **shape_kw), reps=args.time_reps)
         keep, again = statistics.median(times["retain"]), statistics.median(times["recompute"])
-        timing[str(T)] = {"retain_s": keep, "recompute_s": again, "ratio": again / keep,
-                          "samples": times}
-        print(f"one layer step at T={T}: retain {keep * 1e3:,.1f} ms, recompute "
-              f"{again * 1e3:,.1f} ms (median of {args.time_reps}, alternating): "
-              f"recompute / retain = {again / keep:.2f}")
+        timing[str(T)] = {
+            "retain_s": keep,
+            "recompute_s": again,
+            "ratio": again / keep,
+            "samples": times,
+        }
+        print(
+            f"one layer step at T={T}: retain {keep * 1e3:,.1f} ms, recompute "
+            f"{again * 1e3:,.1f} ms (median of {args.time_reps}, alternating): "
+            f"recompute / retain = {again / keep:.2f}"
+        )
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"rows": rows, "timing": timing}, f, indent=1)
@@ -190,8 +261,12 @@ def main(argv: list[str] | None = None) -> int:
 def _engine_row_process(cfg: dict[str, Any]) -> dict[str, Any]:
     import subprocess
 
-    proc = subprocess.run([sys.executable, __file__, "--engine-row", json.dumps(cfg)],
-                          capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--engine-row", json.dumps(cfg)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"engine row {cfg} failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -17,8 +17,11 @@ def _modules_after_import(module: str) -> set[str]:
 def test_kt_kernels_imports_no_torch_and_no_training_code() -> None:
     loaded = _modules_after_import("kt_kernels")
     assert "torch" not in loaded
-    assert not any(m.split(".")[0] in {"kt_sft", "kt_models", "kt_accelerate", "transformers",
-                                       "peft", "accelerate"} for m in loaded)
+    assert not any(
+        m.split(".")[0]
+        in {"kt_sft", "kt_models", "kt_accelerate", "transformers", "peft", "accelerate"}
+        for m in loaded
+    )
 
 
 def test_kt_sft_does_not_import_accelerate() -> None:

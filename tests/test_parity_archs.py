@@ -53,8 +53,13 @@ kt_models = pytest.importorskip("kt_models")
 tiny = pytest.importorskip("kt_models.tiny")
 
 ARCHS = kt_models.supported_model_types()
-BACKENDS = [pytest.param("engine", marks=pytest.mark.skipif(
-    not engine_available(), reason="kt-kernels engine not built")), "torch"]
+BACKENDS = [
+    pytest.param(
+        "engine",
+        marks=pytest.mark.skipif(not engine_available(), reason="kt-kernels engine not built"),
+    ),
+    "torch",
+]
 SCENARIOS = ["plain", "gc_reentrant", "gc_non_reentrant", "accum2", "padding"]
 
 TOL = {
@@ -88,8 +93,12 @@ def _cfg(backend: str) -> kt_sft.KTConfig:
     # LoRA r=4 for PEFT; the engine is built for rank 8: PEFT's v4->v5 target conversion gives
     # gate_up_proj rank 2r when gate_proj and up_proj are both targeted (as here, through the
     # dense / shared-expert MLP names), and down_proj rank r (bound zero-padded).
-    return kt_sft.KTConfig(backend=backend, weight_dtype="bf16" if backend == "engine" else "fp32",
-                           lora_rank=8, lora_alpha=16.0)
+    return kt_sft.KTConfig(
+        backend=backend,
+        weight_dtype="bf16" if backend == "engine" else "fp32",
+        lora_rank=8,
+        lora_alpha=16.0,
+    )
 
 
 def _vocab(model: torch.nn.Module) -> int:
@@ -101,18 +110,20 @@ def _run(pm: Any, scenario: str, vocab: int) -> float:
     if scenario in ("gc_reentrant", "gc_non_reentrant"):
         # HF's activation checkpointing (the new name of gradient_checkpointing_enable)
         pm.activation_checkpointing_enable(
-            activation_checkpointing_kwargs={"use_reentrant": scenario == "gc_reentrant"})
+            activation_checkpointing_kwargs={"use_reentrant": scenario == "gc_reentrant"}
+        )
     if scenario == "accum2":
         batch = make_batch(vocab, batch=4, seq=10, seed=1)
         total = 0.0
         for i in range(2):
-            micro = {k: v[2 * i: 2 * i + 2] for k, v in batch.items()}
+            micro = {k: v[2 * i : 2 * i + 2] for k, v in batch.items()}
             loss = pm(**micro).loss / 2
             loss.backward()
             total += float(loss.detach())
         return total
-    batch = make_batch(vocab, batch=3, seq=12, seed=2, pad=4 if scenario == "padding" else 0,
-                       pad_side="left")
+    batch = make_batch(
+        vocab, batch=3, seq=12, seed=2, pad=4 if scenario == "padding" else 0, pad_side="left"
+    )
     loss = pm(**batch).loss
     loss.backward()
     return float(loss.detach())
@@ -160,9 +171,11 @@ def test_one_step_parity(tiny_models: dict, arch: str, backend: str, scenario: s
             assert rel_err(q, p) <= tol["weight"], name
             du_stock, du_kt = p.detach() - before[name], q.detach() - before[name]
             if float(du_stock.norm()) > 0:
-                cos = float(torch.nn.functional.cosine_similarity(
-                    du_kt.flatten().double(), du_stock.flatten().double(), dim=0))
+                cos = float(
+                    torch.nn.functional.cosine_similarity(
+                        du_kt.flatten().double(), du_stock.flatten().double(), dim=0
+                    )
+                )
                 assert cos >= tol["cos"], f"{name}: AdamW update cosine {cos:.4f}"
-    assert all(layer.pending_forwards == 0 for _, _, layer in
-               kt_sft.inject.experts_layers(kt))
+    assert all(layer.pending_forwards == 0 for _, _, layer in kt_sft.inject.experts_layers(kt))
     kt_sft.close(kt)

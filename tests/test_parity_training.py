@@ -80,13 +80,19 @@ def _train(pm: Any, batches: list[dict], *, accumulate: int = 1) -> list[float]:
     return losses
 
 
-@pytest.mark.parametrize(("arch", "accumulate", "checkpointing"), [
-    ("qwen3_moe", 1, False), ("deepseek_v3", 2, True)])
+@pytest.mark.parametrize(
+    ("arch", "accumulate", "checkpointing"), [("qwen3_moe", 1, False), ("deepseek_v3", 2, True)]
+)
 def test_training_curve_tracks_stock_and_adapter_loads_in_stock(
-        arch: str, accumulate: int, checkpointing: bool, tmp_path: Path) -> None:
+    arch: str, accumulate: int, checkpointing: bool, tmp_path: Path
+) -> None:
     model = tiny.build(arch)
-    cfg = kt_sft.KTConfig(backend=BACKEND, weight_dtype="bf16" if BACKEND == "engine" else "fp32",
-                          lora_rank=8, lora_alpha=16.0)
+    cfg = kt_sft.KTConfig(
+        backend=BACKEND,
+        weight_dtype="bf16" if BACKEND == "engine" else "fp32",
+        lora_rank=8,
+        lora_alpha=16.0,
+    )
     pair = make_pair(model, cfg)
     clean_stock = copy.deepcopy(pair.stock)  # get_peft_model injects into the model it gets
     kwargs = lora_config_kwargs(pair.stock, router=False)
@@ -99,7 +105,8 @@ def test_training_curve_tracks_stock_and_adapter_loads_in_stock(
     if checkpointing:
         for pm in (stock, kt):
             pm.activation_checkpointing_enable(
-                activation_checkpointing_kwargs={"use_reentrant": False})
+                activation_checkpointing_kwargs={"use_reentrant": False}
+            )
     vocab = int(model.config.get_text_config().vocab_size)
     batches = [make_batch(vocab, batch=4, seq=16, seed=s, pad=3) for s in range(1)]
 

@@ -24,12 +24,29 @@ from kta_scenarios import free_port  # noqa: E402 - needs the path above
 
 
 def worker_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("ACCELERATE_", "KT_", "FSDP_")) and k not in (
-               "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
-               "MASTER_ADDR", "MASTER_PORT")}
-    env.update({"OMP_NUM_THREADS": "1", "KT_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-                "TOKENIZERS_PARALLELISM": "false"})
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("ACCELERATE_", "KT_", "FSDP_"))
+        and k
+        not in (
+            "RANK",
+            "WORLD_SIZE",
+            "LOCAL_RANK",
+            "LOCAL_WORLD_SIZE",
+            "GROUP_RANK",
+            "MASTER_ADDR",
+            "MASTER_PORT",
+        )
+    }
+    env.update(
+        {
+            "OMP_NUM_THREADS": "1",
+            "KT_NUM_THREADS": "1",
+            "PYTHONUNBUFFERED": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+    )
     env.update(extra)
     return env
 
@@ -54,16 +71,25 @@ class Launch:
     def check(self) -> None:
         bad = [r for r in self.ranks if r.returncode != 0 or r.result is None]
         if bad:
-            raise AssertionError("\n\n".join(
-                f"rank {r.rank} exited {r.returncode}:\n{r.output[-4000:]}" for r in bad))
+            raise AssertionError(
+                "\n\n".join(
+                    f"rank {r.rank} exited {r.returncode}:\n{r.output[-4000:]}" for r in bad
+                )
+            )
 
 
 def _start(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     """Start ``argv`` in its own process group (so a launcher and its workers can be killed
     together), output to ``log``."""
     with open(log, "wb") as fh:
-        proc = subprocess.Popen(argv, env=env, stdout=fh, stderr=subprocess.STDOUT,
-                                cwd=str(HERE), start_new_session=True)
+        proc = subprocess.Popen(
+            argv,
+            env=env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            cwd=str(HERE),
+            start_new_session=True,
+        )
     proc.kt_log = log  # type: ignore[attr-defined]
     return proc
 
@@ -75,8 +101,9 @@ def _kill(proc: subprocess.Popen[bytes]) -> None:
         pass
 
 
-def _collect(procs: list[subprocess.Popen[bytes]], outdir: Path, timeout: float,
-             grace: float = 3.0) -> Launch:
+def _collect(
+    procs: list[subprocess.Popen[bytes]], outdir: Path, timeout: float, grace: float = 3.0
+) -> Launch:
     """Wait for every process; kill them all at ``timeout``, and the stragglers ``grace``
     seconds after a first process failed (as torchrun does)."""
     start = time.monotonic()
@@ -106,20 +133,37 @@ def launch_ranks(tmp_path: Path):
     """``launch_ranks(scenario, world, nodes=1, timeout=..., env=...)``: start one worker per
     rank with torchrun's environment variables (``nodes`` simulated nodes on localhost)."""
 
-    def run(scenario: str, world: int, *, nodes: int = 1, timeout: float = 90.0,
-            env: dict[str, str] | None = None) -> Launch:
+    def run(
+        scenario: str,
+        world: int,
+        *,
+        nodes: int = 1,
+        timeout: float = 90.0,
+        env: dict[str, str] | None = None,
+    ) -> Launch:
         outdir = tmp_path / f"{scenario}-{world}x{nodes}"
         outdir.mkdir()
         port = str(free_port())
         per_node = world // nodes
         procs = []
         for r in range(world):
-            e = worker_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(r),
-                           WORLD_SIZE=str(world), LOCAL_RANK=str(r % per_node),
-                           LOCAL_WORLD_SIZE=str(per_node), GROUP_RANK=str(r // per_node),
-                           **(env or {}))
-            procs.append(_start([sys.executable, str(SCENARIOS), scenario, str(outdir)], e,
-                                outdir / f"log{r}.txt"))
+            e = worker_env(
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=port,
+                RANK=str(r),
+                WORLD_SIZE=str(world),
+                LOCAL_RANK=str(r % per_node),
+                LOCAL_WORLD_SIZE=str(per_node),
+                GROUP_RANK=str(r // per_node),
+                **(env or {}),
+            )
+            procs.append(
+                _start(
+                    [sys.executable, str(SCENARIOS), scenario, str(outdir)],
+                    e,
+                    outdir / f"log{r}.txt",
+                )
+            )
         return _collect(procs, outdir, timeout)
 
     return run
@@ -129,8 +173,14 @@ def launch_ranks(tmp_path: Path):
 def launch_command(tmp_path: Path):
     """Run one launcher command (``accelerate launch ...``) whose workers write to outdir."""
 
-    def run(argv: list[str], world: int, outdir: Path, *, timeout: float = 120.0,
-            env: dict[str, str] | None = None) -> Launch:
+    def run(
+        argv: list[str],
+        world: int,
+        outdir: Path,
+        *,
+        timeout: float = 120.0,
+        env: dict[str, str] | None = None,
+    ) -> Launch:
         proc = _start(argv, worker_env(**(env or {})), outdir / "launcher.txt")
         launch = _collect([proc], outdir, timeout)
         output = launch.ranks[0].output
@@ -159,10 +209,22 @@ def _clean_kt_environment(monkeypatch: pytest.MonkeyPatch):
     """Tests start without kt/accelerate settings from the shell and leave accelerate's
     process-wide state as they found it."""
     for key in list(os.environ):
-        if key.startswith(("ACCELERATE_KT_", "KT_ENGINE_PLACEMENT", "KT_DIST_TIMEOUT",
-                           "KT_LORA", "KT_BACKEND", "KT_NUM_", "KT_MAX_", "KT_WEIGHT_",
-                           "KT_ALLOW_", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP",
-                           "FSDP_")):
+        if key.startswith(
+            (
+                "ACCELERATE_KT_",
+                "KT_ENGINE_PLACEMENT",
+                "KT_DIST_TIMEOUT",
+                "KT_LORA",
+                "KT_BACKEND",
+                "KT_NUM_",
+                "KT_MAX_",
+                "KT_WEIGHT_",
+                "KT_ALLOW_",
+                "ACCELERATE_USE_DEEPSPEED",
+                "ACCELERATE_USE_FSDP",
+                "FSDP_",
+            )
+        ):
             monkeypatch.delenv(key)
     yield
     from accelerate.state import AcceleratorState, GradientState

@@ -21,7 +21,9 @@ import torch
 #: (KTA_BACKEND=engine runs the workers on the compiled engine instead, for measurements.)
 KT_SETTINGS: dict[str, Any] = (
     {"backend": "torch", "weight_dtype": "fp32", "lora_rank": 4}
-    if os.environ.get("KTA_BACKEND", "torch") == "torch" else {"lora_rank": 4, "num_threads": 1})
+    if os.environ.get("KTA_BACKEND", "torch") == "torch"
+    else {"lora_rank": 4, "num_threads": 1}
+)
 #: The compiled engine (bf16 expert weights), as users run it.
 ENGINE_SETTINGS: dict[str, Any] = {"lora_rank": 4, "num_threads": 1}
 MODEL_TYPE = "qwen3_moe"
@@ -38,9 +40,13 @@ LAYER_TOKENS = [5, 0, 3, 0]
 def lora_config() -> Any:
     from peft import LoraConfig
 
-    return LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                      target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
-                      init_lora_weights=False)
+    return LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj"],
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+        init_lora_weights=False,
+    )
 
 
 def build_model(plugin: Any = None, *, lora_seed: int = 0, wrap: bool = True) -> Any:
@@ -73,8 +79,10 @@ def num_targets(batches: list[torch.Tensor]) -> int:
 def token_sum_loss(model: Any, ids: torch.Tensor) -> torch.Tensor:
     logits = model(input_ids=ids).logits
     return torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1),
-        reduction="sum")
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+        ids[:, 1:].reshape(-1),
+        reduction="sum",
+    )
 
 
 def trainable_state(model: Any) -> dict[str, torch.Tensor]:
@@ -89,8 +97,11 @@ def layer_inputs(world: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Ten
     for r in range(world):
         T = LAYER_TOKENS[r]
         x = torch.randn(T, 64, generator=g)
-        ids = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(T)]) if T else \
-            torch.empty(0, 2, dtype=torch.int64)
+        ids = (
+            torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(T)])
+            if T
+            else torch.empty(0, 2, dtype=torch.int64)
+        )
         w = torch.rand(T, 2, generator=g)
         grad = torch.randn(T, 64, generator=g)
         out.append((x, ids, w, grad))
@@ -107,8 +118,9 @@ def first_experts(model: Any) -> Any:
     raise AssertionError("no PEFT-wrapped experts")
 
 
-def experts_call(model: Any, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor,
-                 grad: torch.Tensor) -> dict[str, torch.Tensor]:
+def experts_call(
+    model: Any, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, grad: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """One forward + backward of the routed experts alone; returns out, dx and dw."""
     x = x.clone().requires_grad_(True)
     w = w.clone().requires_grad_(True)
@@ -117,8 +129,9 @@ def experts_call(model: Any, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor
     return {"out": out.detach(), "dx": x.grad.detach().clone(), "dw": w.grad.detach().clone()}
 
 
-def dropped_graph_dx(model: Any, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor,
-                     grad: torch.Tensor) -> torch.Tensor:
+def dropped_graph_dx(
+    model: Any, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, grad: torch.Tensor
+) -> torch.Tensor:
     """Two cached forwards, the second one's graph dropped, then the first one's backward: the
     engine pops the dropped entry first (a zero backward, exchanged like any other)."""
     xa = x.clone().requires_grad_(True)
@@ -133,12 +146,15 @@ def dropped_graph_dx(model: Any, x: torch.Tensor, ids: torch.Tensor, w: torch.Te
 def expert_grads(model: Any) -> dict[int, torch.Tensor]:
     from kt_sft.distributed import expert_lora_parameters
 
-    return {i: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
-            for i, p in enumerate(expert_lora_parameters(model))}
+    return {
+        i: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
+        for i, p in enumerate(expert_lora_parameters(model))
+    }
 
 
-def reference(world: int, steps: int = STEPS, settings: dict[str, Any] | None = None
-              ) -> dict[str, Any]:
+def reference(
+    world: int, steps: int = STEPS, settings: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Single process: the same global batch (every rank's micro-batch, accumulated)."""
     import kt_accelerate
     from kt_sft.distributed import expert_lora_parameters
@@ -237,14 +253,17 @@ def scenario_parity(outdir: str) -> None:
     rank, world = accelerator.process_index, accelerator.num_processes
     # A different LoRA init per rank: prepare() must make them all rank 0's.
     model = build_model(accelerator.kt_plugin, lora_seed=rank)
-    params = [p for n, p in model.named_parameters()
-              if p.requires_grad and "experts" not in n]  # expert LoRA: prepare adds it
+    params = [
+        p for n, p in model.named_parameters() if p.requires_grad and "experts" not in n
+    ]  # expert LoRA: prepare adds it
     opt = torch.optim.AdamW(params, lr=LR)
     ddp, opt = accelerator.prepare(model, opt)
-    payload: dict[str, Any] = {"context": repr(current_context()),
-                               "initial": trainable_state(model),
-                               "plugin": accelerator.kt_plugin.to_dict(),
-                               "distributed_type": str(accelerator.distributed_type)}
+    payload: dict[str, Any] = {
+        "context": repr(current_context()),
+        "initial": trainable_state(model),
+        "plugin": accelerator.kt_plugin.to_dict(),
+        "distributed_type": str(accelerator.distributed_type),
+    }
 
     x, ids, w, grad = layer_inputs(world)[rank]
     payload["layer"] = experts_call(model, x, ids, w, grad)
@@ -275,8 +294,7 @@ def scenario_parity(outdir: str) -> None:
     _save(outdir, payload)
 
 
-def _out_of_step(model: Any, rank: int, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor
-                 ) -> str:
+def _out_of_step(model: Any, rank: int, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> str:
     """Rank 0 calls the experts for training (cached), every other rank for inference: the
     ranks of node 0 must refuse with a clear error instead of exchanging tensors."""
     from kt_sft.distributed import KTDistributedError
@@ -326,15 +344,17 @@ def scenario_fsdp2(outdir: str) -> None:
     launched = bool(os.environ.get("ACCELERATE_USE_FSDP"))  # (a plugin argument sets it too)
     if launched:
         plugin = kt_accelerate.KTransformersPlugin()
-        accelerator = kt_accelerate.KTAccelerator(cpu=True, kt_plugin=plugin,
-                                                  kwargs_handlers=[init])
+        accelerator = kt_accelerate.KTAccelerator(
+            cpu=True, kt_plugin=plugin, kwargs_handlers=[init]
+        )
     else:
         plugin = kt_accelerate.KTransformersPlugin(kt_config=dict(KT_SETTINGS))
         fsdp = FullyShardedDataParallelPlugin(
-            fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
-            reshard_after_forward=True)
-        accelerator = kt_accelerate.KTAccelerator(cpu=True, kt_plugin=plugin, fsdp_plugin=fsdp,
-                                                  kwargs_handlers=[init])
+            fsdp_version=2, auto_wrap_policy="transformer_based_wrap", reshard_after_forward=True
+        )
+        accelerator = kt_accelerate.KTAccelerator(
+            cpu=True, kt_plugin=plugin, fsdp_plugin=fsdp, kwargs_handlers=[init]
+        )
     rank, world = accelerator.process_index, accelerator.num_processes
     model = build_model(accelerator.kt_plugin, lora_seed=rank)  # prepare makes them rank 0's
     if not launched:
@@ -345,14 +365,23 @@ def scenario_fsdp2(outdir: str) -> None:
     payload: dict[str, Any] = {
         "distributed_type": str(accelerator.distributed_type),
         "fsdp_version": accelerator.state.fsdp_plugin.fsdp_version,
-        "gradient_checkpointing": any(getattr(m, "gradient_checkpointing", False) is True
-                                      for m in model.modules()),
+        "gradient_checkpointing": any(
+            getattr(m, "gradient_checkpointing", False) is True for m in model.modules()
+        ),
         "model_class": type(model).__name__,
         "expert_lora_sharded": [isinstance(p, DTensor) for p in experts],
-        "trainable_sharded": sorted({isinstance(p, DTensor) for p in model.parameters()
-                                     if p.requires_grad and all(p is not e for e in experts)}),
-        "local_numel": {n: (p.to_local().numel() if isinstance(p, DTensor) else p.numel())
-                        for n, p in model.named_parameters() if "q_proj.lora_A" in n},
+        "trainable_sharded": sorted(
+            {
+                isinstance(p, DTensor)
+                for p in model.parameters()
+                if p.requires_grad and all(p is not e for e in experts)
+            }
+        ),
+        "local_numel": {
+            n: (p.to_local().numel() if isinstance(p, DTensor) else p.numel())
+            for n, p in model.named_parameters()
+            if "q_proj.lora_A" in n
+        },
         "engine_ranks": _engine_ranks(model),
     }
     tokens = rank_batches(world)[rank]
@@ -370,16 +399,16 @@ def scenario_fsdp2(outdir: str) -> None:
         losses.append(gathered)
     payload["losses"] = losses
     payload["grad_norms"] = norms
-    payload["state"] = {name: _full(p) for name, p in model.named_parameters()
-                        if p.requires_grad}
+    payload["state"] = {name: _full(p) for name, p in model.named_parameters() if p.requires_grad}
     accelerator.unwrap_model(model).save_pretrained(str(Path(outdir) / "adapter"))
     if not launched:
         # accelerate's sharded checkpoint, kt's parameters included: one more step after
         # restoring it (from scrambled weights) repeats the step taken right after saving.
         folder = Path(outdir) / "state"
         accelerator.save_state(str(folder))
-        payload["layout_written"] = accelerator.is_main_process and (
-            folder / "kt_layout.json").is_file()
+        payload["layout_written"] = (
+            accelerator.is_main_process and (folder / "kt_layout.json").is_file()
+        )
         first = token_sum_loss(model, tokens) / n * world
         accelerator.backward(first)
         opt.step()
@@ -391,8 +420,9 @@ def scenario_fsdp2(outdir: str) -> None:
                     p.mul_(-0.5)
         accelerator.load_state(str(folder))
         restored = {name: _full(p) for name, p in model.named_parameters() if p.requires_grad}
-        payload["restored_diff"] = max(float((restored[k] - v).abs().max())
-                                       for k, v in payload["state"].items())
+        payload["restored_diff"] = max(
+            float((restored[k] - v).abs().max()) for k, v in payload["state"].items()
+        )
         again = token_sum_loss(model, tokens) / n * world
         accelerator.backward(again)
         opt.step()
@@ -400,7 +430,9 @@ def scenario_fsdp2(outdir: str) -> None:
         payload["resumed_losses"] = (first.item(), again.item())
         payload["resumed_diff"] = max(
             float((_full(p) - after[name]).abs().max())
-            for name, p in model.named_parameters() if p.requires_grad)
+            for name, p in model.named_parameters()
+            if p.requires_grad
+        )
     _save(outdir, payload)
 
 
@@ -434,8 +466,7 @@ def scenario_crash(outdir: str) -> None:
             opt.step()
             opt.zero_grad()
         except kt_accelerate.KTDistributedError as exc:
-            _save(outdir, {"error": str(exc), "step": step,
-                           "seconds": time.monotonic() - start})
+            _save(outdir, {"error": str(exc), "step": step, "seconds": time.monotonic() - start})
             os._exit(3)
 
 
@@ -451,20 +482,35 @@ def scenario_trainer(outdir: str) -> None:
     plugin = kt_accelerate.KTransformersPlugin(kt_config=dict(KT_SETTINGS))
     model = build_model(plugin, lora_seed=_rank())
     recorder = LossRecorder()
-    trainer = kt_accelerate.KTTrainer(model=model, args=args, train_dataset=sequences(),
-                                      data_collator=collate, kt_plugin=plugin,
-                                      callbacks=[recorder])
+    trainer = kt_accelerate.KTTrainer(
+        model=model,
+        args=args,
+        train_dataset=sequences(),
+        data_collator=collate,
+        kt_plugin=plugin,
+        callbacks=[recorder],
+    )
     assert isinstance(args, TrainingArguments)
     trainer.train()
-    _save(outdir, {"losses": recorder.losses, "state": trainable_state(model),
-                   "engine_ranks": _engine_ranks(model), "placement": plugin.engine_placement})
+    _save(
+        outdir,
+        {
+            "losses": recorder.losses,
+            "state": trainable_state(model),
+            "engine_ranks": _engine_ranks(model),
+            "placement": plugin.engine_placement,
+        },
+    )
 
 
 #: ``TrainingArguments`` turning on FSDP2 in the Trainer (docs/distributed.md).
 TRAINER_FSDP2: dict[str, Any] = {
     "fsdp": True,
-    "fsdp_config": {"fsdp_version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
-                    "reshard_after_forward": True},
+    "fsdp_config": {
+        "fsdp_version": 2,
+        "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+        "reshard_after_forward": True,
+    },
 }
 
 
@@ -485,18 +531,29 @@ def scenario_trainer_fsdp2(outdir: str) -> None:
         plugin = kt_accelerate.KTransformersPlugin(kt_config=dict(KT_SETTINGS))
         model = build_model(plugin, lora_seed=_rank() + 1)  # the trainer makes them rank 0's
         recorder = LossRecorder()
-        trainer = kt_accelerate.KTTrainer(model=model, args=args, train_dataset=sequences(),
-                                          data_collator=collate, kt_plugin=plugin,
-                                          callbacks=[recorder])
+        trainer = kt_accelerate.KTTrainer(
+            model=model,
+            args=args,
+            train_dataset=sequences(),
+            data_collator=collate,
+            kt_plugin=plugin,
+            callbacks=[recorder],
+        )
         trainer.train(resume_from_checkpoint=resume)
         wrapped = trainer.model
         payload[run] = {
             "losses": recorder.losses,
             "state": {n: _full(p) for n, p in wrapped.named_parameters() if p.requires_grad},
-            "sharded": sorted({isinstance(p, DTensor) for n, p in wrapped.named_parameters()
-                               if p.requires_grad and "experts" not in n}),
-            "experts_sharded": sorted({isinstance(p, DTensor) for n, p in
-                                       wrapped.named_parameters() if "experts" in n}),
+            "sharded": sorted(
+                {
+                    isinstance(p, DTensor)
+                    for n, p in wrapped.named_parameters()
+                    if p.requires_grad and "experts" not in n
+                }
+            ),
+            "experts_sharded": sorted(
+                {isinstance(p, DTensor) for n, p in wrapped.named_parameters() if "experts" in n}
+            ),
             "distributed_type": str(trainer.accelerator.distributed_type),
             "model_class": type(wrapped).__name__,
             "engine_ranks": _engine_ranks(wrapped),
@@ -511,8 +568,9 @@ def word_tokenizer() -> Any:
 
     tok = Tokenizer(models.WordLevel(vocab={f"w{i}": i for i in range(VOCAB)}, unk_token="w3"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="w0", bos_token="w1",
-                                   eos_token="w2", unk_token="w3")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="w0", bos_token="w1", eos_token="w2", unk_token="w3"
+    )
 
 
 def scenario_trl_fsdp2(outdir: str) -> None:
@@ -528,33 +586,58 @@ def scenario_trl_fsdp2(outdir: str) -> None:
     from kt_sft.distributed import expert_lora_parameters
 
     g = torch.Generator().manual_seed(0)
-    rows = [{"text": " ".join(f"w{int(i)}" for i in torch.randint(4, VOCAB, (8,), generator=g))}
-            for _ in range(4)]
-    args = SFTConfig(output_dir=os.environ["KTA_TRAIN_DIR"], max_steps=1,
-                     per_device_train_batch_size=2, use_cpu=True, report_to=[], save_steps=1,
-                     logging_steps=1, max_length=16, disable_tqdm=True, ddp_timeout=120,
-                     **TRAINER_FSDP2)
+    rows = [
+        {"text": " ".join(f"w{int(i)}" for i in torch.randint(4, VOCAB, (8,), generator=g))}
+        for _ in range(4)
+    ]
+    args = SFTConfig(
+        output_dir=os.environ["KTA_TRAIN_DIR"],
+        max_steps=1,
+        per_device_train_batch_size=2,
+        use_cpu=True,
+        report_to=[],
+        save_steps=1,
+        logging_steps=1,
+        max_length=16,
+        disable_tqdm=True,
+        ddp_timeout=120,
+        **TRAINER_FSDP2,
+    )
     trainer = kt_accelerate.KTSFTTrainer(
-        model=tiny.build(MODEL_TYPE), args=args, train_dataset=Dataset.from_list(rows),
+        model=tiny.build(MODEL_TYPE),
+        args=args,
+        train_dataset=Dataset.from_list(rows),
         processing_class=word_tokenizer(),
         kt_plugin=kt_accelerate.KTransformersPlugin(kt_config=dict(KT_SETTINGS)),
-        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
-                               target_parameters=["mlp.experts.gate_up_proj",
-                                                  "mlp.experts.down_proj"]))
+        peft_config=LoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules=["q_proj"],
+            target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+        ),
+    )
     before = [p.detach().clone() for p in expert_lora_parameters(trainer.model)]
     recorder = LossRecorder()
     trainer.add_callback(recorder)
     trainer.train()
     after = expert_lora_parameters(trainer.model)
-    _save(outdir, {
-        "losses": recorder.losses,
-        "distributed_type": str(trainer.accelerator.distributed_type),
-        "sharded": sorted({isinstance(p, DTensor) for n, p in trainer.model.named_parameters()
-                           if p.requires_grad and "experts" not in n}),
-        # PEFT's default init has B = 0, so the first step moves the B factors only.
-        "experts_trained": len(after) == len(before) > 0
-        and any(not torch.equal(a, b) for a, b in zip(after, before)),
-    })
+    _save(
+        outdir,
+        {
+            "losses": recorder.losses,
+            "distributed_type": str(trainer.accelerator.distributed_type),
+            "sharded": sorted(
+                {
+                    isinstance(p, DTensor)
+                    for n, p in trainer.model.named_parameters()
+                    if p.requires_grad and "experts" not in n
+                }
+            ),
+            # PEFT's default init has B = 0, so the first step moves the B factors only.
+            "experts_trained": len(after) == len(before) > 0
+            and any(not torch.equal(a, b) for a, b in zip(after, before)),
+        },
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -584,16 +667,24 @@ def collate(rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
-def trainer_args(output_dir: str, *, per_device: int, max_steps: int = 4, **overrides: Any
-                 ) -> Any:
+def trainer_args(output_dir: str, *, per_device: int, max_steps: int = 4, **overrides: Any) -> Any:
     from transformers import TrainingArguments
 
     settings: dict[str, Any] = {
-        "output_dir": output_dir, "per_device_train_batch_size": per_device,
-        "max_steps": max_steps, "save_steps": 2, "logging_steps": 1, "learning_rate": LR,
-        "report_to": [], "use_cpu": True, "seed": 0, "disable_tqdm": True,
-        "train_sampling_strategy": "sequential", "dataloader_num_workers": 0,
-        "ddp_timeout": 120, "gradient_checkpointing": True,
+        "output_dir": output_dir,
+        "per_device_train_batch_size": per_device,
+        "max_steps": max_steps,
+        "save_steps": 2,
+        "logging_steps": 1,
+        "learning_rate": LR,
+        "report_to": [],
+        "use_cpu": True,
+        "seed": 0,
+        "disable_tqdm": True,
+        "train_sampling_strategy": "sequential",
+        "dataloader_num_workers": 0,
+        "ddp_timeout": 120,
+        "gradient_checkpointing": True,
     }
     settings.update(overrides)
     return TrainingArguments(**settings)
@@ -609,17 +700,23 @@ class LossRecorder:
             def __init__(self) -> None:
                 self.losses: dict[int, float] = {}
 
-            def on_log(self, args: Any, state: Any, control: Any, logs: Any = None,
-                       **kwargs: Any) -> None:
+            def on_log(
+                self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any
+            ) -> None:
                 if logs and "loss" in logs:
                     self.losses[state.global_step] = float(logs["loss"])
 
         return _Recorder()
 
 
-SCENARIOS = {"parity": scenario_parity, "crash": scenario_crash, "trainer": scenario_trainer,
-             "fsdp2": scenario_fsdp2, "trainer_fsdp2": scenario_trainer_fsdp2,
-             "trl_fsdp2": scenario_trl_fsdp2}
+SCENARIOS = {
+    "parity": scenario_parity,
+    "crash": scenario_crash,
+    "trainer": scenario_trainer,
+    "fsdp2": scenario_fsdp2,
+    "trainer_fsdp2": scenario_trainer_fsdp2,
+    "trl_fsdp2": scenario_trl_fsdp2,
+}
 
 if __name__ == "__main__":
     torch.set_num_threads(1)

@@ -80,8 +80,11 @@ def test_save_state_records_layout_and_load_state_checks_it(tmp_path) -> None:
 
     layout.update(world_size=4, num_nodes=2, ranks_per_node=[2, 2])
     (folder / "kt_layout.json").write_text(json.dumps(layout))
-    with pytest.raises(KTResumeError, match=r"saved by 4 process\(es\) \(2 node\(s\)\) but this "
-                                            r"run has 1.*allow_world_size_change=True"):
+    with pytest.raises(
+        KTResumeError,
+        match=r"saved by 4 process\(es\) \(2 node\(s\)\) but this "
+        r"run has 1.*allow_world_size_change=True",
+    ):
         accelerator.load_state(str(folder))
     accelerator.kt_plugin.allow_world_size_change = True
     with pytest.warns(RuntimeWarning, match="saved by 4"):
@@ -97,8 +100,11 @@ def test_deepspeed_zero3_fsdp1_and_fsdp2_offload_are_refused_before_setup() -> N
     from accelerate.utils import FullyShardedDataParallelPlugin
 
     with pytest.raises(ValueError, match="FSDP2 CPU offload"):
-        KTAccelerator(cpu=True, kt_plugin=plugin, fsdp_plugin=FullyShardedDataParallelPlugin(
-            fsdp_version=2, cpu_offload=True))
+        KTAccelerator(
+            cpu=True,
+            kt_plugin=plugin,
+            fsdp_plugin=FullyShardedDataParallelPlugin(fsdp_version=2, cpu_offload=True),
+        )
     with pytest.raises(TypeError, match="kt_plugin must be a KTransformersPlugin"):
         KTAccelerator(kt_plugin={"lora_rank": 4})
 
@@ -106,15 +112,17 @@ def test_deepspeed_zero3_fsdp1_and_fsdp2_offload_are_refused_before_setup() -> N
 def test_launched_ranks_without_a_device_must_ask_for_cpu() -> None:
     """torchrun started 2 processes but accelerate found no GPU and cpu=False: each rank would
     train alone; KTAccelerator says how to fix it."""
-    with patch_environment(world_size="2", rank="0", master_addr="127.0.0.1",
-                           master_port="1"), \
-            pytest.raises(ValueError, match=r"started 2 processes .* pass KTAccelerator\(cpu=True\)"):
+    with (
+        patch_environment(world_size="2", rank="0", master_addr="127.0.0.1", master_port="1"),
+        pytest.raises(ValueError, match=r"started 2 processes .* pass KTAccelerator\(cpu=True\)"),
+    ):
         KTAccelerator(kt_plugin=KTransformersPlugin())
 
 
 def test_model_wrapped_with_other_settings_is_refused() -> None:
     model = sc.build_model(KTransformersPlugin(kt_config=dict(sc.KT_SETTINGS)))
-    accelerator = KTAccelerator(cpu=True, kt_plugin=KTransformersPlugin(
-        kt_config={**sc.KT_SETTINGS, "max_cache_depth": 5}))
+    accelerator = KTAccelerator(
+        cpu=True, kt_plugin=KTransformersPlugin(kt_config={**sc.KT_SETTINGS, "max_cache_depth": 5})
+    )
     with pytest.raises(kt_accelerate.KTPluginConflictError, match="max_cache_depth=5"):
         accelerator.prepare(model)

@@ -33,11 +33,13 @@ def _assert_parity(results: list[dict], ref: dict, world: int) -> None:
         lo = sum(sc.LAYER_TOKENS[:rank])
         rows = slice(lo, lo + sc.LAYER_TOKENS[rank])
         for key in ("out", "dx", "dw"):
-            torch.testing.assert_close(res["layer"][key], ref["layer"][key][rows],
-                                       rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(
+                res["layer"][key], ref["layer"][key][rows], rtol=1e-5, atol=1e-6
+            )
         assert res["empty_shapes"] == {"out": (0, 64), "dx": (0, 64), "dw": (0, 2)}
-        torch.testing.assert_close(res["dropped_graph_dx"], ref["layer"]["dx"][rows],
-                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            res["dropped_graph_dx"], ref["layer"]["dx"][rows], rtol=1e-5, atol=1e-6
+        )
         for i, grad in ref["layer_grads"].items():
             torch.testing.assert_close(res["layer_grads"][i], grad, rtol=1e-5, atol=1e-6)
         # Training: per-rank losses of each step and the weights after the last step.
@@ -75,7 +77,8 @@ dist_timeout: 60
 
 
 def test_accelerate_launch_two_ranks_one_node_match_single_process(
-        launch_command, tmp_path) -> None:
+    launch_command, tmp_path
+) -> None:
     """`accelerate launch --num_processes 2` with an accelerate config file plus a kt config
     file (docs/distributed.md), on the compiled engine: the KTAccelerator loop equals one
     process running the same engine."""
@@ -89,8 +92,17 @@ def test_accelerate_launch_two_ranks_one_node_match_single_process(
     kt.write_text(KT_CONFIG + extra)
     outdir = tmp_path / "out"
     outdir.mkdir()
-    argv = [*sc.ACCELERATE_CLI, "launch", "--config_file", str(accel), "--num_processes", "2",
-            str(sc.__file__), "parity", str(outdir)]
+    argv = [
+        *sc.ACCELERATE_CLI,
+        "launch",
+        "--config_file",
+        str(accel),
+        "--num_processes",
+        "2",
+        str(sc.__file__),
+        "parity",
+        str(outdir),
+    ]
     launch = launch_command(argv, 2, outdir, env={"ACCELERATE_KT_CONFIG_FILE": str(kt)})
     launch.check()
     results = launch.results
@@ -112,7 +124,11 @@ def test_two_nodes_of_two_ranks_match_single_process(launch_ranks) -> None:
     results = launch.results
     assert "nodes=[[0, 1], [2, 3]]" in results[0]["context"]
     assert [r["engine_ranks"] for r in results] == [
-        ["LeaderBackend"], ["MemberBackend"], ["LeaderBackend"], ["MemberBackend"]]
+        ["LeaderBackend"],
+        ["MemberBackend"],
+        ["LeaderBackend"],
+        ["MemberBackend"],
+    ]
     _assert_parity(results, sc.reference(4), 4)
 
 
@@ -121,8 +137,9 @@ def test_a_rank_failing_mid_step_fails_the_others_fast(launch_ranks, mode: str) 
     """Rank 1 dies (or hangs) inside a MoE layer of step 2: rank 0, waiting for its tokens,
     raises KTDistributedError naming the layer and the peer within the timeout."""
     timeout = "4"
-    launch = launch_ranks("crash", 2, timeout=60,
-                          env={"KTA_FAILURE": mode, "ACCELERATE_KT_DIST_TIMEOUT": timeout})
+    launch = launch_ranks(
+        "crash", 2, timeout=60, env={"KTA_FAILURE": mode, "ACCELERATE_KT_DIST_TIMEOUT": timeout}
+    )
     leader, member = launch.ranks
     if mode == "crash":
         assert member.returncode == 17

@@ -16,8 +16,10 @@ def test_version_matches_metadata() -> None:
 
 
 def test_dependency_direction() -> None:
-    names = {r.split(";")[0].split("[")[0].split(">")[0].split("<")[0].split("=")[0].strip()
-             for r in _requires("kt-accelerate")}
+    names = {
+        r.split(";")[0].split("[")[0].split(">")[0].split("<")[0].split("=")[0].strip()
+        for r in _requires("kt-accelerate")
+    }
     assert {"kt-sft", "accelerate", "transformers"} <= names
     # kt-sft reaches kt-accelerate only through its optional extra.
     sft = _requires("kt-sft")

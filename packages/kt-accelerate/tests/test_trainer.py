@@ -15,14 +15,26 @@ from kt_accelerate import KTransformersPlugin, KTResumeError, KTTrainer
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
 
-def _train(output_dir: Path, *, per_device: int, resume: str | bool | None = None,
-           plugin: KTransformersPlugin | None = None, **overrides) -> tuple[dict, KTTrainer]:
+def _train(
+    output_dir: Path,
+    *,
+    per_device: int,
+    resume: str | bool | None = None,
+    plugin: KTransformersPlugin | None = None,
+    **overrides,
+) -> tuple[dict, KTTrainer]:
     args = sc.trainer_args(str(output_dir), per_device=per_device, **overrides)
     plugin = plugin or KTransformersPlugin(kt_config=dict(sc.KT_SETTINGS))
     model = sc.build_model(plugin, lora_seed=0)
     recorder = sc.LossRecorder()
-    trainer = KTTrainer(model=model, args=args, train_dataset=sc.sequences(),
-                        data_collator=sc.collate, kt_plugin=plugin, callbacks=[recorder])
+    trainer = KTTrainer(
+        model=model,
+        args=args,
+        train_dataset=sc.sequences(),
+        data_collator=sc.collate,
+        kt_plugin=plugin,
+        callbacks=[recorder],
+    )
     trainer.train(resume_from_checkpoint=resume)
     return recorder.losses, trainer
 
@@ -41,13 +53,17 @@ def test_checkpoint_holds_standard_peft_adapter(single_run) -> None:
     out, _ = single_run
     ckpt = out / "checkpoint-2"
     names = {p.name for p in ckpt.iterdir()}
-    assert {"adapter_config.json", "adapter_model.safetensors", "kt_layout.json",
-            "optimizer.pt", "trainer_state.json"} <= names
+    assert {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "kt_layout.json",
+        "optimizer.pt",
+        "trainer_state.json",
+    } <= names
     assert json.loads((ckpt / "kt_layout.json").read_text())["world_size"] == 1
     config = json.loads((ckpt / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA"
-    assert set(config["target_parameters"]) == {"mlp.experts.gate_up_proj",
-                                                "mlp.experts.down_proj"}
+    assert set(config["target_parameters"]) == {"mlp.experts.gate_up_proj", "mlp.experts.down_proj"}
 
     # Stock transformers + PEFT (no kt) load it and compute what a kt model loading it does.
     from peft import PeftModel
@@ -57,7 +73,8 @@ def test_checkpoint_holds_standard_peft_adapter(single_run) -> None:
     batch = sc.collate(sc.sequences()[:3])
     stock = PeftModel.from_pretrained(tiny.build(sc.MODEL_TYPE), ckpt)
     kt_model = kt_accelerate.wrap_model(
-        tiny.build(sc.MODEL_TYPE), KTransformersPlugin(kt_config=dict(sc.KT_SETTINGS)))
+        tiny.build(sc.MODEL_TYPE), KTransformersPlugin(kt_config=dict(sc.KT_SETTINGS))
+    )
     kt_model = PeftModel.from_pretrained(kt_model, ckpt)
     with torch.no_grad():
         expected = stock(**batch).logits
@@ -74,15 +91,20 @@ def test_resume_gives_the_same_next_step_loss(single_run) -> None:
 
 
 def test_two_ranks_match_single_process_and_resume_checks_world_size(
-        launch_ranks, single_run, tmp_path) -> None:
+    launch_ranks, single_run, tmp_path
+) -> None:
     """Two ranks with 2 sequences each see the global batches of one process with 4: same
     logged losses; their checkpoint then refuses a one-process resume. The ranks run with
     engine_placement=per_rank (an engine each, gradients all-reduced among all ranks; the
     per_node exchange is covered by test_distributed.py), with gradient checkpointing."""
     _, losses = single_run
     train_dir = tmp_path / "two-ranks"
-    launch = launch_ranks("trainer", 2, timeout=150, env={
-        "KTA_TRAIN_DIR": str(train_dir), "ACCELERATE_KT_ENGINE_PLACEMENT": "per_rank"})
+    launch = launch_ranks(
+        "trainer",
+        2,
+        timeout=150,
+        env={"KTA_TRAIN_DIR": str(train_dir), "ACCELERATE_KT_ENGINE_PLACEMENT": "per_rank"},
+    )
     launch.check()
     assert [r["placement"] for r in launch.results] == ["per_rank", "per_rank"]
     assert [r["engine_ranks"] for r in launch.results] == [["TorchMoEEngine"]] * 2
@@ -100,8 +122,9 @@ def test_two_ranks_match_single_process_and_resume_checks_world_size(
         _train(tmp_path / "resume-1", per_device=4, resume=str(ckpt))
     allow = KTransformersPlugin(kt_config=dict(sc.KT_SETTINGS), allow_world_size_change=True)
     with pytest.warns(RuntimeWarning, match="saved by 2"):
-        resumed, _ = _train(tmp_path / "resume-2", per_device=4, resume=str(ckpt), plugin=allow,
-                            max_steps=3)
+        resumed, _ = _train(
+            tmp_path / "resume-2", per_device=4, resume=str(ckpt), plugin=allow, max_steps=3
+        )
     assert sorted(resumed) == [3]
 
 
@@ -109,18 +132,33 @@ def test_conflicting_training_arguments_are_refused(tmp_path) -> None:
     plugin = KTransformersPlugin(kt_config=dict(sc.KT_SETTINGS), dist_timeout=600)
     model = sc.build_model(plugin)
     args = sc.trainer_args(str(tmp_path), per_device=2, ddp_timeout=60)
-    with pytest.raises(ValueError, match=r"dist_timeout=600s is longer than "
-                                         r"TrainingArguments.ddp_timeout=60s"):
-        KTTrainer(model=model, args=args, train_dataset=sc.sequences(),
-                  data_collator=sc.collate, kt_plugin=plugin)
+    with pytest.raises(
+        ValueError,
+        match=r"dist_timeout=600s is longer than "
+        r"TrainingArguments.ddp_timeout=60s",
+    ):
+        KTTrainer(
+            model=model,
+            args=args,
+            train_dataset=sc.sequences(),
+            data_collator=sc.collate,
+            kt_plugin=plugin,
+        )
 
 
 def test_model_wrapped_with_other_settings_is_refused(tmp_path) -> None:
     model = sc.build_model(KTransformersPlugin(kt_config=dict(sc.KT_SETTINGS)))
     plugin = KTransformersPlugin(kt_config={**sc.KT_SETTINGS, "lora_rank": 8})
     args = sc.trainer_args(str(tmp_path), per_device=2)
-    with pytest.raises(kt_accelerate.KTPluginConflictError,
-                       match=r"kt_config.lora_rank=8 but the model was wrapped with "
-                             r"lora_rank=4"):
-        KTTrainer(model=model, args=args, train_dataset=sc.sequences(),
-                  data_collator=sc.collate, kt_plugin=plugin)
+    with pytest.raises(
+        kt_accelerate.KTPluginConflictError,
+        match=r"kt_config.lora_rank=8 but the model was wrapped with "
+        r"lora_rank=4",
+    ):
+        KTTrainer(
+            model=model,
+            args=args,
+            train_dataset=sc.sequences(),
+            data_collator=sc.collate,
+            kt_plugin=plugin,
+        )

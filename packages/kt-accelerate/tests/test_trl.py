@@ -15,8 +15,9 @@ def _tokenizer():
 
     tok = Tokenizer(models.WordLevel(vocab={f"w{i}": i for i in range(128)}, unk_token="w3"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="w0", bos_token="w1",
-                                   eos_token="w2", unk_token="w3")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="w0", bos_token="w1", eos_token="w2", unk_token="w3"
+    )
 
 
 def test_sft_trainer_wraps_then_applies_peft_and_saves_the_adapter(tmp_path) -> None:
@@ -30,18 +31,34 @@ def test_sft_trainer_wraps_then_applies_peft_and_saves_the_adapter(tmp_path) -> 
     from kt_sft.distributed import expert_lora_parameters
 
     g = torch.Generator().manual_seed(0)
-    rows = [{"text": " ".join(f"w{int(i)}" for i in torch.randint(4, 128, (8,), generator=g))}
-            for _ in range(4)]
-    args = SFTConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2,
-                     use_cpu=True, report_to=[], save_steps=1, logging_steps=1, max_length=16,
-                     disable_tqdm=True)
+    rows = [
+        {"text": " ".join(f"w{int(i)}" for i in torch.randint(4, 128, (8,), generator=g))}
+        for _ in range(4)
+    ]
+    args = SFTConfig(
+        output_dir=str(tmp_path),
+        max_steps=1,
+        per_device_train_batch_size=2,
+        use_cpu=True,
+        report_to=[],
+        save_steps=1,
+        logging_steps=1,
+        max_length=16,
+        disable_tqdm=True,
+    )
     trainer = kt_accelerate.KTSFTTrainer(
-        model=tiny.build(sc.MODEL_TYPE), args=args, train_dataset=Dataset.from_list(rows),
+        model=tiny.build(sc.MODEL_TYPE),
+        args=args,
+        train_dataset=Dataset.from_list(rows),
         processing_class=_tokenizer(),
         kt_plugin=kt_accelerate.KTransformersPlugin(kt_config=dict(sc.KT_SETTINGS)),
-        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
-                               target_parameters=["mlp.experts.gate_up_proj",
-                                                  "mlp.experts.down_proj"]))
+        peft_config=LoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules=["q_proj"],
+            target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+        ),
+    )
     assert kt_accelerate.integration.is_kt_model(trainer.model)
     before = [p.detach().clone() for p in expert_lora_parameters(trainer.model)]
     assert len(before) == 8

@@ -116,7 +116,9 @@ def test_read_only_output(eng, case) -> None:
 def test_ids_out_of_range(eng, case, bad: int) -> None:
     ids = case.ids.copy()
     ids[3, 1] = bad
-    with pytest.raises(ValueError, match=rf"expert_ids: expected values in \[-1, {E}\).*got {bad} at \[3, 1\]"):
+    with pytest.raises(
+        ValueError, match=rf"expert_ids: expected values in \[-1, {E}\).*got {bad} at \[3, 1\]"
+    ):
         eng.forward(case.x, ids, case.w, outs())
     assert eng.cache_depth == 0  # rejected before any work
 
@@ -152,7 +154,10 @@ def test_weights_not_loaded(case) -> None:
 
 def test_bad_weights(case) -> None:
     eng = kk.MoEEngine(E, K, H, I)
-    with pytest.raises(ValueError, match=r"gate_up: expected shape \(num_experts, 2 \* intermediate_size, hidden_size\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"gate_up: expected shape \(num_experts, 2 \* intermediate_size, hidden_size\)",
+    ):
         eng.load_weights(gate_up=case.gate_up[:, :I], down=case.down)
     with pytest.raises(ValueError, match=r"either gate_up"):
         eng.load_weights(gate_up=case.gate_up, gate=case.gate, up=case.up, down=case.down)
@@ -170,7 +175,9 @@ def test_bad_lora(case) -> None:
     eng, lora, _ = make_engine(case, with_grads=False)
     bad = dict(lora)
     bad["b_down"] = np.zeros((E, H, R + 1), np.float32)
-    with pytest.raises(ValueError, match=r"b_down: expected shape \(num_experts, hidden_size, lora_rank\)"):
+    with pytest.raises(
+        ValueError, match=r"b_down: expected shape \(num_experts, hidden_size, lora_rank\)"
+    ):
         eng.set_lora(**bad)
     with pytest.raises(ValueError, match=r"a_gate.*lora_layout='split'"):
         eng.set_lora(**lora, a_gate=lora["a_gate_up"])
@@ -198,12 +205,16 @@ def test_bad_lora(case) -> None:
         (dict(lora_layout="both"), "lora_layout: expected 'fused' or 'split'"),
         (dict(weight_dtype="fp8"), "weight_dtype: expected 'bf16', 'int8' or 'int4', got 'fp8'"),
         (dict(weight_dtype="int4", group_size=48), "group_size: expected 32, 64 or 128"),
-        (dict(weight_dtype="int4", hidden_size=96, group_size=64),
-         "group_size: 64 must divide hidden_size and intermediate_size"),
+        (
+            dict(weight_dtype="int4", hidden_size=96, group_size=64),
+            "group_size: 64 must divide hidden_size and intermediate_size",
+        ),
         (dict(tp=3), "tp: 3 slices of intermediate_size=32 are too many"),  # I = 32: 1 slice
         (dict(tp=0), r"tp: expected None or an integer in \[1, 4096\]"),
-        (dict(weight_dtype="int4", group_size=32, tp=2, intermediate_size=32, hidden_size=64),
-         "at most 1 slices"),
+        (
+            dict(weight_dtype="int4", group_size=32, tp=2, intermediate_size=32, hidden_size=64),
+            "at most 1 slices",
+        ),
         (dict(num_threads=0), r"num_threads: expected None or an integer in \[1, 4096\]"),
         (dict(max_cache_depth=-1), r"max_cache_depth: expected an integer in \[0, 1024\]"),
         (dict(lora_rank=2, lora_alpha=float("inf")), "lora_alpha: expected None or a finite"),
@@ -293,8 +304,10 @@ def test_quantized_codes_as_float_and_bf16_engine() -> None:
     w["gate_up"] = w["gate_up"].astype(np.float32)
     with _qengine("int8") as eng, pytest.raises(TypeError, match="expects int8 codes, got float32"):
         eng.load_quantized_weights(**w)
-    with kk.MoEEngine(4, 2, 64, 32, num_threads=1) as eng, pytest.raises(
-            RuntimeError, match="weight_dtype='bf16'"):
+    with (
+        kk.MoEEngine(4, 2, 64, 32, num_threads=1) as eng,
+        pytest.raises(RuntimeError, match="weight_dtype='bf16'"),
+    ):
         eng.load_quantized_weights(**_qweights("int8"))
 
 

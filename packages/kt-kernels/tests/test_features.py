@@ -8,8 +8,18 @@ import pytest
 
 import kt_kernels as kk
 
-FLAGS = ["avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni",
-         "amx_tile", "amx_bf16", "amx_int8"]
+FLAGS = [
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512_bf16",
+    "avx512_vnni",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+]
 
 
 def _proc_cpuinfo_flags() -> set[str]:

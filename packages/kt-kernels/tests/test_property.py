@@ -25,11 +25,20 @@ def cases(draw):
     r = draw(st.integers(0, 5))
     T = draw(st.integers(0, 40))
     fused = draw(st.booleans())
-    c = make_case(E, K, H, I, r, T, seed=draw(st.integers(0, 2**31)), fused=fused,
-                  used_experts=draw(st.integers(1, E)),
-                  pad_frac=draw(st.sampled_from([0.0, 0.2, 1.0])),
-                  dup_frac=draw(st.sampled_from([0.0, 0.5])),
-                  alpha=draw(st.sampled_from([None, 1.0, 16.0])) if r else None)
+    c = make_case(
+        E,
+        K,
+        H,
+        I,
+        r,
+        T,
+        seed=draw(st.integers(0, 2**31)),
+        fused=fused,
+        used_experts=draw(st.integers(1, E)),
+        pad_frac=draw(st.sampled_from([0.0, 0.2, 1.0])),
+        dup_frac=draw(st.sampled_from([0.0, 0.5])),
+        alpha=draw(st.sampled_from([None, 1.0, 16.0])) if r else None,
+    )
     opts = dict(
         isa=draw(st.sampled_from(ISAS)),
         threads=draw(st.sampled_from([1, 2])),
@@ -40,8 +49,9 @@ def cases(draw):
     return c, opts
 
 
-@settings(max_examples=15 if FAST else 60, deadline=None,
-          suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=15 if FAST else 60, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 @given(cases())
 def test_random_cases_match_reference(data) -> None:
     c, opts = data

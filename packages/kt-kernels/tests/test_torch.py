@@ -84,18 +84,30 @@ def test_autograd_cross_check(isa: str, fused: bool) -> None:
     ref_out, ref_dx, ref_dw, ref_grads = autograd_reference(c, fused)
 
     f32 = lambda a: torch.tensor(np.ascontiguousarray(a), dtype=torch.float32)  # noqa: E731
-    eng = kk.MoEEngine(c.E, c.K, c.H, c.I, lora_rank=c.r, lora_alpha=6.0,
-                       lora_layout="fused" if fused else "split", num_threads=2, isa=isa)
+    eng = kk.MoEEngine(
+        c.E,
+        c.K,
+        c.H,
+        c.I,
+        lora_rank=c.r,
+        lora_alpha=6.0,
+        lora_layout="fused" if fused else "split",
+        num_threads=2,
+        isa=isa,
+    )
     eng.load_weights(gate_up=f32(c.gate_up).to(torch.bfloat16), down=f32(c.down))
     L = c.lora
     if fused:
         lora = dict(a_gate_up=f32(L.a_g), b_gate_up=peft_b(f32(np.concatenate([L.b_g, L.b_u], 1))))
     else:
-        lora = dict(a_gate=f32(L.a_g), a_up=f32(L.a_u), b_gate=peft_b(f32(L.b_g)),
-                    b_up=peft_b(f32(L.b_u)))
+        lora = dict(
+            a_gate=f32(L.a_g), a_up=f32(L.a_u), b_gate=peft_b(f32(L.b_g)), b_up=peft_b(f32(L.b_u))
+        )
     lora.update(a_down=f32(L.a_d), b_down=peft_b(f32(L.b_d)))
-    grads = {f"grad_{k}": (torch.zeros_like(v) if k.startswith("a") else peft_b(torch.zeros_like(v)))
-             for k, v in lora.items()}
+    grads = {
+        f"grad_{k}": (torch.zeros_like(v) if k.startswith("a") else peft_b(torch.zeros_like(v)))
+        for k, v in lora.items()
+    }
     eng.set_lora(**lora, **grads)
 
     x = f32(c.x)
@@ -120,10 +132,20 @@ def test_bf16_tensors_roundtrip() -> None:
     x = torch.tensor(c.x).to(torch.bfloat16)
     out_bf = torch.empty(c.T, c.H, dtype=torch.bfloat16)
     out_f = torch.empty(c.T, c.H)
-    eng.forward(x, torch.tensor(c.ids, dtype=torch.int32), torch.tensor(c.w).to(torch.bfloat16),
-                out_bf, save_for_backward=False)
-    eng.forward(x.float(), torch.tensor(c.ids), torch.tensor(c.w).to(torch.bfloat16).float(),
-                out_f, save_for_backward=False)
+    eng.forward(
+        x,
+        torch.tensor(c.ids, dtype=torch.int32),
+        torch.tensor(c.w).to(torch.bfloat16),
+        out_bf,
+        save_for_backward=False,
+    )
+    eng.forward(
+        x.float(),
+        torch.tensor(c.ids),
+        torch.tensor(c.w).to(torch.bfloat16).float(),
+        out_f,
+        save_for_backward=False,
+    )
     assert torch.equal(out_bf, out_f.to(torch.bfloat16))
 
 
@@ -136,7 +158,9 @@ def test_requires_grad_and_device_errors() -> None:
     with pytest.raises(ValueError, match=r"x: could not be exported through DLPack"):
         eng.forward(x, torch.tensor(c.ids), torch.tensor(c.w), out)
     with pytest.raises(ValueError, match=r"x: .*CPU array"):
-        eng.forward(torch.empty(c.T, c.H, device="meta"), torch.tensor(c.ids), torch.tensor(c.w), out)
+        eng.forward(
+            torch.empty(c.T, c.H, device="meta"), torch.tensor(c.ids), torch.tensor(c.w), out
+        )
     with pytest.raises(TypeError, match=r"x: expected dtype float32 or bfloat16, got float16"):
         eng.forward(x.detach().half(), torch.tensor(c.ids), torch.tensor(c.w), out)
 
@@ -145,6 +169,8 @@ def test_kernels_import_no_torch_needed() -> None:
     import subprocess
     import sys
 
-    code = ("import sys; import kt_kernels; "
-            "assert 'torch' not in sys.modules, 'kt_kernels imported torch'")
+    code = (
+        "import sys; import kt_kernels; "
+        "assert 'torch' not in sys.modules, 'kt_kernels imported torch'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -31,10 +31,21 @@ H, INTER, E = 40, 24, 4  # not multiples of the 16x16 FP8 blocks used below: par
 
 
 def _config(layers: int = 3, **extra) -> dict:
-    cfg = {"model_type": "deepseek_v3", "hidden_size": H, "moe_intermediate_size": INTER,
-           "n_routed_experts": E, "num_experts_per_tok": 2, "num_hidden_layers": layers,
-           "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1, "intermediate_size": 64,
-           "num_attention_heads": 2, "num_key_value_heads": 2, "vocab_size": 32}
+    cfg = {
+        "model_type": "deepseek_v3",
+        "hidden_size": H,
+        "moe_intermediate_size": INTER,
+        "n_routed_experts": E,
+        "num_experts_per_tok": 2,
+        "num_hidden_layers": layers,
+        "first_k_dense_replace": 1,
+        "n_group": 1,
+        "topk_group": 1,
+        "intermediate_size": 64,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "vocab_size": 32,
+    }
     cfg.update(extra)
     return cfg
 
@@ -45,9 +56,14 @@ def _reference(layers: int, seed: int = 0) -> dict[str, torch.Tensor]:
     out = {}
     for layer in range(1, layers):
         for e in range(E):
-            for proj, shape in (("gate_proj", (INTER, H)), ("up_proj", (INTER, H)), ("down_proj", (H, INTER))):
+            for proj, shape in (
+                ("gate_proj", (INTER, H)),
+                ("up_proj", (INTER, H)),
+                ("down_proj", (H, INTER)),
+            ):
                 out[f"model.layers.{layer}.mlp.experts.{e}.{proj}.weight"] = torch.randn(
-                    shape, generator=gen)
+                    shape, generator=gen
+                )
     out["model.embed_tokens.weight"] = torch.randn(32, H, generator=gen)
     return out
 
@@ -71,8 +87,9 @@ def _dequant_reference(q: torch.Tensor, scale: torch.Tensor, block: int) -> torc
     return q.to(torch.float32) * scale[r, c]
 
 
-def _write(directory: Path, tensors: dict[str, torch.Tensor], config: dict,
-           shards: int = 1) -> Path:
+def _write(
+    directory: Path, tensors: dict[str, torch.Tensor], config: dict, shards: int = 1
+) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps(config))
     if shards == 1:
@@ -86,22 +103,26 @@ def _write(directory: Path, tensors: dict[str, torch.Tensor], config: dict,
         save_file(part, str(directory / name))
         weight_map.update(dict.fromkeys(part, name))
     (directory / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {}, "weight_map": weight_map}))
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
     return directory
 
 
-def _expect_layer(ref: dict[str, torch.Tensor], layer: int, dtype: torch.dtype
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def _expect_layer(
+    ref: dict[str, torch.Tensor], layer: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     def k(e: int, p: str) -> str:
         return f"model.layers.{layer}.mlp.experts.{e}.{p}.weight"
 
-    gate_up = torch.stack([torch.cat([ref[k(e, "gate_proj")], ref[k(e, "up_proj")]])
-                           for e in range(E)]).to(dtype)
+    gate_up = torch.stack(
+        [torch.cat([ref[k(e, "gate_proj")], ref[k(e, "up_proj")]]) for e in range(E)]
+    ).to(dtype)
     down = torch.stack([ref[k(e, "down_proj")] for e in range(E)]).to(dtype)
     return gate_up, down
 
 
 # ---- happy paths -------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("shards", [1, 3])
 @pytest.mark.parametrize("stored", [torch.bfloat16, torch.float16, torch.float32])
@@ -120,8 +141,9 @@ def test_per_expert_checkpoint_reads_exactly(tmp_path, shards, stored) -> None:
             assert torch.equal(weights.gate_up, gate_up) and torch.equal(weights.down, down)
         assert reader.layer_experts(layer, dtype=None).dtype == stored
     assert reader.non_expert_keys() == ["model.embed_tokens.weight"]
-    assert torch.equal(reader.get_tensor("model.embed_tokens.weight"),
-                       ref["model.embed_tokens.weight"])
+    assert torch.equal(
+        reader.get_tensor("model.embed_tokens.weight"), ref["model.embed_tokens.weight"]
+    )
 
 
 def test_single_file_path_with_explicit_config(tmp_path) -> None:
@@ -145,8 +167,13 @@ def test_fp8_block_scaled_experts_are_dequantized_block_wise(tmp_path, shards) -
             dequant[key] = _dequant_reference(q, s, block)
         else:
             tensors[key] = value
-    config = _config(quantization_config={"quant_method": "fp8", "fmt": "e4m3",
-                                          "weight_block_size": [block, block]})
+    config = _config(
+        quantization_config={
+            "quant_method": "fp8",
+            "fmt": "e4m3",
+            "weight_block_size": [block, block],
+        }
+    )
     reader = CheckpointReader(_write(tmp_path / "fp8", tensors, config, shards=shards))
     assert reader.block_size == (block, block)
     for layer in (1, 2):
@@ -171,8 +198,7 @@ def test_dequantize_fp8_blockwise_matches_an_elementwise_reference() -> None:
 
 
 @pytest.mark.parametrize("model_type", kt_models.supported_model_types())
-def test_save_pretrained_checkpoints_read_back_exactly(tiny_models, saved_tiny,
-                                                       model_type) -> None:
+def test_save_pretrained_checkpoints_read_back_exactly(tiny_models, saved_tiny, model_type) -> None:
     model = tiny_models[model_type]
     reader = CheckpointReader(saved_tiny[model_type])
     spec = get_arch_spec(model)
@@ -219,16 +245,20 @@ def test_written_layouts_read_back_exactly(tiny_models, tmp_path, model_type, la
 @pytest.mark.parametrize("layout", ["per_expert", "fused"])
 def test_fp8_tiny_checkpoint(tiny_models, tmp_path, layout) -> None:
     model = tiny_models["deepseek_v3"]
-    directory = tiny.write_checkpoint(model, tmp_path / layout, layout=layout, fp8=True,
-                                      block_size=(16, 16))
+    directory = tiny.write_checkpoint(
+        model, tmp_path / layout, layout=layout, fp8=True, block_size=(16, 16)
+    )
     reader = CheckpointReader(directory)
     for layer in reader.moe_layer_indices:
         ref = extract_expert_weights(model, layer, release=False)
         got = reader.layer_experts(layer, dtype=torch.float32)
         err = (got.gate_up - ref.gate_up).abs()
         assert (err <= ref.gate_up.abs() / 16 + 1e-4).all() and err.max() > 0
-        key = (reader.spec.checkpoint_expert_key(layer, 2, "down") if layout == "per_expert"
-               else reader.spec.checkpoint_fused_key(layer, "down"))
+        key = (
+            reader.spec.checkpoint_expert_key(layer, 2, "down")
+            if layout == "per_expert"
+            else reader.spec.checkpoint_fused_key(layer, "down")
+        )
         q = reader.get_tensor(key, dtype=torch.float32)
         expect = got.down[2] if layout == "per_expert" else got.down
         assert torch.equal(q, expect)
@@ -238,6 +268,7 @@ def test_fp8_tiny_checkpoint(tiny_models, tmp_path, layout) -> None:
 
 
 # ---- bad input ---------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def sharded(tmp_path) -> Path:
@@ -256,8 +287,9 @@ def test_missing_shard_names_file_and_key(sharded) -> None:
 def test_index_naming_a_missing_key(sharded) -> None:
     index_path = sharded / "model.safetensors.index.json"
     index = json.loads(index_path.read_text())
-    index["weight_map"]["model.layers.1.mlp.experts.9.gate_proj.weight"] = \
+    index["weight_map"]["model.layers.1.mlp.experts.9.gate_proj.weight"] = (
         "model-00001-of-00003.safetensors"
+    )
     index_path.write_text(json.dumps(index))
     with pytest.raises(MissingTensorError) as info:
         CheckpointReader(sharded)
@@ -273,12 +305,14 @@ def test_shard_names_stay_inside_the_model_directory(sharded, how: str) -> None:
     outside.mkdir()
     victim = "model-00002-of-00003.safetensors"
     (outside / victim).write_bytes((sharded / victim).read_bytes())
-    name = {"parent": f"../outside/{victim}", "absolute": str(outside / victim),
-            "nested_parent": f"sub/../../outside/{victim}"}[how]
+    name = {
+        "parent": f"../outside/{victim}",
+        "absolute": str(outside / victim),
+        "nested_parent": f"sub/../../outside/{victim}",
+    }[how]
     index_path = sharded / "model.safetensors.index.json"
     index = json.loads(index_path.read_text())
-    index["weight_map"] = {k: (name if v == victim else v)
-                           for k, v in index["weight_map"].items()}
+    index["weight_map"] = {k: (name if v == victim else v) for k, v in index["weight_map"].items()}
     index_path.write_text(json.dumps(index))
     with pytest.raises(CorruptCheckpointError, match="outside the model directory") as info:
         CheckpointReader(sharded)
@@ -297,8 +331,9 @@ def test_shards_in_a_subfolder_and_symlinked_shards_are_fine(sharded, tmp_path) 
     (sharded / first).rename(blobs / "blob1")
     (sharded / first).symlink_to(blobs / "blob1")
     (sharded / second).rename(sharded / "sub" / second)
-    index["weight_map"] = {k: (f"sub/{second}" if v == second else v)
-                           for k, v in index["weight_map"].items()}
+    index["weight_map"] = {
+        k: (f"sub/{second}" if v == second else v) for k, v in index["weight_map"].items()
+    }
     index_path.write_text(json.dumps(index))
     reader = CheckpointReader(sharded)
     assert len(reader.keys()) == len(index["weight_map"])
@@ -344,7 +379,8 @@ def test_truncated_file_names_the_file(sharded, cut) -> None:
 
 def test_garbage_file_and_garbage_index(tmp_path, sharded) -> None:
     (sharded / "model-00001-of-00003.safetensors").write_bytes(
-        b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+        b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all"
+    )
     with pytest.raises(CorruptCheckpointError, match="not valid JSON"):
         CheckpointReader(sharded)
     (sharded / "model.safetensors.index.json").write_text("{oops")

@@ -20,5 +20,6 @@ def test_models_doc_code_blocks_run(tmp_path, monkeypatch) -> None:
         try:
             exec(compile(block, f"{DOC}:block{i}", "exec"), namespace)
         except Exception as exc:  # pragma: no cover - the message is the point
-            raise AssertionError(f"docs/models.md python block {i} failed: {exc!r}\n{block}") \
-                from exc
+            raise AssertionError(
+                f"docs/models.md python block {i} failed: {exc!r}\n{block}"
+            ) from exc

@@ -42,8 +42,10 @@ def test_extract_and_release_every_moe_layer(tiny_models, model_type) -> None:
         gate, up, _ = weights.split()
         assert torch.equal(gate, gate_up_ref[:, :inter]) and torch.equal(up, gate_up_ref[:, inter:])
         assert (weights.num_experts, weights.hidden_size, weights.intermediate_size) == (
-            spec.num_experts(model.config), spec.hidden_size(model.config),
-            spec.intermediate_size(model.config))
+            spec.num_experts(model.config),
+            spec.hidden_size(model.config),
+            spec.intermediate_size(model.config),
+        )
         # Released: meta parameters of the same shape and dtype, frozen, no memory.
         for name, ref in (("gate_up_proj", gate_up_ref), ("down_proj", down_ref)):
             param = getattr(experts, name)
@@ -116,19 +118,23 @@ def test_extract_through_peft_target_parameters() -> None:
     peft = pytest.importorskip("peft")
     model = tiny.build("qwen3_moe", seed=5)
     ref = _params_of(model.model.layers[1].mlp.experts)
-    config = peft.LoraConfig(r=2, target_modules=[],
-                             target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    config = peft.LoraConfig(
+        r=2,
+        target_modules=[],
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+    )
     wrapped = peft.get_peft_model(model, config)
     weights = extract_expert_weights(wrapped, 1)
     assert torch.equal(weights.gate_up, ref[0]) and torch.equal(weights.down, ref[1])
     assert experts_released(wrapped, 1)
-    lora = [n for n, p in wrapped.named_parameters() if "layers.1.mlp.experts" in n and
-            "lora_" in n]
-    assert lora and all(p.device.type == "cpu" for n, p in wrapped.named_parameters()
-                        if n in lora)
+    lora = [
+        n for n, p in wrapped.named_parameters() if "layers.1.mlp.experts" in n and "lora_" in n
+    ]
+    assert lora and all(p.device.type == "cpu" for n, p in wrapped.named_parameters() if n in lora)
 
 
 # ---- ModuleList experts (remote-code style) ----------------------------------------------------
+
 
 class _Expert(nn.Module):
     def __init__(self, hidden: int, inter: int) -> None:
@@ -142,8 +148,10 @@ class _Block(nn.Module):
     def __init__(self, cfg: dict) -> None:
         super().__init__()
         self.router = nn.Linear(cfg["hidden_size"], cfg["num_experts"], bias=False)
-        self.experts = nn.ModuleList(_Expert(cfg["hidden_size"], cfg["moe_intermediate_size"])
-                                     for _ in range(cfg["num_experts"]))
+        self.experts = nn.ModuleList(
+            _Expert(cfg["hidden_size"], cfg["moe_intermediate_size"])
+            for _ in range(cfg["num_experts"])
+        )
 
 
 class _Layer(nn.Module):
@@ -157,30 +165,50 @@ class _ToyModel(nn.Module):
         super().__init__()
         self.config = cfg
         self.backbone = nn.Module()
-        self.backbone.blocks = nn.ModuleList(_Layer(cfg, i >= 1)
-                                             for i in range(cfg["num_hidden_layers"]))
+        self.backbone.blocks = nn.ModuleList(
+            _Layer(cfg, i >= 1) for i in range(cfg["num_hidden_layers"])
+        )
 
 
 @pytest.fixture
 def toy_arch():
-    spec = register_arch(ArchSpec(
-        model_type="toy_modulelist_moe", layers_path="backbone.blocks", moe_block_attr="ffn",
-        router_attr="router", expert_storage="modulelist", proj_names=("w1", "w3", "w2"),
-        moe_layers=kt_models.after_first_k_dense))
+    spec = register_arch(
+        ArchSpec(
+            model_type="toy_modulelist_moe",
+            layers_path="backbone.blocks",
+            moe_block_attr="ffn",
+            router_attr="router",
+            expert_storage="modulelist",
+            proj_names=("w1", "w3", "w2"),
+            moe_layers=kt_models.after_first_k_dense,
+        )
+    )
     yield spec
     unregister_arch("toy_modulelist_moe")
 
 
 def test_modulelist_experts_are_stacked_and_released(toy_arch) -> None:
-    cfg = {"model_type": "toy_modulelist_moe", "num_hidden_layers": 3, "num_experts": 4,
-           "num_experts_per_tok": 2, "hidden_size": 12, "moe_intermediate_size": 5,
-           "first_k_dense_replace": 1}
+    cfg = {
+        "model_type": "toy_modulelist_moe",
+        "num_hidden_layers": 3,
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "hidden_size": 12,
+        "moe_intermediate_size": 5,
+        "first_k_dense_replace": 1,
+    }
     torch.manual_seed(0)
     model = _ToyModel(cfg)
     assert toy_arch.moe_layer_indices(cfg) == [1, 2]
     experts = toy_arch.experts(model, 2)
-    ref = [[experts[e].w1.weight.detach().clone(), experts[e].w3.weight.detach().clone(),
-            experts[e].w2.weight.detach().clone()] for e in range(4)]
+    ref = [
+        [
+            experts[e].w1.weight.detach().clone(),
+            experts[e].w3.weight.detach().clone(),
+            experts[e].w2.weight.detach().clone(),
+        ]
+        for e in range(4)
+    ]
     weights = extract_expert_weights(model, 2)
     assert not weights.is_fused
     for e in range(4):

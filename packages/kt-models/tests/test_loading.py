@@ -24,8 +24,7 @@ from kt_models import (
 
 
 @pytest.mark.parametrize("model_type", kt_models.supported_model_types())
-def test_load_model_skips_experts_and_loads_the_rest(tiny_models, saved_tiny,
-                                                     model_type) -> None:
+def test_load_model_skips_experts_and_loads_the_rest(tiny_models, saved_tiny, model_type) -> None:
     ref = tiny_models[model_type]
     model, info = load_model(saved_tiny[model_type], output_loading_info=True)
     spec = get_arch_spec(model)
@@ -37,14 +36,18 @@ def test_load_model_skips_experts_and_loads_the_rest(tiny_models, saved_tiny,
         else:
             assert torch.equal(value, ref_sd[key]), key
     moe = spec.moe_layer_indices(model.config)
-    expected_meta = {f"{spec.layers_path}.{i}.{spec.moe_block_attr}.{spec.experts_attr}.{n}"
-                     for i in moe for n in ("gate_up_proj", "down_proj")}
+    expected_meta = {
+        f"{spec.layers_path}.{i}.{spec.moe_block_attr}.{spec.experts_attr}.{n}"
+        for i in moe
+        for n in ("gate_up_proj", "down_proj")
+    }
     assert meta == expected_meta
     assert not info["missing_keys"] and not info["unexpected_keys"]
     for i in moe:
         experts = spec.experts(model, i)
-        assert type(experts) is type(ref.get_submodule(
-            f"{spec.layers_path}.{i}.{spec.moe_block_attr}.{spec.experts_attr}"))
+        assert type(experts) is type(
+            ref.get_submodule(f"{spec.layers_path}.{i}.{spec.moe_block_attr}.{spec.experts_attr}")
+        )
         assert kt_models.experts_released(model, i)
     assert not get_patch_mapping()
 
@@ -116,8 +119,9 @@ def test_fp8_checkpoint_loads_without_its_experts(tiny_models, tmp_path) -> None
     fp8 = tiny.write_checkpoint(ref, tmp_path / "fp8", fp8=True, block_size=(16, 16))
     model = load_model(fp8, dtype=torch.float32)
     assert kt_models.experts_released(model, 1)
-    torch.testing.assert_close(model.model.layers[0].self_attn.o_proj.weight,
-                               ref.model.layers[0].self_attn.o_proj.weight)
+    torch.testing.assert_close(
+        model.model.layers[0].self_attn.o_proj.weight, ref.model.layers[0].self_attn.o_proj.weight
+    )
 
 
 def test_unsupported_architecture_fails_before_loading(tmp_path) -> None:

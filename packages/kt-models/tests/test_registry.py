@@ -21,8 +21,16 @@ from kt_models import (
     unregister_arch,
 )
 
-REQUIRED = {"qwen2_moe", "qwen3_moe", "qwen3_next", "deepseek_v2", "deepseek_v3", "mixtral",
-            "glm4_moe", "olmoe"}
+REQUIRED = {
+    "qwen2_moe",
+    "qwen3_moe",
+    "qwen3_next",
+    "deepseek_v2",
+    "deepseek_v3",
+    "mixtral",
+    "glm4_moe",
+    "olmoe",
+}
 HAS_SHARED = {"qwen2_moe", "qwen3_next", "deepseek_v2", "deepseek_v3", "glm4_moe"}
 HAS_DENSE_FIRST = {"qwen2_moe", "deepseek_v2", "deepseek_v3", "glm4_moe"}
 
@@ -42,8 +50,11 @@ def test_every_path_and_field_resolves_on_the_real_module_tree(tiny_models, mode
     assert len(layers) == spec.num_layers(config)
 
     # Independent truth: which layers actually hold an experts module.
-    actual_moe = [i for i, layer in enumerate(layers)
-                  if hasattr(getattr(layer, spec.moe_block_attr), spec.experts_attr)]
+    actual_moe = [
+        i
+        for i, layer in enumerate(layers)
+        if hasattr(getattr(layer, spec.moe_block_attr), spec.experts_attr)
+    ]
     assert spec.moe_layer_indices(config) == actual_moe
     assert actual_moe, "tiny model has no MoE layer"
 
@@ -52,11 +63,17 @@ def test_every_path_and_field_resolves_on_the_real_module_tree(tiny_models, mode
         experts = spec.experts(model, i)
         assert getattr(block, spec.experts_attr) is experts
         assert type(experts).__name__ == spec.experts_class
-        e, h, inter = experts.gate_up_proj.shape[0], experts.down_proj.shape[1], \
-            experts.down_proj.shape[2]
+        e, h, inter = (
+            experts.gate_up_proj.shape[0],
+            experts.down_proj.shape[1],
+            experts.down_proj.shape[2],
+        )
         assert experts.gate_up_proj.shape == (e, 2 * inter, h)
-        assert (spec.num_experts(config), spec.hidden_size(config),
-                spec.intermediate_size(config)) == (e, h, inter)
+        assert (
+            spec.num_experts(config),
+            spec.hidden_size(config),
+            spec.intermediate_size(config),
+        ) == (e, h, inter)
         assert experts.is_concatenated and not experts.is_transposed and not experts.has_bias
         router = spec.router(model, i)
         router_weight = router.weight
@@ -98,13 +115,19 @@ def test_checkpoint_expert_key_names_what_transformers_writes(saved_tiny, model_
 
 
 def test_checkpoint_expert_key_examples() -> None:
-    assert (get_arch_spec("deepseek_v3").checkpoint_expert_key(3, 5, "gate")
-            == "model.layers.3.mlp.experts.5.gate_proj.weight")
+    assert (
+        get_arch_spec("deepseek_v3").checkpoint_expert_key(3, 5, "gate")
+        == "model.layers.3.mlp.experts.5.gate_proj.weight"
+    )
     mixtral = get_arch_spec("mixtral")
-    assert mixtral.checkpoint_expert_key(0, 1, "up") == \
-        "model.layers.0.block_sparse_moe.experts.1.w3.weight"
-    assert mixtral.checkpoint_expert_key(0, 1, "down_proj") == \
-        "model.layers.0.block_sparse_moe.experts.1.w2.weight"
+    assert (
+        mixtral.checkpoint_expert_key(0, 1, "up")
+        == "model.layers.0.block_sparse_moe.experts.1.w3.weight"
+    )
+    assert (
+        mixtral.checkpoint_expert_key(0, 1, "down_proj")
+        == "model.layers.0.block_sparse_moe.experts.1.w2.weight"
+    )
     with pytest.raises(ValueError, match="unknown projection"):
         mixtral.checkpoint_expert_key(0, 1, "w9")
 
@@ -141,14 +164,25 @@ def test_gpt_oss_is_refused_with_a_reason() -> None:
 
 
 def test_text_config_nesting_for_vision_language_configs() -> None:
-    raw = {"model_type": "qwen3_vl_moe",
-           "text_config": {"model_type": "qwen3_vl_moe_text", "num_experts": 6,
-                           "num_experts_per_tok": 3, "hidden_size": 40,
-                           "moe_intermediate_size": 12, "num_hidden_layers": 2}}
+    raw = {
+        "model_type": "qwen3_vl_moe",
+        "text_config": {
+            "model_type": "qwen3_vl_moe_text",
+            "num_experts": 6,
+            "num_experts_per_tok": 3,
+            "hidden_size": 40,
+            "moe_intermediate_size": 12,
+            "num_hidden_layers": 2,
+        },
+    }
     spec = get_arch_spec(raw)
     assert spec.model_type == "qwen3_vl_moe"
-    assert (spec.num_experts(raw), spec.top_k(raw), spec.hidden_size(raw),
-            spec.intermediate_size(raw)) == (6, 3, 40, 12)
+    assert (
+        spec.num_experts(raw),
+        spec.top_k(raw),
+        spec.hidden_size(raw),
+        spec.intermediate_size(raw),
+    ) == (6, 3, 40, 12)
     assert spec.moe_layer_indices(raw) == [0, 1]
     # An unregistered wrapper whose text model is registered resolves through text_config.
     wrapper = {"model_type": "some_vlm", "text_config": {"model_type": "mixtral"}}
@@ -157,8 +191,12 @@ def test_text_config_nesting_for_vision_language_configs() -> None:
 
 @pytest.mark.parametrize("field", ["n_routed_experts", "num_experts", "num_local_experts"])
 def test_expert_count_aliases(field: str) -> None:
-    raw = {"model_type": "deepseek_v3", field: 12, "num_hidden_layers": 4,
-           "first_k_dense_replace": 2}
+    raw = {
+        "model_type": "deepseek_v3",
+        field: 12,
+        "num_hidden_layers": 4,
+        "first_k_dense_replace": 2,
+    }
     spec = get_arch_spec(raw)
     assert spec.num_experts(raw) == 12
     assert spec.moe_layer_indices(raw) == [2, 3]
@@ -166,11 +204,17 @@ def test_expert_count_aliases(field: str) -> None:
 
 def test_layer_rules_follow_the_config() -> None:
     qwen = get_arch_spec("qwen2_moe")
-    raw = {"model_type": "qwen2_moe", "num_hidden_layers": 6, "num_experts": 4,
-           "decoder_sparse_step": 2, "mlp_only_layers": [3]}
+    raw = {
+        "model_type": "qwen2_moe",
+        "num_hidden_layers": 6,
+        "num_experts": 4,
+        "decoder_sparse_step": 2,
+        "mlp_only_layers": [3],
+    }
     assert qwen.moe_layer_indices(raw) == [1, 5]
     assert get_arch_spec("mixtral").moe_layer_indices(
-        {"model_type": "mixtral", "num_hidden_layers": 3, "num_local_experts": 4}) == [0, 1, 2]
+        {"model_type": "mixtral", "num_hidden_layers": 3, "num_local_experts": 4}
+    ) == [0, 1, 2]
 
 
 def test_config_missing_expert_fields_names_the_fields() -> None:
@@ -186,27 +230,39 @@ def test_config_missing_expert_fields_names_the_fields() -> None:
 
 
 def test_register_and_unregister_a_new_architecture() -> None:
-    spec = ArchSpec(model_type="toy_moe", layers_path="backbone.blocks", moe_block_attr="ffn",
-                    expert_storage="modulelist", proj_names=("w1", "w3", "w2"))
+    spec = ArchSpec(
+        model_type="toy_moe",
+        layers_path="backbone.blocks",
+        moe_block_attr="ffn",
+        expert_storage="modulelist",
+        proj_names=("w1", "w3", "w2"),
+    )
     register_arch(spec)
     try:
         assert get_arch_spec({"model_type": "toy_moe"}) is spec
         with pytest.raises(ValueError, match="already registered"):
             register_arch(spec)
-        assert register_arch(dataclasses.replace(spec, router_attr="router"),
-                             overwrite=True).router_attr == "router"
+        assert (
+            register_arch(
+                dataclasses.replace(spec, router_attr="router"), overwrite=True
+            ).router_attr
+            == "router"
+        )
     finally:
         unregister_arch("toy_moe")
     assert "toy_moe" not in supported_model_types()
 
 
-@pytest.mark.parametrize("bad", [
-    {"expert_storage": "packed"},
-    {"proj_names": ("a", "b")},
-    {"layers_path": ""},
-    {"num_experts_fields": ()},
-    {"router_kind": "magic"},
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"expert_storage": "packed"},
+        {"proj_names": ("a", "b")},
+        {"layers_path": ""},
+        {"num_experts_fields": ()},
+        {"router_kind": "magic"},
+    ],
+)
 def test_invalid_spec_registers_nothing(bad) -> None:
     before = supported_model_types()
     with pytest.raises(ValueError):

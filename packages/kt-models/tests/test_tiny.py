@@ -11,7 +11,13 @@ import kt_models
 from kt_models import get_arch_spec, tiny
 
 HAS_SHARED = {"qwen2_moe", "qwen3_next", "deepseek_v2", "deepseek_v3", "glm4_moe"}
-DENSE_FIRST = {"qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "glm4_moe"}  # qwen3_moe: sparse step 2
+DENSE_FIRST = {
+    "qwen2_moe",
+    "qwen3_moe",
+    "deepseek_v2",
+    "deepseek_v3",
+    "glm4_moe",
+}  # qwen3_moe: sparse step 2
 
 
 @pytest.mark.parametrize("model_type", kt_models.supported_model_types())
@@ -42,8 +48,9 @@ def test_build_is_seeded_and_leaves_the_global_rng_alone() -> None:
     c = tiny.build("mixtral", seed=5)
     for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(pa, pb), name
-    assert not torch.equal(a.model.layers[0].mlp.experts.gate_up_proj,
-                           c.model.layers[0].mlp.experts.gate_up_proj)
+    assert not torch.equal(
+        a.model.layers[0].mlp.experts.gate_up_proj, c.model.layers[0].mlp.experts.gate_up_proj
+    )
 
 
 def test_overrides_reach_the_config() -> None:

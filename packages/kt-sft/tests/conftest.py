@@ -11,8 +11,13 @@ import torch
 
 from kt_sft.backend import engine_available
 
-BACKENDS = ["torch", pytest.param("engine", marks=pytest.mark.skipif(
-    not engine_available(), reason="kt-kernels engine not built"))]
+BACKENDS = [
+    "torch",
+    pytest.param(
+        "engine",
+        marks=pytest.mark.skipif(not engine_available(), reason="kt-kernels engine not built"),
+    ),
+]
 
 
 @pytest.fixture(params=BACKENDS)

@@ -29,9 +29,15 @@ class Stack(nn.Module):
     def __init__(self, policy: str, budget: float | None = None, seed: int = 0) -> None:
         super().__init__()
         gen = torch.Generator().manual_seed(seed)
-        cfg = KTConfig(backend="engine", weight_dtype="bf16", lora_rank=R, lora_alpha=8.0,
-                       max_cache_depth=2, activation_policy=policy,
-                       activation_memory_budget=budget)
+        cfg = KTConfig(
+            backend="engine",
+            weight_dtype="bf16",
+            lora_rank=R,
+            lora_alpha=8.0,
+            max_cache_depth=2,
+            activation_policy=policy,
+            activation_memory_budget=budget,
+        )
         self.projs = nn.ModuleList(nn.Linear(H, H) for _ in range(LAYERS))
         with torch.no_grad():
             for p in self.projs.parameters():
@@ -41,10 +47,18 @@ class Stack(nn.Module):
         self.lora = nn.ParameterList()
         dims = {"gate_up": (H, 2 * INTER), "down": (INTER, H)}
         for i in range(LAYERS):
-            layer = LayerEngine(cfg, num_experts=E, top_k=K, hidden_size=H,
-                                intermediate_size=INTER, name=f"layer {i}")
-            layer.load_weights(torch.randn(E, 2 * INTER, H, generator=gen) * 0.2,
-                               torch.randn(E, H, INTER, generator=gen) * 0.2)
+            layer = LayerEngine(
+                cfg,
+                num_experts=E,
+                top_k=K,
+                hidden_size=H,
+                intermediate_size=INTER,
+                name=f"layer {i}",
+            )
+            layer.load_weights(
+                torch.randn(E, 2 * INTER, H, generator=gen) * 0.2,
+                torch.randn(E, H, INTER, generator=gen) * 0.2,
+            )
             kinds = {}
             for kind, (in_f, out_f) in dims.items():
                 a = nn.Parameter(torch.randn(E * R, in_f, generator=gen) * 0.2)
@@ -70,8 +84,9 @@ class Stack(nn.Module):
         return x
 
 
-def _step(policy: str, mode: str, budget: float | None = None
-          ) -> tuple[list[torch.Tensor], dict[str, int], int]:
+def _step(
+    policy: str, mode: str, budget: float | None = None
+) -> tuple[list[torch.Tensor], dict[str, int], int]:
     """Gradients of one step, the engine's peak bytes over it, and the cache bytes alive
     between forward and backward."""
     import kt_kernels as kk
@@ -92,8 +107,9 @@ def _step(policy: str, mode: str, budget: float | None = None
 
 
 def _one_entry(policy: str) -> int:
-    return cache_entry_bytes(T, hidden_size=H, intermediate_size=INTER, top_k=K, lora_rank=R,
-                             policy=policy)
+    return cache_entry_bytes(
+        T, hidden_size=H, intermediate_size=INTER, top_k=K, lora_rank=R, policy=policy
+    )
 
 
 @pytest.mark.parametrize("mode", ["none", "reentrant", "non_reentrant"])

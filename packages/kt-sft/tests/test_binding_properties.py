@@ -36,9 +36,13 @@ def cases(draw: st.DrawFn) -> dict:
     E = draw(st.integers(1, 6))
     return {
         "backend": draw(st.sampled_from(BACKENDS)),
-        "E": E, "K": draw(st.integers(1, min(3, E))), "H": draw(st.integers(1, 24)),
-        "inter": draw(st.integers(1, 12)), "T": draw(st.integers(0, 17)),
-        "engine_rank": draw(st.integers(1, 4)), "rank_cut": draw(st.integers(0, 2)),
+        "E": E,
+        "K": draw(st.integers(1, min(3, E))),
+        "H": draw(st.integers(1, 24)),
+        "inter": draw(st.integers(1, 12)),
+        "T": draw(st.integers(0, 17)),
+        "engine_rank": draw(st.integers(1, 4)),
+        "rank_cut": draw(st.integers(0, 2)),
         "alpha": draw(st.sampled_from([1.0, 2.0, 8.0])),
         "engine_alpha": draw(st.sampled_from([1.0, 8.0])),
         "layout": draw(st.sampled_from(["fused", "split"])),
@@ -58,15 +62,27 @@ def test_random_bindings_match_reference(case: dict) -> None:
         H, inter = max(H, 8), max(inter, 4)
     rank = max(1, case["engine_rank"] - case["rank_cut"])
     num_gpu = min(case["num_gpu"], E - 1)
-    cfg = KTConfig(backend=backend, weight_dtype="fp32" if backend == "torch" else "bf16",
-                   lora_rank=case["engine_rank"], lora_alpha=case["engine_alpha"],
-                   lora_layout=case["layout"], num_gpu_experts=num_gpu)
+    cfg = KTConfig(
+        backend=backend,
+        weight_dtype="fp32" if backend == "torch" else "bf16",
+        lora_rank=case["engine_rank"],
+        lora_alpha=case["engine_alpha"],
+        lora_layout=case["layout"],
+        num_gpu_experts=num_gpu,
+    )
     gate_up = torch.randn(E, 2 * inter, H, generator=gen) * 0.3
     down = torch.randn(E, H, inter, generator=gen) * 0.3
     if backend == "engine":
         gate_up, down = gate_up.bfloat16().float(), down.bfloat16().float()
-    layer = LayerEngine(cfg, num_experts=E, top_k=K, hidden_size=H, intermediate_size=inter,
-                        lora_layout=case["layout"], name="property")
+    layer = LayerEngine(
+        cfg,
+        num_experts=E,
+        top_k=K,
+        hidden_size=H,
+        intermediate_size=inter,
+        lora_layout=case["layout"],
+        name="property",
+    )
     layer.load_weights(gate_up, down)
     if num_gpu:
         from kt_sft.gpu_experts import GPUExperts
@@ -98,11 +114,15 @@ def test_random_bindings_match_reference(case: dict) -> None:
     for kind in kinds:
         va_, vb_ = source.canonical(kind, leaf=leaf)  # type: ignore[misc]
         lora[f"a_{kind}"], lora[f"b_{kind}"] = va_, vb_
-    y = moe_reference(xr, ids, wr, gate_up[:, :inter], gate_up[:, inter:], down, lora=lora,
-                      scaling=scaling)
+    y = moe_reference(
+        xr, ids, wr, gate_up[:, :inter], gate_up[:, inter:], down, lora=lora, scaling=scaling
+    )
     grads = torch.autograd.grad(y, [xr, wr, *pr], g, allow_unused=True)
-    pairs = [(x.grad, grads[0], x), (w.grad, grads[1], w),
-             *[(p.grad, r, p) for p, r in zip(params, grads[2:])]]
+    pairs = [
+        (x.grad, grads[0], x),
+        (w.grad, grads[1], w),
+        *[(p.grad, r, p) for p, r in zip(params, grads[2:])],
+    ]
     got_all, want_all = [], []
     for got, want, like in pairs:
         want = want if want is not None else torch.zeros_like(like, dtype=torch.float32)

@@ -30,9 +30,22 @@ def run_dir(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
         from kt_sft.train import load_train_config
         from kt_sft.train.loop import train
 
-        train(load_train_config(None, ["--max_steps", "40", "--output_dir", str(out),
-                                       "--plot_loss", "false", "--profile", "false"]),
-              quiet=True)
+        train(
+            load_train_config(
+                None,
+                [
+                    "--max_steps",
+                    "40",
+                    "--output_dir",
+                    str(out),
+                    "--plot_loss",
+                    "false",
+                    "--profile",
+                    "false",
+                ],
+            ),
+            quiet=True,
+        )
     return out
 
 
@@ -46,8 +59,18 @@ def _run(capsys, argv: list[str]) -> str:
 def test_generate_with_kt_and_with_stock_agree(run_dir: Path, capsys) -> None:
     prompts = ["--prompt", "What is the capital of Japan?", "--prompt", "What is 2 + 3?"]
     kt = _run(capsys, ["generate", "--adapter", str(run_dir), *prompts, "--max-new-tokens", "12"])
-    stock = _run(capsys, ["generate", "--stock", "--adapter", str(run_dir / "adapter"), *prompts,
-                          "--max-new-tokens", "12"])
+    stock = _run(
+        capsys,
+        [
+            "generate",
+            "--stock",
+            "--adapter",
+            str(run_dir / "adapter"),
+            *prompts,
+            "--max-new-tokens",
+            "12",
+        ],
+    )
     kt_lines, stock_lines = kt.splitlines(), stock.splitlines()  # one line per prompt
     assert len(kt_lines) == len(stock_lines) == 2
     # bf16 experts vs fp32 experts: greedy decoding agrees on the first words at least
@@ -56,8 +79,19 @@ def test_generate_with_kt_and_with_stock_agree(run_dir: Path, capsys) -> None:
 
 
 def test_compare_shows_base_and_fine_tuned(run_dir: Path, capsys) -> None:
-    out = _run(capsys, ["chat", "--adapter", str(run_dir), "--compare",
-                        "--prompt", "What is the opposite of hot?", "--max-new-tokens", "10"])
+    out = _run(
+        capsys,
+        [
+            "chat",
+            "--adapter",
+            str(run_dir),
+            "--compare",
+            "--prompt",
+            "What is the opposite of hot?",
+            "--max-new-tokens",
+            "10",
+        ],
+    )
     lines = out.splitlines()
     assert lines[0] == "prompt:     What is the opposite of hot?"
     assert lines[1].startswith("base:") and lines[2].startswith("fine-tuned:")
@@ -111,9 +145,15 @@ def test_adapter_of_another_shape(run_dir: Path, tmp_path: Path, capsys) -> None
     assert cfg["r"] == 16
 
 
-@pytest.mark.parametrize("kt", [["--kt", "kt_num_threads=1"], ["--kt", "kt_num_threads", "1"],
-                                ["--kt=--kt_num_threads=1"],
-                                ["--kt", "kt_num_threads=1", "kt_max_tokens=64"]])
+@pytest.mark.parametrize(
+    "kt",
+    [
+        ["--kt", "kt_num_threads=1"],
+        ["--kt", "kt_num_threads", "1"],
+        ["--kt=--kt_num_threads=1"],
+        ["--kt", "kt_num_threads=1", "kt_max_tokens=64"],
+    ],
+)
 def test_kt_option_forms(kt: list[str], capsys, monkeypatch) -> None:
     """The documented `--kt kt_num_threads=2` form (and the others) reach the engine options."""
     import kt_sft.chat

@@ -57,8 +57,15 @@ def blocks_of(path: Path) -> list[Block]:
             i += 1
         prev = next((lines[j] for j in range(start - 1, -1, -1) if lines[j].strip()), "")
         instead = INSTEAD.search(prev)
-        out.append(Block(lang, textwrap.dedent("\n".join(body)) + "\n", start + 1,
-                         bool(SKIP.search(prev)), instead.group(1) if instead else None))
+        out.append(
+            Block(
+                lang,
+                textwrap.dedent("\n".join(body)) + "\n",
+                start + 1,
+                bool(SKIP.search(prev)),
+                instead.group(1) if instead else None,
+            )
+        )
         i += 1
     return out
 
@@ -67,7 +74,7 @@ def _doc_files() -> list[Path]:
     return sorted(DOCS.rglob("*.md")) if DOCS.is_dir() else []
 
 
-RUNNER = r'''
+RUNNER = r"""
 import json, subprocess, sys, traceback
 blocks = json.load(open(sys.argv[1]))
 namespace = {"__name__": "__main__"}
@@ -86,7 +93,7 @@ for b in blocks:
         if rc != 0:
             print(f"FAILED: bash block at {where} exited {rc}", flush=True)
             sys.exit(1)
-'''
+"""
 
 
 def _check_static(block: Block, where: str) -> None:
@@ -128,27 +135,36 @@ def test_code_blocks_run(doc: Path, tmp_path: Path, cache_dir: Path) -> None:
     work.mkdir()
     (tmp_path / "blocks.json").write_text(json.dumps(runnable))
     (tmp_path / "runner.py").write_text(RUNNER)
-    env = dict(os.environ, KT_CACHE_DIR=str(cache_dir), PYTHONUNBUFFERED="1",
-               PATH=os.pathsep.join([str(Path(sys.executable).parent),
-                                     os.environ.get("PATH", "")]))
-    proc = subprocess.run([sys.executable, str(tmp_path / "runner.py"),
-                           str(tmp_path / "blocks.json")], cwd=work, env=env,
-                          capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, (proc.stdout[-6000:] + proc.stderr[-6000:])
+    env = dict(
+        os.environ,
+        KT_CACHE_DIR=str(cache_dir),
+        PYTHONUNBUFFERED="1",
+        PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+    )
+    proc = subprocess.run(
+        [sys.executable, str(tmp_path / "runner.py"), str(tmp_path / "blocks.json")],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-6000:]
 
 
 def test_skip_markers_are_rare() -> None:
     """Skips are for commands that need what this machine lacks (GPUs, several machines, a
     launcher around a script); each says why and where the same flow is tested."""
-    blocks = [b for doc in _doc_files() for b in blocks_of(doc)
-              if b.lang in RUN or b.lang in CHECK]
+    blocks = [b for doc in _doc_files() for b in blocks_of(doc) if b.lang in RUN or b.lang in CHECK]
     skipped = [b for b in blocks if b.skip or b.instead]
     assert len(skipped) <= max(3, len(blocks) // 4), [b.line for b in skipped]
 
 
 def test_block_parser() -> None:
-    text = ("x\n<!-- doc-test: skip (slow) -->\n```bash\necho hi\n```\n\n```python\nx = 1\n```\n"
-            "<!-- doc-test: instead `echo short` (quicker) -->\n```bash\necho long\n```\n")
+    text = (
+        "x\n<!-- doc-test: skip (slow) -->\n```bash\necho hi\n```\n\n```python\nx = 1\n```\n"
+        "<!-- doc-test: instead `echo short` (quicker) -->\n```bash\necho long\n```\n"
+    )
     import tempfile
 
     with tempfile.TemporaryDirectory() as d:
@@ -156,8 +172,10 @@ def test_block_parser() -> None:
         p.write_text(text)
         got = blocks_of(p)
     assert [(b.lang, b.code, b.skip, b.instead) for b in got] == [
-        ("bash", "echo hi\n", True, None), ("python", "x = 1\n", False, None),
-        ("bash", "echo long\n", False, "echo short")]
+        ("bash", "echo hi\n", True, None),
+        ("python", "x = 1\n", False, None),
+        ("bash", "echo long\n", False, "echo short"),
+    ]
 
 
 @pytest.mark.skipif(not DOCS.is_dir(), reason="docs/ is not next to this checkout")
@@ -167,7 +185,8 @@ def test_configuration_reference_is_generated_and_current() -> None:
     current = (DOCS / "configuration.md").read_text(encoding="utf-8")
     assert current == render_configuration(), (
         "docs/configuration.md is out of date: run "
-        "`python -m kt_sft.train.docs docs/configuration.md`")
+        "`python -m kt_sft.train.docs docs/configuration.md`"
+    )
     from kt_sft.train.schema import describe_keys
 
     for _, f in describe_keys():  # every key is documented

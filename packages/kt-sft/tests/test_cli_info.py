@@ -22,8 +22,9 @@ def test_info_json_matches_environment(capsys) -> None:
 
 
 def test_info_console_script_runs() -> None:
-    out = subprocess.run([sys.executable, "-m", "kt_sft.cli", "info"], check=True,
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "kt_sft.cli", "info"], check=True, capture_output=True, text=True
+    ).stdout
     assert "kt-kernels" in out and "cpu features" in out and "torch" in out
 
 
@@ -41,8 +42,13 @@ def test_info_shows_a_forced_isa() -> None:
     import os
 
     env = dict(os.environ, KT_KERNELS_ISA="scalar", KT_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, "-m", "kt_sft.cli", "info"], check=True, env=env,
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "kt_sft.cli", "info"],
+        check=True,
+        env=env,
+        capture_output=True,
+        text=True,
+    ).stdout
     assert "engine isa      scalar (KT_KERNELS_ISA=scalar)" in out
     assert "engine threads  1 (KT_NUM_THREADS=1)" in out
     assert "self-test       passed" in out and "numa nodes      " in out

@@ -58,17 +58,28 @@ def test_missing_model_path(tmp_path: Path, capsys) -> None:
 
 
 def test_model_path_that_does_not_exist(tmp_path: Path, capsys) -> None:
-    err = _fails(capsys, ["train", "--model_name_or_path", str(tmp_path / "no-model"),
-                          "--output_dir", str(tmp_path / "o")])
+    err = _fails(
+        capsys,
+        [
+            "train",
+            "--model_name_or_path",
+            str(tmp_path / "no-model"),
+            "--output_dir",
+            str(tmp_path / "o"),
+        ],
+    )
     assert "model path not found" in err and "no-model" in err
 
 
 def test_unknown_key_suggests_the_closest(tmp_path: Path, capsys) -> None:
-    cfg = _yaml(tmp_path, """
+    cfg = _yaml(
+        tmp_path,
+        """
         model_name_or_path: embedded
         dataset: embedded
         per_device_batch_size: 4
-    """)
+    """,
+    )
     err = _fails(capsys, ["train", cfg])
     assert "unknown key 'per_device_batch_size'" in err
     assert "did you mean 'per_device_train_batch_size'" in err
@@ -77,15 +88,33 @@ def test_unknown_key_suggests_the_closest(tmp_path: Path, capsys) -> None:
 
 
 def test_dataset_file_missing(tmp_path: Path, capsys) -> None:
-    err = _fails(capsys, ["train", "--dataset", str(tmp_path / "missing.jsonl"),
-                          "--output_dir", str(tmp_path / "o")])
+    err = _fails(
+        capsys,
+        [
+            "train",
+            "--dataset",
+            str(tmp_path / "missing.jsonl"),
+            "--output_dir",
+            str(tmp_path / "o"),
+        ],
+    )
     assert "dataset file not found" in err and "missing.jsonl" in err
 
 
 def test_dataset_with_no_usable_column(tmp_path: Path, capsys) -> None:
     data = _jsonl(tmp_path / "qa.jsonl", [{"question": "2+2?", "answer": "4"}])
-    err = _fails(capsys, ["train", "--dataset", str(data), "--dataset_format", "auto",
-                          "--output_dir", str(tmp_path / "o")])
+    err = _fails(
+        capsys,
+        [
+            "train",
+            "--dataset",
+            str(data),
+            "--dataset_format",
+            "auto",
+            "--output_dir",
+            str(tmp_path / "o"),
+        ],
+    )
     assert "has no usable column: found ['answer', 'question']" in err
     assert "prompt_column" in err
 
@@ -97,8 +126,9 @@ def test_chat_template_absent_for_messages(tmp_path: Path, demo_model: Path, cap
     tok_cfg = json.loads((model / "tokenizer_config.json").read_text())
     tok_cfg.pop("chat_template", None)
     (model / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
-    err = _fails(capsys, ["train", "--model_name_or_path", str(model),
-                          "--output_dir", str(tmp_path / "o")])
+    err = _fails(
+        capsys, ["train", "--model_name_or_path", str(model), "--output_dir", str(tmp_path / "o")]
+    )
     assert "has no chat template" in err and "template: chatml" in err
 
 
@@ -112,8 +142,9 @@ def test_output_dir_not_writable(tmp_path: Path, capsys) -> None:
 def test_output_dir_read_only(tmp_path: Path, capsys) -> None:
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         # root ignores permission bits; sysfs refuses new directories even to root
-        assert "is not writable" in _fails(capsys, ["train", "--output_dir",
-                                                    "/sys/kernel/kt-sft-out"])
+        assert "is not writable" in _fails(
+            capsys, ["train", "--output_dir", "/sys/kernel/kt-sft-out"]
+        )
         return
     ro = tmp_path / "ro"
     ro.mkdir()
@@ -166,21 +197,33 @@ def test_a_failed_run_keeps_the_previous_results(
     (tmp_path / "broken.jsonl").write_text('{"messages": [\n')
     out = tmp_path / "out"
     files = _previous_run(out)
-    err = _fails(capsys, ["train", *mistake, "--output_dir", str(out),
-                          "--overwrite_output_dir", "true"])
+    err = _fails(
+        capsys, ["train", *mistake, "--output_dir", str(out), "--overwrite_output_dir", "true"]
+    )
     assert message in err
     assert {name: (out / name).read_bytes() for name in files} == files
 
 
-def test_overwrite_replaces_the_previous_run_once_the_new_one_saves(
-    tmp_path: Path, capsys
-) -> None:
+def test_overwrite_replaces_the_previous_run_once_the_new_one_saves(tmp_path: Path, capsys) -> None:
     out = tmp_path / "out"
     _previous_run(out)
     (out / "checkpoint-9").mkdir()  # a later step than the new run reaches
     (out / "checkpoint-9" / "trainer_state.json").write_text('{"global_step": 9}')
-    argv = ["train", "--max_steps", "2", "--save_steps", "1", "--max_samples", "16",
-            "--disable_tqdm", "true", "--output_dir", str(out), "--overwrite_output_dir", "true"]
+    argv = [
+        "train",
+        "--max_steps",
+        "2",
+        "--save_steps",
+        "1",
+        "--max_samples",
+        "16",
+        "--disable_tqdm",
+        "true",
+        "--output_dir",
+        str(out),
+        "--overwrite_output_dir",
+        "true",
+    ]
     assert main(argv) == 0, capsys.readouterr().err
     names = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
     assert "checkpoint-4" not in names and "checkpoint-9" not in names
@@ -195,15 +238,27 @@ def test_bad_value_on_the_command_line(tmp_path: Path, capsys) -> None:
 
 
 def test_lora_target_matching_nothing(tmp_path: Path, capsys) -> None:
-    err = _fails(capsys, ["train", "--lora_target", "no_such_proj", "--max_steps", "1",
-                          "--output_dir", str(tmp_path / "o")])
+    err = _fails(
+        capsys,
+        [
+            "train",
+            "--lora_target",
+            "no_such_proj",
+            "--max_steps",
+            "1",
+            "--output_dir",
+            str(tmp_path / "o"),
+        ],
+    )
     assert "'lora_target' no_such_proj matches no module" in err
     assert "q_proj" in err  # lists the names that exist
 
 
 def test_lora_dropout_with_expert_lora(tmp_path: Path, capsys) -> None:
-    err = _fails(capsys, ["train", "--lora_dropout", "0.1", "--max_steps", "1",
-                          "--output_dir", str(tmp_path / "o")])
+    err = _fails(
+        capsys,
+        ["train", "--lora_dropout", "0.1", "--max_steps", "1", "--output_dir", str(tmp_path / "o")],
+    )
     assert "'lora_dropout' 0.1 cannot be used with LoRA on the routed experts" in err
 
 
@@ -220,8 +275,18 @@ def test_a_key_without_its_value(capsys) -> None:
 
 def test_a_missing_column_names_the_key_to_set(tmp_path: Path, capsys) -> None:
     data = _jsonl(tmp_path / "qa.jsonl", [{"question": "1 + 1?", "completion": " 2"}])
-    err = _fails(capsys, ["train", "--dataset", str(data), "--dataset_format",
-                          "prompt_completion", "--output_dir", str(tmp_path / "out")])
+    err = _fails(
+        capsys,
+        [
+            "train",
+            "--dataset",
+            str(data),
+            "--dataset_format",
+            "prompt_completion",
+            "--output_dir",
+            str(tmp_path / "out"),
+        ],
+    )
     assert "no column 'prompt'" in err and "set prompt_column: <column>" in err
 
 

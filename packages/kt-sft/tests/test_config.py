@@ -46,11 +46,16 @@ def test_defaults() -> None:
 
 
 def test_environment_then_explicit_precedence() -> None:
-    with patch_env(KT_LORA_RANK="16", KT_BACKEND="torch", KT_KERNELS_ISA="avx2",
-                   KT_MAX_CACHE_DEPTH="4"):
+    with patch_env(
+        KT_LORA_RANK="16", KT_BACKEND="torch", KT_KERNELS_ISA="avx2", KT_MAX_CACHE_DEPTH="4"
+    ):
         cfg = KTConfig()
-        assert (cfg.lora_rank, cfg.backend, cfg.isa, cfg.max_cache_depth) == (16, "torch",
-                                                                               "avx2", 4)
+        assert (cfg.lora_rank, cfg.backend, cfg.isa, cfg.max_cache_depth) == (
+            16,
+            "torch",
+            "avx2",
+            4,
+        )
         assert not cfg.is_explicit("lora_rank")
         cfg = KTConfig(lora_rank=4)
         assert cfg.lora_rank == 4 and cfg.is_explicit("lora_rank")
@@ -62,14 +67,24 @@ def test_bad_environment_value_names_the_variable() -> None:
 
 
 def test_kt_prefixed_aliases() -> None:
-    cfg = KTConfig.from_dict({"kt_backend": "AMXBF16", "kt_num_threads": 1, "kt_lora_rank": 16,
-                              "kt_lora_alpha": 32, "kt_max_cache_depth": 3,
-                              "kt_weight_path": "/ckpt", "backend": "torch"})
+    cfg = KTConfig.from_dict(
+        {
+            "kt_backend": "AMXBF16",
+            "kt_num_threads": 1,
+            "kt_lora_rank": 16,
+            "kt_lora_alpha": 32,
+            "kt_max_cache_depth": 3,
+            "kt_weight_path": "/ckpt",
+            "backend": "torch",
+        }
+    )
     assert cfg.isa == "amx" and cfg.weight_dtype == "bf16" and cfg.num_threads == 1
     assert cfg.lora_rank == 16 and cfg.lora_alpha == 32.0 and cfg.max_cache_depth == 3
     assert cfg.checkpoint == "/ckpt"
-    assert KTConfig.from_dict(kt_backend="AMXInt8", backend="torch",
-                              weight_dtype="bf16").weight_dtype == "bf16"
+    assert (
+        KTConfig.from_dict(kt_backend="AMXInt8", backend="torch", weight_dtype="bf16").weight_dtype
+        == "bf16"
+    )
     assert KTConfig.from_dict({"kt_use_lora_experts": True}).lora_experts == 1
 
 
@@ -93,10 +108,18 @@ def test_unknown_kt_backend_value() -> None:
         KTConfig.from_dict(kt_backend="AMXFP99")
 
 
-@pytest.mark.parametrize(("field", "value"), [("backend", "gpu"), ("isa", "neon"),
-                                               ("max_tokens", 0), ("lora_rank", -1),
-                                               ("lora_layout", "diagonal"),
-                                               ("num_gpu_experts", -2), ("lora_alpha", 0)])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("backend", "gpu"),
+        ("isa", "neon"),
+        ("max_tokens", 0),
+        ("lora_rank", -1),
+        ("lora_layout", "diagonal"),
+        ("num_gpu_experts", -2),
+        ("lora_alpha", 0),
+    ],
+)
 def test_invalid_values_name_the_field(field: str, value: object) -> None:
     with pytest.raises(KTConfigError, match=field):
         KTConfig(**{field: value})

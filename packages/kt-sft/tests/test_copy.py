@@ -18,10 +18,11 @@ tiny = pytest.importorskip("kt_models.tiny")
 
 @pytest.fixture(scope="module")
 def wrapped() -> torch.nn.Module:
-    model = kt_sft.wrap_model(tiny.build("qwen3_moe"), kt_sft.KTConfig(lora_rank=4,
-                                                                      num_threads=1))
-    return kt_sft.get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"],
-                                                   **kt_sft.default_expert_lora_targets(model)))
+    model = kt_sft.wrap_model(tiny.build("qwen3_moe"), kt_sft.KTConfig(lora_rank=4, num_threads=1))
+    return kt_sft.get_peft_model(
+        model,
+        LoraConfig(r=4, target_modules=["q_proj"], **kt_sft.default_expert_lora_targets(model)),
+    )
 
 
 @pytest.mark.parametrize("what", ["peft", "base"])

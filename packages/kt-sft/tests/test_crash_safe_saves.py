@@ -43,7 +43,8 @@ def test_checkpoint_parked_mid_swap_is_restored_and_leftovers_removed(tmp_path: 
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2", "checkpoint-3"]
     assert artifacts.latest_checkpoint(out) == out / "checkpoint-3"
     assert json.loads((out / "checkpoint-3" / "trainer_state.json").read_text()) == {
-        "global_step": 3}
+        "global_step": 3
+    }
 
 
 def test_parked_copy_with_a_published_target_is_removed(tmp_path: Path) -> None:
@@ -56,8 +57,9 @@ def test_parked_copy_with_a_published_target_is_removed(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("exchange", [True, False])
-def test_atomic_dir_replaces_and_leaves_nothing(tmp_path: Path, exchange: bool,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_atomic_dir_replaces_and_leaves_nothing(
+    tmp_path: Path, exchange: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     if not exchange:
         monkeypatch.setattr(_swap, "_exchange", lambda a, b: False)
     target = tmp_path / "checkpoint-1"
@@ -68,8 +70,9 @@ def test_atomic_dir_replaces_and_leaves_nothing(tmp_path: Path, exchange: bool,
 
 
 @pytest.mark.parametrize("exchange", [True, False])
-def test_kill_inside_the_swap_always_leaves_a_complete_version(tmp_path: Path,
-                                                               exchange: bool) -> None:
+def test_kill_inside_the_swap_always_leaves_a_complete_version(
+    tmp_path: Path, exchange: bool
+) -> None:
     """The process dies (os._exit) right after each rename of the swap in turn; the target, or
     the copy the next run restores, is always a complete version."""
     for die_after in (1, 2):
@@ -95,8 +98,12 @@ def test_kill_inside_the_swap_always_leaves_a_complete_version(tmp_path: Path,
             _swap._exchange = lambda a, b: count(real_exchange(a, b))
             artifacts.atomic_dir(out / "checkpoint-1", lambda d: (d / "v").write_text("new"))
         """
-        r = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                           text=True, timeout=120)
+        r = subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(code)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         if r.returncode != 9:  # the swap took fewer steps than die_after: it completed
             assert r.returncode == 0, r.stderr
         artifacts.prepare_output_dir(out, overwrite=False, resuming=True)
@@ -106,12 +113,15 @@ def test_kill_inside_the_swap_always_leaves_a_complete_version(tmp_path: Path,
 
 def test_disk_full_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """torch.save on a full disk fails with an iostream error; the save names the cause."""
+
     class _Full:
         f_bavail, f_frsize = 3, 4096
 
     def write(d: Path) -> None:
-        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0 "
-                           "(basic_ios::clear: iostream error)")
+        raise RuntimeError(
+            "[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0 "
+            "(basic_ios::clear: iostream error)"
+        )
 
     monkeypatch.setattr(os, "statvfs", lambda p: _Full())
     with pytest.raises(OSError, match="No space left on device") as info:
@@ -130,9 +140,22 @@ def test_write_errors_with_space_left_are_not_disk_full(tmp_path: Path) -> None:
 
 # -- fault injection: kill `kt-sft train` at random points around its saves ------------------
 
-SMALL = ["--max_samples", "32", "--per_device_train_batch_size", "4", "--cutoff_len", "32",
-         "--disable_tqdm", "true", "--plot_loss", "false", "--logging_steps", "1",
-         "--profile", "false"]
+SMALL = [
+    "--max_samples",
+    "32",
+    "--per_device_train_batch_size",
+    "4",
+    "--cutoff_len",
+    "32",
+    "--disable_tqdm",
+    "true",
+    "--plot_loss",
+    "false",
+    "--logging_steps",
+    "1",
+    "--profile",
+    "false",
+]
 
 
 def _loadable(out: Path) -> Path:
@@ -147,10 +170,15 @@ def _loadable(out: Path) -> Path:
 
 
 def test_random_kills_around_saves_always_leave_a_loadable_adapter(
-        tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     rng = random.Random(1234)
-    env = dict(os.environ, KT_CACHE_DIR=str(tmp_path_factory.mktemp("kt-cache")),
-               PYTHONUNBUFFERED="1", KT_NUM_THREADS="1")
+    env = dict(
+        os.environ,
+        KT_CACHE_DIR=str(tmp_path_factory.mktemp("kt-cache")),
+        PYTHONUNBUFFERED="1",
+        KT_NUM_THREADS="1",
+    )
     out = tmp_path / "run"
     budget = time.monotonic() + 45
     kills = 0
@@ -158,11 +186,27 @@ def test_random_kills_around_saves_always_leave_a_loadable_adapter(
         if time.monotonic() > budget:
             break
         resume = ["--resume_from_checkpoint", "auto"] if artifacts.list_checkpoints(out) else []
-        args = [sys.executable, "-m", "kt_sft.cli", "train", *SMALL, "--max_steps", "400",
-                "--save_steps", "1", "--save_total_limit", "2", "--output_dir", str(out),
-                "--overwrite_output_dir", "true", *resume]
-        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, env=env)
+        args = [
+            sys.executable,
+            "-m",
+            "kt_sft.cli",
+            "train",
+            *SMALL,
+            "--max_steps",
+            "400",
+            "--save_steps",
+            "1",
+            "--save_total_limit",
+            "2",
+            "--output_dir",
+            str(out),
+            "--overwrite_output_dir",
+            "true",
+            *resume,
+        ]
+        proc = subprocess.Popen(
+            args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+        )
         # Wait for a step line of this attempt (the second of the first attempt: its first
         # checkpoint is then written), then kill after a random delay: saves run every step, so
         # kills land before, inside and after them.
@@ -185,8 +229,9 @@ def test_random_kills_around_saves_always_leave_a_loadable_adapter(
     assert kills >= 2
 
 
-def test_cli_reports_disk_full(monkeypatch: pytest.MonkeyPatch,
-                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_reports_disk_full(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     from kt_sft import cli
 
     def full(args: object) -> int:

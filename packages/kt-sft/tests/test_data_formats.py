@@ -24,13 +24,22 @@ from kt_sft.train.embedded import build_tokenizer
 
 RECORDS = {
     "text": [{"text": "The river is long."}, {"text": "Tigers are big cats."}],
-    "prompt_completion": [{"prompt": "2 + 2 =", "completion": " 4"},
-                          {"prompt": "Capital of Peru:", "completion": " Lima"}],
-    "messages": [{"messages": [{"role": "user", "content": "Hi"},
-                               {"role": "assistant", "content": "Hello!"}]}],
+    "prompt_completion": [
+        {"prompt": "2 + 2 =", "completion": " 4"},
+        {"prompt": "Capital of Peru:", "completion": " Lima"},
+    ],
+    "messages": [
+        {
+            "messages": [
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello!"},
+            ]
+        }
+    ],
     "alpaca": [{"instruction": "Add 1 and 2.", "input": "", "output": "3"}],
-    "sharegpt": [{"conversations": [{"from": "human", "value": "Hi"},
-                                    {"from": "gpt", "value": "Hello!"}]}],
+    "sharegpt": [
+        {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]}
+    ],
 }
 
 
@@ -110,8 +119,11 @@ def test_bad_files_name_file_and_line(tmp_path: Path) -> None:
 
 def test_no_usable_column_lists_what_was_found(tmp_path: Path, tok) -> None:
     path = _write(tmp_path / "d.csv", [{"question": "q", "answer": "a"}])
-    with pytest.raises(DataError, match=r"no usable column: found \['answer', 'question'\].*"
-                                        r"text_column"):
+    with pytest.raises(
+        DataError,
+        match=r"no usable column: found \['answer', 'question'\].*"
+        r"text_column",
+    ):
         prepare_dataset([path], tok)
     with pytest.raises(DataError, match=r"read as 'text' but has no column 'text'"):
         prepare_dataset([path], tok, dataset_format="text")
@@ -150,17 +162,20 @@ def test_prompt_completion_masks_the_prompt(tok) -> None:
 
 
 def test_messages_train_only_assistant_turns(tok) -> None:
-    turns = [{"role": "system", "content": "Be brief."},
-             {"role": "user", "content": "What is 2 + 2?"},
-             {"role": "assistant", "content": "2 + 2 = 4."},
-             {"role": "user", "content": "And 3 + 3?"},
-             {"role": "assistant", "content": "3 + 3 = 6."}]
+    turns = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is 2 + 2?"},
+        {"role": "assistant", "content": "2 + 2 = 4."},
+        {"role": "user", "content": "And 3 + 3?"},
+        {"role": "assistant", "content": "3 + 3 = 6."},
+    ]
     t = tokenize_example(Example(messages=turns), tok, template=CHATML, cutoff_len=256)
     trained = _trained_text(tok, t.input_ids, t.labels)
     assert trained == "2 + 2 = 4.<|im_end|>\n3 + 3 = 6.<|im_end|>\n"
     assert "What is" not in trained and "Be brief" not in trained
-    full = tokenize_example(Example(messages=turns), tok, template=CHATML, cutoff_len=256,
-                            train_on_prompt=True)
+    full = tokenize_example(
+        Example(messages=turns), tok, template=CHATML, cutoff_len=256, train_on_prompt=True
+    )
     assert full.num_trained == len(full.input_ids)
 
 

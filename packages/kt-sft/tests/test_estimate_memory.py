@@ -12,8 +12,14 @@ from kt_sft.estimate import GIB, ModelShape, estimate_memory, shape_from_config
 
 
 def test_formula_by_hand() -> None:
-    shape = ModelShape(num_experts=8, num_moe_layers=2, hidden_size=128, intermediate_size=64,
-                       top_k=2, other_params=1000)
+    shape = ModelShape(
+        num_experts=8,
+        num_moe_layers=2,
+        hidden_size=128,
+        intermediate_size=64,
+        top_k=2,
+        other_params=1000,
+    )
     kw = {"lora_rank": 8, "max_tokens": 16, "cache_depth": 1, "group_size": 128}
     bf16 = estimate_memory(shape, weight_dtype="bf16", **kw)
     assert bf16.experts == 2 * 8 * 3 * 128 * 64 * 2 == 786432
@@ -34,7 +40,10 @@ def test_formula_by_hand() -> None:
     assert checkpointed.scratch == 49152 + 4096 + 4096
     assert checkpointed.activations == (6 * 2 + 25) * 16 * 128 * 4
     assert estimate_memory(shape, weight_dtype="int8", **kw).experts == 393216 + 2 * 8 * 256 * 4
-    assert estimate_memory(shape, weight_dtype="int4", **kw).experts == 196608 + 2 * 8 * 3 * 128 * 64 // 128 * 4
+    assert (
+        estimate_memory(shape, weight_dtype="int4", **kw).experts
+        == 196608 + 2 * 8 * 3 * 128 * 64 // 128 * 4
+    )
     inference = estimate_memory(shape, training=False, non_expert_on_gpu=True, **kw)
     assert inference.expert_lora == inference.cache == inference.rest == 0
 
@@ -62,10 +71,20 @@ def test_config_shape_counts_the_real_parameters(tmp_path: Path, model_type: str
 
 
 def test_aliases_and_nesting(tmp_path: Path) -> None:
-    cfg = {"model_type": "custom_moe", "text_config": {
-        "n_routed_experts": 64, "num_experts_per_tok": 6, "hidden_size": 2048,
-        "moe_intermediate_size": 1408, "num_hidden_layers": 27, "first_k_dense_replace": 1,
-        "vocab_size": 102400, "num_attention_heads": 16, "intermediate_size": 10944}}
+    cfg = {
+        "model_type": "custom_moe",
+        "text_config": {
+            "n_routed_experts": 64,
+            "num_experts_per_tok": 6,
+            "hidden_size": 2048,
+            "moe_intermediate_size": 1408,
+            "num_hidden_layers": 27,
+            "first_k_dense_replace": 1,
+            "vocab_size": 102400,
+            "num_attention_heads": 16,
+            "intermediate_size": 10944,
+        },
+    }
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     shape = shape_from_config(tmp_path / "config.json")
     assert (shape.num_experts, shape.num_moe_layers, shape.top_k) == (64, 26, 6)
@@ -75,8 +94,9 @@ def test_aliases_and_nesting(tmp_path: Path) -> None:
 def test_config_problems(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="config not found"):
         shape_from_config(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8,
-                                                      "num_hidden_layers": 2}))
+    (tmp_path / "config.json").write_text(
+        json.dumps({"model_type": "llama", "hidden_size": 8, "num_hidden_layers": 2})
+    )
     from kt_models import ConfigFieldError
 
     with pytest.raises(ConfigFieldError, match="number of routed experts"):
@@ -84,8 +104,19 @@ def test_config_problems(tmp_path: Path) -> None:
 
 
 def test_command_prints_a_table_and_json(capsys, tmp_path: Path) -> None:
-    argv = ["estimate", "--experts", "128", "--layers", "48", "--hidden", "2048",
-            "--intermediate", "768", "--top-k", "8"]
+    argv = [
+        "estimate",
+        "--experts",
+        "128",
+        "--layers",
+        "48",
+        "--hidden",
+        "2048",
+        "--intermediate",
+        "768",
+        "--top-k",
+        "8",
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "routed experts" in out and "total RAM" in out
@@ -107,8 +138,18 @@ def test_command_from_a_checkpoint_config(capsys, tmp_path: Path) -> None:
 
 
 def test_a_custom_shape_without_other_params_says_so(capsys) -> None:
-    shape = ["--experts", "256", "--layers", "58", "--hidden", "7168", "--intermediate", "2048",
-             "--dtype", "int4"]
+    shape = [
+        "--experts",
+        "256",
+        "--layers",
+        "58",
+        "--hidden",
+        "7168",
+        "--intermediate",
+        "2048",
+        "--dtype",
+        "int4",
+    ]
     assert main(["estimate", *shape]) == 0
     text = capsys.readouterr().out
     assert "not counted" in text and "give --other-params N" in text and " 0.00" not in text
@@ -137,21 +178,34 @@ MEASURED = [
 ]
 
 
-@pytest.mark.skipif(not __import__("kt_sft.backend").backend.engine_available(),
-                    reason="kt-kernels engine not built")
+@pytest.mark.skipif(
+    not __import__("kt_sft.backend").backend.engine_available(),
+    reason="kt-kernels engine not built",
+)
 @pytest.mark.parametrize(("layers", "tokens", "policy", "checkpointing"), MEASURED)
-def test_estimate_matches_measured_peak_rss(layers: int, tokens: int, policy: str,
-                                            checkpointing: str) -> None:
+def test_estimate_matches_measured_peak_rss(
+    layers: int, tokens: int, policy: str, checkpointing: str
+) -> None:
     from kt_sft.memory_probe import ProbeConfig, measure
 
-    cfg = ProbeConfig(layers=layers, tokens=tokens, hidden_size=256, intermediate_size=512,
-                      num_experts=16, top_k=8, lora_rank=8, policy=policy,
-                      checkpointing=checkpointing)
+    cfg = ProbeConfig(
+        layers=layers,
+        tokens=tokens,
+        hidden_size=256,
+        intermediate_size=512,
+        num_experts=16,
+        top_k=8,
+        lora_rank=8,
+        policy=policy,
+        checkpointing=checkpointing,
+    )
     got = measure(cfg, env={"KT_NUM_THREADS": "2", "OMP_NUM_THREADS": "1"})
-    shape = ModelShape(num_experts=16, num_moe_layers=layers, hidden_size=256,
-                       intermediate_size=512, top_k=8)
-    est = estimate_memory(shape, lora_rank=8, max_tokens=tokens, policy=policy,
-                          checkpointing=checkpointing)
+    shape = ModelShape(
+        num_experts=16, num_moe_layers=layers, hidden_size=256, intermediate_size=512, top_k=8
+    )
+    est = estimate_memory(
+        shape, lora_rank=8, max_tokens=tokens, policy=policy, checkpointing=checkpointing
+    )
     measured = got["rss_growth"]
     assert abs(est.step_growth - measured) <= 0.15 * measured, (est.to_dict(), got)
     # The engine's own peak by kind is the estimate's cache and scratch (page rounding aside).

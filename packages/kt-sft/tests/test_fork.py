@@ -34,13 +34,19 @@ def test_fork_started_dataloader_workers_call_the_model() -> None:
     if not engine_available():
         pytest.skip("kt-kernels engine not built")
     torch.manual_seed(0)
-    model = kt_sft.wrap_model(tiny.build("qwen3_moe"),
-                              kt_sft.KTConfig(lora_rank=0, num_threads=2)).eval()
+    model = kt_sft.wrap_model(
+        tiny.build("qwen3_moe"), kt_sft.KTConfig(lora_rank=0, num_threads=2)
+    ).eval()
     ids = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         want = model(input_ids=ids).logits  # the parent's pool threads now exist
-    loader = torch.utils.data.DataLoader(_Forward(model, ids), batch_size=None, num_workers=2,
-                                         multiprocessing_context="fork", timeout=120)
+    loader = torch.utils.data.DataLoader(
+        _Forward(model, ids),
+        batch_size=None,
+        num_workers=2,
+        multiprocessing_context="fork",
+        timeout=120,
+    )
     got = list(loader)  # a hang is a timeout error here
     assert len(got) == 4
     for i, logits in enumerate(got):

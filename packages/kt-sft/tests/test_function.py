@@ -27,24 +27,52 @@ def tol(backend: str) -> float:
 
 
 class Setup:
-    def __init__(self, backend: str, *, E: int = 6, K: int = 2, H: int = 24, inter: int = 16,
-                 engine_rank: int = 4, rank: int = 4, engine_alpha: float = 8.0,
-                 alpha: float = 8.0, layout: str = "fused", depth: int = 2, num_gpu: int = 0,
-                 lora_dtype: torch.dtype = torch.float32, kinds: tuple[str, ...] = ("gate_up",
-                                                                                    "down"),
-                 seed: int = 0, max_tokens: int = 4096) -> None:
+    def __init__(
+        self,
+        backend: str,
+        *,
+        E: int = 6,
+        K: int = 2,
+        H: int = 24,
+        inter: int = 16,
+        engine_rank: int = 4,
+        rank: int = 4,
+        engine_alpha: float = 8.0,
+        alpha: float = 8.0,
+        layout: str = "fused",
+        depth: int = 2,
+        num_gpu: int = 0,
+        lora_dtype: torch.dtype = torch.float32,
+        kinds: tuple[str, ...] = ("gate_up", "down"),
+        seed: int = 0,
+        max_tokens: int = 4096,
+    ) -> None:
         gen = torch.Generator().manual_seed(seed)
         self.backend, self.E, self.K, self.H, self.inter = backend, E, K, H, inter
-        cfg = KTConfig(backend=backend, weight_dtype="bf16" if backend == "engine" else "fp32",
-                       lora_rank=engine_rank, lora_alpha=engine_alpha, lora_layout=layout,
-                       max_cache_depth=depth, num_gpu_experts=num_gpu, max_tokens=max_tokens)
+        cfg = KTConfig(
+            backend=backend,
+            weight_dtype="bf16" if backend == "engine" else "fp32",
+            lora_rank=engine_rank,
+            lora_alpha=engine_alpha,
+            lora_layout=layout,
+            max_cache_depth=depth,
+            num_gpu_experts=num_gpu,
+            max_tokens=max_tokens,
+        )
         gate_up = torch.randn(E, 2 * inter, H, generator=gen) * 0.2
         down = torch.randn(E, H, inter, generator=gen) * 0.2
         if backend == "engine":
             gate_up, down = gate_up.bfloat16().float(), down.bfloat16().float()
         self.gate_up, self.down = gate_up, down
-        self.layer = LayerEngine(cfg, num_experts=E, top_k=K, hidden_size=H,
-                                 intermediate_size=inter, lora_layout=layout, name="test layer")
+        self.layer = LayerEngine(
+            cfg,
+            num_experts=E,
+            top_k=K,
+            hidden_size=H,
+            intermediate_size=inter,
+            lora_layout=layout,
+            name="test layer",
+        )
         self.layer.load_weights(gate_up, down)
         if num_gpu:
             self.layer.gpu_experts = GPUExperts(gate_up[:num_gpu], down[:num_gpu])
@@ -71,8 +99,13 @@ class Setup:
         w = torch.rand(T, self.K, generator=gen).requires_grad_(True)
         return x, ids, w
 
-    def reference(self, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor,
-                  params: list[torch.Tensor] | None = None) -> torch.Tensor:
+    def reference(
+        self,
+        x: torch.Tensor,
+        ids: torch.Tensor,
+        w: torch.Tensor,
+        params: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         params = params if params is not None else self.params
         leaf = {id(p): q for p, q in zip(self.params, params)}
         lora = {}
@@ -80,16 +113,25 @@ class Setup:
             a, b = self.source.canonical(kind, leaf=leaf)  # type: ignore[misc]
             lora[f"a_{kind}"], lora[f"b_{kind}"] = a.float(), b.float()
         inter = self.inter
-        return moe_reference(x, ids, w, self.gate_up[:, :inter], self.gate_up[:, inter:],
-                             self.down, lora=lora, scaling=self.scaling)
+        return moe_reference(
+            x,
+            ids,
+            w,
+            self.gate_up[:, :inter],
+            self.gate_up[:, inter:],
+            self.down,
+            lora=lora,
+            scaling=self.scaling,
+        )
 
 
 def _grads(params: list[torch.Tensor]) -> list[torch.Tensor]:
     return [p.grad.detach().clone() for p in params]
 
 
-def _ref_grads(s: Setup, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor,
-               g: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def _ref_grads(
+    s: Setup, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, g: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
     xr = x.detach().clone().requires_grad_(True)
     wr = w.detach().clone().requires_grad_(True)
     pr = [p.detach().float().clone().requires_grad_(True) for p in s.params]
@@ -177,8 +219,10 @@ def test_optimizer_step_is_seen_by_the_engine(backend: str) -> None:
     assert rel_err(y, ref) < tol(backend)
 
 
-@pytest.mark.parametrize("variant", ["smaller_rank", "other_alpha", "bf16_lora", "split_engine",
-                                     "gate_up_only", "no_lora"])
+@pytest.mark.parametrize(
+    "variant",
+    ["smaller_rank", "other_alpha", "bf16_lora", "split_engine", "gate_up_only", "no_lora"],
+)
 def test_staged_bindings_match_reference(backend: str, variant: str) -> None:
     kwargs: dict = {}
     if variant == "smaller_rank":
@@ -298,8 +342,11 @@ def test_gradient_checkpointing_gives_same_gradients(backend: str, reentrant: bo
     checkpoint(block, x1, use_reentrant=reentrant).backward(g)
     # reentrant: a no-grad first pass, then a cached recompute; non-reentrant: a cached first
     # pass, then an uncached recompute. Either way one cached forward, one backward, no discard.
-    direct = [c for i, c in enumerate(calls)  # forward() calls not made by submit_forward()
-              if c.startswith("forward") and not (i and calls[i - 1] == "submit_" + c)]
+    direct = [
+        c
+        for i, c in enumerate(calls)  # forward() calls not made by submit_forward()
+        if c.startswith("forward") and not (i and calls[i - 1] == "submit_" + c)
+    ]
     assert calls.count("submit_forward:cache") == 1 and calls.count("backward") == 1, calls
     assert not direct and "clear_cache" not in calls, calls
     got = [x1.grad, proj.weight.grad, *[p.grad for p in s.params]]

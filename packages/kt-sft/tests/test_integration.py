@@ -35,8 +35,12 @@ def base_model() -> torch.nn.Module:
 
 
 def lora_kwargs(model: torch.nn.Module) -> dict:
-    return {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"],
-            **kt_sft.default_expert_lora_targets(model)}
+    return {
+        "r": 4,
+        "lora_alpha": 8,
+        "target_modules": ["q_proj", "v_proj"],
+        **kt_sft.default_expert_lora_targets(model),
+    }
 
 
 def test_wrap_releases_experts_and_matches_stock(base_model: torch.nn.Module) -> None:
@@ -44,8 +48,7 @@ def test_wrap_releases_experts_and_matches_stock(base_model: torch.nn.Module) ->
     out = kt_sft.wrap_model(model, exact_cfg())
     assert out is model
     experts = model.model.layers[1].mlp.experts
-    assert experts.gate_up_proj.numel() == 0 and tuple(experts.gate_up_proj.ds_shape) == (
-        8, 64, 64)
+    assert experts.gate_up_proj.numel() == 0 and tuple(experts.gate_up_proj.ds_shape) == (8, 64, 64)
     assert experts.config._experts_implementation == "kt"
     batch = make_batch(128)
     with torch.no_grad():
@@ -67,9 +70,16 @@ def test_wrap_twice_is_an_error(base_model: torch.nn.Module) -> None:
 def test_unsupported_model_type_lists_supported_ones() -> None:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    model = AutoModelForCausalLM.from_config(LlamaConfig(
-        num_hidden_layers=1, hidden_size=32, intermediate_size=16, num_attention_heads=2,
-        num_key_value_heads=1, vocab_size=64))
+    model = AutoModelForCausalLM.from_config(
+        LlamaConfig(
+            num_hidden_layers=1,
+            hidden_size=32,
+            intermediate_size=16,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            vocab_size=64,
+        )
+    )
     with pytest.raises(kt_models.UnsupportedArchitectureError) as err:
         kt_sft.wrap_model(model, exact_cfg())
     assert "'llama'" in str(err.value)
@@ -82,10 +92,20 @@ def test_gpt_oss_experts_are_refused_with_reasons() -> None:
 
     from kt_sft.inject import _check_hf_flags
 
-    model = AutoModelForCausalLM.from_config(GptOssConfig(
-        num_hidden_layers=1, hidden_size=32, intermediate_size=16, num_local_experts=4,
-        num_experts_per_tok=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-        vocab_size=64, layer_types=["full_attention"]))
+    model = AutoModelForCausalLM.from_config(
+        GptOssConfig(
+            num_hidden_layers=1,
+            hidden_size=32,
+            intermediate_size=16,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            vocab_size=64,
+            layer_types=["full_attention"],
+        )
+    )
     with pytest.raises(kt_models.UnsupportedArchitectureError, match="gpt_oss"):
         kt_sft.wrap_model(model, exact_cfg())
     with pytest.raises(kt_sft.KTUnsupportedExpertsError) as err:
@@ -94,9 +114,9 @@ def test_gpt_oss_experts_are_refused_with_reasons() -> None:
         assert flag in str(err.value)
 
 
-def test_from_pretrained_with_kt_experts_implementation(base_model: torch.nn.Module,
-                                                       tmp_path: Path,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_from_pretrained_with_kt_experts_implementation(
+    base_model: torch.nn.Module, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from transformers import AutoModelForCausalLM
 
     tiny.save(base_model, tmp_path / "ckpt")
@@ -148,8 +168,10 @@ def test_stock_get_peft_model_just_works(base_model: torch.nn.Module) -> None:
 def test_kt_get_peft_model_checks_targets(base_model: torch.nn.Module) -> None:
     kt = kt_sft.wrap_model(copy.deepcopy(base_model), exact_cfg())
     with pytest.raises(kt_sft.KTLoRAError, match=r"mlp\.moe\.gate_up_proj"):
-        kt_sft.get_peft_model(kt, LoraConfig(r=4, target_modules=["q_proj"],
-                                             target_parameters=["mlp.moe.gate_up_proj"]))
+        kt_sft.get_peft_model(
+            kt,
+            LoraConfig(r=4, target_modules=["q_proj"], target_parameters=["mlp.moe.gate_up_proj"]),
+        )
     kt = kt_sft.wrap_model(copy.deepcopy(base_model), exact_cfg())
     with pytest.raises(ValueError, match="no_such_proj"):
         kt_sft.get_peft_model(kt, LoraConfig(r=4, target_modules=["no_such_proj"]))
@@ -177,8 +199,9 @@ def test_merge_is_refused_and_disable_adapter_gives_base(base_model: torch.nn.Mo
         pm.merge_and_unload()
 
 
-def _trained_pair(base_model: torch.nn.Module, **cfg_kwargs: object
-                  ) -> tuple[torch.nn.Module, dict]:
+def _trained_pair(
+    base_model: torch.nn.Module, **cfg_kwargs: object
+) -> tuple[torch.nn.Module, dict]:
     kt = kt_sft.wrap_model(copy.deepcopy(base_model), exact_cfg(**cfg_kwargs))
     torch.manual_seed(0)
     pm = kt_sft.get_peft_model(kt, LoraConfig(**lora_kwargs(kt)))
@@ -200,8 +223,10 @@ def test_adapter_save_is_standard_and_atomic(base_model: torch.nn.Module, tmp_pa
     pm.save_pretrained(target)
     names = sorted(os.listdir(target))
     assert names == ["README.md", "adapter_config.json", "adapter_model.safetensors"] or (
-        "adapter_config.json" in names and "adapter_model.safetensors" in names
-        and "stale.txt" not in names)
+        "adapter_config.json" in names
+        and "adapter_model.safetensors" in names
+        and "stale.txt" not in names
+    )
     assert sorted(os.listdir(tmp_path)) == ["adapter"]  # no temporary directories left
     config = json.loads((target / "adapter_config.json").read_text())
     assert "kt" not in json.dumps(config).lower().replace("kt_", "")  # nothing kt-specific
@@ -225,8 +250,9 @@ def test_load_adapter_into_kt_model(base_model: torch.nn.Module, tmp_path: Path)
     assert kt_sft.lora_parameters(loaded)[0].requires_grad
 
 
-def test_adapter_from_another_model_names_the_mismatch(base_model: torch.nn.Module,
-                                                       tmp_path: Path) -> None:
+def test_adapter_from_another_model_names_the_mismatch(
+    base_model: torch.nn.Module, tmp_path: Path
+) -> None:
     pm, _ = _trained_pair(base_model)
     pm.save_pretrained(tmp_path / "adapter")
     other = kt_sft.wrap_model(tiny.build("qwen3_moe", hidden_size=32, head_dim=8), exact_cfg())
@@ -234,28 +260,41 @@ def test_adapter_from_another_model_names_the_mismatch(base_model: torch.nn.Modu
         kt_sft.load_adapter(other, tmp_path / "adapter")
 
 
-def test_lora_experts_start_at_base_train_and_round_trip(base_model: torch.nn.Module,
-                                                         tmp_path: Path) -> None:
-    kt = kt_sft.wrap_model(copy.deepcopy(base_model),
-                           exact_cfg(lora_experts=2, lora_expert_intermediate_size=8))
+def test_lora_experts_start_at_base_train_and_round_trip(
+    base_model: torch.nn.Module, tmp_path: Path
+) -> None:
+    kt = kt_sft.wrap_model(
+        copy.deepcopy(base_model), exact_cfg(lora_experts=2, lora_expert_intermediate_size=8)
+    )
     batch = make_batch(128)
     with torch.no_grad():
-        assert rel_err(kt(input_ids=batch["input_ids"]).logits,
-                       base_model(input_ids=batch["input_ids"]).logits) < 1e-5
+        assert (
+            rel_err(
+                kt(input_ids=batch["input_ids"]).logits,
+                base_model(input_ids=batch["input_ids"]).logits,
+            )
+            < 1e-5
+        )
     pm, batch = _trained_pair(base_model, lora_experts=2, lora_expert_intermediate_size=8)
     lora_experts = [m for m in pm.modules() if type(m).__name__ == "LoRAExperts"]
     assert len(lora_experts) == 2 and lora_experts[0].w_down.abs().sum() > 0
-    assert any(p is lora_experts[0].w_down
-               for p in kt_sft.lora_parameters(pm, include_lora_experts=True))
+    assert any(
+        p is lora_experts[0].w_down for p in kt_sft.lora_parameters(pm, include_lora_experts=True)
+    )
     assert not any(p is lora_experts[0].w_down for p in kt_sft.lora_parameters(pm))
     pm.save_pretrained(tmp_path / "adapter")
     assert (tmp_path / "adapter" / "kt_lora_experts.safetensors").is_file()
-    fresh = kt_sft.wrap_model(copy.deepcopy(base_model),
-                              exact_cfg(lora_experts=2, lora_expert_intermediate_size=8))
+    fresh = kt_sft.wrap_model(
+        copy.deepcopy(base_model), exact_cfg(lora_experts=2, lora_expert_intermediate_size=8)
+    )
     loaded = kt_sft.load_adapter(fresh, tmp_path / "adapter")
     with torch.no_grad():
-        assert rel_err(loaded(input_ids=batch["input_ids"]).logits,
-                       pm(input_ids=batch["input_ids"]).logits) < 1e-5
+        assert (
+            rel_err(
+                loaded(input_ids=batch["input_ids"]).logits, pm(input_ids=batch["input_ids"]).logits
+            )
+            < 1e-5
+        )
     plain = kt_sft.wrap_model(copy.deepcopy(base_model), exact_cfg())
     with pytest.raises(kt_sft.KTAdapterError, match="lora_experts"):
         kt_sft.load_adapter(plain, tmp_path / "adapter")
@@ -273,10 +312,12 @@ def test_import_registers_kt_when_transformers_loads() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, kt_sft\n"
-            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules\n"
-            "from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS\n"
-            "assert 'kt' in ALL_EXPERTS_FUNCTIONS, list(ALL_EXPERTS_FUNCTIONS)\n")
+    code = (
+        "import sys, kt_sft\n"
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules\n"
+        "from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS\n"
+        "assert 'kt' in ALL_EXPERTS_FUNCTIONS, list(ALL_EXPERTS_FUNCTIONS)\n"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -330,13 +371,15 @@ def get_peft_model_with_b(model: torch.nn.Module) -> torch.nn.Module:
 def test_v4_target_names_explain_the_doubled_rank(base_model: torch.nn.Module) -> None:
     kt = kt_sft.wrap_model(copy.deepcopy(base_model), exact_cfg())  # engine rank 4
     with pytest.raises(kt_sft.KTLoRAError, match="twice the rank"):
-        kt_sft.get_peft_model(kt, LoraConfig(r=4, target_modules=["gate_proj", "up_proj",
-                                                                   "down_proj"]))
+        kt_sft.get_peft_model(
+            kt, LoraConfig(r=4, target_modules=["gate_proj", "up_proj", "down_proj"])
+        )
 
 
 def test_frozen_experts_with_attention_lora(base_model: torch.nn.Module, backend: str) -> None:
-    cfg = kt_sft.KTConfig(backend=backend, weight_dtype="fp32" if backend == "torch" else "bf16",
-                          lora_rank=0)
+    cfg = kt_sft.KTConfig(
+        backend=backend, weight_dtype="fp32" if backend == "torch" else "bf16", lora_rank=0
+    )
     kt = kt_sft.wrap_model(copy.deepcopy(base_model), cfg)  # skip-LoRA engines
     stock = copy.deepcopy(base_model)
     lora = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
@@ -358,12 +401,14 @@ def test_frozen_experts_with_attention_lora(base_model: torch.nn.Module, backend
 
 
 @pytest.mark.parametrize("optimizer", ["fused", "foreach"])
-def test_engine_sees_every_optimizer_step(base_model: torch.nn.Module, backend: str,
-                                          optimizer: str) -> None:
+def test_engine_sees_every_optimizer_step(
+    base_model: torch.nn.Module, backend: str, optimizer: str
+) -> None:
     """Fused/foreach AdamW update parameters without bumping torch's version counter; the
     engine must still read the new LoRA values on the next forward."""
-    kt = kt_sft.wrap_model(copy.deepcopy(base_model),
-                           kt_sft.KTConfig(backend=backend, lora_rank=4, lora_alpha=8.0))
+    kt = kt_sft.wrap_model(
+        copy.deepcopy(base_model), kt_sft.KTConfig(backend=backend, lora_rank=4, lora_alpha=8.0)
+    )
     pm = kt_sft.get_peft_model(kt, LoraConfig(**lora_kwargs(kt)))
     copy_lora(pm, pm, b_std=0.05)
     batch = make_batch(64, pad=0)

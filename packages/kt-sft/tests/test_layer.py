@@ -73,8 +73,12 @@ class ListMoE(nn.Module):
 @pytest.fixture(scope="module")
 def list_model() -> Iterator[nn.Module]:
     spec = kt_models.ArchSpec(
-        model_type=MODEL_TYPE, expert_storage="modulelist", moe_layers=kt_models.sparse_step,
-        num_experts_fields=("num_experts",), intermediate_size_fields=("moe_intermediate_size",))
+        model_type=MODEL_TYPE,
+        expert_storage="modulelist",
+        moe_layers=kt_models.sparse_step,
+        num_experts_fields=("num_experts",),
+        intermediate_size_fields=("moe_intermediate_size",),
+    )
     kt_models.register_arch(spec, overwrite=True)
     model = tiny.build("qwen3_moe")
     for layer in model.model.layers:
@@ -90,8 +94,13 @@ def tol(backend: str) -> float:
 
 
 def cfg(backend: str, **kwargs: object) -> kt_sft.KTConfig:
-    return kt_sft.KTConfig(backend=backend, weight_dtype="fp32" if backend == "torch" else "bf16",
-                           lora_rank=4, lora_alpha=8.0, **kwargs)
+    return kt_sft.KTConfig(
+        backend=backend,
+        weight_dtype="fp32" if backend == "torch" else "bf16",
+        lora_rank=4,
+        lora_alpha=8.0,
+        **kwargs,
+    )
 
 
 def stock_copy(model: nn.Module, backend: str) -> nn.Module:
@@ -123,8 +132,9 @@ def test_per_projection_lora_matches_stock(list_model: nn.Module, backend: str) 
     assert "target_modules" in targets
     lora = {"r": 4, "lora_alpha": 8, "target_modules": targets["target_modules"][0] + "|.*q_proj"}
     stock = get_peft_model(stock_copy(list_model, backend), LoraConfig(**lora))
-    kt = kt_sft.get_peft_model(kt_sft.wrap_model(copy.deepcopy(list_model), cfg(backend)),
-                               LoraConfig(**lora))
+    kt = kt_sft.get_peft_model(
+        kt_sft.wrap_model(copy.deepcopy(list_model), cfg(backend)), LoraConfig(**lora)
+    )
     copy_lora(stock, kt, b_std=0.05)
     batch = make_batch(128, pad=3)
     losses = []

@@ -32,9 +32,13 @@ def _wrapped(base: torch.nn.Module) -> torch.nn.Module:
 
 def _lora(model: torch.nn.Module, r: int = 4, seed: int = 1) -> LoraConfig:
     torch.manual_seed(seed)
-    return LoraConfig(r=r, lora_alpha=2 * r, init_lora_weights=False,
-                      target_modules=["q_proj", "v_proj"],
-                      **kt_sft.default_expert_lora_targets(model))
+    return LoraConfig(
+        r=r,
+        lora_alpha=2 * r,
+        init_lora_weights=False,
+        target_modules=["q_proj", "v_proj"],
+        **kt_sft.default_expert_lora_targets(model),
+    )
 
 
 def _ids() -> torch.Tensor:

@@ -18,11 +18,19 @@ tiny = pytest.importorskip("kt_models.tiny")
 
 def _train(base: torch.nn.Module, *, interleave: bool, steps: int = 3):
     torch.manual_seed(0)
-    kt = kt_sft.wrap_model(copy.deepcopy(base),
-                           kt_sft.KTConfig(lora_rank=4, lora_alpha=8.0, num_threads=1))
-    pm = kt_sft.get_peft_model(kt, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
-                                              target_modules=["q_proj", "v_proj"],
-                                              **kt_sft.default_expert_lora_targets(kt)))
+    kt = kt_sft.wrap_model(
+        copy.deepcopy(base), kt_sft.KTConfig(lora_rank=4, lora_alpha=8.0, num_threads=1)
+    )
+    pm = kt_sft.get_peft_model(
+        kt,
+        LoraConfig(
+            r=4,
+            lora_alpha=8,
+            init_lora_weights=False,
+            target_modules=["q_proj", "v_proj"],
+            **kt_sft.default_expert_lora_targets(kt),
+        ),
+    )
     pm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     pm.train()
     params = [p for p in pm.parameters() if p.requires_grad]

@@ -38,17 +38,25 @@ def test_defaults_and_derived_values() -> None:
     cfg = TrainConfig.from_dict(_base(lora_rank=4))
     assert cfg.scaling_alpha == 8.0  # 2 x rank by default
     assert cfg.lora_targets == ["all"]
-    assert TrainConfig.from_dict(_base(lora_target="q_proj, v_proj,experts")).lora_targets == \
-        ["q_proj", "v_proj", "experts"]
+    assert TrainConfig.from_dict(_base(lora_target="q_proj, v_proj,experts")).lora_targets == [
+        "q_proj",
+        "v_proj",
+        "experts",
+    ]
 
 
 def test_unknown_key_suggests_closest(tmp_path: Path) -> None:
-    path = _yaml(tmp_path, """
+    path = _yaml(
+        tmp_path,
+        """
         model_name_or_path: embedded
         dataset: embedded
         lerning_rate: 1.0e-4
-    """)
-    with pytest.raises(ConfigError, match=r"unknown key 'lerning_rate'.*did you mean 'learning_rate'"):
+    """,
+    )
+    with pytest.raises(
+        ConfigError, match=r"unknown key 'lerning_rate'.*did you mean 'learning_rate'"
+    ):
         load_train_config(path)
 
 
@@ -71,35 +79,53 @@ def test_kt_keys_are_validated_by_ktconfig() -> None:
     assert nested.kt == {"kt_num_threads": 1}
 
 
-@pytest.mark.parametrize(("key", "value", "pattern"), [
-    ("lora_rank", "eight", r"'lora_rank' must be an integer, got 'eight'"),
-    ("lora_rank", 0, r"'lora_rank' must be >= 1"),
-    ("lora_rank", True, r"'lora_rank' must be an integer"),
-    ("learning_rate", "fast", r"'learning_rate' must be a number"),
-    ("learning_rate", 0, r"'learning_rate' must be > 0"),
-    ("warmup_ratio", 1.5, r"'warmup_ratio' must be <= 1"),
-    ("gradient_checkpointing", "maybe", r"'gradient_checkpointing' must be true or false"),
-    ("lr_scheduler_type", "cosin", r"must be one of cosine, .*did you mean 'cosine'"),
-    ("dataset_format", "chat", r"'dataset_format' must be one of"),
-    ("dataset", [], r"'dataset' must be a non-empty string or list"),
-    ("max_steps", 0, r"'max_steps' must be > 0, or -1"),
-    ("output_dir", {"a": 1}, r"'output_dir' must be a string"),
-])
+@pytest.mark.parametrize(
+    ("key", "value", "pattern"),
+    [
+        ("lora_rank", "eight", r"'lora_rank' must be an integer, got 'eight'"),
+        ("lora_rank", 0, r"'lora_rank' must be >= 1"),
+        ("lora_rank", True, r"'lora_rank' must be an integer"),
+        ("learning_rate", "fast", r"'learning_rate' must be a number"),
+        ("learning_rate", 0, r"'learning_rate' must be > 0"),
+        ("warmup_ratio", 1.5, r"'warmup_ratio' must be <= 1"),
+        ("gradient_checkpointing", "maybe", r"'gradient_checkpointing' must be true or false"),
+        ("lr_scheduler_type", "cosin", r"must be one of cosine, .*did you mean 'cosine'"),
+        ("dataset_format", "chat", r"'dataset_format' must be one of"),
+        ("dataset", [], r"'dataset' must be a non-empty string or list"),
+        ("max_steps", 0, r"'max_steps' must be > 0, or -1"),
+        ("output_dir", {"a": 1}, r"'output_dir' must be a string"),
+    ],
+)
 def test_bad_values_name_the_key(key: str, value: object, pattern: str) -> None:
     with pytest.raises(ConfigError, match=pattern):
         TrainConfig.from_dict(_base(**{key: value}))
 
 
 def test_strings_are_typed() -> None:
-    cfg = TrainConfig.from_dict(_base(learning_rate="1e-4", lora_rank="16", bf16="yes",
-                                      max_samples="null", num_train_epochs="2"))
+    cfg = TrainConfig.from_dict(
+        _base(
+            learning_rate="1e-4",
+            lora_rank="16",
+            bf16="yes",
+            max_samples="null",
+            num_train_epochs="2",
+        )
+    )
     assert cfg.learning_rate == 1e-4 and cfg.lora_rank == 16 and cfg.bf16 is True
     assert cfg.max_samples is None and cfg.num_train_epochs == 2.0
 
 
 def test_aliases_from_trl_and_llama_factory() -> None:
-    cfg = TrainConfig.from_dict(_base(max_seq_length=256, lr=3e-4, r=4, batch_size=2,
-                                      completion_only_loss=False, dataset_text_field="body"))
+    cfg = TrainConfig.from_dict(
+        _base(
+            max_seq_length=256,
+            lr=3e-4,
+            r=4,
+            batch_size=2,
+            completion_only_loss=False,
+            dataset_text_field="body",
+        )
+    )
     assert (cfg.cutoff_len, cfg.learning_rate, cfg.lora_rank) == (256, 3e-4, 4)
     assert cfg.per_device_train_batch_size == 2 and cfg.text_column == "body"
     assert cfg.train_on_prompt is True  # completion_only_loss is the negation
@@ -129,14 +155,28 @@ def test_yaml_problems(tmp_path: Path) -> None:
 
 
 def test_command_line_overrides(tmp_path: Path) -> None:
-    path = _yaml(tmp_path, """
+    path = _yaml(
+        tmp_path,
+        """
         model: embedded
         dataset: embedded
         max_seq_length: 64
         lora_rank: 4
-    """)
-    cfg = load_train_config(path, ["--cutoff_len", "32", "--lora-rank=8", "--gradient_checkpointing",
-                                   "--lora_target", "q_proj,experts", "--output_dir", "x"])
+    """,
+    )
+    cfg = load_train_config(
+        path,
+        [
+            "--cutoff_len",
+            "32",
+            "--lora-rank=8",
+            "--gradient_checkpointing",
+            "--lora_target",
+            "q_proj,experts",
+            "--output_dir",
+            "x",
+        ],
+    )
     assert cfg.cutoff_len == 32  # replaces the file's max_seq_length spelling
     assert cfg.lora_rank == 8 and cfg.gradient_checkpointing is True
     assert cfg.lora_targets == ["q_proj", "experts"] and cfg.output_dir == "x"
@@ -164,5 +204,7 @@ def test_print_config_round_trips(tmp_path: Path, capsys) -> None:
     path.write_text(text)
     cfg = load_train_config(path)
     assert cfg.max_steps == 7 and cfg.kt == {"kt_num_threads": 1}
-    assert cfg.to_dict() == load_train_config(None, ["--max_steps", "7",
-                                                     "--kt_num_threads", "1"]).to_dict()
+    assert (
+        cfg.to_dict()
+        == load_train_config(None, ["--max_steps", "7", "--kt_num_threads", "1"]).to_dict()
+    )

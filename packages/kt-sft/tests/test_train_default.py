@@ -28,8 +28,17 @@ def run(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path
 
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf):
-            rc = main(["train", "--max_steps", str(STEPS), "--output_dir", str(out),
-                       "--disable_tqdm", "true"])
+            rc = main(
+                [
+                    "train",
+                    "--max_steps",
+                    str(STEPS),
+                    "--output_dir",
+                    str(out),
+                    "--disable_tqdm",
+                    "true",
+                ]
+            )
     assert rc == 0, buf.getvalue()
     return out, buf.getvalue()
 

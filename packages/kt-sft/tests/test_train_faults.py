@@ -11,8 +11,20 @@ import torch
 from kt_sft.train import ConfigError, load_train_config
 from kt_sft.train.loop import NonFiniteLossError, train
 
-SMALL = ["--max_samples", "32", "--per_device_train_batch_size", "4", "--cutoff_len", "48",
-         "--disable_tqdm", "true", "--plot_loss", "false", "--logging_steps", "1"]
+SMALL = [
+    "--max_samples",
+    "32",
+    "--per_device_train_batch_size",
+    "4",
+    "--cutoff_len",
+    "48",
+    "--disable_tqdm",
+    "true",
+    "--plot_loss",
+    "false",
+    "--logging_steps",
+    "1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +65,8 @@ def _adapter_finite(directory: Path) -> bool:
 
 
 def test_nonfinite_loss_stops_with_a_clear_error_and_writes_nothing_nonfinite(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     _nan_loss_at(monkeypatch, {3})
     out = tmp_path / "o"
     with pytest.raises(NonFiniteLossError, match=r"step 3: the loss is nan.*on_nonfinite_loss"):
@@ -65,8 +78,7 @@ def test_nonfinite_loss_stops_with_a_clear_error_and_writes_nothing_nonfinite(
 
 def test_nonfinite_loss_skip_policy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _nan_loss_at(monkeypatch, {2})
-    r = train(_cfg(tmp_path / "o", "--max_steps", "4", "--on_nonfinite_loss", "skip"),
-              quiet=True)
+    r = train(_cfg(tmp_path / "o", "--max_steps", "4", "--on_nonfinite_loss", "skip"), quiet=True)
     assert r.state.global_step == 4 and r.state.skipped_steps == 1
     assert [e.get("skipped", 0.0) for e in r.state.log] == [0.0, 1.0, 0.0, 0.0]
     assert math.isnan(r.state.log[1]["loss"])
@@ -74,8 +86,9 @@ def test_nonfinite_loss_skip_policy(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert _adapter_finite(r.adapter_dir)
 
 
-def test_nonfinite_loss_cli_exit_status(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                        capsys: pytest.CaptureFixture[str]) -> None:
+def test_nonfinite_loss_cli_exit_status(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     from kt_sft.cli import main
 
     _nan_loss_at(monkeypatch, {1})
@@ -104,23 +117,30 @@ def test_nan_lora_alpha_is_rejected() -> None:
 # -- settings out of range --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("args", "match"), [
-    (["--gradient_accumulation_steps", "1e20"], r"gradient_accumulation_steps' must be <= 65536"),
-    (["--gradient_accumulation_steps", "65537"], "must be <= 65536"),
-    (["--seed", str(2**63)], r"'seed' must be <= 9223372036854775807"),
-    (["--seed", "-1"], r"'seed' must be >= 0"),
-    (["--output_dir", ""], "'output_dir' must not be empty"),
-    (["--output_dir", "  "], "'output_dir' must not be empty"),
-    (["--on_nonfinite_loss", "ignore"], "must be one of error, skip"),
-])
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (
+            ["--gradient_accumulation_steps", "1e20"],
+            r"gradient_accumulation_steps' must be <= 65536",
+        ),
+        (["--gradient_accumulation_steps", "65537"], "must be <= 65536"),
+        (["--seed", str(2**63)], r"'seed' must be <= 9223372036854775807"),
+        (["--seed", "-1"], r"'seed' must be >= 0"),
+        (["--output_dir", ""], "'output_dir' must not be empty"),
+        (["--output_dir", "  "], "'output_dir' must not be empty"),
+        (["--on_nonfinite_loss", "ignore"], "must be one of error, skip"),
+    ],
+)
 def test_out_of_range_settings(args: list[str], match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         load_train_config(None, args)
 
 
 def test_range_edges_accepted() -> None:
-    cfg = load_train_config(None, ["--gradient_accumulation_steps", "65536",
-                                   "--seed", str(2**63 - 1)])
+    cfg = load_train_config(
+        None, ["--gradient_accumulation_steps", "65536", "--seed", str(2**63 - 1)]
+    )
     assert cfg.gradient_accumulation_steps == 65536 and cfg.seed == 2**63 - 1
 
 
@@ -128,7 +148,8 @@ def test_range_edges_accepted() -> None:
 
 
 def test_ctrl_c_inside_an_accumulation_window_resumes_exactly_with_dropout(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Ctrl-C during the first micro-batch of step 3 drops that partial window; the checkpoint
     holds the RNG state the window started from, so the resumed run draws the same LoRA dropout
     masks as an uninterrupted one and ends with the same adapter."""
@@ -137,8 +158,16 @@ def test_ctrl_c_inside_an_accumulation_window_resumes_exactly_with_dropout(
 
     from safetensors.torch import load_file
 
-    args = ("--max_steps", "4", "--gradient_accumulation_steps", "2", "--lora_target",
-            "q_proj,v_proj", "--lora_dropout", "0.3")
+    args = (
+        "--max_steps",
+        "4",
+        "--gradient_accumulation_steps",
+        "2",
+        "--lora_target",
+        "q_proj,v_proj",
+        "--lora_dropout",
+        "0.3",
+    )
     straight = train(_cfg(tmp_path / "straight", *args), quiet=True)
 
     real = torch.nn.functional.cross_entropy

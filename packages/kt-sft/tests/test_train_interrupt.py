@@ -16,8 +16,20 @@ import pytest
 from kt_sft.train import load_train_config
 from kt_sft.train.loop import train
 
-SMALL = ["--max_samples", "64", "--per_device_train_batch_size", "4", "--cutoff_len", "64",
-         "--disable_tqdm", "true", "--plot_loss", "false", "--logging_steps", "1"]
+SMALL = [
+    "--max_samples",
+    "64",
+    "--per_device_train_batch_size",
+    "4",
+    "--cutoff_len",
+    "64",
+    "--disable_tqdm",
+    "true",
+    "--plot_loss",
+    "false",
+    "--logging_steps",
+    "1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +50,7 @@ def _interrupt_at(step: int):
     def hook(state) -> None:
         if state.global_step == step:
             os.kill(os.getpid(), signal.SIGINT)
+
     return hook
 
 
@@ -50,8 +63,13 @@ def test_ctrl_c_saves_a_resumable_checkpoint_and_resume_matches(tmp_path: Path) 
     assert first.interrupted and first.state.global_step == 3
     ckpt = out / "checkpoint-3"
     assert first.checkpoint_dir == ckpt
-    assert {"adapter_config.json", "adapter_model.safetensors", "optimizer.pt", "scheduler.pt",
-            "trainer_state.json"} <= {p.name for p in ckpt.iterdir()}
+    assert {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "optimizer.pt",
+        "scheduler.pt",
+        "trainer_state.json",
+    } <= {p.name for p in ckpt.iterdir()}
     assert not (out / "adapter").exists()  # no final adapter from an interrupted run
     assert not list(out.glob(".tmp-*"))
     state = json.loads((ckpt / "trainer_state.json").read_text())
@@ -64,7 +82,8 @@ def test_ctrl_c_saves_a_resumable_checkpoint_and_resume_matches(tmp_path: Path) 
     summary = resumed.summary
     assert summary["resumed_from_step"] == 3
     assert summary["train_seconds_total"] == pytest.approx(
-        first.summary["train_seconds"] + summary["train_seconds"])
+        first.summary["train_seconds"] + summary["train_seconds"]
+    )
     a = [e["loss"] for e in straight.state.log]
     b = [e["loss"] for e in resumed.state.log]
     assert b == pytest.approx(a, rel=1e-4, abs=1e-5)
@@ -80,8 +99,7 @@ def test_ctrl_c_saves_a_resumable_checkpoint_and_resume_matches(tmp_path: Path) 
 
 def test_save_steps_and_total_limit(tmp_path: Path) -> None:
     out = tmp_path / "o"
-    train(_cfg(out, "--max_steps", "5", "--save_steps", "1", "--save_total_limit", "2"),
-          quiet=True)
+    train(_cfg(out, "--max_steps", "5", "--save_steps", "1", "--save_total_limit", "2"), quiet=True)
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-5"]
     assert (out / "adapter" / "adapter_config.json").is_file()
 
@@ -90,20 +108,37 @@ def test_resume_problems(tmp_path: Path) -> None:
     from kt_sft.train import ConfigError
 
     with pytest.raises(ConfigError, match="holds no checkpoint"):
-        train(_cfg(tmp_path / "empty", "--max_steps", "2", "--resume_from_checkpoint", "auto"),
-              quiet=True)
+        train(
+            _cfg(tmp_path / "empty", "--max_steps", "2", "--resume_from_checkpoint", "auto"),
+            quiet=True,
+        )
     with pytest.raises(ConfigError, match="is not a kt-sft checkpoint"):
-        train(_cfg(tmp_path / "x", "--max_steps", "2", "--resume_from_checkpoint",
-                   str(tmp_path)), quiet=True)
+        train(
+            _cfg(tmp_path / "x", "--max_steps", "2", "--resume_from_checkpoint", str(tmp_path)),
+            quiet=True,
+        )
 
 
 def test_ctrl_c_in_a_real_process(tmp_path: Path, cache_dir: Path) -> None:
     out = tmp_path / "sub"
     env = dict(os.environ, KT_CACHE_DIR=str(cache_dir), PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kt_sft.cli", "train", *SMALL, "--max_steps", "500",
-         "--output_dir", str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        [
+            sys.executable,
+            "-m",
+            "kt_sft.cli",
+            "train",
+            *SMALL,
+            "--max_steps",
+            "500",
+            "--output_dir",
+            str(out),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
     lines = []
     deadline = time.monotonic() + 240
     try:
@@ -132,13 +167,26 @@ def test_ctrl_c_in_a_real_process(tmp_path: Path, cache_dir: Path) -> None:
 def test_gradient_accumulation_matches_a_bigger_batch(tmp_path: Path) -> None:
     """4 x 2 accumulated sees the same examples as 8 x 1 and normalises the loss over the whole
     window, so losses and the trained adapter agree."""
-    big = train(_cfg(tmp_path / "big", "--max_steps", "3", "--per_device_train_batch_size", "8"),
-                quiet=True)
-    acc = train(_cfg(tmp_path / "acc", "--max_steps", "3", "--per_device_train_batch_size", "4",
-                     "--gradient_accumulation_steps", "2", "--gradient_checkpointing", "true"),
-                quiet=True)
-    assert [e["loss"] for e in acc.state.log] == pytest.approx([e["loss"] for e in big.state.log],
-                                                               rel=1e-3)
+    big = train(
+        _cfg(tmp_path / "big", "--max_steps", "3", "--per_device_train_batch_size", "8"), quiet=True
+    )
+    acc = train(
+        _cfg(
+            tmp_path / "acc",
+            "--max_steps",
+            "3",
+            "--per_device_train_batch_size",
+            "4",
+            "--gradient_accumulation_steps",
+            "2",
+            "--gradient_checkpointing",
+            "true",
+        ),
+        quiet=True,
+    )
+    assert [e["loss"] for e in acc.state.log] == pytest.approx(
+        [e["loss"] for e in big.state.log], rel=1e-3
+    )
     from safetensors.torch import load_file
 
     wa = load_file(str(tmp_path / "big" / "adapter" / "adapter_model.safetensors"))

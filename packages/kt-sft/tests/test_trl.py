@@ -29,8 +29,9 @@ def _model_and_tokenizer(model_dir: str):
     from transformers import AutoTokenizer
 
     torch.manual_seed(0)
-    model = kt_sft.load_model(model_dir, kt_sft.KTConfig(lora_rank=4, lora_alpha=8.0,
-                                                         num_threads=1, max_tokens=256))
+    model = kt_sft.load_model(
+        model_dir, kt_sft.KTConfig(lora_rank=4, lora_alpha=8.0, num_threads=1, max_tokens=256)
+    )
     tok = AutoTokenizer.from_pretrained(model_dir)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -40,21 +41,37 @@ def _model_and_tokenizer(model_dir: str):
 def _lora(model: torch.nn.Module):
     from peft import LoraConfig
 
-    return LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                      **kt_sft.default_expert_lora_targets(model))
+    return LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj"],
+        **kt_sft.default_expert_lora_targets(model),
+    )
 
 
 def _common(tmp_path: Path) -> dict:
-    return {"output_dir": str(tmp_path / "out"), "max_steps": STEPS,
-            "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1,
-            "learning_rate": 1e-3, "logging_steps": 1, "save_strategy": "no",
-            "report_to": [], "use_cpu": True, "dataloader_num_workers": 0, "seed": 0,
-            "disable_tqdm": True}
+    return {
+        "output_dir": str(tmp_path / "out"),
+        "max_steps": STEPS,
+        "per_device_train_batch_size": 2,
+        "gradient_accumulation_steps": 1,
+        "learning_rate": 1e-3,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": [],
+        "use_cpu": True,
+        "dataloader_num_workers": 0,
+        "seed": 0,
+        "disable_tqdm": True,
+    }
 
 
 def _expert_lora(trainer) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in trainer.model.named_parameters()
-            if p.requires_grad and "experts" in n}
+    return {
+        n: p.detach().clone()
+        for n, p in trainer.model.named_parameters()
+        if p.requires_grad and "experts" in n
+    }
 
 
 def _check_trained(trainer, before: dict[str, torch.Tensor]) -> None:
@@ -68,10 +85,12 @@ def _check_trained(trainer, before: dict[str, torch.Tensor]) -> None:
 def test_sft_trainer(model_dir: str, tmp_path: Path) -> None:
     model, tok = _model_and_tokenizer(model_dir)
     ds = datasets.Dataset.from_list(
-        [{"text": f"The number {i} is {'even' if i % 2 == 0 else 'odd'}."} for i in range(8)])
+        [{"text": f"The number {i} is {'even' if i % 2 == 0 else 'odd'}."} for i in range(8)]
+    )
     args = trl.SFTConfig(**_common(tmp_path), max_length=32)
-    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
-                             peft_config=_lora(model))
+    trainer = trl.SFTTrainer(
+        model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=_lora(model)
+    )
     before = _expert_lora(trainer)  # as PEFT initialised it
     trainer.train()
     _check_trained(trainer, before)
@@ -82,13 +101,26 @@ def test_dpo_trainer_default_gradient_checkpointing(model_dir: str, tmp_path: Pa
     """ref_model=None with PEFT: TRL computes the reference log-probs with the adapter disabled,
     between the policy forward and its backward, under non-reentrant checkpointing."""
     model, tok = _model_and_tokenizer(model_dir)
-    ds = datasets.Dataset.from_list([
-        {"prompt": f"Is {i} even?", "chosen": " yes" if i % 2 == 0 else " no",
-         "rejected": " no" if i % 2 == 0 else " yes"} for i in range(8)])
+    ds = datasets.Dataset.from_list(
+        [
+            {
+                "prompt": f"Is {i} even?",
+                "chosen": " yes" if i % 2 == 0 else " no",
+                "rejected": " no" if i % 2 == 0 else " yes",
+            }
+            for i in range(8)
+        ]
+    )
     args = trl.DPOConfig(**_common(tmp_path), max_length=32)
     assert args.gradient_checkpointing  # TRL's default, kept
-    trainer = trl.DPOTrainer(model=model, ref_model=None, args=args, train_dataset=ds,
-                             processing_class=tok, peft_config=_lora(model))
+    trainer = trl.DPOTrainer(
+        model=model,
+        ref_model=None,
+        args=args,
+        train_dataset=ds,
+        processing_class=tok,
+        peft_config=_lora(model),
+    )
     before = _expert_lora(trainer)  # as PEFT initialised it
     trainer.train()
     _check_trained(trainer, before)
@@ -102,10 +134,17 @@ def test_grpo_trainer(model_dir: str, tmp_path: Path) -> None:
     def reward_len(completions: list[str], **kwargs: object) -> list[float]:
         return [-abs(len(c) - 12) / 12.0 for c in completions]
 
-    args = trl.GRPOConfig(**_common(tmp_path), max_completion_length=8, num_generations=2,
-                          generation_batch_size=2)
-    trainer = trl.GRPOTrainer(model=model, reward_funcs=reward_len, args=args, train_dataset=ds,
-                              processing_class=tok, peft_config=_lora(model))
+    args = trl.GRPOConfig(
+        **_common(tmp_path), max_completion_length=8, num_generations=2, generation_batch_size=2
+    )
+    trainer = trl.GRPOTrainer(
+        model=model,
+        reward_funcs=reward_len,
+        args=args,
+        train_dataset=ds,
+        processing_class=tok,
+        peft_config=_lora(model),
+    )
     before = _expert_lora(trainer)  # as PEFT initialised it
     trainer.train()
     after = _expert_lora(trainer)

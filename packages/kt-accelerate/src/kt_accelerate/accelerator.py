@@ -60,21 +60,24 @@ class KTAccelerator(Accelerator):
         *args, **kwargs: passed to ``Accelerator``.
     """
 
-    def __init__(self, *args: Any, kt_plugin: KTransformersPlugin | None = None,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, kt_plugin: KTransformersPlugin | None = None, **kwargs: Any
+    ) -> None:
         plugin = kt_plugin if kt_plugin is not None else KTransformersPlugin()
         if not isinstance(plugin, KTransformersPlugin):
             raise TypeError(f"kt_plugin must be a KTransformersPlugin, got {type(plugin).__name__}")
         deepspeed = kwargs.get("deepspeed_plugin") or kwargs.get("deepspeed_plugins")
         if deepspeed is not None:
             first = next(iter(deepspeed.values())) if isinstance(deepspeed, dict) else deepspeed
-            plugin.check_distributed_type("DEEPSPEED", zero_stage=getattr(first, "zero_stage",
-                                                                          None))
+            plugin.check_distributed_type(
+                "DEEPSPEED", zero_stage=getattr(first, "zero_stage", None)
+            )
         if kwargs.get("fsdp_plugin") is not None:
             plugin.check_fsdp_plugin(kwargs["fsdp_plugin"])
         super().__init__(*args, **kwargs)
         if self.state.distributed_type == DistributedType.MULTI_CPU and (
-                kwargs.get("fsdp_plugin") is not None or _flag("ACCELERATE_USE_FSDP")):
+            kwargs.get("fsdp_plugin") is not None or _flag("ACCELERATE_USE_FSDP")
+        ):
             fsdp.use_fsdp_on_cpu(self, kwargs.get("fsdp_plugin"))
         launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
         if launched > 1 and self.num_processes == 1:
@@ -82,7 +85,8 @@ class KTAccelerator(Accelerator):
                 f"KTAccelerator: the launcher started {launched} processes (WORLD_SIZE) but "
                 "accelerate set up a single-process run, so every rank would train alone. On a "
                 "machine without GPUs pass KTAccelerator(cpu=True) (or use_cpu: true with "
-                "TrainingArguments) to train with gloo on the CPU")
+                "TrainingArguments) to train with gloo on the CPU"
+            )
         zero_stage = None
         ds = getattr(self.state, "deepspeed_plugin", None)
         if ds is not None:
@@ -90,8 +94,11 @@ class KTAccelerator(Accelerator):
         fsdp_plugin = getattr(self.state, "fsdp_plugin", None)
         if self.distributed_type == DistributedType.FSDP:
             plugin.check_fsdp_plugin(fsdp_plugin)
-        plugin.check_distributed_type(self.distributed_type, zero_stage=zero_stage,
-                                      fsdp_version=getattr(fsdp_plugin, "fsdp_version", None))
+        plugin.check_distributed_type(
+            self.distributed_type,
+            zero_stage=zero_stage,
+            fsdp_version=getattr(fsdp_plugin, "fsdp_version", None),
+        )
         self.kt_plugin = plugin
         self._kt_models: list[torch.nn.Module] = []
         integration.init_distributed(plugin)
@@ -112,21 +119,30 @@ class KTAccelerator(Accelerator):
         if self.is_fsdp2:
             # accelerate's FSDP2 path shards models itself (prepare_model is not called), after
             # the optimizers are prepared: kt's steps come first.
-            args = tuple(self._prepare_kt_model(obj)
-                         if isinstance(obj, torch.nn.Module)
-                         and not getattr(obj, "_is_accelerate_prepared", False) else obj
-                         for obj in args)
+            args = tuple(
+                self._prepare_kt_model(obj)
+                if isinstance(obj, torch.nn.Module)
+                and not getattr(obj, "_is_accelerate_prepared", False)
+                else obj
+                for obj in args
+            )
         return super().prepare(*args, device_placement=device_placement)
 
-    def prepare_model(self, model: torch.nn.Module, device_placement: bool | None = None,
-                      evaluation_mode: bool = False) -> torch.nn.Module:
+    def prepare_model(
+        self,
+        model: torch.nn.Module,
+        device_placement: bool | None = None,
+        evaluation_mode: bool = False,
+    ) -> torch.nn.Module:
         if not getattr(model, "_is_accelerate_prepared", False):
             model = self._prepare_kt_model(model)
-        return super().prepare_model(model, device_placement=device_placement,
-                                     evaluation_mode=evaluation_mode)
+        return super().prepare_model(
+            model, device_placement=device_placement, evaluation_mode=evaluation_mode
+        )
 
-    def prepare_optimizer(self, optimizer: torch.optim.Optimizer,
-                          device_placement: bool | None = None) -> Any:
+    def prepare_optimizer(
+        self, optimizer: torch.optim.Optimizer, device_placement: bool | None = None
+    ) -> Any:
         if isinstance(optimizer, torch.optim.Optimizer):
             if self._kt_models:
                 integration.include_expert_lora(optimizer, self._kt_models)
@@ -150,8 +166,12 @@ class KTAccelerator(Accelerator):
     # parameters. They are left out of save_state (safetensors would see them all as one
     # shared tensor) and load_state does not ask for them; every other key is still required.
 
-    def load_state(self, input_dir: str | None = None, load_kwargs: dict | None = None,
-                   **load_model_func_kwargs: Any) -> None:
+    def load_state(
+        self,
+        input_dir: str | None = None,
+        load_kwargs: dict | None = None,
+        **load_model_func_kwargs: Any,
+    ) -> None:
         if self._kt_models:
             # Checked key by key in _kt_load_state_hook, except the placeholders.
             load_model_func_kwargs.setdefault("strict", False)
@@ -165,8 +185,9 @@ class KTAccelerator(Accelerator):
             checkpoint.write_layout(output_dir)
 
     def _kt_load_state_hook(self, models: list[Any], input_dir: str) -> None:
-        checkpoint.check_layout(input_dir,
-                                allow_world_size_change=bool(self.kt_plugin.allow_world_size_change))
+        checkpoint.check_layout(
+            input_dir, allow_world_size_change=bool(self.kt_plugin.allow_world_size_change)
+        )
         if not self._kt_models:
             return
         for i, model in enumerate(models):
@@ -178,10 +199,14 @@ class KTAccelerator(Accelerator):
             if missing:
                 raise checkpoint.KTResumeError(
                     f"{input_dir}: the saved state of model {i} lacks {len(missing)} key(s) the "
-                    f"model has, e.g. {missing[:3]}; it was saved from a different model")
+                    f"model has, e.g. {missing[:3]}; it was saved from a different model"
+                )
 
 
 def _placeholders(model: torch.nn.Module) -> list[str]:
     """Names of the empty parameters standing in for expert weights held by a kt engine."""
-    return [n for n, p in model.named_parameters(remove_duplicate=False)
-            if getattr(p, "kt_released", False)]
+    return [
+        n
+        for n, p in model.named_parameters(remove_duplicate=False)
+        if getattr(p, "kt_released", False)
+    ]

@@ -19,8 +19,14 @@ from typing import Any
 
 from kt_sft import distributed as kt_distributed
 
-__all__ = ["LAYOUT_FILE", "KTResumeError", "check_layout", "current_layout",
-           "saved_model_keys", "write_layout"]
+__all__ = [
+    "LAYOUT_FILE",
+    "KTResumeError",
+    "check_layout",
+    "current_layout",
+    "saved_model_keys",
+    "write_layout",
+]
 
 LAYOUT_FILE = "kt_layout.json"
 
@@ -42,8 +48,7 @@ def current_layout() -> dict[str, Any]:
             world = dist.get_world_size()
     except ImportError:  # pragma: no cover
         pass
-    return {"world_size": world, "num_nodes": 1, "ranks_per_node": [world],
-            "placement": "per_node"}
+    return {"world_size": world, "num_nodes": 1, "ranks_per_node": [world], "placement": "per_node"}
 
 
 def write_layout(directory: str | os.PathLike[str]) -> Path:
@@ -57,8 +62,9 @@ def write_layout(directory: str | os.PathLike[str]) -> Path:
     return target
 
 
-def check_layout(directory: str | os.PathLike[str], *, allow_world_size_change: bool = False
-                 ) -> dict[str, Any] | None:
+def check_layout(
+    directory: str | os.PathLike[str], *, allow_world_size_change: bool = False
+) -> dict[str, Any] | None:
     """Compare the layout saved in ``directory`` with this run's; returns the saved layout
     (``None`` for a checkpoint without one, e.g. written without kt).
 
@@ -79,7 +85,8 @@ def check_layout(directory: str | os.PathLike[str], *, allow_world_size_change: 
             f"{saved.get('world_size')} processes, or set "
             "KTransformersPlugin(allow_world_size_change=True) "
             "(ACCELERATE_KT_ALLOW_WORLD_SIZE_CHANGE=true) to continue anyway: the adapter and "
-            "optimizer state load fine, only the batches differ")
+            "optimizer state load fine, only the batches differ"
+        )
         if not allow_world_size_change:
             raise KTResumeError(message)
         warnings.warn(message, RuntimeWarning, stacklevel=2)

@@ -50,13 +50,15 @@ def _plugin(plugin: KTransformersPlugin | None) -> KTransformersPlugin:
     return plugin
 
 
-def init_distributed(plugin: KTransformersPlugin | None = None
-                     ) -> kt_distributed.DistributedContext | None:
+def init_distributed(
+    plugin: KTransformersPlugin | None = None,
+) -> kt_distributed.DistributedContext | None:
     """Start kt's distributed mode with the plugin's placement and timeout (collective; a no-op
     for a single process). Call it before the model is wrapped or loaded."""
     plugin = _plugin(plugin)
-    return kt_distributed.init_distributed(placement=plugin.engine_placement,
-                                           timeout=plugin.timeout)
+    return kt_distributed.init_distributed(
+        placement=plugin.engine_placement, timeout=plugin.timeout
+    )
 
 
 def wrap_model(model: nn.Module, plugin: KTransformersPlugin | None = None) -> nn.Module:
@@ -67,8 +69,7 @@ def wrap_model(model: nn.Module, plugin: KTransformersPlugin | None = None) -> n
     return kt_sft.wrap_model(model, plugin.kt_config)
 
 
-def load_model(path: str, plugin: KTransformersPlugin | None = None, **hf_kwargs: Any
-               ) -> nn.Module:
+def load_model(path: str, plugin: KTransformersPlugin | None = None, **hf_kwargs: Any) -> nn.Module:
     """``kt_sft.load_model(path, plugin.kt_config, **hf_kwargs)`` after
     :func:`init_distributed`."""
     plugin = _plugin(plugin)
@@ -112,7 +113,8 @@ def check_model(model: nn.Module, plugin: KTransformersPlugin) -> None:
                 f"KTransformersPlugin.kt_config.{name}={value!r} but the model was wrapped with "
                 f"{name}={have!r}; wrap it with the plugin's settings "
                 "(kt_accelerate.wrap_model(model, plugin) / load_model(path, plugin)) or drop "
-                f"{name} from the plugin")
+                f"{name} from the plugin"
+            )
     ctx = kt_distributed.current_context(create=False)
     exchange = (kt_distributed.LeaderBackend, kt_distributed.MemberBackend)
     exchanging = any(isinstance(layer.backend, exchange) for layer in layers)
@@ -122,12 +124,14 @@ def check_model(model: nn.Module, plugin: KTransformersPlugin) -> None:
             "its own engines, but KTransformersPlugin.engine_placement='per_node' shares one "
             "engine per node; create the accelerator / TrainingArguments first, then wrap or "
             "load the model (kt_accelerate.wrap_model / load_model), or use "
-            "engine_placement='per_rank'")
+            "engine_placement='per_rank'"
+        )
     if ctx is not None and ctx.placement != plugin.engine_placement:
         raise KTPluginConflictError(
             f"KTransformersPlugin.engine_placement={plugin.engine_placement!r} but kt's "
             f"distributed mode runs with placement={ctx.placement!r} (set before the model was "
-            "wrapped, e.g. by KT_ENGINE_PLACEMENT); wrap the model after creating the plugin")
+            "wrapped, e.g. by KT_ENGINE_PLACEMENT); wrap the model after creating the plugin"
+        )
 
 
 def ensure_wrapped(model: nn.Module, plugin: KTransformersPlugin | None = None) -> nn.Module:
@@ -143,8 +147,9 @@ def ensure_wrapped(model: nn.Module, plugin: KTransformersPlugin | None = None) 
     return model
 
 
-def prepare_model(model: nn.Module, plugin: KTransformersPlugin | None = None, *,
-                  wrap: bool = True) -> nn.Module:
+def prepare_model(
+    model: nn.Module, plugin: KTransformersPlugin | None = None, *, wrap: bool = True
+) -> nn.Module:
     """Get ``model`` ready for DDP: wrap it with kt if it is not (``wrap``; and its architecture
     is supported), check it against the plugin, keep the expert LoRA parameters out of DDP and
     make them equal on all ranks (collective). Returns the model (the same object)."""
@@ -169,8 +174,9 @@ def sync_expert_grads(model: nn.Module) -> None:
     kt_distributed.reduce_expert_lora_grads(model)
 
 
-def include_expert_lora(optimizer: torch.optim.Optimizer, models: Iterable[nn.Module]
-                        ) -> list[nn.Parameter]:
+def include_expert_lora(
+    optimizer: torch.optim.Optimizer, models: Iterable[nn.Module]
+) -> list[nn.Parameter]:
     """Add the trainable expert LoRA parameters of ``models`` that ``optimizer`` lacks to its
     first parameter group (so learning-rate schedulers keep working); returns them."""
     present = {id(p) for group in optimizer.param_groups for p in group["params"]}
@@ -186,5 +192,6 @@ def include_expert_lora(optimizer: torch.optim.Optimizer, models: Iterable[nn.Mo
             "kt: the optimizer did not update %d expert LoRA parameter(s) of the model; they "
             "were added to its first parameter group (build the optimizer from "
             "model.parameters() after get_peft_model to choose their settings yourself)",
-            len(missing))
+            len(missing),
+        )
     return missing

@@ -45,21 +45,25 @@ def split_config(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str
     data = dict(data)
     kt = data.pop(KT_SECTION, None)
     if kt is not None and not isinstance(kt, Mapping):
-        raise ValueError(f"{str(p)!r}: the '{KT_SECTION}' section must be a mapping of kt "
-                         f"settings, got {type(kt).__name__}")
+        raise ValueError(
+            f"{str(p)!r}: the '{KT_SECTION}' section must be a mapping of kt "
+            f"settings, got {type(kt).__name__}"
+        )
     return data, (dict(kt) if kt is not None else None)
 
 
 def _accelerate() -> list[str]:
-    exe = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or \
-        shutil.which("accelerate")
+    exe = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which(
+        "accelerate"
+    )
     if exe is None:
         return [sys.executable, "-m", "accelerate.commands.launch"]
     return [exe, "launch"]
 
 
-def build_command(config_file: str | None, rest: Sequence[str], workdir: Path
-                  ) -> tuple[list[str], dict[str, str]]:
+def build_command(
+    config_file: str | None, rest: Sequence[str], workdir: Path
+) -> tuple[list[str], dict[str, str]]:
     """The ``accelerate launch`` command line and the environment variables to add."""
     import yaml
 
@@ -82,15 +86,26 @@ def build_command(config_file: str | None, rest: Sequence[str], workdir: Path
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="kt-accelerate",
-        description="Launch a training script with accelerate and kt (see docs/distributed.md).")
+        description="Launch a training script with accelerate and kt (see docs/distributed.md).",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     launch = sub.add_parser(
-        "launch", help="accelerate launch, with a 'kt:' section allowed in the config file",
-        description="Any option other than the ones below goes to `accelerate launch`.")
-    launch.add_argument("--config_file", "--config-file", default=None,
-                        help="accelerate config file with an optional 'kt:' section")
-    launch.add_argument("--dry_run", "--dry-run", action="store_true",
-                        help="print the command and environment instead of running them")
+        "launch",
+        help="accelerate launch, with a 'kt:' section allowed in the config file",
+        description="Any option other than the ones below goes to `accelerate launch`.",
+    )
+    launch.add_argument(
+        "--config_file",
+        "--config-file",
+        default=None,
+        help="accelerate config file with an optional 'kt:' section",
+    )
+    launch.add_argument(
+        "--dry_run",
+        "--dry-run",
+        action="store_true",
+        help="print the command and environment instead of running them",
+    )
     args, rest = parser.parse_known_args(argv)
     with tempfile.TemporaryDirectory(prefix="kt-accelerate-") as tmp:
         command, env = build_command(args.config_file, rest, Path(tmp))

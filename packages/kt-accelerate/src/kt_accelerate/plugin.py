@@ -48,14 +48,18 @@ SUPPORTED_DISTRIBUTED_TYPES = ("NO", "MULTI_CPU", "MULTI_GPU", "FSDP")
 _TRUE = {"1", "true", "yes", "y", "on", "t"}
 _FALSE = {"0", "false", "no", "n", "off", "f"}
 
-_DDP_HINT = ("use DDP instead: `distributed_type: MULTI_GPU` in the accelerate config "
-             "(`MULTI_CPU` on CPU) or `accelerate launch --multi_gpu`, without DeepSpeed or FSDP. "
-             "With kt, DDP already keeps the routed experts once per node (in the CPU engine of "
-             "each node's local rank 0), so ZeRO-3's memory saving is not needed for them")
-_FSDP2_HINT = ("use FSDP2 (`distributed_type: FSDP` with `fsdp_config: {fsdp_version: 2}` in "
-               "the accelerate config, or FullyShardedDataParallelPlugin(fsdp_version=2)), which "
-               "shards the non-expert parameters while kt keeps the expert ones, or DDP "
-               "(`distributed_type: MULTI_GPU`, `accelerate launch --multi_gpu`)")
+_DDP_HINT = (
+    "use DDP instead: `distributed_type: MULTI_GPU` in the accelerate config "
+    "(`MULTI_CPU` on CPU) or `accelerate launch --multi_gpu`, without DeepSpeed or FSDP. "
+    "With kt, DDP already keeps the routed experts once per node (in the CPU engine of "
+    "each node's local rank 0), so ZeRO-3's memory saving is not needed for them"
+)
+_FSDP2_HINT = (
+    "use FSDP2 (`distributed_type: FSDP` with `fsdp_config: {fsdp_version: 2}` in "
+    "the accelerate config, or FullyShardedDataParallelPlugin(fsdp_version=2)), which "
+    "shards the non-expert parameters while kt keeps the expert ones, or DDP "
+    "(`distributed_type: MULTI_GPU`, `accelerate launch --multi_gpu`)"
+)
 
 
 def _str_to_bool(name: str, value: Any) -> bool:
@@ -85,8 +89,10 @@ def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
-        raise ValueError(f"KTransformersPlugin.config_file: {str(p)!r} must hold a mapping of "
-                         f"settings, got {type(data).__name__}")
+        raise ValueError(
+            f"KTransformersPlugin.config_file: {str(p)!r} must hold a mapping of "
+            f"settings, got {type(data).__name__}"
+        )
     for key in ("kt", "kt_config"):
         inner = data.get(key)
         if isinstance(inner, Mapping) and len(data) == 1:
@@ -117,19 +123,25 @@ class KTransformersPlugin:
     """
 
     kt_config: KTConfig | Mapping[str, Any] | None = field(
-        default=None, metadata={"help": "KTConfig (or mapping) of the engine settings"})
+        default=None, metadata={"help": "KTConfig (or mapping) of the engine settings"}
+    )
     config_file: str | None = field(
-        default=None, metadata={"help": "YAML/JSON file with kt settings"})
+        default=None, metadata={"help": "YAML/JSON file with kt settings"}
+    )
     engine_placement: str | None = field(
-        default=None, metadata={"help": "per_node (one engine per node) or per_rank"})
+        default=None, metadata={"help": "per_node (one engine per node) or per_rank"}
+    )
     dist_timeout: float | None = field(
-        default=None, metadata={"help": "seconds to wait for a peer rank before failing"})
+        default=None, metadata={"help": "seconds to wait for a peer rank before failing"}
+    )
     allow_world_size_change: bool | None = field(
-        default=None, metadata={"help": "allow resuming with a different number of processes"})
+        default=None, metadata={"help": "allow resuming with a different number of processes"}
+    )
 
     def __post_init__(self) -> None:
-        self._explicit = frozenset(f.name for f in fields(self)
-                                   if getattr(self, f.name) is not None)
+        self._explicit = frozenset(
+            f.name for f in fields(self) if getattr(self, f.name) is not None
+        )
         if self.config_file is None:
             self.config_file = _env("CONFIG_FILE")
         file_data = load_config_file(self.config_file) if self.config_file else {}
@@ -148,23 +160,28 @@ class KTransformersPlugin:
             return value
 
         placement = setting("engine_placement")
-        self.engine_placement = str(placement).strip().lower() if placement is not None \
-            else "per_node"
+        self.engine_placement = (
+            str(placement).strip().lower() if placement is not None else "per_node"
+        )
         if self.engine_placement not in PLACEMENTS:
-            raise ValueError(f"KTransformersPlugin.engine_placement must be one of "
-                             f"{', '.join(PLACEMENTS)}; got {placement!r}")
+            raise ValueError(
+                f"KTransformersPlugin.engine_placement must be one of "
+                f"{', '.join(PLACEMENTS)}; got {placement!r}"
+            )
         timeout = setting("dist_timeout")
         if timeout is not None:
             try:
                 self.dist_timeout = float(timeout)
             except (TypeError, ValueError) as exc:
-                raise ValueError("KTransformersPlugin.dist_timeout must be a number of seconds, "
-                                 f"got {timeout!r}") from exc
+                raise ValueError(
+                    f"KTransformersPlugin.dist_timeout must be a number of seconds, got {timeout!r}"
+                ) from exc
             if not self.dist_timeout > 0:
                 raise ValueError(f"KTransformersPlugin.dist_timeout must be > 0, got {timeout!r}")
         allow = setting("allow_world_size_change")
-        self.allow_world_size_change = (_str_to_bool("allow_world_size_change", allow)
-                                        if allow is not None else False)
+        self.allow_world_size_change = (
+            _str_to_bool("allow_world_size_change", allow) if allow is not None else False
+        )
         self.kt_config = self._build_kt_config(file_kt)
         self._check_launch_environment()
 
@@ -174,8 +191,10 @@ class KTransformersPlugin:
         if isinstance(value, KTConfig):
             return value
         if value is not None and not isinstance(value, Mapping):
-            raise ValueError("KTransformersPlugin.kt_config must be a KTConfig, a mapping or None, "
-                             f"got {type(value).__name__}")
+            raise ValueError(
+                "KTransformersPlugin.kt_config must be a KTConfig, a mapping or None, "
+                f"got {type(value).__name__}"
+            )
         data: dict[str, Any] = {}
         if value is None:
             data.update(file_kt)
@@ -228,8 +247,13 @@ class KTransformersPlugin:
             if _flag("FSDP_ACTIVATION_CHECKPOINTING"):
                 raise ValueError(_CHECKPOINT_WRAPPER_ERROR)
 
-    def check_distributed_type(self, distributed_type: Any, *, zero_stage: int | None = None,
-                               fsdp_version: int | None = None) -> None:
+    def check_distributed_type(
+        self,
+        distributed_type: Any,
+        *,
+        zero_stage: int | None = None,
+        fsdp_version: int | None = None,
+    ) -> None:
         """Raise ``ValueError`` unless kt supports ``distributed_type`` (an accelerate
         ``DistributedType`` or its name); for ``FSDP``, ``fsdp_version`` must be 2."""
         name = str(getattr(distributed_type, "name", None) or distributed_type).upper()
@@ -241,7 +265,8 @@ class KTransformersPlugin:
                 f"KTransformersPlugin: FSDP version {fsdp_version or 1} "
                 "(FullyShardedDataParallel) is not supported: it flattens the parameters of "
                 "each wrapped module into one buffer, but kt's engines read and write the expert "
-                f"LoRA tensors in place; {_FSDP2_HINT}")
+                f"LoRA tensors in place; {_FSDP2_HINT}"
+            )
         if name in SUPPORTED_DISTRIBUTED_TYPES:
             return
         if name == "DEEPSPEED":
@@ -250,15 +275,18 @@ class KTransformersPlugin:
                     "KTransformersPlugin: DeepSpeed ZeRO-3 is not supported: it partitions every "
                     "parameter across ranks and gathers it on use, but kt's routed experts are "
                     "not torch parameters (they live packed in the CPU engine) and the engine "
-                    f"binds the expert LoRA tensors in place; {_DDP_HINT}")
+                    f"binds the expert LoRA tensors in place; {_DDP_HINT}"
+                )
             stage = f" ZeRO-{zero_stage}" if zero_stage is not None else ""
             raise ValueError(
                 f"KTransformersPlugin: DeepSpeed{stage} is not supported: DeepSpeed reduces "
                 "gradients through its own hooks, which never see the expert LoRA gradients "
-                f"kt's engine writes; {_DDP_HINT}")
+                f"kt's engine writes; {_DDP_HINT}"
+            )
         raise ValueError(
             f"KTransformersPlugin: distributed type {name} is not supported (kt runs under "
-            f"{', '.join(SUPPORTED_DISTRIBUTED_TYPES)}); {_DDP_HINT}")
+            f"{', '.join(SUPPORTED_DISTRIBUTED_TYPES)}); {_DDP_HINT}"
+        )
 
     # -- TrainingArguments ----------------------------------------------------------------
     def check_training_args(self, args: Any) -> None:
@@ -275,20 +303,23 @@ class KTransformersPlugin:
             raise ValueError(
                 "TrainingArguments.torch_compile=True conflicts with KTransformersPlugin: kt's "
                 "routed experts run outside torch (CPU engine, cross-rank exchanges) and cannot "
-                "be compiled; set torch_compile=False")
+                "be compiled; set torch_compile=False"
+            )
         cfg = self.kt_config
         assert isinstance(cfg, KTConfig)
         if getattr(args, "use_cpu", False) and cfg.num_gpu_experts:
             raise ValueError(
                 f"TrainingArguments.use_cpu=True conflicts with KTransformersPlugin.kt_config."
                 f"num_gpu_experts={cfg.num_gpu_experts} (experts kept on the GPU); set "
-                "num_gpu_experts=0 or train on a GPU")
+                "num_gpu_experts=0 or train on a GPU"
+            )
         ddp_timeout = getattr(args, "ddp_timeout", None)
         if self.dist_timeout is not None and ddp_timeout and self.dist_timeout > float(ddp_timeout):
             raise ValueError(
                 f"KTransformersPlugin.dist_timeout={self.dist_timeout:g}s is longer than "
                 f"TrainingArguments.ddp_timeout={ddp_timeout}s: DDP would give up first and "
-                "hide which kt exchange stalled; make dist_timeout <= ddp_timeout")
+                "hide which kt exchange stalled; make dist_timeout <= ddp_timeout"
+            )
 
     def check_fsdp_plugin(self, fsdp_plugin: Any) -> None:
         """Raise ``ValueError`` for accelerate FSDP settings kt cannot run under: FSDP1, CPU
@@ -313,9 +344,13 @@ class KTransformersPlugin:
         """The resolved settings (KTConfig as a dict)."""
         cfg = self.kt_config
         assert isinstance(cfg, KTConfig)
-        return {"kt_config": cfg.to_dict(), "config_file": self.config_file,
-                "engine_placement": self.engine_placement, "dist_timeout": self.timeout,
-                "allow_world_size_change": self.allow_world_size_change}
+        return {
+            "kt_config": cfg.to_dict(),
+            "config_file": self.config_file,
+            "engine_placement": self.engine_placement,
+            "dist_timeout": self.timeout,
+            "allow_world_size_change": self.allow_world_size_change,
+        }
 
 
 _OFFLOAD_ERROR = (
@@ -324,13 +359,15 @@ _OFFLOAD_ERROR = (
     "parameters and their gradients in host memory while the expert LoRA parameters, which kt "
     "keeps out of FSDP, stay on the accelerator, so gradient clipping and the optimizer step "
     "would mix devices (and without a GPU torch cannot offload at all). The routed experts, the "
-    "bulk of the model, are in host memory already; set cpu_offload=False")
+    "bulk of the model, are in host memory already; set cpu_offload=False"
+)
 _RAM_EFFICIENT_ERROR = (
     "KTransformersPlugin: FSDP2 `cpu_ram_efficient_loading` is not supported with kt: it moves "
     "the model to the meta device and refills it from rank 0's state dict, which would drop the "
     "expert LoRA tensors the engines are bound to (the routed experts are not in the state dict "
     "at all); set cpu_ram_efficient_loading=False (kt_accelerate.load_model already keeps the "
-    "expert weights once per node)")
+    "expert weights once per node)"
+)
 
 _CHECKPOINT_WRAPPER_ERROR = (
     "KTransformersPlugin: FSDP2 `activation_checkpointing` (FullyShardedDataParallelPlugin) is "
@@ -339,7 +376,8 @@ _CHECKPOINT_WRAPPER_ERROR = (
     "would write an empty adapter. Keep activation_checkpointing=False and turn on the model's "
     "own gradient checkpointing instead (model.gradient_checkpointing_enable("
     "gradient_checkpointing_kwargs={'use_reentrant': False}), or TrainingArguments("
-    "gradient_checkpointing=True)), which kt supports")
+    "gradient_checkpointing=True)), which kt supports"
+)
 
 
 def _env(suffix: str) -> str | None:

@@ -7,8 +7,9 @@ from kt_accelerate.trainer import KTTrainerMixin
 try:
     from trl import SFTTrainer
 except ImportError as exc:  # pragma: no cover - depends on the environment
-    raise ImportError("kt_accelerate.KTSFTTrainer needs TRL: pip install 'kt-accelerate[trl]'"
-                      ) from exc
+    raise ImportError(
+        "kt_accelerate.KTSFTTrainer needs TRL: pip install 'kt-accelerate[trl]'"
+    ) from exc
 
 __all__ = ["KTSFTTrainer"]
 

@@ -58,10 +58,18 @@ _DEFAULT_BLOCK = (128, 128)
 _MAX_HEADER = 100 * 1024 * 1024
 
 _DTYPES: dict[str, torch.dtype] = {
-    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32,
-    "I64": torch.int64, "BOOL": torch.bool,
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "I16": torch.int16,
+    "I32": torch.int32,
+    "I64": torch.int64,
+    "BOOL": torch.bool,
 }
 _FLOAT = {"BF16", "F16", "F32", "F64"}
 _FP8 = {"F8_E4M3", "F8_E5M2"}
@@ -91,13 +99,15 @@ def read_safetensors_header(path: str | Path) -> dict[str, TensorInfo]:
         with path.open("rb") as fh:
             raw_len = fh.read(8)
             if len(raw_len) != 8:
-                raise CorruptCheckpointError("safetensors file is too short to hold a header",
-                                             path=path)
+                raise CorruptCheckpointError(
+                    "safetensors file is too short to hold a header", path=path
+                )
             (header_len,) = struct.unpack("<Q", raw_len)
             if header_len > min(size - 8, _MAX_HEADER):
                 raise CorruptCheckpointError(
                     f"safetensors header claims {header_len} bytes but the file has {size}",
-                    path=path)
+                    path=path,
+                )
             raw = fh.read(header_len)
     except FileNotFoundError as exc:
         raise MissingShardError("checkpoint file does not exist", path=path) from exc
@@ -106,8 +116,9 @@ def read_safetensors_header(path: str | Path) -> dict[str, TensorInfo]:
         if not isinstance(header, dict):
             raise ValueError("header is not a JSON object")
     except (UnicodeDecodeError, ValueError) as exc:
-        raise CorruptCheckpointError(f"safetensors header is not valid JSON ({exc})",
-                                     path=path) from exc
+        raise CorruptCheckpointError(
+            f"safetensors header is not valid JSON ({exc})", path=path
+        ) from exc
     data_size = size - 8 - header_len
     out: dict[str, TensorInfo] = {}
     for key, entry in header.items():
@@ -117,20 +128,27 @@ def read_safetensors_header(path: str | Path) -> dict[str, TensorInfo]:
             dtype, shape = entry["dtype"], tuple(int(d) for d in entry["shape"])
             start, end = (int(v) for v in entry["data_offsets"])
         except (KeyError, TypeError, ValueError) as exc:
-            raise CorruptCheckpointError(f"malformed header entry {entry!r}", path=path,
-                                         key=key) from exc
+            raise CorruptCheckpointError(
+                f"malformed header entry {entry!r}", path=path, key=key
+            ) from exc
         if end > data_size or start > end:
             raise CorruptCheckpointError(
                 f"file is truncated or corrupt: tensor data ends at byte {end} of a "
-                f"{data_size}-byte data section", path=path, key=key)
+                f"{data_size}-byte data section",
+                path=path,
+                key=key,
+            )
         out[key] = TensorInfo(dtype=dtype, shape=shape, file=path, nbytes=end - start)
     return out
 
 
-def dequantize_fp8_blockwise(weight: torch.Tensor, scale_inv: torch.Tensor,
-                             block_size: tuple[int, int] = _DEFAULT_BLOCK,
-                             dtype: torch.dtype = torch.bfloat16,
-                             out: torch.Tensor | None = None) -> torch.Tensor:
+def dequantize_fp8_blockwise(
+    weight: torch.Tensor,
+    scale_inv: torch.Tensor,
+    block_size: tuple[int, int] = _DEFAULT_BLOCK,
+    dtype: torch.dtype = torch.bfloat16,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Dequantize a 2-D FP8 matrix with per-block scales: ``w[i, j] * scale_inv[i // b0, j // b1]``.
 
     Works one row block at a time in FP32, so the extra memory is one ``b0 x cols`` FP32 block.
@@ -140,8 +158,10 @@ def dequantize_fp8_blockwise(weight: torch.Tensor, scale_inv: torch.Tensor,
     b0, b1 = block_size
     want = (math.ceil(rows / b0), math.ceil(cols / b1))
     if tuple(scale_inv.shape) != want:
-        raise ValueError(f"scale_inv shape {tuple(scale_inv.shape)} does not match weight "
-                         f"{(rows, cols)} with blocks {block_size} (expected {want})")
+        raise ValueError(
+            f"scale_inv shape {tuple(scale_inv.shape)} does not match weight "
+            f"{(rows, cols)} with blocks {block_size} (expected {want})"
+        )
     if out is None:
         out = torch.empty((rows, cols), dtype=dtype)
     scales = scale_inv.to(torch.float32)
@@ -153,14 +173,20 @@ def dequantize_fp8_blockwise(weight: torch.Tensor, scale_inv: torch.Tensor,
 
 
 def _block_size(config: Any) -> tuple[int, int]:
-    qcfg = (config.get("quantization_config") if isinstance(config, Mapping)
-            else getattr(config, "quantization_config", None))
+    qcfg = (
+        config.get("quantization_config")
+        if isinstance(config, Mapping)
+        else getattr(config, "quantization_config", None)
+    )
     if qcfg is None:
         qcfg = get_field(config, ("quantization_config",), None)
     if qcfg is None:
         return _DEFAULT_BLOCK
-    block = qcfg.get("weight_block_size") if isinstance(qcfg, Mapping) else getattr(
-        qcfg, "weight_block_size", None)
+    block = (
+        qcfg.get("weight_block_size")
+        if isinstance(qcfg, Mapping)
+        else getattr(qcfg, "weight_block_size", None)
+    )
     if block is None:
         return _DEFAULT_BLOCK
     b0, b1 = (int(v) for v in block)
@@ -172,11 +198,11 @@ def _load_config(config_dir: Path) -> tuple[Any, dict[str, Any], Path]:
     try:
         raw = json.loads(path.read_text())
     except FileNotFoundError as exc:
-        raise MissingShardError("checkpoint has no config.json; pass config= explicitly",
-                                path=path) from exc
+        raise MissingShardError(
+            "checkpoint has no config.json; pass config= explicitly", path=path
+        ) from exc
     except ValueError as exc:
-        raise CorruptCheckpointError(f"config.json is not valid JSON ({exc})",
-                                     path=path) from exc
+        raise CorruptCheckpointError(f"config.json is not valid JSON ({exc})", path=path) from exc
     from transformers import AutoConfig
 
     try:
@@ -207,8 +233,9 @@ class CheckpointReader:
         UnsupportedArchitectureError: the model type has no registry entry.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, config: Any = None,
-                 spec: ArchSpec | None = None) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, config: Any = None, spec: ArchSpec | None = None
+    ) -> None:
         path = Path(path)
         self.path = path
         self.index_path: Path | None = None
@@ -224,7 +251,8 @@ class CheckpointReader:
                     raise MissingShardError(
                         f"directory has neither {SINGLE_NAME} nor {INDEX_NAME}"
                         + (f" (and {len(found)} other .safetensors files)" if found else ""),
-                        path=path)
+                        path=path,
+                    )
                 files = found
         elif path.is_file():
             root = path.parent
@@ -266,8 +294,9 @@ class CheckpointReader:
             if not isinstance(weight_map, dict):
                 raise TypeError("weight_map is not an object")
         except (ValueError, KeyError, TypeError) as exc:
-            raise CorruptCheckpointError(f"index is not a valid safetensors index ({exc})",
-                                         path=index_path) from exc
+            raise CorruptCheckpointError(
+                f"index is not a valid safetensors index ({exc})", path=index_path
+            ) from exc
         by_file: dict[str, list[str]] = {}
         for key, name in weight_map.items():
             by_file.setdefault(str(name), []).append(key)
@@ -276,12 +305,18 @@ class CheckpointReader:
             if not file.is_file():
                 raise MissingShardError(
                     f"shard named by {index_path.name} does not exist ({len(keys)} tensors map "
-                    "to it)", path=file, key=keys[0])
+                    "to it)",
+                    path=file,
+                    key=keys[0],
+                )
             header = read_safetensors_header(file)
             for key in keys:
                 if key not in header:
-                    raise MissingTensorError(f"{index_path.name} maps this key to a shard that "
-                                             "does not contain it", path=file, key=key)
+                    raise MissingTensorError(
+                        f"{index_path.name} maps this key to a shard that does not contain it",
+                        path=file,
+                        key=key,
+                    )
                 self._tensors[key] = header[key]
 
     def _check_config(self, raw: Any) -> None:
@@ -299,7 +334,9 @@ class CheckpointReader:
             if not has_field(raw, fields):
                 raise ConfigFieldError(
                     f"config{where} (model_type={spec.model_type!r}) does not set the {what}: "
-                    f"none of {', '.join(fields)} is present", fields=tuple(fields))
+                    f"none of {', '.join(fields)} is present",
+                    fields=tuple(fields),
+                )
 
     # ---- metadata ----------------------------------------------------------------------------
 
@@ -325,8 +362,9 @@ class CheckpointReader:
         try:
             return self._tensors[key]
         except KeyError:
-            raise MissingTensorError("tensor is not in the checkpoint",
-                                     path=self.index_path or self.path, key=key) from None
+            raise MissingTensorError(
+                "tensor is not in the checkpoint", path=self.index_path or self.path, key=key
+            ) from None
 
     def layout(self, layer_idx: int) -> Literal["per_expert", "fused"]:
         """How layer ``layer_idx``'s experts are stored on disk."""
@@ -339,15 +377,19 @@ class CheckpointReader:
             f"no routed-expert weights for layer {layer_idx}: neither the per-expert key nor "
             f"the fused key {self.spec.checkpoint_fused_key(layer_idx, 'gate_up')!r} is present",
             path=self.index_path or self.path,
-            key=self.spec.checkpoint_expert_key(layer_idx, 0, "gate"))
+            key=self.spec.checkpoint_expert_key(layer_idx, 0, "gate"),
+        )
 
     def expert_keys(self, layer_idx: int) -> list[str]:
         """The on-disk keys (weights and their scales) of layer ``layer_idx``'s experts."""
         if self.layout(layer_idx) == "fused":
             keys = [self.spec.checkpoint_fused_key(layer_idx, w) for w in ("gate_up", "down")]
         else:
-            keys = [self.spec.checkpoint_expert_key(layer_idx, e, p)
-                    for e in range(self.num_experts) for p in ("gate", "up", "down")]
+            keys = [
+                self.spec.checkpoint_expert_key(layer_idx, e, p)
+                for e in range(self.num_experts)
+                for p in ("gate", "up", "down")
+            ]
         return keys + [k + SCALE_SUFFIX for k in keys if k + SCALE_SUFFIX in self._tensors]
 
     def non_expert_keys(self) -> list[str]:
@@ -357,8 +399,10 @@ class CheckpointReader:
 
     def _check_layer(self, layer_idx: int) -> None:
         if layer_idx not in self._moe_layers:
-            raise ValueError(f"{self.spec.model_type}: decoder layer {layer_idx} has no routed "
-                             f"experts; MoE layers are {self._moe_layers}")
+            raise ValueError(
+                f"{self.spec.model_type}: decoder layer {layer_idx} has no routed "
+                f"experts; MoE layers are {self._moe_layers}"
+            )
 
     # ---- reading -----------------------------------------------------------------------------
 
@@ -366,18 +410,25 @@ class CheckpointReader:
         """Check ``key`` (shape, dtype, FP8 scales) without reading any data."""
         info = self.tensor_info(key)
         if info.shape != shape:
-            raise TensorShapeError(f"tensor has shape {info.shape}, the config implies {shape}",
-                                   path=info.file, key=key)
+            raise TensorShapeError(
+                f"tensor has shape {info.shape}, the config implies {shape}",
+                path=info.file,
+                key=key,
+            )
         if info.dtype in _FLOAT:
             return info, None
         if info.dtype not in _FP8:
             raise UnsupportedTensorDtypeError(
                 f"weights stored as {info.dtype} are not supported (BF16, F16, F32, F64, or "
-                "F8_E4M3/F8_E5M2 with weight_scale_inv block scales)", path=info.file, key=key)
+                "F8_E4M3/F8_E5M2 with weight_scale_inv block scales)",
+                path=info.file,
+                key=key,
+            )
         scale_key = key + SCALE_SUFFIX
         if scale_key not in self._tensors:
-            raise MissingScaleError(f"FP8 weight has no block scales ({scale_key!r} is absent)",
-                                    path=info.file, key=key)
+            raise MissingScaleError(
+                f"FP8 weight has no block scales ({scale_key!r} is absent)", path=info.file, key=key
+            )
         scale = self._tensors[scale_key]
         b0, b1 = self.block_size
         lead, (rows, cols) = shape[:-2], shape[-2:]
@@ -385,15 +436,26 @@ class CheckpointReader:
         if scale.shape != want:
             raise TensorShapeError(
                 f"block scales have shape {scale.shape}; weight {shape} with "
-                f"{b0}x{b1} blocks needs {want}", path=scale.file, key=scale_key)
+                f"{b0}x{b1} blocks needs {want}",
+                path=scale.file,
+                key=scale_key,
+            )
         if scale.dtype not in _FLOAT:
-            raise UnsupportedTensorDtypeError(f"block scales stored as {scale.dtype}",
-                                              path=scale.file, key=scale_key)
+            raise UnsupportedTensorDtypeError(
+                f"block scales stored as {scale.dtype}", path=scale.file, key=scale_key
+            )
         return info, scale
 
-    def _copy_into(self, out: torch.Tensor, handles: _Handles, info: TensorInfo, key: str,
-                   scale: TensorInfo | None, index: int | None = None,
-                   transpose: bool = False) -> None:
+    def _copy_into(
+        self,
+        out: torch.Tensor,
+        handles: _Handles,
+        info: TensorInfo,
+        key: str,
+        scale: TensorInfo | None,
+        index: int | None = None,
+        transpose: bool = False,
+    ) -> None:
         """Read ``key`` (or its slice ``index`` along dim 0) into ``out``."""
         try:
             if index is None:
@@ -401,8 +463,11 @@ class CheckpointReader:
             else:
                 src = handles.get(info.file).get_slice(key)[index]
             if scale is not None:
-                s = (handles.get(scale.file).get_tensor(key + SCALE_SUFFIX) if index is None
-                     else handles.get(scale.file).get_slice(key + SCALE_SUFFIX)[index])
+                s = (
+                    handles.get(scale.file).get_tensor(key + SCALE_SUFFIX)
+                    if index is None
+                    else handles.get(scale.file).get_slice(key + SCALE_SUFFIX)[index]
+                )
                 if transpose:
                     tmp = dequantize_fp8_blockwise(src, s, self.block_size, out.dtype)
                     out.copy_(tmp.t())
@@ -411,11 +476,13 @@ class CheckpointReader:
             else:
                 out.copy_(src.t() if transpose else src)
             del src
-            handles.consumed(info.file, info.nbytes if index is None
-                             else info.nbytes // max(info.shape[0], 1))
+            handles.consumed(
+                info.file, info.nbytes if index is None else info.nbytes // max(info.shape[0], 1)
+            )
         except SafetensorError as exc:
-            raise CorruptCheckpointError(f"cannot read tensor ({exc})", path=info.file,
-                                         key=key) from exc
+            raise CorruptCheckpointError(
+                f"cannot read tensor ({exc})", path=info.file, key=key
+            ) from exc
 
     def _fused_transposed(self, key: str, model_shape: tuple[int, ...]) -> bool:
         """Whether a fused tensor is stored transposed (``E x in x out``).
@@ -429,8 +496,9 @@ class CheckpointReader:
         swapped = (model_shape[0], model_shape[2], model_shape[1])
         return shape != model_shape and shape == swapped
 
-    def layer_experts(self, layer_idx: int, dtype: torch.dtype | None = torch.bfloat16
-                      ) -> ExpertWeights:
+    def layer_experts(
+        self, layer_idx: int, dtype: torch.dtype | None = torch.bfloat16
+    ) -> ExpertWeights:
         """Read layer ``layer_idx``'s routed experts as ``gate_up`` (``E x 2I x H``) and ``down``.
 
         Each expert matrix is cast (or FP8-dequantized) straight into the preallocated output;
@@ -445,8 +513,11 @@ class CheckpointReader:
         if self.layout(layer_idx) == "per_expert":
             plan = []
             for e in range(num_experts):
-                for proj, shape in (("gate", (inter, hidden)), ("up", (inter, hidden)),
-                                    ("down", (hidden, inter))):
+                for proj, shape in (
+                    ("gate", (inter, hidden)),
+                    ("up", (inter, hidden)),
+                    ("down", (hidden, inter)),
+                ):
                     key = spec.checkpoint_expert_key(layer_idx, e, proj)
                     plan.append((e, proj, key, *self._plan(key, shape)))
             out_dtype = dtype or _out_dtype(plan[0][3])
@@ -454,8 +525,13 @@ class CheckpointReader:
             down = torch.empty((num_experts, hidden, inter), dtype=out_dtype)
             with _Handles() as handles:
                 for e, proj, key, info, scale in plan:
-                    dst = (gate_up[e, :inter] if proj == "gate" else
-                           gate_up[e, inter:] if proj == "up" else down[e])
+                    dst = (
+                        gate_up[e, :inter]
+                        if proj == "gate"
+                        else gate_up[e, inter:]
+                        if proj == "up"
+                        else down[e]
+                    )
                     self._copy_into(dst, handles, info, key, scale)
             return ExpertWeights(gate_up=gate_up, down=down)
 
@@ -464,7 +540,8 @@ class CheckpointReader:
         gu_shape = (num_experts, 2 * inter, hidden)
         d_shape = (num_experts, hidden, inter)
         transposed = self._fused_transposed(gu_key, gu_shape) or self._fused_transposed(
-            d_key, d_shape)
+            d_key, d_shape
+        )
         if transposed:
             gu_shape, d_shape = ((num_experts, hidden, 2 * inter), (num_experts, inter, hidden))
         gu_info, gu_scale = self._plan(gu_key, gu_shape)
@@ -478,8 +555,9 @@ class CheckpointReader:
                 self._copy_into(down[e], handles, d_info, d_key, d_scale, e, transposed)
         return ExpertWeights(gate_up=gate_up, down=down)
 
-    def iter_layer_experts(self, dtype: torch.dtype | None = torch.bfloat16
-                           ) -> Iterator[tuple[int, ExpertWeights]]:
+    def iter_layer_experts(
+        self, dtype: torch.dtype | None = torch.bfloat16
+    ) -> Iterator[tuple[int, ExpertWeights]]:
         """``(layer_idx, weights)`` for every MoE layer, one layer in memory at a time."""
         for layer_idx in self._moe_layers:
             yield layer_idx, self.layer_experts(layer_idx, dtype)
@@ -496,8 +574,9 @@ class CheckpointReader:
             info, scale = self._plan(key, info.shape)
         stored = _DTYPES.get(info.dtype)
         if stored is None:
-            raise UnsupportedTensorDtypeError(f"unknown safetensors dtype {info.dtype}",
-                                              path=info.file, key=key)
+            raise UnsupportedTensorDtypeError(
+                f"unknown safetensors dtype {info.dtype}", path=info.file, key=key
+            )
         out_dtype = dtype or (torch.bfloat16 if scale is not None else stored)
         out = torch.empty(info.shape, dtype=out_dtype)
         with _Handles() as handles:
@@ -525,10 +604,12 @@ class CheckpointReader:
             info, scale = self._plan(key, info.shape)
         stored = _DTYPES.get(info.dtype)
         if stored is None:
-            raise UnsupportedTensorDtypeError(f"unknown safetensors dtype {info.dtype}",
-                                              path=info.file, key=key)
-        out = torch.empty(info.shape[1:], dtype=dtype or (
-            torch.bfloat16 if scale is not None else stored))
+            raise UnsupportedTensorDtypeError(
+                f"unknown safetensors dtype {info.dtype}", path=info.file, key=key
+            )
+        out = torch.empty(
+            info.shape[1:], dtype=dtype or (torch.bfloat16 if scale is not None else stored)
+        )
         with _Handles() as handles:
             self._copy_into(out, handles, info, key, scale, index)
         return out
@@ -543,8 +624,10 @@ class CheckpointReader:
         self.close()
 
     def __repr__(self) -> str:
-        return (f"CheckpointReader({str(self.path)!r}, model_type={self.spec.model_type!r}, "
-                f"files={len(self.files)}, moe_layers={len(self._moe_layers)})")
+        return (
+            f"CheckpointReader({str(self.path)!r}, model_type={self.spec.model_type!r}, "
+            f"files={len(self.files)}, moe_layers={len(self._moe_layers)})"
+        )
 
 
 def _shard_path(root: Path, name: str, index_path: Path, key: str) -> Path:
@@ -552,12 +635,18 @@ def _shard_path(root: Path, name: str, index_path: Path, key: str) -> Path:
     relative path without ``..`` (checked on the name itself, so the symlinked blobs of a Hugging
     Face cache snapshot still resolve)."""
     pure = PurePosixPath(name.replace("\\", "/"))
-    if (not name or pure.is_absolute() or PureWindowsPath(name).drive
-            or any(part == ".." for part in pure.parts)):
+    if (
+        not name
+        or pure.is_absolute()
+        or PureWindowsPath(name).drive
+        or any(part == ".." for part in pure.parts)
+    ):
         raise CorruptCheckpointError(
             f"{index_path.name} names the shard {name!r}, which is outside the model directory "
             f"{root}; shard names must be relative paths inside it (no '..', not absolute)",
-            path=index_path, key=key)
+            path=index_path,
+            key=key,
+        )
     return root.joinpath(*pure.parts)
 
 
@@ -584,8 +673,9 @@ class _Handles:
             try:
                 handle = safe_open(str(file), framework="pt")
             except SafetensorError as exc:
-                raise CorruptCheckpointError(f"cannot open safetensors file ({exc})",
-                                             path=file) from exc
+                raise CorruptCheckpointError(
+                    f"cannot open safetensors file ({exc})", path=file
+                ) from exc
             except FileNotFoundError as exc:
                 raise MissingShardError("checkpoint file disappeared", path=file) from exc
             self._open[file] = handle

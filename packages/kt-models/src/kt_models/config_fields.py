@@ -30,15 +30,24 @@ __all__ = [
 
 #: Number of routed experts per MoE layer, in the order they are tried.
 NUM_EXPERTS_FIELDS: tuple[str, ...] = (
-    "n_routed_experts", "num_experts", "num_local_experts", "moe_num_experts",
+    "n_routed_experts",
+    "num_experts",
+    "num_local_experts",
+    "moe_num_experts",
 )
 #: Experts chosen per token.
 TOP_K_FIELDS: tuple[str, ...] = (
-    "num_experts_per_tok", "num_experts_per_token", "moe_topk", "moe_k", "top_k",
+    "num_experts_per_tok",
+    "num_experts_per_token",
+    "moe_topk",
+    "moe_k",
+    "top_k",
 )
 #: Intermediate size of one routed expert, where it differs from the dense MLP's.
 MOE_INTERMEDIATE_SIZE_FIELDS: tuple[str, ...] = (
-    "moe_intermediate_size", "expert_intermediate_size", "moe_ffn_hidden_size",
+    "moe_intermediate_size",
+    "expert_intermediate_size",
+    "moe_ffn_hidden_size",
 )
 #: Model width.
 HIDDEN_SIZE_FIELDS: tuple[str, ...] = ("hidden_size", "d_model", "n_embd")
@@ -110,18 +119,26 @@ def read_field(config: Any, names: Sequence[str], *, what: str, kind: type = int
     if value is _MISSING:
         raise ConfigFieldError(
             f"config (model_type={model_type!r}) does not set the {what}: none of the fields "
-            f"{', '.join(names)} is present", fields=tuple(names))
+            f"{', '.join(names)} is present",
+            fields=tuple(names),
+        )
     if kind is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigFieldError(
                 f"config (model_type={model_type!r}) field for the {what} must be an integer, "
-                f"got {value!r}", fields=tuple(names))
+                f"got {value!r}",
+                fields=tuple(names),
+            )
         if value <= 0:
             raise ConfigFieldError(
                 f"config (model_type={model_type!r}) field for the {what} must be positive, "
-                f"got {value}", fields=tuple(names))
+                f"got {value}",
+                fields=tuple(names),
+            )
     elif not isinstance(value, kind):
         raise ConfigFieldError(
             f"config (model_type={model_type!r}) field for the {what} must be a "
-            f"{kind.__name__}, got {value!r}", fields=tuple(names))
+            f"{kind.__name__}, got {value!r}",
+            fields=tuple(names),
+        )
     return value

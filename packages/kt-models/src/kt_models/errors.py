@@ -31,8 +31,9 @@ class KtModelsError(Exception):
 class UnsupportedArchitectureError(KtModelsError, ValueError):
     """The model type has no registry entry, or is known and refused (``reason`` says why)."""
 
-    def __init__(self, message: str, *, model_type: str | None = None,
-                 reason: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, model_type: str | None = None, reason: str | None = None
+    ) -> None:
         super().__init__(message)
         self.model_type = model_type
         self.reason = reason
@@ -57,8 +58,9 @@ class ExpertsReleasedError(KtModelsError, RuntimeError):
 class CheckpointError(KtModelsError):
     """Base class of errors about checkpoint files; names the file and key when known."""
 
-    def __init__(self, message: str, *, path: str | Path | None = None,
-                 key: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, path: str | Path | None = None, key: str | None = None
+    ) -> None:
         parts = [message]
         if key is not None:
             parts.append(f"key: {key!r}")

@@ -32,8 +32,11 @@ def base_layer(module: nn.Module) -> nn.Module:
 
 def _to_meta(module: nn.Module, name: str) -> None:
     old = getattr(module, name)
-    setattr(module, name, nn.Parameter(torch.empty(old.shape, dtype=old.dtype, device="meta"),
-                                       requires_grad=False))
+    setattr(
+        module,
+        name,
+        nn.Parameter(torch.empty(old.shape, dtype=old.dtype, device="meta"), requires_grad=False),
+    )
 
 
 def _expected(spec: ArchSpec, config: Any) -> tuple[int, int, int]:
@@ -43,22 +46,29 @@ def _expected(spec: ArchSpec, config: Any) -> tuple[int, int, int]:
 def _check_fused_flags(spec: ArchSpec, experts: nn.Module, layer_idx: int) -> None:
     where = f"{spec.model_type} layer {layer_idx} experts ({type(experts).__name__})"
     if not getattr(experts, "is_concatenated", True):
-        raise ValueError(f"{where}: gate and up are interleaved (is_concatenated=False); the "
-                         "engine needs [gate; up] concatenated")
+        raise ValueError(
+            f"{where}: gate and up are interleaved (is_concatenated=False); the "
+            "engine needs [gate; up] concatenated"
+        )
     if getattr(experts, "has_bias", False):
         raise ValueError(f"{where}: experts carry biases (has_bias=True); not supported")
     if not getattr(experts, "has_gate", True):
-        raise ValueError(f"{where}: experts have no gate projection (has_gate=False); the "
-                         "engine computes gated (SwiGLU) experts")
+        raise ValueError(
+            f"{where}: experts have no gate projection (has_gate=False); the "
+            "engine computes gated (SwiGLU) experts"
+        )
 
 
-def _fused_params(spec: ArchSpec, experts: nn.Module, layer_idx: int,
-                  dims: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor, bool]:
+def _fused_params(
+    spec: ArchSpec, experts: nn.Module, layer_idx: int, dims: tuple[int, int, int]
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
     _check_fused_flags(spec, experts, layer_idx)
     for name in ("gate_up_proj", "down_proj"):
         if not isinstance(getattr(experts, name, None), torch.Tensor):
-            raise ModulePathError(f"{spec.model_type} layer {layer_idx}: experts module "
-                                  f"{type(experts).__name__} has no tensor {name!r}")
+            raise ModulePathError(
+                f"{spec.model_type} layer {layer_idx}: experts module "
+                f"{type(experts).__name__} has no tensor {name!r}"
+            )
     gate_up, down = experts.gate_up_proj, experts.down_proj
     transposed = bool(getattr(experts, "is_transposed", False))
     num_experts, hidden, inter = dims
@@ -68,18 +78,21 @@ def _fused_params(spec: ArchSpec, experts: nn.Module, layer_idx: int,
         raise ValueError(
             f"{spec.model_type} layer {layer_idx}: expert tensors have shapes gate_up_proj "
             f"{tuple(gate_up.shape)}, down_proj {tuple(down.shape)}; the config implies "
-            f"{want_gu} and {want_d}")
+            f"{want_gu} and {want_d}"
+        )
     return gate_up, down, transposed
 
 
-def _modulelist_linears(spec: ArchSpec, experts: nn.Module, layer_idx: int,
-                        dims: tuple[int, int, int]) -> list[list[nn.Module]]:
+def _modulelist_linears(
+    spec: ArchSpec, experts: nn.Module, layer_idx: int, dims: tuple[int, int, int]
+) -> list[list[nn.Module]]:
     num_experts, hidden, inter = dims
     if not isinstance(experts, (nn.ModuleList, nn.Sequential)) or len(experts) != num_experts:
         raise ModulePathError(
             f"{spec.model_type} layer {layer_idx}: expected an nn.ModuleList of {num_experts} "
             f"experts, got {type(experts).__name__}"
-            + (f" of length {len(experts)}" if hasattr(experts, "__len__") else ""))
+            + (f" of length {len(experts)}" if hasattr(experts, "__len__") else "")
+        )
     shapes = ((inter, hidden), (inter, hidden), (hidden, inter))
     rows = []
     for e, expert in enumerate(experts):
@@ -89,22 +102,29 @@ def _modulelist_linears(spec: ArchSpec, experts: nn.Module, layer_idx: int,
             lin = base_layer(proj) if isinstance(proj, nn.Module) else None
             weight = getattr(lin, "weight", None)
             if not isinstance(weight, torch.Tensor):
-                raise ModulePathError(f"{spec.model_type} layer {layer_idx} expert {e}: no "
-                                      f"projection {name!r} with a weight")
+                raise ModulePathError(
+                    f"{spec.model_type} layer {layer_idx} expert {e}: no "
+                    f"projection {name!r} with a weight"
+                )
             if getattr(lin, "bias", None) is not None:
-                raise ValueError(f"{spec.model_type} layer {layer_idx} expert {e}: {name} has "
-                                 "a bias; not supported")
+                raise ValueError(
+                    f"{spec.model_type} layer {layer_idx} expert {e}: {name} has "
+                    "a bias; not supported"
+                )
             if tuple(weight.shape) != shape:
-                raise ValueError(f"{spec.model_type} layer {layer_idx} expert {e}: {name}.weight "
-                                 f"has shape {tuple(weight.shape)}, config implies {shape}")
+                raise ValueError(
+                    f"{spec.model_type} layer {layer_idx} expert {e}: {name}.weight "
+                    f"has shape {tuple(weight.shape)}, config implies {shape}"
+                )
             assert isinstance(lin, nn.Module)
             row.append(lin)
         rows.append(row)
     return rows
 
 
-def _resolve(model: nn.Module, layer_idx: int,
-             spec: ArchSpec | None) -> tuple[ArchSpec, nn.Module, tuple[int, int, int]]:
+def _resolve(
+    model: nn.Module, layer_idx: int, spec: ArchSpec | None
+) -> tuple[ArchSpec, nn.Module, tuple[int, int, int]]:
     spec = spec or get_arch_spec(model)
     config = unwrap_model(model).config
     return spec, base_layer(spec.experts(model, layer_idx)), _expected(spec, config)
@@ -112,10 +132,17 @@ def _resolve(model: nn.Module, layer_idx: int,
 
 def _params(spec: ArchSpec, experts: nn.Module) -> list[torch.Tensor]:
     if spec.expert_storage == "fused":
-        return [t for t in (getattr(experts, "gate_up_proj", None),
-                            getattr(experts, "down_proj", None)) if isinstance(t, torch.Tensor)]
-    return [base_layer(getattr(expert, name)).weight
-            for expert in experts for name in spec.proj_names if hasattr(expert, name)]
+        return [
+            t
+            for t in (getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None))
+            if isinstance(t, torch.Tensor)
+        ]
+    return [
+        base_layer(getattr(expert, name)).weight
+        for expert in experts
+        for name in spec.proj_names
+        if hasattr(expert, name)
+    ]
 
 
 def experts_released(model: nn.Module, layer_idx: int, *, spec: ArchSpec | None = None) -> bool:
@@ -125,8 +152,9 @@ def experts_released(model: nn.Module, layer_idx: int, *, spec: ArchSpec | None 
     return bool(params) and all(p.device.type == "meta" for p in params)
 
 
-def extract_expert_weights(model: nn.Module, layer_idx: int, *, release: bool = True,
-                           spec: ArchSpec | None = None) -> ExpertWeights:
+def extract_expert_weights(
+    model: nn.Module, layer_idx: int, *, release: bool = True, spec: ArchSpec | None = None
+) -> ExpertWeights:
     """The routed-expert weights of decoder layer ``layer_idx`` of ``model``.
 
     Fused experts give ``gate_up`` (``E x 2I x H``) and ``down``; ModuleList experts give
@@ -148,7 +176,8 @@ def extract_expert_weights(model: nn.Module, layer_idx: int, *, release: bool = 
         raise ExpertsReleasedError(
             f"{spec.model_type} layer {layer_idx}: expert weights are on the meta device "
             "(released already, or the model was loaded without them); read them from the "
-            "checkpoint with kt_models.CheckpointReader instead")
+            "checkpoint with kt_models.CheckpointReader instead"
+        )
     if spec.expert_storage == "fused":
         gate_up, down, transposed = _fused_params(spec, experts, layer_idx, dims)
         gate_up, down = gate_up.detach(), down.detach()

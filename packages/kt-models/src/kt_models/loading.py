@@ -75,8 +75,12 @@ def _is_fp8(config: Any) -> tuple[bool, tuple[int, int] | None]:
     return True, (tuple(int(b) for b in block) if block else None)  # type: ignore[return-value]
 
 
-def from_pretrained_kwargs(path_or_config: Any, *, device: str | torch.device = "cpu",
-                           dtype: torch.dtype | str | None = None) -> dict[str, Any]:
+def from_pretrained_kwargs(
+    path_or_config: Any,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str | None = None,
+) -> dict[str, Any]:
     """Keyword arguments for ``from_pretrained`` of a model whose experts the engine will own.
 
     The dict holds:
@@ -109,7 +113,8 @@ def from_pretrained_kwargs(path_or_config: Any, *, device: str | torch.device = 
         from transformers import FineGrainedFP8Config
 
         kwargs["quantization_config"] = FineGrainedFP8Config(
-            dequantize=True, weight_block_size=block or (128, 128))
+            dequantize=True, weight_block_size=block or (128, 128)
+        )
     return kwargs
 
 
@@ -118,7 +123,9 @@ def _experts_class(spec: ArchSpec) -> type[nn.Module]:
         raise UnsupportedArchitectureError(
             f"{spec.model_type}: experts_on_meta needs a transformers built-in architecture with "
             "fused experts (ArchSpec.experts_class); load remote-code models normally and call "
-            "kt_models.release_experts", model_type=spec.model_type)
+            "kt_models.release_experts",
+            model_type=spec.model_type,
+        )
     module_name = f"transformers.models.{spec.model_type}.modeling_{spec.model_type}"
     if spec.discovered is not None and spec.discovered.experts_module:
         module_name = spec.discovered.experts_module
@@ -127,39 +134,52 @@ def _experts_class(spec: ArchSpec) -> type[nn.Module]:
         cls = getattr(module, spec.experts_class)
     except (ImportError, AttributeError) as exc:
         raise UnsupportedArchitectureError(
-            f"{spec.model_type}: cannot find experts class {spec.experts_class!r} in "
-            f"{module_name}", model_type=spec.model_type) from exc
+            f"{spec.model_type}: cannot find experts class {spec.experts_class!r} in {module_name}",
+            model_type=spec.model_type,
+        ) from exc
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise UnsupportedArchitectureError(
             f"{spec.model_type}: {module_name}.{spec.experts_class} is not an nn.Module class",
-            model_type=spec.model_type)
+            model_type=spec.model_type,
+        )
     return cls
 
 
-def _meta_experts_class(original: type[nn.Module],
-                        created: list[weakref.ref[nn.Module]]) -> type[nn.Module]:
+def _meta_experts_class(
+    original: type[nn.Module], created: list[weakref.ref[nn.Module]]
+) -> type[nn.Module]:
     def __init__(self: nn.Module, *args: Any, **kwargs: Any) -> None:
         original.__init__(self, *args, **kwargs)
         for name, param in list(self._parameters.items()):
             if param is not None and param.device.type != "meta":
-                setattr(self, name, nn.Parameter(
-                    torch.empty(param.shape, dtype=param.dtype, device="meta"),
-                    requires_grad=False))
+                setattr(
+                    self,
+                    name,
+                    nn.Parameter(
+                        torch.empty(param.shape, dtype=param.dtype, device="meta"),
+                        requires_grad=False,
+                    ),
+                )
         created.append(weakref.ref(self))
 
-    def _save_to_state_dict(self: nn.Module, destination: Any, prefix: str,
-                            keep_vars: bool) -> None:
+    def _save_to_state_dict(
+        self: nn.Module, destination: Any, prefix: str, keep_vars: bool
+    ) -> None:
         # The routed experts belong to the engine: transformers must neither expect them in the
         # checkpoint nor create them.
         return None
 
-    return type(original.__name__, (original,), {
-        "__init__": __init__,
-        "_save_to_state_dict": _save_to_state_dict,
-        "__qualname__": original.__qualname__,
-        "__module__": original.__module__,
-        "__doc__": original.__doc__,
-    })
+    return type(
+        original.__name__,
+        (original,),
+        {
+            "__init__": __init__,
+            "_save_to_state_dict": _save_to_state_dict,
+            "__qualname__": original.__qualname__,
+            "__module__": original.__module__,
+            "__doc__": original.__doc__,
+        },
+    )
 
 
 @contextmanager
@@ -185,7 +205,8 @@ def experts_on_meta(config_or_spec: Any) -> Iterator[list[nn.Module]]:
     if isinstance(config_or_spec, ArchSpec):
         spec = config_or_spec
     elif isinstance(config_or_spec, os.PathLike) or (
-            isinstance(config_or_spec, str) and os.path.exists(config_or_spec)):
+        isinstance(config_or_spec, str) and os.path.exists(config_or_spec)
+    ):
         spec = get_arch_spec(load_config(config_or_spec))
     else:
         spec = get_arch_spec(config_or_spec)
@@ -195,8 +216,10 @@ def experts_on_meta(config_or_spec: Any) -> Iterator[list[nn.Module]]:
     name = original.__name__
     with _PATCH_LOCK:
         if name in get_patch_mapping():
-            raise RuntimeError(f"a transformers class patch for {name} is registered already; "
-                               "experts_on_meta cannot be nested or combined with it")
+            raise RuntimeError(
+                f"a transformers class patch for {name} is registered already; "
+                "experts_on_meta cannot be nested or combined with it"
+            )
         register_patch_mapping({name: patched})
     modules: list[nn.Module] = []
     try:
@@ -223,9 +246,14 @@ def _auto_class(config: Any) -> Any:
     return AutoModelForImageTextToText
 
 
-def load_model(path: str | os.PathLike[str], *, device: str | torch.device = "cpu",
-               dtype: torch.dtype | str | None = None, model_class: Any = None,
-               **kwargs: Any) -> Any:
+def load_model(
+    path: str | os.PathLike[str],
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str | None = None,
+    model_class: Any = None,
+    **kwargs: Any,
+) -> Any:
     """``from_pretrained`` with :func:`from_pretrained_kwargs` inside :func:`experts_on_meta`.
 
     Returns the model (``AutoModelForCausalLM``, or ``AutoModelForImageTextToText`` for
@@ -251,8 +279,9 @@ def load_model(path: str | os.PathLike[str], *, device: str | torch.device = "cp
     try:
         with experts_on_meta(spec), _captured_load_report() as reports:
             try:
-                model, info = cls.from_pretrained(str(path), output_loading_info=True,
-                                                  **load_kwargs)
+                model, info = cls.from_pretrained(
+                    str(path), output_loading_info=True, **load_kwargs
+                )
             except RuntimeError as exc:
                 # transformers refers to its (silenced) report: raise with the report itself
                 if "above report" not in str(exc) or not reports:
@@ -260,20 +289,30 @@ def load_model(path: str | os.PathLike[str], *, device: str | torch.device = "cp
                 raise TensorShapeError(
                     f"the checkpoint's tensors do not fit the model built from its config (a "
                     f"config / checkpoint mismatch, e.g. in the number of experts or a hidden "
-                    f"size); transformers' load report:\n{reports[-1]}", path=path) from exc
+                    f"size); transformers' load report:\n{reports[-1]}",
+                    path=path,
+                ) from exc
     finally:
         hf_logging.set_verbosity(verbosity)
     prefixes = _expert_prefixes(spec, config)
-    info["unexpected_keys"] = {k for k in info.get("unexpected_keys", ())
-                               if not k.startswith(prefixes)}
-    problems = {name: sorted(info.get(name) or ())
-                for name in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")}
+    info["unexpected_keys"] = {
+        k for k in info.get("unexpected_keys", ()) if not k.startswith(prefixes)
+    }
+    problems = {
+        name: sorted(info.get(name) or ())
+        for name in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")
+    }
     problems = {name: value for name, value in problems.items() if value}
     if problems:
-        _LOG.warning("loading %s: %s", path, "; ".join(
-            f"{name}: {', '.join(map(str, value[:10]))}"
-            + (f" (+{len(value) - 10} more)" if len(value) > 10 else "")
-            for name, value in problems.items()))
+        _LOG.warning(
+            "loading %s: %s",
+            path,
+            "; ".join(
+                f"{name}: {', '.join(map(str, value[:10]))}"
+                + (f" (+{len(value) - 10} more)" if len(value) > 10 else "")
+                for name, value in problems.items()
+            ),
+        )
     return (model, info) if want_info else model
 
 

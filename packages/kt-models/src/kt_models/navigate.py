@@ -17,8 +17,10 @@ __all__ = ["resolve_path", "try_resolve_path", "unwrap_model"]
 
 
 def _is_transformers_model(obj: Any) -> bool:
-    return any(cls.__name__ == "PreTrainedModel" and cls.__module__.startswith("transformers")
-               for cls in type(obj).__mro__)
+    return any(
+        cls.__name__ == "PreTrainedModel" and cls.__module__.startswith("transformers")
+        for cls in type(obj).__mro__
+    )
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -41,8 +43,11 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         # a ``peft_config`` (a transformers model with an adapter loaded has both too, but is
         # already the model we want).
         inner = getattr(current, "model", None)
-        if (not _is_transformers_model(current) and hasattr(current, "peft_config")
-                and isinstance(inner, nn.Module)):
+        if (
+            not _is_transformers_model(current)
+            and hasattr(current, "peft_config")
+            and isinstance(inner, nn.Module)
+        ):
             current = inner
             continue
         break
@@ -73,7 +78,8 @@ def resolve_path(root: Any, path: str) -> Any:
             where = ".".join(done) or "<root>"
             raise ModulePathError(
                 f"path {path!r} does not resolve on {type(root).__name__}: {where} "
-                f"({type(obj).__name__}) has no {part!r}") from exc
+                f"({type(obj).__name__}) has no {part!r}"
+            ) from exc
         done.append(part)
     return obj
 

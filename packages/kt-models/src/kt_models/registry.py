@@ -193,8 +193,9 @@ class ArchSpec:
         """I, the intermediate size of one routed expert."""
         if self.discovered is not None:
             return self.discovered.intermediate_size
-        return read_field(config, self.intermediate_size_fields,
-                          what="routed expert intermediate size")
+        return read_field(
+            config, self.intermediate_size_fields, what="routed expert intermediate size"
+        )
 
     def activation(self, config: Any) -> str:
         """Name of the gate activation (``"silu"`` for SwiGLU)."""
@@ -220,14 +221,17 @@ class ArchSpec:
         if not isinstance(layers, nn.ModuleList):
             raise ModulePathError(
                 f"{self.model_type}: {self.layers_path!r} is a {type(layers).__name__}, "
-                "expected an nn.ModuleList of decoder layers")
+                "expected an nn.ModuleList of decoder layers"
+            )
         return layers
 
     def _layer(self, model: nn.Module, layer_idx: int) -> nn.Module:
         layers = self.decoder_layers(model)
         if not 0 <= layer_idx < len(layers):
-            raise IndexError(f"{self.model_type}: layer {layer_idx} out of range "
-                             f"(the model has {len(layers)} decoder layers)")
+            raise IndexError(
+                f"{self.model_type}: layer {layer_idx} out of range "
+                f"(the model has {len(layers)} decoder layers)"
+            )
         return layers[layer_idx]
 
     def moe_block(self, model: nn.Module, layer_idx: int) -> nn.Module:
@@ -239,7 +243,8 @@ class ArchSpec:
             raise ModulePathError(
                 f"{self.model_type}: decoder layer {layer_idx} has no routed experts "
                 f"({type(block).__name__} at {self.moe_block_attr!r} has no "
-                f"{self.experts_attr!r}); MoE layers are {moe}")
+                f"{self.experts_attr!r}); MoE layers are {moe}"
+            )
         return block
 
     def experts(self, model: nn.Module, layer_idx: int) -> nn.Module:
@@ -269,16 +274,20 @@ class ArchSpec:
 
     def checkpoint_experts_prefix(self, layer_idx: int) -> str:
         """On-disk prefix of layer ``layer_idx``'s experts (``"model.layers.3.mlp.experts"``)."""
-        return (f"{self.checkpoint_layers_prefix}.{layer_idx}."
-                f"{self._disk_moe_attr()}.{self.experts_attr}")
+        return (
+            f"{self.checkpoint_layers_prefix}.{layer_idx}."
+            f"{self._disk_moe_attr()}.{self.experts_attr}"
+        )
 
     def _proj_index(self, proj: str) -> int:
         names = (PROJECTIONS, self.proj_names, self.checkpoint_proj_names or self.proj_names)
         for candidates in names:
             if proj in candidates:
                 return candidates.index(proj)
-        raise ValueError(f"{self.model_type}: unknown projection {proj!r}; use one of "
-                         f"{PROJECTIONS} or {self.proj_names}")
+        raise ValueError(
+            f"{self.model_type}: unknown projection {proj!r}; use one of "
+            f"{PROJECTIONS} or {self.proj_names}"
+        )
 
     def checkpoint_expert_key(self, layer_idx: int, expert_idx: int, proj: str) -> str:
         """On-disk key of one expert's projection weight in the per-expert layout.
@@ -308,7 +317,8 @@ _REFUSED: dict[str, str] = {
     "gpt_oss": (
         "its routed experts are not SwiGLU as the engine computes it: gate and up are interleaved "
         "(is_concatenated=False), carry biases (has_bias=True), and the gating is a clamped "
-        "sigmoid-GLU with an (up + 1) factor (GptOssExperts._apply_gate)"),
+        "sigmoid-GLU with an (up + 1) factor (GptOssExperts._apply_gate)"
+    ),
 }
 
 
@@ -318,20 +328,34 @@ def _validate(spec: ArchSpec) -> None:
     if not spec.model_type or not isinstance(spec.model_type, str):
         raise ValueError("ArchSpec.model_type must be a non-empty string")
     if spec.expert_storage not in ("fused", "modulelist"):
-        raise ValueError(f"{spec.model_type}: expert_storage must be 'fused' or 'modulelist', "
-                         f"got {spec.expert_storage!r}")
+        raise ValueError(
+            f"{spec.model_type}: expert_storage must be 'fused' or 'modulelist', "
+            f"got {spec.expert_storage!r}"
+        )
     for name in ("proj_names", "checkpoint_proj_names"):
         value = getattr(spec, name)
-        if value is not None and (len(value) != 3 or not all(isinstance(v, str) and v
-                                                              for v in value)):
-            raise ValueError(f"{spec.model_type}: {name} must be three names (gate, up, down), "
-                             f"got {value!r}")
-    for name in ("layers_path", "moe_block_attr", "experts_attr", "router_attr",
-                 "checkpoint_layers_prefix"):
+        if value is not None and (
+            len(value) != 3 or not all(isinstance(v, str) and v for v in value)
+        ):
+            raise ValueError(
+                f"{spec.model_type}: {name} must be three names (gate, up, down), got {value!r}"
+            )
+    for name in (
+        "layers_path",
+        "moe_block_attr",
+        "experts_attr",
+        "router_attr",
+        "checkpoint_layers_prefix",
+    ):
         if not getattr(spec, name):
             raise ValueError(f"{spec.model_type}: {name} must be non-empty")
-    for name in ("num_experts_fields", "top_k_fields", "hidden_size_fields",
-                 "intermediate_size_fields", "num_layers_fields"):
+    for name in (
+        "num_experts_fields",
+        "top_k_fields",
+        "hidden_size_fields",
+        "intermediate_size_fields",
+        "num_layers_fields",
+    ):
         if not getattr(spec, name):
             raise ValueError(f"{spec.model_type}: {name} must list at least one config field")
     if not callable(spec.moe_layers):
@@ -350,8 +374,10 @@ def register_arch(spec: ArchSpec, *, overwrite: bool = False) -> ArchSpec:
     _validate(spec)
     with _LOCK:
         if spec.model_type in _REGISTRY and not overwrite:
-            raise ValueError(f"model_type {spec.model_type!r} is already registered; pass "
-                             "overwrite=True to replace it")
+            raise ValueError(
+                f"model_type {spec.model_type!r} is already registered; pass "
+                "overwrite=True to replace it"
+            )
         _REGISTRY[spec.model_type] = spec
         _REFUSED.pop(spec.model_type, None)
     return spec
@@ -384,11 +410,14 @@ def _model_types_of(obj: Any) -> tuple[str, list[str]]:
         config = getattr(base, "config", None)
         if config is None:
             raise UnsupportedArchitectureError(
-                f"{type(obj).__name__} has no .config; pass the model's config or model_type")
+                f"{type(obj).__name__} has no .config; pass the model's config or model_type"
+            )
         obj = config
     if not isinstance(obj, Mapping) and not hasattr(obj, "model_type"):
-        raise TypeError("get_arch_spec expects a model, a config, a config dict or a model_type "
-                        f"string, got {type(obj).__name__}")
+        raise TypeError(
+            "get_arch_spec expects a model, a config, a config dict or a model_type "
+            f"string, got {type(obj).__name__}"
+        )
     candidates = []
     top = config_model_type(obj)
     if top:
@@ -473,11 +502,14 @@ def get_arch_spec(config_or_model: Any) -> ArchSpec:
                 reason = _REFUSED[model_type]
                 raise UnsupportedArchitectureError(
                     f"model_type {model_type!r} is not supported by kt: {reason}",
-                    model_type=model_type, reason=reason)
+                    model_type=model_type,
+                    reason=reason,
+                )
         supported = ", ".join(sorted(_REGISTRY)) or "(none)"
     raise UnsupportedArchitectureError(
         f"model_type {label!r} is not supported by kt-models. Supported model types: {supported}. "
         "To add an architecture whose routed experts are SwiGLU, describe it with "
         "kt_models.ArchSpec(model_type=..., layers_path=..., moe_block_attr=..., ...) and call "
         "kt_models.register_arch(spec) (see docs/models.md, 'Registering a new architecture').",
-        model_type=label)
+        model_type=label,
+    )

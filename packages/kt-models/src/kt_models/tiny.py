@@ -55,60 +55,128 @@ _COMMON: dict[str, Any] = {
 #: Config keyword arguments of each architecture's tiny model (``_COMMON`` comes first).
 TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "qwen2_moe": {
-        "num_hidden_layers": 3, "intermediate_size": 96, "moe_intermediate_size": 32,
-        "shared_expert_intermediate_size": 48, "num_experts": 8, "num_experts_per_tok": 2,
-        "decoder_sparse_step": 1, "mlp_only_layers": [0], "norm_topk_prob": False,
+        "num_hidden_layers": 3,
+        "intermediate_size": 96,
+        "moe_intermediate_size": 32,
+        "shared_expert_intermediate_size": 48,
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [0],
+        "norm_topk_prob": False,
     },
     "qwen3_moe": {
-        "num_hidden_layers": 4, "intermediate_size": 96, "moe_intermediate_size": 32,
-        "num_experts": 8, "num_experts_per_tok": 2, "decoder_sparse_step": 2,
-        "mlp_only_layers": [], "norm_topk_prob": True,
+        "num_hidden_layers": 4,
+        "intermediate_size": 96,
+        "moe_intermediate_size": 32,
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "decoder_sparse_step": 2,
+        "mlp_only_layers": [],
+        "norm_topk_prob": True,
     },
     "qwen3_next": {
-        "num_hidden_layers": 2, "layer_types": ["linear_attention", "full_attention"],
-        "intermediate_size": 96, "moe_intermediate_size": 32,
-        "shared_expert_intermediate_size": 48, "num_experts": 8, "num_experts_per_tok": 2,
-        "linear_num_key_heads": 2, "linear_num_value_heads": 2, "linear_key_head_dim": 16,
-        "linear_value_head_dim": 16, "linear_conv_kernel_dim": 4, "norm_topk_prob": True,
+        "num_hidden_layers": 2,
+        "layer_types": ["linear_attention", "full_attention"],
+        "intermediate_size": 96,
+        "moe_intermediate_size": 32,
+        "shared_expert_intermediate_size": 48,
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "linear_num_key_heads": 2,
+        "linear_num_value_heads": 2,
+        "linear_key_head_dim": 16,
+        "linear_value_head_dim": 16,
+        "linear_conv_kernel_dim": 4,
+        "norm_topk_prob": True,
     },
     "qwen3_vl_moe": {
         "text_config": {
-            "num_hidden_layers": 2, "intermediate_size": 96, "moe_intermediate_size": 48,
-            "num_experts": 8, "num_experts_per_tok": 2, "decoder_sparse_step": 1,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
-                                "mrope_section": [4, 2, 2]},
+            "num_hidden_layers": 2,
+            "intermediate_size": 96,
+            "moe_intermediate_size": 48,
+            "num_experts": 8,
+            "num_experts_per_tok": 2,
+            "decoder_sparse_step": 1,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [4, 2, 2],
+            },
         },
         "vision_config": {
-            "depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
-            "patch_size": 4, "spatial_merge_size": 2, "temporal_patch_size": 2,
-            "out_hidden_size": 64, "num_position_embeddings": 16, "deepstack_visual_indexes": [0],
+            "depth": 1,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "patch_size": 4,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "out_hidden_size": 64,
+            "num_position_embeddings": 16,
+            "deepstack_visual_indexes": [0],
         },
     },
     "deepseek_v2": {
-        "num_hidden_layers": 3, "intermediate_size": 96, "moe_intermediate_size": 32,
-        "n_routed_experts": 8, "n_shared_experts": 1, "num_experts_per_tok": 2,
-        "first_k_dense_replace": 1, "topk_method": "greedy", "n_group": 1, "topk_group": 1,
-        "kv_lora_rank": 16, "q_lora_rank": 32, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8,
-        "v_head_dim": 16, "num_key_value_heads": 4, "head_dim": 8,
+        "num_hidden_layers": 3,
+        "intermediate_size": 96,
+        "moe_intermediate_size": 32,
+        "n_routed_experts": 8,
+        "n_shared_experts": 1,
+        "num_experts_per_tok": 2,
+        "first_k_dense_replace": 1,
+        "topk_method": "greedy",
+        "n_group": 1,
+        "topk_group": 1,
+        "kv_lora_rank": 16,
+        "q_lora_rank": 32,
+        "qk_rope_head_dim": 8,
+        "qk_nope_head_dim": 8,
+        "v_head_dim": 16,
+        "num_key_value_heads": 4,
+        "head_dim": 8,
     },
     "deepseek_v3": {
-        "num_hidden_layers": 3, "intermediate_size": 96, "moe_intermediate_size": 32,
-        "n_routed_experts": 8, "n_shared_experts": 1, "num_experts_per_tok": 2,
-        "first_k_dense_replace": 1, "n_group": 2, "topk_group": 1, "routed_scaling_factor": 2.5,
-        "kv_lora_rank": 16, "q_lora_rank": 32, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8,
-        "v_head_dim": 16, "num_key_value_heads": 4, "head_dim": 8,
+        "num_hidden_layers": 3,
+        "intermediate_size": 96,
+        "moe_intermediate_size": 32,
+        "n_routed_experts": 8,
+        "n_shared_experts": 1,
+        "num_experts_per_tok": 2,
+        "first_k_dense_replace": 1,
+        "n_group": 2,
+        "topk_group": 1,
+        "routed_scaling_factor": 2.5,
+        "kv_lora_rank": 16,
+        "q_lora_rank": 32,
+        "qk_rope_head_dim": 8,
+        "qk_nope_head_dim": 8,
+        "v_head_dim": 16,
+        "num_key_value_heads": 4,
+        "head_dim": 8,
     },
     "mixtral": {
-        "num_hidden_layers": 2, "intermediate_size": 32, "num_local_experts": 8,
+        "num_hidden_layers": 2,
+        "intermediate_size": 32,
+        "num_local_experts": 8,
         "num_experts_per_tok": 2,
     },
     "glm4_moe": {
-        "num_hidden_layers": 3, "intermediate_size": 96, "moe_intermediate_size": 32,
-        "n_routed_experts": 8, "n_shared_experts": 1, "num_experts_per_tok": 2,
-        "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1, "partial_rotary_factor": 0.5,
+        "num_hidden_layers": 3,
+        "intermediate_size": 96,
+        "moe_intermediate_size": 32,
+        "n_routed_experts": 8,
+        "n_shared_experts": 1,
+        "num_experts_per_tok": 2,
+        "first_k_dense_replace": 1,
+        "n_group": 1,
+        "topk_group": 1,
+        "partial_rotary_factor": 0.5,
     },
     "olmoe": {
-        "num_hidden_layers": 2, "intermediate_size": 32, "num_experts": 8,
+        "num_hidden_layers": 2,
+        "intermediate_size": 32,
+        "num_experts": 8,
         "num_experts_per_tok": 2,
     },
 }
@@ -143,20 +211,51 @@ def tiny_config(model_type: str, **overrides: Any) -> Any:
 
 #: Fields :func:`generic_tiny_config` sets wherever a model type's default config has them.
 GENERIC_SIZES: dict[str, Any] = {
-    "vocab_size": 128, "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 4,
-    "head_dim": 16, "intermediate_size": 96, "moe_intermediate_size": 32,
-    "shared_expert_intermediate_size": 48, "expert_intermediate_size": 32,
-    "moe_ffn_hidden_size": 32, "ffn_hidden_size": 96,
-    "n_routed_experts": 8, "num_experts": 8, "num_local_experts": 8, "moe_num_experts": 8,
-    "num_experts_per_tok": 2, "num_experts_per_token": 2, "moe_topk": 2, "moe_k": 2, "top_k": 2,
-    "n_group": 1, "num_expert_group": 1, "topk_group": 1, "kv_lora_rank": 16, "q_lora_rank": 32,
-    "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16, "qk_head_dim": 16,
-    "max_position_embeddings": 256, "tie_word_embeddings": False,
-    "linear_num_key_heads": 2, "linear_num_value_heads": 2, "linear_key_head_dim": 16,
-    "linear_value_head_dim": 16, "linear_conv_kernel_dim": 4,
-    "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
-    "first_k_dense_replace": 1, "decoder_sparse_step": 1, "mlp_only_layers": [],
-    "sliding_window": 16, "n_shared_experts": 1, "num_shared_experts": 1,
+    "vocab_size": 128,
+    "hidden_size": 64,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "head_dim": 16,
+    "intermediate_size": 96,
+    "moe_intermediate_size": 32,
+    "shared_expert_intermediate_size": 48,
+    "expert_intermediate_size": 32,
+    "moe_ffn_hidden_size": 32,
+    "ffn_hidden_size": 96,
+    "n_routed_experts": 8,
+    "num_experts": 8,
+    "num_local_experts": 8,
+    "moe_num_experts": 8,
+    "num_experts_per_tok": 2,
+    "num_experts_per_token": 2,
+    "moe_topk": 2,
+    "moe_k": 2,
+    "top_k": 2,
+    "n_group": 1,
+    "num_expert_group": 1,
+    "topk_group": 1,
+    "kv_lora_rank": 16,
+    "q_lora_rank": 32,
+    "qk_rope_head_dim": 8,
+    "qk_nope_head_dim": 8,
+    "v_head_dim": 16,
+    "qk_head_dim": 16,
+    "max_position_embeddings": 256,
+    "tie_word_embeddings": False,
+    "linear_num_key_heads": 2,
+    "linear_num_value_heads": 2,
+    "linear_key_head_dim": 16,
+    "linear_value_head_dim": 16,
+    "linear_conv_kernel_dim": 4,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "first_k_dense_replace": 1,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+    "sliding_window": 16,
+    "n_shared_experts": 1,
+    "num_shared_experts": 1,
 }
 _GENERIC_LAYERS = 2
 _LAYER_COUNT_FIELDS = ("num_hidden_layers", "num_layers", "n_layer")
@@ -166,8 +265,9 @@ def _shrink(raw: dict[str, Any], second_layer: str = "last") -> dict[str, Any]:
     """``raw`` (a config dict) with :data:`GENERIC_SIZES` applied and per-layer lists / dicts cut
     to the first and last of the original layers (so hybrid models keep both layer kinds)."""
     num_layers = next((raw[k] for k in _LAYER_COUNT_FIELDS if isinstance(raw.get(k), int)), 0)
-    per_layer = [v for v in raw.values() if isinstance(v, list) and num_layers > 1
-                 and len(v) == num_layers]
+    per_layer = [
+        v for v in raw.values() if isinstance(v, list) and num_layers > 1 and len(v) == num_layers
+    ]
     # The second layer kept: the last one, or ("varied") the first of those differing from
     # layer 0 in the most per-layer lists (hybrid models keep both kinds of layer).
     differing = [sum(v[i] != v[0] for v in per_layer) for i in range(num_layers)]
@@ -185,11 +285,19 @@ def _shrink(raw: dict[str, Any], second_layer: str = "last") -> dict[str, Any]:
             value = 2  # e.g. attention / experts every other layer, offset 1
         elif key.endswith("_layer_offset") and isinstance(value, int) and value > 0:
             value = 1
-        elif (isinstance(value, dict) and num_layers > 1 and value
-              and all(str(k).isdigit() for k in value)):
+        elif (
+            isinstance(value, dict)
+            and num_layers > 1
+            and value
+            and all(str(k).isdigit() for k in value)
+        ):
             value = {keep[int(k)]: v for k, v in value.items() if int(k) in keep}
-        elif (key.endswith("_layers") and isinstance(value, list) and num_layers > 1
-              and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        elif (
+            key.endswith("_layers")
+            and isinstance(value, list)
+            and num_layers > 1
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        ):
             value = [keep[v] for v in value if v in keep]
         out[key] = value
     for key in _LAYER_COUNT_FIELDS:
@@ -223,7 +331,9 @@ def generic_tiny_config(model_type: str, *, second_layer: str = "last") -> Any:
     for key in ("architectures", "transformers_version", "model_type", "_name_or_path", "dtype"):
         raw.pop(key, None)
     if second_layer not in SECOND_LAYER_CHOICES:
-        raise ValueError(f"second_layer must be one of {SECOND_LAYER_CHOICES}, got {second_layer!r}")
+        raise ValueError(
+            f"second_layer must be one of {SECOND_LAYER_CHOICES}, got {second_layer!r}"
+        )
     raw = _shrink(raw, second_layer)
     if isinstance(raw.get("text_config"), dict):
         raw["text_config"] = _shrink(raw["text_config"], second_layer)
@@ -258,8 +368,9 @@ def build(model_type: str, *, seed: int = 0, **overrides: Any) -> Any:
     return model.eval()
 
 
-def save(model: Any, directory: str | os.PathLike[str], *,
-         shard_size: int | str | None = None) -> Path:
+def save(
+    model: Any, directory: str | os.PathLike[str], *, shard_size: int | str | None = None
+) -> Path:
     """``model.save_pretrained(directory)`` as safetensors, sharded when ``shard_size`` (bytes or
     a string such as ``"200KB"``) is given. transformers writes routed experts per expert
     (``...experts.{e}.gate_proj.weight``), as real checkpoints have them. Returns the directory.
@@ -272,8 +383,9 @@ def save(model: Any, directory: str | os.PathLike[str], *,
     return directory
 
 
-def quantize_fp8_blockwise(weight: torch.Tensor, block_size: tuple[int, int] = (128, 128)
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_fp8_blockwise(
+    weight: torch.Tensor, block_size: tuple[int, int] = (128, 128)
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(fp8_e4m3 weight, float32 scale_inv)`` with one scale per ``b0 x b1`` block, such that
     ``weight ~= fp8.float() * scale_inv[i // b0, j // b1]`` (DeepSeek-V3's checkpoint format)."""
     rows, cols = weight.shape
@@ -284,17 +396,22 @@ def quantize_fp8_blockwise(weight: torch.Tensor, block_size: tuple[int, int] = (
     q = torch.empty((rows, cols), dtype=torch.float8_e4m3fn)
     for i in range(nr):
         for j in range(nc):
-            block = w[i * b0:(i + 1) * b0, j * b1:(j + 1) * b1]
+            block = w[i * b0 : (i + 1) * b0, j * b1 : (j + 1) * b1]
             amax = float(block.abs().max())
             s = amax / FP8_E4M3_MAX if amax > 0 else 1.0
             scale[i, j] = s
-            q[i * b0:(i + 1) * b0, j * b1:(j + 1) * b1] = (block / s).to(torch.float8_e4m3fn)
+            q[i * b0 : (i + 1) * b0, j * b1 : (j + 1) * b1] = (block / s).to(torch.float8_e4m3fn)
     return q, scale
 
 
-def _expert_tensors(model: Any, spec: ArchSpec, layout: str, fp8: bool,
-                    block_size: tuple[int, int], dtype: torch.dtype | None
-                    ) -> tuple[dict[str, torch.Tensor], set[str]]:
+def _expert_tensors(
+    model: Any,
+    spec: ArchSpec,
+    layout: str,
+    fp8: bool,
+    block_size: tuple[int, int],
+    dtype: torch.dtype | None,
+) -> tuple[dict[str, torch.Tensor], set[str]]:
     """On-disk expert tensors and the in-memory state-dict keys they replace."""
     from kt_models.extract import extract_expert_weights
 
@@ -331,8 +448,13 @@ def _expert_tensors(model: Any, spec: ArchSpec, layout: str, fp8: bool,
     return out, replaced
 
 
-def _put(out: dict[str, torch.Tensor], key: str, tensor: torch.Tensor, fp8: bool,
-         block_size: tuple[int, int]) -> None:
+def _put(
+    out: dict[str, torch.Tensor],
+    key: str,
+    tensor: torch.Tensor,
+    fp8: bool,
+    block_size: tuple[int, int],
+) -> None:
     if fp8:
         q, s = quantize_fp8_blockwise(tensor, block_size)
         out[key], out[key + "_scale_inv"] = q, s
@@ -344,8 +466,9 @@ def _state_dict_prefix(model: Any, spec: ArchSpec) -> str:
     return spec.layers_path + "."
 
 
-def _write_safetensors(tensors: dict[str, torch.Tensor], directory: Path,
-                       shard_size: int | None) -> None:
+def _write_safetensors(
+    tensors: dict[str, torch.Tensor], directory: Path, shard_size: int | None
+) -> None:
     if shard_size is None:
         save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
         return
@@ -370,10 +493,16 @@ def _write_safetensors(tensors: dict[str, torch.Tensor], directory: Path,
     (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def write_checkpoint(model: Any, directory: str | os.PathLike[str], *,
-                     layout: Literal["per_expert", "fused"] = "per_expert",
-                     fp8: bool = False, block_size: tuple[int, int] = (128, 128),
-                     shard_size: int | None = None, dtype: torch.dtype | None = None) -> Path:
+def write_checkpoint(
+    model: Any,
+    directory: str | os.PathLike[str],
+    *,
+    layout: Literal["per_expert", "fused"] = "per_expert",
+    fp8: bool = False,
+    block_size: tuple[int, int] = (128, 128),
+    shard_size: int | None = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
     """Write ``model`` as a checkpoint directory with a chosen on-disk expert layout.
 
     Routed experts are written per expert (``...experts.{e}.gate_proj.weight``, the architecture's
@@ -402,7 +531,9 @@ def write_checkpoint(model: Any, directory: str | os.PathLike[str], *,
     config = model.config.to_dict()
     if fp8:
         config["quantization_config"] = {
-            "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+            "quant_method": "fp8",
+            "fmt": "e4m3",
+            "activation_scheme": "dynamic",
             "weight_block_size": list(block_size),
         }
     if dtype is not None:

@@ -37,16 +37,20 @@ class ExpertWeights:
             assert self.gate_up is not None
             expected = (num_experts, 2 * inter, hidden)
             if tuple(self.gate_up.shape) != expected:
-                raise ValueError(f"gate_up must be E x 2I x H = {expected} to match down "
-                                 f"{tuple(self.down.shape)}, got {tuple(self.gate_up.shape)}")
+                raise ValueError(
+                    f"gate_up must be E x 2I x H = {expected} to match down "
+                    f"{tuple(self.down.shape)}, got {tuple(self.gate_up.shape)}"
+                )
             tensors = (self.gate_up, self.down)
         else:
             assert self.gate is not None and self.up is not None
             expected = (num_experts, inter, hidden)
             for name, tensor in (("gate", self.gate), ("up", self.up)):
                 if tuple(tensor.shape) != expected:
-                    raise ValueError(f"{name} must be E x I x H = {expected} to match down "
-                                     f"{tuple(self.down.shape)}, got {tuple(tensor.shape)}")
+                    raise ValueError(
+                        f"{name} must be E x I x H = {expected} to match down "
+                        f"{tuple(self.down.shape)}, got {tuple(tensor.shape)}"
+                    )
             tensors = (self.gate, self.up, self.down)
         if len({t.dtype for t in tensors}) != 1 or len({t.device for t in tensors}) != 1:
             raise ValueError("ExpertWeights tensors must share one dtype and one device")
@@ -91,20 +95,29 @@ class ExpertWeights:
         assert self.gate is not None and self.up is not None
         return self.gate, self.up, self.down
 
-    def to(self, dtype: torch.dtype | None = None,
-           device: torch.device | str | None = None) -> ExpertWeights:
+    def to(
+        self, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+    ) -> ExpertWeights:
         """A copy converted to ``dtype``/``device`` (the same object when nothing changes)."""
         if (dtype is None or dtype == self.dtype) and (
-                device is None or torch.device(device) == self.down.device):
+            device is None or torch.device(device) == self.down.device
+        ):
             return self
 
         def conv(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(dtype=dtype, device=device)
 
-        return ExpertWeights(down=conv(self.down), gate_up=conv(self.gate_up),  # type: ignore[arg-type]
-                             gate=conv(self.gate), up=conv(self.up))
+        return ExpertWeights(
+            down=conv(self.down),
+            gate_up=conv(self.gate_up),  # type: ignore[arg-type]
+            gate=conv(self.gate),
+            up=conv(self.up),
+        )
 
     def nbytes(self) -> int:
         """Bytes held by the tensors."""
-        return sum(t.numel() * t.element_size()
-                   for t in (self.down, self.gate_up, self.gate, self.up) if t is not None)
+        return sum(
+            t.numel() * t.element_size()
+            for t in (self.down, self.gate_up, self.gate, self.up)
+            if t is not None
+        )

@@ -38,8 +38,13 @@ if sys.platform.startswith("linux"):
     with contextlib.suppress(OSError, AttributeError):
         _libc = ctypes.CDLL(None, use_errno=True)
         _renameat2 = _libc.renameat2
-        _renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
-                               ctypes.c_uint]
+        _renameat2.argtypes = [
+            ctypes.c_int,
+            ctypes.c_char_p,
+            ctypes.c_int,
+            ctypes.c_char_p,
+            ctypes.c_uint,
+        ]
         _renameat2.restype = ctypes.c_int
 
 

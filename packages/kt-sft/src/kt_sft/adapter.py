@@ -62,8 +62,9 @@ def _canonical(name: str) -> str:
     return ".".join(parts)
 
 
-def _write_extras(model: nn.Module, directory: Path,
-                  state: dict[str, torch.Tensor] | None = None) -> None:
+def _write_extras(
+    model: nn.Module, directory: Path, state: dict[str, torch.Tensor] | None = None
+) -> None:
     from safetensors.torch import save_file
 
     experts = _lora_experts(model)
@@ -76,9 +77,12 @@ def _write_extras(model: nn.Module, directory: Path,
         for pname, p in module.named_parameters():
             value = state.get(f"{name}.{pname}", p) if state is not None else p
             tensors[f"{key}.{pname}"] = value.detach().to("cpu").contiguous()
-        meta["modules"][key] = {"num_experts": module.num_experts, "width": module.width,
-                                "hidden_size": module.hidden_size,
-                                "activation": module.activation}
+        meta["modules"][key] = {
+            "num_experts": module.num_experts,
+            "width": module.width,
+            "hidden_size": module.hidden_size,
+            "activation": module.activation,
+        }
     save_file(tensors, str(directory / LORA_EXPERTS_FILE))
     (directory / KT_ADAPTER_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
 
@@ -155,8 +159,11 @@ def _gather_sharded(peft_model: Any, kwargs: dict[str, Any]) -> dict[str, Any] |
     names = kwargs.get("selected_adapters") or list(peft_model.peft_config)
     for adapter in names:
         selected = get_peft_model_state_dict(
-            peft_model, state_dict=state, adapter_name=adapter,
-            save_embedding_layers=kwargs.get("save_embedding_layers", "auto"))
+            peft_model,
+            state_dict=state,
+            adapter_name=adapter,
+            save_embedding_layers=kwargs.get("save_embedding_layers", "auto"),
+        )
         wanted.update(id(v) for v in selected.values())
     trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
     out: dict[str, Any] = {}
@@ -185,8 +192,11 @@ def gather_adapter_state_dict(peft_model: Any) -> dict[str, torch.Tensor]:
         selected = get_peft_model_state_dict(peft_model, state_dict=state, adapter_name=adapter)
         wanted.update(id(v) for v in selected.values())
     keep = {n for n, p in peft_model.named_parameters() if p.requires_grad}
-    keep.update(f"{name}.{pname}" for name, module in _lora_experts(peft_model).items()
-                for pname, _ in module.named_parameters())
+    keep.update(
+        f"{name}.{pname}"
+        for name, module in _lora_experts(peft_model).items()
+        for pname, _ in module.named_parameters()
+    )
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         if id(value) in wanted or key in keep:
@@ -197,6 +207,7 @@ def gather_adapter_state_dict(peft_model: Any) -> dict[str, torch.Tensor]:
 
 def install_save(peft_model: Any) -> None:
     """Make ``peft_model.save_pretrained`` call :func:`save_adapter` (instance attribute)."""
+
     def save_pretrained(self: Any, save_directory: str | os.PathLike[str], **kwargs: Any) -> None:
         save_adapter(self, save_directory, **kwargs)
 
@@ -208,8 +219,14 @@ def _size_mismatches(error: BaseException) -> list[str]:
     return [line for line in lines if line.startswith("size mismatch for")]
 
 
-def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike[str], *,
-                 adapter_name: str = "default", is_trainable: bool = False, **kwargs: Any) -> Any:
+def load_adapter(
+    model: nn.Module,
+    adapter_dir: str | os.PathLike[str],
+    *,
+    adapter_name: str = "default",
+    is_trainable: bool = False,
+    **kwargs: Any,
+) -> Any:
     """Load a PEFT adapter directory into a kt-wrapped model; returns the ``PeftModel``.
 
     Works on a bare wrapped model (a ``PeftModel`` is created) and on a ``PeftModel`` (the
@@ -226,26 +243,34 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike[str], *,
 
     directory = Path(adapter_dir)
     if not (directory / "adapter_config.json").is_file():
-        raise KTAdapterError(f"{directory} is not a PEFT adapter directory (no "
-                             "adapter_config.json)")
+        raise KTAdapterError(
+            f"{directory} is not a PEFT adapter directory (no adapter_config.json)"
+        )
     install_peft_hooks()
     try:
         if isinstance(model, PeftModel):
-            model.load_adapter(str(directory), adapter_name=adapter_name,
-                               is_trainable=is_trainable, **kwargs)
+            model.load_adapter(
+                str(directory), adapter_name=adapter_name, is_trainable=is_trainable, **kwargs
+            )
             peft_model = model
         else:
-            peft_model = PeftModel.from_pretrained(model, str(directory),
-                                                   adapter_name=adapter_name,
-                                                   is_trainable=is_trainable, **kwargs)
+            peft_model = PeftModel.from_pretrained(
+                model,
+                str(directory),
+                adapter_name=adapter_name,
+                is_trainable=is_trainable,
+                **kwargs,
+            )
     except RuntimeError as exc:
         mismatched = _size_mismatches(exc)
         if not mismatched:
             raise
         raise KTAdapterError(
             f"adapter {directory} does not fit this model (trained on another model?); shape "
-            f"mismatch for {len(mismatched)} tensor(s): " + "; ".join(mismatched[:8])
-            + (" ..." if len(mismatched) > 8 else "")) from exc
+            f"mismatch for {len(mismatched)} tensor(s): "
+            + "; ".join(mismatched[:8])
+            + (" ..." if len(mismatched) > 8 else "")
+        ) from exc
     _load_extras(peft_model, directory, trainable=is_trainable)
     install_save(peft_model)
     return peft_model
@@ -265,16 +290,20 @@ def _load_extras(model: nn.Module, directory: Path, *, trainable: bool) -> None:
         by_module.setdefault(module, {})[pname] = value
     missing = sorted(set(by_module) - set(experts))
     if missing:
-        raise KTAdapterError(f"adapter {directory} has LoRA experts for {missing[:4]} but the "
-                             "model has none there; wrap it with KTConfig(lora_experts=N, "
-                             "lora_expert_intermediate_size=W) matching the adapter")
+        raise KTAdapterError(
+            f"adapter {directory} has LoRA experts for {missing[:4]} but the "
+            "model has none there; wrap it with KTConfig(lora_experts=N, "
+            "lora_expert_intermediate_size=W) matching the adapter"
+        )
     for name, tensors in by_module.items():
         module = experts[name]
         for pname, value in tensors.items():
             p = getattr(module, pname)
             if tuple(p.shape) != tuple(value.shape):
-                raise KTAdapterError(f"LoRA experts {name}.{pname}: adapter {list(value.shape)} "
-                                     f"vs model {list(p.shape)}")
+                raise KTAdapterError(
+                    f"LoRA experts {name}.{pname}: adapter {list(value.shape)} "
+                    f"vs model {list(p.shape)}"
+                )
             with torch.no_grad():
                 p.copy_(value)
         module.requires_grad_(trainable)

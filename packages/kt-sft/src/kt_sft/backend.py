@@ -34,12 +34,14 @@ def _engine_class() -> Any:
     except ImportError as exc:
         raise EngineUnavailableError(
             f"the kt-kernels engine cannot be imported ({exc}); install kt-kernels, or use "
-            "KTConfig(backend='torch') for the (slow) PyTorch reference") from exc
+            "KTConfig(backend='torch') for the (slow) PyTorch reference"
+        ) from exc
     cls = getattr(kt_kernels, "MoEEngine", None)
     if cls is None:
         raise EngineUnavailableError(
             "this kt-kernels build has no MoEEngine; rebuild kt-kernels, or use "
-            "KTConfig(backend='torch') for the (slow) PyTorch reference")
+            "KTConfig(backend='torch') for the (slow) PyTorch reference"
+        )
     return cls
 
 
@@ -53,8 +55,16 @@ def _accepted_kwargs(cls: Any) -> set[str] | None:
     return set(params)
 
 
-def create_backend(cfg: KTConfig, *, num_experts: int, top_k: int, hidden_size: int,
-                   intermediate_size: int, lora_layout: str, activation: str = "silu") -> Any:
+def create_backend(
+    cfg: KTConfig,
+    *,
+    num_experts: int,
+    top_k: int,
+    hidden_size: int,
+    intermediate_size: int,
+    lora_layout: str,
+    activation: str = "silu",
+) -> Any:
     """A new engine (``cfg.backend == "engine"``) or :class:`TorchMoEEngine` for one layer.
 
     Under ``torch.distributed`` with several processes, :mod:`kt_sft.distributed` decides where
@@ -64,9 +74,15 @@ def create_backend(cfg: KTConfig, *, num_experts: int, top_k: int, hidden_size: 
     from kt_sft.distributed import current_context
 
     def local() -> Any:
-        return _create_local_backend(cfg, num_experts=num_experts, top_k=top_k,
-                                     hidden_size=hidden_size, intermediate_size=intermediate_size,
-                                     lora_layout=lora_layout, activation=activation)
+        return _create_local_backend(
+            cfg,
+            num_experts=num_experts,
+            top_k=top_k,
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size,
+            lora_layout=lora_layout,
+            activation=activation,
+        )
 
     context = current_context()
     if context is None:
@@ -78,9 +94,16 @@ def create_backend(cfg: KTConfig, *, num_experts: int, top_k: int, hidden_size: 
     return context.make_backend(local, top_k=top_k, hidden_size=hidden_size)
 
 
-def _create_local_backend(cfg: KTConfig, *, num_experts: int, top_k: int, hidden_size: int,
-                          intermediate_size: int, lora_layout: str, activation: str = "silu"
-                          ) -> Any:
+def _create_local_backend(
+    cfg: KTConfig,
+    *,
+    num_experts: int,
+    top_k: int,
+    hidden_size: int,
+    intermediate_size: int,
+    lora_layout: str,
+    activation: str = "silu",
+) -> Any:
     """A new engine or :class:`TorchMoEEngine` for one layer, in this process."""
     kwargs: dict[str, Any] = {
         "lora_rank": cfg.lora_rank,
@@ -93,8 +116,9 @@ def _create_local_backend(cfg: KTConfig, *, num_experts: int, top_k: int, hidden
         "isa": cfg.isa,
     }
     if cfg.backend == "torch":
-        return TorchMoEEngine(num_experts, top_k, hidden_size, intermediate_size,
-                              activation=activation, **kwargs)
+        return TorchMoEEngine(
+            num_experts, top_k, hidden_size, intermediate_size, activation=activation, **kwargs
+        )
     cls = _engine_class()
     # Profiling is kt-sft's (kt_sft.profiling, from the engine's last_timings()), not a kwarg.
     optional: dict[str, Any] = {"activation": activation, "tp": cfg.tp}
@@ -108,6 +132,7 @@ def _create_local_backend(cfg: KTConfig, *, num_experts: int, top_k: int, hidden
         if accepted is not None and name not in accepted:
             raise EngineUnavailableError(
                 f"this kt-kernels engine does not support {name}={value!r}; upgrade kt-kernels "
-                "or leave the setting at its default")
+                "or leave the setting at its default"
+            )
         kwargs[name] = value
     return cls(num_experts, top_k, hidden_size, intermediate_size, **kwargs)

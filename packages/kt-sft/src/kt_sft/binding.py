@@ -106,8 +106,9 @@ class LoRASource:
                     seen.setdefault(id(leaf), leaf)
         return list(seen.values())
 
-    def canonical(self, kind: str, *, leaf: dict[int, torch.Tensor] | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def canonical(
+        self, kind: str, *, leaf: dict[int, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(A, B)`` views of ``kind`` in kt layout, or ``None``; ``leaf`` substitutes tensors
         for parameters (by ``id``) so the views are taken of those instead."""
         pair = self.kinds.get(kind)
@@ -148,9 +149,19 @@ class LoRAPlan:
     _views: dict[int, Any] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, source: LoRASource | None, *, layout: str, rank: int, scaling: float,
-              num_experts: int, expert_offset: int, hidden_size: int, intermediate_size: int,
-              grad_buffers: dict[int, torch.Tensor] | None = None) -> LoRAPlan:
+    def build(
+        cls,
+        source: LoRASource | None,
+        *,
+        layout: str,
+        rank: int,
+        scaling: float,
+        num_experts: int,
+        expert_offset: int,
+        hidden_size: int,
+        intermediate_size: int,
+        grad_buffers: dict[int, torch.Tensor] | None = None,
+    ) -> LoRAPlan:
         """Plan the arrays of an engine holding experts ``[expert_offset, expert_offset + E)``."""
         old_buffers = grad_buffers or {}
         grad_buffers = {}
@@ -183,10 +194,14 @@ class LoRAPlan:
                 rows = None if letter == "a" else d[2]
                 src_rank, src_scaling = source.rank_of(d[3]), source.scaling_of(d[3])
                 p = factor.param
-                same_math = src_rank == rank and math.isclose(src_scaling, scaling,
-                                                              rel_tol=1e-12, abs_tol=0.0)
-                direct_w = (p.device.type == "cpu" and same_math
-                            and p.dtype in (torch.float32, torch.bfloat16))
+                same_math = src_rank == rank and math.isclose(
+                    src_scaling, scaling, rel_tol=1e-12, abs_tol=0.0
+                )
+                direct_w = (
+                    p.device.type == "cpu"
+                    and same_math
+                    and p.dtype in (torch.float32, torch.bfloat16)
+                )
                 scale = 1.0 if letter == "a" else src_scaling / scaling
                 if direct_w:
                     w = _select(factor.view(p.detach()), rows)[sl]
@@ -196,8 +211,11 @@ class LoRAPlan:
                     buf = torch.zeros(shape, dtype=torch.float32)
                     arrays[name] = buf
                     weights.append(_Array(name, buf, False, factor, letter == "a", rows, scale))
-                direct_g = (direct_w and p.dtype == torch.float32
-                            and not (letter == "a" and a_users.get(id(p), 0) > 1))
+                direct_g = (
+                    direct_w
+                    and p.dtype == torch.float32
+                    and not (letter == "a" and a_users.get(id(p), 0) > 1)
+                )
                 if direct_g:
                     gbuf = grad_buffers.get(id(p), old_buffers.get(id(p)))
                     if gbuf is None or gbuf.shape != p.shape or gbuf.stride() != p.stride():
@@ -207,13 +225,15 @@ class LoRAPlan:
                     grad_buffers[id(p)] = gbuf
                     g = _select(factor.view(gbuf), rows)[sl]
                     arrays[f"grad_{name}"] = g
-                    grads.append(_Array(f"grad_{name}", g, True, factor, letter == "a", rows,
-                                        scale))
+                    grads.append(
+                        _Array(f"grad_{name}", g, True, factor, letter == "a", rows, scale)
+                    )
                 else:
                     gst = torch.zeros(shape, dtype=torch.float32)
                     arrays[f"grad_{name}"] = gst
-                    grads.append(_Array(f"grad_{name}", gst, False, factor, letter == "a", rows,
-                                        scale))
+                    grads.append(
+                        _Array(f"grad_{name}", gst, False, factor, letter == "a", rows, scale)
+                    )
         params = source.params() if source is not None else []
         plan = cls(arrays, weights, grads, params, grad_buffers, source, expert_offset)
         plan.refresh(force=True)
@@ -241,8 +261,9 @@ class LoRAPlan:
                     arr.tensor[:, : value.shape[1], :].copy_(value)
                 else:
                     value = value.to(torch.float32)  # scale in fp32, not in the param's dtype
-                    arr.tensor[:, :, : value.shape[2]].copy_(value * arr.scale if arr.scale != 1.0
-                                                             else value)
+                    arr.tensor[:, :, : value.shape[2]].copy_(
+                        value * arr.scale if arr.scale != 1.0 else value
+                    )
         return True
 
     def arrays_experts(self) -> int:
@@ -284,8 +305,7 @@ class LoRAPlan:
                         pending.append((leaf, v))
         return pending
 
-    def _member_views(self, factor: LoRAFactor, gbuf: torch.Tensor
-                      ) -> tuple[torch.Tensor, ...]:
+    def _member_views(self, factor: LoRAFactor, gbuf: torch.Tensor) -> tuple[torch.Tensor, ...]:
         key = -id(factor.param)
         cached = self._views.get(key)
         if cached is None or cached[0] is not gbuf:
@@ -341,8 +361,9 @@ def _select(view: torch.Tensor, rows: slice | None) -> torch.Tensor:
     return view if rows is None else view[:, rows]
 
 
-def _derive(source: LoRASource | None, kind: str, inter: int
-            ) -> tuple[LoRAFactor, LoRAFactor, slice | None, str] | None:
+def _derive(
+    source: LoRASource | None, kind: str, inter: int
+) -> tuple[LoRAFactor, LoRAFactor, slice | None, str] | None:
     """(A factor, B factor, B rows, source kind) feeding engine kind ``kind`` from ``source``."""
     if source is None:
         return None
@@ -355,5 +376,6 @@ def _derive(source: LoRASource | None, kind: str, inter: int
     if kind == "gate_up" and ("gate" in source.kinds or "up" in source.kinds):
         raise ValueError(
             "per-projection LoRA (separate A for gate and up) cannot run on an engine built with "
-            "lora_layout='fused' (one A shared by gate and up); use KTConfig(lora_layout='split')")
+            "lora_layout='fused' (one A shared by gate and up); use KTConfig(lora_layout='split')"
+        )
     return None

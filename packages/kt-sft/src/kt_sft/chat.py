@@ -25,13 +25,22 @@ class ChatSession:
     def prompt_text(self, prompt: str, system: str | None = None) -> str:
         if self.template is None:
             return prompt
-        turns = ([{"role": "system", "content": system}] if system else []) + \
-            [{"role": "user", "content": prompt}]
-        return self.tokenizer.apply_chat_template(turns, chat_template=self.template,
-                                                  tokenize=False, add_generation_prompt=True)
+        turns = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": prompt}
+        ]
+        return self.tokenizer.apply_chat_template(
+            turns, chat_template=self.template, tokenize=False, add_generation_prompt=True
+        )
 
-    def generate(self, prompt: str, *, system: str | None = None, max_new_tokens: int = 64,
-                 temperature: float = 0.0, base: bool = False) -> str:
+    def generate(
+        self,
+        prompt: str,
+        *,
+        system: str | None = None,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        base: bool = False,
+    ) -> str:
         """Reply to `prompt`; `base=True` disables the adapter (the model before fine-tuning)."""
         import contextlib
 
@@ -40,18 +49,23 @@ class ChatSession:
         text = self.prompt_text(prompt, system)
         enc = self.tokenizer(text, return_tensors="pt", add_special_tokens=self.template is None)
         enc = {k: v.to(self.device) for k, v in enc.items()}
-        kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens,
-                                  "pad_token_id": self.tokenizer.pad_token_id,
-                                  "eos_token_id": self.tokenizer.eos_token_id}
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": max_new_tokens,
+            "pad_token_id": self.tokenizer.pad_token_id,
+            "eos_token_id": self.tokenizer.eos_token_id,
+        }
         if temperature > 0:
             kwargs.update(do_sample=True, temperature=temperature)
         else:
             kwargs.update(do_sample=False)
-        ctx = self.model.disable_adapter() if (base and self.has_adapter) \
+        ctx = (
+            self.model.disable_adapter()
+            if (base and self.has_adapter)
             else contextlib.nullcontext()
+        )
         with torch.inference_mode(), ctx:
             out = self.model.generate(**enc, **kwargs)
-        new = out[0, enc["input_ids"].shape[1]:]
+        new = out[0, enc["input_ids"].shape[1] :]
         return self.tokenizer.decode(new, skip_special_tokens=True).strip()
 
     def close(self) -> None:
@@ -61,10 +75,17 @@ class ChatSession:
             kt_sft.close(self.model)
 
 
-def load_chat_session(model: str, adapter: str | None = None, *, use_kt: bool = True,
-                      kt_options: dict[str, Any] | None = None, template: str = "auto",
-                      device: str = "auto", bf16: bool = False,
-                      trust_remote_code: bool = False) -> ChatSession:
+def load_chat_session(
+    model: str,
+    adapter: str | None = None,
+    *,
+    use_kt: bool = True,
+    kt_options: dict[str, Any] | None = None,
+    template: str = "auto",
+    device: str = "auto",
+    bf16: bool = False,
+    trust_remote_code: bool = False,
+) -> ChatSession:
     """Load tokenizer, base model and (optionally) an adapter for generation."""
     import torch
 
@@ -94,13 +115,19 @@ def load_chat_session(model: str, adapter: str | None = None, *, use_kt: bool = 
         options.setdefault("kt_lora_rank", rank)
         if alpha:
             options.setdefault("kt_lora_alpha", alpha)
-        options.update({k: v for k, v in _lora_experts_options(adapter_dir).items()
-                        if k not in options})
+        options.update(
+            {k: v for k, v in _lora_experts_options(adapter_dir).items() if k not in options}
+        )
     else:
         options.setdefault("kt_lora_rank", 0)
-    base = load_base_model(path, use_kt=use_kt, kt_options=options,
-                           dtype=torch.bfloat16 if bf16 else torch.float32, device=device,
-                           trust_remote_code=trust_remote_code)
+    base = load_base_model(
+        path,
+        use_kt=use_kt,
+        kt_options=options,
+        dtype=torch.bfloat16 if bf16 else torch.float32,
+        device=device,
+        trust_remote_code=trust_remote_code,
+    )
     base.config.use_cache = True
     if adapter_dir is None:
         net = base
@@ -119,7 +146,8 @@ def load_chat_session(model: str, adapter: str | None = None, *, use_kt: bool = 
                 raise
             raise ModelLoadError(
                 f"adapter {adapter_dir} does not fit the model {path} (trained on another "
-                f"model?): {'; '.join(mismatches[:3])}") from exc
+                f"model?): {'; '.join(mismatches[:3])}"
+            ) from exc
     has_adapter = adapter_dir is not None
     net.eval()
     return ChatSession(net, tokenizer, chat_template, has_adapter, use_kt, device)
@@ -146,8 +174,10 @@ def _lora_experts_options(adapter_dir: Path) -> dict[str, Any]:
     if not modules:
         return {}
     first = next(iter(modules.values()))
-    return {"kt_lora_experts": int(first["num_experts"]),
-            "kt_lora_expert_intermediate_size": int(first["width"])}
+    return {
+        "kt_lora_experts": int(first["num_experts"]),
+        "kt_lora_expert_intermediate_size": int(first["width"]),
+    }
 
 
 def _check_adapter_base(adapter_dir: Path, model_path: str) -> None:
@@ -159,7 +189,12 @@ def _check_adapter_base(adapter_dir: Path, model_path: str) -> None:
 
     cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
     recorded = cfg.get("base_model_name_or_path") or ""
-    if "tiny-qwen3-moe-" in recorded and "tiny-qwen3-moe-" in model_path \
-            and Path(recorded).name != Path(model_path).name:
-        raise ValueError(f"adapter {adapter_dir} was trained on {recorded}, not on "
-                         f"{model_path}; retrain it with this kt-sft version")
+    if (
+        "tiny-qwen3-moe-" in recorded
+        and "tiny-qwen3-moe-" in model_path
+        and Path(recorded).name != Path(model_path).name
+    ):
+        raise ValueError(
+            f"adapter {adapter_dir} was trained on {recorded}, not on "
+            f"{model_path}; retrain it with this kt-sft version"
+        )

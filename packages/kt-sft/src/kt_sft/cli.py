@@ -62,8 +62,12 @@ def _train_usage() -> str:
         else:
             shown = str(default).lower() if isinstance(default, bool) else str(default)
         first = re.split(r"(?<=\.)\s+(?=[A-Z`])", f.metadata["help"])[0].rstrip(".")
-        lines += textwrap.wrap(f"--{f.name} [{shown}]  {first}", width=98,
-                               initial_indent="    ", subsequent_indent="        ")
+        lines += textwrap.wrap(
+            f"--{f.name} [{shown}]  {first}",
+            width=98,
+            initial_indent="    ",
+            subsequent_indent="        ",
+        )
     return TRAIN_USAGE.format(keys="\n".join(lines))
 
 
@@ -124,12 +128,21 @@ def _cmd_chat(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(threads)
-    session = load_chat_session(args.model, args.adapter, use_kt=not args.stock,
-                                kt_options=kt_options, template=args.template,
-                                device=args.device, bf16=args.bf16)
+    session = load_chat_session(
+        args.model,
+        args.adapter,
+        use_kt=not args.stock,
+        kt_options=kt_options,
+        template=args.template,
+        device=args.device,
+        bf16=args.bf16,
+    )
     try:
-        gen = {"system": args.system, "max_new_tokens": args.max_new_tokens,
-               "temperature": args.temperature}
+        gen = {
+            "system": args.system,
+            "max_new_tokens": args.max_new_tokens,
+            "temperature": args.temperature,
+        }
         prompts = list(args.prompt or [])
         if args.command == "generate" and not prompts:
             prompts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
@@ -168,13 +181,21 @@ def _cmd_export(args: argparse.Namespace) -> int:
     def progress(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
-    result = export_merged(args.adapter, args.output, base_model=args.model, dtype=args.dtype,
-                           overwrite=args.overwrite, trust_remote_code=args.trust_remote_code,
-                           progress=None if args.quiet else progress)
-    print(f"merged {result.lora_targets} LoRA targets into {result.merged_tensors} of "
-          f"{result.total_tensors} tensors ({result.total_bytes / 2**20:.1f} MiB in "
-          f"{len(result.shards)} shards, dtype {result.dtype}) in {result.seconds:.1f} s: "
-          f"{result.output_dir}")
+    result = export_merged(
+        args.adapter,
+        args.output,
+        base_model=args.model,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+        trust_remote_code=args.trust_remote_code,
+        progress=None if args.quiet else progress,
+    )
+    print(
+        f"merged {result.lora_targets} LoRA targets into {result.merged_tensors} of "
+        f"{result.total_tensors} tensors ({result.total_bytes / 2**20:.1f} MiB in "
+        f"{len(result.shards)} shards, dtype {result.dtype}) in {result.seconds:.1f} s: "
+        f"{result.output_dir}"
+    )
     return 0
 
 
@@ -183,33 +204,62 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
 
     if args.config:
         shape = shape_from_config(args.config)
-        overrides = {k: v for k, v in (("num_experts", args.experts),
-                                       ("num_moe_layers", args.layers),
-                                       ("hidden_size", args.hidden),
-                                       ("intermediate_size", args.intermediate),
-                                       ("top_k", args.top_k)) if v is not None}
+        overrides = {
+            k: v
+            for k, v in (
+                ("num_experts", args.experts),
+                ("num_moe_layers", args.layers),
+                ("hidden_size", args.hidden),
+                ("intermediate_size", args.intermediate),
+                ("top_k", args.top_k),
+            )
+            if v is not None
+        }
         shape = shape.replace(**overrides)
     else:
-        missing = [f"--{n}" for n, v in (("experts", args.experts), ("layers", args.layers),
-                                         ("hidden", args.hidden),
-                                         ("intermediate", args.intermediate)) if v is None]
+        missing = [
+            f"--{n}"
+            for n, v in (
+                ("experts", args.experts),
+                ("layers", args.layers),
+                ("hidden", args.hidden),
+                ("intermediate", args.intermediate),
+            )
+            if v is None
+        ]
         if missing:
-            raise SystemExit(f"kt-sft estimate: give --config PATH (a config.json or checkpoint "
-                             f"directory) or all of --experts --layers --hidden --intermediate "
-                             f"(missing {' '.join(missing)})")
-        shape = ModelShape(num_experts=args.experts, num_moe_layers=args.layers,
-                           hidden_size=args.hidden, intermediate_size=args.intermediate,
-                           top_k=args.top_k or 8, other_params=args.other_params or 0)
+            raise SystemExit(
+                f"kt-sft estimate: give --config PATH (a config.json or checkpoint "
+                f"directory) or all of --experts --layers --hidden --intermediate "
+                f"(missing {' '.join(missing)})"
+            )
+        shape = ModelShape(
+            num_experts=args.experts,
+            num_moe_layers=args.layers,
+            hidden_size=args.hidden,
+            intermediate_size=args.intermediate,
+            top_k=args.top_k or 8,
+            other_params=args.other_params or 0,
+        )
     if args.other_params is not None:
         shape = shape.replace(other_params=args.other_params)
     dtypes = args.dtype or ["bf16", "int8", "int4"]
-    results = [estimate_memory(shape, weight_dtype=d, lora_rank=args.lora_rank,
-                               max_tokens=args.max_tokens, cache_depth=args.cache_depth,
-                               group_size=args.group_size, training=not args.inference,
-                               non_expert_on_gpu=args.gpu, policy=args.policy,
-                               checkpointing=args.checkpointing,
-                               budget=(args.budget * 1024**3 if args.budget else None))
-               for d in dtypes]
+    results = [
+        estimate_memory(
+            shape,
+            weight_dtype=d,
+            lora_rank=args.lora_rank,
+            max_tokens=args.max_tokens,
+            cache_depth=args.cache_depth,
+            group_size=args.group_size,
+            training=not args.inference,
+            non_expert_on_gpu=args.gpu,
+            policy=args.policy,
+            checkpointing=args.checkpointing,
+            budget=(args.budget * 1024**3 if args.budget else None),
+        )
+        for d in dtypes
+    ]
     if args.json:
         print(json.dumps([r.to_dict() for r in results], indent=2))
     else:
@@ -223,99 +273,192 @@ def build_parser() -> argparse.ArgumentParser:
     from kt_sft import __version__
 
     parser = argparse.ArgumentParser(
-        prog="kt-sft", description="LoRA fine-tuning of MoE models with CPU experts.")
+        prog="kt-sft", description="LoRA fine-tuning of MoE models with CPU experts."
+    )
     parser.add_argument("--version", action="version", version=f"kt-sft {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     defaults_shown = argparse.ArgumentDefaultsHelpFormatter
 
-    train = sub.add_parser("train", help="fine-tune (no config: the embedded demo)",
-                           add_help=False, usage="kt-sft train [CONFIG.yaml] [--key value ...]")
+    train = sub.add_parser(
+        "train",
+        help="fine-tune (no config: the embedded demo)",
+        add_help=False,
+        usage="kt-sft train [CONFIG.yaml] [--key value ...]",
+    )
     train.add_argument("rest", nargs=argparse.REMAINDER)
     train.set_defaults(func=_cmd_train)
 
-    for name, help_text in (("chat", "chat with a base model + adapter"),
-                            ("generate", "generate replies to --prompt (or stdin lines)")):
+    for name, help_text in (
+        ("chat", "chat with a base model + adapter"),
+        ("generate", "generate replies to --prompt (or stdin lines)"),
+    ):
         p = sub.add_parser(name, help=help_text, formatter_class=defaults_shown)
-        p.add_argument("--model", default="embedded",
-                       help="base checkpoint directory (default: the embedded demo model)")
+        p.add_argument(
+            "--model",
+            default="embedded",
+            help="base checkpoint directory (default: the embedded demo model)",
+        )
         p.add_argument("--adapter", help="PEFT adapter directory (or a kt-sft output_dir)")
-        p.add_argument("--prompt", action="append", help="prompt to answer (repeatable); "
-                       "without it chat is interactive")
+        p.add_argument(
+            "--prompt",
+            action="append",
+            help="prompt to answer (repeatable); without it chat is interactive",
+        )
         p.add_argument("--system", help="system message")
-        p.add_argument("--max-new-tokens", "--max_new_tokens", dest="max_new_tokens", type=int,
-                       default=48)
+        p.add_argument(
+            "--max-new-tokens", "--max_new_tokens", dest="max_new_tokens", type=int, default=48
+        )
         p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
         p.add_argument("--template", choices=("auto", "chatml"), default="auto")
-        p.add_argument("--compare", action="store_true",
-                       help="also print the base model's reply (adapter disabled)")
-        p.add_argument("--stock", action="store_true",
-                       help="load the stock transformers model (experts in PyTorch, no kt)")
+        p.add_argument(
+            "--compare",
+            action="store_true",
+            help="also print the base model's reply (adapter disabled)",
+        )
+        p.add_argument(
+            "--stock",
+            action="store_true",
+            help="load the stock transformers model (experts in PyTorch, no kt)",
+        )
         p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
         p.add_argument("--bf16", action="store_true", help="PyTorch side in bfloat16")
-        p.add_argument("--torch-threads", "--torch_threads", dest="torch_threads", type=int,
-                       help="PyTorch intra-op threads (default: PyTorch's; 1 for the embedded "
-                       "demo model)")
-        p.add_argument("--kt", nargs="+", metavar="KT_OPTION",
-                       help="engine options as --kt kt_num_threads=2 ...")
+        p.add_argument(
+            "--torch-threads",
+            "--torch_threads",
+            dest="torch_threads",
+            type=int,
+            help="PyTorch intra-op threads (default: PyTorch's; 1 for the embedded demo model)",
+        )
+        p.add_argument(
+            "--kt",
+            nargs="+",
+            metavar="KT_OPTION",
+            help="engine options as --kt kt_num_threads=2 ...",
+        )
         p.set_defaults(func=_cmd_chat)
 
     exp = sub.add_parser(
-        "export", help="merge an adapter into its base: a stock Hugging Face checkpoint",
+        "export",
+        help="merge an adapter into its base: a stock Hugging Face checkpoint",
         formatter_class=defaults_shown,
         description="Write base + LoRA adapter as one merged Hugging Face checkpoint that stock "
         "transformers loads (AutoModelForCausalLM.from_pretrained). The base checkpoint is "
         "streamed tensor by tensor, so memory stays about one tensor plus the adapter, never the "
         "whole model; tensor names, expert layout and shard files are the base's. FP8 "
-        "block-scaled bases are dequantized (bfloat16 by default).")
-    exp.add_argument("--adapter", required=True,
-                     help="PEFT LoRA adapter directory, or a kt-sft output_dir / checkpoint")
+        "block-scaled bases are dequantized (bfloat16 by default).",
+    )
+    exp.add_argument(
+        "--adapter",
+        required=True,
+        help="PEFT LoRA adapter directory, or a kt-sft output_dir / checkpoint",
+    )
     exp.add_argument("--output", "-o", required=True, help="directory for the merged checkpoint")
-    exp.add_argument("--model", default=None,
-                     help="base checkpoint directory, or 'embedded' (default: the adapter's "
-                     "base_model_name_or_path)")
-    exp.add_argument("--dtype", default="auto",
-                     choices=("auto", "bfloat16", "bf16", "float16", "fp16", "float32", "fp32"),
-                     help="dtype of the written weights (default: auto, the base's; FP8 -> bfloat16)")
-    exp.add_argument("--overwrite", action="store_true",
-                     help="replace a non-empty --output (only once the new checkpoint is "
-                     "complete)")
-    exp.add_argument("--trust-remote-code", "--trust_remote_code", dest="trust_remote_code",
-                     action="store_true", help="allow a base whose config needs remote code")
+    exp.add_argument(
+        "--model",
+        default=None,
+        help="base checkpoint directory, or 'embedded' (default: the adapter's "
+        "base_model_name_or_path)",
+    )
+    exp.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "bfloat16", "bf16", "float16", "fp16", "float32", "fp32"),
+        help="dtype of the written weights (default: auto, the base's; FP8 -> bfloat16)",
+    )
+    exp.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a non-empty --output (only once the new checkpoint is complete)",
+    )
+    exp.add_argument(
+        "--trust-remote-code",
+        "--trust_remote_code",
+        dest="trust_remote_code",
+        action="store_true",
+        help="allow a base whose config needs remote code",
+    )
     exp.add_argument("--quiet", "-q", action="store_true", help="no per-shard progress lines")
     exp.set_defaults(func=_cmd_export)
 
-    est = sub.add_parser("estimate", help="RAM needed for a MoE model with CPU experts",
-                         formatter_class=defaults_shown)
-    est.add_argument("--config", help="a config.json or checkpoint directory to read the shape "
-                     "from")
+    est = sub.add_parser(
+        "estimate",
+        help="RAM needed for a MoE model with CPU experts",
+        formatter_class=defaults_shown,
+    )
+    est.add_argument(
+        "--config", help="a config.json or checkpoint directory to read the shape from"
+    )
     est.add_argument("--experts", type=int, help="E: routed experts per MoE layer")
     est.add_argument("--layers", type=int, help="MoE layers")
     est.add_argument("--hidden", type=int, help="H: hidden size")
     est.add_argument("--intermediate", type=int, help="I: intermediate size of one expert")
-    est.add_argument("--top-k", "--top_k", dest="top_k", type=int,
-                     help="K: experts per token (default 8)")
-    est.add_argument("--other-params", "--other_params", dest="other_params", type=float,
-                     help="parameters outside the routed experts (read from --config)")
-    est.add_argument("--dtype", action="append", choices=("bf16", "int8", "int4"),
-                     help="expert weight dtype (repeatable; default: all three)")
+    est.add_argument(
+        "--top-k", "--top_k", dest="top_k", type=int, help="K: experts per token (default 8)"
+    )
+    est.add_argument(
+        "--other-params",
+        "--other_params",
+        dest="other_params",
+        type=float,
+        help="parameters outside the routed experts (read from --config)",
+    )
+    est.add_argument(
+        "--dtype",
+        action="append",
+        choices=("bf16", "int8", "int4"),
+        help="expert weight dtype (repeatable; default: all three)",
+    )
     est.add_argument("--lora-rank", "--lora_rank", dest="lora_rank", type=int, default=8)
-    est.add_argument("--max-tokens", "--max_tokens", "--tokens", dest="max_tokens", type=int,
-                     default=4096, help="tokens per step / MoE call (batch x sequence)")
-    est.add_argument("--cache-depth", "--cache_depth", dest="cache_depth", type=int, default=1,
-                     help="pending forwards per layer (gradient accumulation without "
-                     "checkpointing)")
-    est.add_argument("--policy", choices=("retain", "recompute", "auto"), default="retain",
-                     help="engine activation policy (KTConfig.activation_policy)")
-    est.add_argument("--checkpointing", choices=("none", "reentrant", "non_reentrant"),
-                     default="none", help="gradient checkpointing of the decoder layers")
-    est.add_argument("--budget", type=float,
-                     help="GiB the auto policy may retain (default: half the available memory)")
-    est.add_argument("--group-size", "--group_size", dest="group_size", type=int, default=128,
-                     help="int4 quantization group size")
-    est.add_argument("--gpu", action="store_true",
-                     help="the non-expert part lives on a GPU (not counted in RAM)")
-    est.add_argument("--inference", action="store_true",
-                     help="inference only: no LoRA optimizer state, no activation cache")
+    est.add_argument(
+        "--max-tokens",
+        "--max_tokens",
+        "--tokens",
+        dest="max_tokens",
+        type=int,
+        default=4096,
+        help="tokens per step / MoE call (batch x sequence)",
+    )
+    est.add_argument(
+        "--cache-depth",
+        "--cache_depth",
+        dest="cache_depth",
+        type=int,
+        default=1,
+        help="pending forwards per layer (gradient accumulation without checkpointing)",
+    )
+    est.add_argument(
+        "--policy",
+        choices=("retain", "recompute", "auto"),
+        default="retain",
+        help="engine activation policy (KTConfig.activation_policy)",
+    )
+    est.add_argument(
+        "--checkpointing",
+        choices=("none", "reentrant", "non_reentrant"),
+        default="none",
+        help="gradient checkpointing of the decoder layers",
+    )
+    est.add_argument(
+        "--budget",
+        type=float,
+        help="GiB the auto policy may retain (default: half the available memory)",
+    )
+    est.add_argument(
+        "--group-size",
+        "--group_size",
+        dest="group_size",
+        type=int,
+        default=128,
+        help="int4 quantization group size",
+    )
+    est.add_argument(
+        "--gpu", action="store_true", help="the non-expert part lives on a GPU (not counted in RAM)"
+    )
+    est.add_argument(
+        "--inference",
+        action="store_true",
+        help="inference only: no LoRA optimizer state, no activation cache",
+    )
     est.add_argument("--json", action="store_true", help="print JSON")
     est.set_defaults(func=_cmd_estimate)
 
@@ -332,8 +475,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from kt_sft.train.modeling import ModelLoadError
     from kt_sft.train.schema import ConfigError
 
-    errors: list[type[BaseException]] = [ConfigError, DataError, OutputDirError, ModelLoadError,
-                                         FileNotFoundError, NonFiniteLossError]
+    errors: list[type[BaseException]] = [
+        ConfigError,
+        DataError,
+        OutputDirError,
+        ModelLoadError,
+        FileNotFoundError,
+        NonFiniteLossError,
+    ]
     try:
         from kt_sft.config import KTConfigError
 
@@ -366,8 +515,9 @@ def _quiet_libraries() -> None:
     commands print their own progress."""
     import warnings
 
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*",
-                            category=FutureWarning)
+    warnings.filterwarnings(
+        "ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning
+    )
     try:
         from transformers.utils import logging as hf_logging
 
@@ -400,9 +550,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         if exc.errno != errno.ENOSPC:
             raise
-        print(f"{_rank_prefix()}kt-sft {args.command}: error: {exc.strerror}; free some space "
-              "(or choose another output_dir) and resume from the last checkpoint",
-              file=sys.stderr)
+        print(
+            f"{_rank_prefix()}kt-sft {args.command}: error: {exc.strerror}; free some space "
+            "(or choose another output_dir) and resume from the last checkpoint",
+            file=sys.stderr,
+        )
         return 1
 
 

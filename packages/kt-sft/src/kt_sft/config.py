@@ -175,22 +175,36 @@ class KTConfig:
     activation_memory_budget: float | None = None
     _explicit: frozenset[str] = field(default=frozenset(), init=False, repr=False, compare=False)
 
-    def __init__(self, backend: str | None = None, isa: str | None = None,
-                 num_threads: int | None = None, weight_dtype: str | None = None,
-                 max_tokens: int | None = None, max_cache_depth: int | None = None,
-                 lora_rank: int | None = None, lora_alpha: float | None = None,
-                 lora_layout: str | None = None, checkpoint: str | None = None,
-                 tp: int | None = None, profile: str | None = None,
-                 lora_experts: int | None = None, lora_expert_intermediate_size: int | None = None,
-                 num_gpu_experts: int | None = None, activation_policy: str | None = None,
-                 activation_memory_budget: float | None = None, **aliases: Any) -> None:
+    def __init__(
+        self,
+        backend: str | None = None,
+        isa: str | None = None,
+        num_threads: int | None = None,
+        weight_dtype: str | None = None,
+        max_tokens: int | None = None,
+        max_cache_depth: int | None = None,
+        lora_rank: int | None = None,
+        lora_alpha: float | None = None,
+        lora_layout: str | None = None,
+        checkpoint: str | None = None,
+        tp: int | None = None,
+        profile: str | None = None,
+        lora_experts: int | None = None,
+        lora_expert_intermediate_size: int | None = None,
+        num_gpu_experts: int | None = None,
+        activation_policy: str | None = None,
+        activation_memory_budget: float | None = None,
+        **aliases: Any,
+    ) -> None:
         values = dict(locals())
         del values["self"], values["aliases"]
         if aliases:
             for name, value in _normalise_keys(aliases).items():
                 if values[name] is not None and values[name] != value:
-                    raise KTConfigError(f"KTConfig sets {name!r} twice ({values[name]!r} and "
-                                        f"{value!r} through an alias)")
+                    raise KTConfigError(
+                        f"KTConfig sets {name!r} twice ({values[name]!r} and "
+                        f"{value!r} through an alias)"
+                    )
                 values[name] = value
         for name, value in values.items():
             setattr(self, name, value)
@@ -224,8 +238,10 @@ class KTConfig:
         if budget is not None and not budget > 0:
             raise KTConfigError(f"activation_memory_budget must be > 0 (GiB), got {budget}")
         if self.weight_dtype == "fp32" and self.backend == "engine":
-            raise KTConfigError("weight_dtype='fp32' is only available with backend='torch'; the "
-                                "engine packs bf16, int8 or int4")
+            raise KTConfigError(
+                "weight_dtype='fp32' is only available with backend='torch'; the "
+                "engine packs bf16, int8 or int4"
+            )
         for name in ("max_tokens", "max_cache_depth", "tp"):
             if getattr(self, name) < 1:
                 raise KTConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -233,8 +249,10 @@ class KTConfig:
             if getattr(self, name) < 0:
                 raise KTConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.lora_expert_intermediate_size < 1:
-            raise KTConfigError("lora_expert_intermediate_size must be >= 1, got "
-                                f"{self.lora_expert_intermediate_size}")
+            raise KTConfigError(
+                "lora_expert_intermediate_size must be >= 1, got "
+                f"{self.lora_expert_intermediate_size}"
+            )
         if not math.isfinite(self.lora_alpha) or self.lora_alpha <= 0:
             raise KTConfigError(f"lora_alpha must be a finite number > 0, got {self.lora_alpha}")
         if self.num_threads is not None:
@@ -246,7 +264,9 @@ class KTConfig:
                     f"KTConfig.num_threads={self.num_threads} is larger than the {cores} physical "
                     "cores this process may use; the engine's threads will compete for cores "
                     "(set num_threads / KT_NUM_THREADS to at most the core count)",
-                    RuntimeWarning, stacklevel=3)
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
 
     # -- conversions ----------------------------------------------------------------------
     @property
@@ -322,10 +342,12 @@ def _normalise_keys(data: Mapping[str, Any]) -> dict[str, Any]:
         if target is None:
             raise KTConfigError(
                 f"unknown KTConfig key {key!r}; known keys: {', '.join(sorted(names))} "
-                "(each also accepted with a 'kt_' prefix)")
+                "(each also accepted with a 'kt_' prefix)"
+            )
         if target in out and out[target] != value:
-            raise KTConfigError(f"KTConfig key {key!r} sets {target!r} a second time "
-                                f"({out[target]!r} vs {value!r})")
+            raise KTConfigError(
+                f"KTConfig key {key!r} sets {target!r} a second time ({out[target]!r} vs {value!r})"
+            )
         out[target] = value
     for name, value in derived.items():
         out.setdefault(name, value)
@@ -337,12 +359,21 @@ def _kt_backend(value: Any) -> tuple[str | None, str]:
     if text not in _KT_BACKEND_VALUES:
         raise KTConfigError(
             f"kt_backend={value!r} is not a known kernel backend; use one of AMXBF16, AMXInt8, "
-            "AMXInt4, AVX512BF16, AVX512, AVX2, scalar, auto")
+            "AMXInt4, AVX512BF16, AVX512, AVX2, scalar, auto"
+        )
     return _KT_BACKEND_VALUES[text]
 
 
-_INT_FIELDS = {"num_threads", "max_tokens", "max_cache_depth", "lora_rank", "tp", "lora_experts",
-               "lora_expert_intermediate_size", "num_gpu_experts"}
+_INT_FIELDS = {
+    "num_threads",
+    "max_tokens",
+    "max_cache_depth",
+    "lora_rank",
+    "tp",
+    "lora_experts",
+    "lora_expert_intermediate_size",
+    "num_gpu_experts",
+}
 _FLOAT_FIELDS = {"lora_alpha", "activation_memory_budget"}
 _LOWER_FIELDS = {"backend", "isa", "weight_dtype", "lora_layout", "activation_policy"}
 
@@ -356,7 +387,9 @@ def _coerce(name: str, value: Any, *, source: str) -> Any:
         try:
             number = int(value)
         except (TypeError, ValueError) as exc:
-            raise KTConfigError(f"{name} must be an integer, got {value!r} (from {source})") from exc
+            raise KTConfigError(
+                f"{name} must be an integer, got {value!r} (from {source})"
+            ) from exc
         if isinstance(value, float) and number != value:
             raise KTConfigError(f"{name} must be an integer, got {value!r} (from {source})")
         return number
@@ -392,4 +425,3 @@ def _physical_cores() -> int | None:
     except ImportError:  # pragma: no cover - only without a working engine install
         return os.cpu_count()
     return kt_kernels.physical_core_count()
-

@@ -141,8 +141,12 @@ class Topology:
 
     def describe(self) -> dict[str, Any]:
         """A JSON-able summary (saved with checkpoints to detect a changed layout on resume)."""
-        return {"world_size": self.world_size, "num_nodes": len(self.nodes),
-                "ranks_per_node": [len(r) for r in self.nodes], "placement": self.placement}
+        return {
+            "world_size": self.world_size,
+            "num_nodes": len(self.nodes),
+            "ranks_per_node": [len(r) for r in self.nodes],
+            "placement": self.placement,
+        }
 
 
 def _node_keys(node_rank: int | None) -> list[Any]:
@@ -172,7 +176,8 @@ def _topology(placement: str, node_rank: int | None) -> Topology:
         if len(kinds) > 1:
             raise KTDistributedError(
                 "some ranks know their node rank (GROUP_RANK) and others do not; launch every "
-                "process the same way (torchrun / accelerate launch set GROUP_RANK)")
+                "process the same way (torchrun / accelerate launch set GROUP_RANK)"
+            )
         grouped: dict[Any, list[int]] = {}
         for r, k in enumerate(keys):
             grouped.setdefault(k, []).append(r)
@@ -219,8 +224,11 @@ class DistributedContext:
             group = dist.new_group(leaders, timeout=td, backend=None if not cpu_only else "gloo")
             if self.topology.is_leader:
                 self._leaders_group = group
-        self._world_group = dist.new_group(list(range(self.topology.world_size)), timeout=td,
-                                           backend=None if not cpu_only else "gloo")
+        self._world_group = dist.new_group(
+            list(range(self.topology.world_size)),
+            timeout=td,
+            backend=None if not cpu_only else "gloo",
+        )
         self._next_index = 0
         self._lock = threading.Lock()
         self.closed = False
@@ -232,8 +240,9 @@ class DistributedContext:
         """Whether this process's node has more than one rank (tokens travel to the leader)."""
         return len(self.topology.node_ranks) > 1
 
-    def make_backend(self, factory: Callable[[], Any], *, top_k: int, hidden_size: int,
-                     name: str = "") -> Any:
+    def make_backend(
+        self, factory: Callable[[], Any], *, top_k: int, hidden_size: int, name: str = ""
+    ) -> Any:
         """The backend of one layer: ``factory()`` (the real engine) on the leader, wrapped to
         serve the node's members; a :class:`MemberBackend` elsewhere. Collective in order:
         every rank creates its layers in the same order."""
@@ -243,8 +252,9 @@ class DistributedContext:
         if not self.exchanges_tokens:
             return factory()
         if self.topology.is_leader:
-            return LeaderBackend(self, factory(), index=index, top_k=top_k,
-                                 hidden_size=hidden_size, name=name)
+            return LeaderBackend(
+                self, factory(), index=index, top_k=top_k, hidden_size=hidden_size, name=name
+            )
         return MemberBackend(self, index=index, top_k=top_k, hidden_size=hidden_size, name=name)
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -258,8 +268,12 @@ class DistributedContext:
         if not dist.is_initialized():
             return
         seen: set[int] = set()
-        for group in (self._exchange_group, self._node_group, self._leaders_group,
-                      self._world_group):
+        for group in (
+            self._exchange_group,
+            self._node_group,
+            self._leaders_group,
+            self._world_group,
+        ):
             if group is not None and id(group) not in seen:
                 seen.add(id(group))
                 try:
@@ -269,9 +283,11 @@ class DistributedContext:
 
     def __repr__(self) -> str:
         t = self.topology
-        return (f"DistributedContext(rank={t.rank}, world_size={t.world_size}, "
-                f"nodes={[list(n) for n in t.nodes]}, placement={self.placement!r}, "
-                f"timeout={self.timeout:g}s)")
+        return (
+            f"DistributedContext(rank={t.rank}, world_size={t.world_size}, "
+            f"nodes={[list(n) for n in t.nodes]}, placement={self.placement!r}, "
+            f"timeout={self.timeout:g}s)"
+        )
 
 
 def _destroy_groups_at_exit(context: DistributedContext) -> None:
@@ -326,7 +342,8 @@ def reduction_device(backend: str) -> torch.device:
         if not torch.cuda.is_available():
             raise KTDistributedError(
                 f"the process group uses {backend!r} but torch sees no CUDA device; start it "
-                "with gloo on machines without GPUs (kt_sft.distributed.default_backend())")
+                "with gloo on machines without GPUs (kt_sft.distributed.default_backend())"
+            )
         return torch.device("cuda", torch.cuda.current_device())
     if name in ("gloo", "mpi") or name.startswith(("cpu:", "gloo")):
         return torch.device("cpu")
@@ -365,8 +382,9 @@ def _is_multiprocess() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def resolve_settings(*, placement: str | None = None, timeout: float | None = None
-                     ) -> tuple[str, float]:
+def resolve_settings(
+    *, placement: str | None = None, timeout: float | None = None
+) -> tuple[str, float]:
     """``(placement, timeout)`` with the ``KT_*`` environment and the defaults applied, checked
     (``ValueError`` for bad values)."""
     placement = placement if placement is not None else (_env_placement() or "per_node")
@@ -375,8 +393,9 @@ def resolve_settings(*, placement: str | None = None, timeout: float | None = No
     return placement, timeout
 
 
-def init_distributed(*, placement: str | None = None, timeout: float | None = None,
-                     node_rank: int | None = None) -> DistributedContext | None:
+def init_distributed(
+    *, placement: str | None = None, timeout: float | None = None, node_rank: int | None = None
+) -> DistributedContext | None:
     """Start kt's distributed mode (collective: call it on every rank, before wrapping).
 
     Needs ``torch.distributed`` initialised (accelerate, the HF Trainer or
@@ -398,7 +417,8 @@ def init_distributed(*, placement: str | None = None, timeout: float | None = No
                     f"kt's distributed mode already runs with placement={ctx.placement!r}, "
                     f"timeout={ctx.timeout:g}s and models were wrapped under it; set "
                     f"placement={placement!r}, timeout={timeout:g}s before wrapping the model "
-                    "(kt_accelerate.wrap_model / load_model do it in the right order)")
+                    "(kt_accelerate.wrap_model / load_model do it in the right order)"
+                )
             ctx.close()
         _CONTEXT = DistributedContext(placement=placement, timeout=timeout, node_rank=node_rank)
         return _CONTEXT
@@ -437,8 +457,9 @@ class _Exchange:
     #: Every rank of the node must make each call, even with no tokens (kt_sft.function).
     collective = True
 
-    def __init__(self, ctx: DistributedContext, *, index: int, top_k: int, hidden_size: int,
-                 name: str) -> None:
+    def __init__(
+        self, ctx: DistributedContext, *, index: int, top_k: int, hidden_size: int, name: str
+    ) -> None:
         self.ctx = ctx
         self.index = index
         self.top_k = top_k
@@ -458,15 +479,17 @@ class _Exchange:
             f"kt distributed: rank {self.rank} (node {self.ctx.topology.node_index}, leader "
             f"rank {self.leader}) failed during the {what} of {self.name} with rank(s) "
             f"{others}: {exc}. A peer process probably crashed or is stuck (peers are waited "
-            f"for {self.ctx.timeout:g}s, KT_DIST_TIMEOUT); see the other ranks' logs")
+            f"for {self.ctx.timeout:g}s, KT_DIST_TIMEOUT); see the other ranks' logs"
+        )
 
     def _meta(self, phase: int, tokens: int, dtype: torch.dtype, save: bool) -> list[int]:
         """All-gather (tokens, layer, phase, dtype, save) over the node; check they agree."""
         import torch.distributed as dist
 
         what = "forward" if phase == _FORWARD else "backward"
-        mine = torch.tensor([tokens, self.index, phase, _DTYPE_CODES.get(dtype, 9), int(save)],
-                            dtype=torch.int64)
+        mine = torch.tensor(
+            [tokens, self.index, phase, _DTYPE_CODES.get(dtype, 9), int(save)], dtype=torch.int64
+        )
         rows = [torch.empty_like(mine) for _ in self.ranks]
         try:
             dist.all_gather(rows, mine, group=self.group)
@@ -480,7 +503,8 @@ class _Exchange:
                     f"{self.name} (layer #{self.index}, cache={bool(save)}) while rank {rank} runs "
                     f"the {theirs} of layer #{int(row[1])} (cache={bool(row[4])}, dtype code "
                     f"{int(row[3])}); every rank must run the same model the same way (same "
-                    "layers, gradient checkpointing, train/eval mode)")
+                    "layers, gradient checkpointing, train/eval mode)"
+                )
         return [int(r[0]) for r in rows]
 
     def _wait(self, works: Iterable[Any], what: str) -> None:
@@ -501,14 +525,25 @@ class _Exchange:
         return dist.irecv(tensor, src=src, group=self.group, tag=tag)
 
     # -- engine API shared parts ----------------------------------------------------------
-    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, routing_weights: torch.Tensor,
-                out: torch.Tensor, save_for_backward: bool = True) -> None:
+    def forward(
+        self,
+        x: torch.Tensor,
+        expert_ids: torch.Tensor,
+        routing_weights: torch.Tensor,
+        out: torch.Tensor,
+        save_for_backward: bool = True,
+    ) -> None:
         self.submit_forward(x, expert_ids, routing_weights, out, save_for_backward)
         self.sync_forward()
 
-    def submit_forward(self, x: torch.Tensor, expert_ids: torch.Tensor,
-                       routing_weights: torch.Tensor, out: torch.Tensor,
-                       save_for_backward: bool = True) -> None:
+    def submit_forward(
+        self,
+        x: torch.Tensor,
+        expert_ids: torch.Tensor,
+        routing_weights: torch.Tensor,
+        out: torch.Tensor,
+        save_for_backward: bool = True,
+    ) -> None:
         raise NotImplementedError
 
     def sync_forward(self) -> None:
@@ -556,9 +591,14 @@ class LeaderBackend(_Exchange):
             offsets.append(offsets[-1] + s)
         return offsets
 
-    def submit_forward(self, x: torch.Tensor, expert_ids: torch.Tensor,
-                       routing_weights: torch.Tensor, out: torch.Tensor,
-                       save_for_backward: bool = True) -> None:
+    def submit_forward(
+        self,
+        x: torch.Tensor,
+        expert_ids: torch.Tensor,
+        routing_weights: torch.Tensor,
+        out: torch.Tensor,
+        save_for_backward: bool = True,
+    ) -> None:
         sizes = self._meta(_FORWARD, x.shape[0], x.dtype, save_for_backward)
         off = self._offsets(sizes)
         total = off[-1]
@@ -573,8 +613,11 @@ class LeaderBackend(_Exchange):
         for i, src in enumerate(self.ranks[1:], start=1):
             if sizes[i]:
                 rows = slice(off[i], off[i + 1])
-                works += [self._irecv(xs[rows], src, _TAG_X), self._irecv(ids[rows], src, _TAG_IDS),
-                          self._irecv(ws[rows], src, _TAG_W)]
+                works += [
+                    self._irecv(xs[rows], src, _TAG_X),
+                    self._irecv(ids[rows], src, _TAG_IDS),
+                    self._irecv(ws[rows], src, _TAG_W),
+                ]
         self._wait(works, "forward exchange (receiving tokens)")
         outs = torch.empty(total, H, dtype=torch.float32)
         if total:
@@ -591,12 +634,16 @@ class LeaderBackend(_Exchange):
             self.inner.sync_forward()
         off = self._offsets(sizes)
         out.copy_(outs[: sizes[0]])
-        works = [self._isend(outs[off[i]: off[i + 1]], dst, _TAG_OUT)
-                 for i, dst in enumerate(self.ranks[1:], start=1) if sizes[i]]
+        works = [
+            self._isend(outs[off[i] : off[i + 1]], dst, _TAG_OUT)
+            for i, dst in enumerate(self.ranks[1:], start=1)
+            if sizes[i]
+        ]
         self._wait(works, "forward exchange (returning outputs)")
 
-    def backward(self, grad_out: torch.Tensor, grad_input: torch.Tensor,
-                 grad_routing_weights: torch.Tensor) -> None:
+    def backward(
+        self, grad_out: torch.Tensor, grad_input: torch.Tensor, grad_routing_weights: torch.Tensor
+    ) -> None:
         sizes = self._meta(_BACKWARD, grad_out.shape[0], torch.float32, True)
         if not self._stack:
             raise KTDistributedError(f"{self.name}: backward without a cached forward")
@@ -604,14 +651,18 @@ class LeaderBackend(_Exchange):
         if cached != sizes:
             raise KTDistributedError(
                 f"kt distributed: {self.name}: the backward brings {sizes} tokens per rank but "
-                f"the forward it pops had {cached}; ranks are out of step")
+                f"the forward it pops had {cached}; ranks are out of step"
+            )
         off = self._offsets(sizes)
         total = off[-1]
         H, K = self.hidden_size, self.top_k
         grads = torch.empty(total, H, dtype=torch.float32)
         grads[: sizes[0]].copy_(grad_out)
-        works = [self._irecv(grads[off[i]: off[i + 1]], src, _TAG_GRAD)
-                 for i, src in enumerate(self.ranks[1:], start=1) if sizes[i]]
+        works = [
+            self._irecv(grads[off[i] : off[i + 1]], src, _TAG_GRAD)
+            for i, src in enumerate(self.ranks[1:], start=1)
+            if sizes[i]
+        ]
         self._wait(works, "backward exchange (receiving output gradients)")
         dx = torch.empty(total, H, dtype=torch.float32)
         dw = torch.empty(total, K, dtype=torch.float32)
@@ -622,8 +673,10 @@ class LeaderBackend(_Exchange):
         works = []
         for i, dst in enumerate(self.ranks[1:], start=1):
             if sizes[i]:
-                works += [self._isend(dx[off[i]: off[i + 1]], dst, _TAG_DX),
-                          self._isend(dw[off[i]: off[i + 1]], dst, _TAG_DW)]
+                works += [
+                    self._isend(dx[off[i] : off[i + 1]], dst, _TAG_DX),
+                    self._isend(dw[off[i] : off[i + 1]], dst, _TAG_DW),
+                ]
         self._wait(works, "backward exchange (returning input gradients)")
 
     def clear_cache(self) -> None:
@@ -653,16 +706,22 @@ class MemberBackend(_Exchange):
     def lora_updated(self) -> None:
         pass
 
-    def submit_forward(self, x: torch.Tensor, expert_ids: torch.Tensor,
-                       routing_weights: torch.Tensor, out: torch.Tensor,
-                       save_for_backward: bool = True) -> None:
+    def submit_forward(
+        self,
+        x: torch.Tensor,
+        expert_ids: torch.Tensor,
+        routing_weights: torch.Tensor,
+        out: torch.Tensor,
+        save_for_backward: bool = True,
+    ) -> None:
         T = x.shape[0]
         self._meta(_FORWARD, T, x.dtype, save_for_backward)
         if T:
-            sends = [self._isend(x.contiguous(), self.leader, _TAG_X),
-                     self._isend(expert_ids.to(torch.int64).contiguous(), self.leader, _TAG_IDS),
-                     self._isend(routing_weights.to(torch.float32).contiguous(), self.leader,
-                                 _TAG_W)]
+            sends = [
+                self._isend(x.contiguous(), self.leader, _TAG_X),
+                self._isend(expert_ids.to(torch.int64).contiguous(), self.leader, _TAG_IDS),
+                self._isend(routing_weights.to(torch.float32).contiguous(), self.leader, _TAG_W),
+            ]
             self._wait(sends, "forward exchange (sending tokens)")
             recv = self._irecv(out, self.leader, _TAG_OUT)
         else:
@@ -678,8 +737,9 @@ class MemberBackend(_Exchange):
         if recv is not None:
             self._wait([recv], "forward exchange (receiving outputs)")
 
-    def backward(self, grad_out: torch.Tensor, grad_input: torch.Tensor,
-                 grad_routing_weights: torch.Tensor) -> None:
+    def backward(
+        self, grad_out: torch.Tensor, grad_input: torch.Tensor, grad_routing_weights: torch.Tensor
+    ) -> None:
         T = grad_out.shape[0]
         self._meta(_BACKWARD, T, torch.float32, True)
         if self._stack:
@@ -687,8 +747,10 @@ class MemberBackend(_Exchange):
         if T:
             send = self._isend(grad_out.to(torch.float32).contiguous(), self.leader, _TAG_GRAD)
             self._wait([send], "backward exchange (sending output gradients)")
-            recvs = [self._irecv(grad_input, self.leader, _TAG_DX),
-                     self._irecv(grad_routing_weights, self.leader, _TAG_DW)]
+            recvs = [
+                self._irecv(grad_input, self.leader, _TAG_DX),
+                self._irecv(grad_routing_weights, self.leader, _TAG_DW),
+            ]
             self._wait(recvs, "backward exchange (receiving input gradients)")
 
     def clear_cache(self) -> None:
@@ -718,8 +780,11 @@ def ignore_expert_lora_in_ddp(model: torch.nn.Module) -> list[str]:
     names = [n for n, p in model.named_parameters() if id(p) in ids]
     previous = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []) or [])
     merged = previous + [n for n in names if n not in previous]
-    setter = getattr(torch.nn.parallel.DistributedDataParallel,
-                     "_set_params_and_buffers_to_ignore_for_model", None)
+    setter = getattr(
+        torch.nn.parallel.DistributedDataParallel,
+        "_set_params_and_buffers_to_ignore_for_model",
+        None,
+    )
     if callable(setter):
         setter(model, merged)
     else:  # pragma: no cover - the attribute DDP reads
@@ -727,8 +792,7 @@ def ignore_expert_lora_in_ddp(model: torch.nn.Module) -> list[str]:
     return names
 
 
-def _buckets(tensors: list[torch.Tensor], limit: int = 1 << 26
-             ) -> Iterable[list[torch.Tensor]]:
+def _buckets(tensors: list[torch.Tensor], limit: int = 1 << 26) -> Iterable[list[torch.Tensor]]:
     """Tensors grouped by (device, dtype), at most ``limit`` elements per group."""
     groups: dict[tuple[Any, Any], list[torch.Tensor]] = {}
     for t in tensors:
@@ -755,18 +819,21 @@ def _collective(ctx: DistributedContext, what: str, fn: Callable[[], Any]) -> An
         t = ctx.topology
         raise KTDistributedError(
             f"kt distributed: rank {t.rank} failed during the {what}: {exc}. A peer process "
-            f"probably crashed or is stuck (timeout {ctx.timeout:g}s, KT_DIST_TIMEOUT)") from exc
+            f"probably crashed or is stuck (timeout {ctx.timeout:g}s, KT_DIST_TIMEOUT)"
+        ) from exc
 
 
 def broadcast_expert_lora(model: torch.nn.Module, *, src: int = 0) -> None:
     """Copy the expert LoRA values of global rank ``src`` to every rank (collective). DDP does
     this for the parameters it manages; these it does not."""
-    broadcast_parameters(expert_lora_parameters(model), src=src,
-                         what="broadcast of the expert LoRA weights")
+    broadcast_parameters(
+        expert_lora_parameters(model), src=src, what="broadcast of the expert LoRA weights"
+    )
 
 
-def broadcast_parameters(params: Iterable[torch.Tensor], *, src: int = 0,
-                         what: str = "broadcast of parameters") -> None:
+def broadcast_parameters(
+    params: Iterable[torch.Tensor], *, src: int = 0, what: str = "broadcast of parameters"
+) -> None:
     """Copy the values of ``params`` on global rank ``src`` to every rank, in place
     (collective: every rank passes the same parameters in the same order). A no-op for one
     process."""
@@ -777,13 +844,14 @@ def broadcast_parameters(params: Iterable[torch.Tensor], *, src: int = 0,
         return
     for bucket in _buckets([p.data for p in params]):
         flat = torch.cat([t.reshape(-1) for t in bucket]).to(ctx._reduce_device)
-        _collective(ctx, what,
-                    lambda flat=flat: dist.broadcast(flat, src=src, group=ctx._world_group))
+        _collective(
+            ctx, what, lambda flat=flat: dist.broadcast(flat, src=src, group=ctx._world_group)
+        )
         flat = flat.to(bucket[0].device)
         offset = 0
         with torch.no_grad():
             for t in bucket:
-                t.copy_(flat[offset: offset + t.numel()].view_as(t))
+                t.copy_(flat[offset : offset + t.numel()].view_as(t))
                 offset += t.numel()
 
 
@@ -804,15 +872,18 @@ def all_reduce_gradients(params: Iterable[torch.Tensor], *, average: bool = True
     world = ctx.topology.world_size
     for bucket in _buckets([p.grad for p in params]):
         flat = torch.cat([g.reshape(-1) for g in bucket]).to(ctx._reduce_device)
-        _collective(ctx, "all-reduce of gradients",
-                    lambda flat=flat: dist.all_reduce(flat, group=ctx._world_group))
+        _collective(
+            ctx,
+            "all-reduce of gradients",
+            lambda flat=flat: dist.all_reduce(flat, group=ctx._world_group),
+        )
         if average:
             flat.div_(world)
         flat = flat.to(bucket[0].device)
         offset = 0
         with torch.no_grad():
             for g in bucket:
-                g.copy_(flat[offset: offset + g.numel()].view_as(g))
+                g.copy_(flat[offset : offset + g.numel()].view_as(g))
                 offset += g.numel()
 
 
@@ -867,20 +938,28 @@ def reduce_expert_lora_grads(model: torch.nn.Module, *, average: bool = True) ->
     for bucket in _buckets([p.grad for p in params]):
         flat = torch.cat([g.reshape(-1) for g in bucket]).to(ctx._reduce_device)
         if gather_members:
-            _collective(ctx, "reduction of expert LoRA gradients within the node",
-                        lambda flat=flat: dist.reduce(flat, dst=t.leader, group=ctx._node_group))
+            _collective(
+                ctx,
+                "reduction of expert LoRA gradients within the node",
+                lambda flat=flat: dist.reduce(flat, dst=t.leader, group=ctx._node_group),
+            )
         if t.is_leader and len(t.leaders) > 1:
-            _collective(ctx, "all-reduce of expert LoRA gradients among node leaders",
-                        lambda flat=flat: dist.all_reduce(flat, group=ctx._leaders_group))
+            _collective(
+                ctx,
+                "all-reduce of expert LoRA gradients among node leaders",
+                lambda flat=flat: dist.all_reduce(flat, group=ctx._leaders_group),
+            )
         if node_size > 1:
-            _collective(ctx, "broadcast of expert LoRA gradients within the node",
-                        lambda flat=flat: dist.broadcast(flat, src=t.leader,
-                                                         group=ctx._node_group))
+            _collective(
+                ctx,
+                "broadcast of expert LoRA gradients within the node",
+                lambda flat=flat: dist.broadcast(flat, src=t.leader, group=ctx._node_group),
+            )
         if average:
             flat.div_(t.world_size)
         flat = flat.to(bucket[0].device)
         offset = 0
         with torch.no_grad():
             for g in bucket:
-                g.copy_(flat[offset: offset + g.numel()].view_as(g))
+                g.copy_(flat[offset : offset + g.numel()].view_as(g))
                 offset += g.numel()

@@ -53,7 +53,8 @@ _COPY_HELP = (
     "TRL does this when ref_model=None); for an EMA or snapshot of the adapter, copy its "
     "trainable tensors (`{n: p.detach().clone() for n, p in model.named_parameters() if "
     "p.requires_grad}`) or save it with save_pretrained; for a second independent model, load "
-    "it again with kt_sft.load_model / kt_sft.wrap_model")
+    "it again with kt_sft.load_model / kt_sft.wrap_model"
+)
 
 
 class _Holder:
@@ -65,8 +66,9 @@ class _Holder:
 class _Entry:
     __slots__ = ("claim", "holder", "policy", "popped", "tokens")
 
-    def __init__(self, holder: _Holder, tokens: int, claimable: bool = False,
-                 policy: str = "retain") -> None:
+    def __init__(
+        self, holder: _Holder, tokens: int, claimable: bool = False, policy: str = "retain"
+    ) -> None:
         self.holder = weakref.ref(holder)
         self.popped = False
         self.tokens = tokens
@@ -96,15 +98,29 @@ class LayerEngine:
     def __reduce_ex__(self, protocol: Any) -> Any:
         raise KTCopyError(f"pickling: {_COPY_HELP}")
 
-    def __init__(self, cfg: KTConfig, *, num_experts: int, top_k: int, hidden_size: int,
-                 intermediate_size: int, activation: str = "silu", lora_layout: str = "fused",
-                 name: str = "", layer_idx: int | None = None) -> None:
+    def __init__(
+        self,
+        cfg: KTConfig,
+        *,
+        num_experts: int,
+        top_k: int,
+        hidden_size: int,
+        intermediate_size: int,
+        activation: str = "silu",
+        lora_layout: str = "fused",
+        name: str = "",
+        layer_idx: int | None = None,
+    ) -> None:
         if activation not in ACTIVATIONS:
-            raise ValueError(f"{name or 'experts'}: activation {activation!r} is not implemented "
-                             f"by the engine (supported: {', '.join(sorted(ACTIVATIONS))})")
+            raise ValueError(
+                f"{name or 'experts'}: activation {activation!r} is not implemented "
+                f"by the engine (supported: {', '.join(sorted(ACTIVATIONS))})"
+            )
         if cfg.num_gpu_experts > num_experts:
-            raise ValueError(f"KTConfig.num_gpu_experts={cfg.num_gpu_experts} exceeds the "
-                             f"{num_experts} routed experts of {name or 'the layer'}")
+            raise ValueError(
+                f"KTConfig.num_gpu_experts={cfg.num_gpu_experts} exceeds the "
+                f"{num_experts} routed experts of {name or 'the layer'}"
+            )
         self.cfg = cfg
         self.name = name
         self.layer_idx = layer_idx
@@ -119,9 +135,14 @@ class LayerEngine:
         self.backend: Any = None
         if self.engine_experts > 0:
             self.backend = create_backend(
-                cfg, num_experts=self.engine_experts, top_k=top_k, hidden_size=hidden_size,
-                intermediate_size=intermediate_size, lora_layout=lora_layout,
-                activation=activation)
+                cfg,
+                num_experts=self.engine_experts,
+                top_k=top_k,
+                hidden_size=hidden_size,
+                intermediate_size=intermediate_size,
+                lora_layout=lora_layout,
+                activation=activation,
+            )
         self.lora_rank = cfg.lora_rank
         self.lora_scaling = cfg.lora_scaling
         self._profile = cfg.profile is not None
@@ -150,9 +171,11 @@ class LayerEngine:
         self.check_open()
         E, inter, H = self.num_experts, self.intermediate_size, self.hidden_size
         if tuple(gate_up.shape) != (E, 2 * inter, H) or tuple(down.shape) != (E, H, inter):
-            raise ValueError(f"{self.name}: expert weights must be gate_up {(E, 2 * inter, H)} "
-                             f"and down {(E, H, inter)}, got {tuple(gate_up.shape)} and "
-                             f"{tuple(down.shape)}")
+            raise ValueError(
+                f"{self.name}: expert weights must be gate_up {(E, 2 * inter, H)} "
+                f"and down {(E, H, inter)}, got {tuple(gate_up.shape)} and "
+                f"{tuple(down.shape)}"
+            )
         if self.backend is not None:
             n = self.num_gpu_experts
             gu = gate_up[n:].detach()
@@ -171,21 +194,29 @@ class LayerEngine:
             if source is not None and self.backend is not None:
                 raise RuntimeError(
                     f"{self.name}: the experts carry LoRA but the engine was built without it "
-                    "(KTConfig.lora_rank=0); wrap the model with lora_rank >= the adapter's r")
+                    "(KTConfig.lora_rank=0); wrap the model with lora_rank >= the adapter's r"
+                )
             return None
         if source is not None and source.max_rank > self.lora_rank:
             raise ValueError(
                 f"{self.name}: the adapter's LoRA rank r={source.max_rank} is larger than the "
                 f"engine's KTConfig.lora_rank={self.lora_rank}; wrap the model with "
-                f"KTConfig(lora_rank={source.max_rank}) (a smaller adapter rank is fine)")
+                f"KTConfig(lora_rank={source.max_rank}) (a smaller adapter rank is fine)"
+            )
         key = _source_key(source)
         with self._lock:
             if self._plan is None or key != self._plan_key:
                 self._plan = LoRAPlan.build(
-                    source, layout=self.lora_layout, rank=self.lora_rank,
-                    scaling=self.lora_scaling, num_experts=self.engine_experts,
-                    expert_offset=self.num_gpu_experts, hidden_size=self.hidden_size,
-                    intermediate_size=self.intermediate_size, grad_buffers=self._grad_buffers)
+                    source,
+                    layout=self.lora_layout,
+                    rank=self.lora_rank,
+                    scaling=self.lora_scaling,
+                    num_experts=self.engine_experts,
+                    expert_offset=self.num_gpu_experts,
+                    hidden_size=self.hidden_size,
+                    intermediate_size=self.intermediate_size,
+                    grad_buffers=self._grad_buffers,
+                )
                 self._plan_key = key
                 self._grad_buffers = self._plan.grad_buffers
                 self.backend.set_lora(**self._plan.arrays)
@@ -218,12 +249,16 @@ class LayerEngine:
         # Pop it with a zero-gradient backward; the LoRA gradient arrays are restored after
         # it so that nothing (not even a NaN from the discarded activations) reaches them.
         plan = self._plan
-        saved = ({k: v.clone() for k, v in plan.arrays.items() if k.startswith("grad_")}
-                 if plan is not None else {})
+        saved = (
+            {k: v.clone() for k, v in plan.arrays.items() if k.startswith("grad_")}
+            if plan is not None
+            else {}
+        )
         T, H, K = entry.tokens, self.hidden_size, self.top_k
         if entry.policy == "recompute":  # any x will do: the gradients are restored below
-            self.backend.backward(torch.zeros(T, H), torch.empty(T, H), torch.empty(T, K),
-                                  x=torch.zeros(T, H))
+            self.backend.backward(
+                torch.zeros(T, H), torch.empty(T, H), torch.empty(T, K), x=torch.zeros(T, H)
+            )
         else:
             self.backend.backward(torch.zeros(T, H), torch.empty(T, H), torch.empty(T, K))
         for k, v in saved.items():
@@ -231,9 +266,17 @@ class LayerEngine:
             plan.arrays[k].copy_(v)
 
     # -- compute --------------------------------------------------------------------------
-    def engine_forward(self, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, *,
-                       cache: bool, holder: _Holder | None, overlap: Any = None,
-                       claimable: bool = False) -> tuple[torch.Tensor, Any]:
+    def engine_forward(
+        self,
+        x: torch.Tensor,
+        ids: torch.Tensor,
+        w: torch.Tensor,
+        *,
+        cache: bool,
+        holder: _Holder | None,
+        overlap: Any = None,
+        claimable: bool = False,
+    ) -> tuple[torch.Tensor, Any]:
         """Run the engine on ``x: T x H`` (any device); returns (out fp32 on x's device,
         result of ``overlap()`` run while the engine computes). ``claimable``: the forward of a
         non-reentrant checkpoint's recompute, consumed by the layer's next backward."""
@@ -250,7 +293,8 @@ class LayerEngine:
                 raise KTCacheError(
                     f"{self.name}: {len(self._stack)} forwards already await their backward "
                     f"(KTConfig.max_cache_depth={self.cfg.max_cache_depth}); raise "
-                    "max_cache_depth / KT_MAX_CACHE_DEPTH to keep more forwards pending")
+                    "max_cache_depth / KT_MAX_CACHE_DEPTH to keep more forwards pending"
+                )
             t0 = time.perf_counter_ns() if self._profile else 0
             xh, idh, wh, out = self._to_host(x, ids, w)
             self.backend.submit_forward(xh, idh, wh, out, save_for_backward=cache)
@@ -266,9 +310,15 @@ class LayerEngine:
                 self._trace("forward", t0, T, cache=cache)
         return result, extra
 
-    def engine_backward(self, holder: _Holder | None, x: torch.Tensor, ids: torch.Tensor,
-                        w: torch.Tensor, grad_out: torch.Tensor, plan: LoRAPlan | None
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    def engine_backward(
+        self,
+        holder: _Holder | None,
+        x: torch.Tensor,
+        ids: torch.Tensor,
+        w: torch.Tensor,
+        grad_out: torch.Tensor,
+        plan: LoRAPlan | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Backward of one engine forward; writes LoRA grads; returns (dx, dw) on x's device."""
         self.check_open()
         device = x.device
@@ -279,7 +329,8 @@ class LayerEngine:
             top = self._stack[-1] if self._stack else None
             mine = top is not None and (
                 (holder is not None and top.holder() is holder)
-                or (top.claimable and top.tokens == T))
+                or (top.claimable and top.tokens == T)
+            )
             if not mine:
                 # Out-of-order backward, or a forward that did not cache: recompute it. If the
                 # cache is full, every pending entry is dropped (their backwards recompute too).
@@ -328,10 +379,14 @@ class LayerEngine:
         if policy == "auto":
             from kt_sft.estimate import cache_entry_bytes, live_cache_bytes
 
-            entry = cache_entry_bytes(tokens, hidden_size=self.hidden_size,
-                                      intermediate_size=self.intermediate_size,
-                                      top_k=self.top_k, lora_rank=self.lora_rank,
-                                      policy="retain")
+            entry = cache_entry_bytes(
+                tokens,
+                hidden_size=self.hidden_size,
+                intermediate_size=self.intermediate_size,
+                top_k=self.top_k,
+                lora_rank=self.lora_rank,
+                policy="retain",
+            )
             budget = self.cfg.activation_budget_bytes()
             policy = "retain" if live_cache_bytes() + entry <= budget else "recompute"
         if self.backend.activation_policy != policy:
@@ -345,12 +400,18 @@ class LayerEngine:
         phases = {}
         if callable(timings):
             phases = {k: v for k, v in timings().items() if k.startswith(phase)}
-        tracer.span(f"{self.name} {phase}", t0, time.perf_counter_ns(), phases=phases,
-                    args={"tokens": tokens, "layer": self.layer_idx, **args})
+        tracer.span(
+            f"{self.name} {phase}",
+            t0,
+            time.perf_counter_ns(),
+            phases=phases,
+            args={"tokens": tokens, "layer": self.layer_idx, **args},
+        )
 
     # -- host staging ---------------------------------------------------------------------
-    def _buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, pin: bool
-                ) -> torch.Tensor:
+    def _buffer(
+        self, name: str, shape: tuple[int, ...], dtype: torch.dtype, pin: bool
+    ) -> torch.Tensor:
         buf = self._host.get(name)
         numel = 1
         for s in shape:
@@ -360,8 +421,9 @@ class LayerEngine:
             self._host[name] = buf
         return buf[:numel].view(shape)
 
-    def _to_host(self, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _to_host(
+        self, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         T, H, K = x.shape[0], self.hidden_size, self.top_k
         xdtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
         if x.device.type == "cpu":
@@ -417,8 +479,10 @@ class LayerEngine:
 
     def check_open(self) -> None:
         if self._closed:
-            raise RuntimeError(f"{self.name}: the kt engine of this layer was closed "
-                               "(kt_sft.close(model)); wrap or load the model again")
+            raise RuntimeError(
+                f"{self.name}: the kt engine of this layer was closed "
+                "(kt_sft.close(model)); wrap or load the model again"
+            )
 
 
 def _is_local_engine(backend: Any) -> bool:
@@ -434,6 +498,12 @@ def _source_key(source: LoRASource | None) -> tuple[Any, ...]:
     if source is None:
         return ("none",)
     params = source.params()
-    return (source.key, source.layout, source.rank, source.scaling,
-            tuple(sorted(source.ranks.items())), tuple(sorted(source.scalings.items())),
-            tuple((id(p), p.data_ptr(), p.dtype, p.device, tuple(p.stride())) for p in params))
+    return (
+        source.key,
+        source.layout,
+        source.rank,
+        source.scaling,
+        tuple(sorted(source.ranks.items())),
+        tuple(sorted(source.scalings.items())),
+        tuple((id(p), p.data_ptr(), p.dtype, p.device, tuple(p.stride())) for p in params),
+    )

@@ -42,9 +42,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["GIB", "MemoryEstimate", "ModelShape", "cache_entry_bytes", "default_activation_budget",
-           "estimate_memory", "format_estimate", "live_cache_bytes", "scratch_bytes",
-           "shape_from_config"]
+__all__ = [
+    "GIB",
+    "MemoryEstimate",
+    "ModelShape",
+    "cache_entry_bytes",
+    "default_activation_budget",
+    "estimate_memory",
+    "format_estimate",
+    "live_cache_bytes",
+    "scratch_bytes",
+    "shape_from_config",
+]
 
 GIB = 1024**3
 OVERHEAD_BYTES = 1 * GIB
@@ -76,8 +85,7 @@ class ModelShape:
     num_layers: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("num_experts", "num_moe_layers", "hidden_size", "intermediate_size",
-                     "top_k"):
+        for name in ("num_experts", "num_moe_layers", "hidden_size", "intermediate_size", "top_k"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -86,8 +94,9 @@ class ModelShape:
 
     @property
     def expert_params(self) -> int:
-        return self.num_moe_layers * self.num_experts * 3 * self.hidden_size * \
-            self.intermediate_size
+        return (
+            self.num_moe_layers * self.num_experts * 3 * self.hidden_size * self.intermediate_size
+        )
 
     def replace(self, **changes: Any) -> ModelShape:
         return dataclasses.replace(self, **changes)
@@ -112,8 +121,15 @@ class MemoryEstimate:
 
     @property
     def total(self) -> float:
-        return self.experts + self.expert_lora + self.cache + self.scratch + self.activations + \
-            self.rest + self.overhead
+        return (
+            self.experts
+            + self.expert_lora
+            + self.cache
+            + self.scratch
+            + self.activations
+            + self.rest
+            + self.overhead
+        )
 
     @property
     def step_growth(self) -> float:
@@ -127,24 +143,40 @@ class MemoryEstimate:
         return d
 
 
-def estimate_memory(shape: ModelShape, *, weight_dtype: str = "bf16", lora_rank: int = 8,
-                    max_tokens: int = 4096, cache_depth: int = 1, group_size: int = 128,
-                    training: bool = True, non_expert_on_gpu: bool = False,
-                    non_expert_bytes: int = 4, policy: str = "retain",
-                    checkpointing: str = "none", budget: float | None = None) -> MemoryEstimate:
+def estimate_memory(
+    shape: ModelShape,
+    *,
+    weight_dtype: str = "bf16",
+    lora_rank: int = 8,
+    max_tokens: int = 4096,
+    cache_depth: int = 1,
+    group_size: int = 128,
+    training: bool = True,
+    non_expert_on_gpu: bool = False,
+    non_expert_bytes: int = 4,
+    policy: str = "retain",
+    checkpointing: str = "none",
+    budget: float | None = None,
+) -> MemoryEstimate:
     """Bytes of CPU RAM per component for steps of ``max_tokens`` tokens; see the module
     docstring for the model. ``budget``: bytes the ``auto`` policy may retain (``None``: half
     the memory available now)."""
     if weight_dtype not in WEIGHT_BYTES:
-        raise ValueError(f"weight_dtype must be one of {', '.join(WEIGHT_BYTES)}, got "
-                         f"{weight_dtype!r}")
+        raise ValueError(
+            f"weight_dtype must be one of {', '.join(WEIGHT_BYTES)}, got {weight_dtype!r}"
+        )
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
     if checkpointing not in CHECKPOINTING:
-        raise ValueError(f"checkpointing must be one of {', '.join(CHECKPOINTING)}, got "
-                         f"{checkpointing!r}")
-    for name, value in (("lora_rank", lora_rank), ("max_tokens", max_tokens),
-                        ("cache_depth", cache_depth), ("group_size", group_size)):
+        raise ValueError(
+            f"checkpointing must be one of {', '.join(CHECKPOINTING)}, got {checkpointing!r}"
+        )
+    for name, value in (
+        ("lora_rank", lora_rank),
+        ("max_tokens", max_tokens),
+        ("cache_depth", cache_depth),
+        ("group_size", group_size),
+    ):
         if value < (0 if name == "lora_rank" else 1):
             raise ValueError(f"{name} must be positive, got {value}")
     L, E, H, K = shape.num_moe_layers, shape.num_experts, shape.hidden_size, shape.top_k
@@ -171,8 +203,13 @@ def estimate_memory(shape: ModelShape, *, weight_dtype: str = "bf16", lora_rank:
             recompute = retained < pending
         else:
             cache = pending * (lean if recompute else keep)
-    scratch = scratch_bytes(T, recompute=training and recompute, training=training,
-                            uncached=checkpointing != "none", **dims)
+    scratch = scratch_bytes(
+        T,
+        recompute=training and recompute,
+        training=training,
+        uncached=checkpointing != "none",
+        **dims,
+    )
     layers = shape.num_layers or L
     activations = 0.0
     if training and not non_expert_on_gpu:
@@ -181,18 +218,37 @@ def estimate_memory(shape: ModelShape, *, weight_dtype: str = "bf16", lora_rank:
             factor += RECOMPUTED_LAYER_FACTOR[checkpointing]
         activations = factor * T * H * non_expert_bytes
     rest = 0 if non_expert_on_gpu else shape.other_params * non_expert_bytes
-    return MemoryEstimate(weight_dtype, float(experts), float(lora), float(cache), float(scratch),
-                          float(rest), float(OVERHEAD_BYTES), float(activations), float(grads),
-                          policy, checkpointing)
+    return MemoryEstimate(
+        weight_dtype,
+        float(experts),
+        float(lora),
+        float(cache),
+        float(scratch),
+        float(rest),
+        float(OVERHEAD_BYTES),
+        float(activations),
+        float(grads),
+        policy,
+        checkpointing,
+    )
 
 
 def _pages(n: float) -> int:
     return int(-(-n // _PAGE) * _PAGE)
 
 
-def scratch_bytes(tokens: int, *, hidden_size: int, intermediate_size: int, top_k: int,
-                  lora_rank: int, recompute: bool = False, training: bool = True,
-                  max_tokens: int | None = None, uncached: bool = False) -> int:
+def scratch_bytes(
+    tokens: int,
+    *,
+    hidden_size: int,
+    intermediate_size: int,
+    top_k: int,
+    lora_rank: int,
+    recompute: bool = False,
+    training: bool = True,
+    max_tokens: int | None = None,
+    uncached: bool = False,
+) -> int:
     """Bytes of the engine's process-wide scratch after a step of ``tokens`` tokens (the
     largest of forward and backward: both use the same slots). ``uncached``: some forwards keep
     no cache entry (inference, checkpointing's first pass), so x, x A^T and h Ad^T go to
@@ -225,8 +281,15 @@ def scratch_bytes(tokens: int, *, hidden_size: int, intermediate_size: int, top_
     return total
 
 
-def cache_entry_bytes(tokens: int, *, hidden_size: int, intermediate_size: int, top_k: int,
-                      lora_rank: int, policy: str = "retain") -> int:
+def cache_entry_bytes(
+    tokens: int,
+    *,
+    hidden_size: int,
+    intermediate_size: int,
+    top_k: int,
+    lora_rank: int,
+    policy: str = "retain",
+) -> int:
     """Bytes of one engine cache entry for a forward of ``tokens`` tokens (every slot routed):
     the routing index (12 per routed row) and, under ``retain``, x as bf16 (2H per token, H
     rounded up to 32), x A^T and h Ad^T (4r each per routed row) and [g | u] as fp32 (8I per
@@ -276,6 +339,7 @@ def default_activation_budget() -> float:
 
 # ---------------------------------------------------------------------------------------------
 
+
 def _get(cfg: dict[str, Any], *names: str, default: Any = None) -> Any:
     for n in names:
         if cfg.get(n) is not None:
@@ -292,8 +356,11 @@ def _moe_layers(raw: dict[str, Any], cfg: dict[str, Any], num_layers: int) -> li
         first_dense = int(cfg.get("first_k_dense_replace") or 0)
         step = int(cfg.get("decoder_sparse_step") or cfg.get("moe_layer_freq") or 1)
         skip = set(cfg.get("mlp_only_layers") or [])
-        return [i for i in range(num_layers)
-                if i >= first_dense and i not in skip and (i + 1) % step == 0]
+        return [
+            i
+            for i in range(num_layers)
+            if i >= first_dense and i not in skip and (i + 1) % step == 0
+        ]
 
 
 def _other_params(cfg: dict[str, Any], H: int, E: int, num_layers: int, moe_layers: int) -> int:
@@ -339,8 +406,9 @@ def shape_from_config(path: str | Path) -> ModelShape:
     if p.is_dir():
         p = p / "config.json"
     if not p.is_file():
-        raise FileNotFoundError(f"config not found: {p} (give a config.json or a checkpoint "
-                                "directory)")
+        raise FileNotFoundError(
+            f"config not found: {p} (give a config.json or a checkpoint directory)"
+        )
     try:
         raw = json.loads(p.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
@@ -350,38 +418,55 @@ def shape_from_config(path: str | Path) -> ModelShape:
     E = read_field(cfg, NUM_EXPERTS_FIELDS, what="number of routed experts")
     H = read_field(cfg, HIDDEN_SIZE_FIELDS, what="hidden size")
     num_layers = read_field(cfg, NUM_LAYERS_FIELDS, what="number of decoder layers")
-    inter = read_field(cfg, (*MOE_INTERMEDIATE_SIZE_FIELDS, "intermediate_size"),
-                       what="routed expert intermediate size")
+    inter = read_field(
+        cfg,
+        (*MOE_INTERMEDIATE_SIZE_FIELDS, "intermediate_size"),
+        what="routed expert intermediate size",
+    )
     K = read_field(cfg, TOP_K_FIELDS, what="number of experts per token (top-k)")
     moe = _moe_layers(raw, cfg, num_layers)
     if not moe:
         raise ValueError(f"{p}: no decoder layer has routed experts")
-    return ModelShape(num_experts=E, num_moe_layers=len(moe), hidden_size=H,
-                      intermediate_size=inter,
-                      top_k=K, other_params=_other_params(cfg, H, E, num_layers, len(moe)),
-                      model_type=raw.get("model_type"), num_layers=num_layers)
+    return ModelShape(
+        num_experts=E,
+        num_moe_layers=len(moe),
+        hidden_size=H,
+        intermediate_size=inter,
+        top_k=K,
+        other_params=_other_params(cfg, H, E, num_layers, len(moe)),
+        model_type=raw.get("model_type"),
+        num_layers=num_layers,
+    )
 
 
 def _gib(x: float) -> str:
     return f"{x / GIB:,.1f}" if x >= 0.1 * GIB else f"{x / GIB:,.2f}"
 
 
-def format_estimate(shape: ModelShape, results: list[MemoryEstimate], *,
-                    other_params_known: bool = True) -> str:
+def format_estimate(
+    shape: ModelShape, results: list[MemoryEstimate], *, other_params_known: bool = True
+) -> str:
     """The estimate as a table. `other_params_known=False` (a custom shape given without its
     non-expert parameter count) shows that row as not counted instead of 0."""
-    head = (f"model: {shape.model_type or 'custom'} — E={shape.num_experts} experts x "
-            f"{shape.num_moe_layers} MoE layers"
-            + (f" (of {shape.num_layers})" if shape.num_layers else "")
-            + f", H={shape.hidden_size}, I={shape.intermediate_size}, K={shape.top_k}; "
-            f"routed expert parameters {shape.expert_params / 1e9:,.2f} B, other "
-            + (f"{shape.other_params / 1e9:,.2f} B" if other_params_known else "not given"))
+    head = (
+        f"model: {shape.model_type or 'custom'} — E={shape.num_experts} experts x "
+        f"{shape.num_moe_layers} MoE layers"
+        + (f" (of {shape.num_layers})" if shape.num_layers else "")
+        + f", H={shape.hidden_size}, I={shape.intermediate_size}, K={shape.top_k}; "
+        f"routed expert parameters {shape.expert_params / 1e9:,.2f} B, other "
+        + (f"{shape.other_params / 1e9:,.2f} B" if other_params_known else "not given")
+    )
     rows = [("GiB", *[r.weight_dtype for r in results])]
-    for label, attr in (("routed experts", "experts"), ("expert LoRA + AdamW", "expert_lora"),
-                        ("engine activation cache", "cache"), ("engine scratch", "scratch"),
-                        ("PyTorch activations", "activations"),
-                        ("non-expert weights", "rest"), ("runtime overhead", "overhead"),
-                        ("total RAM", "total")):
+    for label, attr in (
+        ("routed experts", "experts"),
+        ("expert LoRA + AdamW", "expert_lora"),
+        ("engine activation cache", "cache"),
+        ("engine scratch", "scratch"),
+        ("PyTorch activations", "activations"),
+        ("non-expert weights", "rest"),
+        ("runtime overhead", "overhead"),
+        ("total RAM", "total"),
+    ):
         if attr == "rest" and not other_params_known:
             rows.append((label, *["not counted" for _ in results]))
             continue
@@ -390,18 +475,21 @@ def format_estimate(shape: ModelShape, results: list[MemoryEstimate], *,
     cols = [max(len(r[i]) for r in rows) for i in range(1, len(rows[0]))]
     lines = [head, ""]
     for i, row in enumerate(rows):
-        lines.append(f"{row[0]:<{width}}  " + "  ".join(f"{c:>{w}}" for c, w in
-                                                          zip(row[1:], cols)))
+        lines.append(f"{row[0]:<{width}}  " + "  ".join(f"{c:>{w}}" for c, w in zip(row[1:], cols)))
         if i == 0 or i == len(rows) - 2:
             lines.append("-" * (width + 2 + sum(cols) + 2 * (len(cols) - 1)))
     lines.append("")
     if results:
         r = results[0]
-        lines.append(f"activation policy {r.policy}, gradient checkpointing {r.checkpointing}: "
-                     f"a step's forward + backward peaks {_gib(r.step_growth)} GiB above the "
-                     "loaded model (cache, scratch, activations, LoRA gradients)")
+        lines.append(
+            f"activation policy {r.policy}, gradient checkpointing {r.checkpointing}: "
+            f"a step's forward + backward peaks {_gib(r.step_growth)} GiB above the "
+            "loaded model (cache, scratch, activations, LoRA gradients)"
+        )
     if not other_params_known:
-        lines.append("non-expert weights (attention, embeddings, LM head, shared experts) are not "
-                     "in the total: give --other-params N, or --config PATH to read them")
+        lines.append(
+            "non-expert weights (attention, embeddings, LM head, shared experts) are not "
+            "in the total: give --other-params N, or --config PATH to read them"
+        )
     lines.append("formula: docs/troubleshooting.md#how-much-memory-do-i-need")
     return "\n".join(lines)

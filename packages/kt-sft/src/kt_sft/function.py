@@ -55,15 +55,19 @@ def _checkpoint_phase() -> str | None:
     return None
 
 
-def forward_mode(hidden: torch.Tensor, routing_weights: torch.Tensor,
-                 params: list[torch.Tensor]) -> str:
+def forward_mode(
+    hidden: torch.Tensor, routing_weights: torch.Tensor, params: list[torch.Tensor]
+) -> str:
     """``"infer"`` (no graph), ``"checkpointed"`` (graph, no engine cache: a non-reentrant
     checkpoint will recompute the layer), ``"recompute"`` (that recomputation: cached for the
     backward that follows) or ``"cache"``."""
     if not torch.is_grad_enabled():
         return "infer"
-    if not (hidden.requires_grad or routing_weights.requires_grad
-            or any(p.requires_grad for p in params)):
+    if not (
+        hidden.requires_grad
+        or routing_weights.requires_grad
+        or any(p.requires_grad for p in params)
+    ):
         return "infer"
     phase = _checkpoint_phase()
     if phase == "first":
@@ -85,13 +89,29 @@ class KTMoEFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, hidden: torch.Tensor, expert_ids: torch.Tensor,
-                routing_weights: torch.Tensor, layer: LayerEngine, source: LoRASource | None,
-                plan: LoRAPlan | None, mode: str, *lora_params: torch.Tensor) -> torch.Tensor:
+    def forward(
+        ctx: Any,
+        hidden: torch.Tensor,
+        expert_ids: torch.Tensor,
+        routing_weights: torch.Tensor,
+        layer: LayerEngine,
+        source: LoRASource | None,
+        plan: LoRAPlan | None,
+        mode: str,
+        *lora_params: torch.Tensor,
+    ) -> torch.Tensor:
         cache = mode in ("cache", "recompute")
         holder = _Holder() if cache else None
-        out = _forward(layer, hidden, expert_ids, routing_weights, source, cache=cache,
-                       holder=holder, claimable=(mode == "recompute"))
+        out = _forward(
+            layer,
+            hidden,
+            expert_ids,
+            routing_weights,
+            source,
+            cache=cache,
+            holder=holder,
+            claimable=(mode == "recompute"),
+        )
         ctx.save_for_backward(hidden, expert_ids, routing_weights)
         ctx.layer = layer
         ctx.source = source
@@ -114,22 +134,25 @@ class KTMoEFunction(torch.autograd.Function):
 
         def gpu_backward() -> None:
             # Runs while the engine computes its backward (GPU work is asynchronous).
-            gpu_result.append(_gpu_backward(layer, hidden, expert_ids, routing_weights, source,
-                                            grad_out))
+            gpu_result.append(
+                _gpu_backward(layer, hidden, expert_ids, routing_weights, source, grad_out)
+            )
 
         if T > 0 and layer.backend is not None:
             ids = _engine_ids(expert_ids, layer)
             if layer.gpu_experts is not None:
                 gpu_backward()
-            edx, edw = layer.engine_backward(ctx.holder, hidden, ids, routing_weights, grad_out,
-                                             ctx.plan)
+            edx, edw = layer.engine_backward(
+                ctx.holder, hidden, ids, routing_weights, grad_out, ctx.plan
+            )
             dx += edx
             dw += edw
         elif T > 0 and layer.gpu_experts is not None:
             gpu_backward()
         elif T == 0 and _collective(layer):
-            layer.engine_backward(ctx.holder, hidden, expert_ids, routing_weights, grad_out,
-                                  ctx.plan)
+            layer.engine_backward(
+                ctx.holder, hidden, expert_ids, routing_weights, grad_out, ctx.plan
+            )
         if gpu_result:
             gdx, gdw, gparams = gpu_result[0]
             dx += gdx
@@ -138,9 +161,16 @@ class KTMoEFunction(torch.autograd.Function):
                 for i, p in enumerate(source.params()):
                     param_grads[i] = gparams.get(id(p))
         ctx.holder = None
-        return (dx.to(hidden.dtype) if ctx.needs_input_grad[0] else None, None,
-                dw.to(routing_weights.dtype) if ctx.needs_input_grad[2] else None,
-                None, None, None, None, *param_grads)
+        return (
+            dx.to(hidden.dtype) if ctx.needs_input_grad[0] else None,
+            None,
+            dw.to(routing_weights.dtype) if ctx.needs_input_grad[2] else None,
+            None,
+            None,
+            None,
+            None,
+            *param_grads,
+        )
 
 
 def _collective(layer: LayerEngine) -> bool:
@@ -155,14 +185,23 @@ def _engine_ids(expert_ids: torch.Tensor, layer: LayerEngine) -> torch.Tensor:
     return torch.where(expert_ids >= n, expert_ids - n, torch.full_like(expert_ids, -1))
 
 
-def _forward(layer: LayerEngine, hidden: torch.Tensor, expert_ids: torch.Tensor,
-             routing_weights: torch.Tensor, source: LoRASource | None, *, cache: bool,
-             holder: _Holder | None, claimable: bool = False) -> torch.Tensor:
+def _forward(
+    layer: LayerEngine,
+    hidden: torch.Tensor,
+    expert_ids: torch.Tensor,
+    routing_weights: torch.Tensor,
+    source: LoRASource | None,
+    *,
+    cache: bool,
+    holder: _Holder | None,
+    claimable: bool = False,
+) -> torch.Tensor:
     T = hidden.shape[0]
     if T == 0:
         if _collective(layer):  # the node's other ranks wait for this call, tokens or not
-            layer.engine_forward(hidden, expert_ids, routing_weights, cache=cache, holder=holder,
-                                 claimable=claimable)
+            layer.engine_forward(
+                hidden, expert_ids, routing_weights, cache=cache, holder=holder, claimable=claimable
+            )
         return hidden.new_zeros(hidden.shape)
 
     def gpu_forward() -> torch.Tensor:
@@ -172,9 +211,15 @@ def _forward(layer: LayerEngine, hidden: torch.Tensor, expert_ids: torch.Tensor,
     out: torch.Tensor | None = None
     if layer.backend is not None:
         overlap = gpu_forward if layer.gpu_experts is not None else None
-        out, gpu_out = layer.engine_forward(hidden, _engine_ids(expert_ids, layer),
-                                            routing_weights, cache=cache, holder=holder,
-                                            overlap=overlap, claimable=claimable)
+        out, gpu_out = layer.engine_forward(
+            hidden,
+            _engine_ids(expert_ids, layer),
+            routing_weights,
+            cache=cache,
+            holder=holder,
+            overlap=overlap,
+            claimable=claimable,
+        )
         if gpu_out is not None:
             out = out + gpu_out
     elif layer.gpu_experts is not None:
@@ -183,10 +228,14 @@ def _forward(layer: LayerEngine, hidden: torch.Tensor, expert_ids: torch.Tensor,
     return out.to(hidden.dtype)
 
 
-def _gpu_backward(layer: LayerEngine, hidden: torch.Tensor, expert_ids: torch.Tensor,
-                  routing_weights: torch.Tensor, source: LoRASource | None,
-                  grad_out: torch.Tensor
-                  ) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
+def _gpu_backward(
+    layer: LayerEngine,
+    hidden: torch.Tensor,
+    expert_ids: torch.Tensor,
+    routing_weights: torch.Tensor,
+    source: LoRASource | None,
+    grad_out: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
     params = source.params() if source is not None else []
     leaf = {id(p): p.detach().requires_grad_(p.requires_grad) for p in params}
     x = hidden.detach().requires_grad_(True)
@@ -208,8 +257,13 @@ def _gpu_backward(layer: LayerEngine, hidden: torch.Tensor, expert_ids: torch.Te
     return dx.float().to(hidden.device), dw.float().to(hidden.device), out
 
 
-def kt_moe(layer: LayerEngine, hidden: torch.Tensor, expert_ids: torch.Tensor,
-           routing_weights: torch.Tensor, source: LoRASource | None = None) -> torch.Tensor:
+def kt_moe(
+    layer: LayerEngine,
+    hidden: torch.Tensor,
+    expert_ids: torch.Tensor,
+    routing_weights: torch.Tensor,
+    source: LoRASource | None = None,
+) -> torch.Tensor:
     """Routed experts of ``layer`` on ``hidden: T x H`` with autograd (the usual entry point)."""
     layer.check_open()
     params = source.params() if source is not None else []
@@ -217,7 +271,9 @@ def kt_moe(layer: LayerEngine, hidden: torch.Tensor, expert_ids: torch.Tensor,
     mode = forward_mode(hidden, routing_weights, params)
     if mode == "infer":
         with torch.no_grad():
-            return _forward(layer, hidden, expert_ids, routing_weights, source, cache=False,
-                            holder=None)
-    return KTMoEFunction.apply(hidden, expert_ids, routing_weights, layer, source, plan, mode,
-                               *params)
+            return _forward(
+                layer, hidden, expert_ids, routing_weights, source, cache=False, holder=None
+            )
+    return KTMoEFunction.apply(
+        hidden, expert_ids, routing_weights, layer, source, plan, mode, *params
+    )

@@ -33,9 +33,14 @@ class GPUExperts(nn.Module):
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, activation={self.activation!r}"
 
-    def compute(self, x: torch.Tensor, expert_ids: torch.Tensor, routing_weights: torch.Tensor,
-                source: LoRASource | None,
-                leaf: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+    def compute(
+        self,
+        x: torch.Tensor,
+        expert_ids: torch.Tensor,
+        routing_weights: torch.Tensor,
+        source: LoRASource | None,
+        leaf: dict[int, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """fp32 output of these experts for the slots routed to them (others contribute 0)."""
         n = self.num_experts
         device = self.gate_up.device
@@ -54,7 +59,14 @@ class GPUExperts(nn.Module):
                 a, b = views
                 lora[f"a_{kind}"] = a[:n].to(device, torch.float32)
                 lora[f"b_{kind}"] = b[:n].to(device, torch.float32)
-        return moe_reference(x.to(device, torch.float32), ids,
-                             routing_weights.to(device, torch.float32),
-                             gate_up[:, :inter], gate_up[:, inter:], self.down.float(),
-                             lora=lora, scaling=scaling, activation=self.activation)
+        return moe_reference(
+            x.to(device, torch.float32),
+            ids,
+            routing_weights.to(device, torch.float32),
+            gate_up[:, :inter],
+            gate_up[:, inter:],
+            self.down.float(),
+            lora=lora,
+            scaling=scaling,
+            activation=self.activation,
+        )

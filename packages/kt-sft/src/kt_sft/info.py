@@ -12,8 +12,16 @@ from typing import Any
 
 __all__ = ["collect_info", "format_info"]
 
-_PACKAGES = ("kt-kernels", "kt-models", "kt-sft", "kt-accelerate", "torch", "transformers",
-             "peft", "accelerate")
+_PACKAGES = (
+    "kt-kernels",
+    "kt-models",
+    "kt-sft",
+    "kt-accelerate",
+    "torch",
+    "transformers",
+    "peft",
+    "accelerate",
+)
 
 
 def _version(dist: str) -> str | None:
@@ -87,8 +95,11 @@ def collect_info() -> dict[str, Any]:
     import torch
 
     info["torch_threads"] = torch.get_num_threads()
-    info["cuda"] = ([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-                    if torch.cuda.is_available() else [])
+    info["cuda"] = (
+        [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        if torch.cuda.is_available()
+        else []
+    )
     return info
 
 
@@ -116,8 +127,9 @@ def format_info(info: dict[str, Any]) -> str:
         extra = f" (KT_NUM_THREADS={info['KT_NUM_THREADS']})" if "KT_NUM_THREADS" in info else ""
         lines.append(f"engine threads  {info['engine_threads']}{extra}")
     nodes = info["numa_nodes"]
-    desc = ", ".join(f"node {n['node']}" + (f": cpus {n['cpus']}" if n.get("cpus") else "")
-                     for n in nodes)
+    desc = ", ".join(
+        f"node {n['node']}" + (f": cpus {n['cpus']}" if n.get("cpus") else "") for n in nodes
+    )
     lines.append(f"numa nodes      {len(nodes)} ({desc})")
     lines.append(f"torch threads   {info['torch_threads']}")
     lines.append(f"cuda            {', '.join(info['cuda']) or 'none (CPU only)'}")

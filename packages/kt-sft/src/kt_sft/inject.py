@@ -58,8 +58,12 @@ class KTUnsupportedExpertsError(ValueError):
 # registry hook
 
 
-def kt_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                       top_k_weights: torch.Tensor) -> torch.Tensor:
+def kt_experts_forward(
+    self: nn.Module,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+) -> torch.Tensor:
     """The ``"kt"`` experts implementation: called by HF in place of the experts' forward."""
     from kt_sft.function import kt_moe
 
@@ -70,7 +74,8 @@ def kt_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index
             f"{layer.name or type(self).__name__}: the experts are called with top-k "
             f"{top_k_index.shape[-1]} (top_k_index {tuple(top_k_index.shape)}), but the engine "
             f"was built for top-k {layer.top_k} from the config; a model whose router picks a "
-            "varying number of experts per call is not supported")
+            "varying number of experts per call is not supported"
+        )
     out = kt_moe(layer, hidden_states, top_k_index, top_k_weights, layer.call_source)
     lora_experts = getattr(self, "kt_lora_experts", None)
     if lora_experts is not None:
@@ -100,8 +105,14 @@ def get_layer_engine(experts: nn.Module, *, create: bool = False) -> LayerEngine
         install_peft_hooks()
         cfg = KTConfig()
         top_k = _top_k_of(experts)
-        layer = _build_hf_layer(experts, cfg, top_k=top_k, name=type(experts).__name__,
-                                layer_idx=None, activation=_activation_of(experts, None))
+        layer = _build_hf_layer(
+            experts,
+            cfg,
+            top_k=top_k,
+            name=type(experts).__name__,
+            layer_idx=None,
+            activation=_activation_of(experts, None),
+        )
     return layer
 
 
@@ -125,12 +136,15 @@ def _check_hf_flags(experts: nn.Module, where: str) -> None:
 
     apply_gate = getattr(type(experts), "_apply_gate", _default_apply_gate)
     if apply_gate is not _default_apply_gate and not gate_is_default(experts):
-        problems.append(f"the class overrides _apply_gate ({type(experts).__name__}._apply_gate: "
-                        "a custom gating, e.g. clamped)")
+        problems.append(
+            f"the class overrides _apply_gate ({type(experts).__name__}._apply_gate: "
+            "a custom gating, e.g. clamped)"
+        )
     if problems:
         raise KTUnsupportedExpertsError(
             f"{where}: the kt engine computes act(x Wg^T) * (x Wu^T) with [gate; up] "
-            f"concatenated, untransposed, bias-free weights, but here {'; '.join(problems)}")
+            f"concatenated, untransposed, bias-free weights, but here {'; '.join(problems)}"
+        )
 
 
 def _activation_of(experts: nn.Module, spec_activation: str | None) -> str:
@@ -151,7 +165,8 @@ def _activation_of(experts: nn.Module, spec_activation: str | None) -> str:
     if name not in ACTIVATIONS:
         raise KTUnsupportedExpertsError(
             f"{type(experts).__name__}: activation {name!r} is not implemented by the engine "
-            f"(supported: {', '.join(sorted(ACTIVATIONS))})")
+            f"(supported: {', '.join(sorted(ACTIVATIONS))})"
+        )
     return name
 
 
@@ -160,8 +175,9 @@ def _top_k_of(experts: nn.Module) -> int:
 
     config = getattr(experts, "config", None)
     if config is None:
-        raise RuntimeError(f"{type(experts).__name__} has no config; wrap the model with "
-                           "kt_sft.wrap_model instead")
+        raise RuntimeError(
+            f"{type(experts).__name__} has no config; wrap the model with kt_sft.wrap_model instead"
+        )
     return read_field(config, TOP_K_FIELDS, what="number of experts per token (top-k)")
 
 
@@ -184,10 +200,17 @@ def _release(module: nn.Module, name: str, device: torch.device) -> None:
     module._parameters[name] = placeholder
 
 
-def _build_hf_layer(experts: nn.Module, cfg: KTConfig, *, top_k: int, name: str,
-                    layer_idx: int | None, activation: str,
-                    weights: tuple[torch.Tensor, torch.Tensor] | None = None,
-                    device: torch.device | None = None) -> LayerEngine:
+def _build_hf_layer(
+    experts: nn.Module,
+    cfg: KTConfig,
+    *,
+    top_k: int,
+    name: str,
+    layer_idx: int | None,
+    activation: str,
+    weights: tuple[torch.Tensor, torch.Tensor] | None = None,
+    device: torch.device | None = None,
+) -> LayerEngine:
     from kt_sft.gpu_experts import GPUExperts
     from kt_sft.lora_experts import LoRAExperts
 
@@ -207,7 +230,8 @@ def _build_hf_layer(experts: nn.Module, cfg: KTConfig, *, top_k: int, name: str,
         if gate_up_p.device.type == "meta" or getattr(gate_up_p, "kt_released", False):
             raise RuntimeError(
                 f"{name}: the expert weights are not in memory (meta); load the model with "
-                "kt_sft.load_model(path, cfg) or pass KTConfig(checkpoint=path) to wrap_model")
+                "kt_sft.load_model(path, cfg) or pass KTConfig(checkpoint=path) to wrap_model"
+            )
         weights = (gate_up_p.detach(), down_p.detach())
         if transposed:
             weights = (weights[0].transpose(1, 2), weights[1].transpose(1, 2))
@@ -216,25 +240,41 @@ def _build_hf_layer(experts: nn.Module, cfg: KTConfig, *, top_k: int, name: str,
     if device is None:
         device = gate_up_p.device if gate_up_p.device.type != "meta" else torch.device("cpu")
     lora_layout = "fused" if cfg.lora_layout == "auto" else cfg.lora_layout
-    layer = LayerEngine(cfg, num_experts=num_experts, top_k=top_k, hidden_size=hidden,
-                        intermediate_size=inter, activation=activation, lora_layout=lora_layout,
-                        name=name, layer_idx=layer_idx)
+    layer = LayerEngine(
+        cfg,
+        num_experts=num_experts,
+        top_k=top_k,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        activation=activation,
+        lora_layout=lora_layout,
+        name=name,
+        layer_idx=layer_idx,
+    )
     if tuple(gate_up.shape) != gu_shape:
-        raise ValueError(f"{name}: gate_up weights have shape {tuple(gate_up.shape)}, the "
-                         f"experts module expects {gu_shape}")
+        raise ValueError(
+            f"{name}: gate_up weights have shape {tuple(gate_up.shape)}, the "
+            f"experts module expects {gu_shape}"
+        )
     layer.load_weights(gate_up, down)
     if cfg.num_gpu_experts:
         n = cfg.num_gpu_experts
-        experts.kt_gpu_experts = GPUExperts(gate_up[:n].to(device, dtype), down[:n].to(device, dtype),
-                                            activation)
+        experts.kt_gpu_experts = GPUExperts(
+            gate_up[:n].to(device, dtype), down[:n].to(device, dtype), activation
+        )
         layer.gpu_experts = experts.kt_gpu_experts
     del gate_up, down, weights
     _release(experts, "gate_up_proj", device)
     _release(experts, "down_proj", device)
     if cfg.lora_experts:
-        experts.kt_lora_experts = LoRAExperts(cfg.lora_experts, hidden,
-                                              cfg.lora_expert_intermediate_size,
-                                              activation=activation, dtype=dtype, device=device)
+        experts.kt_lora_experts = LoRAExperts(
+            cfg.lora_experts,
+            hidden,
+            cfg.lora_expert_intermediate_size,
+            activation=activation,
+            dtype=dtype,
+            device=device,
+        )
     experts.__dict__["_kt_engine"] = layer
     return layer
 
@@ -242,8 +282,15 @@ def _build_hf_layer(experts: nn.Module, cfg: KTConfig, *, top_k: int, name: str,
 Dispatcher = Callable[..., "LayerEngine | None"]
 
 
-def dispatch_hf_experts(model: nn.Module, spec: Any, layer_idx: int, cfg: KTConfig, *,
-                        reader: Any = None, device: torch.device) -> LayerEngine | None:
+def dispatch_hf_experts(
+    model: nn.Module,
+    spec: Any,
+    layer_idx: int,
+    cfg: KTConfig,
+    *,
+    reader: Any = None,
+    device: torch.device,
+) -> LayerEngine | None:
     """transformers 5 fused experts: engine behind the ``"kt"`` experts implementation."""
     if spec.expert_storage != "fused":
         return None
@@ -259,14 +306,27 @@ def dispatch_hf_experts(model: nn.Module, spec: Any, layer_idx: int, cfg: KTConf
     if reader is not None:
         w = reader.layer_experts(layer_idx, dtype=None)
         weights = w.fused()
-    return _build_hf_layer(experts, cfg, top_k=spec.top_k(config), name=name,
-                           layer_idx=layer_idx,
-                           activation=_activation_of(experts, spec.activation(config)),
-                           weights=weights, device=device)
+    return _build_hf_layer(
+        experts,
+        cfg,
+        top_k=spec.top_k(config),
+        name=name,
+        layer_idx=layer_idx,
+        activation=_activation_of(experts, spec.activation(config)),
+        weights=weights,
+        device=device,
+    )
 
 
-def dispatch_modulelist(model: nn.Module, spec: Any, layer_idx: int, cfg: KTConfig, *,
-                        reader: Any = None, device: torch.device) -> LayerEngine | None:
+def dispatch_modulelist(
+    model: nn.Module,
+    spec: Any,
+    layer_idx: int,
+    cfg: KTConfig,
+    *,
+    reader: Any = None,
+    device: torch.device,
+) -> LayerEngine | None:
     """``nn.ModuleList`` experts: the MoE block becomes a :class:`~kt_sft.layer.KTMoELayer`."""
     if spec.expert_storage != "modulelist":
         return None
@@ -314,7 +374,10 @@ def _select_kt(model: nn.Module) -> None:
             pass
     for _, module, _ in experts_layers(base):
         config = getattr(module, "config", None)
-        if config is not None and getattr(config, "_experts_implementation", None) != IMPLEMENTATION:
+        if (
+            config is not None
+            and getattr(config, "_experts_implementation", None) != IMPLEMENTATION
+        ):
             config._experts_implementation_internal = IMPLEMENTATION
 
 
@@ -342,7 +405,8 @@ def wrap_model(model: nn.Module, cfg: KTConfig | None = None, *, reader: Any = N
     if is_wrapped(base):
         raise KTAlreadyWrappedError(
             f"{type(base).__name__} is wrapped already (its experts run in kt engines); "
-            "wrap_model must be called once per model")
+            "wrap_model must be called once per model"
+        )
     spec = get_arch_spec(base)
     register()
     install_peft_hooks()
@@ -364,7 +428,8 @@ def wrap_model(model: nn.Module, cfg: KTConfig | None = None, *, reader: Any = N
             else:
                 raise KTUnsupportedExpertsError(
                     f"{spec.model_type} layer {layer_idx}: no kt dispatcher handles experts "
-                    f"stored as {spec.expert_storage!r}")
+                    f"stored as {spec.expert_storage!r}"
+                )
     except BaseException:
         for layer in built:
             layer.close()
@@ -372,4 +437,3 @@ def wrap_model(model: nn.Module, cfg: KTConfig | None = None, *, reader: Any = N
     _select_kt(base)
     base.__dict__["_kt_config"] = cfg
     return model
-

@@ -31,8 +31,9 @@ RouterFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 _KINDS = ("gate", "up", "down")
 
 
-def select_experts(logits: torch.Tensor, top_k: int, kind: str = "softmax_topk",
-                   norm_topk_prob: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def select_experts(
+    logits: torch.Tensor, top_k: int, kind: str = "softmax_topk", norm_topk_prob: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k routing from router logits ``T x E`` (for routers that return only logits).
 
     ``softmax_topk``: softmax over all experts, top-k, renormalised when ``norm_topk_prob``;
@@ -47,14 +48,21 @@ def select_experts(logits: torch.Tensor, top_k: int, kind: str = "softmax_topk",
         top, ids = torch.topk(logits, top_k, dim=-1)
         weights = torch.softmax(top, dim=-1, dtype=torch.float)
     else:
-        raise ValueError(f"the router returns logits only and its kind {kind!r} needs more than "
-                         "logits (e.g. a correction bias); pass router_fn= to KTMoELayer")
+        raise ValueError(
+            f"the router returns logits only and its kind {kind!r} needs more than "
+            "logits (e.g. a correction bias); pass router_fn= to KTMoELayer"
+        )
     return ids, weights.to(logits.dtype)
 
 
-def parse_router_output(output: Any, num_tokens: int, top_k: int, *,
-                        kind: str = "softmax_topk", norm_topk_prob: bool = False
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+def parse_router_output(
+    output: Any,
+    num_tokens: int,
+    top_k: int,
+    *,
+    kind: str = "softmax_topk",
+    norm_topk_prob: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(expert_ids, routing_weights)`` from a router's output.
 
     Accepts the common conventions: ``(logits, weights, ids)`` (transformers 5 routers),
@@ -62,11 +70,18 @@ def parse_router_output(output: Any, num_tokens: int, top_k: int, *,
     ``T x K`` tensor is the ids, the floating ``T x K`` one the weights. A lone ``T x E``
     float tensor is taken as logits and routed with :func:`select_experts`.
     """
-    if isinstance(output, torch.Tensor) and output.is_floating_point() and output.dim() == 2 \
-            and output.shape[0] == num_tokens:
+    if (
+        isinstance(output, torch.Tensor)
+        and output.is_floating_point()
+        and output.dim() == 2
+        and output.shape[0] == num_tokens
+    ):
         return select_experts(output, top_k, kind, norm_topk_prob)
-    tensors = [t for t in (output if isinstance(output, (tuple, list)) else (output,))
-               if isinstance(t, torch.Tensor)]
+    tensors = [
+        t
+        for t in (output if isinstance(output, (tuple, list)) else (output,))
+        if isinstance(t, torch.Tensor)
+    ]
     shape = (num_tokens, top_k)
     ids = [t for t in tensors if not t.is_floating_point() and tuple(t.shape) == shape]
     weights = [t for t in tensors if t.is_floating_point() and tuple(t.shape) == shape]
@@ -74,7 +89,8 @@ def parse_router_output(output: Any, num_tokens: int, top_k: int, *,
         raise ValueError(
             f"cannot read expert ids and routing weights ({num_tokens} x {top_k}) from the "
             f"router's output {[tuple(t.shape) for t in tensors]}; pass router_fn= to "
-            "KTMoELayer")
+            "KTMoELayer"
+        )
     return ids[0], weights[-1]
 
 
@@ -87,12 +103,20 @@ class KTMoELayer(nn.Module):
     the sigmoid of the shared-expert gate when there is one) and returns the block's output.
     """
 
-    def __init__(self, block: nn.Module, layer: LayerEngine, *, experts_attr: str = "experts",
-                 router_attr: str = "gate", shared_experts_attr: str | None = None,
-                 shared_expert_gate_attr: str | None = None,
-                 proj_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj"),
-                 router_fn: RouterFn | None = None, router_kind: str = "softmax_topk",
-                 norm_topk_prob: bool = False) -> None:
+    def __init__(
+        self,
+        block: nn.Module,
+        layer: LayerEngine,
+        *,
+        experts_attr: str = "experts",
+        router_attr: str = "gate",
+        shared_experts_attr: str | None = None,
+        shared_expert_gate_attr: str | None = None,
+        proj_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj"),
+        router_fn: RouterFn | None = None,
+        router_kind: str = "softmax_topk",
+        norm_topk_prob: bool = False,
+    ) -> None:
         super().__init__()
         for name, child in block.named_children():
             self.add_module(name, child)
@@ -114,16 +138,23 @@ class KTMoELayer(nn.Module):
 
     def extra_repr(self) -> str:
         layer = self.kt_engine
-        return (f"replaces={self.original_class}, experts={layer.num_experts}, "
-                f"top_k={layer.top_k}, lora_layout={layer.lora_layout!r}")
+        return (
+            f"replaces={self.original_class}, experts={layer.num_experts}, "
+            f"top_k={layer.top_k}, lora_layout={layer.lora_layout!r}"
+        )
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(expert_ids T x K, routing_weights T x K)`` for ``x: T x H``."""
         if self.router_fn is not None:
             return self.router_fn(x)
         router = getattr(self, self.router_attr)
-        return parse_router_output(router(x), x.shape[0], self.kt_engine.top_k,
-                                   kind=self.router_kind, norm_topk_prob=self.norm_topk_prob)
+        return parse_router_output(
+            router(x),
+            x.shape[0],
+            self.kt_engine.top_k,
+            kind=self.router_kind,
+            norm_topk_prob=self.norm_topk_prob,
+        )
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         from kt_sft.function import kt_moe
@@ -158,7 +189,8 @@ class KTMoELayer(nn.Module):
                 raise ValueError(
                     f"{self.kt_engine.name}: LoRA targets {pname} of only "
                     f"{sum(wrapped)}/{len(mods)} experts; kt needs all experts of a layer "
-                    "targeted alike")
+                    "targeted alike"
+                )
             found[kind] = mods  # type: ignore[assignment]
         return found or None
 
@@ -177,12 +209,22 @@ class KTMoELayer(nn.Module):
         if not active:
             return None
         if len(active) > 1:
-            raise ValueError(f"{self.kt_engine.name}: {len(active)} active adapters on kt "
-                             "experts; kt runs one active adapter at a time")
+            raise ValueError(
+                f"{self.kt_engine.name}: {len(active)} active adapters on kt "
+                "experts; kt runs one active adapter at a time"
+            )
         adapter = active[0]
-        key = (adapter, tuple((k, tuple(id(m.lora_A[adapter].weight) for m in v),
-                               tuple(id(m.lora_B[adapter].weight) for m in v))
-                              for k, v in mods.items()))
+        key = (
+            adapter,
+            tuple(
+                (
+                    k,
+                    tuple(id(m.lora_A[adapter].weight) for m in v),
+                    tuple(id(m.lora_B[adapter].weight) for m in v),
+                )
+                for k, v in mods.items()
+            ),
+        )
         stacks = self.__dict__["_kt_stacks"]
         if stacks is None or stacks[0] != key or not _still_views(stacks[1]):
             stacks = (key, self._rehome(mods, adapter))
@@ -193,8 +235,10 @@ class KTMoELayer(nn.Module):
         ranks = {int(m.r[adapter]) for v in mods.values() for m in v}
         scalings = {float(m.scaling[adapter]) for v in mods.values() for m in v}
         if len(ranks) != 1 or len(scalings) != 1:
-            raise ValueError(f"{self.kt_engine.name}: expert LoRA ranks {sorted(ranks)} / "
-                             f"scalings {sorted(scalings)} differ; kt needs one per layer")
+            raise ValueError(
+                f"{self.kt_engine.name}: expert LoRA ranks {sorted(ranks)} / "
+                f"scalings {sorted(scalings)} differ; kt needs one per layer"
+            )
         kinds: dict[str, tuple[LoRAFactor, LoRAFactor]] = {}
         for kind, v in mods.items():
             factors = []
@@ -206,8 +250,9 @@ class KTMoELayer(nn.Module):
                         p.data = stack[e]
                 factors.append(LoRAFactor(stack, _identity, tuple(params)))
             kinds[kind] = (factors[0], factors[1])
-        return LoRASource("split", ranks.pop(), scalings.pop(), kinds,
-                          key=("peft-modulelist", id(self), adapter))
+        return LoRASource(
+            "split", ranks.pop(), scalings.pop(), kinds, key=("peft-modulelist", id(self), adapter)
+        )
 
     def lora_parameters(self) -> list[nn.Parameter]:
         """The per-expert LoRA parameters bound to the engine (empty without PEFT)."""
@@ -235,8 +280,15 @@ def _release_linear(linear: nn.Module, device: torch.device) -> None:
     _release(linear, "weight", device)
 
 
-def replace_moe_block(model: nn.Module, spec: Any, layer_idx: int, cfg: KTConfig, *,
-                      reader: Any = None, device: torch.device) -> LayerEngine:
+def replace_moe_block(
+    model: nn.Module,
+    spec: Any,
+    layer_idx: int,
+    cfg: KTConfig,
+    *,
+    reader: Any = None,
+    device: torch.device,
+) -> LayerEngine:
     """Pack layer ``layer_idx``'s ModuleList experts into an engine and swap in a KTMoELayer."""
     from kt_models import (
         extract_expert_weights,
@@ -253,8 +305,9 @@ def replace_moe_block(model: nn.Module, spec: Any, layer_idx: int, cfg: KTConfig
     config = text_config(base.config)
     name = f"{spec.model_type} layer {layer_idx} experts (ModuleList)"
     if cfg.num_gpu_experts:
-        raise KTUnsupportedExpertsError(f"{name}: num_gpu_experts is implemented for fused "
-                                        "(transformers 5) experts only")
+        raise KTUnsupportedExpertsError(
+            f"{name}: num_gpu_experts is implemented for fused (transformers 5) experts only"
+        )
     block = spec.moe_block(base, layer_idx)
     experts = base_layer(spec.experts(base, layer_idx))
     activation = _activation_of(experts[0], spec.activation(config))
@@ -265,24 +318,43 @@ def replace_moe_block(model: nn.Module, spec: Any, layer_idx: int, cfg: KTConfig
     gate_up, down = weights.fused()
     num_experts, hidden, inter = down.shape
     lora_layout = "split" if cfg.lora_layout == "auto" else cfg.lora_layout
-    layer = LayerEngine(cfg, num_experts=num_experts, top_k=spec.top_k(config),
-                        hidden_size=hidden, intermediate_size=inter, activation=activation,
-                        lora_layout=lora_layout, name=name, layer_idx=layer_idx)
+    layer = LayerEngine(
+        cfg,
+        num_experts=num_experts,
+        top_k=spec.top_k(config),
+        hidden_size=hidden,
+        intermediate_size=inter,
+        activation=activation,
+        lora_layout=lora_layout,
+        name=name,
+        layer_idx=layer_idx,
+    )
     layer.load_weights(gate_up, down)
     dtype = down.dtype
     del weights, gate_up, down
     for expert in experts:
         for pname in spec.proj_names:
             _release_linear(base_layer(getattr(expert, pname)), device)
-    new = KTMoELayer(block, layer, experts_attr=spec.experts_attr, router_attr=spec.router_attr,
-                     shared_experts_attr=spec.shared_experts_attr,
-                     shared_expert_gate_attr=spec.shared_expert_gate_attr,
-                     proj_names=spec.proj_names, router_kind=spec.router_kind,
-                     norm_topk_prob=bool(get_field(config, ("norm_topk_prob",), False)))
+    new = KTMoELayer(
+        block,
+        layer,
+        experts_attr=spec.experts_attr,
+        router_attr=spec.router_attr,
+        shared_experts_attr=spec.shared_experts_attr,
+        shared_expert_gate_attr=spec.shared_expert_gate_attr,
+        proj_names=spec.proj_names,
+        router_kind=spec.router_kind,
+        norm_topk_prob=bool(get_field(config, ("norm_topk_prob",), False)),
+    )
     if cfg.lora_experts:
-        new.kt_lora_experts = LoRAExperts(cfg.lora_experts, hidden,
-                                          cfg.lora_expert_intermediate_size,
-                                          activation=activation, dtype=dtype, device=device)
+        new.kt_lora_experts = LoRAExperts(
+            cfg.lora_experts,
+            hidden,
+            cfg.lora_expert_intermediate_size,
+            activation=activation,
+            dtype=dtype,
+            device=device,
+        )
     parent_path, _, attr = f"{spec.layers_path}.{layer_idx}.{spec.moe_block_attr}".rpartition(".")
     setattr(resolve_path(base, parent_path), attr, new)
     return layer

@@ -16,8 +16,7 @@ from kt_sft.config import KTConfig
 __all__ = ["load_model"]
 
 
-def load_model(path: str | os.PathLike[str], cfg: KTConfig | None = None, **hf_kwargs: Any
-               ) -> Any:
+def load_model(path: str | os.PathLike[str], cfg: KTConfig | None = None, **hf_kwargs: Any) -> Any:
     """Load ``path`` with its routed experts in kt engines; returns the wrapped model.
 
     ``cfg`` defaults to ``KTConfig(checkpoint=path)`` read from the ``KT_*`` environment. Extra
@@ -47,11 +46,11 @@ def load_model(path: str | os.PathLike[str], cfg: KTConfig | None = None, **hf_k
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(
-            os.fspath(path), device_map={"": str(device)}, dtype=dtype or "auto", **hf_kwargs)
+            os.fspath(path), device_map={"": str(device)}, dtype=dtype or "auto", **hf_kwargs
+        )
         return wrap_model(model, cfg)
     hf_kwargs.setdefault("experts_implementation", "kt")
     model = kt_models.load_model(path, device=device, dtype=dtype, **hf_kwargs)
     with kt_models.CheckpointReader(checkpoint) as reader:
         wrap_model(model, cfg.replace(checkpoint=checkpoint), reader=reader)
     return model
-

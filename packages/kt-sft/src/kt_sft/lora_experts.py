@@ -21,9 +21,16 @@ __all__ = ["LoRAExperts"]
 class LoRAExperts(nn.Module):
     """``num_experts`` SwiGLU MLPs ``hidden -> width -> hidden``; output = their mean."""
 
-    def __init__(self, num_experts: int, hidden_size: int, width: int, *,
-                 activation: str = "silu", dtype: torch.dtype = torch.float32,
-                 device: torch.device | str | None = None) -> None:
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_size: int,
+        width: int,
+        *,
+        activation: str = "silu",
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
         super().__init__()
         if num_experts < 1 or width < 1:
             raise ValueError("LoRAExperts needs num_experts >= 1 and width >= 1")
@@ -31,10 +38,12 @@ class LoRAExperts(nn.Module):
         self.hidden_size = hidden_size
         self.width = width
         self.activation = activation
-        self.w_gate_up = nn.Parameter(torch.empty(num_experts, 2 * width, hidden_size,
-                                                  dtype=dtype, device=device))
-        self.w_down = nn.Parameter(torch.zeros(num_experts, hidden_size, width, dtype=dtype,
-                                               device=device))
+        self.w_gate_up = nn.Parameter(
+            torch.empty(num_experts, 2 * width, hidden_size, dtype=dtype, device=device)
+        )
+        self.w_down = nn.Parameter(
+            torch.zeros(num_experts, hidden_size, width, dtype=dtype, device=device)
+        )
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -45,8 +54,10 @@ class LoRAExperts(nn.Module):
             self.w_down.zero_()
 
     def extra_repr(self) -> str:
-        return (f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, "
-                f"width={self.width}, activation={self.activation!r}")
+        return (
+            f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, "
+            f"width={self.width}, activation={self.activation!r}"
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x: T x H`` -> ``T x H`` (mean over the LoRA experts), in ``x``'s dtype."""

@@ -47,8 +47,10 @@ class ProbeConfig:
 
     def __post_init__(self) -> None:
         if self.checkpointing not in CHECKPOINTING:
-            raise ValueError(f"checkpointing must be one of {', '.join(CHECKPOINTING)}, got "
-                             f"{self.checkpointing!r}")
+            raise ValueError(
+                f"checkpointing must be one of {', '.join(CHECKPOINTING)}, got "
+                f"{self.checkpointing!r}"
+            )
 
 
 def _rss() -> tuple[int, int]:
@@ -81,24 +83,39 @@ def run_probe(cfg: ProbeConfig) -> dict[str, Any]:
     from kt_sft.testing import lora_config_kwargs
 
     torch.manual_seed(cfg.seed)
-    model = tiny.build(cfg.model_type, seed=cfg.seed, hidden_size=cfg.hidden_size,
-                       moe_intermediate_size=cfg.intermediate_size,
-                       intermediate_size=cfg.intermediate_size, num_experts=cfg.num_experts,
-                       num_experts_per_tok=cfg.top_k, num_hidden_layers=cfg.layers,
-                       decoder_sparse_step=1, mlp_only_layers=[],
-                       num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads,
-                       head_dim=cfg.hidden_size // cfg.num_heads, vocab_size=cfg.vocab_size)
-    kcfg = kt_sft.KTConfig(weight_dtype=cfg.weight_dtype, lora_rank=cfg.lora_rank,
-                           lora_alpha=float(2 * cfg.lora_rank), max_tokens=cfg.tokens,
-                           activation_policy=cfg.policy)
+    model = tiny.build(
+        cfg.model_type,
+        seed=cfg.seed,
+        hidden_size=cfg.hidden_size,
+        moe_intermediate_size=cfg.intermediate_size,
+        intermediate_size=cfg.intermediate_size,
+        num_experts=cfg.num_experts,
+        num_experts_per_tok=cfg.top_k,
+        num_hidden_layers=cfg.layers,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        head_dim=cfg.hidden_size // cfg.num_heads,
+        vocab_size=cfg.vocab_size,
+    )
+    kcfg = kt_sft.KTConfig(
+        weight_dtype=cfg.weight_dtype,
+        lora_rank=cfg.lora_rank,
+        lora_alpha=float(2 * cfg.lora_rank),
+        max_tokens=cfg.tokens,
+        activation_policy=cfg.policy,
+    )
     kt_sft.wrap_model(model, kcfg)
-    kwargs = lora_config_kwargs(model, r=cfg.lora_rank, lora_alpha=2.0 * cfg.lora_rank,
-                                attention=False, router=False)
+    kwargs = lora_config_kwargs(
+        model, r=cfg.lora_rank, lora_alpha=2.0 * cfg.lora_rank, attention=False, router=False
+    )
     pm = kt_sft.get_peft_model(model, LoraConfig(**kwargs))
     pm.train()
     if cfg.checkpointing != "none":
         pm.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": cfg.checkpointing == "reentrant"})
+            gradient_checkpointing_kwargs={"use_reentrant": cfg.checkpointing == "reentrant"}
+        )
         pm.enable_input_require_grads()
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     ids = torch.randint(0, cfg.vocab_size, (1, cfg.tokens), generator=gen)
@@ -113,8 +130,13 @@ def run_probe(cfg: ProbeConfig) -> dict[str, Any]:
         del loss
     _, peak = _rss()
     stats = kk.memory_stats()
-    result: dict[str, Any] = {"config": asdict(cfg), "rss_base": base, "rss_peak": peak,
-                              "rss_growth": peak - base, "engine": stats}
+    result: dict[str, Any] = {
+        "config": asdict(cfg),
+        "rss_base": base,
+        "rss_peak": peak,
+        "rss_growth": peak - base,
+        "engine": stats,
+    }
     if cfg.time_layer:
         result["layer_times"] = _time_one_layer(cfg)
     return result
@@ -130,14 +152,25 @@ def _time_one_layer(cfg: ProbeConfig, reps: int = 7) -> dict[str, list[float]]:
     import kt_kernels as kk
 
     rng = np.random.default_rng(cfg.seed)
-    E, K, H, inter, r, T = (cfg.num_experts, cfg.top_k, cfg.hidden_size, cfg.intermediate_size,
-                            cfg.lora_rank, cfg.tokens)
-    engine = kk.MoEEngine(E, K, H, inter, lora_rank=r, weight_dtype=cfg.weight_dtype,
-                          max_tokens=T)
-    engine.load_weights(gate_up=(rng.standard_normal((E, 2 * inter, H)) * 0.05).astype(np.float32),
-                        down=(rng.standard_normal((E, H, inter)) * 0.05).astype(np.float32))
-    lora = {"a_gate_up": (E, r, H), "b_gate_up": (E, 2 * inter, r), "a_down": (E, r, inter),
-            "b_down": (E, H, r)}
+    E, K, H, inter, r, T = (
+        cfg.num_experts,
+        cfg.top_k,
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.lora_rank,
+        cfg.tokens,
+    )
+    engine = kk.MoEEngine(E, K, H, inter, lora_rank=r, weight_dtype=cfg.weight_dtype, max_tokens=T)
+    engine.load_weights(
+        gate_up=(rng.standard_normal((E, 2 * inter, H)) * 0.05).astype(np.float32),
+        down=(rng.standard_normal((E, H, inter)) * 0.05).astype(np.float32),
+    )
+    lora = {
+        "a_gate_up": (E, r, H),
+        "b_gate_up": (E, 2 * inter, r),
+        "a_down": (E, r, inter),
+        "b_down": (E, H, r),
+    }
     arrays = {k: (rng.standard_normal(s) * 0.05).astype(np.float32) for k, s in lora.items()}
     arrays.update({"grad_" + k: np.zeros(s, np.float32) for k, s in lora.items()})
     engine.set_lora(**arrays)
@@ -160,14 +193,20 @@ def _time_one_layer(cfg: ProbeConfig, reps: int = 7) -> dict[str, list[float]]:
     return times
 
 
-def measure(cfg: ProbeConfig, *, timeout: float = 1800.0, env: dict[str, str] | None = None
-            ) -> dict[str, Any]:
+def measure(
+    cfg: ProbeConfig, *, timeout: float = 1800.0, env: dict[str, str] | None = None
+) -> dict[str, Any]:
     """:func:`run_probe` in a fresh Python process; returns its dict."""
     full_env = dict(os.environ)
     full_env.update(env or {})
-    proc = subprocess.run([sys.executable, "-m", "kt_sft.memory_probe", json.dumps(asdict(cfg))],
-                          capture_output=True, text=True, timeout=timeout, env=full_env,
-                          check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "kt_sft.memory_probe", json.dumps(asdict(cfg))],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+        check=False,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"memory probe {cfg} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

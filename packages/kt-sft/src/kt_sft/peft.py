@@ -59,8 +59,9 @@ def _chain(outer: nn.Module) -> tuple[list[nn.Module], nn.Module]:
     return wrappers, module
 
 
-def _factor_views(num_experts: int, rank: int, in_features: int, out_features: int
-                  ) -> tuple[Any, Any]:
+def _factor_views(
+    num_experts: int, rank: int, in_features: int, out_features: int
+) -> tuple[Any, Any]:
     def view_a(t: torch.Tensor) -> torch.Tensor:
         return t.view(num_experts, rank, in_features)
 
@@ -84,13 +85,17 @@ def lora_source(outer: nn.Module) -> LoRASource | None:
         if not active:
             continue
         if len(active) > 1:
-            raise KTLoRAError(f"{type(experts).__name__}: {len(active)} active adapters "
-                              f"{active} on kt experts; kt runs one active adapter at a time")
+            raise KTLoRAError(
+                f"{type(experts).__name__}: {len(active)} active adapters "
+                f"{active} on kt experts; kt runs one active adapter at a time"
+            )
         adapter = active[0]
         kind = _KIND_OF_PARAM.get(wrapper.parameter_name)
         if kind is None:
-            raise KTLoRAError(f"LoRA on experts parameter {wrapper.parameter_name!r} is not "
-                              "supported by kt (target gate_up_proj and/or down_proj)")
+            raise KTLoRAError(
+                f"LoRA on experts parameter {wrapper.parameter_name!r} is not "
+                "supported by kt (target gate_up_proj and/or down_proj)"
+            )
         rank = int(wrapper.r[adapter])
         a = wrapper.lora_A[adapter].weight
         b = wrapper.lora_B[adapter].weight
@@ -104,11 +109,20 @@ def lora_source(outer: nn.Module) -> LoRASource | None:
     if not kinds:
         return None
     if len(set(names)) > 1:
-        raise KTLoRAError(f"{type(experts).__name__}: gate_up_proj and down_proj carry different "
-                          f"active adapters {names}")
+        raise KTLoRAError(
+            f"{type(experts).__name__}: gate_up_proj and down_proj carry different "
+            f"active adapters {names}"
+        )
     first = next(iter(kinds))
-    return LoRASource("fused", ranks[first], scalings[first], kinds,
-                      key=("peft", id(outer), tuple(names)), ranks=ranks, scalings=scalings)
+    return LoRASource(
+        "fused",
+        ranks[first],
+        scalings[first],
+        kinds,
+        key=("peft", id(outer), tuple(names)),
+        ranks=ranks,
+        scalings=scalings,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,8 +136,11 @@ def _kt_layer(wrapper: nn.Module) -> tuple[LayerEngine | None, nn.Module]:
     layer = experts.__dict__.get("_kt_engine")
     if layer is None:
         config = getattr(experts, "config", None)
-        if (config is not None and hasattr(experts, "has_gate")
-                and getattr(config, "_experts_implementation", None) == IMPLEMENTATION):
+        if (
+            config is not None
+            and hasattr(experts, "has_gate")
+            and getattr(config, "_experts_implementation", None) == IMPLEMENTATION
+        ):
             layer = get_layer_engine(experts, create=True)
     return layer, experts
 
@@ -133,7 +150,8 @@ def _refuse_merge(wrapper: nn.Module) -> None:
         "merging LoRA into kt experts is not supported: the base expert weights live packed in "
         "the engine. Save the adapter (save_pretrained) and run `kt-sft export --adapter DIR "
         "--model BASE --output MERGED` (kt_sft.export_merged), which streams the base "
-        "checkpoint and writes a merged Hugging Face checkpoint without loading the model")
+        "checkpoint and writes a merged Hugging Face checkpoint without loading the model"
+    )
 
 
 def install_peft_hooks() -> None:
@@ -153,8 +171,9 @@ def install_peft_hooks() -> None:
         if layer is None:
             return original_forward(self, x, *args, **kwargs)
         if kwargs.get("adapter_names") is not None:
-            raise KTLoRAError("mixed adapter batches (adapter_names=) are not supported on kt "
-                              "experts")
+            raise KTLoRAError(
+                "mixed adapter batches (adapter_names=) are not supported on kt experts"
+            )
         kwargs.pop("adapter_names", None)
         source = lora_source(self)
         previous = layer.call_source
@@ -204,8 +223,7 @@ def _outer_wrappers(model: nn.Module) -> list[tuple[str, nn.Module, LayerEngine]
     return out
 
 
-def lora_parameters(model: nn.Module, *, include_lora_experts: bool = False
-                    ) -> list[nn.Parameter]:
+def lora_parameters(model: nn.Module, *, include_lora_experts: bool = False) -> list[nn.Parameter]:
     """The expert LoRA parameters bound to kt engines (active adapter), in model order.
 
     Their gradients are written by the engines, not by autograd. With
@@ -274,8 +292,10 @@ def get_peft_model(model: nn.Module, peft_config: Any, *args: Any, **kwargs: Any
     from kt_sft.inject import is_wrapped
 
     if not is_wrapped(model):
-        raise KTLoRAError("kt_sft.get_peft_model expects a model wrapped with kt_sft.wrap_model "
-                          "or loaded with kt_sft.load_model")
+        raise KTLoRAError(
+            "kt_sft.get_peft_model expects a model wrapped with kt_sft.wrap_model "
+            "or loaded with kt_sft.load_model"
+        )
     install_peft_hooks()
     targets = list(getattr(peft_config, "target_parameters", None) or [])
     peft_model = peft.get_peft_model(model, peft_config, *args, **kwargs)
@@ -283,18 +303,26 @@ def get_peft_model(model: nn.Module, peft_config: Any, *args: Any, **kwargs: Any
     if targets and not bound:
         raise KTLoRAError(
             f"target_parameters={targets} matched no kt experts parameter; for this model use "
-            f"{default_expert_lora_targets(model)} (kt_sft.default_expert_lora_targets)")
+            f"{default_expert_lora_targets(model)} (kt_sft.default_expert_lora_targets)"
+        )
     for _, outer, layer in bound:
         try:
             layer.plan_for(lora_source(outer))
         except ValueError as exc:
-            pattern = getattr(peft_model.peft_config.get(kwargs.get("adapter_name", "default")),
-                              "rank_pattern", None) or {}
+            pattern = (
+                getattr(
+                    peft_model.peft_config.get(kwargs.get("adapter_name", "default")),
+                    "rank_pattern",
+                    None,
+                )
+                or {}
+            )
             if "larger than" in str(exc) and any("gate_up_proj" in k for k in pattern):
                 raise KTLoRAError(
                     f"{exc}. PEFT gave the experts' gate_up_proj rank {sorted(pattern.values())} "
                     "because target_modules names both gate_proj and up_proj (transformers-4 "
-                    "names, which PEFT maps onto the fused experts with twice the rank)") from exc
+                    "names, which PEFT maps onto the fused experts with twice the rank)"
+                ) from exc
             raise
     from kt_sft.layer import bind_modulelist_lora
 

@@ -39,18 +39,43 @@ class Tracer:
                 atexit.register(self.flush)
                 self._registered = True
 
-    def span(self, name: str, start_ns: int, end_ns: int, *, phases: dict[str, float] | None = None,
-             args: dict[str, Any] | None = None) -> None:
+    def span(
+        self,
+        name: str,
+        start_ns: int,
+        end_ns: int,
+        *,
+        phases: dict[str, float] | None = None,
+        args: dict[str, Any] | None = None,
+    ) -> None:
         """Record ``name`` from ``start_ns`` to ``end_ns`` (``time.perf_counter_ns``) and, inside
         it, one span per engine phase (milliseconds, laid out in order)."""
         ts = (start_ns - self._origin) / 1000.0
-        events = [{"name": name, "cat": "kt", "ph": "X", "ts": ts,
-                   "dur": (end_ns - start_ns) / 1000.0, "pid": os.getpid(),
-                   "tid": "kt experts", "args": args or {}}]
+        events = [
+            {
+                "name": name,
+                "cat": "kt",
+                "ph": "X",
+                "ts": ts,
+                "dur": (end_ns - start_ns) / 1000.0,
+                "pid": os.getpid(),
+                "tid": "kt experts",
+                "args": args or {},
+            }
+        ]
         cursor = ts
         for phase, ms in (phases or {}).items():
-            events.append({"name": phase, "cat": "kt.engine", "ph": "X", "ts": cursor,
-                           "dur": ms * 1000.0, "pid": os.getpid(), "tid": "kt experts"})
+            events.append(
+                {
+                    "name": phase,
+                    "cat": "kt.engine",
+                    "ph": "X",
+                    "ts": cursor,
+                    "dur": ms * 1000.0,
+                    "pid": os.getpid(),
+                    "tid": "kt experts",
+                }
+            )
             cursor += ms * 1000.0
         with self._lock:
             self._events.extend(events)

@@ -85,8 +85,11 @@ def moe_reference(
         if lora and "a_down" in lora:
             y = y + s_of["down"] * (h @ lora["a_down"][e].T) @ lora["b_down"][e].T
         slot_out = slot_out.index_copy(0, sel, y)
-    weights = torch.where(expert_ids >= 0, routing_weights.to(x.dtype),
-                          torch.zeros((), dtype=x.dtype, device=x.device))
+    weights = torch.where(
+        expert_ids >= 0,
+        routing_weights.to(x.dtype),
+        torch.zeros((), dtype=x.dtype, device=x.device),
+    )
     per_slot = slot_out.view(num_tokens, top_k, hidden)
     out = (per_slot * weights.unsqueeze(-1)).sum(dim=1)
     if return_expert_outputs:
@@ -102,17 +105,31 @@ class TorchMoEEngine:
     into the bound gradient arrays.
     """
 
-    def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int,
-                 *, lora_rank: int = 0, lora_alpha: float | None = None,
-                 lora_layout: str = "fused", weight_dtype: str = "bf16",
-                 max_tokens: int = 4096, max_cache_depth: int = 1,
-                 num_threads: int | None = None, isa: str | None = None,
-                 activation: str = "silu", **_: Any) -> None:
+    def __init__(
+        self,
+        num_experts: int,
+        top_k: int,
+        hidden_size: int,
+        intermediate_size: int,
+        *,
+        lora_rank: int = 0,
+        lora_alpha: float | None = None,
+        lora_layout: str = "fused",
+        weight_dtype: str = "bf16",
+        max_tokens: int = 4096,
+        max_cache_depth: int = 1,
+        num_threads: int | None = None,
+        isa: str | None = None,
+        activation: str = "silu",
+        **_: Any,
+    ) -> None:
         if lora_layout not in ("fused", "split"):
             raise ValueError(f"lora_layout must be 'fused' or 'split', got {lora_layout!r}")
         if weight_dtype not in _WEIGHT_DTYPES:
-            raise ValueError(f"weight_dtype must be one of {sorted(_WEIGHT_DTYPES)} for the torch "
-                             f"backend, got {weight_dtype!r}")
+            raise ValueError(
+                f"weight_dtype must be one of {sorted(_WEIGHT_DTYPES)} for the torch "
+                f"backend, got {weight_dtype!r}"
+            )
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
         self.num_experts = num_experts
@@ -143,9 +160,14 @@ class TorchMoEEngine:
         """Forwards saved for backward and not yet popped."""
         return len(self._cache)
 
-    def load_weights(self, *, gate_up: torch.Tensor | None = None,
-                     gate: torch.Tensor | None = None, up: torch.Tensor | None = None,
-                     down: torch.Tensor) -> None:
+    def load_weights(
+        self,
+        *,
+        gate_up: torch.Tensor | None = None,
+        gate: torch.Tensor | None = None,
+        up: torch.Tensor | None = None,
+        down: torch.Tensor,
+    ) -> None:
         self._check_open()
         dtype = _WEIGHT_DTYPES[self.weight_dtype]
         E, inter, hidden = self.num_experts, self.intermediate_size, self.hidden_size
@@ -158,22 +180,32 @@ class TorchMoEEngine:
         _check_shape("up", up, (E, inter, hidden))
         _check_shape("down", down, (E, hidden, inter))
         self._weights = tuple(  # type: ignore[assignment]
-            t.detach().to("cpu", dtype).to(torch.float32).contiguous() for t in (gate, up, down))
+            t.detach().to("cpu", dtype).to(torch.float32).contiguous() for t in (gate, up, down)
+        )
 
     def set_lora(self, **arrays: torch.Tensor) -> None:
         self._check_open()
         names = _FUSED if self.lora_layout == "fused" else _SPLIT
         unknown = set(arrays) - set(names) - {f"grad_{n}" for n in names}
         if unknown:
-            raise ValueError(f"set_lora got unknown arrays {sorted(unknown)} for the "
-                             f"{self.lora_layout} layout (expected {names} and grad_*)")
+            raise ValueError(
+                f"set_lora got unknown arrays {sorted(unknown)} for the "
+                f"{self.lora_layout} layout (expected {names} and grad_*)"
+            )
         missing = [n for n in names if n not in arrays]
         if missing:
             raise ValueError(f"set_lora is missing {missing}")
         E, r, H, inter = self.num_experts, self.lora_rank, self.hidden_size, self.intermediate_size
-        shapes = {"a_gate_up": (E, r, H), "b_gate_up": (E, 2 * inter, r), "a_gate": (E, r, H),
-                  "b_gate": (E, inter, r), "a_up": (E, r, H), "b_up": (E, inter, r),
-                  "a_down": (E, r, inter), "b_down": (E, H, r)}
+        shapes = {
+            "a_gate_up": (E, r, H),
+            "b_gate_up": (E, 2 * inter, r),
+            "a_gate": (E, r, H),
+            "b_gate": (E, inter, r),
+            "a_up": (E, r, H),
+            "b_up": (E, inter, r),
+            "a_down": (E, r, inter),
+            "b_down": (E, H, r),
+        }
         for name in names:
             _check_shape(name, arrays[name], shapes[name])
             grad = arrays.get(f"grad_{name}")
@@ -195,26 +227,45 @@ class TorchMoEEngine:
             raise RuntimeError("lora_rank > 0 but set_lora() was not called")
         return {n: t.detach().to(torch.float32) for n, t in self._lora.items()}
 
-    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, routing_weights: torch.Tensor,
-                out: torch.Tensor, save_for_backward: bool = True) -> None:
+    def forward(
+        self,
+        x: torch.Tensor,
+        expert_ids: torch.Tensor,
+        routing_weights: torch.Tensor,
+        out: torch.Tensor,
+        save_for_backward: bool = True,
+    ) -> None:
         self._check_open()
         if self._weights is None:
             raise RuntimeError("load_weights() must be called before forward()")
         self._check_inputs(x, expert_ids, routing_weights)
         if save_for_backward and len(self._cache) >= self.max_cache_depth:
-            raise RuntimeError(f"activation cache full: {len(self._cache)} forwards await their "
-                               f"backward (max_cache_depth={self.max_cache_depth})")
+            raise RuntimeError(
+                f"activation cache full: {len(self._cache)} forwards await their "
+                f"backward (max_cache_depth={self.max_cache_depth})"
+            )
         if x.shape[0] > self.max_tokens:
             self.max_tokens = int(x.shape[0])  # grows on demand
         xf = x.detach().to(torch.float32)
         with torch.no_grad():
-            y = moe_reference(xf, expert_ids, routing_weights.detach().to(torch.float32),
-                              *self._weights, lora=self._lora_fp32(), scaling=self.scaling,
-                              activation=self.activation)
+            y = moe_reference(
+                xf,
+                expert_ids,
+                routing_weights.detach().to(torch.float32),
+                *self._weights,
+                lora=self._lora_fp32(),
+                scaling=self.scaling,
+                activation=self.activation,
+            )
         out.copy_(y)
         if save_for_backward:
-            self._cache.append((xf.clone(), expert_ids.detach().clone(),
-                                routing_weights.detach().to(torch.float32).clone()))
+            self._cache.append(
+                (
+                    xf.clone(),
+                    expert_ids.detach().clone(),
+                    routing_weights.detach().to(torch.float32).clone(),
+                )
+            )
 
     def submit_forward(self, *args: Any, **kwargs: Any) -> None:
         if self._pending is not None:
@@ -227,12 +278,14 @@ class TorchMoEEngine:
             raise RuntimeError("sync_forward() without a pending submit_forward()")
         self._pending = None
 
-    def backward(self, grad_out: torch.Tensor, grad_input: torch.Tensor,
-                 grad_routing_weights: torch.Tensor) -> None:
+    def backward(
+        self, grad_out: torch.Tensor, grad_input: torch.Tensor, grad_routing_weights: torch.Tensor
+    ) -> None:
         self._check_open()
         if not self._cache:
-            raise RuntimeError("backward() without a pending forward (the activation cache is "
-                               "empty)")
+            raise RuntimeError(
+                "backward() without a pending forward (the activation cache is empty)"
+            )
         assert self._weights is not None
         x, ids, w = self._cache.pop()
         x = x.requires_grad_(True)
@@ -243,10 +296,18 @@ class TorchMoEEngine:
             lora = {n: t.clone().requires_grad_(True) for n, t in lora.items()}
             leaves = list(lora.values())
         with torch.enable_grad():
-            y = moe_reference(x, ids, w, *self._weights, lora=lora, scaling=self.scaling,
-                              activation=self.activation)
-            grads = torch.autograd.grad(y, [x, w, *leaves], grad_out.detach().to(torch.float32),
-                                        allow_unused=True)
+            y = moe_reference(
+                x,
+                ids,
+                w,
+                *self._weights,
+                lora=lora,
+                scaling=self.scaling,
+                activation=self.activation,
+            )
+            grads = torch.autograd.grad(
+                y, [x, w, *leaves], grad_out.detach().to(torch.float32), allow_unused=True
+            )
         dx = grads[0] if grads[0] is not None else torch.zeros_like(x)
         dw = grads[1] if grads[1] is not None else torch.zeros_like(w)
         grad_input.copy_(dx)
@@ -277,8 +338,10 @@ class TorchMoEEngine:
         if x.dim() != 2 or x.shape[1] != self.hidden_size:
             raise ValueError(f"x must be T x {self.hidden_size}, got {tuple(x.shape)}")
         if ids.shape != (x.shape[0], self.top_k) or w.shape != ids.shape:
-            raise ValueError(f"expert_ids and routing_weights must be {x.shape[0]} x {self.top_k}, "
-                             f"got {tuple(ids.shape)} and {tuple(w.shape)}")
+            raise ValueError(
+                f"expert_ids and routing_weights must be {x.shape[0]} x {self.top_k}, "
+                f"got {tuple(ids.shape)} and {tuple(w.shape)}"
+            )
         if ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= self.num_experts):
             raise ValueError(f"expert_ids must lie in [-1, {self.num_experts})")
 

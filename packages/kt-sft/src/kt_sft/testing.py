@@ -72,9 +72,15 @@ def make_pair(model: nn.Module, cfg: KTConfig) -> ModelPair:
     return ModelPair(stock, kt, cfg)
 
 
-def lora_config_kwargs(model: nn.Module, *, r: int = 4, lora_alpha: float = 8.0,
-                       experts: bool = True, attention: bool = True, router: bool = True
-                       ) -> dict[str, Any]:
+def lora_config_kwargs(
+    model: nn.Module,
+    *,
+    r: int = 4,
+    lora_alpha: float = 8.0,
+    experts: bool = True,
+    attention: bool = True,
+    router: bool = True,
+) -> dict[str, Any]:
     """``LoraConfig`` kwargs targeting the experts (``target_parameters``), every other linear
     layer (``"all-linear"``: attention, shared experts, dense MLPs, linear routers) and, when
     the router is not an ``nn.Linear``, its weight parameter."""
@@ -90,8 +96,9 @@ def lora_config_kwargs(model: nn.Module, *, r: int = 4, lora_alpha: float = 8.0,
     if router:
         layer = spec.moe_layer_indices(base.config)[0]
         gate = spec.router(base, layer)
-        if not isinstance(gate, nn.Linear) and isinstance(getattr(gate, "weight", None),
-                                                          torch.Tensor):
+        if not isinstance(gate, nn.Linear) and isinstance(
+            getattr(gate, "weight", None), torch.Tensor
+        ):
             params.append(f"{spec.moe_block_attr}.{spec.router_attr}.weight")
     if params:
         kwargs["target_parameters"] = params
@@ -100,8 +107,13 @@ def lora_config_kwargs(model: nn.Module, *, r: int = 4, lora_alpha: float = 8.0,
         # because PEFT's "all-linear" shortcut combined with target_parameters gives the
         # experts' gate_up_proj LoRA twice the rank).
         head = base.get_output_embeddings()
-        names = sorted({name.rpartition(".")[2] for name, m in base.named_modules()
-                        if isinstance(m, nn.Linear) and m is not head})
+        names = sorted(
+            {
+                name.rpartition(".")[2]
+                for name, m in base.named_modules()
+                if isinstance(m, nn.Linear) and m is not head
+            }
+        )
         kwargs["target_modules"] = names
     elif not params:
         raise ValueError("nothing to target")
@@ -117,8 +129,7 @@ def named_trainable(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
             yield name, p
 
 
-def copy_lora(src: nn.Module, dst: nn.Module, *, b_std: float | None = 0.02,
-              seed: int = 0) -> None:
+def copy_lora(src: nn.Module, dst: nn.Module, *, b_std: float | None = 0.02, seed: int = 0) -> None:
     """Give ``dst`` the LoRA values of ``src`` (same names); with ``b_std`` both first get
     random ``lora_B`` values (PEFT starts B at zero, which would zero every A gradient)."""
     src_params = dict(named_trainable(src))
@@ -126,8 +137,9 @@ def copy_lora(src: nn.Module, dst: nn.Module, *, b_std: float | None = 0.02,
     if src_params.keys() != dst_params.keys():
         only_src = sorted(src_params.keys() - dst_params.keys())[:5]
         only_dst = sorted(dst_params.keys() - src_params.keys())[:5]
-        raise AssertionError(f"trainable parameters differ: stock-only {only_src}, "
-                             f"kt-only {only_dst}")
+        raise AssertionError(
+            f"trainable parameters differ: stock-only {only_src}, kt-only {only_dst}"
+        )
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in src_params.items():
@@ -136,9 +148,16 @@ def copy_lora(src: nn.Module, dst: nn.Module, *, b_std: float | None = 0.02,
             dst_params[name].copy_(p)
 
 
-def make_batch(vocab_size: int, *, batch: int = 2, seq: int = 12, pad: int = 0,
-               pad_side: str = "right", seed: int = 0, pad_token_id: int = 0
-               ) -> dict[str, torch.Tensor]:
+def make_batch(
+    vocab_size: int,
+    *,
+    batch: int = 2,
+    seq: int = 12,
+    pad: int = 0,
+    pad_side: str = "right",
+    seed: int = 0,
+    pad_token_id: int = 0,
+) -> dict[str, torch.Tensor]:
     """``input_ids``, ``attention_mask`` and ``labels`` (−100 at padding), deterministic."""
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, vocab_size, (batch, seq), generator=gen)
@@ -147,7 +166,7 @@ def make_batch(vocab_size: int, *, batch: int = 2, seq: int = 12, pad: int = 0,
         for row in range(1, batch):
             n = min(pad * row, seq - 2)
             if pad_side == "right":
-                mask[row, seq - n:] = 0
+                mask[row, seq - n :] = 0
             else:
                 mask[row, :n] = 0
         ids = torch.where(mask.bool(), ids, torch.full_like(ids, pad_token_id))

@@ -32,10 +32,18 @@ def resolve_dataset_paths(paths: Sequence[str], embedded: str = "embedded") -> l
     return [bundled_dataset() if p == embedded else Path(p).expanduser() for p in paths]
 
 
-def prepare_dataset(paths: Sequence[str | Path], tokenizer: Any, *, dataset_format: str = "auto",
-                    columns: Columns | None = None, template: str = "auto", cutoff_len: int = 1024,
-                    max_samples: int | None = None, train_on_prompt: bool = False,
-                    tokenizer_path: str = "") -> PreparedData:
+def prepare_dataset(
+    paths: Sequence[str | Path],
+    tokenizer: Any,
+    *,
+    dataset_format: str = "auto",
+    columns: Columns | None = None,
+    template: str = "auto",
+    cutoff_len: int = 1024,
+    max_samples: int | None = None,
+    train_on_prompt: bool = False,
+    tokenizer_path: str = "",
+) -> PreparedData:
     """Read, convert and tokenize every file; raises DataError naming the file on bad input."""
     columns = columns or Columns()
     examples: list[Example] = []
@@ -49,13 +57,18 @@ def prepare_dataset(paths: Sequence[str | Path], tokenizer: Any, *, dataset_form
     formats: dict[str, int] = {}
     for ex in examples:
         formats[ex.kind] = formats.get(ex.kind, 0) + 1
-    chat = resolve_template(tokenizer, template, tokenizer_path=tokenizer_path) \
-        if formats.get("messages") else None
-    kept, dropped = tokenize_examples(examples, tokenizer, template=chat, cutoff_len=cutoff_len,
-                                      train_on_prompt=train_on_prompt)
+    chat = (
+        resolve_template(tokenizer, template, tokenizer_path=tokenizer_path)
+        if formats.get("messages")
+        else None
+    )
+    kept, dropped = tokenize_examples(
+        examples, tokenizer, template=chat, cutoff_len=cutoff_len, train_on_prompt=train_on_prompt
+    )
     if not kept:
         raise DataError(
             f"no example of {', '.join(map(str, paths))} has a trained token within cutoff_len="
             f"{cutoff_len} (all {len(examples)} dropped); raise cutoff_len or check the "
-            "completion / assistant columns")
+            "completion / assistant columns"
+        )
     return PreparedData(kept, num_records, dropped, formats)

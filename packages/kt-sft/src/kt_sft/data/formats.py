@@ -22,8 +22,15 @@ __all__ = ["FORMATS", "Columns", "Example", "detect_format", "to_examples"]
 
 FORMATS = ("text", "prompt_completion", "messages", "alpaca", "sharegpt")
 
-_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                   "model": "assistant", "system": "system", "bot": "assistant"}
+_SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+    "system": "system",
+    "bot": "assistant",
+}
 
 
 @dataclass(frozen=True)
@@ -66,11 +73,14 @@ def detect_format(records: Sequence[dict[str, Any]], cols: Columns, source: str)
     for fmt in ("messages", "sharegpt", "prompt_completion", "alpaca", "text"):
         if all(c in present for c in _required(fmt, cols)):
             return fmt
-    wanted = "; ".join(f"{fmt}: {' + '.join(repr(c) for c in _required(fmt, cols))}"
-                       for fmt in FORMATS)
-    raise DataError(f"dataset {source} has no usable column: found {sorted(present)}, expected "
-                    f"one of ({wanted}). Rename the columns, or set dataset_format and "
-                    "text_column / prompt_column / completion_column / messages_column")
+    wanted = "; ".join(
+        f"{fmt}: {' + '.join(repr(c) for c in _required(fmt, cols))}" for fmt in FORMATS
+    )
+    raise DataError(
+        f"dataset {source} has no usable column: found {sorted(present)}, expected "
+        f"one of ({wanted}). Rename the columns, or set dataset_format and "
+        "text_column / prompt_column / completion_column / messages_column"
+    )
 
 
 def _text(value: Any, where: str) -> str:
@@ -96,40 +106,52 @@ def _turns(value: Any, where: str, *, sharegpt: bool = False) -> list[dict[str, 
     out = []
     for j, turn in enumerate(value):
         if not isinstance(turn, dict):
-            raise DataError(f"{where}, turn {j + 1}: expected an object, got "
-                            f"{type(turn).__name__}")
+            raise DataError(f"{where}, turn {j + 1}: expected an object, got {type(turn).__name__}")
         if sharegpt:
             role = _SHAREGPT_ROLES.get(str(turn.get("from", "")).lower())
             if role is None:
-                raise DataError(f"{where}, turn {j + 1}: 'from' must be one of "
-                                f"{sorted(_SHAREGPT_ROLES)}, got {turn.get('from')!r}")
+                raise DataError(
+                    f"{where}, turn {j + 1}: 'from' must be one of "
+                    f"{sorted(_SHAREGPT_ROLES)}, got {turn.get('from')!r}"
+                )
             content = turn.get("value")
         else:
             role, content = turn.get("role"), turn.get("content")
             if role not in ("system", "user", "assistant", "tool"):
-                raise DataError(f"{where}, turn {j + 1}: 'role' must be system, user, assistant "
-                                f"or tool, got {role!r}")
+                raise DataError(
+                    f"{where}, turn {j + 1}: 'role' must be system, user, assistant "
+                    f"or tool, got {role!r}"
+                )
         out.append({"role": role, "content": _text(content, f"{where}, turn {j + 1} content")})
     if not any(t["role"] == "assistant" for t in out):
         raise DataError(f"{where} has no assistant turn to train on")
     return out
 
 
-def to_examples(records: Sequence[dict[str, Any]], fmt: str, cols: Columns,
-                source: str) -> list[Example]:
+def to_examples(
+    records: Sequence[dict[str, Any]], fmt: str, cols: Columns, source: str
+) -> list[Example]:
     """Convert records of one file to examples; `fmt` may be `auto`."""
     if fmt == "auto":
         fmt = detect_format(records, cols, source)
     missing = [c for c in _required(fmt, cols) if c not in records[0]]
     if missing:
-        keys = {cols.text: "text_column", cols.prompt: "prompt_column",
-                cols.completion: "completion_column", cols.messages: "messages_column"}
-        settable = [f"{keys[c]}: <column>" for c in missing if c in keys
-                    and fmt in ("text", "prompt_completion", "messages")]
+        keys = {
+            cols.text: "text_column",
+            cols.prompt: "prompt_column",
+            cols.completion: "completion_column",
+            cols.messages: "messages_column",
+        }
+        settable = [
+            f"{keys[c]}: <column>"
+            for c in missing
+            if c in keys and fmt in ("text", "prompt_completion", "messages")
+        ]
         hint = f"; set {' and '.join(settable)} to read other columns" if settable else ""
-        raise DataError(f"dataset {source} is read as {fmt!r} but has no column "
-                        f"{', '.join(repr(c) for c in missing)}; found {sorted(records[0])}"
-                        + hint)
+        raise DataError(
+            f"dataset {source} is read as {fmt!r} but has no column "
+            f"{', '.join(repr(c) for c in missing)}; found {sorted(records[0])}" + hint
+        )
     out: list[Example] = []
     for i, rec in enumerate(records):
         where = f"{source}, record {i + 1}"
@@ -141,14 +163,24 @@ def to_examples(records: Sequence[dict[str, Any]], fmt: str, cols: Columns,
                 turns = _turns(list(prompt or []) + list(completion or []), where)
                 out.append(Example(messages=turns))
             else:
-                out.append(Example(prompt=_text(prompt, f"{where} '{cols.prompt}'"),
-                                   completion=_text(completion, f"{where} '{cols.completion}'")))
+                out.append(
+                    Example(
+                        prompt=_text(prompt, f"{where} '{cols.prompt}'"),
+                        completion=_text(completion, f"{where} '{cols.completion}'"),
+                    )
+                )
         elif fmt == "messages":
-            out.append(Example(messages=_turns(rec.get(cols.messages), f"{where} "
-                                               f"'{cols.messages}'")))
+            out.append(
+                Example(messages=_turns(rec.get(cols.messages), f"{where} '{cols.messages}'"))
+            )
         elif fmt == "sharegpt":
-            out.append(Example(messages=_turns(rec.get("conversations"),
-                                               f"{where} 'conversations'", sharegpt=True)))
+            out.append(
+                Example(
+                    messages=_turns(
+                        rec.get("conversations"), f"{where} 'conversations'", sharegpt=True
+                    )
+                )
+            )
         elif fmt == "alpaca":
             instruction = _text(rec.get("instruction"), f"{where} 'instruction'")
             extra = rec.get("input") or ""
@@ -156,9 +188,10 @@ def to_examples(records: Sequence[dict[str, Any]], fmt: str, cols: Columns,
             turns = []
             if rec.get("system"):
                 turns.append({"role": "system", "content": _text(rec["system"], where)})
-            turns += [{"role": "user", "content": user},
-                      {"role": "assistant", "content": _text(rec.get("output"),
-                                                             f"{where} 'output'")}]
+            turns += [
+                {"role": "user", "content": user},
+                {"role": "assistant", "content": _text(rec.get("output"), f"{where} 'output'")},
+            ]
             out.append(Example(messages=turns))
         else:  # pragma: no cover - the schema restricts fmt
             raise DataError(f"unknown dataset_format {fmt!r}")

@@ -29,21 +29,30 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
     if not path.exists():
         raise DataError(f"dataset file not found: {path}")
     if path.is_dir():
-        raise DataError(f"dataset path is a directory, expected a file ({', '.join(SUFFIXES)}): "
-                        f"{path}")
+        raise DataError(
+            f"dataset path is a directory, expected a file ({', '.join(SUFFIXES)}): {path}"
+        )
     suffix = path.suffix.lower()
-    readers = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet,
-               ".csv": _read_csv}
+    readers = {
+        ".jsonl": _read_jsonl,
+        ".json": _read_json,
+        ".parquet": _read_parquet,
+        ".csv": _read_csv,
+    }
     if suffix not in readers:
-        raise DataError(f"dataset file {path} has an unsupported extension {suffix or '(none)'!r};"
-                        f" use one of {', '.join(SUFFIXES)}")
+        raise DataError(
+            f"dataset file {path} has an unsupported extension {suffix or '(none)'!r};"
+            f" use one of {', '.join(SUFFIXES)}"
+        )
     records = readers[suffix](path)
     if not records:
         raise DataError(f"dataset file {path} holds no records")
     for i, rec in enumerate(records):
         if not isinstance(rec, dict):
-            raise DataError(f"dataset file {path}: record {i + 1} is a {type(rec).__name__}, "
-                            "expected an object with named columns")
+            raise DataError(
+                f"dataset file {path}: record {i + 1} is a {type(rec).__name__}, "
+                "expected an object with named columns"
+            )
     return records
 
 
@@ -56,8 +65,9 @@ def _read_jsonl(path: Path) -> list[Any]:
             try:
                 out.append(json.loads(line))
             except json.JSONDecodeError as exc:
-                raise DataError(f"dataset file {path}, line {lineno}: not valid JSON "
-                                f"({exc.msg})") from exc
+                raise DataError(
+                    f"dataset file {path}, line {lineno}: not valid JSON ({exc.msg})"
+                ) from exc
     return out
 
 
@@ -69,17 +79,21 @@ def _read_json(path: Path) -> list[Any]:
         try:
             return _read_jsonl(path)
         except DataError:
-            raise DataError(f"dataset file {path}: not valid JSON (line {exc.lineno}: "
-                            f"{exc.msg})") from exc
+            raise DataError(
+                f"dataset file {path}: not valid JSON (line {exc.lineno}: {exc.msg})"
+            ) from exc
     if isinstance(data, dict):
         lists = [k for k, v in data.items() if isinstance(v, list)]
         if len(lists) == 1:  # {"data": [...]} / {"train": [...]}
             return data[lists[0]]
-        raise DataError(f"dataset file {path}: expected a list of records (or an object with one "
-                        f"list of records), got an object with keys {sorted(data)}")
+        raise DataError(
+            f"dataset file {path}: expected a list of records (or an object with one "
+            f"list of records), got an object with keys {sorted(data)}"
+        )
     if not isinstance(data, list):
-        raise DataError(f"dataset file {path}: expected a list of records, got "
-                        f"{type(data).__name__}")
+        raise DataError(
+            f"dataset file {path}: expected a list of records, got {type(data).__name__}"
+        )
     return data
 
 
@@ -102,7 +116,9 @@ def _read_csv(path: Path) -> list[Any]:
         rows = []
         for row in reader:
             if None in row:
-                raise DataError(f"dataset file {path}, line {reader.line_num}: more fields than "
-                                f"the header's {len(reader.fieldnames)}")
+                raise DataError(
+                    f"dataset file {path}, line {reader.line_num}: more fields than "
+                    f"the header's {len(reader.fieldnames)}"
+                )
             rows.append(row)
         return rows

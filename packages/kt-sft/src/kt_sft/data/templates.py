@@ -32,16 +32,27 @@ def resolve_template(tokenizer: Any, template: str, *, tokenizer_path: str = "")
         raise DataError(
             f"the tokenizer{where} has no chat template, which the chat (messages) format needs: "
             "set `template: chatml` to use the built-in ChatML template, or use a tokenizer with "
-            "a chat_template (tokenizer_config.json / chat_template.jinja)")
+            "a chat_template (tokenizer_config.json / chat_template.jinja)"
+        )
     return own
 
 
-def render_chat(tokenizer: Any, template: str, turns: list[dict[str, str]], *,
-                add_generation_prompt: bool = False) -> str:
+def render_chat(
+    tokenizer: Any,
+    template: str,
+    turns: list[dict[str, str]],
+    *,
+    add_generation_prompt: bool = False,
+) -> str:
     """Render turns to text with `template` (no tokenization)."""
     try:
-        return tokenizer.apply_chat_template(turns, chat_template=template, tokenize=False,
-                                             add_generation_prompt=add_generation_prompt)
+        return tokenizer.apply_chat_template(
+            turns,
+            chat_template=template,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+        )
     except Exception as exc:  # jinja raises TemplateError and friends
-        raise DataError(f"the chat template failed on a conversation starting with "
-                        f"{turns[0]['role']!r}: {exc}") from exc
+        raise DataError(
+            f"the chat template failed on a conversation starting with {turns[0]['role']!r}: {exc}"
+        ) from exc

@@ -36,8 +36,9 @@ class Tokenized:
         return sum(1 for x in self.labels if x != IGNORE_INDEX)
 
 
-def _spans(example: Example, tokenizer: Any, template: str | None,
-           train_on_prompt: bool) -> tuple[str, list[tuple[int, int]], bool]:
+def _spans(
+    example: Example, tokenizer: Any, template: str | None, train_on_prompt: bool
+) -> tuple[str, list[tuple[int, int]], bool]:
     """Return (text, trained spans, add_special_tokens)."""
     eos = tokenizer.eos_token or ""
     if example.kind == "text":
@@ -57,20 +58,30 @@ def _spans(example: Example, tokenizer: Any, template: str | None,
     for i, turn in enumerate(turns):
         if turn["role"] != "assistant":
             continue
-        before = render_chat(tokenizer, template, turns[:i], add_generation_prompt=True) \
-            if i else render_chat(tokenizer, template, [], add_generation_prompt=True)
+        before = (
+            render_chat(tokenizer, template, turns[:i], add_generation_prompt=True)
+            if i
+            else render_chat(tokenizer, template, [], add_generation_prompt=True)
+        )
         upto = render_chat(tokenizer, template, turns[: i + 1])
         if not (full.startswith(upto) and upto.startswith(before)):
             raise DataError(
                 "the chat template is not prefix-stable (rendering the first turns of a "
                 "conversation is not a prefix of rendering all of it), so assistant turns cannot "
-                "be located for the loss mask; use `template: chatml` or `train_on_prompt: true`")
+                "be located for the loss mask; use `template: chatml` or `train_on_prompt: true`"
+            )
         spans.append((len(before), len(upto)))
     return full, spans, False
 
 
-def tokenize_example(example: Example, tokenizer: Any, *, template: str | None,
-                     cutoff_len: int, train_on_prompt: bool = False) -> Tokenized:
+def tokenize_example(
+    example: Example,
+    tokenizer: Any,
+    *,
+    template: str | None,
+    cutoff_len: int,
+    train_on_prompt: bool = False,
+) -> Tokenized:
     """Tokenize one example with its loss mask, truncated to `cutoff_len` tokens."""
     text, spans, add_special = _spans(example, tokenizer, template, train_on_prompt)
     enc = tokenizer(text, add_special_tokens=add_special, return_offsets_mapping=True)
@@ -83,20 +94,28 @@ def tokenize_example(example: Example, tokenizer: Any, *, template: str | None,
     return Tokenized(ids[:cutoff_len], labels[:cutoff_len])
 
 
-def tokenize_examples(examples: Sequence[Example], tokenizer: Any, *, template: str | None,
-                      cutoff_len: int, train_on_prompt: bool = False
-                      ) -> tuple[list[Tokenized], int]:
+def tokenize_examples(
+    examples: Sequence[Example],
+    tokenizer: Any,
+    *,
+    template: str | None,
+    cutoff_len: int,
+    train_on_prompt: bool = False,
+) -> tuple[list[Tokenized], int]:
     """Tokenize all examples; drop those with no trained token left after truncation.
 
     Returns (kept, number dropped).
     """
     if not getattr(tokenizer, "is_fast", False):
-        raise DataError("kt-sft needs a fast (Rust) tokenizer for loss masks; the tokenizer "
-                        f"{type(tokenizer).__name__} has no offset mapping")
+        raise DataError(
+            "kt-sft needs a fast (Rust) tokenizer for loss masks; the tokenizer "
+            f"{type(tokenizer).__name__} has no offset mapping"
+        )
     kept, dropped = [], 0
     for ex in examples:
-        tok = tokenize_example(ex, tokenizer, template=template, cutoff_len=cutoff_len,
-                               train_on_prompt=train_on_prompt)
+        tok = tokenize_example(
+            ex, tokenizer, template=template, cutoff_len=cutoff_len, train_on_prompt=train_on_prompt
+        )
         if tok.num_trained > 1:
             kept.append(tok)
         else:

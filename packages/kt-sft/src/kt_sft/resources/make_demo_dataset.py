@@ -23,39 +23,129 @@ SEED = 20240611
 SYSTEM = "You are a concise assistant. Answer in one sentence."
 
 CAPITALS = {
-    "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid",
-    "Portugal": "Lisbon", "Japan": "Tokyo", "China": "Beijing", "India": "New Delhi",
-    "Canada": "Ottawa", "Mexico": "Mexico City", "Brazil": "Brasilia", "Argentina": "Buenos Aires",
-    "Peru": "Lima", "Chile": "Santiago", "Egypt": "Cairo", "Kenya": "Nairobi", "Ghana": "Accra",
-    "Nigeria": "Abuja", "Norway": "Oslo", "Sweden": "Stockholm", "Finland": "Helsinki",
-    "Denmark": "Copenhagen", "Poland": "Warsaw", "Austria": "Vienna", "Greece": "Athens",
-    "Ireland": "Dublin", "Turkey": "Ankara", "Russia": "Moscow", "Australia": "Canberra",
-    "New Zealand": "Wellington", "Thailand": "Bangkok", "Vietnam": "Hanoi",
-    "South Korea": "Seoul", "Indonesia": "Jakarta", "Iran": "Tehran", "Morocco": "Rabat",
-    "Cuba": "Havana", "Hungary": "Budapest", "Belgium": "Brussels", "Netherlands": "Amsterdam",
+    "France": "Paris",
+    "Germany": "Berlin",
+    "Italy": "Rome",
+    "Spain": "Madrid",
+    "Portugal": "Lisbon",
+    "Japan": "Tokyo",
+    "China": "Beijing",
+    "India": "New Delhi",
+    "Canada": "Ottawa",
+    "Mexico": "Mexico City",
+    "Brazil": "Brasilia",
+    "Argentina": "Buenos Aires",
+    "Peru": "Lima",
+    "Chile": "Santiago",
+    "Egypt": "Cairo",
+    "Kenya": "Nairobi",
+    "Ghana": "Accra",
+    "Nigeria": "Abuja",
+    "Norway": "Oslo",
+    "Sweden": "Stockholm",
+    "Finland": "Helsinki",
+    "Denmark": "Copenhagen",
+    "Poland": "Warsaw",
+    "Austria": "Vienna",
+    "Greece": "Athens",
+    "Ireland": "Dublin",
+    "Turkey": "Ankara",
+    "Russia": "Moscow",
+    "Australia": "Canberra",
+    "New Zealand": "Wellington",
+    "Thailand": "Bangkok",
+    "Vietnam": "Hanoi",
+    "South Korea": "Seoul",
+    "Indonesia": "Jakarta",
+    "Iran": "Tehran",
+    "Morocco": "Rabat",
+    "Cuba": "Havana",
+    "Hungary": "Budapest",
+    "Belgium": "Brussels",
+    "Netherlands": "Amsterdam",
 }
 
 OPPOSITES = [
-    ("hot", "cold"), ("big", "small"), ("fast", "slow"), ("up", "down"), ("light", "dark"),
-    ("open", "closed"), ("early", "late"), ("happy", "sad"), ("full", "empty"), ("old", "new"),
-    ("high", "low"), ("wet", "dry"), ("strong", "weak"), ("loud", "quiet"), ("near", "far"),
-    ("hard", "soft"), ("long", "short"), ("rich", "poor"), ("thick", "thin"), ("left", "right"),
+    ("hot", "cold"),
+    ("big", "small"),
+    ("fast", "slow"),
+    ("up", "down"),
+    ("light", "dark"),
+    ("open", "closed"),
+    ("early", "late"),
+    ("happy", "sad"),
+    ("full", "empty"),
+    ("old", "new"),
+    ("high", "low"),
+    ("wet", "dry"),
+    ("strong", "weak"),
+    ("loud", "quiet"),
+    ("near", "far"),
+    ("hard", "soft"),
+    ("long", "short"),
+    ("rich", "poor"),
+    ("thick", "thin"),
+    ("left", "right"),
 ]
 
-WORDS = ["river", "apple", "garden", "window", "planet", "yellow", "music", "bridge", "forest",
-         "candle", "silver", "ocean", "rabbit", "pencil", "orange", "tiger", "cloud", "market",
-         "winter", "camera", "island", "rocket", "basket", "mirror", "violin", "desert"]
+WORDS = [
+    "river",
+    "apple",
+    "garden",
+    "window",
+    "planet",
+    "yellow",
+    "music",
+    "bridge",
+    "forest",
+    "candle",
+    "silver",
+    "ocean",
+    "rabbit",
+    "pencil",
+    "orange",
+    "tiger",
+    "cloud",
+    "market",
+    "winter",
+    "camera",
+    "island",
+    "rocket",
+    "basket",
+    "mirror",
+    "violin",
+    "desert",
+]
 
 DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
-MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August",
-          "September", "October", "November", "December"]
+MONTHS = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+]
 
 # (from unit, to unit, factor)
 CONVERSIONS = [
-    ("kilometers", "meters", 1000), ("meters", "centimeters", 100),
-    ("centimeters", "millimeters", 10), ("kilograms", "grams", 1000), ("liters", "milliliters", 1000),
-    ("hours", "minutes", 60), ("minutes", "seconds", 60), ("days", "hours", 24),
-    ("weeks", "days", 7), ("years", "months", 12), ("dozens", "items", 12),
+    ("kilometers", "meters", 1000),
+    ("meters", "centimeters", 100),
+    ("centimeters", "millimeters", 10),
+    ("kilograms", "grams", 1000),
+    ("liters", "milliliters", 1000),
+    ("hours", "minutes", 60),
+    ("minutes", "seconds", 60),
+    ("days", "hours", 24),
+    ("weeks", "days", 7),
+    ("years", "months", 12),
+    ("dozens", "items", 12),
 ]
 
 
@@ -85,14 +175,21 @@ def _convert(rng: random.Random) -> tuple[str, str]:
     src, dst, factor = rng.choice(CONVERSIONS)
     n = rng.randint(1, 9)
     q = rng.choice(["Convert {n} {src} to {dst}.", "How many {dst} are in {n} {src}?"])
-    return (q.format(n=n, src=_plural(n, src), dst=dst),
-            f"{n} {_plural(n, src)} is {n * factor} {dst}.")
+    return (
+        q.format(n=n, src=_plural(n, src), dst=dst),
+        f"{n} {_plural(n, src)} is {n * factor} {dst}.",
+    )
 
 
 def _capital(rng: random.Random) -> tuple[str, str]:
     country = rng.choice(sorted(CAPITALS))
-    q = rng.choice(["What is the capital of {c}?", "Name the capital city of {c}.",
-                    "Which city is the capital of {c}?"])
+    q = rng.choice(
+        [
+            "What is the capital of {c}?",
+            "Name the capital city of {c}.",
+            "Which city is the capital of {c}?",
+        ]
+    )
     return q.format(c=country), f"The capital of {country} is {CAPITALS[country]}."
 
 
@@ -116,12 +213,21 @@ def _calendar(rng: random.Random) -> tuple[str, str]:
         i = rng.randrange(len(DAYS))
         return f"What day comes after {DAYS[i]}?", f"{DAYS[(i + 1) % 7]} comes after {DAYS[i]}."
     i = rng.randrange(len(MONTHS))
-    return (f"Which month comes after {MONTHS[i]}?",
-            f"{MONTHS[(i + 1) % 12]} comes after {MONTHS[i]}.")
+    return (
+        f"Which month comes after {MONTHS[i]}?",
+        f"{MONTHS[(i + 1) % 12]} comes after {MONTHS[i]}.",
+    )
 
 
 TASKS: list[Callable[[random.Random], tuple[str, str]]] = [
-    _add, _sub, _mul, _convert, _capital, _opposite, _letters, _calendar,
+    _add,
+    _sub,
+    _mul,
+    _convert,
+    _capital,
+    _opposite,
+    _letters,
+    _calendar,
 ]
 
 
@@ -136,8 +242,7 @@ def generate(n: int = 400, seed: int = SEED) -> Iterator[dict]:
         if question in seen:
             continue
         seen.add(question)
-        messages = [{"role": "user", "content": question},
-                    {"role": "assistant", "content": answer}]
+        messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
         if rng.random() < 0.25:
             messages.insert(0, {"role": "system", "content": SYSTEM})
         yield {"messages": messages}

@@ -100,8 +100,9 @@ class PreviousRun:
         self.names = []
 
 
-def prepare_output_dir(path: str | Path, *, overwrite: bool, resuming: bool
-                       ) -> tuple[Path, PreviousRun]:
+def prepare_output_dir(
+    path: str | Path, *, overwrite: bool, resuming: bool
+) -> tuple[Path, PreviousRun]:
     """Create/check output_dir before any expensive work; raise OutputDirError when unusable.
 
     An output_dir that holds a previous run's adapter or checkpoints is refused unless
@@ -116,18 +117,22 @@ def prepare_output_dir(path: str | Path, *, overwrite: bool, resuming: bool
         _writable_probe(out)
     except OSError as exc:
         reason = exc.strerror or str(exc)
-        raise OutputDirError(f"output_dir {out} is not writable: {reason}; choose another "
-                             "output_dir (e.g. --output_dir /tmp/kt-sft-output)") from exc
+        raise OutputDirError(
+            f"output_dir {out} is not writable: {reason}; choose another "
+            "output_dir (e.g. --output_dir /tmp/kt-sft-output)"
+        ) from exc
     recover(out)  # a checkpoint or adapter a kill left parked mid-swap counts as present
-    previous = [p.name for p in out.iterdir()
-                if p.name == ADAPTER_DIR or CHECKPOINT_RE.match(p.name)]
+    previous = [
+        p.name for p in out.iterdir() if p.name == ADAPTER_DIR or CHECKPOINT_RE.match(p.name)
+    ]
     replaced: list[str] = []
     if previous and not resuming:
         if not overwrite:
             raise OutputDirError(
                 f"output_dir {out} already holds a training run ({', '.join(sorted(previous))}); "
                 "set overwrite_output_dir: true to replace it, or resume_from_checkpoint: auto "
-                "to continue it")
+                "to continue it"
+            )
         replaced = previous + [name for name in _RUN_FILES if (out / name).exists()]
     clean_leftovers(out)  # of interrupted writes (a checkpoint parked mid-swap is restored)
     return out, PreviousRun(out, replaced)
@@ -174,9 +179,11 @@ def _raise_if_disk_full(exc: BaseException, target: Path) -> None:
         return
     free = st.f_bavail * st.f_frsize
     if free < _DISK_FULL_BYTES:
-        raise OSError(errno.ENOSPC, f"No space left on device while writing {target} "
-                      f"({free} bytes free on its file system; the write failed with: {exc})"
-                      ) from exc
+        raise OSError(
+            errno.ENOSPC,
+            f"No space left on device while writing {target} "
+            f"({free} bytes free on its file system; the write failed with: {exc})",
+        ) from exc
 
 
 def _umask() -> int:
@@ -215,8 +222,10 @@ def find_adapter_dir(path: str | Path) -> Path:
         return latest
     if not p.exists():
         raise FileNotFoundError(f"adapter path not found: {p}")
-    raise FileNotFoundError(f"no PEFT adapter in {p}: expected adapter_config.json there, in "
-                            f"{p / ADAPTER_DIR}, or in a checkpoint-<step>/ folder")
+    raise FileNotFoundError(
+        f"no PEFT adapter in {p}: expected adapter_config.json there, in "
+        f"{p / ADAPTER_DIR}, or in a checkpoint-<step>/ folder"
+    )
 
 
 def plot_loss(path: Path, steps: Sequence[int], losses: Sequence[float], *, title: str) -> bool:

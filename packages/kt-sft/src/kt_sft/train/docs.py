@@ -97,8 +97,12 @@ def _schema_tables() -> list[str]:
     for alias, (target, transform) in ALIASES.items():
         aliases.setdefault(target, []).append(f"`{alias}`" + (" (negated)" if transform else ""))
     for group, fields in by_group.items():
-        out += [f"## {GROUPS[group]}", "", "| key | type | default | description |",
-                "| --- | --- | --- | --- |"]
+        out += [
+            f"## {GROUPS[group]}",
+            "",
+            "| key | type | default | description |",
+            "| --- | --- | --- | --- |",
+        ]
         for f in fields:
             default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
             desc = f.metadata["help"]
@@ -106,8 +110,9 @@ def _schema_tables() -> list[str]:
                 desc += " One of: " + ", ".join(f"`{c}`" for c in f.metadata["choices"]) + "."
             if aliases.get(f.name):
                 desc += " Also accepted as " + ", ".join(aliases[f.name]) + "."
-            out.append(f"| `{f.name}` | {_type_name(f)} | {_fmt_default(default)} | "
-                       f"{_cell(desc)} |")
+            out.append(
+                f"| `{f.name}` | {_type_name(f)} | {_fmt_default(default)} | {_cell(desc)} |"
+            )
         out.append("")
     return out
 
@@ -154,14 +159,19 @@ def kt_options_table() -> list[str]:
         if not f.init or f.name.startswith("_"):
             continue
         var = env.get(f.name)
-        rows.append(f"| `kt_{f.name}` | {f'`{var}`' if var else '—'} | "
-                    f"{_fmt_default(defaults.get(f.name))} | {_cell(docs.get(f.name, ''))} |")
+        rows.append(
+            f"| `kt_{f.name}` | {f'`{var}`' if var else '—'} | "
+            f"{_fmt_default(defaults.get(f.name))} | {_cell(docs.get(f.name, ''))} |"
+        )
     legacy = getattr(kt_config, "_ALIASES", {})
     if legacy:
-        rows += ["", "Names from other KT / LLaMA-Factory configurations are accepted too: "
-                 + ", ".join(f"`{k}` → `kt_{v}`" for k, v in sorted(legacy.items()))
-                 + "; `kt_backend` takes the kernel names `AMXBF16`, `AMXInt8`, `AMXInt4`, "
-                 "`AVX512BF16`, `AVX512`, `AVX2` and sets `kt_isa` + `kt_weight_dtype`."]
+        rows += [
+            "",
+            "Names from other KT / LLaMA-Factory configurations are accepted too: "
+            + ", ".join(f"`{k}` → `kt_{v}`" for k, v in sorted(legacy.items()))
+            + "; `kt_backend` takes the kernel names `AMXBF16`, `AMXInt8`, `AMXInt4`, "
+            "`AVX512BF16`, `AVX512`, `AVX2` and sets `kt_isa` + `kt_weight_dtype`.",
+        ]
     return [*rows, ""]
 
 
@@ -169,17 +179,29 @@ def render_configuration() -> str:
     from importlib.resources import files
 
     parts = [HEADER, *_schema_tables()]
-    parts += ["## Engine options (`kt_*`)", "",
-              "Passed to `kt_sft.KTConfig` (its field name without the `kt_` prefix). "
-              "`kt-sft train` sets `kt_lora_rank` / `kt_lora_alpha` from `lora_rank` / "
-              "`lora_alpha` (rank 0 when `lora_target` leaves the experts out) and, with "
-              "`profile: true`, `kt_profile` to `output_dir/engine_trace.json`.", "",
-              *kt_options_table()]
+    parts += [
+        "## Engine options (`kt_*`)",
+        "",
+        "Passed to `kt_sft.KTConfig` (its field name without the `kt_` prefix). "
+        "`kt-sft train` sets `kt_lora_rank` / `kt_lora_alpha` from `lora_rank` / "
+        "`lora_alpha` (rank 0 when `lora_target` leaves the experts out) and, with "
+        "`profile: true`, `kt_profile` to `output_dir/engine_trace.json`.",
+        "",
+        *kt_options_table(),
+    ]
     default_yaml = files("kt_sft.resources").joinpath("default.yaml").read_text(encoding="utf-8")
-    parts += ["## The embedded demo", "",
-              "`kt-sft train` with no configuration file runs this (`kt_sft/resources/"
-              "default.yaml`); `embedded` selects the built-in tiny Qwen3-MoE model and the "
-              "bundled dataset:", "", "```yaml", default_yaml.rstrip("\n"), "```", ""]
+    parts += [
+        "## The embedded demo",
+        "",
+        "`kt-sft train` with no configuration file runs this (`kt_sft/resources/"
+        "default.yaml`); `embedded` selects the built-in tiny Qwen3-MoE model and the "
+        "bundled dataset:",
+        "",
+        "```yaml",
+        default_yaml.rstrip("\n"),
+        "```",
+        "",
+    ]
     return "\n".join(parts)
 
 

@@ -52,9 +52,18 @@ def cache_root() -> Path:
 
 def _key() -> str:
     h = hashlib.sha256()
-    h.update(json.dumps({"model": MODEL_OVERRIDES, "vocab": VOCAB_SIZE, "seed": SEED,
-                         "recipe": _RECIPE_VERSION, "template": CHATML},
-                        sort_keys=True).encode())
+    h.update(
+        json.dumps(
+            {
+                "model": MODEL_OVERRIDES,
+                "vocab": VOCAB_SIZE,
+                "seed": SEED,
+                "recipe": _RECIPE_VERSION,
+                "template": CHATML,
+            },
+            sort_keys=True,
+        ).encode()
+    )
     h.update(bundled_dataset().read_bytes())
     return h.hexdigest()[:12]
 
@@ -65,8 +74,11 @@ def _training_texts() -> list[str]:
     with bundled_dataset().open(encoding="utf-8") as fh:
         for line in fh:
             rec = json.loads(line)
-            texts.append("".join(f"<|im_start|>{t['role']}\n{t['content']}<|im_end|>\n"
-                                 for t in rec["messages"]))
+            texts.append(
+                "".join(
+                    f"<|im_start|>{t['role']}\n{t['content']}<|im_end|>\n" for t in rec["messages"]
+                )
+            )
     return texts
 
 
@@ -80,13 +92,19 @@ def build_tokenizer(vocab_size: int = VOCAB_SIZE) -> Any:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     specials = [PAD_TOKEN, *CHATML_SPECIAL_TOKENS]
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(_training_texts(), trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
-                                   pad_token=PAD_TOKEN,
-                                   additional_special_tokens=list(CHATML_SPECIAL_TOKENS))
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token=PAD_TOKEN,
+        additional_special_tokens=list(CHATML_SPECIAL_TOKENS),
+    )
     fast.chat_template = CHATML
     fast.model_max_length = MODEL_OVERRIDES["max_position_embeddings"]
     return fast
@@ -95,8 +113,15 @@ def build_tokenizer(vocab_size: int = VOCAB_SIZE) -> Any:
 def _build_model(vocab_size: int, eos_id: int, pad_id: int) -> Any:
     from kt_models import tiny
 
-    return tiny.build("qwen3_moe", seed=SEED, vocab_size=vocab_size, eos_token_id=eos_id,
-                      pad_token_id=pad_id, bos_token_id=None, **MODEL_OVERRIDES)
+    return tiny.build(
+        "qwen3_moe",
+        seed=SEED,
+        vocab_size=vocab_size,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+        bos_token_id=None,
+        **MODEL_OVERRIDES,
+    )
 
 
 def embedded_model_dir(*, rebuild: bool = False, quiet: bool = False) -> Path:

@@ -37,16 +37,22 @@ def resolve_model_path(name: str, *, quiet: bool = False) -> str:
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ConfigError(f"model path {path} has no config.json: 'model_name_or_path' must "
-                              "be a Hugging Face checkpoint directory")
+            raise ConfigError(
+                f"model path {path} has no config.json: 'model_name_or_path' must "
+                "be a Hugging Face checkpoint directory"
+            )
         return str(path)
     if path.exists():
-        raise ConfigError(f"model path {path} is a file; 'model_name_or_path' must be a "
-                          "checkpoint directory (config.json + *.safetensors)")
+        raise ConfigError(
+            f"model path {path} is a file; 'model_name_or_path' must be a "
+            "checkpoint directory (config.json + *.safetensors)"
+        )
     if _HUB_ID.match(name) and not name.startswith((".", "~")):
         return name
-    raise ConfigError(f"model path not found: {path} ('model_name_or_path' must be a local "
-                      f"checkpoint directory, a Hub id, or `{EMBEDDED}` for the demo model)")
+    raise ConfigError(
+        f"model path not found: {path} ('model_name_or_path' must be a local "
+        f"checkpoint directory, a Hub id, or `{EMBEDDED}` for the demo model)"
+    )
 
 
 def load_tokenizer(path: str, *, trust_remote_code: bool = False) -> Any:
@@ -63,8 +69,15 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False) -> Any:
     return tok
 
 
-def load_base_model(path: str, *, use_kt: bool, kt_options: dict[str, Any], dtype: Any,
-                    device: str, trust_remote_code: bool = False) -> Any:
+def load_base_model(
+    path: str,
+    *,
+    use_kt: bool,
+    kt_options: dict[str, Any],
+    dtype: Any,
+    device: str,
+    trust_remote_code: bool = False,
+) -> Any:
     """Load the causal LM; with `use_kt` the routed experts go to the engine (kt_sft.load_model)."""
     hf_kwargs: dict[str, Any] = {"dtype": dtype}
     if trust_remote_code:
@@ -73,8 +86,9 @@ def load_base_model(path: str, *, use_kt: bool, kt_options: dict[str, Any], dtyp
         if use_kt:
             import kt_sft
 
-            model = kt_sft.load_model(path, kt_sft.KTConfig.from_dict(kt_options), device=device,
-                                      **hf_kwargs)
+            model = kt_sft.load_model(
+                path, kt_sft.KTConfig.from_dict(kt_options), device=device, **hf_kwargs
+            )
         else:
             from transformers import AutoModelForCausalLM
 
@@ -99,8 +113,11 @@ def linear_module_names(model: Any) -> list[str]:
             continue
         parts = full.split(".")
         leaf = parts[-1]
-        if "experts" in parts[:-1] or leaf in ("lm_head", "gate", "router", "score") \
-                or leaf.endswith(("_gate", "router")):
+        if (
+            "experts" in parts[:-1]
+            or leaf in ("lm_head", "gate", "router", "score")
+            or leaf.endswith(("_gate", "router"))
+        ):
             continue
         if mod.out_features == model.config.vocab_size:  # output heads under other names
             continue
@@ -128,14 +145,17 @@ def _merge_modules(a: Any, b: Any) -> Any:
     if a is None or b is None:
         return b if a is None else a
     if isinstance(a, str) or isinstance(b, str):
+
         def rx(v: Any) -> str:
             return v if isinstance(v, str) else rf".*\.(?:{'|'.join(map(re.escape, v))})"
+
         return f"(?:{rx(a)})|(?:{rx(b)})"
     return sorted(set(a) | set(b))
 
 
-def build_lora_config(model: Any, *, targets: list[str], rank: int, alpha: float,
-                      dropout: float, use_kt: bool) -> Any:
+def build_lora_config(
+    model: Any, *, targets: list[str], rank: int, alpha: float, dropout: float, use_kt: bool
+) -> Any:
     """The peft.LoraConfig for `lora_target` (`all`, `experts`, or module names)."""
     from peft import LoraConfig
 
@@ -152,12 +172,14 @@ def build_lora_config(model: Any, *, targets: list[str], rank: int, alpha: float
         raise ConfigError(
             f"'lora_dropout' {dropout:g} cannot be used with LoRA on the routed experts (PEFT's "
             "target_parameters adapters have no dropout); set lora_dropout: 0, or leave the "
-            "experts out of lora_target (e.g. q_proj,k_proj,v_proj,o_proj)")
+            "experts out of lora_target (e.g. q_proj,k_proj,v_proj,o_proj)"
+        )
     kwargs["target_modules"] = _merge_modules(kwargs.get("target_modules"), modules)
     if kwargs["target_modules"] is None:
         kwargs.pop("target_modules")
-    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, task_type="CAUSAL_LM",
-                      **kwargs)
+    return LoraConfig(
+        r=rank, lora_alpha=alpha, lora_dropout=dropout, task_type="CAUSAL_LM", **kwargs
+    )
 
 
 def apply_lora(model: Any, lora_config: Any, targets: list[str], *, use_kt: bool) -> Any:
@@ -171,9 +193,16 @@ def apply_lora(model: Any, lora_config: Any, targets: list[str], *, use_kt: bool
         return get_peft_model(model, lora_config)
     except ValueError as exc:
         if "not found" in str(exc) or "match" in str(exc):
-            names = sorted({n.split(".")[-1] for n, _ in model.named_modules()
-                            if n and not n.split(".")[-1].isdigit()})
-            raise ConfigError(f"'lora_target' {','.join(targets)} matches no module of the model "
-                              f"({exc}); module names in this model: "
-                              f"{', '.join(names[:40])}") from exc
+            names = sorted(
+                {
+                    n.split(".")[-1]
+                    for n, _ in model.named_modules()
+                    if n and not n.split(".")[-1].isdigit()
+                }
+            )
+            raise ConfigError(
+                f"'lora_target' {','.join(targets)} matches no module of the model "
+                f"({exc}); module names in this model: "
+                f"{', '.join(names[:40])}"
+            ) from exc
         raise

@@ -31,15 +31,25 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DEFAULT_MAX_EVENTS", "ExpertTimer", "IntervalUnion", "Timeline",
-           "find_expert_modules", "union_seconds"]
+__all__ = [
+    "DEFAULT_MAX_EVENTS",
+    "ExpertTimer",
+    "IntervalUnion",
+    "Timeline",
+    "find_expert_modules",
+    "union_seconds",
+]
 
 #: Intervals a Timeline keeps for the trace (about 30 MB at most); older ones are dropped.
 DEFAULT_MAX_EVENTS = 100_000
 
 _TIDS = {"step": 1, "phase": 2, "experts": 3, "engine": 4}
-_TNAMES = {1: "training steps", 2: "forward / backward / optimizer", 3: "routed experts (CPU)",
-           4: "engine phases"}
+_TNAMES = {
+    1: "training steps",
+    2: "forward / backward / optimizer",
+    3: "routed experts (CPU)",
+    4: "engine phases",
+}
 #: Order in which the engine runs its phases (MoEEngine.last_timings keys); others follow.
 _PHASE_ORDER = {
     "forward": ("route", "gather", "convert", "gate_up", "down", "combine"),
@@ -96,8 +106,7 @@ class Timeline:
             raise ValueError(f"max_events must be >= 1, got {max_events}")
         self.enabled = enabled
         self.max_events = max_events
-        self.events: deque[tuple[str, str, float, float, dict[str, Any]]] = deque(
-            maxlen=max_events)
+        self.events: deque[tuple[str, str, float, float, dict[str, Any]]] = deque(maxlen=max_events)
         self.recorded = 0
         self.origin = time.perf_counter()
         self._totals: dict[tuple[str, str | None], IntervalUnion] = {}
@@ -144,23 +153,37 @@ class Timeline:
 
     def write_chrome_trace(self, path: Path, metadata: dict[str, Any] | None = None) -> None:
         events: list[dict[str, Any]] = [
-            {"name": "process_name", "ph": "M", "pid": 1, "args": {"name": "kt-sft train"}}]
+            {"name": "process_name", "ph": "M", "pid": 1, "args": {"name": "kt-sft train"}}
+        ]
         for tid, tname in _TNAMES.items():
-            events.append({"name": "thread_name", "ph": "M", "pid": 1, "tid": tid,
-                           "args": {"name": tname}})
+            events.append(
+                {"name": "thread_name", "ph": "M", "pid": 1, "tid": tid, "args": {"name": tname}}
+            )
         for name, lane, start, end, args in self.events:
-            events.append({"name": name, "cat": lane, "ph": "X", "pid": 1,
-                           "tid": _TIDS.get(lane, 9),
-                           "ts": round((start - self.origin) * 1e6, 3),
-                           "dur": round(max(end - start, 0.0) * 1e6, 3), "args": args})
+            events.append(
+                {
+                    "name": name,
+                    "cat": lane,
+                    "ph": "X",
+                    "pid": 1,
+                    "tid": _TIDS.get(lane, 9),
+                    "ts": round((start - self.origin) * 1e6, 3),
+                    "dur": round(max(end - start, 0.0) * 1e6, 3),
+                    "args": args,
+                }
+            )
         other = dict(metadata or {})
         if self.dropped:
             other["dropped_events"] = self.dropped
-            other["note"] = (f"the trace keeps the newest {self.max_events} intervals; "
-                             f"{self.dropped} older ones were dropped (totals include them)")
+            other["note"] = (
+                f"the trace keeps the newest {self.max_events} intervals; "
+                f"{self.dropped} older ones were dropped (totals include them)"
+            )
         tmp = path.with_name(f".tmp-{path.name}")
-        tmp.write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms",
-                                   "otherData": other}), encoding="utf-8")
+        tmp.write_text(
+            json.dumps({"traceEvents": events, "displayTimeUnit": "ms", "otherData": other}),
+            encoding="utf-8",
+        )
         os.replace(tmp, path)
 
 
@@ -193,8 +216,9 @@ def find_expert_modules(model: Any) -> list[tuple[int, Any]]:
     except Exception:
         found, taken = [], []
         for name, mod in model.named_modules():
-            if name.split(".")[-1] == "experts" and not any(name.startswith(t + ".")
-                                                            for t in taken):
+            if name.split(".")[-1] == "experts" and not any(
+                name.startswith(t + ".") for t in taken
+            ):
                 taken.append(name)
                 found.append((len(found), mod))
         return found
@@ -249,8 +273,9 @@ class ExpertTimer:
         modules = find_expert_modules(model)
         for layer, module in modules:
             self._engines[layer] = _engine_of(module)
-            self._handles.append(module.register_forward_pre_hook(self._pre(layer),
-                                                                  with_kwargs=True))
+            self._handles.append(
+                module.register_forward_pre_hook(self._pre(layer), with_kwargs=True)
+            )
             self._handles.append(module.register_forward_hook(self._post(layer)))
         self.num_layers = len(modules)
         return self.num_layers
@@ -265,8 +290,12 @@ class ExpertTimer:
 
         def hook(module: Any, args: tuple, kwargs: dict) -> Any:
             self._fwd_start[layer] = time.perf_counter()
-            if torch.is_grad_enabled() and args and isinstance(args[0], torch.Tensor) \
-                    and args[0].requires_grad:
+            if (
+                torch.is_grad_enabled()
+                and args
+                and isinstance(args[0], torch.Tensor)
+                and args[0].requires_grad
+            ):
                 args = (self._mark.apply(args[0], lambda: self._bwd_end(layer)), *args[1:])
                 return args, kwargs
             return None
@@ -307,13 +336,17 @@ class ExpertTimer:
         if timings is None or not self.timeline.enabled:
             return
         try:
-            ms = {k.split(".", 1)[1]: v for k, v in timings().items()
-                  if k.startswith(kind + ".") and not k.endswith(".total")}
+            ms = {
+                k.split(".", 1)[1]: v
+                for k, v in timings().items()
+                if k.startswith(kind + ".") and not k.endswith(".total")
+            }
         except Exception:  # a closed or foreign engine: no breakdown
             return
         self.engine_phases = True
-        order = [p for p in _PHASE_ORDER[kind] if p in ms] + \
-            sorted(p for p in ms if p not in _PHASE_ORDER[kind])
+        order = [p for p in _PHASE_ORDER[kind] if p in ms] + sorted(
+            p for p in ms if p not in _PHASE_ORDER[kind]
+        )
         t = start
         for phase in order:
             dur = ms[phase] / 1e3

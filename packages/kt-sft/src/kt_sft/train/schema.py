@@ -49,12 +49,27 @@ class ConfigError(ValueError):
     """A training configuration key or value is invalid; the message says which and why."""
 
 
-def opt(default: Any, help: str, group: str, *, choices: Sequence[Any] | None = None,
-        minimum: float | None = None, maximum: float | None = None, exclusive_min: bool = False,
-        kind: str | None = None) -> Any:
+def opt(
+    default: Any,
+    help: str,
+    group: str,
+    *,
+    choices: Sequence[Any] | None = None,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    exclusive_min: bool = False,
+    kind: str | None = None,
+) -> Any:
     """A dataclass field carrying the documentation and checks of one config key."""
-    meta = {"help": help, "group": group, "choices": tuple(choices) if choices else None,
-            "minimum": minimum, "maximum": maximum, "exclusive_min": exclusive_min, "kind": kind}
+    meta = {
+        "help": help,
+        "group": group,
+        "choices": tuple(choices) if choices else None,
+        "minimum": minimum,
+        "maximum": maximum,
+        "exclusive_min": exclusive_min,
+        "kind": kind,
+    }
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -66,133 +81,221 @@ class TrainConfig:
 
     # ---- model
     model_name_or_path: str | None = opt(
-        None, "Hugging Face checkpoint directory of the base model (config.json + safetensors). "
-        f"`{EMBEDDED}` selects the built-in tiny Qwen3-MoE demo model. Required.", "model")
+        None,
+        "Hugging Face checkpoint directory of the base model (config.json + safetensors). "
+        f"`{EMBEDDED}` selects the built-in tiny Qwen3-MoE demo model. Required.",
+        "model",
+    )
     tokenizer_name_or_path: str | None = opt(
-        None, "Tokenizer directory; defaults to the model directory.", "model")
+        None, "Tokenizer directory; defaults to the model directory.", "model"
+    )
     trust_remote_code: bool = opt(
-        False, "Allow model code shipped with the checkpoint (custom architectures).", "model")
+        False, "Allow model code shipped with the checkpoint (custom architectures).", "model"
+    )
     bf16: bool = opt(
-        False, "Run the PyTorch side (attention, router, embeddings) in bfloat16 instead of "
+        False,
+        "Run the PyTorch side (attention, router, embeddings) in bfloat16 instead of "
         "float32. The CPU experts always use the engine's own weight format (kt_weight_dtype).",
-        "model")
+        "model",
+    )
     device: str = opt(
-        "auto", "Where the non-expert part of the model runs: `auto` (CUDA when available), "
-        "`cpu` or `cuda`.", "model", choices=("auto", "cpu", "cuda"))
+        "auto",
+        "Where the non-expert part of the model runs: `auto` (CUDA when available), "
+        "`cpu` or `cuda`.",
+        "model",
+        choices=("auto", "cpu", "cuda"),
+    )
     torch_num_threads: int | None = opt(
-        None, "Intra-op threads of PyTorch (attention, router, LM head); unset = PyTorch's "
+        None,
+        "Intra-op threads of PyTorch (attention, router, LM head); unset = PyTorch's "
         "default (one per core). The engine has its own (kt_num_threads). On a CPU-only machine "
-        "they take turns; small models run faster with 1.", "model", minimum=1)
+        "they take turns; small models run faster with 1.",
+        "model",
+        minimum=1,
+    )
     use_kt: bool = opt(
-        True, "Run the routed experts in the kt engine. `false` trains the stock Hugging Face + "
-        "PEFT model instead (for comparisons; needs memory for every expert in PyTorch).", "model")
+        True,
+        "Run the routed experts in the kt engine. `false` trains the stock Hugging Face + "
+        "PEFT model instead (for comparisons; needs memory for every expert in PyTorch).",
+        "model",
+    )
 
     # ---- data
     dataset: str | list[str] | None = opt(  # noqa: RUF009 - immutable default
-        None, "Training data: a file or list of files (.jsonl, .json, .parquet, .csv). "
-        f"`{EMBEDDED}` selects the bundled demo dataset. Required.", "data", kind="paths")
+        None,
+        "Training data: a file or list of files (.jsonl, .json, .parquet, .csv). "
+        f"`{EMBEDDED}` selects the bundled demo dataset. Required.",
+        "data",
+        kind="paths",
+    )
     dataset_format: str = opt(
-        "auto", "How records are read: `text` (one `text` column, loss on every token), "
+        "auto",
+        "How records are read: `text` (one `text` column, loss on every token), "
         "`prompt_completion` (loss on the completion only), `messages` (chat turns through the "
         "chat template, loss on assistant turns only), `alpaca` (instruction/input/output) or "
         "`sharegpt` (conversations of from/value); `auto` picks by the columns present.",
-        "data", choices=("auto", "text", "prompt_completion", "messages", "alpaca", "sharegpt"))
+        "data",
+        choices=("auto", "text", "prompt_completion", "messages", "alpaca", "sharegpt"),
+    )
     text_column: str = opt("text", "Column holding the text of the `text` format.", "data")
     prompt_column: str = opt("prompt", "Column holding the prompt of `prompt_completion`.", "data")
     completion_column: str = opt(
-        "completion", "Column holding the completion of `prompt_completion`.", "data")
+        "completion", "Column holding the completion of `prompt_completion`.", "data"
+    )
     messages_column: str = opt(
-        "messages", "Column holding the list of {role, content} turns of `messages`.", "data")
+        "messages", "Column holding the list of {role, content} turns of `messages`.", "data"
+    )
     template: str = opt(
-        "auto", "Chat template for `messages`, `alpaca` and `sharegpt`: `auto` uses the "
+        "auto",
+        "Chat template for `messages`, `alpaca` and `sharegpt`: `auto` uses the "
         "tokenizer's own template, `chatml` the built-in ChatML template (<|im_start|>role ... "
-        "<|im_end|>).", "data", choices=("auto", "chatml"))
+        "<|im_end|>).",
+        "data",
+        choices=("auto", "chatml"),
+    )
     cutoff_len: int = opt(
-        1024, "Maximum tokens per example; longer examples are truncated.", "data", minimum=1)
+        1024, "Maximum tokens per example; longer examples are truncated.", "data", minimum=1
+    )
     max_samples: int | None = opt(
-        None, "Use at most this many examples (after reading, before shuffling).", "data",
-        minimum=1)
+        None, "Use at most this many examples (after reading, before shuffling).", "data", minimum=1
+    )
     train_on_prompt: bool = opt(
-        False, "Also compute the loss on prompts / user turns (by default only completions and "
-        "assistant turns are trained).", "data")
+        False,
+        "Also compute the loss on prompts / user turns (by default only completions and "
+        "assistant turns are trained).",
+        "data",
+    )
 
     # ---- LoRA
-    finetuning_type: str = opt("lora", "Fine-tuning method; only `lora` is supported.", "lora",
-                               choices=("lora",))
+    finetuning_type: str = opt(
+        "lora", "Fine-tuning method; only `lora` is supported.", "lora", choices=("lora",)
+    )
     lora_rank: int = opt(8, "LoRA rank r.", "lora", minimum=1)
     lora_alpha: float | None = opt(
-        None, "LoRA alpha (scaling = alpha / r); defaults to 2 × lora_rank.", "lora", minimum=0,
-        exclusive_min=True)
+        None,
+        "LoRA alpha (scaling = alpha / r); defaults to 2 × lora_rank.",
+        "lora",
+        minimum=0,
+        exclusive_min=True,
+    )
     lora_dropout: float = opt(
-        0.0, "Dropout on the LoRA input. Only without expert LoRA: PEFT's adapters on fused "
-        "expert tensors (target_parameters) have no dropout.", "lora", minimum=0, maximum=1)
+        0.0,
+        "Dropout on the LoRA input. Only without expert LoRA: PEFT's adapters on fused "
+        "expert tensors (target_parameters) have no dropout.",
+        "lora",
+        minimum=0,
+        maximum=1,
+    )
     lora_target: str | list[str] = opt(  # noqa: RUF009 - immutable default
-        "all", "What gets LoRA adapters: `all` (routed experts + every linear layer except the "
+        "all",
+        "What gets LoRA adapters: `all` (routed experts + every linear layer except the "
         "LM head and router), `experts` (routed experts only), or a list / comma-separated "
         "string of module names (e.g. `q_proj,v_proj`), where `experts` may be one item.",
-        "lora", kind="names")
+        "lora",
+        kind="names",
+    )
 
     # ---- training
-    learning_rate: float = opt(1e-4, "Peak learning rate of AdamW.", "train", minimum=0,
-                               exclusive_min=True)
+    learning_rate: float = opt(
+        1e-4, "Peak learning rate of AdamW.", "train", minimum=0, exclusive_min=True
+    )
     num_train_epochs: float = opt(
-        3.0, "Passes over the data (ignored when max_steps > 0).", "train", minimum=0,
-        exclusive_min=True)
-    max_steps: int = opt(-1, "Optimizer steps to run; -1 = use num_train_epochs.", "train",
-                         minimum=-1)
+        3.0,
+        "Passes over the data (ignored when max_steps > 0).",
+        "train",
+        minimum=0,
+        exclusive_min=True,
+    )
+    max_steps: int = opt(
+        -1, "Optimizer steps to run; -1 = use num_train_epochs.", "train", minimum=-1
+    )
     per_device_train_batch_size: int = opt(1, "Examples per micro-batch.", "train", minimum=1)
     gradient_accumulation_steps: int = opt(
-        1, "Micro-batches per optimizer step (at most 65536).", "train", minimum=1,
-        maximum=MAX_ACCUMULATION_STEPS)
+        1,
+        "Micro-batches per optimizer step (at most 65536).",
+        "train",
+        minimum=1,
+        maximum=MAX_ACCUMULATION_STEPS,
+    )
     gradient_checkpointing: bool = opt(
-        False, "Recompute activations in backward to save memory.", "train")
+        False, "Recompute activations in backward to save memory.", "train"
+    )
     lr_scheduler_type: str = opt(
-        "cosine", "Learning-rate schedule after warmup.", "train",
-        choices=("cosine", "linear", "constant", "constant_with_warmup"))
-    warmup_ratio: float = opt(0.0, "Fraction of the steps used for linear warmup.", "train",
-                              minimum=0, maximum=1)
-    warmup_steps: int = opt(0, "Warmup steps (overrides warmup_ratio when > 0).", "train",
-                            minimum=0)
+        "cosine",
+        "Learning-rate schedule after warmup.",
+        "train",
+        choices=("cosine", "linear", "constant", "constant_with_warmup"),
+    )
+    warmup_ratio: float = opt(
+        0.0, "Fraction of the steps used for linear warmup.", "train", minimum=0, maximum=1
+    )
+    warmup_steps: int = opt(
+        0, "Warmup steps (overrides warmup_ratio when > 0).", "train", minimum=0
+    )
     weight_decay: float = opt(0.0, "AdamW weight decay.", "train", minimum=0)
-    max_grad_norm: float = opt(1.0, "Gradient clipping norm; 0 disables clipping.", "train",
-                               minimum=0)
+    max_grad_norm: float = opt(
+        1.0, "Gradient clipping norm; 0 disables clipping.", "train", minimum=0
+    )
     adam_beta1: float = opt(0.9, "AdamW beta1.", "train", minimum=0, maximum=1)
     adam_beta2: float = opt(0.999, "AdamW beta2.", "train", minimum=0, maximum=1)
     adam_epsilon: float = opt(1e-8, "AdamW epsilon.", "train", minimum=0, exclusive_min=True)
     optim: str = opt("adamw_torch", "Optimizer.", "train", choices=("adamw_torch",))
-    seed: int = opt(42, "Seed for LoRA initialisation and data order (0 to 2**63 - 1).", "train",
-                    minimum=0, maximum=2**63 - 1)
+    seed: int = opt(
+        42,
+        "Seed for LoRA initialisation and data order (0 to 2**63 - 1).",
+        "train",
+        minimum=0,
+        maximum=2**63 - 1,
+    )
     on_nonfinite_loss: str = opt(
-        "error", "What a step whose loss or gradient norm is NaN / Inf does: `error` stops the "
+        "error",
+        "What a step whose loss or gradient norm is NaN / Inf does: `error` stops the "
         "run with an error before the optimizer step (nothing non-finite reaches the adapter or a "
         "checkpoint), `skip` drops that step's gradients and goes on (the step still consumes "
-        "its data and counts).", "train", choices=("error", "skip"))
+        "its data and counts).",
+        "train",
+        choices=("error", "skip"),
+    )
 
     # ---- output
     output_dir: str = opt(
-        "kt-sft-output", "Where the adapter, checkpoints, loss curve and trace go.", "output")
+        "kt-sft-output", "Where the adapter, checkpoints, loss curve and trace go.", "output"
+    )
     overwrite_output_dir: bool = opt(
-        False, "Allow reusing an output_dir that already holds results.", "output")
+        False, "Allow reusing an output_dir that already holds results.", "output"
+    )
     logging_steps: int = opt(10, "Print a log line every this many steps.", "output", minimum=1)
     save_steps: int = opt(
-        0, "Write a resumable checkpoint every this many steps and after the last one "
+        0,
+        "Write a resumable checkpoint every this many steps and after the last one "
         "(0 = only the final adapter).",
-        "output", minimum=0)
+        "output",
+        minimum=0,
+    )
     save_total_limit: int | None = opt(
-        None, "Keep only the newest this many checkpoints.", "output", minimum=1)
+        None, "Keep only the newest this many checkpoints.", "output", minimum=1
+    )
     resume_from_checkpoint: str | None = opt(
-        None, "Checkpoint directory to resume from, or `auto` for the newest one in output_dir.",
-        "output")
+        None,
+        "Checkpoint directory to resume from, or `auto` for the newest one in output_dir.",
+        "output",
+    )
     plot_loss: bool = opt(True, "Write loss_curve.png.", "output")
     profile: bool = opt(
-        True, "Time the CPU experts and the rest, and write a Chrome trace (trace.json).",
-        "output")
-    disable_tqdm: bool = opt(False, "Hide the progress bar (log lines are still printed).",
-                             "output")
+        True, "Time the CPU experts and the rest, and write a Chrome trace (trace.json).", "output"
+    )
+    disable_tqdm: bool = opt(
+        False, "Hide the progress bar (log lines are still printed).", "output"
+    )
 
     # ---- engine options: every `kt_*` key, passed to kt_sft.KTConfig
-    kt: dict[str, Any] = field(default_factory=dict, metadata={
-        "help": "Engine options (`kt_*` keys), validated by kt_sft.KTConfig.", "group": "kt"})
+    kt: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={
+            "help": "Engine options (`kt_*` keys), validated by kt_sft.KTConfig.",
+            "group": "kt",
+        },
+    )
 
     # ---- derived
     @property
@@ -225,6 +328,7 @@ class TrainConfig:
 
 # ---------------------------------------------------------------------------------------------
 # aliases: other spellings users bring from LLaMA-Factory, TRL and HF TrainingArguments
+
 
 def _negate(value: Any) -> Any:
     return (not value) if isinstance(value, bool) else _NegatedString(value)
@@ -273,7 +377,8 @@ def kt_option_names() -> list[str]:
         names.add(f.name if f.name.startswith("kt_") else f"kt_{f.name}")
     for attr in ("ALIASES", "KT_ALIASES", "_ALIASES", "LEGACY_ALIASES"):
         extra = getattr(KTConfig, attr, None) or getattr(
-            __import__("kt_sft.config", fromlist=[attr]), attr, None)
+            __import__("kt_sft.config", fromlist=[attr]), attr, None
+        )
         if isinstance(extra, Mapping):
             names.update(k for k in extra if isinstance(k, str) and k.startswith("kt_"))
     return sorted(names)
@@ -287,8 +392,7 @@ def _suggest(key: str) -> str:
     close = difflib.get_close_matches(key, _known_names(), n=1, cutoff=0.6)
     if not close:
         close = difflib.get_close_matches(key.lower(), _known_names(), n=1, cutoff=0.5)
-    return f"; did you mean '{close[0]}'?" if close else \
-        "; see docs/configuration.md for every key"
+    return f"; did you mean '{close[0]}'?" if close else "; see docs/configuration.md for every key"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,8 +414,7 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     where = f"{source}: '{name}'"
     negate = isinstance(value, _NegatedString)
     optional = "None" in ann
-    if value is None or (optional and isinstance(value, str)
-                         and value.strip().lower() in _NONE):
+    if value is None or (optional and isinstance(value, str) and value.strip().lower() in _NONE):
         if optional:
             return None
         raise ConfigError(f"{where} must be set (got an empty value)")
@@ -362,8 +465,9 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         else:
             raise ConfigError(f"{where} must be a string or a list of strings, got {value!r}")
         if not items or not all(isinstance(v, str) and v.strip() for v in items):
-            raise ConfigError(f"{where} must be a non-empty string or list of non-empty "
-                              f"strings, got {value!r}")
+            raise ConfigError(
+                f"{where} must be a non-empty string or list of non-empty strings, got {value!r}"
+            )
         return items[0] if isinstance(value, str) else [v.strip() for v in items]
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         value = str(value)
@@ -397,6 +501,7 @@ def _check_range(name: str, value: float, where: str, meta: Mapping[str, Any]) -
 # ---------------------------------------------------------------------------------------------
 # building a config
 
+
 def _canonical(key: Any, source: str) -> tuple[str, Callable[[Any], Any] | None]:
     if not isinstance(key, str):
         raise ConfigError(f"{source}: keys must be strings, got {key!r}")
@@ -412,8 +517,9 @@ def _canonical(key: Any, source: str) -> tuple[str, Callable[[Any], Any] | None]
 
 def _build(values: Mapping[str, Any], source: str) -> TrainConfig:
     if not isinstance(values, Mapping):
-        raise ConfigError(f"{source}: expected a mapping of keys to values, got "
-                          f"{type(values).__name__}")
+        raise ConfigError(
+            f"{source}: expected a mapping of keys to values, got {type(values).__name__}"
+        )
     seen: dict[str, str] = {}
     kwargs: dict[str, Any] = {}
     kt: dict[str, Any] = {}
@@ -475,25 +581,29 @@ def _scalar(value: Any) -> Any:
 
 def _check_combinations(cfg: TrainConfig, source: str) -> None:
     if cfg.max_steps == 0:
-        raise ConfigError(f"{source}: 'max_steps' must be > 0, or -1 to train for "
-                          "num_train_epochs")
+        raise ConfigError(f"{source}: 'max_steps' must be > 0, or -1 to train for num_train_epochs")
     if cfg.warmup_ratio >= 1:
         raise ConfigError(f"{source}: 'warmup_ratio' must be < 1, got {cfg.warmup_ratio}")
     if not cfg.lora_targets:
         raise ConfigError(f"{source}: 'lora_target' names no module")
     if not str(cfg.output_dir).strip():
-        raise ConfigError(f"{source}: 'output_dir' must not be empty (it names the directory "
-                          "that receives the adapter and checkpoints)")
+        raise ConfigError(
+            f"{source}: 'output_dir' must not be empty (it names the directory "
+            "that receives the adapter and checkpoints)"
+        )
     if cfg.device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
-            raise ConfigError(f"{source}: 'device' is cuda but torch sees no CUDA device "
-                              f"(torch {torch.__version__}); use `device: cpu` or `auto`")
+            raise ConfigError(
+                f"{source}: 'device' is cuda but torch sees no CUDA device "
+                f"(torch {torch.__version__}); use `device: cpu` or `auto`"
+            )
 
 
 # ---------------------------------------------------------------------------------------------
 # YAML files and command-line overrides
+
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     import yaml
@@ -507,8 +617,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of keys to values, got "
-                          f"{type(data).__name__}")
+        raise ConfigError(
+            f"{path}: the top level must be a mapping of keys to values, got {type(data).__name__}"
+        )
     return data
 
 
@@ -537,8 +648,11 @@ def parse_overrides(args: Sequence[str]) -> dict[str, Any]:
                 raise ConfigError(f"command line: --{key} needs a value (--{key} VALUE)")
             else:
                 value = "true"
-        if canonical in _FIELDS and _FIELDS[canonical].metadata.get("kind") in ("paths", "names") \
-                and "," in value:
+        if (
+            canonical in _FIELDS
+            and _FIELDS[canonical].metadata.get("kind") in ("paths", "names")
+            and "," in value
+        ):
             out[key] = [v for v in value.split(",") if v]
         else:
             out[key] = value
@@ -550,8 +664,16 @@ def _resolve_paths(values: dict[str, Any], base: Path) -> dict[str, Any]:
     """Make relative model/dataset/output paths in a YAML file relative to the file's folder,
     when that is where they exist (so a config works from any working directory)."""
     out = dict(values)
-    for key in ("model_name_or_path", "model", "model_path", "tokenizer_name_or_path", "dataset",
-                "dataset_path", "data_files", "train_file"):
+    for key in (
+        "model_name_or_path",
+        "model",
+        "model_path",
+        "tokenizer_name_or_path",
+        "dataset",
+        "dataset_path",
+        "data_files",
+        "train_file",
+    ):
         if key not in out:
             continue
 
@@ -566,8 +688,12 @@ def _resolve_paths(values: dict[str, Any], base: Path) -> dict[str, Any]:
     return out
 
 
-def load_train_config(path: str | Path | None, overrides: Sequence[str] | Mapping[str, Any] = (),
-                      *, defaults: Mapping[str, Any] | None = None) -> TrainConfig:
+def load_train_config(
+    path: str | Path | None,
+    overrides: Sequence[str] | Mapping[str, Any] = (),
+    *,
+    defaults: Mapping[str, Any] | None = None,
+) -> TrainConfig:
     """Read a YAML file (or `defaults` when `path` is None), apply overrides, validate.
 
     With `path=None` and no `defaults`, the embedded demo configuration is used.
@@ -594,11 +720,13 @@ def load_train_config(path: str | Path | None, overrides: Sequence[str] | Mappin
     if cfg.model_name_or_path is None:
         raise ConfigError(
             f"{where}: missing model path: set 'model_name_or_path' to a Hugging Face checkpoint "
-            f"directory (or `{EMBEDDED}` for the built-in demo model)")
+            f"directory (or `{EMBEDDED}` for the built-in demo model)"
+        )
     if not cfg.datasets:
         raise ConfigError(
             f"{where}: missing dataset: set 'dataset' to a .jsonl/.json/.parquet/.csv file "
-            f"(or `{EMBEDDED}` for the bundled demo data)")
+            f"(or `{EMBEDDED}` for the bundled demo data)"
+        )
     return cfg
 
 
