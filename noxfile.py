@@ -87,9 +87,11 @@ def _install_torch(session: nox.Session) -> None:
         # --retries 0: an unreachable index answers at once instead of after minutes of retries
         session.install("--retries", "0", *_constraints(), "-r", str(TORCH_CPU), silent=False)
     except CommandFailed:
-        session.skip(f"no CPU build of torch from {TORCH_CPU.relative_to(ROOT)} could be "
-                     f"installed for Python {session.python} (PyTorch's CPU index unreachable "
-                     "and no local wheel); set KT_NOX_TORCH=default to use pip's default build")
+        session.skip(
+            f"no CPU build of torch from {TORCH_CPU.relative_to(ROOT)} could be "
+            f"installed for Python {session.python} (PyTorch's CPU index unreachable "
+            "and no local wheel); set KT_NOX_TORCH=default to use pip's default build"
+        )
 
 
 def _pkg(name: str, extras: str = "") -> str:
@@ -97,8 +99,18 @@ def _pkg(name: str, extras: str = "") -> str:
 
 
 def _pytest(session: nox.Session, *paths: str | Path) -> None:
-    session.run("python", "-m", "pytest", "-q", "-ra", "--import-mode=importlib",
-                "-p", "no:cacheprovider", *map(str, paths), *session.posargs)
+    session.run(
+        "python",
+        "-m",
+        "pytest",
+        "-q",
+        "-ra",
+        "--import-mode=importlib",
+        "-p",
+        "no:cacheprovider",
+        *map(str, paths),
+        *session.posargs,
+    )
 
 
 @nox.session(python=PYTHONS)
@@ -107,8 +119,14 @@ def tests(session: nox.Session) -> None:
     Every test tree runs even when an earlier one fails; the session fails at the end, naming
     each failed tree."""
     _install_torch(session)
-    session.install(*_constraints(), _pkg("kt-kernels", "test"), _pkg("kt-models", "test"),
-                    _pkg("kt-sft", "test"), _pkg("kt-accelerate", "test"), silent=False)
+    session.install(
+        *_constraints(),
+        _pkg("kt-kernels", "test"),
+        _pkg("kt-models", "test"),
+        _pkg("kt-sft", "test"),
+        _pkg("kt-accelerate", "test"),
+        silent=False,
+    )
     # One pytest run per test tree: each package's tests import their own conftest/helpers by
     # module name, which must not collide across packages.
     failed = []
@@ -126,18 +144,30 @@ def kernels(session: nox.Session) -> None:
     """Install kt-kernels alone (no torch, no training code); run its Python and C++ tests."""
     session.install(*_constraints(), _pkg("kt-kernels", "test"), silent=False)
     forbidden = ("torch", "kt_sft", "kt_models", "kt_accelerate", "transformers", "peft")
-    session.run("python", "-c",
-                "import importlib.util, sys\n"
-                f"bad = [m for m in {forbidden!r} if importlib.util.find_spec(m)]\n"
-                "sys.exit(f'kernels venv must not contain {bad}' if bad else 0)")
+    session.run(
+        "python",
+        "-c",
+        "import importlib.util, sys\n"
+        f"bad = [m for m in {forbidden!r} if importlib.util.find_spec(m)]\n"
+        "sys.exit(f'kernels venv must not contain {bad}' if bad else 0)",
+    )
     _pytest(session, KERNELS / "tests")
     if session.python != DEFAULT_PYTHON:
         return  # the C++ tests do not depend on the Python version: built and run once
     # The C++ tests (kernels per ISA against scalar, dispatch, AMX on a tile model) need no Python.
     session.install("cmake>=3.18", "ninja")
     build = KERNELS / "build" / "ctest"
-    session.run("cmake", "-S", str(KERNELS), "-B", str(build), "-G", "Ninja",
-                "-DKT_KERNELS_BUILD_TESTS=ON", "-DCMAKE_BUILD_TYPE=Release")
+    session.run(
+        "cmake",
+        "-S",
+        str(KERNELS),
+        "-B",
+        str(build),
+        "-G",
+        "Ninja",
+        "-DKT_KERNELS_BUILD_TESTS=ON",
+        "-DCMAKE_BUILD_TYPE=Release",
+    )
     session.run("cmake", "--build", str(build))
     session.run("ctest", "--test-dir", str(build), "--output-on-failure")
 
@@ -145,14 +175,29 @@ def kernels(session: nox.Session) -> None:
 @nox.session(python=DEFAULT_PYTHON)
 def sanitize(session: nox.Session) -> None:
     """Build kt-kernels with AddressSanitizer + UBSan and run its tests under them."""
-    session.install(*_constraints(), "numpy", "ml_dtypes", "pytest", "hypothesis", "safetensors",
-                    "scikit-build-core>=0.10", "pybind11>=2.12")
-    session.install("--no-build-isolation", "-Ccmake.define.KT_KERNELS_SANITIZE=ON",
-                    "-Ccmake.build-type=RelWithDebInfo", "-Cbuild-dir=build/sanitize", str(KERNELS))
-    libasan = subprocess.run(["g++", "-print-file-name=libasan.so"], capture_output=True,
-                             text=True, check=True).stdout.strip()
-    libubsan = subprocess.run(["g++", "-print-file-name=libubsan.so"], capture_output=True,
-                              text=True, check=True).stdout.strip()
+    session.install(
+        *_constraints(),
+        "numpy",
+        "ml_dtypes",
+        "pytest",
+        "hypothesis",
+        "safetensors",
+        "scikit-build-core>=0.10",
+        "pybind11>=2.12",
+    )
+    session.install(
+        "--no-build-isolation",
+        "-Ccmake.define.KT_KERNELS_SANITIZE=ON",
+        "-Ccmake.build-type=RelWithDebInfo",
+        "-Cbuild-dir=build/sanitize",
+        str(KERNELS),
+    )
+    libasan = subprocess.run(
+        ["g++", "-print-file-name=libasan.so"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    libubsan = subprocess.run(
+        ["g++", "-print-file-name=libubsan.so"], capture_output=True, text=True, check=True
+    ).stdout.strip()
     env = {
         "LD_PRELOAD": f"{libasan} {libubsan}",
         # CPython itself leaks by design at exit; leaks inside the engine show up as errors
@@ -161,8 +206,19 @@ def sanitize(session: nox.Session) -> None:
         "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1",
         "KT_KERNELS_TEST_FAST": "1",
     }
-    session.run("python", "-m", "pytest", "-q", "-x", "--import-mode=importlib", "-p",
-                "no:cacheprovider", str(KERNELS / "tests"), *session.posargs, env=env)
+    session.run(
+        "python",
+        "-m",
+        "pytest",
+        "-q",
+        "-x",
+        "--import-mode=importlib",
+        "-p",
+        "no:cacheprovider",
+        str(KERNELS / "tests"),
+        *session.posargs,
+        env=env,
+    )
 
 
 @nox.session(python=DEFAULT_PYTHON)
@@ -177,19 +233,26 @@ def build(session: nox.Session) -> None:
     if len(wheels) != len(PACKAGES) or len(list(dist.glob("*.tar.gz"))) != len(PACKAGES):
         session.error(f"expected a wheel and an sdist per package, got {sorted(os.listdir(dist))}")
     session.install(*_constraints(), "--find-links", str(dist), *wheels)
-    session.run("python", "-c",
-                "import kt_kernels, kt_models, kt_sft, kt_accelerate; "
-                "print('imported', kt_kernels.__version__, kt_models.__version__, "
-                "kt_sft.__version__, kt_accelerate.__version__)")
+    session.run(
+        "python",
+        "-c",
+        "import kt_kernels, kt_models, kt_sft, kt_accelerate; "
+        "print('imported', kt_kernels.__version__, kt_models.__version__, "
+        "kt_sft.__version__, kt_accelerate.__version__)",
+    )
 
 
 @nox.session(python=DEFAULT_PYTHON)
 def lint(session: nox.Session) -> None:
-    """ruff on Python, clang-format --dry-run on C++."""
-    session.install("ruff>=0.6", "clang-format>=18")
-    session.run("ruff", "check", ".")
+    """ruff (lint and format) on Python, clang-format --dry-run on C++. The tools are pinned:
+    their output changes between releases, and CI must not turn red on a release."""
+    session.install("ruff==0.17.6", "clang-format==23.1.5")
+    session.run("ruff", "check", str(ROOT))
+    session.run("ruff", "format", "--check", str(ROOT))
     sources = sorted(str(p) for p in (KERNELS / "csrc").rglob("*") if p.suffix in {".h", ".cpp"})
-    sources += sorted(str(p) for p in (KERNELS / "tests" / "cpp").rglob("*.cpp"))
+    sources += sorted(
+        str(p) for p in (KERNELS / "tests" / "cpp").rglob("*") if p.suffix in {".h", ".cpp"}
+    )
     session.run("clang-format", "--dry-run", "--Werror", *sources)
 
 
@@ -201,7 +264,8 @@ def bench(session: nox.Session) -> None:
         session.log("bench/ has no benchmarks yet; nothing to run.")
         return
     _install_torch(session)
-    session.install(*_constraints(), _pkg("kt-kernels", "test"), _pkg("kt-models"), _pkg("kt-sft"),
-                    "psutil")
+    session.install(
+        *_constraints(), _pkg("kt-kernels", "test"), _pkg("kt-models"), _pkg("kt-sft"), "psutil"
+    )
     for script in scripts:
         session.run("python", str(script), *session.posargs)
