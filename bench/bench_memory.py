@@ -17,17 +17,35 @@ bytes by kind and the process's peak RSS growth — fast enough for every depth.
     python bench/bench_memory.py                 # the full table (takes a while)
     python bench/bench_memory.py --engine-only   # the engine's part for every depth
     python bench/bench_memory.py --quick         # 2 and 4 layers at T=1024
+
+`--full-size` (not run by CI or nox: it writes about 57 GiB) is the full-size proof: it writes a
+48-layer Qwen3-30B-A3B-shaped random checkpoint in the hub layout (per-expert bf16 tensors,
+`model.safetensors.index.json`) tensor by tensor, so at most one tensor is in memory, then in a
+fresh process loads it with `kt_sft.load_model` (int4 experts), puts PEFT LoRA on the experts and
+the attention projections and trains 2 AdamW steps on random token ids; it reports the load
+time, the RSS after loading, the peak RSS, the step time and the engine's bytes by kind.
+
+    python bench/bench_memory.py --full-size --dir /data/qwen3-30b-a3b-random
+    python bench/bench_memory.py --full-size --layers 2 --dir /tmp/fs2 --cleanup  # try it small
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import shutil
 import statistics
+import struct
+import subprocess
 import sys
+import time
+from pathlib import Path
 from typing import Any
 
 MIB = 1024**2
+GIB = 1024**3
 MODES = {  # label -> (checkpointing, policy)
     "none": ("none", "retain"),
     "reentrant": ("reentrant", "retain"),
@@ -108,7 +126,11 @@ def engine_row(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--layers", default="2,8,16,32", help="comma list of depths")
+    p.add_argument(
+        "--layers",
+        default=None,
+        help="comma list of depths (default 2,8,16,32; with --full-size one depth, default 48)",
+    )
     p.add_argument("--tokens", default="2048,8192", help="comma list of tokens per step")
     p.add_argument("--modes", default=",".join(MODES), help="comma list of " + ", ".join(MODES))
     p.add_argument("--hidden", type=int, default=512)
@@ -130,16 +152,70 @@ def main(argv: list[str] | None = None) -> int:
         help="only the recompute / retain step time of one layer",
     )
     p.add_argument("--engine-row", default=None, help=argparse.SUPPRESS)
+    full = p.add_argument_group(
+        "full-size proof (--full-size; --layers is one depth, default 48; --rank and --json "
+        "apply too)"
+    )
+    full.add_argument(
+        "--full-size",
+        action="store_true",
+        help="write a Qwen3-30B-A3B-shaped random checkpoint and train LoRA on it",
+    )
+    full.add_argument(
+        "--dir",
+        default=FULL_SIZE_DIR,
+        help=f"checkpoint directory (default {FULL_SIZE_DIR}); an existing complete "
+        "checkpoint of the same shape is reused, not rewritten",
+    )
+    full.add_argument("--steps", type=int, default=2, help="optimizer steps (default 2)")
+    full.add_argument("--seq-len", type=int, default=1024, help="tokens per step (default 1024)")
+    full.add_argument(
+        "--weight-dtype",
+        default="int4",
+        choices=("bf16", "int8", "int4"),
+        help="packed expert dtype (default int4)",
+    )
+    full.add_argument(
+        "--policy",
+        default="auto",
+        choices=("retain", "recompute", "auto"),
+        help="engine activation policy (default auto)",
+    )
+    full.add_argument(
+        "--checkpointing",
+        default="non_reentrant",
+        choices=("none", "reentrant", "non_reentrant"),
+        help="gradient checkpointing of the decoder layers (default non_reentrant)",
+    )
+    full.add_argument(
+        "--shard-gib", type=float, default=4.0, help="shard size of the written checkpoint"
+    )
+    keep = full.add_mutually_exclusive_group()
+    keep.add_argument(
+        "--keep", dest="keep", action="store_true", default=True, help="keep it (default)"
+    )
+    keep.add_argument(
+        "--cleanup", dest="keep", action="store_false", help="delete the checkpoint afterwards"
+    )
+    full.add_argument("--full-size-run", default=None, help=argparse.SUPPRESS)
     args, _ = p.parse_known_args(argv)  # nox passes the same arguments to every bench script
     if args.engine_row:
         print(json.dumps(engine_row(json.loads(args.engine_row))))
         return 0
+    if args.full_size_run:
+        print(json.dumps(full_size_train(json.loads(args.full_size_run))))
+        return 0
+    if args.full_size:
+        if args.layers is not None and not args.layers.isdigit():
+            p.error(f"--full-size takes one depth in --layers, got {args.layers!r}")
+        return full_size(args)
 
     from kt_sft.estimate import ModelShape, estimate_memory
     from kt_sft.memory_probe import ProbeConfig, _time_one_layer, measure
 
     if args.quick:
         args.layers, args.tokens = "2,4", "1024"
+    args.layers = args.layers or "2,8,16,32"
     layers = [int(v) for v in args.layers.split(",")]
     tokens = [int(v) for v in args.tokens.split(",")]
     modes = [] if args.timing_only else [m.strip() for m in args.modes.split(",")]
@@ -255,6 +331,391 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"rows": rows, "timing": timing}, f, indent=1)
+    return 0
+
+
+# ---- --full-size -------------------------------------------------------------------------------
+
+FULL_SIZE_DIR = "/tmp/kt-qwen3-30b-a3b-random"
+#: Qwen3-30B-A3B's config.json (the fields that shape the model).
+QWEN3_30B_A3B: dict[str, Any] = {
+    "vocab_size": 151936,
+    "hidden_size": 2048,
+    "intermediate_size": 6144,
+    "moe_intermediate_size": 768,
+    "num_hidden_layers": 48,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 4,
+    "head_dim": 128,
+    "num_experts": 128,
+    "num_experts_per_tok": 8,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+    "norm_topk_prob": True,
+    "max_position_embeddings": 40960,
+    "max_window_layers": 48,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "tie_word_embeddings": False,
+    "attention_bias": False,
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
+}
+_MARKER = "kt bench_memory --full-size"  # in .kt-bench-full-size: a directory this script wrote
+
+
+def full_size_tensors(layers: int) -> list[tuple[str, tuple[int, ...]]]:
+    """``(name, shape)`` of every tensor of the Qwen3-30B-A3B hub checkpoint cut to ``layers``
+    decoder layers, in the hub's order (routed experts as per-expert ``gate_proj`` / ``up_proj``
+    / ``down_proj``, which transformers and kt-models' reader fuse on load)."""
+    c = QWEN3_30B_A3B
+    H, inter, E = c["hidden_size"], c["moe_intermediate_size"], c["num_experts"]
+    q, kv = c["num_attention_heads"] * c["head_dim"], c["num_key_value_heads"] * c["head_dim"]
+    out: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (c["vocab_size"], H))]
+    for n in range(layers):
+        pre = f"model.layers.{n}"
+        out += [
+            (f"{pre}.input_layernorm.weight", (H,)),
+            (f"{pre}.self_attn.q_proj.weight", (q, H)),
+            (f"{pre}.self_attn.k_proj.weight", (kv, H)),
+            (f"{pre}.self_attn.v_proj.weight", (kv, H)),
+            (f"{pre}.self_attn.o_proj.weight", (H, q)),
+            (f"{pre}.self_attn.q_norm.weight", (c["head_dim"],)),
+            (f"{pre}.self_attn.k_norm.weight", (c["head_dim"],)),
+            (f"{pre}.post_attention_layernorm.weight", (H,)),
+            (f"{pre}.mlp.gate.weight", (E, H)),
+        ]
+        for e in range(E):
+            out += [
+                (f"{pre}.mlp.experts.{e}.gate_proj.weight", (inter, H)),
+                (f"{pre}.mlp.experts.{e}.up_proj.weight", (inter, H)),
+                (f"{pre}.mlp.experts.{e}.down_proj.weight", (H, inter)),
+            ]
+    out += [("model.norm.weight", (H,)), ("lm_head.weight", (c["vocab_size"], H))]
+    return out
+
+
+def _plan_shards(
+    tensors: list[tuple[str, tuple[int, ...]]], shard_bytes: int
+) -> list[list[tuple[str, tuple[int, ...]]]]:
+    """Consecutive tensors grouped into shards of at most ``shard_bytes`` (bf16) each."""
+    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    size = 0
+    for name, shape in tensors:
+        n = 2 * math.prod(shape)
+        if shards[-1] and size + n > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, shape))
+        size += n
+    return shards
+
+
+def _shard_header(entries: list[tuple[str, tuple[int, ...]]]) -> bytes:
+    """The safetensors header (length prefix + JSON, space-padded to 8 bytes) of ``entries``
+    stored in order as bf16."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape in entries:
+        n = 2 * math.prod(shape)
+        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _shard_size(entries: list[tuple[str, tuple[int, ...]]]) -> int:
+    return len(_shard_header(entries)) + sum(2 * math.prod(s) for _, s in entries)
+
+
+def _write_shard(path: Path, entries: list[tuple[str, tuple[int, ...]]], first: int) -> None:
+    """Write one safetensors shard tensor by tensor (only one tensor is in memory at a time):
+    norms are ones, everything else 0.02 * randn seeded by the tensor's global index ``first +
+    i`` (so an interrupted write resumes with the same values). Written to a temporary name and
+    renamed, so a shard under its final name is complete."""
+    import torch
+
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "wb") as f:
+        f.write(_shard_header(entries))
+        for i, (name, shape) in enumerate(entries):
+            if name.endswith("norm.weight"):
+                t = torch.ones(shape, dtype=torch.bfloat16)
+            else:
+                gen = torch.Generator().manual_seed(first + i)
+                t = torch.randn(shape, generator=gen, dtype=torch.bfloat16).mul_(0.02)
+            f.write(t.view(torch.int16).numpy().data)
+            del t
+    os.replace(tmp, path)
+
+
+def _shard_name(i: int, n: int) -> str:
+    return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+def write_full_size_checkpoint(directory: Path, layers: int, shard_gib: float = 4.0) -> bool:
+    """Write (or complete) the random checkpoint in ``directory``; ``False`` when a complete
+    one of this shape was already there. Refuses a non-empty directory it did not write and a
+    disk without room for the missing shards (plus 1 GiB)."""
+    from transformers import Qwen3MoeConfig
+
+    shards = _plan_shards(full_size_tensors(layers), int(shard_gib * GIB))
+    names = [_shard_name(i, len(shards)) for i in range(len(shards))]
+    sizes = [_shard_size(s) for s in shards]
+    marker = f"{_MARKER}, {layers} layers"
+    index_path = directory / "model.safetensors.index.json"
+    own = directory / ".kt-bench-full-size"
+    same = own.is_file() and own.read_text().strip() == marker
+    done = [
+        same and (directory / n).is_file() and (directory / n).stat().st_size == z
+        for n, z in zip(names, sizes)
+    ]
+    if index_path.is_file() and all(done):
+        print(f"complete checkpoint found in {directory} ({sum(sizes) / GIB:,.1f} GiB): reused")
+        return False
+    if directory.exists() and any(directory.iterdir()):
+        if not own.is_file():
+            raise SystemExit(
+                f"{directory} is not empty and was not written by --full-size; "
+                "give an empty or new --dir"
+            )
+        for f in directory.iterdir():  # shards of another depth or an interrupted write
+            if f.name.endswith((".safetensors", ".partial")) and f.name not in names:
+                f.unlink()
+    need = sum(z for z, ok in zip(sizes, done) if not ok)
+    probe = directory
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    print(
+        f"checkpoint: {layers} layers, {len(shards)} shards, {sum(sizes) / GIB:,.1f} GiB in "
+        f"{directory}; {need / GIB:,.1f} GiB to write, {free / GIB:,.1f} GiB free"
+    )
+    if need + GIB > free:
+        raise SystemExit(
+            f"not enough disk space in {directory}: {need / GIB:,.1f} GiB to write plus 1 GiB "
+            f"of headroom, {free / GIB:,.1f} GiB free; free some or pick another --dir"
+        )
+    directory.mkdir(parents=True, exist_ok=True)
+    own.write_text(marker + "\n")
+    cfg = Qwen3MoeConfig(**{**QWEN3_30B_A3B, "num_hidden_layers": layers})
+    cfg.architectures = ["Qwen3MoeForCausalLM"]
+    cfg.dtype = "bfloat16"
+    cfg.to_json_file(str(directory / "config.json"))
+    index_path.unlink(missing_ok=True)  # written last: its presence marks a complete checkpoint
+    t0, first, written = time.perf_counter(), 0, 0
+    for i, (entries, name, size) in enumerate(zip(shards, names, sizes)):
+        if not done[i]:
+            _write_shard(directory / name, entries, first)
+            written += size
+            rate = written / GIB / (time.perf_counter() - t0)
+            print(f"  {name}: {size / GIB:,.2f} GiB ({rate:,.2f} GiB/s)", flush=True)
+        first += len(entries)
+    weight_map = {t: n for entries, n in zip(shards, names) for t, _ in entries}
+    index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
+    index_path.write_text(json.dumps(index, indent=1))
+    print(f"written in {time.perf_counter() - t0:,.0f} s")
+    return True
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def full_size_train(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The training half of --full-size, in this (fresh) process: load, LoRA, ``steps`` AdamW
+    steps on random token ids; returns the measurements."""
+    import torch
+    from peft import LoraConfig
+
+    import kt_kernels as kk
+    import kt_sft
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    torch.manual_seed(0)
+    rank, T = cfg["rank"], cfg["tokens"]
+    t0 = time.perf_counter()
+    model = kt_sft.load_model(
+        cfg["dir"],
+        kt_sft.KTConfig(
+            weight_dtype=cfg["weight_dtype"],
+            lora_rank=rank,
+            lora_alpha=2.0 * rank,
+            max_tokens=T,
+            activation_policy=cfg["policy"],
+        ),
+    )
+    load_s = time.perf_counter() - t0
+    rss_load, hwm_load = _status_bytes("VmRSS"), _status_bytes("VmHWM")
+    log(f"loaded in {load_s:,.1f} s: RSS {rss_load / GIB:,.2f} GiB, peak {hwm_load / GIB:,.2f} GiB")
+    lora = LoraConfig(
+        r=rank,
+        lora_alpha=2.0 * rank,
+        lora_dropout=0.0,
+        # attention by leaf name; the experts through target_parameters (kt's engines)
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        **kt_sft.default_expert_lora_targets(model),
+    )
+    pm = kt_sft.get_peft_model(model, lora)
+    pm.train()
+    if cfg["checkpointing"] != "none":
+        pm.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": cfg["checkpointing"] == "reentrant"}
+        )
+        pm.enable_input_require_grads()
+    params = [p for p in pm.parameters() if p.requires_grad]
+    trainable = sum(p.numel() for p in params)
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, pm.config.vocab_size, (1, T), generator=gen)
+    rss_lora = _status_bytes("VmRSS")
+    kk.reset_memory_peaks()
+    steps: list[dict[str, float]] = []
+    for step in range(cfg["steps"]):
+        t = time.perf_counter()
+        loss = pm(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        dt = time.perf_counter() - t
+        value = loss.detach().item()
+        steps.append(
+            {
+                "seconds": dt,
+                "loss": value,
+                "rss": _status_bytes("VmRSS"),
+                # file-backed: the mmapped non-expert bf16 weights (clean, reclaimable pages)
+                "rss_anon": _status_bytes("RssAnon"),
+                "rss_file": _status_bytes("RssFile"),
+                "peak_rss": _status_bytes("VmHWM"),
+            }
+        )
+        log(
+            f"step {step + 1}: {dt:,.1f} s ({T / dt:,.0f} tokens/s), loss {value:.4f}, "
+            f"peak RSS {steps[-1]['peak_rss'] / GIB:,.2f} GiB"
+        )
+        del loss
+    return {
+        "config": cfg,
+        "load_seconds": load_s,
+        "rss_after_load": rss_load,
+        "peak_rss_load": hwm_load,
+        "rss_after_lora": rss_lora,
+        "peak_rss": _status_bytes("VmHWM"),
+        "trainable_params": trainable,
+        "steps": steps,
+        "engine": kk.memory_stats(),
+    }
+
+
+def full_size(args: argparse.Namespace) -> int:
+    """--full-size: write (or reuse) the checkpoint, train on it in a fresh process, report."""
+    from kt_sft.estimate import estimate_memory, shape_from_config
+
+    layers = int(args.layers or 48)
+    directory = Path(args.dir).expanduser().resolve()
+    probe = directory
+    while not probe.exists():
+        probe = probe.parent
+    print(f"free disk space at {probe}: {shutil.disk_usage(probe).free / GIB:,.1f} GiB")
+    t0 = time.perf_counter()
+    wrote = write_full_size_checkpoint(directory, layers, args.shard_gib)
+    write_s = time.perf_counter() - t0
+    cfg = {
+        "dir": str(directory),
+        "layers": layers,
+        "tokens": args.seq_len,
+        "steps": args.steps,
+        "rank": args.rank,
+        "weight_dtype": args.weight_dtype,
+        "policy": args.policy,
+        "checkpointing": args.checkpointing,
+    }
+    est = estimate_memory(
+        shape_from_config(directory),
+        weight_dtype=args.weight_dtype,
+        lora_rank=args.rank,
+        max_tokens=args.seq_len,
+        non_expert_bytes=2,  # the checkpoint's bf16
+        policy=args.policy,
+        checkpointing=args.checkpointing,
+    )
+    print(
+        f"training {args.steps} steps of {args.seq_len} tokens in a fresh process ("
+        f"{args.weight_dtype} experts, LoRA r={args.rank} on experts + attention, policy "
+        f"{args.policy}, checkpointing {args.checkpointing}); kt-sft estimate: "
+        f"{est.total / GIB:,.2f} GiB",
+        flush=True,
+    )
+    if est.total > _available():
+        print(
+            f"warning: the estimate is above the {_available() / GIB:,.1f} GiB available now; "
+            "a smaller --rank or --seq-len lowers it",
+            flush=True,
+        )
+    proc = subprocess.run(
+        [sys.executable, __file__, "--full-size-run", json.dumps(cfg)],
+        stdout=subprocess.PIPE,
+        text=True,
+        check=False,
+    )
+    size = sum(f.stat().st_size for f in directory.iterdir() if f.is_file())
+    if not args.keep:
+        shutil.rmtree(directory)
+    kept = f"kept: {directory} ({size / GIB:,.1f} GiB)" if args.keep else f"deleted {directory}"
+    if proc.returncode != 0:
+        print(f"training failed (exit status {proc.returncode}); checkpoint {kept}")
+        return 1
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    e = r["engine"]
+    secs = [s["seconds"] for s in r["steps"]]
+    last = r["steps"][-1]
+    rows = [
+        (
+            "checkpoint",
+            f"{size / GIB:,.1f} GiB, " + (f"written in {write_s:,.0f} s" if wrote else "reused"),
+        ),
+        ("load time", f"{r['load_seconds']:,.1f} s"),
+        ("RSS after load", f"{r['rss_after_load'] / GIB:,.2f} GiB"),
+        ("peak RSS while loading", f"{r['peak_rss_load'] / GIB:,.2f} GiB"),
+        ("peak RSS", f"{r['peak_rss'] / GIB:,.2f} GiB (kt-sft estimate {est.total / GIB:,.2f})"),
+        (
+            "RSS after the last step",
+            f"{last['rss'] / GIB:,.2f} GiB (anonymous {last['rss_anon'] / GIB:,.2f}, "
+            f"file-backed {last['rss_file'] / GIB:,.2f})",
+        ),
+        ("trainable parameters", f"{r['trainable_params'] / 1e6:,.1f} M"),
+        *[
+            (
+                f"step {i + 1}",
+                f"{s:,.1f} s, {args.seq_len / s:,.0f} tokens/s, loss {r['steps'][i]['loss']:.4f}",
+            )
+            for i, s in enumerate(secs)
+        ],
+        *[
+            (
+                f"engine {kind}",
+                f"{e[kind + '_bytes'] / GIB:,.2f} GiB live, "
+                f"{e[kind + '_peak_bytes'] / GIB:,.2f} GiB peak",
+            )
+            for kind in ("weights", "lora", "cache", "pool", "scratch", "total")
+        ],
+    ]
+    print(f"Qwen3-30B-A3B-shaped, {layers} layers:")
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"  {k:<{width}}  {v}")
+    print(f"checkpoint {kept}")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({**r, "estimate": est.to_dict(), "checkpoint_bytes": size}, f, indent=1)
     return 0
 
 
