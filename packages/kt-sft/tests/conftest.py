@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -49,3 +50,17 @@ def _same_random_state_for_every_test() -> None:
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A KT_CACHE_DIR per test module: the embedded demo model is built there once."""
+    return tmp_path_factory.mktemp("kt-cache")
+
+
+@pytest.fixture
+def kt_cache(cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Point KT_CACHE_DIR at the module's cache (opt in with
+    ``pytestmark = pytest.mark.usefixtures("kt_cache")``)."""
+    monkeypatch.setenv("KT_CACHE_DIR", str(cache_dir))
+    return cache_dir

@@ -11,15 +11,7 @@ import pytest
 
 from kt_sft.cli import main
 
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("kt-cache")
-
-
-@pytest.fixture(autouse=True)
-def _cache(cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("KT_CACHE_DIR", str(cache_dir))
+pytestmark = pytest.mark.usefixtures("kt_cache")
 
 
 @pytest.fixture(scope="module")

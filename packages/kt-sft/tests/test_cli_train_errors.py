@@ -12,10 +12,7 @@ import pytest
 
 from kt_sft.cli import main
 
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("kt-cache")
+pytestmark = pytest.mark.usefixtures("kt_cache")
 
 
 @pytest.fixture(scope="module")
@@ -25,11 +22,6 @@ def demo_model(cache_dir: Path) -> Path:
         from kt_sft.train.embedded import embedded_model_dir
 
         return embedded_model_dir(quiet=True)
-
-
-@pytest.fixture(autouse=True)
-def _cache(cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("KT_CACHE_DIR", str(cache_dir))
 
 
 def _fails(capsys: pytest.CaptureFixture, argv: list[str]) -> str:

@@ -11,6 +11,8 @@ import torch
 from kt_sft.train import ConfigError, load_train_config
 from kt_sft.train.loop import NonFiniteLossError, train
 
+pytestmark = pytest.mark.usefixtures("kt_cache")
+
 SMALL = [
     "--max_samples",
     "32",
@@ -25,16 +27,6 @@ SMALL = [
     "--logging_steps",
     "1",
 ]
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("kt-cache")
-
-
-@pytest.fixture(autouse=True)
-def _cache(cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("KT_CACHE_DIR", str(cache_dir))
 
 
 def _cfg(out: Path, *extra: str):

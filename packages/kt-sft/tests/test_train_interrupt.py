@@ -16,6 +16,8 @@ import pytest
 from kt_sft.train import load_train_config
 from kt_sft.train.loop import train
 
+pytestmark = pytest.mark.usefixtures("kt_cache")
+
 SMALL = [
     "--max_samples",
     "64",
@@ -30,16 +32,6 @@ SMALL = [
     "--logging_steps",
     "1",
 ]
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("kt-cache")
-
-
-@pytest.fixture(autouse=True)
-def _cache(cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("KT_CACHE_DIR", str(cache_dir))
 
 
 def _cfg(out: Path, *extra: str):
