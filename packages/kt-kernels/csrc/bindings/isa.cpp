@@ -51,10 +51,8 @@ void register_isa(py::module_& m) {
       [](const std::string& name) {
         kernels::Isa isa;
         if (!kernels::parse_isa(name, &isa)) {
-          std::string known;
-          for (const std::string& n : kernels::isa_names())
-            known += (known.empty() ? "" : ", ") + n;
-          throw engine::ValueError("isa: expected one of " + known + ", got '" + name + "'");
+          throw engine::ValueError("isa: expected one of " + kernels::isa_names_text() + ", got '" +
+                                   name + "'");
         }
         return kernels::self_test_status(isa);
       },

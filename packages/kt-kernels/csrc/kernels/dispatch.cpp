@@ -28,8 +28,8 @@ constexpr const char* kNames[kIsaCount] = {KT_ISA_LIST(KT_ISA_NAME)};
 
 int idx(Isa isa) { return static_cast<int>(isa); }
 
-// The tables an ISA folder defines; both null for an ISA this build has no kernels for. Called
-// only for ISAs that run here (no getter of a wide ISA is ever entered on a CPU without it).
+// The table getters of an ISA folder; null for an ISA this build has no kernels for. They are
+// called only for ISAs that run here (no getter of a wide ISA is entered on a CPU without it).
 struct FolderTables {
   const KernelTable* (*gemm)() = nullptr;
   const QuantKernels* (*quant)() = nullptr;
@@ -98,8 +98,9 @@ void fill_missing(KernelTable* t, const KernelTable& below) {
   take_missing(&t->silu_mul_bwd, below.silu_mul_bwd);
   take_missing(&t->pack_transposed, below.pack_transposed);
 }
-// A new entry needs its line above (and in the self-test).
-static_assert(sizeof(KernelTable) == 8 + 2 * 8 + 2 * 8 + 10 * 8, "KernelTable changed");
+// Size check so that a new entry is not forgotten here (or in the self-test).
+static_assert(sizeof(KernelTable) == 8 + 2 * 8 + 2 * 8 + 10 * 8,
+              "KernelTable has a new entry: add it to fill_missing and to the self-test");
 
 void fill_missing(QuantKernels* t, const QuantKernels& below) {
   take_missing(&t->i8, below.i8);
@@ -108,7 +109,8 @@ void fill_missing(QuantKernels* t, const QuantKernels& below) {
   take_missing(&t->absmax, below.absmax);
   take_missing(&t->quantize, below.quantize);
 }
-static_assert(sizeof(QuantKernels) == 5 * 8, "QuantKernels changed");
+static_assert(sizeof(QuantKernels) == 5 * 8,
+              "QuantKernels has a new entry: add it to fill_missing");
 
 struct CompleteTables {
   KernelTable gemm;
@@ -256,7 +258,7 @@ Isa checked_request(const std::string& value, const std::string& source) {
   Isa isa;
   if (!parse_isa(lower_trimmed(value), &isa)) {
     throw std::invalid_argument(source + "='" + value + "' is not an ISA name: expected one of " +
-                                joined(isa_names()) + " (runnable here: " + runnable_list() + ")");
+                                isa_names_text() + " (runnable here: " + runnable_list() + ")");
   }
   if (!isa_runnable(isa)) {
     const std::string why = isa_compiled(isa) ? "this CPU or OS does not support it"
@@ -275,6 +277,8 @@ const char* isa_name(Isa isa) {
 }
 
 std::vector<std::string> isa_names() { return {std::begin(kNames), std::end(kNames)}; }
+
+std::string isa_names_text() { return joined(isa_names()); }
 
 bool parse_isa(const std::string& name, Isa* out) {
   for (int i = 0; i < kIsaCount; ++i) {

@@ -13,6 +13,8 @@ namespace kt::kernels {
 const char* isa_name(Isa isa);
 // Every ISA name of kernels/isa_list.h, lowest first, whether or not this build or CPU runs it.
 std::vector<std::string> isa_names();
+// The same as one string, "scalar, avx2, ...", for messages.
+std::string isa_names_text();
 // Parses one of isa_names(); false if unknown.
 bool parse_isa(const std::string& name, Isa* out);
 
