@@ -11,14 +11,13 @@ from numpy.typing import DTypeLike
 
 import kt_kernels as kk
 
-ALL_ISAS = ["scalar", "avx2", "avx512", "avx512_bf16", "amx"]
-
 
 def isa_params() -> list:
-    """One pytest param per ISA, id = ISA name; ISAs this CPU cannot run are skipped."""
+    """One pytest param per ISA of kk.ISAS, id = ISA name; ISAs this CPU cannot run are
+    skipped."""
     runnable = set(kk.available_isas())
     params = []
-    for isa in ALL_ISAS:
+    for isa in kk.ISAS:
         marks = []
         if isa not in runnable:
             reason = "no AMX on this CPU" if isa == "amx" else f"no {isa} on this CPU"

@@ -209,6 +209,11 @@ def test_available_and_active_isa() -> None:
     isas = kk.available_isas()
     assert isas[0] == "scalar"
     assert kk.active_isa() in isas
+    # ISAS: every name, lowest first; the runnable ones are a subsequence of it.
+    assert kk.ISAS[0] == "scalar" and len(set(kk.ISAS)) == len(kk.ISAS)
+    assert [i for i in kk.ISAS if i in isas] == isas
+    with pytest.raises(ValueError, match="expected one of " + ", ".join(kk.ISAS)):
+        kk.MoEEngine(4, 2, 48, 32, isa="sse9")
 
 
 @pytest.mark.parametrize("isa", ISAS)

@@ -76,9 +76,8 @@ class PyEngine {
     if (!isa.is_none()) {
       cfg.isa = isa.cast<std::string>();
       if (cfg.isa.empty()) {
-        throw engine::ValueError(
-            "isa: expected None or one of scalar, avx2, avx512, avx512_bf16, "
-            "amx, got ''");
+        throw engine::ValueError("isa: expected None or one of " + kernels::isa_names_text() +
+                                 ", got ''");
       }
     }
     eng_ = std::make_unique<engine::MoEEngine>(cfg);

@@ -27,6 +27,8 @@ void register_errors(py::module_& /*m*/) {
 }
 
 void register_isa(py::module_& m) {
+  m.def("isa_names", &kernels::isa_names,
+        "Every kernel ISA this version knows, lowest first, whether or not it runs here.");
   m.def(
       "available_isas",
       []() {
@@ -49,10 +51,8 @@ void register_isa(py::module_& m) {
       [](const std::string& name) {
         kernels::Isa isa;
         if (!kernels::parse_isa(name, &isa)) {
-          throw engine::ValueError(
-              "isa: expected one of scalar, avx2, avx512, avx512_bf16, amx, "
-              "got '" +
-              name + "'");
+          throw engine::ValueError("isa: expected one of " + kernels::isa_names_text() + ", got '" +
+                                   name + "'");
         }
         return kernels::self_test_status(isa);
       },

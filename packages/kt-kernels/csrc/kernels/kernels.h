@@ -6,13 +6,20 @@
 #include <cstdint>
 #include <cstring>
 
+#include "kernels/isa_list.h"
+
 namespace kt::kernels {
 
 using bf16 = uint16_t;
 
-// One spelling per ISA: folder name, namespace, CMake option, KT_KERNELS_ISA value, pytest id.
-enum class Isa : int { scalar = 0, avx2 = 1, avx512 = 2, avx512_bf16 = 3, amx = 4 };
-constexpr int kIsaCount = 5;
+// One spelling per ISA (kernels/isa_list.h): folder name, namespace, CMake option, KT_KERNELS_ISA
+// value, pytest id. Lowest first: a larger value can run every smaller one.
+#define KT_ISA_ENUMERATOR(name, flags, features) name,
+enum class Isa : int { KT_ISA_LIST(KT_ISA_ENUMERATOR) };
+#undef KT_ISA_ENUMERATOR
+#define KT_ISA_ONE(name, flags, features) +1
+constexpr int kIsaCount = 0 KT_ISA_LIST(KT_ISA_ONE);
+#undef KT_ISA_ONE
 
 // ---------------------------------------------------------------------------------------------
 // Packed bf16 weight layout, shared by every ISA ("VNNI blocks").
@@ -168,10 +175,25 @@ using silu_mul_bwd_fn = void (*)(int64_t n, const float* g, const float* u, cons
 using pack_transposed_fn = void (*)(const bf16* W, int64_t N, int64_t Kp, int64_t k0, int64_t nblk,
                                     bf16* dst);
 
+// Built by each ISA folder with one assignment per entry it provides. An entry left null (and a
+// table getter returning null) falls back to the table of the next ISA down (isa_list.h), down to
+// scalar (kernels/dispatch.cpp, complete_tables); the scalar table sets every entry.
 struct KernelTable {
-  Isa isa;
-  gemm_bf16_fn gemm_bf16;
-  // fp32 helpers (null = use the scalar table's entry).
+  Isa isa = Isa::scalar;  // set by the dispatcher: the ISA of the completed table
+  // bf16 GEMM with its fused dequantize + GEMM entries: one group, taken together from the ISA
+  // below when gemm_bf16 is null, because the fused entries must match this table's own
+  // gemm_bf16 bit for bit, whose rounding differs from other ISAs'. With gemm_bf16 set, a null
+  // gemm_q8 / gemm_q4 stays null: the ISA has none, and callers dequantize and call gemm_bf16.
+  gemm_bf16_fn gemm_bf16 = nullptr;
+  gemm_q8_fn gemm_q8 = nullptr;
+  gemm_q4_fn gemm_q4 = nullptr;
+  // Up to this many rows of A the fused kernels beat dequantization + gemm_bf16 (measured per ISA
+  // and code width with bench_gemm --fused; beyond it one dequantized copy serves enough rows to
+  // pay for itself): gemm_q8, gemm_q4.
+  int64_t fused_max_rows_q8 = 0;
+  int64_t fused_max_rows_q4 = 0;
+  // The rest fall back one by one.
+  gemm_i8_fn gemm_i8 = nullptr;  // int8 x int8 -> int32
   gemm_f32_nn_fn gemm_f32_nn = nullptr;
   gemm_f32_nt_fn gemm_f32_nt = nullptr;
   gemm_f32_tn_fn gemm_f32_tn = nullptr;
@@ -180,27 +202,15 @@ struct KernelTable {
   silu_mul_fn silu_mul = nullptr;
   silu_mul_bwd_fn silu_mul_bwd = nullptr;
   pack_transposed_fn pack_transposed = nullptr;
-  gemm_i8_fn gemm_i8 = nullptr;  // int8 x int8 -> int32 (null = the scalar entry)
-  // Fused dequantize + GEMM (see gemm_q8_fn). Null: the ISA has none, and callers dequantize and
-  // call gemm_bf16. Never filled from the scalar table: the contract is with this table's own
-  // gemm_bf16, whose rounding differs from the scalar one on some ISAs.
-  gemm_q8_fn gemm_q8 = nullptr;
-  gemm_q4_fn gemm_q4 = nullptr;
-  // Up to this many rows of A the fused kernels beat dequantization + gemm_bf16 (measured per ISA
-  // and code width with bench_gemm --fused; beyond it one dequantized copy serves enough rows to
-  // pay for itself): gemm_q8, gemm_q4.
-  int64_t fused_max_rows_q8 = 0;
-  int64_t fused_max_rows_q4 = 0;
 };
 
-// Fills the fp32 helper entries of a table with the scalar reference (kernels/scalar/vec.cpp).
+// Sets the fp32 helper entries of a table to the scalar reference (kernels/scalar/vec.cpp).
 void fill_scalar_helpers(KernelTable* table);
 
-// Each compiled ISA folder defines its table getter; dispatch.cpp knows which ones exist.
-const KernelTable* scalar_table();
-const KernelTable* avx2_table();
-const KernelTable* avx512_table();
-const KernelTable* avx512_bf16_table();
-const KernelTable* amx_table();
+// Each ISA folder kernels/<isa>/ defines <isa>_table(); dispatch.cpp calls those of the ISAs this
+// build compiled, and only where the ISA runs.
+#define KT_ISA_TABLE_GETTER(name, flags, features) const KernelTable* name##_table();
+KT_ISA_LIST(KT_ISA_TABLE_GETTER)
+#undef KT_ISA_TABLE_GETTER
 
 }  // namespace kt::kernels

@@ -1,9 +1,9 @@
 // Dequantization of weight codes (weight_dtype int8 / int4, and the int8 blocks of W8A8,
 // engine/quant.h) into the packed bf16 block layout, and the two steps of load-time quantization
 // of a group of float weights (its max |w|, then its codes), one implementation per ISA folder
-// (kernels/<isa>/quant.cpp). The engine picks the table with quant_kernels(isa); ISAs without a
-// folder of their own, and entries a folder leaves null, use the next one down (amx ->
-// avx512_bf16 -> avx512 -> avx2 -> scalar; avx512_bf16 has dequantization only). Every
+// (kernels/<isa>/quant.cpp). The engine picks the table with quant_kernels(isa); entries a folder
+// leaves null use the next ISA down (kernels/isa_list.h; avx512_bf16 has dequantization only, amx
+// none of its own). Every
 // implementation gives the scalar reference's bits: a product of a small integer and a float32
 // scale is one IEEE multiply, and the bf16 rounding below is integer arithmetic; a code is one IEEE
 // division w / s rounded half to even (the default rounding mode's nearbyint) and clamped, and a
@@ -37,11 +37,11 @@ using quant_absmax_fn = bool (*)(int64_t n, const float* w, float* amax);
 using quant_codes_fn = void (*)(int64_t n, const float* w, float s, float qm, int8_t* codes);
 
 struct QuantKernels {
-  dequant_i8_fn i8;
-  dequant_i4_fn i4;
-  dequant_i8x4_fn i8x4;
-  quant_absmax_fn absmax;
-  quant_codes_fn quantize;
+  dequant_i8_fn i8 = nullptr;
+  dequant_i4_fn i4 = nullptr;
+  dequant_i8x4_fn i8x4 = nullptr;
+  quant_absmax_fn absmax = nullptr;
+  quant_codes_fn quantize = nullptr;
 };
 
 inline namespace KT_ISA_NAMESPACE {
@@ -60,12 +60,13 @@ inline int8_t int4_hi(uint8_t byte) { return static_cast<int8_t>(static_cast<int
 
 }  // namespace KT_ISA_NAMESPACE
 
-const QuantKernels* scalar_quant_table();
-const QuantKernels* avx2_quant_table();
-const QuantKernels* avx512_quant_table();
-const QuantKernels* avx512_bf16_quant_table();  // dequantization entries only
+// Each ISA folder defines <isa>_quant_table() (kernels/<isa>/quant.cpp); null entries, or a null
+// table, fall back to the next ISA down like KernelTable entries (kernels/dispatch.cpp).
+#define KT_ISA_QUANT_GETTER(name, flags, features) const QuantKernels* name##_quant_table();
+KT_ISA_LIST(KT_ISA_QUANT_GETTER)
+#undef KT_ISA_QUANT_GETTER
 
-// The table for `isa` (which must be runnable here).
+// The complete table for `isa`; throws std::invalid_argument for an ISA that cannot run here.
 const QuantKernels& quant_kernels(Isa isa);
 
 }  // namespace kt::kernels

@@ -472,28 +472,22 @@ void pack_transposed(const bf16* W_, int64_t N, int64_t Kp, int64_t k0, int64_t 
   }
 }
 
+// The entries of the including ISA's table that come from the helpers above; the folder's
+// gemm.cpp adds its GEMMs. A constant expression, so the folder's table is constant initialised:
+// no code runs to build it, and merely taking its address runs no wide instruction.
+constexpr KernelTable helper_entries() {
+  KernelTable t{};
+  t.gemm_f32_nn = &gemm_f32_nn;
+  t.gemm_f32_nt = &gemm_f32_nt;
+  t.gemm_f32_tn = &gemm_f32_tn;
+  t.cvt_bf16_f32 = &cvt_bf16_f32;
+  t.cvt_f32_bf16 = &cvt_f32_bf16;
+  t.silu_mul = &silu_mul;
+  t.silu_mul_bwd = &silu_mul_bwd;
+  t.pack_transposed = &pack_transposed;
+  return t;
+}
+
 }  // namespace vec
 }  // namespace
 }  // namespace kt::kernels
-
-// The complete KernelTable of the including ISA: its gemm_bf16, gemm_i8 and fused dequantize +
-// GEMM entries (with the row counts up to which the fused int8 / int4 ones are faster) plus the
-// entries above.
-// Constant initialised (no code runs to build it), so merely taking its address runs no wide
-// instruction.
-#define KT_KERNEL_TABLE(isa, gemm, gemm_int8, gemm_q8, gemm_q4, rows_q8, rows_q4) \
-  {Isa::isa,                                                                      \
-   gemm,                                                                          \
-   &vec::gemm_f32_nn,                                                             \
-   &vec::gemm_f32_nt,                                                             \
-   &vec::gemm_f32_tn,                                                             \
-   &vec::cvt_bf16_f32,                                                            \
-   &vec::cvt_f32_bf16,                                                            \
-   &vec::silu_mul,                                                                \
-   &vec::silu_mul_bwd,                                                            \
-   &vec::pack_transposed,                                                         \
-   gemm_int8,                                                                     \
-   gemm_q8,                                                                       \
-   gemm_q4,                                                                       \
-   rows_q8,                                                                       \
-   rows_q4}

@@ -18,6 +18,11 @@ from kt_kernels._quant import dequantize_weights, quantize_weights  # noqa: E402
 
 ABI_VERSION: int = _core.ABI_VERSION
 
+#: Every kernel ISA name this version knows, lowest first (``"scalar"``, ``"avx2"``, ...), whether
+#: or not this build and CPU run it: the values ``KT_KERNELS_ISA`` and ``MoEEngine(isa=...)``
+#: accept. :func:`available_isas` lists those that run here.
+ISAS: tuple[str, ...] = tuple(_core.isa_names())
+
 
 def cpu_features() -> dict[str, bool]:
     """Return the x86 ISA flags of this CPU that the OS enables, named as in /proc/cpuinfo.
@@ -71,6 +76,7 @@ def numa_node_count() -> int:
 
 __all__ = [
     "ABI_VERSION",
+    "ISAS",
     "MoEEngine",
     "__version__",
     "active_isa",

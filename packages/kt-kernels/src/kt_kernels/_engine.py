@@ -26,8 +26,8 @@ def _emit_dispatch_warnings() -> None:
 def available_isas() -> list[str]:
     """Return the kernel ISAs compiled in and runnable on this CPU, from ``"scalar"`` up.
 
-    Names: ``scalar``, ``avx2``, ``avx512``, ``avx512_bf16``, ``amx`` (the values of the
-    ``KT_KERNELS_ISA`` environment variable and of ``MoEEngine(isa=...)``).
+    Names are those of :data:`kt_kernels.ISAS` (the values of the ``KT_KERNELS_ISA``
+    environment variable and of ``MoEEngine(isa=...)``).
     """
     return list(_core.available_isas())
 

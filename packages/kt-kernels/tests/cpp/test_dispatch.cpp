@@ -1,19 +1,51 @@
 // ISA selection: names, CPUID-based availability, KT_KERNELS_ISA, explicit-request errors, the
-// self-test and (with KT_KERNELS_FAIL_SELF_TEST set by ctest) the fallback chain.
+// self-test and (with KT_KERNELS_FAIL_SELF_TEST set by ctest) the fallback chain; the null-entry
+// fallback rule of the tables.
 #include <cstdlib>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
 #include "check.h"
+#include "kernels/compiled_isas.h"
 #include "kernels/dispatch.h"
+#include "kernels/quant_kernels.h"
 #include "runtime/cpu_features.h"
 
 using namespace kt::kernels;
 
 namespace {
 
-const Isa kAll[] = {Isa::scalar, Isa::avx2, Isa::avx512, Isa::avx512_bf16, Isa::amx};
+std::vector<Isa> all_isas() {
+  std::vector<Isa> out;
+  for (int i = 0; i < kIsaCount; ++i) out.push_back(static_cast<Isa>(i));
+  return out;
+}
+const std::vector<Isa> kAll = all_isas();
+
+// The tables an ISA folder itself defines (null: none, or not compiled).
+const KernelTable* folder_table(Isa isa) {
+  switch (isa) {
+#define KT_CASE(name) \
+  case Isa::name:     \
+    return name##_table();
+    KT_COMPILED_ISAS(KT_CASE)
+#undef KT_CASE
+    default:
+      return nullptr;
+  }
+}
+const QuantKernels* folder_quant_table(Isa isa) {
+  switch (isa) {
+#define KT_CASE(name) \
+  case Isa::name:     \
+    return name##_quant_table();
+    KT_COMPILED_ISAS(KT_CASE)
+#undef KT_CASE
+    default:
+      return nullptr;
+  }
+}
 
 bool forced_fail(Isa isa) {
   const char* env = std::getenv("KT_KERNELS_FAIL_SELF_TEST");
@@ -48,10 +80,52 @@ struct EnvVar {
 
 }  // namespace
 
+// Every entry of a complete table is the folder's own or, where the folder leaves it null, that
+// of the complete table of the ISA below (the runnable ISAs below are all compiled ones).
+TEST(null_entries_fall_back_to_the_isa_below) {
+  const auto avail = available_isas();
+  for (size_t i = 1; i < avail.size(); ++i) {
+    const Isa isa = avail[i], below = avail[i - 1];
+    const QuantKernels* own_q = folder_quant_table(isa);
+    const QuantKernels &q = quant_kernels(isa), &qb = quant_kernels(below);
+#define KT_EXPECT(own, t, tb, e)                                                          \
+  REQUIRE(t.e != nullptr && t.e == (own != nullptr && own->e != nullptr ? own->e : tb.e), \
+          "%s: entry " #e, isa_name(isa))
+    KT_EXPECT(own_q, q, qb, i8);
+    KT_EXPECT(own_q, q, qb, i4);
+    KT_EXPECT(own_q, q, qb, i8x4);
+    KT_EXPECT(own_q, q, qb, absmax);
+    KT_EXPECT(own_q, q, qb, quantize);
+    const KernelTable &t = kernel_table(isa), &tb = kernel_table(below);
+    if (t.isa != isa || tb.isa != below) continue;  // self-test fallback (dispatch_fallback)
+    const KernelTable* own = folder_table(isa);
+    KT_EXPECT(own, t, tb, gemm_bf16);
+    KT_EXPECT(own, t, tb, gemm_i8);
+    KT_EXPECT(own, t, tb, gemm_f32_nn);
+    KT_EXPECT(own, t, tb, gemm_f32_nt);
+    KT_EXPECT(own, t, tb, gemm_f32_tn);
+    KT_EXPECT(own, t, tb, cvt_bf16_f32);
+    KT_EXPECT(own, t, tb, cvt_f32_bf16);
+    KT_EXPECT(own, t, tb, silu_mul);
+    KT_EXPECT(own, t, tb, silu_mul_bwd);
+    KT_EXPECT(own, t, tb, pack_transposed);
+#undef KT_EXPECT
+    // The fused entries go with gemm_bf16: from the same table, null included.
+    const KernelTable& g = own != nullptr && own->gemm_bf16 != nullptr ? *own : tb;
+    REQUIRE(t.gemm_q8 == g.gemm_q8 && t.gemm_q4 == g.gemm_q4 &&
+                t.fused_max_rows_q8 == g.fused_max_rows_q8 &&
+                t.fused_max_rows_q4 == g.fused_max_rows_q4,
+            "%s: fused entries not those of its gemm_bf16", isa_name(isa));
+  }
+  REQUIRE(kernel_table(Isa::scalar).isa == Isa::scalar, "scalar table");
+}
+
 TEST(names_round_trip) {
+  REQUIRE(isa_names().size() == static_cast<size_t>(kIsaCount), "isa_names size");
   for (Isa isa : kAll) {
     Isa back;
     REQUIRE(parse_isa(isa_name(isa), &back) && back == isa, "%s", isa_name(isa));
+    REQUIRE(isa_names()[static_cast<size_t>(isa)] == isa_name(isa), "%s", isa_name(isa));
   }
   Isa x;
   REQUIRE(!parse_isa("avx9", &x), "avx9 parsed");

@@ -24,7 +24,6 @@ class KTConfigError(ValueError):
 
 
 BACKENDS = ("engine", "torch")
-ISAS = ("scalar", "avx2", "avx512", "avx512_bf16", "amx")
 WEIGHT_DTYPES = ("bf16", "fp32", "int8", "int4")
 LORA_LAYOUTS = ("auto", "fused", "split")
 ACTIVATION_POLICIES = ("retain", "recompute", "auto")
@@ -230,7 +229,9 @@ class KTConfig:
     def _validate(self) -> None:
         _choice("backend", self.backend, BACKENDS)
         if self.isa is not None:
-            _choice("isa", self.isa, ISAS)
+            from kt_sft._lib import kt_kernels
+
+            _choice("isa", self.isa, kt_kernels.ISAS)
         _choice("weight_dtype", self.weight_dtype, WEIGHT_DTYPES)
         _choice("lora_layout", self.lora_layout, LORA_LAYOUTS)
         _choice("activation_policy", self.activation_policy, ACTIVATION_POLICIES)

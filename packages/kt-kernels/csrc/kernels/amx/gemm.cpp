@@ -281,8 +281,16 @@ void gemm_i8(int64_t M, int64_t nblk, int64_t Kp, const int8_t* A, int64_t lda, 
 // 0.9x at 48-64. Hence 64 rows for int8 and 32 for int4.
 constexpr int64_t kFusedMaxRowsQ8 = 4 * kTileRows;
 constexpr int64_t kFusedMaxRowsQ4 = 2 * kTileRows;
-const KernelTable kTable = KT_KERNEL_TABLE(amx, &gemm_bf16, &gemm_i8, &gemm_q8, &gemm_q4,
-                                           kFusedMaxRowsQ8, kFusedMaxRowsQ4);
+constexpr KernelTable kTable = [] {
+  KernelTable t = vec::helper_entries();
+  t.gemm_bf16 = &gemm_bf16;
+  t.gemm_q8 = &gemm_q8;
+  t.gemm_q4 = &gemm_q4;
+  t.fused_max_rows_q8 = kFusedMaxRowsQ8;
+  t.fused_max_rows_q4 = kFusedMaxRowsQ4;
+  t.gemm_i8 = &gemm_i8;
+  return t;
+}();
 
 const KernelTable* amx_table() { return &kTable; }
 #endif

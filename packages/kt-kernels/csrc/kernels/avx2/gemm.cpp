@@ -216,8 +216,16 @@ void gemm_i8(int64_t M, int64_t nblk, int64_t Kp, const int8_t* A, int64_t lda, 
 
 }  // namespace
 
-const KernelTable kTable = KT_KERNEL_TABLE(avx2, &Gemm::gemm_bf16, &gemm_i8, &Gemm::gemm_q8,
-                                           &Gemm::gemm_q4, kFusedMaxRows, kFusedMaxRows);
+constexpr KernelTable kTable = [] {
+  KernelTable t = vec::helper_entries();
+  t.gemm_bf16 = &Gemm::gemm_bf16;
+  t.gemm_q8 = &Gemm::gemm_q8;
+  t.gemm_q4 = &Gemm::gemm_q4;
+  t.fused_max_rows_q8 = kFusedMaxRows;
+  t.fused_max_rows_q4 = kFusedMaxRows;
+  t.gemm_i8 = &gemm_i8;
+  return t;
+}();
 
 const KernelTable* avx2_table() { return &kTable; }
 

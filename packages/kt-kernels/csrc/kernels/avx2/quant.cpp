@@ -136,9 +136,16 @@ void quantize(int64_t n, const float* w, float s, float qm, int8_t* codes) {
 
 }  // namespace
 
-const QuantKernels* avx2_quant_table() {
-  static const QuantKernels t{&dequant_i8, &dequant_i4, &dequant_i8x4, &absmax, &quantize};
-  return &t;
-}
+constexpr QuantKernels kQuantTable = [] {
+  QuantKernels t{};
+  t.i8 = &dequant_i8;
+  t.i4 = &dequant_i4;
+  t.i8x4 = &dequant_i8x4;
+  t.absmax = &absmax;
+  t.quantize = &quantize;
+  return t;
+}();
+
+const QuantKernels* avx2_quant_table() { return &kQuantTable; }
 
 }  // namespace kt::kernels

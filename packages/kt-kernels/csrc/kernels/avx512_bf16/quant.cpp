@@ -1,7 +1,7 @@
 // AVX512_BF16 dequantization (kernels/quant_kernels.h): each pair row of 32 codes is widened,
 // converted, scaled and rounded by one vcvtne2ps2bf16 (kernels/bf16_dequant.h), bit-exact with the
 // scalar reference for the scales the engine stores (0 or normal). Load-time quantization has no
-// AVX512_BF16 form: quant_kernels() takes it from the next table down.
+// AVX512_BF16 form: it falls back to the next ISA down (kernels/dispatch.cpp).
 #include "kernels/intrinsics.h"  // first: before anything includes <immintrin.h>
 
 #include "kernels/bf16_dequant.h"
@@ -48,10 +48,15 @@ void dequant_i8x4(int64_t nquads, const int8_t* codes, const float* sv, bf16* ou
 
 }  // namespace
 
-// Dequantization entries only; absmax and quantize are null (see quant_kernels()).
-const QuantKernels* avx512_bf16_quant_table() {
-  static const QuantKernels t{&dequant_i8, &dequant_i4, &dequant_i8x4, nullptr, nullptr};
-  return &t;
-}
+// Dequantization entries only; absmax and quantize come from the ISA below.
+constexpr QuantKernels kQuantTable = [] {
+  QuantKernels t{};
+  t.i8 = &dequant_i8;
+  t.i4 = &dequant_i4;
+  t.i8x4 = &dequant_i8x4;
+  return t;
+}();
+
+const QuantKernels* avx512_bf16_quant_table() { return &kQuantTable; }
 
 }  // namespace kt::kernels

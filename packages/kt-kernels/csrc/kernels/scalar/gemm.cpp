@@ -63,11 +63,12 @@ void gemm_i8(int64_t M, int64_t nblk, int64_t Kp, const int8_t* A, int64_t lda, 
 
 const KernelTable* scalar_table() {
   static const KernelTable table = [] {
-    KernelTable t{Isa::scalar, &gemm_bf16};
-    fill_scalar_helpers(&t);
+    KernelTable t{};
+    t.gemm_bf16 = &gemm_bf16;
     t.gemm_q8 = &gemm_q8;
     t.gemm_q4 = &gemm_q4;
     t.gemm_i8 = &gemm_i8;
+    fill_scalar_helpers(&t);
     return t;
   }();
   return &table;
