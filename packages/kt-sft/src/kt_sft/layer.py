@@ -23,7 +23,10 @@ from torch import nn
 
 from kt_sft.binding import LoRAFactor, LoRASource
 from kt_sft.config import KTConfig
-from kt_sft.engine import LayerEngine
+from kt_sft.function import kt_moe
+from kt_sft.hf_experts import KTUnsupportedExpertsError, activation_of, release_parameter
+from kt_sft.lora_experts import LoRAExperts
+from kt_sft.routed_experts import RoutedExperts
 
 __all__ = ["KTMoELayer", "bind_modulelist_lora", "replace_moe_block"]
 
@@ -106,7 +109,7 @@ class KTMoELayer(nn.Module):
     def __init__(
         self,
         block: nn.Module,
-        layer: LayerEngine,
+        layer: RoutedExperts,
         *,
         experts_attr: str = "experts",
         router_attr: str = "gate",
@@ -133,7 +136,7 @@ class KTMoELayer(nn.Module):
         self.__dict__["_kt_stacks"] = None
 
     @property
-    def kt_engine(self) -> LayerEngine:
+    def kt_engine(self) -> RoutedExperts:
         return self.__dict__["_kt_engine"]
 
     def extra_repr(self) -> str:
@@ -157,8 +160,6 @@ class KTMoELayer(nn.Module):
         )
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        from kt_sft.function import kt_moe
-
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
         ids, weights = self.route(x)
@@ -275,9 +276,7 @@ def _still_views(source: LoRASource) -> bool:
 
 
 def _release_linear(linear: nn.Module, device: torch.device) -> None:
-    from kt_sft.inject import _release
-
-    _release(linear, "weight", device)
+    release_parameter(linear, "weight", device)
 
 
 def replace_moe_block(
@@ -288,7 +287,7 @@ def replace_moe_block(
     *,
     reader: Any = None,
     device: torch.device,
-) -> LayerEngine:
+) -> RoutedExperts:
     """Pack layer ``layer_idx``'s ModuleList experts into an engine and swap in a KTMoELayer."""
     from kt_models import (
         extract_expert_weights,
@@ -298,8 +297,6 @@ def replace_moe_block(
         unwrap_model,
     )
     from kt_models.extract import base_layer
-    from kt_sft.inject import KTUnsupportedExpertsError, _activation_of
-    from kt_sft.lora_experts import LoRAExperts
 
     base = unwrap_model(model)
     config = text_config(base.config)
@@ -310,7 +307,7 @@ def replace_moe_block(
         )
     block = spec.moe_block(base, layer_idx)
     experts = base_layer(spec.experts(base, layer_idx))
-    activation = _activation_of(experts[0], spec.activation(config))
+    activation = activation_of(experts[0], spec.activation(config))
     if reader is not None:
         weights = reader.layer_experts(layer_idx, dtype=None)
     else:
@@ -318,7 +315,7 @@ def replace_moe_block(
     gate_up, down = weights.fused()
     num_experts, hidden, inter = down.shape
     lora_layout = "split" if cfg.lora_layout == "auto" else cfg.lora_layout
-    layer = LayerEngine(
+    layer = RoutedExperts(
         cfg,
         num_experts=num_experts,
         top_k=spec.top_k(config),

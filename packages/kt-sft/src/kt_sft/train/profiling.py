@@ -229,7 +229,7 @@ def _engine_of(module: Any) -> Any:
     for sub in module.modules():
         layer = sub.__dict__.get("_kt_engine")
         if layer is not None:
-            return getattr(layer, "backend", None)
+            return layer.experts_backend
     return None
 
 
