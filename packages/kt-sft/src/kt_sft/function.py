@@ -82,8 +82,8 @@ class KTMoEFunction(torch.autograd.Function):
 
     ``apply(hidden, expert_ids, routing_weights, layer, source, plan, mode, *lora_params)``:
     ``hidden: T x H`` (any device / float dtype), ``expert_ids: T x K`` (−1 = none),
-    ``routing_weights: T x K``; ``layer`` the :class:`~kt_sft.routed_experts.RoutedExperts`; ``source``
-    the PEFT LoRA (or ``None``) and ``plan`` its engine binding; ``mode`` from
+    ``routing_weights: T x K``; ``layer`` the :class:`~kt_sft.routed_experts.RoutedExperts`;
+    ``source`` the PEFT LoRA (or ``None``) and ``plan`` its engine binding; ``mode`` from
     :func:`forward_mode`; ``lora_params`` = ``source.params()``. Returns ``T x H`` in
     ``hidden``'s dtype. Most callers use :func:`kt_moe`.
     """

@@ -136,11 +136,17 @@ class KTMoELayer(nn.Module):
         self.__dict__["_kt_stacks"] = None
 
     @property
-    def kt_engine(self) -> RoutedExperts:
+    def routed_experts(self) -> RoutedExperts:
+        """The routed experts this block runs in kt."""
         return self.__dict__["_kt_engine"]
 
+    @property
+    def kt_engine(self) -> RoutedExperts:
+        """The former name of :attr:`routed_experts`."""
+        return self.routed_experts
+
     def extra_repr(self) -> str:
-        layer = self.kt_engine
+        layer = self.routed_experts
         return (
             f"replaces={self.original_class}, experts={layer.num_experts}, "
             f"top_k={layer.top_k}, lora_layout={layer.lora_layout!r}"
@@ -154,7 +160,7 @@ class KTMoELayer(nn.Module):
         return parse_router_output(
             router(x),
             x.shape[0],
-            self.kt_engine.top_k,
+            self.routed_experts.top_k,
             kind=self.router_kind,
             norm_topk_prob=self.norm_topk_prob,
         )
@@ -163,7 +169,7 @@ class KTMoELayer(nn.Module):
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
         ids, weights = self.route(x)
-        out = kt_moe(self.kt_engine, x, ids, weights, self.lora_source())
+        out = kt_moe(self.routed_experts, x, ids, weights, self.lora_source())
         lora_experts = getattr(self, "kt_lora_experts", None)
         if lora_experts is not None:
             out = out + lora_experts(x).to(out.dtype)
@@ -188,7 +194,7 @@ class KTMoELayer(nn.Module):
                 continue
             if not all(wrapped):
                 raise ValueError(
-                    f"{self.kt_engine.name}: LoRA targets {pname} of only "
+                    f"{self.routed_experts.name}: LoRA targets {pname} of only "
                     f"{sum(wrapped)}/{len(mods)} experts; kt needs all experts of a layer "
                     "targeted alike"
                 )
@@ -211,7 +217,7 @@ class KTMoELayer(nn.Module):
             return None
         if len(active) > 1:
             raise ValueError(
-                f"{self.kt_engine.name}: {len(active)} active adapters on kt "
+                f"{self.routed_experts.name}: {len(active)} active adapters on kt "
                 "experts; kt runs one active adapter at a time"
             )
         adapter = active[0]
@@ -237,7 +243,7 @@ class KTMoELayer(nn.Module):
         scalings = {float(m.scaling[adapter]) for v in mods.values() for m in v}
         if len(ranks) != 1 or len(scalings) != 1:
             raise ValueError(
-                f"{self.kt_engine.name}: expert LoRA ranks {sorted(ranks)} / "
+                f"{self.routed_experts.name}: expert LoRA ranks {sorted(ranks)} / "
                 f"scalings {sorted(scalings)} differ; kt needs one per layer"
             )
         kinds: dict[str, tuple[LoRAFactor, LoRAFactor]] = {}
@@ -362,4 +368,4 @@ def bind_modulelist_lora(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, KTMoELayer):
             source = module.lora_source()
-            module.kt_engine.plan_for(source)
+            module.routed_experts.plan_for(source)

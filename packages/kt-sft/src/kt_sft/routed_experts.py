@@ -1,8 +1,9 @@
 """One MoE layer's routed experts as kt runs them: :class:`RoutedExperts`.
 
 A RoutedExperts owns the experts backend (:class:`~kt_sft.experts_backend.ExpertsBackend`: the
-compiled engine, the torch reference or a distributed proxy) holding the packed frozen weights of experts ``[num_gpu_experts, E)``, the torch-side GPU experts ``[0,
-num_gpu_experts)`` and LoRA experts, the LoRA binding, the host staging buffers used when hidden
+compiled engine, the torch reference or a distributed proxy) holding the packed frozen weights
+of experts ``[num_gpu_experts, E)``, the torch-side GPU experts ``[0, num_gpu_experts)`` and
+LoRA experts, the LoRA binding, the host staging buffers used when hidden
 states live on a GPU, and a mirror of the engine's activation-cache stack.
 
 The mirror stack makes the engine's LIFO cache safe under everything autograd may do: each

@@ -170,9 +170,9 @@ class LeaderBackend(_Exchange):
 
     Offers the engine API (``load_weights``, ``set_lora``, ``lora_updated``, ``forward``,
     ``submit_forward``/``sync_forward``, ``backward``, ``clear_cache``, ``close``); other
-    attributes come from the wrapped engine. A forward dropped without its backward is popped
-    by :class:`~kt_sft.routed_experts.RoutedExperts` with a zero-gradient backward, which every rank of
-    the node makes too, so it is exchanged like any other.
+    attributes come from the wrapped backend. A forward dropped without its backward is popped
+    by :class:`~kt_sft.routed_experts.RoutedExperts` with a zero-gradient backward, which every
+    rank of the node makes too, so it is exchanged like any other.
     """
 
     def __init__(self, ctx: DistributedContext, inner: ExpertsBackend, **kwargs: Any) -> None:

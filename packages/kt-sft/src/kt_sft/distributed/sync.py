@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from kt_sft.distributed.context import DistributedContext, KTDistributedError, current_context
+from kt_sft.hf_experts import experts_layers
 from kt_sft.peft_hooks import lora_parameters
 
 __all__ = [
@@ -164,11 +165,7 @@ def kt_managed_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 def _members_contribute(model: torch.nn.Module) -> bool:
     """Whether node members hold expert LoRA gradients of their own (GPU experts run in torch
     on every rank); otherwise only the leaders' are non-zero."""
-    for module in model.modules():
-        layer = module.__dict__.get("_kt_engine")
-        if layer is not None and getattr(layer, "gpu_experts", None) is not None:
-            return True
-    return False
+    return any(layer.gpu_experts is not None for _, _, layer in experts_layers(model))
 
 
 def reduce_expert_lora_grads(model: torch.nn.Module, *, average: bool = True) -> None:
