@@ -120,8 +120,9 @@ class MoEEngine {
                       const View& down, const View& down_scale);
   quant::Kind weight_kind() const { return wkind_; }
 
-  // Binds LoRA weights (values read now and on lora_updated()) and gradient arrays (written in
-  // backward). The caller keeps the arrays alive while bound.
+  // Binds LoRA weights and gradient arrays (written in backward). The caller keeps the arrays
+  // alive while bound. Values are read by the next forward or backward after set_lora() or
+  // lora_updated(), into the process-wide LoRA stage (engine/lora_stage.h).
   void set_lora(const LoraArrays& arrays);
   void lora_updated();
   bool lora_set() const { return lora_bound_; }
@@ -276,14 +277,19 @@ class MoEEngine {
   void w8a8_down_tile(int s, int64_t e, int64_t b0, int64_t nb, int64_t M, const int8_t* hq,
                       int64_t ldq, const float* sh, float* C, int64_t ldc, int th, int slot) const;
 
-  // LoRA: caller arrays and the internal fp32 copy.
+  // LoRA: the caller's arrays, and where their fp32 kernel-layout copy lies in the LoRA stage
+  // while this engine runs (set by stage_lora(); valid only under the engine lock).
   LoraArrays lora_;
   bool lora_bound_ = false;
   bool lora_grads_ = false;
-  Buf a_all_;  // E x RA x Hb     (fused: A_gu; split: [A_g; A_u])
-  Buf bgu_t_;  // E x RA x 2Ib    B_gu^T in the interleaved column order; split: block diagonal
-  Buf ad_;     // E x r x Ib
-  Buf bd_t_;   // E x r x Hb
+  uint64_t lora_version_ = 0;  // LoraStage version of the bound values
+  // Converts the bound LoRA weights into the stage unless it already holds them.
+  void stage_lora();
+  void convert_lora(float* a_all, float* bgu_t, float* ad, float* bd_t) const;
+  const float* a_all_ = nullptr;  // E x RA x Hb     (fused: A_gu; split: [A_g; A_u])
+  const float* bgu_t_ = nullptr;  // E x RA x 2Ib    B_gu^T, interleaved columns; split: block diag.
+  const float* ad_ = nullptr;     // E x r x Ib
+  const float* bd_t_ = nullptr;   // E x r x Hb
 
   std::vector<std::unique_ptr<Entry>> cache_;  // entries [0, pending_) are pending
   size_t pending_ = 0;
