@@ -313,7 +313,7 @@ def _out_of_step(model: Any, rank: int, x: torch.Tensor, ids: torch.Tensor, w: t
 def _engine_ranks(model: Any) -> list[str]:
     from kt_sft.inject import experts_layers
 
-    return sorted({type(layer.backend).__name__ for _, _, layer in experts_layers(model)})
+    return sorted({type(layer.experts_backend).__name__ for _, _, layer in experts_layers(model)})
 
 
 def _full(value: torch.Tensor) -> torch.Tensor:

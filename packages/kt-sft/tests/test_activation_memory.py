@@ -13,10 +13,10 @@ from torch.utils.checkpoint import checkpoint
 from kt_sft.backend import engine_available
 from kt_sft.binding import LoRAFactor, LoRASource
 from kt_sft.config import KTConfig, KTConfigError
-from kt_sft.engine import LayerEngine
 from kt_sft.estimate import cache_entry_bytes
 from kt_sft.function import kt_moe
-from kt_sft.peft import _factor_views
+from kt_sft.peft_hooks import _factor_views
+from kt_sft.routed_experts import RoutedExperts
 
 pytestmark = pytest.mark.skipif(not engine_available(), reason="kt-kernels engine not built")
 
@@ -42,12 +42,12 @@ class Stack(nn.Module):
         with torch.no_grad():
             for p in self.projs.parameters():
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-        self.layers: list[LayerEngine] = []
+        self.layers: list[RoutedExperts] = []
         self.sources: list[LoRASource] = []
         self.lora = nn.ParameterList()
         dims = {"gate_up": (H, 2 * INTER), "down": (INTER, H)}
         for i in range(LAYERS):
-            layer = LayerEngine(
+            layer = RoutedExperts(
                 cfg,
                 num_experts=E,
                 top_k=K,

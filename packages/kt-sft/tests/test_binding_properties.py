@@ -22,10 +22,10 @@ from torch import nn
 from kt_sft.backend import engine_available
 from kt_sft.binding import LoRAFactor, LoRASource
 from kt_sft.config import KTConfig
-from kt_sft.engine import LayerEngine
 from kt_sft.function import kt_moe
-from kt_sft.peft import _factor_views
+from kt_sft.peft_hooks import _factor_views
 from kt_sft.reference import moe_reference
+from kt_sft.routed_experts import RoutedExperts
 from kt_sft.testing import rel_err
 
 BACKENDS = ["torch"] + (["engine"] if engine_available() else [])
@@ -74,7 +74,7 @@ def test_random_bindings_match_reference(case: dict) -> None:
     down = torch.randn(E, H, inter, generator=gen) * 0.3
     if backend == "engine":
         gate_up, down = gate_up.bfloat16().float(), down.bfloat16().float()
-    layer = LayerEngine(
+    layer = RoutedExperts(
         cfg,
         num_experts=E,
         top_k=K,

@@ -1,4 +1,4 @@
-"""KTMoEFunction / LayerEngine against the fp32 reference of the operator (DESIGN §2).
+"""KTMoEFunction / RoutedExperts against the fp32 reference of the operator (DESIGN §2).
 
 Tolerances (relative L2 error): the torch backend computes the same fp32 math, so 1e-5; the
 engine rounds activations to bf16 (weights are bf16 in both, fp32 accumulation), about 2^-9
@@ -14,11 +14,11 @@ from torch.utils.checkpoint import checkpoint
 
 from kt_sft.binding import LoRAFactor, LoRASource
 from kt_sft.config import KTConfig
-from kt_sft.engine import KTCacheError, LayerEngine
 from kt_sft.function import kt_moe
 from kt_sft.gpu_experts import GPUExperts
-from kt_sft.peft import _factor_views
+from kt_sft.peft_hooks import _factor_views
 from kt_sft.reference import moe_reference
+from kt_sft.routed_experts import KTCacheError, RoutedExperts
 from kt_sft.testing import rel_err
 
 
@@ -64,7 +64,7 @@ class Setup:
         if backend == "engine":
             gate_up, down = gate_up.bfloat16().float(), down.bfloat16().float()
         self.gate_up, self.down = gate_up, down
-        self.layer = LayerEngine(
+        self.layer = RoutedExperts(
             cfg,
             num_experts=E,
             top_k=K,
@@ -329,7 +329,7 @@ def test_gradient_checkpointing_gives_same_gradients(backend: str, reentrant: bo
     for p in s.params:
         p.grad = None
     calls: list[str] = []
-    backend_obj = s.layer.backend
+    backend_obj = s.layer.experts_backend
     for name in ("submit_forward", "forward", "backward", "clear_cache"):
         method = getattr(backend_obj, name)
 
@@ -376,7 +376,7 @@ def test_gpu_experts_match_all_engine_run(backend: str) -> None:
 
 def test_all_experts_on_gpu_side() -> None:
     s = Setup("torch", num_gpu=6)
-    assert s.layer.backend is None
+    assert s.layer.experts_backend is None
     x, ids, w = s.inputs(5)
     g = torch.randn(5, s.H)
     kt_moe(s.layer, x, ids, w, s.source).backward(g)

@@ -90,7 +90,7 @@ def test_unsupported_model_type_lists_supported_ones() -> None:
 def test_gpt_oss_experts_are_refused_with_reasons() -> None:
     from transformers import AutoModelForCausalLM, GptOssConfig
 
-    from kt_sft.inject import _check_hf_flags
+    from kt_sft.hf_experts import check_hf_flags as _check_hf_flags
 
     model = AutoModelForCausalLM.from_config(
         GptOssConfig(

@@ -445,7 +445,7 @@ from kt_sft.inject import experts_layers
 close = kt_sft.close
 def recording_close(model, *args, **kwargs):
     # which engine backend each rank's MoE layers ended the run with
-    kinds = sorted({type(layer.backend).__name__ for _, _, layer in experts_layers(model)})
+    kinds = sorted({type(layer.experts_backend).__name__ for _, _, layer in experts_layers(model)})
     path = os.path.join(os.environ["KT_TEST_REPORT"], "rank%s.json" % os.environ["RANK"])
     with open(path, "w") as fh:
         json.dump(kinds, fh)

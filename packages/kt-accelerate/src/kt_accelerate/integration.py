@@ -117,7 +117,7 @@ def check_model(model: nn.Module, plugin: KTransformersPlugin) -> None:
             )
     ctx = kt_distributed.current_context(create=False)
     exchange = (kt_distributed.LeaderBackend, kt_distributed.MemberBackend)
-    exchanging = any(isinstance(layer.backend, exchange) for layer in layers)
+    exchanging = any(isinstance(layer.experts_backend, exchange) for layer in layers)
     if ctx is not None and ctx.exchanges_tokens and not exchanging:
         raise KTPluginConflictError(
             "the model was wrapped before kt's distributed mode started, so every rank built "

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from kt_sft.inject import experts_layers
+from kt_sft.hf_experts import experts_layers
+from kt_sft.trace import write_trace
 
 __all__ = ["close", "lora_updated"]
 
@@ -19,8 +20,6 @@ def close(model: nn.Module) -> None:
         profiled = profiled or layer.cfg.profile is not None
         layer.close()
     if profiled:
-        from kt_sft.profiling import write_trace
-
         write_trace()
 
 

@@ -20,9 +20,11 @@ _TARGET = "transformers.integrations.moe"
 
 
 def _register(module: ModuleType) -> None:
-    from kt_sft.inject import IMPLEMENTATION, kt_experts_forward
+    # Only the registry entry: PEFT and the rest wait for kt_sft.install.ensure_installed,
+    # since transformers may be half-imported here.
+    from kt_sft.install import register_experts_implementation
 
-    module.ExpertsInterface.register(IMPLEMENTATION, kt_experts_forward)
+    register_experts_implementation(module)
 
 
 class _Loader(importlib.abc.Loader):

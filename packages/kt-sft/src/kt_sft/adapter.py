@@ -32,6 +32,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from kt_sft._swap import fsync_tree, swap_into_place
+from kt_sft.install import ensure_installed
+from kt_sft.lora_experts import LoRAExperts
+
 __all__ = [
     "KTAdapterError",
     "gather_adapter_state_dict",
@@ -49,8 +53,6 @@ class KTAdapterError(ValueError):
 
 
 def _lora_experts(model: nn.Module) -> dict[str, nn.Module]:
-    from kt_sft.lora_experts import LoRAExperts
-
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRAExperts)}
 
 
@@ -88,8 +90,6 @@ def _write_extras(
 
 
 def _atomic_replace(tmp: Path, target: Path) -> None:
-    from kt_sft._swap import fsync_tree, swap_into_place
-
     fsync_tree(tmp)
     swap_into_place(tmp, target)
 
@@ -239,14 +239,12 @@ def load_adapter(
     """
     from peft import PeftModel
 
-    from kt_sft.peft import install_peft_hooks
-
     directory = Path(adapter_dir)
     if not (directory / "adapter_config.json").is_file():
         raise KTAdapterError(
             f"{directory} is not a PEFT adapter directory (no adapter_config.json)"
         )
-    install_peft_hooks()
+    ensure_installed()
     try:
         if isinstance(model, PeftModel):
             model.load_adapter(

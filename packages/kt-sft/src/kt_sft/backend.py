@@ -1,138 +1,91 @@
-"""Creates the object that computes one layer's routed experts: the engine or the torch reference.
+"""Creates the :class:`ExpertsBackend` of one layer: the compiled engine or the torch reference.
 
-Both offer the ``kt_kernels.MoEEngine`` API (docs/api/kernels.md); the rest of kt-sft
-only talks to that API.
+Where the backend lives is a *placement*'s decision: by default every process builds its own;
+:mod:`kt_sft.distributed` installs a placement (through :func:`kt_sft.install.ensure_installed`)
+that gives a node's leader the engine and its other ranks a proxy. This module knows only the
+protocol, the options record and the two local implementations.
 """
 
 from __future__ import annotations
 
-import inspect
-from typing import Any
+from collections.abc import Callable
+from typing import Protocol
 
-from kt_sft.config import KTConfig
+from kt_sft.compiled import CompiledExperts, EngineUnavailableError, engine_available
+from kt_sft.experts_backend import ExpertsBackend
+from kt_sft.options import ExpertsOptions
 from kt_sft.reference import TorchMoEEngine
 
-__all__ = ["EngineUnavailableError", "create_backend", "engine_available"]
+__all__ = [
+    "EngineUnavailableError",
+    "Placement",
+    "create_experts_backend",
+    "create_local_backend",
+    "engine_available",
+    "set_placement",
+]
 
 
-class EngineUnavailableError(RuntimeError):
-    """The compiled engine cannot be used (not built, or too old)."""
+class Placement(Protocol):
+    """Decides where one layer's backend lives; ``None`` when this process builds its own."""
+
+    def __call__(
+        self,
+        local: Callable[[ExpertsOptions], ExpertsBackend],
+        options: ExpertsOptions,
+        *,
+        top_k: int,
+        hidden_size: int,
+    ) -> ExpertsBackend | None: ...
 
 
-def engine_available() -> bool:
-    """Whether ``kt_kernels.MoEEngine`` can be constructed in this installation."""
-    try:
-        from kt_sft._lib import kt_kernels
-    except ImportError:
-        return False
-    return hasattr(kt_kernels, "MoEEngine")
+_PLACEMENTS: list[Placement] = []
 
 
-def _engine_class() -> Any:
-    try:
-        from kt_sft._lib import kt_kernels
-    except ImportError as exc:
-        raise EngineUnavailableError(
-            f"the kt-kernels engine cannot be imported ({exc}); install kt-kernels, or use "
-            "KTConfig(backend='torch') for the (slow) PyTorch reference"
-        ) from exc
-    cls = getattr(kt_kernels, "MoEEngine", None)
-    if cls is None:
-        raise EngineUnavailableError(
-            "this kt-kernels build has no MoEEngine; rebuild kt-kernels, or use "
-            "KTConfig(backend='torch') for the (slow) PyTorch reference"
-        )
-    return cls
+def set_placement(placement: Placement) -> None:
+    """Consult ``placement`` for every backend created from now on (idempotent)."""
+    if placement not in _PLACEMENTS:
+        _PLACEMENTS.append(placement)
 
 
-def _accepted_kwargs(cls: Any) -> set[str] | None:
-    try:
-        params = inspect.signature(cls).parameters
-    except (TypeError, ValueError):
-        return None
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return None
-    return set(params)
-
-
-def create_backend(
-    cfg: KTConfig,
+def create_local_backend(
+    options: ExpertsOptions,
     *,
     num_experts: int,
     top_k: int,
     hidden_size: int,
     intermediate_size: int,
-    lora_layout: str,
-    activation: str = "silu",
-) -> Any:
-    """A new engine (``cfg.backend == "engine"``) or :class:`TorchMoEEngine` for one layer.
+) -> ExpertsBackend:
+    """A new :class:`CompiledExperts` (``options.backend == "engine"``) or
+    :class:`TorchMoEEngine` for one layer, in this process."""
+    if options.backend == "torch":
+        return TorchMoEEngine.from_options(
+            num_experts, top_k, hidden_size, intermediate_size, options
+        )
+    return CompiledExperts(num_experts, top_k, hidden_size, intermediate_size, options)
 
-    Under ``torch.distributed`` with several processes, :mod:`kt_sft.distributed` decides where
-    the engine lives: the node leader gets it (wrapped to serve the node's other ranks), the
-    other ranks get a stand-in that sends their tokens to the leader.
-    """
-    from kt_sft.distributed import current_context
 
-    def local() -> Any:
-        return _create_local_backend(
-            cfg,
+def create_experts_backend(
+    options: ExpertsOptions,
+    *,
+    num_experts: int,
+    top_k: int,
+    hidden_size: int,
+    intermediate_size: int,
+) -> ExpertsBackend:
+    """The backend of one layer: the placement's choice, else a local one."""
+
+    def local(opts: ExpertsOptions) -> ExpertsBackend:
+        return create_local_backend(
+            opts,
             num_experts=num_experts,
             top_k=top_k,
             hidden_size=hidden_size,
             intermediate_size=intermediate_size,
-            lora_layout=lora_layout,
-            activation=activation,
         )
 
-    context = current_context()
-    if context is None:
-        return local()
-    if cfg.activation_policy != "retain":
-        # The node leader's engine serves every rank's tokens and does not get their inputs
-        # back in backward: it retains (gradient checkpointing still saves its memory).
-        cfg = cfg.replace(activation_policy="retain")
-    return context.make_backend(local, top_k=top_k, hidden_size=hidden_size)
-
-
-def _create_local_backend(
-    cfg: KTConfig,
-    *,
-    num_experts: int,
-    top_k: int,
-    hidden_size: int,
-    intermediate_size: int,
-    lora_layout: str,
-    activation: str = "silu",
-) -> Any:
-    """A new engine or :class:`TorchMoEEngine` for one layer, in this process."""
-    kwargs: dict[str, Any] = {
-        "lora_rank": cfg.lora_rank,
-        "lora_alpha": cfg.lora_alpha if cfg.lora_rank else None,
-        "lora_layout": lora_layout,
-        "weight_dtype": cfg.weight_dtype,
-        "max_tokens": cfg.max_tokens,
-        "max_cache_depth": cfg.max_cache_depth,
-        "num_threads": cfg.num_threads,
-        "isa": cfg.isa,
-    }
-    if cfg.backend == "torch":
-        return TorchMoEEngine(
-            num_experts, top_k, hidden_size, intermediate_size, activation=activation, **kwargs
-        )
-    cls = _engine_class()
-    # Profiling is kt-sft's (kt_sft.profiling, from the engine's last_timings()), not a kwarg.
-    optional: dict[str, Any] = {"activation": activation, "tp": cfg.tp}
-    if cfg.activation_policy != "auto":  # auto: LayerEngine sets it per forward
-        optional["activation_policy"] = cfg.activation_policy
-    accepted = _accepted_kwargs(cls)
-    for name, value in optional.items():
-        default = {"activation": "silu", "tp": 1, "activation_policy": "retain"}[name]
-        if value == default:
-            continue
-        if accepted is not None and name not in accepted:
-            raise EngineUnavailableError(
-                f"this kt-kernels engine does not support {name}={value!r}; upgrade kt-kernels "
-                "or leave the setting at its default"
-            )
-        kwargs[name] = value
-    return cls(num_experts, top_k, hidden_size, intermediate_size, **kwargs)
+    for placement in _PLACEMENTS:
+        placed = placement(local, options, top_k=top_k, hidden_size=hidden_size)
+        if placed is not None:
+            return placed
+    return local(options)

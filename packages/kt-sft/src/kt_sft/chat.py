@@ -89,7 +89,7 @@ def load_chat_session(
     """Load tokenizer, base model and (optionally) an adapter for generation."""
     import torch
 
-    from kt_sft.data.loading import DataError
+    from kt_sft.data.records import DataError
     from kt_sft.data.templates import resolve_template
     from kt_sft.train.artifacts import find_adapter_dir
     from kt_sft.train.modeling import (

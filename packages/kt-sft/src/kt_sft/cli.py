@@ -487,7 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from kt_sft.data.loading import DataError
+    from kt_sft.data.records import DataError
     from kt_sft.train.artifacts import OutputDirError
     from kt_sft.train.loop import NonFiniteLossError
     from kt_sft.train.modeling import ModelLoadError

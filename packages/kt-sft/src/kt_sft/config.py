@@ -25,6 +25,8 @@ class KTConfigError(ValueError):
 
 BACKENDS = ("engine", "torch")
 WEIGHT_DTYPES = ("bf16", "fp32", "int8", "int4")
+GROUP_SIZES = (32, 64, 128)
+ACTIVATION_DTYPES = ("bf16", "int8")
 LORA_LAYOUTS = ("auto", "fused", "split")
 ACTIVATION_POLICIES = ("retain", "recompute", "auto")
 
@@ -34,6 +36,8 @@ ENV_VARS: dict[str, str] = {
     "isa": "KT_KERNELS_ISA",
     "num_threads": "KT_NUM_THREADS",
     "weight_dtype": "KT_WEIGHT_DTYPE",
+    "group_size": "KT_GROUP_SIZE",
+    "activation_dtype": "KT_ACTIVATION_DTYPE",
     "max_tokens": "KT_MAX_TOKENS",
     "max_cache_depth": "KT_MAX_CACHE_DEPTH",
     "lora_rank": "KT_LORA_RANK",
@@ -54,6 +58,8 @@ _DEFAULTS: dict[str, Any] = {
     "isa": None,
     "num_threads": None,
     "weight_dtype": "bf16",
+    "group_size": 128,
+    "activation_dtype": "bf16",
     "max_tokens": 4096,
     "max_cache_depth": 2,
     "lora_rank": 8,
@@ -127,6 +133,11 @@ class KTConfig:
             than cores is allowed but warned about.
         weight_dtype: packed dtype of the frozen expert weights (``bf16``, ``int8``, ``int4``;
             ``fp32`` only with the torch backend).
+        group_size: inputs per scale of ``int4`` weights (32, 64 or 128; it must divide the
+            hidden and intermediate sizes); ignored for other weight dtypes.
+        activation_dtype: ``bf16``, or ``int8`` for W8A8 (with ``weight_dtype="int8"`` on the
+            engine): forward quantizes x and h per row and runs int8 x int8 GEMMs; backward is
+            the weight-only int8 one.
         max_tokens: tokens per MoE call the engine is sized for; longer calls grow the buffers.
         max_cache_depth: forwards that may await their backward per layer (gradient
             checkpointing / accumulation push and pop LIFO).
@@ -136,7 +147,8 @@ class KTConfig:
         lora_layout: ``fused`` (one A shared by gate and up, as PEFT ``target_parameters``
             produces), ``split`` (per projection) or ``auto`` (fused for fused HF experts).
         checkpoint: checkpoint directory to stream expert weights from (``load_model``).
-        tp: tensor-parallel degree of the engine across NUMA nodes.
+        tp: tensor-parallel slices of the engine's intermediate dim (one per NUMA node for
+            ``0``).
         profile: path of a Chrome-trace JSON the engine writes per-phase timings to.
         lora_experts: extra always-active trainable SwiGLU experts per MoE layer (computed in
             torch, output averaged and added; down projection zero-initialised).
@@ -159,6 +171,8 @@ class KTConfig:
     isa: str | None = None
     num_threads: int | None = None
     weight_dtype: str | None = None
+    group_size: int | None = None
+    activation_dtype: str | None = None
     max_tokens: int | None = None
     max_cache_depth: int | None = None
     lora_rank: int | None = None
@@ -180,6 +194,8 @@ class KTConfig:
         isa: str | None = None,
         num_threads: int | None = None,
         weight_dtype: str | None = None,
+        group_size: int | None = None,
+        activation_dtype: str | None = None,
         max_tokens: int | None = None,
         max_cache_depth: int | None = None,
         lora_rank: int | None = None,
@@ -233,6 +249,15 @@ class KTConfig:
 
             _choice("isa", self.isa, kt_kernels.ISAS)
         _choice("weight_dtype", self.weight_dtype, WEIGHT_DTYPES)
+        _choice("group_size", self.group_size, GROUP_SIZES)
+        _choice("activation_dtype", self.activation_dtype, ACTIVATION_DTYPES)
+        if self.activation_dtype == "int8" and (
+            self.weight_dtype != "int8" or self.backend != "engine"
+        ):
+            raise KTConfigError(
+                "activation_dtype='int8' (W8A8) needs weight_dtype='int8' and backend='engine'; "
+                f"got weight_dtype={self.weight_dtype!r}, backend={self.backend!r}"
+            )
         _choice("lora_layout", self.lora_layout, LORA_LAYOUTS)
         _choice("activation_policy", self.activation_policy, ACTIVATION_POLICIES)
         budget = self.activation_memory_budget
@@ -243,10 +268,10 @@ class KTConfig:
                 "weight_dtype='fp32' is only available with backend='torch'; the "
                 "engine packs bf16, int8 or int4"
             )
-        for name in ("max_tokens", "max_cache_depth", "tp"):
+        for name in ("max_tokens", "max_cache_depth"):
             if getattr(self, name) < 1:
                 raise KTConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("lora_rank", "lora_experts", "num_gpu_experts"):
+        for name in ("lora_rank", "lora_experts", "num_gpu_experts", "tp"):
             if getattr(self, name) < 0:
                 raise KTConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.lora_expert_intermediate_size < 1:
@@ -367,6 +392,7 @@ def _kt_backend(value: Any) -> tuple[str | None, str]:
 
 _INT_FIELDS = {
     "num_threads",
+    "group_size",
     "max_tokens",
     "max_cache_depth",
     "lora_rank",
@@ -376,7 +402,14 @@ _INT_FIELDS = {
     "num_gpu_experts",
 }
 _FLOAT_FIELDS = {"lora_alpha", "activation_memory_budget"}
-_LOWER_FIELDS = {"backend", "isa", "weight_dtype", "lora_layout", "activation_policy"}
+_LOWER_FIELDS = {
+    "backend",
+    "isa",
+    "weight_dtype",
+    "activation_dtype",
+    "lora_layout",
+    "activation_policy",
+}
 
 
 def _coerce(name: str, value: Any, *, source: str) -> Any:
@@ -413,9 +446,9 @@ def _coerce(name: str, value: Any, *, source: str) -> Any:
     return value
 
 
-def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+def _choice(name: str, value: Any, allowed: tuple[Any, ...]) -> None:
     if value not in allowed:
-        raise KTConfigError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+        raise KTConfigError(f"{name} must be one of {', '.join(map(str, allowed))}; got {value!r}")
 
 
 def _physical_cores() -> int | None:

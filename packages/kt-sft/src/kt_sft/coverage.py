@@ -177,7 +177,7 @@ def check_model_type(
     import kt_sft
     from kt_models import UnsupportedArchitectureError
     from kt_models.tiny import SECOND_LAYER_CHOICES
-    from kt_sft.inject import KTUnsupportedExpertsError
+    from kt_sft.hf_experts import KTUnsupportedExpertsError
     from kt_sft.testing import copy_lora, make_batch, make_pair, named_trainable
 
     first: TypeReport | None = None

@@ -7,7 +7,7 @@ LoRA gradients straight into the bound buffers (the parameters' ``.grad``), so t
 parameters are inputs of the node only to make autograd run its backward (and to receive the
 GPU experts' share of their gradients).
 
-Which forwards cache activations in the engine (see :mod:`kt_sft.engine`), so that with
+Which forwards cache activations in the engine (see :mod:`kt_sft.routed_experts`), so that with
 gradient checkpointing at most one layer's engine activations are alive:
 
 * no grad needed (``torch.no_grad``, eval, reentrant checkpointing's first pass): inference
@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from kt_sft.binding import LoRAPlan, LoRASource
-from kt_sft.engine import LayerEngine, _Holder
+from kt_sft.routed_experts import RoutedExperts, _Holder
 
 __all__ = ["KTMoEFunction", "forward_mode", "kt_moe"]
 
@@ -82,8 +82,8 @@ class KTMoEFunction(torch.autograd.Function):
 
     ``apply(hidden, expert_ids, routing_weights, layer, source, plan, mode, *lora_params)``:
     ``hidden: T x H`` (any device / float dtype), ``expert_ids: T x K`` (−1 = none),
-    ``routing_weights: T x K``; ``layer`` the :class:`~kt_sft.engine.LayerEngine`; ``source``
-    the PEFT LoRA (or ``None``) and ``plan`` its engine binding; ``mode`` from
+    ``routing_weights: T x K``; ``layer`` the :class:`~kt_sft.routed_experts.RoutedExperts`;
+    ``source`` the PEFT LoRA (or ``None``) and ``plan`` its engine binding; ``mode`` from
     :func:`forward_mode`; ``lora_params`` = ``source.params()``. Returns ``T x H`` in
     ``hidden``'s dtype. Most callers use :func:`kt_moe`.
     """
@@ -94,7 +94,7 @@ class KTMoEFunction(torch.autograd.Function):
         hidden: torch.Tensor,
         expert_ids: torch.Tensor,
         routing_weights: torch.Tensor,
-        layer: LayerEngine,
+        layer: RoutedExperts,
         source: LoRASource | None,
         plan: LoRAPlan | None,
         mode: str,
@@ -123,7 +123,7 @@ class KTMoEFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
         hidden, expert_ids, routing_weights = ctx.saved_tensors
-        layer: LayerEngine = ctx.layer
+        layer: RoutedExperts = ctx.layer
         source: LoRASource | None = ctx.source
         T = hidden.shape[0]
         dx = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
@@ -138,7 +138,7 @@ class KTMoEFunction(torch.autograd.Function):
                 _gpu_backward(layer, hidden, expert_ids, routing_weights, source, grad_out)
             )
 
-        if T > 0 and layer.backend is not None:
+        if T > 0 and layer.experts_backend is not None:
             ids = _engine_ids(expert_ids, layer)
             if layer.gpu_experts is not None:
                 gpu_backward()
@@ -173,12 +173,12 @@ class KTMoEFunction(torch.autograd.Function):
         )
 
 
-def _collective(layer: LayerEngine) -> bool:
+def _collective(layer: RoutedExperts) -> bool:
     """Whether the layer's backend exchanges tokens with other ranks (kt_sft.distributed)."""
-    return bool(getattr(layer.backend, "collective", False))
+    return layer.experts_backend is not None and layer.experts_backend.collective
 
 
-def _engine_ids(expert_ids: torch.Tensor, layer: LayerEngine) -> torch.Tensor:
+def _engine_ids(expert_ids: torch.Tensor, layer: RoutedExperts) -> torch.Tensor:
     n = layer.num_gpu_experts
     if n == 0:
         return expert_ids
@@ -186,7 +186,7 @@ def _engine_ids(expert_ids: torch.Tensor, layer: LayerEngine) -> torch.Tensor:
 
 
 def _forward(
-    layer: LayerEngine,
+    layer: RoutedExperts,
     hidden: torch.Tensor,
     expert_ids: torch.Tensor,
     routing_weights: torch.Tensor,
@@ -209,7 +209,7 @@ def _forward(
             return layer.gpu_experts.compute(hidden, expert_ids, routing_weights, source)
 
     out: torch.Tensor | None = None
-    if layer.backend is not None:
+    if layer.experts_backend is not None:
         overlap = gpu_forward if layer.gpu_experts is not None else None
         out, gpu_out = layer.engine_forward(
             hidden,
@@ -229,7 +229,7 @@ def _forward(
 
 
 def _gpu_backward(
-    layer: LayerEngine,
+    layer: RoutedExperts,
     hidden: torch.Tensor,
     expert_ids: torch.Tensor,
     routing_weights: torch.Tensor,
@@ -258,7 +258,7 @@ def _gpu_backward(
 
 
 def kt_moe(
-    layer: LayerEngine,
+    layer: RoutedExperts,
     hidden: torch.Tensor,
     expert_ids: torch.Tensor,
     routing_weights: torch.Tensor,

@@ -19,17 +19,32 @@ the model's device.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
 from kt_sft.config import KTConfig
-from kt_sft.engine import LayerEngine
-from kt_sft.reference import ACTIVATIONS
+from kt_sft.hf_experts import (
+    IMPLEMENTATION,
+    KTAlreadyWrappedError,
+    KTUnsupportedExpertsError,
+    activation_of,
+    build_hf_layer,
+    check_hf_flags,
+    config_of,
+    experts_layers,
+    is_wrapped,
+    model_device,
+    routed_experts_of,
+)
+from kt_sft.install import ensure_installed, kt_experts_forward, register
+from kt_sft.layer import replace_moe_block
+from kt_sft.routed_experts import RoutedExperts
 
 __all__ = [
+    "IMPLEMENTATION",
     "KTAlreadyWrappedError",
     "KTUnsupportedExpertsError",
     "dispatch_hf_experts",
@@ -42,244 +57,15 @@ __all__ = [
     "wrap_model",
 ]
 
-#: Name of kt's implementation in transformers' experts-implementation registry.
-IMPLEMENTATION = "kt"
-
-
-class KTAlreadyWrappedError(RuntimeError):
-    """``wrap_model`` was called on a model whose experts already run in kt engines."""
-
-
-class KTUnsupportedExpertsError(ValueError):
-    """An experts module uses a layout or activation the engine does not implement."""
-
-
-# ---------------------------------------------------------------------------------------------
-# registry hook
-
-
-def kt_experts_forward(
-    self: nn.Module,
-    hidden_states: torch.Tensor,
-    top_k_index: torch.Tensor,
-    top_k_weights: torch.Tensor,
-) -> torch.Tensor:
-    """The ``"kt"`` experts implementation: called by HF in place of the experts' forward."""
-    from kt_sft.function import kt_moe
-
-    layer = get_layer_engine(self, create=True)
-    assert layer is not None
-    if top_k_index.shape[-1] != layer.top_k:
-        raise KTUnsupportedExpertsError(
-            f"{layer.name or type(self).__name__}: the experts are called with top-k "
-            f"{top_k_index.shape[-1]} (top_k_index {tuple(top_k_index.shape)}), but the engine "
-            f"was built for top-k {layer.top_k} from the config; a model whose router picks a "
-            "varying number of experts per call is not supported"
-        )
-    out = kt_moe(layer, hidden_states, top_k_index, top_k_weights, layer.call_source)
-    lora_experts = getattr(self, "kt_lora_experts", None)
-    if lora_experts is not None:
-        out = out + lora_experts(hidden_states).to(out.dtype)
-    return out
-
-
-def register() -> None:
-    """Register ``"kt"`` in transformers' experts-implementation registry (idempotent)."""
-    from transformers.integrations.moe import ExpertsInterface
-
-    if ExpertsInterface._global_mapping.get(IMPLEMENTATION) is not kt_experts_forward:
-        ExpertsInterface.register(IMPLEMENTATION, kt_experts_forward)
-
-
-def get_layer_engine(experts: nn.Module, *, create: bool = False) -> LayerEngine | None:
-    """The :class:`LayerEngine` of an experts module (``None`` if it has none).
-
-    With ``create=True`` an experts module of a model loaded with
-    ``from_pretrained(..., experts_implementation="kt")`` (and never wrapped) gets its engine
-    now, configured from the ``KT_*`` environment, and releases its torch weights.
-    """
-    layer = experts.__dict__.get("_kt_engine")
-    if layer is None and create:
-        from kt_sft.peft import install_peft_hooks
-
-        install_peft_hooks()
-        cfg = KTConfig()
-        top_k = _top_k_of(experts)
-        layer = _build_hf_layer(
-            experts,
-            cfg,
-            top_k=top_k,
-            name=type(experts).__name__,
-            layer_idx=None,
-            activation=_activation_of(experts, None),
-        )
-    return layer
+#: The former name of :func:`kt_sft.hf_experts.routed_experts_of`.
+get_layer_engine = routed_experts_of
 
 
 # ---------------------------------------------------------------------------------------------
 # dispatchers
 
 
-def _check_hf_flags(experts: nn.Module, where: str) -> None:
-    from transformers.integrations.moe import _default_apply_gate
-
-    problems = []
-    if not getattr(experts, "is_concatenated", True):
-        problems.append("gate and up are interleaved (is_concatenated=False)")
-    if getattr(experts, "has_bias", False):
-        problems.append("projections carry biases (has_bias=True)")
-    if not getattr(experts, "has_gate", True):
-        problems.append("there is no gate projection (has_gate=False)")
-    if getattr(experts, "has_post_expert_norm", False):
-        problems.append("a norm follows each expert (has_post_expert_norm=True)")
-    from kt_models.discover import gate_is_default
-
-    apply_gate = getattr(type(experts), "_apply_gate", _default_apply_gate)
-    if apply_gate is not _default_apply_gate and not gate_is_default(experts):
-        problems.append(
-            f"the class overrides _apply_gate ({type(experts).__name__}._apply_gate: "
-            "a custom gating, e.g. clamped)"
-        )
-    if problems:
-        raise KTUnsupportedExpertsError(
-            f"{where}: the kt engine computes act(x Wg^T) * (x Wu^T) with [gate; up] "
-            f"concatenated, untransposed, bias-free weights, but here {'; '.join(problems)}"
-        )
-
-
-def _activation_of(experts: nn.Module, spec_activation: str | None) -> str:
-    act = getattr(experts, "act_fn", None)
-    name = None
-    if act is not None:
-        cls = type(act).__name__.lower()
-        if "silu" in cls or "swish" in cls:
-            name = "silu"
-        elif "gelutanh" in cls or "pytorchgelutanh" in cls:
-            name = "gelu_pytorch_tanh"
-        elif cls in ("geluactivation", "gelu"):
-            name = "gelu"
-        elif "relu" == cls:
-            name = "relu"
-    if name is None:
-        name = spec_activation or "silu"
-    if name not in ACTIVATIONS:
-        raise KTUnsupportedExpertsError(
-            f"{type(experts).__name__}: activation {name!r} is not implemented by the engine "
-            f"(supported: {', '.join(sorted(ACTIVATIONS))})"
-        )
-    return name
-
-
-def _top_k_of(experts: nn.Module) -> int:
-    from kt_models.config_fields import TOP_K_FIELDS, read_field
-
-    config = getattr(experts, "config", None)
-    if config is None:
-        raise RuntimeError(
-            f"{type(experts).__name__} has no config; wrap the model with kt_sft.wrap_model instead"
-        )
-    return read_field(config, TOP_K_FIELDS, what="number of experts per token (top-k)")
-
-
-def _model_device(model: nn.Module, fallback: nn.Module | None = None) -> torch.device:
-    for module in (fallback, model):
-        if module is None:
-            continue
-        for p in module.parameters():
-            if p.device.type != "meta" and not getattr(p, "kt_released", False):
-                return p.device
-    return torch.device("cpu")
-
-
-def _release(module: nn.Module, name: str, device: torch.device) -> None:
-    old = getattr(module, name)
-    placeholder = nn.Parameter(torch.empty(0, dtype=old.dtype, device=device), requires_grad=False)
-    placeholder.ds_shape = torch.Size(old.shape)  # read by PEFT for the LoRA shapes
-    placeholder.ds_numel = old.numel()  # read by PEFT's parameter counts
-    placeholder.kt_released = True
-    module._parameters[name] = placeholder
-
-
-def _build_hf_layer(
-    experts: nn.Module,
-    cfg: KTConfig,
-    *,
-    top_k: int,
-    name: str,
-    layer_idx: int | None,
-    activation: str,
-    weights: tuple[torch.Tensor, torch.Tensor] | None = None,
-    device: torch.device | None = None,
-) -> LayerEngine:
-    from kt_sft.gpu_experts import GPUExperts
-    from kt_sft.lora_experts import LoRAExperts
-
-    _check_hf_flags(experts, name)
-    gate_up_p, down_p = experts.gate_up_proj, experts.down_proj
-    gu_shape = tuple(getattr(gate_up_p, "ds_shape", gate_up_p.shape))
-    d_shape = tuple(getattr(down_p, "ds_shape", down_p.shape))
-    # Transposed storage (E x H x 2I, E x I x H) is repacked to the engine's layout at load;
-    # the hot loops do not change. A checkpoint reader already yields the engine's layout.
-    transposed = bool(getattr(experts, "is_transposed", False))
-    if transposed:
-        num_experts, inter, hidden = d_shape
-        gu_shape = (gu_shape[0], gu_shape[2], gu_shape[1])
-    else:
-        num_experts, hidden, inter = d_shape
-    if weights is None:
-        if gate_up_p.device.type == "meta" or getattr(gate_up_p, "kt_released", False):
-            raise RuntimeError(
-                f"{name}: the expert weights are not in memory (meta); load the model with "
-                "kt_sft.load_model(path, cfg) or pass KTConfig(checkpoint=path) to wrap_model"
-            )
-        weights = (gate_up_p.detach(), down_p.detach())
-        if transposed:
-            weights = (weights[0].transpose(1, 2), weights[1].transpose(1, 2))
-    gate_up, down = weights
-    dtype = gate_up_p.dtype
-    if device is None:
-        device = gate_up_p.device if gate_up_p.device.type != "meta" else torch.device("cpu")
-    lora_layout = "fused" if cfg.lora_layout == "auto" else cfg.lora_layout
-    layer = LayerEngine(
-        cfg,
-        num_experts=num_experts,
-        top_k=top_k,
-        hidden_size=hidden,
-        intermediate_size=inter,
-        activation=activation,
-        lora_layout=lora_layout,
-        name=name,
-        layer_idx=layer_idx,
-    )
-    if tuple(gate_up.shape) != gu_shape:
-        raise ValueError(
-            f"{name}: gate_up weights have shape {tuple(gate_up.shape)}, the "
-            f"experts module expects {gu_shape}"
-        )
-    layer.load_weights(gate_up, down)
-    if cfg.num_gpu_experts:
-        n = cfg.num_gpu_experts
-        experts.kt_gpu_experts = GPUExperts(
-            gate_up[:n].to(device, dtype), down[:n].to(device, dtype), activation
-        )
-        layer.gpu_experts = experts.kt_gpu_experts
-    del gate_up, down, weights
-    _release(experts, "gate_up_proj", device)
-    _release(experts, "down_proj", device)
-    if cfg.lora_experts:
-        experts.kt_lora_experts = LoRAExperts(
-            cfg.lora_experts,
-            hidden,
-            cfg.lora_expert_intermediate_size,
-            activation=activation,
-            dtype=dtype,
-            device=device,
-        )
-    experts.__dict__["_kt_engine"] = layer
-    return layer
-
-
-Dispatcher = Callable[..., "LayerEngine | None"]
+Dispatcher = Callable[..., "RoutedExperts | None"]
 
 
 def dispatch_hf_experts(
@@ -290,7 +76,7 @@ def dispatch_hf_experts(
     *,
     reader: Any = None,
     device: torch.device,
-) -> LayerEngine | None:
+) -> RoutedExperts | None:
     """transformers 5 fused experts: engine behind the ``"kt"`` experts implementation."""
     if spec.expert_storage != "fused":
         return None
@@ -299,20 +85,20 @@ def dispatch_hf_experts(
     experts = base_layer(spec.experts(model, layer_idx))
     if not hasattr(experts, "gate_up_proj") or not hasattr(experts, "has_gate"):
         return None
-    config = _config_of(model)
+    config = config_of(model)
     name = f"{spec.model_type} layer {layer_idx} experts ({type(experts).__name__})"
-    _check_hf_flags(experts, name)
+    check_hf_flags(experts, name)
     weights = None
     if reader is not None:
         w = reader.layer_experts(layer_idx, dtype=None)
         weights = w.fused()
-    return _build_hf_layer(
+    return build_hf_layer(
         experts,
         cfg,
         top_k=spec.top_k(config),
         name=name,
         layer_idx=layer_idx,
-        activation=_activation_of(experts, spec.activation(config)),
+        activation=activation_of(experts, spec.activation(config)),
         weights=weights,
         device=device,
     )
@@ -326,12 +112,10 @@ def dispatch_modulelist(
     *,
     reader: Any = None,
     device: torch.device,
-) -> LayerEngine | None:
+) -> RoutedExperts | None:
     """``nn.ModuleList`` experts: the MoE block becomes a :class:`~kt_sft.layer.KTMoELayer`."""
     if spec.expert_storage != "modulelist":
         return None
-    from kt_sft.layer import replace_moe_block
-
     return replace_moe_block(model, spec, layer_idx, cfg, reader=reader, device=device)
 
 
@@ -340,25 +124,6 @@ DISPATCHERS: list[Dispatcher] = [dispatch_hf_experts, dispatch_modulelist]
 
 # ---------------------------------------------------------------------------------------------
 # wrap_model
-
-
-def _config_of(model: nn.Module) -> Any:
-    from kt_models import text_config, unwrap_model
-
-    return text_config(unwrap_model(model).config)
-
-
-def is_wrapped(model: nn.Module) -> bool:
-    """Whether any experts module of ``model`` runs in a kt engine."""
-    return any(True for _ in experts_layers(model))
-
-
-def experts_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, LayerEngine]]:
-    """``(module name, experts module, LayerEngine)`` for every kt-run experts module."""
-    for name, module in model.named_modules():
-        layer = module.__dict__.get("_kt_engine")
-        if isinstance(layer, LayerEngine):
-            yield name, module, layer
 
 
 def _select_kt(model: nn.Module) -> None:
@@ -396,7 +161,6 @@ def wrap_model(model: nn.Module, cfg: KTConfig | None = None, *, reader: Any = N
         KTAlreadyWrappedError: the model is wrapped already.
     """
     from kt_models import get_arch_spec, unwrap_model
-    from kt_sft.peft import install_peft_hooks
 
     cfg = cfg if cfg is not None else KTConfig()
     if not isinstance(cfg, KTConfig):
@@ -408,16 +172,15 @@ def wrap_model(model: nn.Module, cfg: KTConfig | None = None, *, reader: Any = N
             "wrap_model must be called once per model"
         )
     spec = get_arch_spec(base)
-    register()
-    install_peft_hooks()
-    config = _config_of(base)
+    ensure_installed()
+    config = config_of(base)
     if reader is None and cfg.checkpoint is not None:
         from kt_models import CheckpointReader
 
         reader = CheckpointReader(cfg.checkpoint)
-    device = _model_device(base)
+    device = model_device(base)
     layers = spec.moe_layer_indices(config)
-    built: list[LayerEngine] = []
+    built: list[RoutedExperts] = []
     try:
         for layer_idx in layers:
             for dispatch in DISPATCHERS:

@@ -23,7 +23,10 @@ from torch import nn
 
 from kt_sft.binding import LoRAFactor, LoRASource
 from kt_sft.config import KTConfig
-from kt_sft.engine import LayerEngine
+from kt_sft.function import kt_moe
+from kt_sft.hf_experts import KTUnsupportedExpertsError, activation_of, release_parameter
+from kt_sft.lora_experts import LoRAExperts
+from kt_sft.routed_experts import RoutedExperts
 
 __all__ = ["KTMoELayer", "bind_modulelist_lora", "replace_moe_block"]
 
@@ -106,7 +109,7 @@ class KTMoELayer(nn.Module):
     def __init__(
         self,
         block: nn.Module,
-        layer: LayerEngine,
+        layer: RoutedExperts,
         *,
         experts_attr: str = "experts",
         router_attr: str = "gate",
@@ -133,11 +136,17 @@ class KTMoELayer(nn.Module):
         self.__dict__["_kt_stacks"] = None
 
     @property
-    def kt_engine(self) -> LayerEngine:
+    def routed_experts(self) -> RoutedExperts:
+        """The routed experts this block runs in kt."""
         return self.__dict__["_kt_engine"]
 
+    @property
+    def kt_engine(self) -> RoutedExperts:
+        """The former name of :attr:`routed_experts`."""
+        return self.routed_experts
+
     def extra_repr(self) -> str:
-        layer = self.kt_engine
+        layer = self.routed_experts
         return (
             f"replaces={self.original_class}, experts={layer.num_experts}, "
             f"top_k={layer.top_k}, lora_layout={layer.lora_layout!r}"
@@ -151,18 +160,16 @@ class KTMoELayer(nn.Module):
         return parse_router_output(
             router(x),
             x.shape[0],
-            self.kt_engine.top_k,
+            self.routed_experts.top_k,
             kind=self.router_kind,
             norm_topk_prob=self.norm_topk_prob,
         )
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        from kt_sft.function import kt_moe
-
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
         ids, weights = self.route(x)
-        out = kt_moe(self.kt_engine, x, ids, weights, self.lora_source())
+        out = kt_moe(self.routed_experts, x, ids, weights, self.lora_source())
         lora_experts = getattr(self, "kt_lora_experts", None)
         if lora_experts is not None:
             out = out + lora_experts(x).to(out.dtype)
@@ -187,7 +194,7 @@ class KTMoELayer(nn.Module):
                 continue
             if not all(wrapped):
                 raise ValueError(
-                    f"{self.kt_engine.name}: LoRA targets {pname} of only "
+                    f"{self.routed_experts.name}: LoRA targets {pname} of only "
                     f"{sum(wrapped)}/{len(mods)} experts; kt needs all experts of a layer "
                     "targeted alike"
                 )
@@ -210,7 +217,7 @@ class KTMoELayer(nn.Module):
             return None
         if len(active) > 1:
             raise ValueError(
-                f"{self.kt_engine.name}: {len(active)} active adapters on kt "
+                f"{self.routed_experts.name}: {len(active)} active adapters on kt "
                 "experts; kt runs one active adapter at a time"
             )
         adapter = active[0]
@@ -236,7 +243,7 @@ class KTMoELayer(nn.Module):
         scalings = {float(m.scaling[adapter]) for v in mods.values() for m in v}
         if len(ranks) != 1 or len(scalings) != 1:
             raise ValueError(
-                f"{self.kt_engine.name}: expert LoRA ranks {sorted(ranks)} / "
+                f"{self.routed_experts.name}: expert LoRA ranks {sorted(ranks)} / "
                 f"scalings {sorted(scalings)} differ; kt needs one per layer"
             )
         kinds: dict[str, tuple[LoRAFactor, LoRAFactor]] = {}
@@ -275,9 +282,7 @@ def _still_views(source: LoRASource) -> bool:
 
 
 def _release_linear(linear: nn.Module, device: torch.device) -> None:
-    from kt_sft.inject import _release
-
-    _release(linear, "weight", device)
+    release_parameter(linear, "weight", device)
 
 
 def replace_moe_block(
@@ -288,7 +293,7 @@ def replace_moe_block(
     *,
     reader: Any = None,
     device: torch.device,
-) -> LayerEngine:
+) -> RoutedExperts:
     """Pack layer ``layer_idx``'s ModuleList experts into an engine and swap in a KTMoELayer."""
     from kt_models import (
         extract_expert_weights,
@@ -298,8 +303,6 @@ def replace_moe_block(
         unwrap_model,
     )
     from kt_models.extract import base_layer
-    from kt_sft.inject import KTUnsupportedExpertsError, _activation_of
-    from kt_sft.lora_experts import LoRAExperts
 
     base = unwrap_model(model)
     config = text_config(base.config)
@@ -310,7 +313,7 @@ def replace_moe_block(
         )
     block = spec.moe_block(base, layer_idx)
     experts = base_layer(spec.experts(base, layer_idx))
-    activation = _activation_of(experts[0], spec.activation(config))
+    activation = activation_of(experts[0], spec.activation(config))
     if reader is not None:
         weights = reader.layer_experts(layer_idx, dtype=None)
     else:
@@ -318,7 +321,7 @@ def replace_moe_block(
     gate_up, down = weights.fused()
     num_experts, hidden, inter = down.shape
     lora_layout = "split" if cfg.lora_layout == "auto" else cfg.lora_layout
-    layer = LayerEngine(
+    layer = RoutedExperts(
         cfg,
         num_experts=num_experts,
         top_k=spec.top_k(config),
@@ -365,4 +368,4 @@ def bind_modulelist_lora(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, KTMoELayer):
             source = module.lora_source()
-            module.kt_engine.plan_for(source)
+            module.routed_experts.plan_for(source)

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from kt_sft.options import ExpertsOptions
+
 __all__ = ["ACTIVATIONS", "TorchMoEEngine", "moe_reference"]
 
 #: Gate activations the operator implements, by HF ``hidden_act`` name.
@@ -102,8 +104,38 @@ class TorchMoEEngine:
 
     Arrays are torch tensors. LoRA arrays given to :meth:`set_lora` are kept by reference and
     read at every call (``lora_updated`` is accepted and does nothing); LoRA gradients are added
-    into the bound gradient arrays.
+    into the bound gradient arrays. An :class:`~kt_sft.experts_backend.ExpertsBackend` that
+    always retains its activations.
     """
+
+    collective = False
+    supports_recompute = False
+
+    @classmethod
+    def from_options(
+        cls,
+        num_experts: int,
+        top_k: int,
+        hidden_size: int,
+        intermediate_size: int,
+        options: ExpertsOptions,
+    ) -> TorchMoEEngine:
+        """The reference for one layer built with ``options`` (``backend="torch"``)."""
+        return cls(
+            num_experts,
+            top_k,
+            hidden_size,
+            intermediate_size,
+            lora_rank=options.lora_rank,
+            lora_alpha=options.lora_alpha,
+            lora_layout=options.lora_layout,
+            weight_dtype=options.weight_dtype,
+            max_tokens=options.max_tokens,
+            max_cache_depth=options.max_cache_depth,
+            num_threads=options.num_threads,
+            isa=options.isa,
+            activation=options.activation,
+        )
 
     def __init__(
         self,
@@ -154,6 +186,20 @@ class TorchMoEEngine:
     @property
     def scaling(self) -> float:
         return self.lora_alpha / self.lora_rank if self.lora_rank else 0.0
+
+    @property
+    def activation_policy(self) -> str:
+        """Always ``"retain"``: the reference keeps its inputs for backward."""
+        return "retain"
+
+    @activation_policy.setter
+    def activation_policy(self, policy: str) -> None:
+        if policy != "retain":
+            raise ValueError(f"the torch reference only retains activations, got {policy!r}")
+
+    def last_timings(self) -> dict[str, float]:
+        """No per-phase timings (an empty dict)."""
+        return {}
 
     @property
     def cache_depth(self) -> int:
@@ -279,8 +325,14 @@ class TorchMoEEngine:
         self._pending = None
 
     def backward(
-        self, grad_out: torch.Tensor, grad_input: torch.Tensor, grad_routing_weights: torch.Tensor
+        self,
+        grad_out: torch.Tensor,
+        grad_input: torch.Tensor,
+        grad_routing_weights: torch.Tensor,
+        *,
+        x: torch.Tensor | None = None,
     ) -> None:
+        """``x`` is accepted for the engine's API; the reference kept its own copy."""
         self._check_open()
         if not self._cache:
             raise RuntimeError(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from kt_sft.data.dataset import PreparedData, prepare_dataset, resolve_dataset_paths
 from kt_sft.data.formats import FORMATS, Columns, Example, detect_format, to_examples
-from kt_sft.data.loading import DataError, bundled_dataset, read_records
+from kt_sft.data.records import DataError, bundled_dataset, read_records
 from kt_sft.data.templates import CHATML, render_chat, resolve_template
 from kt_sft.data.tokenize import IGNORE_INDEX, Tokenized, collate, tokenize_example
 

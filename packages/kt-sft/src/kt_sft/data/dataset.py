@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from kt_sft.data.formats import Columns, Example, to_examples
-from kt_sft.data.loading import DataError, bundled_dataset, read_records
+from kt_sft.data.records import DataError, bundled_dataset, read_records
 from kt_sft.data.templates import resolve_template
 from kt_sft.data.tokenize import Tokenized, tokenize_examples
 

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from kt_sft.data.loading import DataError
+from kt_sft.data.records import DataError
 
 __all__ = ["FORMATS", "Columns", "Example", "detect_format", "to_examples"]
 

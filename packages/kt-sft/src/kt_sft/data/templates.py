@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kt_sft.data.loading import DataError
+from kt_sft.data.records import DataError
 
 __all__ = ["CHATML", "CHATML_SPECIAL_TOKENS", "render_chat", "resolve_template"]
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kt_sft.data.formats import Example
-from kt_sft.data.loading import DataError
+from kt_sft.data.records import DataError
 from kt_sft.data.templates import render_chat
 
 __all__ = ["IGNORE_INDEX", "Tokenized", "collate", "tokenize_example", "tokenize_examples"]

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from kt_sft.data.loading import bundled_dataset
+from kt_sft.data.records import bundled_dataset
 from kt_sft.data.templates import CHATML, CHATML_SPECIAL_TOKENS
 
 __all__ = ["MODEL_OVERRIDES", "VOCAB_SIZE", "build_tokenizer", "cache_root", "embedded_model_dir"]

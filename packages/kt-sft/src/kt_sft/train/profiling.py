@@ -29,7 +29,10 @@ from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kt_sft.experts_backend import ExpertsBackend
 
 __all__ = [
     "DEFAULT_MAX_EVENTS",
@@ -224,12 +227,13 @@ def find_expert_modules(model: Any) -> list[tuple[int, Any]]:
         return found
 
 
-def _engine_of(module: Any) -> Any:
-    """The kt-kernels engine (or reference backend) serving an experts module, if any."""
+def _backend_of(module: Any) -> ExpertsBackend | None:
+    """The experts backend (engine, reference or distributed proxy) serving an experts module,
+    if any."""
     for sub in module.modules():
         layer = sub.__dict__.get("_kt_engine")
         if layer is not None:
-            return getattr(layer, "backend", None)
+            return layer.experts_backend
     return None
 
 
@@ -264,7 +268,7 @@ class ExpertTimer:
         self._fwd_start: dict[int, float] = {}
         self._bwd_start: dict[int, list[float]] = {}
         self._mark = _marker_class()
-        self._engines: dict[int, Any] = {}
+        self._backends: dict[int, ExpertsBackend | None] = {}
         self.num_layers = 0
         self.engine_phases = False
 
@@ -272,7 +276,7 @@ class ExpertTimer:
         """Hook every experts module; returns how many were found."""
         modules = find_expert_modules(model)
         for layer, module in modules:
-            self._engines[layer] = _engine_of(module)
+            self._backends[layer] = _backend_of(module)
             self._handles.append(
                 module.register_forward_pre_hook(self._pre(layer), with_kwargs=True)
             )
@@ -331,14 +335,13 @@ class ExpertTimer:
         self._phases(layer, "backward", start)
 
     def _phases(self, layer: int, kind: str, start: float) -> None:
-        engine = self._engines.get(layer)
-        timings = getattr(engine, "last_timings", None)
-        if timings is None or not self.timeline.enabled:
+        backend = self._backends.get(layer)
+        if backend is None or not self.timeline.enabled:
             return
         try:
             ms = {
                 k.split(".", 1)[1]: v
-                for k, v in timings().items()
+                for k, v in backend.last_timings().items()
                 if k.startswith(kind + ".") and not k.endswith(".total")
             }
         except Exception:  # a closed or foreign engine: no breakdown

@@ -126,7 +126,7 @@ class Ranks:
 
     # -- collectives ----------------------------------------------------------------------
     def _run(self, what: str, fn: Callable[[], T]) -> T:
-        from kt_sft.distributed import _collective
+        from kt_sft.distributed.sync import _collective
 
         return _collective(self._context, what, fn)
 

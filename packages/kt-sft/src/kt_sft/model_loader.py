@@ -13,6 +13,8 @@ from typing import Any
 
 from kt_sft.config import KTConfig
 from kt_sft.host_memory import maybe_tune_malloc
+from kt_sft.inject import wrap_model
+from kt_sft.install import ensure_installed
 
 __all__ = ["load_model"]
 
@@ -33,12 +35,9 @@ def load_model(path: str | os.PathLike[str], cfg: KTConfig | None = None, **hf_k
         kt_models.UnsupportedArchitectureError: the checkpoint's model type is not supported.
     """
     import kt_models
-    from kt_sft.inject import register, wrap_model
-    from kt_sft.peft import install_peft_hooks
 
     cfg = cfg if cfg is not None else KTConfig()
-    register()
-    install_peft_hooks()
+    ensure_installed()
     device = hf_kwargs.pop("device", "cpu")
     dtype = hf_kwargs.pop("dtype", None)
     if "torch_dtype" in hf_kwargs:

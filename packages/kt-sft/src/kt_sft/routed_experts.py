@@ -1,8 +1,9 @@
-"""One MoE layer's routed experts as kt runs them: :class:`LayerEngine`.
+"""One MoE layer's routed experts as kt runs them: :class:`RoutedExperts`.
 
-A LayerEngine owns the backend (the compiled engine or the torch reference) holding the packed
-frozen weights of experts ``[num_gpu_experts, E)``, the torch-side GPU experts ``[0,
-num_gpu_experts)`` and LoRA experts, the LoRA binding, the host staging buffers used when hidden
+A RoutedExperts owns the experts backend (:class:`~kt_sft.experts_backend.ExpertsBackend`: the
+compiled engine, the torch reference or a distributed proxy) holding the packed frozen weights
+of experts ``[num_gpu_experts, E)``, the torch-side GPU experts ``[0, num_gpu_experts)`` and
+LoRA experts, the LoRA binding, the host staging buffers used when hidden
 states live on a GPU, and a mirror of the engine's activation-cache stack.
 
 The mirror stack makes the engine's LIFO cache safe under everything autograd may do: each
@@ -30,12 +31,15 @@ from typing import Any
 
 import torch
 
-from kt_sft.backend import create_backend
+from kt_sft.backend import create_experts_backend
 from kt_sft.binding import LoRAPlan, LoRASource
 from kt_sft.config import KTConfig
+from kt_sft.experts_backend import ExpertsBackend
+from kt_sft.options import ExpertsOptions, LoRALayout
 from kt_sft.reference import ACTIVATIONS
+from kt_sft.trace import tracer
 
-__all__ = ["KTCacheError", "KTCopyError", "LayerEngine"]
+__all__ = ["KTCacheError", "KTCopyError", "LayerEngine", "RoutedExperts"]
 
 
 class KTCacheError(RuntimeError):
@@ -86,13 +90,13 @@ class _Entry:
         return self.holder() is None
 
 
-class LayerEngine:
-    """Routed experts of one MoE layer: engine part, GPU experts, LoRA experts, LoRA binding.
+class RoutedExperts:
+    """Routed experts of one MoE layer: experts backend, GPU experts, LoRA experts, LoRA binding.
 
     Neither deep-copyable nor picklable (:class:`KTCopyError` says what to do instead).
     """
 
-    def __deepcopy__(self, memo: dict[int, Any]) -> LayerEngine:
+    def __deepcopy__(self, memo: dict[int, Any]) -> RoutedExperts:
         raise KTCopyError(f"copy.deepcopy: {_COPY_HELP}")
 
     def __reduce_ex__(self, protocol: Any) -> Any:
@@ -107,7 +111,7 @@ class LayerEngine:
         hidden_size: int,
         intermediate_size: int,
         activation: str = "silu",
-        lora_layout: str = "fused",
+        lora_layout: LoRALayout = "fused",
         name: str = "",
         layer_idx: int | None = None,
     ) -> None:
@@ -132,23 +136,22 @@ class LayerEngine:
         self.lora_layout = lora_layout
         self.num_gpu_experts = cfg.num_gpu_experts
         self.engine_experts = num_experts - cfg.num_gpu_experts
-        self.backend: Any = None
+        self.options = ExpertsOptions.from_config(
+            cfg, activation=activation, lora_layout=lora_layout
+        )
+        self.experts_backend: ExpertsBackend | None = None
         if self.engine_experts > 0:
-            self.backend = create_backend(
-                cfg,
+            self.experts_backend = create_experts_backend(
+                self.options,
                 num_experts=self.engine_experts,
                 top_k=top_k,
                 hidden_size=hidden_size,
                 intermediate_size=intermediate_size,
-                lora_layout=lora_layout,
-                activation=activation,
             )
         self.lora_rank = cfg.lora_rank
         self.lora_scaling = cfg.lora_scaling
         self._profile = cfg.profile is not None
         if self._profile:
-            from kt_sft.profiling import tracer
-
             tracer.enable(cfg.profile)
         self.gpu_experts: Any = None  # kt_sft.gpu_experts.GPUExperts, attached by inject
         self.lora_experts: Any = None  # kt_sft.lora_experts.LoRAExperts, attached by inject
@@ -176,7 +179,7 @@ class LayerEngine:
                 f"and down {(E, H, inter)}, got {tuple(gate_up.shape)} and "
                 f"{tuple(down.shape)}"
             )
-        if self.backend is not None:
+        if self.experts_backend is not None:
             n = self.num_gpu_experts
             gu = gate_up[n:].detach()
             dn = down[n:].detach()
@@ -184,14 +187,14 @@ class LayerEngine:
                 gu, dn = gu.cpu(), dn.cpu()
             if gu.dtype not in (torch.float32, torch.bfloat16):
                 gu, dn = gu.float(), dn.float()
-            self.backend.load_weights(gate_up=gu.contiguous(), down=dn.contiguous())
+            self.experts_backend.load_weights(gate_up=gu.contiguous(), down=dn.contiguous())
         self._loaded = True
 
     # -- LoRA -----------------------------------------------------------------------------
     def plan_for(self, source: LoRASource | None) -> LoRAPlan | None:
         """The current engine LoRA plan for ``source`` (re-bound when it changed)."""
-        if self.backend is None or self.lora_rank == 0:
-            if source is not None and self.backend is not None:
+        if self.experts_backend is None or self.lora_rank == 0:
+            if source is not None and self.experts_backend is not None:
                 raise RuntimeError(
                     f"{self.name}: the experts carry LoRA but the engine was built without it "
                     "(KTConfig.lora_rank=0); wrap the model with lora_rank >= the adapter's r"
@@ -219,27 +222,26 @@ class LayerEngine:
                 )
                 self._plan_key = key
                 self._grad_buffers = self._plan.grad_buffers
-                self.backend.set_lora(**self._plan.arrays)
-                self.backend.lora_updated()
+                self.experts_backend.set_lora(**self._plan.arrays)
+                self.experts_backend.lora_updated()
             elif self._plan.refresh():
-                self.backend.lora_updated()
+                self.experts_backend.lora_updated()
         return self._plan
 
     def lora_updated(self) -> None:
         """Force the engine to re-read the LoRA weights (after an in-place change that torch's
         version counter cannot see, e.g. through ``param.data``)."""
         with self._lock:
-            if self._plan is not None and self.backend is not None:
+            if self._plan is not None and self.experts_backend is not None:
                 self._plan.refresh(force=True)
-                self.backend.lora_updated()
+                self.experts_backend.lora_updated()
 
     # -- cache mirror ---------------------------------------------------------------------
     def _reap(self) -> None:
         """Discard abandoned or already-served entries on top of the engine's stack."""
         dead = [e.abandoned or e.popped for e in self._stack]
-        clear = getattr(self.backend, "clear_cache", None)
-        if dead and all(dead) and callable(clear):
-            clear()
+        if dead and all(dead):
+            self.experts_backend.clear_cache()
             self._stack.clear()
             return
         while self._stack and (self._stack[-1].abandoned or self._stack[-1].popped):
@@ -256,11 +258,11 @@ class LayerEngine:
         )
         T, H, K = entry.tokens, self.hidden_size, self.top_k
         if entry.policy == "recompute":  # any x will do: the gradients are restored below
-            self.backend.backward(
+            self.experts_backend.backward(
                 torch.zeros(T, H), torch.empty(T, H), torch.empty(T, K), x=torch.zeros(T, H)
             )
         else:
-            self.backend.backward(torch.zeros(T, H), torch.empty(T, H), torch.empty(T, K))
+            self.experts_backend.backward(torch.zeros(T, H), torch.empty(T, H), torch.empty(T, K))
         for k, v in saved.items():
             assert plan is not None
             plan.arrays[k].copy_(v)
@@ -297,11 +299,11 @@ class LayerEngine:
                 )
             t0 = time.perf_counter_ns() if self._profile else 0
             xh, idh, wh, out = self._to_host(x, ids, w)
-            self.backend.submit_forward(xh, idh, wh, out, save_for_backward=cache)
+            self.experts_backend.submit_forward(xh, idh, wh, out, save_for_backward=cache)
             try:
                 extra = overlap() if overlap is not None else None
             finally:
-                self.backend.sync_forward()
+                self.experts_backend.sync_forward()
             if cache:
                 assert holder is not None
                 self._stack.append(_Entry(holder, T, claimable, policy))
@@ -344,13 +346,13 @@ class LayerEngine:
                     self._reap()
                 xh, idh, wh, out = self._to_host(x, ids, w)
                 used = self._choose_policy(T)
-                self.backend.forward(xh, idh, wh, out, save_for_backward=True)
+                self.experts_backend.forward(xh, idh, wh, out, save_for_backward=True)
             else:
                 used = self._stack.pop().policy
             if plan is not None and plan is not self._plan:
                 # The binding changed since this forward (another adapter): restore its arrays.
-                self.backend.set_lora(**plan.arrays)
-                self.backend.lora_updated()
+                self.experts_backend.set_lora(**plan.arrays)
+                self.experts_backend.lora_updated()
                 self._plan, self._plan_key = plan, None
             pending = plan.before_backward() if plan is not None else []
             gh = self._grad_to_host(grad_out)
@@ -358,9 +360,9 @@ class LayerEngine:
             dw = torch.empty(T, self.top_k, dtype=torch.float32)
             if used == "recompute":
                 # The entry kept only its routing: the engine recomputes the rest from x.
-                self.backend.backward(gh, dx, dw, x=self._to_host(x, ids, w)[0])
+                self.experts_backend.backward(gh, dx, dw, x=self._to_host(x, ids, w)[0])
             else:
-                self.backend.backward(gh, dx, dw)
+                self.experts_backend.backward(gh, dx, dw)
             if plan is not None:
                 plan.after_backward(pending)
             if self._profile:
@@ -372,9 +374,9 @@ class LayerEngine:
 
     def _choose_policy(self, tokens: int) -> str:
         """Set the backend's activation policy for the cached forward about to run; returns it
-        (``"retain"`` for backends without policies)."""
+        (``"retain"`` for backends that cannot recompute)."""
         policy = self.cfg.activation_policy
-        if policy == "retain" or not _is_local_engine(self.backend):
+        if policy == "retain" or not self.experts_backend.supports_recompute:
             return "retain"  # the torch reference and distributed backends retain
         if policy == "auto":
             from kt_sft.estimate import cache_entry_bytes, live_cache_bytes
@@ -389,17 +391,13 @@ class LayerEngine:
             )
             budget = self.cfg.activation_budget_bytes()
             policy = "retain" if live_cache_bytes() + entry <= budget else "recompute"
-        if self.backend.activation_policy != policy:
-            self.backend.activation_policy = policy
+        if self.experts_backend.activation_policy != policy:
+            self.experts_backend.activation_policy = policy
         return policy
 
     def _trace(self, phase: str, t0: int, tokens: int, **args: Any) -> None:
-        from kt_sft.profiling import tracer
-
-        timings = getattr(self.backend, "last_timings", None)
-        phases = {}
-        if callable(timings):
-            phases = {k: v for k, v in timings().items() if k.startswith(phase)}
+        timings = self.experts_backend.last_timings()
+        phases = {k: v for k, v in timings.items() if k.startswith(phase)}
         tracer.span(
             f"{self.name} {phase}",
             t0,
@@ -469,9 +467,9 @@ class LayerEngine:
     def close(self) -> None:
         """Free the engine (weights, caches); the layer cannot run afterwards."""
         with self._lock:
-            if self.backend is not None:
-                self.backend.close()
-            self.backend = None
+            if self.experts_backend is not None:
+                self.experts_backend.close()
+            self.experts_backend = None
             self._plan = None
             self._stack.clear()
             self._host.clear()
@@ -483,15 +481,6 @@ class LayerEngine:
                 f"{self.name}: the kt engine of this layer was closed "
                 "(kt_sft.close(model)); wrap or load the model again"
             )
-
-
-def _is_local_engine(backend: Any) -> bool:
-    """Whether ``backend`` is this process's compiled engine (policies apply to it only)."""
-    try:
-        from kt_kernels import MoEEngine
-    except ImportError:  # pragma: no cover - no engine installed
-        return False
-    return isinstance(backend, MoEEngine)
 
 
 def _source_key(source: LoRASource | None) -> tuple[Any, ...]:
@@ -507,3 +496,7 @@ def _source_key(source: LoRASource | None) -> tuple[Any, ...]:
         tuple(sorted(source.scalings.items())),
         tuple((id(p), p.data_ptr(), p.dtype, p.device, tuple(p.stride())) for p in params),
     )
+
+
+#: The former name of :class:`RoutedExperts`.
+LayerEngine = RoutedExperts
