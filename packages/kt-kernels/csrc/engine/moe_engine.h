@@ -33,12 +33,14 @@
 #include <chrono>
 #include <cstdint>
 #include <functional>
+#include <limits>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <string>
 #include <vector>
 
+#include "engine/activation.h"
 #include "engine/quant.h"
 #include "engine/tensor.h"
 #include "kernels/kernels.h"
@@ -67,6 +69,13 @@ struct EngineConfig {
   // What a forward that saves for backward keeps: "retain" (the gate/up outputs, so backward
   // reads them) or "recompute" (only the inputs; backward recomputes gate/up, bit for bit).
   std::string activation_policy = "retain";
+  // The expert activation (engine/activation.h): "silu", "gelu", "gelu_tanh" or "relu2";
+  // activation_alpha scales the sigmoid's input (silu only), activation_limit clamps gate (above)
+  // and up (both sides; +inf: no clamp), activation_up_offset is added to the clamped up.
+  std::string activation = "silu";
+  double activation_alpha = 1.0;
+  double activation_limit = std::numeric_limits<double>::infinity();
+  double activation_up_offset = 0.0;
 };
 
 // LoRA arrays as the caller gives them (any float dtype the engine accepts, any strides).
@@ -119,6 +128,14 @@ class MoEEngine {
                       const View& gate_scale, const View& up, const View& up_scale,
                       const View& down, const View& down_scale);
   quant::Kind weight_kind() const { return wkind_; }
+  const activation::Spec& activation() const { return act_; }
+
+  // Frozen biases (engine/bias.cpp), added to the projections' outputs: gate_up (E, 2I) gate
+  // first, or gate and up (E, I) each; down (E, H). float32 or bfloat16, any strides; copied
+  // now. Any may be absent (no bias there); a call replaces every earlier one.
+  void set_biases(const View& gate_up, const View& gate, const View& up, const View& down);
+  bool has_gate_up_bias() const { return !bias_gu_.empty(); }
+  bool has_down_bias() const { return !bias_d_.empty(); }
 
   // Binds LoRA weights (values read now and on lora_updated()) and gradient arrays (written in
   // backward). The caller keeps the arrays alive while bound.
@@ -275,6 +292,18 @@ class MoEEngine {
   // over its columns of I, from the h codes (stride ldq) and their row scales.
   void w8a8_down_tile(int s, int64_t e, int64_t b0, int64_t nb, int64_t M, const int8_t* hq,
                       int64_t ldq, const float* sh, float* C, int64_t ldc, int th, int slot) const;
+
+  // Activation variant, resolved at construction; act_kernels_: the ISA's silu_mul pair computes
+  // it.
+  activation::Spec act_;
+  bool act_kernels_ = true;
+  // Biases (float32): E x 2Ib in the gu column order (per 16 columns gate, then up); E x Hb.
+  Buf bias_gu_, bias_d_;
+  // C[m, c] += bias[e * ld_bias + c0 + c] for M rows of n columns.
+  static void add_bias(const Buf& bias, int64_t e, int64_t ld_bias, int64_t c0, int64_t n,
+                       int64_t M, float* C, int64_t ldc);
+  // dw[m] = dY[m] . b_down[e] for M bf16 rows of dY (stride ld).
+  void down_bias_dw(int64_t e, int64_t M, const kernels::bf16* dy, int64_t ld, float* dw) const;
 
   // LoRA: caller arrays and the internal fp32 copy.
   LoraArrays lora_;
