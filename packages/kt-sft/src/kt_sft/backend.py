@@ -64,6 +64,7 @@ def create_backend(
     intermediate_size: int,
     lora_layout: str,
     activation: str = "silu",
+    activation_options: dict[str, Any] | None = None,
 ) -> Any:
     """A new engine (``cfg.backend == "engine"``) or :class:`TorchMoEEngine` for one layer.
 
@@ -82,6 +83,7 @@ def create_backend(
             intermediate_size=intermediate_size,
             lora_layout=lora_layout,
             activation=activation,
+            activation_options=activation_options,
         )
 
     context = current_context()
@@ -103,8 +105,12 @@ def _create_local_backend(
     intermediate_size: int,
     lora_layout: str,
     activation: str = "silu",
+    activation_options: dict[str, Any] | None = None,
 ) -> Any:
-    """A new engine or :class:`TorchMoEEngine` for one layer, in this process."""
+    """A new engine or :class:`TorchMoEEngine` for one layer, in this process.
+
+    ``activation_options``: the engine's ``activation_alpha`` / ``activation_limit`` /
+    ``activation_up_offset`` (empty: plain ``activation``)."""
     kwargs: dict[str, Any] = {
         "lora_rank": cfg.lora_rank,
         "lora_alpha": cfg.lora_alpha if cfg.lora_rank else None,
@@ -117,16 +123,30 @@ def _create_local_backend(
     }
     if cfg.backend == "torch":
         return TorchMoEEngine(
-            num_experts, top_k, hidden_size, intermediate_size, activation=activation, **kwargs
+            num_experts,
+            top_k,
+            hidden_size,
+            intermediate_size,
+            activation=activation,
+            **kwargs,
+            **(activation_options or {}),
         )
     cls = _engine_class()
     # Profiling is kt-sft's (kt_sft.profiling, from the engine's last_timings()), not a kwarg.
     optional: dict[str, Any] = {"activation": activation, "tp": cfg.tp}
     if cfg.activation_policy != "auto":  # auto: LayerEngine sets it per forward
         optional["activation_policy"] = cfg.activation_policy
+    optional.update(activation_options or {})
     accepted = _accepted_kwargs(cls)
     for name, value in optional.items():
-        default = {"activation": "silu", "tp": 1, "activation_policy": "retain"}[name]
+        default = {
+            "activation": "silu",
+            "tp": 1,
+            "activation_policy": "retain",
+            "activation_alpha": 1.0,
+            "activation_limit": None,
+            "activation_up_offset": 0.0,
+        }[name]
         if value == default:
             continue
         if accepted is not None and name not in accepted:
