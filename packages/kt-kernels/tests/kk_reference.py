@@ -52,12 +52,15 @@ def sigmoid(g: np.ndarray) -> np.ndarray:
 @dataclass(frozen=True)
 class Act:
     """An activation variant (MoEEngine's activation options): h = f(min(g, limit)) *
-    (clip(u, -limit, limit) + up_offset)."""
+    (cap_u(clip(u, -limit, limit)) + up_offset), silu's f = cap_g(g) * sigmoid(alpha g),
+    cap_c(x) = c tanh(x / c)."""
 
     name: str = "silu"
     alpha: float = 1.0
     limit: float | None = None
     up_offset: float = 0.0
+    gate_softcap: float | None = None
+    up_softcap: float | None = None
 
     def kwargs(self) -> dict:
         return dict(
@@ -65,7 +68,17 @@ class Act:
             activation_alpha=self.alpha,
             activation_limit=self.limit,
             activation_up_offset=self.up_offset,
+            activation_gate_softcap=self.gate_softcap,
+            activation_up_softcap=self.up_softcap,
         )
+
+
+def _cap(x: np.ndarray, c: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """c tanh(x / c) and its derivative (c None: x and 1)."""
+    if c is None:
+        return x, np.ones_like(x)
+    t = np.tanh(x / c)
+    return c * t, 1 - t * t
 
 
 def _f_and_df(a: Act, g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -74,7 +87,8 @@ def _f_and_df(a: Act, g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
     if a.name == "silu":
         sg = sigmoid(a.alpha * g)
-        return g * sg, sg + a.alpha * g * sg * (1 - sg)
+        cg, dcg = _cap(g, a.gate_softcap)
+        return cg * sg, dcg * sg + a.alpha * cg * sg * (1 - sg)
     if a.name == "gelu":
         cdf = 0.5 * (1 + np.vectorize(erf)(g / sqrt(2))) if g.size else g
         return g * cdf, cdf + g * np.exp(-0.5 * g * g) / sqrt(2 * pi)
@@ -93,7 +107,7 @@ def _f_and_df(a: Act, g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def act_forward(a: Act, g: np.ndarray, u: np.ndarray) -> np.ndarray:
     lim = np.inf if a.limit is None else a.limit
     f, _ = _f_and_df(a, np.minimum(g, lim))
-    return f * (np.clip(u, -lim, lim) + a.up_offset)
+    return f * (_cap(np.clip(u, -lim, lim), a.up_softcap)[0] + a.up_offset)
 
 
 def act_backward(
@@ -102,9 +116,9 @@ def act_backward(
     """dg, du as torch's autograd gives them (clamp: the gradient passes at the range's ends)."""
     lim = np.inf if a.limit is None else a.limit
     f, df = _f_and_df(a, np.minimum(g, lim))
-    uc = np.clip(u, -lim, lim) + a.up_offset
-    dg = np.where(g <= lim, dh * uc * df, 0.0)
-    du = np.where((u >= -lim) & (u <= lim), dh * f, 0.0)
+    cu, dcu = _cap(np.clip(u, -lim, lim), a.up_softcap)
+    dg = np.where(g <= lim, dh * (cu + a.up_offset) * df, 0.0)
+    du = np.where((u >= -lim) & (u <= lim), dh * f * dcu, 0.0)
     return dg, du
 
 

@@ -4,7 +4,8 @@ and int4 weights, fused and split LoRA.
 
 The variants are the expert activations of the transformers MoE families kt runs: gpt-oss's
 clamped GLU (``(clip(u) + 1) * g * sigmoid(1.702 g)``, g clamped above, biases on gate/up and
-down), the clamped SwiGLU of DeepSeek-V4 / HY-V4, MiniMax-M3's unbiased clamped GLU, and the
+down), the clamped SwiGLU of DeepSeek-V4 / HY-V4, MiniMax-M3's unbiased clamped GLU, Inkling-2's
+soft-capped SwiGLU (``cap(g) * sigmoid(g) * cap(u)``, ``cap(x) = c tanh(x / c)``), and the
 plain GELU (erf and tanh forms) and ReLU^2 activations. The limit of these cases (0.75) is small
 next to the spread of g and u (std ~1), so a large share of the elements sit in each clamped
 region and the zero-gradient rule is exercised on both sides.
@@ -39,6 +40,8 @@ VARIANTS = {
     "gelu": (Act("gelu"), False),
     "gelu_tanh_bias": (Act("gelu_tanh"), True),
     "relu2": (Act("relu2"), False),
+    # Inkling-2's soft-capped SwiGLU (caps 4 / 25 there; smaller here so tanh bends on O(1) data)
+    "softcapped_swiglu": (Act("silu", gate_softcap=0.8, up_softcap=1.2), False),
 }
 # (E, K, H, I, r, T): ragged H and I (last blocks of fewer than 16) for bf16 / int8, whole int4
 # groups of 32.
@@ -223,7 +226,14 @@ def test_default_options_are_the_silu_kernels() -> None:
     outs = []
     for kw in ({}, dict(activation="silu", activation_alpha=1.0, activation_limit=None)):
         eng = case_engine(c, **kw)
-        assert eng.activation == {"name": "silu", "alpha": 1.0, "limit": None, "up_offset": 0.0}
+        assert eng.activation == {
+            "name": "silu",
+            "alpha": 1.0,
+            "limit": None,
+            "up_offset": 0.0,
+            "gate_softcap": None,
+            "up_softcap": None,
+        }
         assert eng.has_biases == (False, False)
         eng.load_weights(gate_up=c.gate_up, down=c.down)
         _, grads = bind_lora(eng, c)
@@ -242,6 +252,8 @@ def test_default_options_are_the_silu_kernels() -> None:
         (dict(activation_limit=0.0), "activation_limit: expected None or a number > 0"),
         (dict(activation_limit=float("nan")), "activation_limit"),
         (dict(activation_up_offset=float("inf")), "activation_up_offset: expected a finite"),
+        (dict(activation_gate_softcap=0.0), "activation_gate_softcap: expected None or a number"),
+        (dict(activation="relu2", activation_up_softcap=3.0), "soft-caps go with the 'silu'"),
     ],
 )
 def test_bad_activation_options(kw: dict, msg: str) -> None:

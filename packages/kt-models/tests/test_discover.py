@@ -86,7 +86,6 @@ def test_discovery_agrees_with_every_registered_entry(model_type: str) -> None:
     [
         ("ergo", ("has_gate=False",)),
         ("nemotron_h", ("has_gate=False",)),
-        ("inkling2_text", ("custom gating", "Inkling2Experts._apply_gate")),
     ],
 )
 def test_refusals_name_the_model_type_and_the_feature(
@@ -191,6 +190,7 @@ def test_transposed_storage_is_repacked_not_refused() -> None:
     ("model_type", "want"),
     [
         ("gpt_oss", Gating("silu", 1.702, 7.0, 1.0, interleaved=True)),
+        ("inkling2_text", Gating("silu", gate_softcap=4.0, up_softcap=25.0)),
         ("minimax_m3_vl_text", Gating("silu", 1.702, 7.0, 1.0)),
         ("hy_v4", Gating("silu", 1.0, 10.0, 0.0)),
         ("deepseek_v4", Gating("silu", 1.0, 10.0, 0.0)),
@@ -214,6 +214,7 @@ def test_gatings_are_read_from_apply_gate(model_type: str, want: Gating) -> None
         want.up_offset,
         want.interleaved,
     )
+    assert (got.gate_softcap, got.up_softcap) == (want.gate_softcap, want.up_softcap)
     assert got.alpha == pytest.approx(want.alpha)
     assert unsupported_features(layout) == []
     gen = torch.Generator().manual_seed(1)
@@ -237,9 +238,12 @@ def test_gating_candidates_need_an_exact_match() -> None:
     assert match_gating(experts, 16).limit == 3.0
 
     class Softcapped(type(experts)):  # type: ignore[misc]
-        def _apply_gate(self, gate_up):  # noqa: ANN001, ANN202
+        def _apply_gate(self, gate_up):
             gate, up = gate_up[..., ::2], gate_up[..., 1::2]
             return 30 * (gate / 30).tanh() * (gate * 1.702).sigmoid() * (up + 1)
 
     experts.__class__ = Softcapped
     assert match_gating(experts, 16) is None
+    layout = experts_layout(experts)
+    (problem,) = unsupported_features(layout)
+    assert "custom gating" in problem and "Softcapped._apply_gate" in problem

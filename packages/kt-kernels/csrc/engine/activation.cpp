@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <string>
+#include <utility>
 
 #include "engine/tensor.h"
 
@@ -51,27 +53,60 @@ inline void act_grad(float g, float alpha, float& f, float& df) {
   }
 }
 
-template <Kind K>
+// c tanh(x / c) and its derivative 1 - tanh^2 (c = +inf: x and 1).
+inline float cap(float x, float c) { return std::isinf(c) ? x : c * std::tanh(x / c); }
+inline float cap_grad(float x, float c, float& d) {
+  if (std::isinf(c)) {
+    d = 1.0f;
+    return x;
+  }
+  const float t = std::tanh(x / c);
+  d = 1.0f - t * t;
+  return c * t;
+}
+
+// Soft-capped SiLU: cap_g(g) * sigmoid(alpha g), and its derivative.
+inline float capped_silu(float g, float alpha, float c) {
+  return cap(g, c) / (1.0f + std::exp(-alpha * g));
+}
+inline void capped_silu_grad(float g, float alpha, float c, float& f, float& df) {
+  const float sig = 1.0f / (1.0f + std::exp(-alpha * g));
+  float dcap;
+  const float cg = cap_grad(g, c, dcap);
+  f = cg * sig;
+  df = dcap * sig + cg * alpha * sig * (1.0f - sig);
+}
+
+template <Kind K, bool Capped>
 void fwd(const Spec& a, int64_t n, const float* g, const float* u, float* h) {
   const float lim = a.limit, off = a.up_offset, alpha = a.alpha;
   for (int64_t i = 0; i < n; ++i) {
     const float gc = std::min(g[i], lim);
     const float uc = std::min(std::max(u[i], -lim), lim);
-    h[i] = act<K>(gc, alpha) * (uc + off);
+    if constexpr (Capped) {
+      h[i] = capped_silu(gc, alpha, a.gate_cap) * (cap(uc, a.up_cap) + off);
+    } else {
+      h[i] = act<K>(gc, alpha) * (uc + off);
+    }
   }
 }
 
-template <Kind K>
+template <Kind K, bool Capped>
 void bwd(const Spec& a, int64_t n, const float* g, const float* u, const float* dh, float* dg,
          float* du) {
   const float lim = a.limit, off = a.up_offset, alpha = a.alpha;
   for (int64_t i = 0; i < n; ++i) {
     const float gc = std::min(g[i], lim);
     const float uc = std::min(std::max(u[i], -lim), lim);
-    float f, df;
-    act_grad<K>(gc, alpha, f, df);
-    dg[i] = g[i] <= lim ? dh[i] * (uc + off) * df : 0.0f;
-    du[i] = (u[i] >= -lim && u[i] <= lim) ? dh[i] * f : 0.0f;
+    float f, df, up = uc, dup = 1.0f;
+    if constexpr (Capped) {
+      capped_silu_grad(gc, alpha, a.gate_cap, f, df);
+      up = cap_grad(uc, a.up_cap, dup);
+    } else {
+      act_grad<K>(gc, alpha, f, df);
+    }
+    dg[i] = g[i] <= lim ? dh[i] * (up + off) * df : 0.0f;
+    du[i] = (u[i] >= -lim && u[i] <= lim) ? dh[i] * f * dup : 0.0f;
   }
 }
 
@@ -91,7 +126,8 @@ const char* name(Kind kind) {
   return "?";
 }
 
-Spec parse(const std::string& nm, double alpha, double limit, double up_offset) {
+Spec parse(const std::string& nm, double alpha, double limit, double up_offset, double gate_cap,
+           double up_cap) {
   Spec a;
   if (nm == "silu" || nm == "swish") {
     a.kind = Kind::silu;
@@ -123,6 +159,19 @@ Spec parse(const std::string& nm, double alpha, double limit, double up_offset) 
     throw ValueError("activation_up_offset: expected a finite number, got " +
                      std::to_string(up_offset));
   }
+  for (const auto& [what, c] : {std::pair<const char*, double>{"activation_gate_softcap", gate_cap},
+                                {"activation_up_softcap", up_cap}}) {
+    if (std::isnan(c) || c <= 0.0) {
+      throw ValueError(std::string(what) + ": expected None or a number > 0, got " +
+                       std::to_string(c));
+    }
+    if (!std::isinf(c) && a.kind != Kind::silu) {
+      throw ValueError(std::string(what) + ": soft-caps go with the 'silu' activation only; got '" +
+                       nm + "'");
+    }
+  }
+  a.gate_cap = static_cast<float>(gate_cap);
+  a.up_cap = static_cast<float>(up_cap);
   a.alpha = static_cast<float>(alpha);
   a.limit = static_cast<float>(limit);
   a.up_offset = static_cast<float>(up_offset);
@@ -130,29 +179,31 @@ Spec parse(const std::string& nm, double alpha, double limit, double up_offset) 
 }
 
 void forward_generic(const Spec& a, int64_t n, const float* g, const float* u, float* h) {
+  if (a.capped()) return fwd<Kind::silu, true>(a, n, g, u, h);  // parse: caps are silu only
   switch (a.kind) {
     case Kind::silu:
-      return fwd<Kind::silu>(a, n, g, u, h);
+      return fwd<Kind::silu, false>(a, n, g, u, h);
     case Kind::gelu:
-      return fwd<Kind::gelu>(a, n, g, u, h);
+      return fwd<Kind::gelu, false>(a, n, g, u, h);
     case Kind::gelu_tanh:
-      return fwd<Kind::gelu_tanh>(a, n, g, u, h);
+      return fwd<Kind::gelu_tanh, false>(a, n, g, u, h);
     case Kind::relu2:
-      return fwd<Kind::relu2>(a, n, g, u, h);
+      return fwd<Kind::relu2, false>(a, n, g, u, h);
   }
 }
 
 void backward_generic(const Spec& a, int64_t n, const float* g, const float* u, const float* dh,
                       float* dg, float* du) {
+  if (a.capped()) return bwd<Kind::silu, true>(a, n, g, u, dh, dg, du);
   switch (a.kind) {
     case Kind::silu:
-      return bwd<Kind::silu>(a, n, g, u, dh, dg, du);
+      return bwd<Kind::silu, false>(a, n, g, u, dh, dg, du);
     case Kind::gelu:
-      return bwd<Kind::gelu>(a, n, g, u, dh, dg, du);
+      return bwd<Kind::gelu, false>(a, n, g, u, dh, dg, du);
     case Kind::gelu_tanh:
-      return bwd<Kind::gelu_tanh>(a, n, g, u, dh, dg, du);
+      return bwd<Kind::gelu_tanh, false>(a, n, g, u, dh, dg, du);
     case Kind::relu2:
-      return bwd<Kind::relu2>(a, n, g, u, dh, dg, du);
+      return bwd<Kind::relu2, false>(a, n, g, u, dh, dg, du);
   }
 }
 

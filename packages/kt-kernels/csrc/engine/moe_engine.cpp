@@ -439,7 +439,8 @@ MoEEngine::MoEEngine(const EngineConfig& cfg) : cfg_(cfg) {
   if (!k_.silu_mul_bwd) k_.silu_mul_bwd = ref.silu_mul_bwd;
   if (!k_.pack_transposed) k_.pack_transposed = ref.pack_transposed;
   act_ = activation::parse(cfg.activation, cfg.activation_alpha, cfg.activation_limit,
-                           cfg.activation_up_offset);
+                           cfg.activation_up_offset, cfg.activation_gate_softcap,
+                           cfg.activation_up_softcap);
   act_kernels_ = act_.is_default();
   qk_ = &kernels::quant_kernels(isa_);
   fused_rows_ = fused_rows_setting(k_, wkind_);

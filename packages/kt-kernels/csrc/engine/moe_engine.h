@@ -76,6 +76,9 @@ struct EngineConfig {
   double activation_alpha = 1.0;
   double activation_limit = std::numeric_limits<double>::infinity();
   double activation_up_offset = 0.0;
+  // Soft-caps c tanh(x / c) of the gate's linear factor and of up ("silu" only; +inf: none).
+  double activation_gate_softcap = std::numeric_limits<double>::infinity();
+  double activation_up_softcap = std::numeric_limits<double>::infinity();
 };
 
 // LoRA arrays as the caller gives them (any float dtype the engine accepts, any strides).

@@ -47,6 +47,8 @@ class MoEEngine:
         activation_alpha: float = 1.0,
         activation_limit: float | None = None,
         activation_up_offset: float = 0.0,
+        activation_gate_softcap: float | None = None,
+        activation_up_softcap: float | None = None,
     ) -> None: ...
     def load_weights(
         self, *, gate_up: Any = None, gate: Any = None, up: Any = None, down: Any = None

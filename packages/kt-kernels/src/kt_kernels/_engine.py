@@ -123,6 +123,9 @@ class MoEEngine:
             before the activation (None: no clamp). Backward follows ``torch.clamp``: no
             gradient outside the range, the full gradient at its ends.
         activation_up_offset: added to the clamped ``u`` (gpt-oss: ``(u + 1)``).
+        activation_gate_softcap, activation_up_softcap: ``"silu"`` only: soft-caps
+            ``c * tanh(x / c)`` of the gate's linear factor (``cap(g) * sigmoid(alpha * g)``)
+            and of ``u`` (Inkling-2: 4 and 25; None: no cap).
             The default (SiLU, no clamp, no offset) runs the ISA's vectorized kernels; every
             other choice runs portable code on each ISA (the GEMMs stay the ISA's).
 
@@ -158,6 +161,8 @@ class MoEEngine:
         activation_alpha: float = 1.0,
         activation_limit: float | None = None,
         activation_up_offset: float = 0.0,
+        activation_gate_softcap: float | None = None,
+        activation_up_softcap: float | None = None,
     ) -> None:
         try:
             self._eng = _core.MoEEngine(
@@ -181,6 +186,8 @@ class MoEEngine:
                 activation_alpha=activation_alpha,
                 activation_limit=activation_limit,
                 activation_up_offset=activation_up_offset,
+                activation_gate_softcap=activation_gate_softcap,
+                activation_up_softcap=activation_up_softcap,
             )
         finally:
             _emit_dispatch_warnings()
@@ -253,7 +260,8 @@ class MoEEngine:
 
     @property
     def activation(self) -> dict[str, Any]:
-        """The activation variant: ``{"name", "alpha", "limit" (None: no clamp), "up_offset"}``."""
+        """The activation variant: ``{"name", "alpha", "limit", "up_offset", "gate_softcap",
+        "up_softcap"}`` (None: no clamp / cap)."""
         return dict(self._eng.activation)
 
     def set_biases(

@@ -4,16 +4,18 @@ transformers' experts interface gives each experts class ``_apply_gate(gate_up) 
 default ``act_fn(gate) * up``, or a class override. The engine computes one family of gatings
 (``kt_kernels.MoEEngine``'s ``activation*`` options):
 
-    h = f(min(gate, limit)) * (clamp(up, -limit, limit) + up_offset)
+    h = f(min(gate, limit)) * (cap_u(clamp(up, -limit, limit)) + up_offset)
 
-with ``f`` SiLU with a scaled sigmoid (``g * sigmoid(alpha * g)``), GELU (erf or tanh form) or
+with ``f`` SiLU with a scaled sigmoid and an optional soft-capped linear factor
+(``cap_g(g) * sigmoid(alpha * g)``, ``cap_c(x) = c tanh(x / c)``), GELU (erf or tanh form) or
 ReLU^2. That covers gpt-oss (``alpha`` 1.702, ``limit`` 7, ``up_offset`` 1, gate and up
-interleaved), MiniMax-M3 (the same, concatenated) and the clamped SwiGLU of DeepSeek-V4 and
-HY-V4. :func:`match_gating` finds the member of the family an override computes: candidates
-built from the module's own attributes (``limit`` / ``swiglu_limit``, ``alpha`` /
-``swiglu_alpha``, its ``act_fn``) are compared with the override on seeded probes that reach
-far past any limit, and the first that agrees to float32 rounding wins. Nothing is accepted on
-the strength of a name alone.
+interleaved), MiniMax-M3 (the same, concatenated), the clamped SwiGLU of DeepSeek-V4 and HY-V4
+and Inkling-2's soft-capped SwiGLU (caps 4 and 25). :func:`match_gating` finds the member of the
+family an override computes: candidates built from the module's own attributes (``limit`` /
+``swiglu_limit``, ``alpha`` / ``swiglu_alpha``, soft-caps of its ``act_fn`` or config, its
+``act_fn``) are compared with the override on seeded probes that reach far past any limit, and
+the first that agrees to float32 rounding wins. Nothing is accepted on the strength of a name
+alone.
 """
 
 from __future__ import annotations
@@ -55,6 +57,9 @@ class Gating:
     up_offset: float = 0.0
     #: gate and up columns alternate (``is_concatenated=False``) instead of ``[gate | up]``
     interleaved: bool = False
+    #: soft-caps ``c tanh(x / c)`` of the gate's linear factor and of up (``None``: none)
+    gate_softcap: float | None = None
+    up_softcap: float | None = None
 
     @property
     def is_default(self) -> bool:
@@ -64,6 +69,8 @@ class Gating:
             and self.limit is None
             and self.up_offset == 0.0
             and not self.interleaved
+            and self.gate_softcap is None
+            and self.up_softcap is None
         )
 
     def engine_kwargs(self) -> dict[str, Any]:
@@ -73,6 +80,8 @@ class Gating:
             "activation_alpha": self.alpha,
             "activation_limit": self.limit,
             "activation_up_offset": self.up_offset,
+            "activation_gate_softcap": self.gate_softcap,
+            "activation_up_softcap": self.up_softcap,
         }
 
     def describe(self) -> str:
@@ -84,6 +93,10 @@ class Gating:
             parts.append(f"limit {self.limit:g}")
         if self.up_offset:
             parts.append(f"up + {self.up_offset:g}")
+        if self.gate_softcap is not None:
+            parts.append(f"gate soft-cap {self.gate_softcap:g}")
+        if self.up_softcap is not None:
+            parts.append(f"up soft-cap {self.up_softcap:g}")
         return ", ".join(parts)
 
     def split(self, gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,8 +111,13 @@ class Gating:
         if self.limit is not None:
             gate = gate.clamp(max=self.limit)
             up = up.clamp(min=-self.limit, max=self.limit)
+        if self.up_softcap is not None:
+            up = torch.tanh(up / self.up_softcap) * self.up_softcap
         if self.activation == "silu":
-            f = gate * torch.sigmoid(gate * self.alpha)
+            lin = gate
+            if self.gate_softcap is not None:
+                lin = torch.tanh(gate / self.gate_softcap) * self.gate_softcap
+            f = lin * torch.sigmoid(gate * self.alpha)
         elif self.activation == "gelu":
             f = torch.nn.functional.gelu(gate)
         elif self.activation == "gelu_tanh":
@@ -118,10 +136,26 @@ def _number(module: nn.Module, names: tuple[str, ...]) -> float | None:
     return None
 
 
+def _softcaps(module: nn.Module) -> tuple[float | None, float | None]:
+    """Soft-caps the module declares: its act_fn's ``gate_softcap`` / ``up_softcap`` children
+    (with a ``softcap`` value), else its config's ``mlp_gate_softcap`` / ``mlp_up_softcap``."""
+    act = getattr(module, "act_fn", None)
+    config = getattr(module, "config", None)
+    caps: list[float | None] = []
+    for which in ("gate", "up"):
+        holder = getattr(act, f"{which}_softcap", None) if act is not None else None
+        value = _number(holder, ("softcap",)) if isinstance(holder, nn.Module) else None
+        if value is None and config is not None:
+            value = _number(config, (f"mlp_{which}_softcap",))
+        caps.append(value)
+    return caps[0], caps[1]
+
+
 def _candidates(module: nn.Module, activation: str | None) -> list[Gating]:
     interleaved = not bool(getattr(module, "is_concatenated", True))
     limit = _number(module, ("limit", "swiglu_limit"))
     alpha = _number(module, ("alpha", "swiglu_alpha"))
+    gate_cap, up_cap = _softcaps(module)
     engine_act = ENGINE_ACTIVATIONS.get(activation or "silu", None)
     out: list[Gating] = []
     acts = [engine_act] if engine_act is not None else []
@@ -133,6 +167,8 @@ def _candidates(module: nn.Module, activation: str | None) -> list[Gating]:
             for lim in [limit, None] if limit is not None else [None]:
                 for off in (0.0, 1.0):
                     out.append(Gating(act, a, lim, off, interleaved))
+    if gate_cap is not None or up_cap is not None:
+        out.append(Gating("silu", alpha or 1.0, limit, 0.0, interleaved, gate_cap, up_cap))
     return out
 
 

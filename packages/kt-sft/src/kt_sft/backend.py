@@ -146,6 +146,8 @@ def _create_local_backend(
             "activation_alpha": 1.0,
             "activation_limit": None,
             "activation_up_offset": 0.0,
+            "activation_gate_softcap": None,
+            "activation_up_softcap": None,
         }[name]
         if value == default:
             continue

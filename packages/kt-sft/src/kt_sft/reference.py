@@ -33,22 +33,30 @@ def gated(
     activation: str = "silu", options: dict[str, Any] | None = None
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """``h(g, u)`` of the engine's activation options (``kt_kernels.MoEEngine``):
-    ``f(min(g, limit)) * (clamp(u, -limit, limit) + up_offset)``, ``f`` the activation with the
-    sigmoid's input scaled by ``activation_alpha`` (SiLU only). No options: ``act(g) * u``."""
+    ``f(min(g, limit)) * (cap_u(clamp(u, -limit, limit)) + up_offset)``, ``f`` the activation
+    (SiLU: ``cap_g(g) * sigmoid(alpha * g)``, ``cap_c(x) = c tanh(x / c)``). No options:
+    ``act(g) * u``."""
     act = ACTIVATIONS[activation]
     if not options:
         return lambda g, u: act(g) * u
     alpha = float(options.get("activation_alpha", 1.0))
     limit = options.get("activation_limit")
     offset = float(options.get("activation_up_offset", 0.0))
-    if alpha != 1.0 and act is not F.silu:
-        raise ValueError(f"activation_alpha={alpha} needs the 'silu' activation")
+    gate_cap = options.get("activation_gate_softcap")
+    up_cap = options.get("activation_up_softcap")
+    if (alpha != 1.0 or gate_cap is not None or up_cap is not None) and act is not F.silu:
+        raise ValueError(f"activation options {options} need the 'silu' activation")
 
     def h(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         if limit is not None:
             g = g.clamp(max=float(limit))
             u = u.clamp(min=-float(limit), max=float(limit))
-        f = g * torch.sigmoid(g * alpha) if alpha != 1.0 else act(g)
+        if up_cap is not None:
+            u = torch.tanh(u / float(up_cap)) * float(up_cap)
+        if gate_cap is not None:
+            f = torch.tanh(g / float(gate_cap)) * float(gate_cap) * torch.sigmoid(g * alpha)
+        else:
+            f = g * torch.sigmoid(g * alpha) if alpha != 1.0 else act(g)
         return f * (u + offset)
 
     return h
@@ -163,6 +171,8 @@ class TorchMoEEngine:
         activation_alpha: float = 1.0,
         activation_limit: float | None = None,
         activation_up_offset: float = 0.0,
+        activation_gate_softcap: float | None = None,
+        activation_up_softcap: float | None = None,
         **_: Any,
     ) -> None:
         if lora_layout not in ("fused", "split"):
@@ -189,6 +199,8 @@ class TorchMoEEngine:
             "activation_alpha": float(activation_alpha),
             "activation_limit": activation_limit,
             "activation_up_offset": float(activation_up_offset),
+            "activation_gate_softcap": activation_gate_softcap,
+            "activation_up_softcap": activation_up_softcap,
         }
         gated(activation, self.activation_options)  # checks the options
         self._biases: dict[str, torch.Tensor] = {}
