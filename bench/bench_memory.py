@@ -188,6 +188,13 @@ def main(argv: list[str] | None = None) -> int:
         help="gradient checkpointing of the decoder layers (default non_reentrant)",
     )
     full.add_argument(
+        "--loss",
+        default="chunked",
+        choices=("chunked", "full"),
+        help="chunked: LM head + loss a few hundred tokens at a time, as kt-sft train does "
+        "(default); full: the model's own loss over the whole logits tensor",
+    )
+    full.add_argument(
         "--shard-gib", type=float, default=4.0, help="shard size of the written checkpoint"
     )
     keep = full.add_mutually_exclusive_group()
@@ -535,6 +542,7 @@ def full_size_train(cfg: dict[str, Any]) -> dict[str, Any]:
 
     import kt_kernels as kk
     import kt_sft
+    from kt_sft.loss import ChunkedCausalLMLoss
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
@@ -570,6 +578,9 @@ def full_size_train(cfg: dict[str, Any]) -> dict[str, Any]:
             gradient_checkpointing_kwargs={"use_reentrant": cfg["checkpointing"] == "reentrant"}
         )
         pm.enable_input_require_grads()
+    # chunked: the LM head and loss a few hundred tokens at a time (as `kt-sft train` does);
+    # full: the model's own loss over the whole logits tensor
+    token_loss = ChunkedCausalLMLoss(pm) if cfg.get("loss", "chunked") == "chunked" else None
     params = [p for p in pm.parameters() if p.requires_grad]
     trainable = sum(p.numel() for p in params)
     opt = torch.optim.AdamW(params, lr=1e-4)
@@ -580,7 +591,10 @@ def full_size_train(cfg: dict[str, Any]) -> dict[str, Any]:
     steps: list[dict[str, float]] = []
     for step in range(cfg["steps"]):
         t = time.perf_counter()
-        loss = pm(input_ids=ids, labels=ids).loss
+        if token_loss is None:
+            loss = pm(input_ids=ids, labels=ids).loss
+        else:
+            loss = token_loss(ids, None, ids) / (T - 1)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -637,6 +651,7 @@ def full_size(args: argparse.Namespace) -> int:
         "weight_dtype": args.weight_dtype,
         "policy": args.policy,
         "checkpointing": args.checkpointing,
+        "loss": args.loss,
     }
     est = estimate_memory(
         shape_from_config(directory),
@@ -650,7 +665,7 @@ def full_size(args: argparse.Namespace) -> int:
     print(
         f"training {args.steps} steps of {args.seq_len} tokens in a fresh process ("
         f"{args.weight_dtype} experts, LoRA r={args.rank} on experts + attention, policy "
-        f"{args.policy}, checkpointing {args.checkpointing}); kt-sft estimate: "
+        f"{args.policy}, checkpointing {args.checkpointing}, {args.loss} loss); kt-sft estimate: "
         f"{est.total / GIB:,.2f} GiB",
         flush=True,
     )

@@ -5,6 +5,10 @@ and the process-wide counters of kt_kernels.memory_stats() follow allocations by
 from __future__ import annotations
 
 import gc
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -175,17 +179,18 @@ def test_counters_by_kind_and_trim() -> None:
     stats = kk.memory_stats()
     own = eng.memory_stats()
     assert stats["weights_bytes"] - before["weights_bytes"] == own["weight_bytes"]
-    assert stats["lora_bytes"] - before["lora_bytes"] == own["lora_bytes"]
     _forward(eng, c)
     _backward(eng, c)
     stats = kk.memory_stats()
     assert stats["scratch_bytes"] == eng.memory_stats()["scratch_bytes"] > 0
+    # The LoRA stage is process-wide: at least this layer's fp32 A and B (r (2H + 3I) per expert).
+    assert stats["lora_bytes"] == eng.memory_stats()["lora_bytes"] >= E * 4 * (2 * H + 3 * I) * 4
     assert stats["pool_bytes"] > 0
     kinds = ("weights", "lora", "cache", "pool", "scratch")
     assert stats["total_bytes"] == sum(stats[f"{k}_bytes"] for k in kinds)
     kk.trim_memory()
     stats = kk.memory_stats()
-    assert stats["scratch_bytes"] == 0 and stats["pool_bytes"] == 0
+    assert stats["scratch_bytes"] == 0 and stats["pool_bytes"] == 0 and stats["lora_bytes"] == 0
     # Trimmed memory comes back on demand, with the same results.
     first = run(eng, c)
     _bits_equal(first, run(eng, c))
@@ -193,7 +198,110 @@ def test_counters_by_kind_and_trim() -> None:
     gc.collect()
     after = kk.memory_stats()
     assert after["weights_bytes"] == before["weights_bytes"]
-    assert after["lora_bytes"] == before["lora_bytes"]
+
+
+def _interleaved_layers(isa: str, fused: bool) -> int:
+    """Three engines run as a model runs them (forward 0, 1, 2, backward 2, 1, 0): each one's
+    outputs and LoRA gradients are bit for bit those of the same engine running alone, and an
+    in-place change announced by lora_updated() reaches the next forward though other engines ran
+    in between. Returns the LoRA stage's bytes after the backwards."""
+    cases = [
+        make_case(6, 3, 64, 96, 4, 21, seed=61, fused=fused),
+        make_case(8, 2, 128, 64, 4, 17, seed=62, fused=fused),
+        make_case(6, 3, 64, 96, 4, 21, seed=63, fused=fused),
+    ]
+    alone = []
+    for c in cases:
+        eng, _, grads = make_engine(c, isa=isa, threads=2)
+        alone.append(_run_with_grads(eng, c, grads))
+        eng.close()
+    kk.trim_memory()
+    made = [make_engine(c, isa=isa, threads=2) for c in cases]
+    outs = []
+    for (eng, _, grads), c in zip(made, cases):
+        for g in grads.values():
+            g[...] = 0
+        out = np.full((c.T, c.H), np.nan, dtype=np.float32)
+        eng.forward(c.x, c.ids, c.w, out)
+        outs.append(out)
+    for i in (2, 1, 0):
+        (eng, _, grads), c = made[i], cases[i]
+        dx = np.full((c.T, c.H), np.nan, dtype=np.float32)
+        dw = np.full((c.T, c.K), np.nan, dtype=np.float32)
+        eng.backward(c.dout, dx, dw, x=c.x)
+        got = {"out": outs[i], "dx": dx, "dw": dw}
+        got.update({k: np.array(v, dtype=np.float64) for k, v in grads.items()})
+        _bits_equal(alone[i], got)
+    staged = kk.memory_stats()["lora_bytes"]
+    (eng0, lora0, _), c0 = made[0], cases[0]
+    before = np.full((c0.T, c0.H), np.nan, dtype=np.float32)
+    eng0.forward(c0.x, c0.ids, c0.w, before, save_for_backward=False)
+    c1 = cases[1]
+    made[1][0].forward(
+        c1.x, c1.ids, c1.w, np.empty((c1.T, c1.H), np.float32), save_for_backward=False
+    )
+    lora0["b_down"][...] = lora0["b_down"] * 2 + 0.01
+    eng0.lora_updated()
+    after = np.full((c0.T, c0.H), np.nan, dtype=np.float32)
+    eng0.forward(c0.x, c0.ids, c0.w, after, save_for_backward=False)
+    assert not np.array_equal(before, after)
+    for eng, _, _ in made:
+        eng.close()
+    assert kk.memory_stats()["lora_bytes"] == 0  # closing an engine frees its copy
+    return staged
+
+
+def _stage_bytes(fused: bool) -> list[int]:
+    """Bytes of the three layers' fp32 LoRA weights: r (2H + 3I) per expert fused,
+    r (3H + 3I) split. The stage pads H and I to whole blocks and keeps split B_gate / B_up
+    block-diagonal, under 2x the weights."""
+    per_h = 2 if fused else 3
+    sizes = [
+        e * 4 * (per_h * h + 3 * i) * 4 for e, h, i in ((6, 64, 96), (8, 128, 64), (6, 64, 96))
+    ]
+    return sizes
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fused", [True, False])
+def test_lora_stage_keeps_recent_layers_with_the_bits_of_one_engine(isa: str, fused: bool) -> None:
+    """Under the default budget (128 MiB) the stage keeps all three small layers' copies."""
+    staged = _interleaved_layers(isa, fused)
+    total = sum(_stage_bytes(fused))
+    assert total <= staged < 2 * total + 3 * 4096
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_lora_stage_budget_zero_keeps_one_layer(fused: bool) -> None:
+    """KT_LORA_STAGE_MIB=0 (read once per process, so in a fresh one): every layer switch evicts
+    and converts again, with the same bits; the stage holds the last layer run, not the sum."""
+    here = Path(__file__).resolve().parent
+    code = (
+        f"import sys; sys.path.insert(0, {str(here)!r}); import test_memory as t; "
+        f"print(t._interleaved_layers(None, {fused}))"
+    )
+    env = {**os.environ, "KT_LORA_STAGE_MIB": "0"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    staged = int(proc.stdout.split()[-1])
+    last = _stage_bytes(fused)[0]
+    assert last <= staged < 2 * last + 4096
+
+
+def test_lora_stage_budget_env_is_checked() -> None:
+    here = Path(__file__).resolve().parent
+    code = (
+        f"import sys; sys.path.insert(0, {str(here)!r}); import test_memory as t; "
+        "t._interleaved_layers(None, True)"
+    )
+    env = {**os.environ, "KT_LORA_STAGE_MIB": "lots"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False
+    )
+    assert proc.returncode != 0
+    assert "KT_LORA_STAGE_MIB='lots'" in proc.stderr and "ValueError" in proc.stderr
 
 
 @pytest.mark.parametrize("isa", ISAS)

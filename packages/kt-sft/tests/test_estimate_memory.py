@@ -30,7 +30,10 @@ def test_formula_by_hand() -> None:
     assert bf16.scratch == 8192 + 8192 + 24576 + 4096 + 4096 == 49152
     assert bf16.activations == 19 * 2 * 16 * 128 * 4 == 311296
     assert bf16.rest == 4000 and bf16.overhead == GIB
-    assert bf16.total == 786432 + 917504 + 45824 + 49152 + 311296 + 4000 + GIB
+    # both layers' fp32 copies fit the stage's 128 MiB budget; no vocabulary: no loss term
+    assert bf16.lora_stage == 2 * 8 * 8 * (2 * 128 + 3 * 64) * 4 == 229376
+    assert bf16.loss == 0
+    assert bf16.total == 786432 + 917504 + 229376 + 45824 + 49152 + 311296 + 4000 + GIB
     recompute = estimate_memory(shape, policy="recompute", **kw)
     assert recompute.cache == 2 * 1 * 32 * 12 == 768  # the routing; x comes again in backward
     # + x rows, x A^T and h Ad^T, [g | u] (recomputed in backward), in pages
@@ -44,6 +47,16 @@ def test_formula_by_hand() -> None:
         estimate_memory(shape, weight_dtype="int4", **kw).experts
         == 196608 + 2 * 8 * 3 * 128 * 64 // 128 * 4
     )
+    # LM head and loss: one chunk of c = 256 MiB / (14 V) tokens' logits, or all T (full)
+    big = shape.replace(vocab_size=151936, num_moe_layers=48, num_experts=128)
+    chunked = estimate_memory(big, **{**kw, "max_tokens": 1024})
+    c = (256 << 20) // (14 * 151936)
+    assert chunked.loss == c * 151936 * 14 + 1024 * 128 * 4
+    full = estimate_memory(big, loss="full", **{**kw, "max_tokens": 1024})
+    assert full.loss == 1024 * 151936 * 14 + 1024 * 128 * 4
+    # 48 layers of 128 experts: the stage keeps as many whole layers as fit in 128 MiB
+    layer = 128 * 8 * (2 * 128 + 3 * 64) * 4
+    assert chunked.lora_stage == min(48, (128 << 20) // layer) * layer
     inference = estimate_memory(shape, training=False, non_expert_on_gpu=True, **kw)
     assert inference.expert_lora == inference.cache == inference.rest == 0
 
@@ -153,7 +166,7 @@ def test_a_custom_shape_without_other_params_says_so(capsys) -> None:
     assert main(["estimate", *shape]) == 0
     text = capsys.readouterr().out
     assert "not counted" in text and "give --other-params N" in text and " 0.00" not in text
-    assert main(["estimate", *shape, "--other-params", "17e9"]) == 0
+    assert main(["estimate", *shape, "--other-params", "17e9", "--vocab", "129280"]) == 0
     text = capsys.readouterr().out
     assert "not counted" not in text and "other 17.00 B" in text
 
@@ -217,3 +230,12 @@ def test_estimate_matches_measured_peak_rss(
     else:  # only the routing index, which the engine does not count as pooled memory
         assert engine["cache_peak_bytes"] == 0
     assert engine["scratch_peak_bytes"] == pytest.approx(est.scratch, rel=0.05)
+
+
+def test_constants_match_the_code_they_model() -> None:
+    """estimate.py stays torch-free, so it repeats two defaults: they must be the real ones."""
+    from kt_sft import estimate
+    from kt_sft.loss import DEFAULT_CHUNK_BYTES
+
+    assert estimate.CHUNK_BYTES == DEFAULT_CHUNK_BYTES
+    assert estimate.LORA_STAGE_BYTES == 128 << 20  # KT_LORA_STAGE_MIB's default (lora_stage.h)

@@ -359,16 +359,17 @@ def test_ctrl_c_stops_every_rank_and_the_run_resumes(
 
 
 CRASHING_RANK = """\
-import os, sys, torch
+import os, sys
 import kt_sft.cli
+import kt_sft.loss
 calls = [0]
-original = torch.nn.functional.cross_entropy
-def dying(*args, **kwargs):
+original = kt_sft.loss.ChunkedCausalLMLoss.__call__
+def dying(self, *args, **kwargs):
     calls[0] += 1
     if os.environ["RANK"] == "1" and calls[0] == 3:
         os._exit(17)  # dies in the forward of step 3, like an OOM kill
-    return original(*args, **kwargs)
-torch.nn.functional.cross_entropy = dying
+    return original(self, *args, **kwargs)
+kt_sft.loss.ChunkedCausalLMLoss.__call__ = dying
 sys.exit(kt_sft.cli.main(sys.argv[1:]))
 """
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from kt_sft.loss import ChunkedCausalLMLoss
 from kt_sft.train import ConfigError, load_train_config
 from kt_sft.train.loop import NonFiniteLossError, train
 
@@ -34,16 +35,16 @@ def _cfg(out: Path, *extra: str):
 
 
 def _nan_loss_at(monkeypatch: pytest.MonkeyPatch, calls: set[int]) -> None:
-    """Make the training loss NaN on the given (1-based) cross-entropy calls."""
-    real = torch.nn.functional.cross_entropy
+    """Make the training loss NaN on the given (1-based) loss calls (one per micro-batch)."""
+    real = ChunkedCausalLMLoss.__call__
     count = [0]
 
-    def ce(*args, **kwargs):
+    def loss_call(self, *args, **kwargs):
         count[0] += 1
-        loss = real(*args, **kwargs)
+        loss = real(self, *args, **kwargs)
         return loss * float("nan") if count[0] in calls else loss
 
-    monkeypatch.setattr(torch.nn.functional, "cross_entropy", ce)
+    monkeypatch.setattr(ChunkedCausalLMLoss, "__call__", loss_call)
 
 
 def _adapter_finite(directory: Path) -> bool:
@@ -162,18 +163,18 @@ def test_ctrl_c_inside_an_accumulation_window_resumes_exactly_with_dropout(
     )
     straight = train(_cfg(tmp_path / "straight", *args), quiet=True)
 
-    real = torch.nn.functional.cross_entropy
+    real = ChunkedCausalLMLoss.__call__
     count = [0]
 
-    def ce(*a, **k):
+    def loss_call(self, *a, **k):
         count[0] += 1
         if count[0] == 5:  # step 3, first micro-batch
             os.kill(os.getpid(), signal.SIGINT)
-        return real(*a, **k)
+        return real(self, *a, **k)
 
     out = tmp_path / "interrupted"
     with monkeypatch.context() as m:
-        m.setattr(torch.nn.functional, "cross_entropy", ce)
+        m.setattr(ChunkedCausalLMLoss, "__call__", loss_call)
         first = train(_cfg(out, *args), quiet=True)
     assert first.interrupted and first.state.global_step == 2
     resumed = train(_cfg(out, *args, "--resume_from_checkpoint", "auto"), quiet=True)

@@ -39,7 +39,8 @@ void register_memory(py::module_& m) {
         engine::MoEEngine::trim_memory();
       },
       "Frees the process-wide scratch buffers and the activation-cache blocks kept for reuse "
-      "(they are allocated again when needed); pending forwards keep their cache entries.");
+      "and the LoRA stage (they are allocated again when needed); pending forwards keep their "
+      "cache entries.");
 }
 
 }  // namespace kt::bindings

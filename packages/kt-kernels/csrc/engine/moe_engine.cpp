@@ -11,6 +11,7 @@
 
 #include "engine/activation_cache.h"
 #include "engine/limits.h"
+#include "engine/lora_stage.h"
 #include "engine/w8a8.h"
 #include "kernels/dispatch.h"
 #include "runtime/fork.h"
@@ -500,7 +501,10 @@ MoEEngine::MoEEngine(const EngineConfig& cfg) : cfg_(cfg) {
   }
 }
 
-MoEEngine::~MoEEngine() = default;
+MoEEngine::~MoEEngine() {
+  std::lock_guard<std::mutex> lock(engine_mutex());
+  LoraStage::instance().drop(id_);
+}
 
 // ---- weights -----------------------------------------------------------------------------------
 
@@ -1033,24 +1037,39 @@ void MoEEngine::lora_updated() {
   if (!lora_bound_)
     throw StateError("lora_updated: no LoRA weights are bound; call set_lora first");
   std::lock_guard<std::mutex> lock(engine_mutex());
-  const int64_t r = r_, RA = RA_;
-  if (a_all_.empty()) {
-    const runtime::MemKind lk = runtime::MemKind::lora;
-    a_all_.reset(static_cast<size_t>(E_ * RA * Hb_) * sizeof(float), lk);
-    bgu_t_.reset(static_cast<size_t>(E_ * RA * 2 * Ib_) * sizeof(float), lk);
-    ad_.reset(static_cast<size_t>(E_ * r * Ib_) * sizeof(float), lk);
-    bd_t_.reset(static_cast<size_t>(E_ * r * Hb_) * sizeof(float), lk);
+  lora_version_ = LoraStage::new_version();
+}
+
+void MoEEngine::stage_lora() {
+  const int64_t RA = RA_;
+  const int64_t n_a = E_ * RA * Hb_, n_bgu = E_ * RA * 2 * Ib_, n_ad = E_ * r_ * Ib_;
+  const int64_t n_bd = E_ * r_ * Hb_;
+  LoraStage& stage = LoraStage::instance();
+  bool fresh = false;
+  float* base =
+      stage.acquire(id_, lora_version_, static_cast<size_t>(n_a + n_bgu + n_ad + n_bd), &fresh);
+  a_all_ = base;
+  bgu_t_ = base + n_a;
+  ad_ = base + n_a + n_bgu;
+  bd_t_ = base + n_a + n_bgu + n_ad;
+  if (!fresh) {
+    convert_lora(base, base + n_a, base + n_a + n_bgu, base + n_a + n_bgu + n_ad);
+    stage.mark(id_, lora_version_);
   }
+}
+
+void MoEEngine::convert_lora(float* a_all, float* bgu_t, float* ad, float* bd_t) const {
+  const int64_t r = r_, RA = RA_;
   const bool fused = cfg_.lora_fused;
   const LoraArrays& L = lora_;
   auto at3 = [](const View& v, int64_t i, int64_t j, int64_t k) {
     return load_f(v, i * v.strides[0] + j * v.strides[1] + k * v.strides[2]);
   };
   parallel_for(E_, threads_, [&](int64_t e, int) {
-    float* A = a_all_.as<float>() + e * RA * Hb_;
-    float* Bt = bgu_t_.as<float>() + e * RA * 2 * Ib_;
-    float* Ad = ad_.as<float>() + e * r * Ib_;
-    float* Bdt = bd_t_.as<float>() + e * r * Hb_;
+    float* A = a_all + e * RA * Hb_;
+    float* Bt = bgu_t + e * RA * 2 * Ib_;
+    float* Ad = ad + e * r * Ib_;
+    float* Bdt = bd_t + e * r * Hb_;
     std::memset(A, 0, static_cast<size_t>(RA * Hb_) * sizeof(float));
     std::memset(Bt, 0, static_cast<size_t>(RA * 2 * Ib_) * sizeof(float));
     std::memset(Ad, 0, static_cast<size_t>(r * Ib_) * sizeof(float));
@@ -1125,6 +1144,7 @@ void MoEEngine::check_forward(const View& x, const View& ids, const View& w, con
 void MoEEngine::forward(const View& x, const View& ids, const View& w, const View& out, bool save) {
   check_forward(x, ids, w, out, save);
   std::lock_guard<std::mutex> lock(engine_mutex());
+  if (r_ > 0) stage_lora();
   // A forward without save_for_backward borrows a transient entry: its buffers go back to the
   // pool when it returns.
   Entry transient;
@@ -1171,6 +1191,7 @@ void MoEEngine::trim_memory() {
   std::lock_guard<std::mutex> lock(engine_mutex());
   Scratch::instance().release();
   ActivationPool::instance().trim();
+  LoraStage::instance().release();
 }
 
 void MoEEngine::run_forward(Ctx& c) {
@@ -1311,7 +1332,7 @@ void MoEEngine::run_forward(Ctx& c) {
       }
       if (c.lora && si == 0) {  // the LoRA term once, in slice 0's partial
         k.gemm_f32_nn(M, kBlockN * nb, r, s, had + tl.m0 * r, r,
-                      bd_t_.as<float>() + tl.e * r * Hb + kBlockN * tl.n0, Hb, C, ldy, true);
+                      bd_t_ + tl.e * r * Hb + kBlockN * tl.n0, Hb, C, ldy, true);
       }
       if (si == 0 && !bias_d_.empty()) {
         add_bias(bias_d_, tl.e, Hb, kBlockN * tl.n0, kBlockN * nb, M, C, ldy);
@@ -1363,7 +1384,7 @@ void MoEEngine::gate_up_phase(const int64_t* off, const bf16* xg, const int8_t* 
     }
     if (lora) {
       k.gemm_f32_nn(M, ncols, RA, s, xa + tl.m0 * RA, RA,
-                    bgu_t_.as<float>() + tl.e * RA * 2 * Ib + 32 * tl.n0, 2 * Ib, C, ldc, true);
+                    bgu_t_ + tl.e * RA * 2 * Ib + 32 * tl.n0, 2 * Ib, C, ldc, true);
     }
     if (!bias_gu_.empty()) add_bias(bias_gu_, tl.e, 2 * Ib, 32 * tl.n0, ncols, M, C, ldc);
     if (hb == nullptr) return;
@@ -1404,7 +1425,7 @@ void MoEEngine::gather_phase(const int64_t* off, const int32_t* slot_tok, const 
     if (xa != nullptr) {
       float* xf = local_buf<float>(th, kL0, M * H);
       for (int64_t m = 0; m < M; ++m) k.cvt_bf16_f32(H, xg + (tl.m0 + m) * KpH, xf + m * H);
-      k.gemm_f32_nt(M, RA, H, 1.0f, xf, H, a_all_.as<float>() + tl.e * RA * Hb, Hb, xa + tl.m0 * RA,
+      k.gemm_f32_nt(M, RA, H, 1.0f, xf, H, a_all_ + tl.e * RA * Hb, Hb, xa + tl.m0 * RA,
                     RA, false);
     }
   });
@@ -1424,7 +1445,7 @@ void MoEEngine::lora_down_phase(const int64_t* off, const bf16* hb, float* had) 
     const int64_t M = tl.m1 - tl.m0;
     float* hf = local_buf<float>(th, kL0, M * Ib);
     for (int64_t m = 0; m < M; ++m) k.cvt_bf16_f32(Ib, hb + (tl.m0 + m) * KpI, hf + m * Ib);
-    k.gemm_f32_nt(M, r, Ib, 1.0f, hf, Ib, ad_.as<float>() + tl.e * r * Ib, Ib, had + tl.m0 * r, r,
+    k.gemm_f32_nt(M, r, Ib, 1.0f, hf, Ib, ad_ + tl.e * r * Ib, Ib, had + tl.m0 * r, r,
                   false);
   });
 }
@@ -1489,6 +1510,7 @@ void MoEEngine::check_backward(const View& dout, const View& dx, const View& dw,
 void MoEEngine::backward(const View& dout, const View& dx, const View& dw, const View& x) {
   check_backward(dout, dx, dw, x);
   std::lock_guard<std::mutex> lock(engine_mutex());
+  if (r_ > 0) stage_lora();
   Ctx c;
   c.dout = dout;
   c.dx = dx;
@@ -1588,7 +1610,7 @@ void MoEEngine::run_backward(Ctx& c) {
     if (lora) {
       float* yf = local_buf<float>(th, kL0, M * H);
       for (int64_t m = 0; m < M; ++m) k.cvt_bf16_f32(H, dyg + (tl.m0 + m) * KpH, yf + m * H);
-      k.gemm_f32_nt(M, r, H, 1.0f, yf, H, bd_t_.as<float>() + tl.e * r * Hb, Hb, dyb + tl.m0 * r, r,
+      k.gemm_f32_nt(M, r, H, 1.0f, yf, H, bd_t_ + tl.e * r * Hb, Hb, dyb + tl.m0 * r, r,
                     false);
     }
   });
@@ -1633,7 +1655,7 @@ void MoEEngine::run_backward(Ctx& c) {
       const int64_t M = std::min(kRowsBwd, tl.m1 - m0);
       k.gemm_bf16(M, np, KpH, dyg + m0 * KpH, KpH, wdt, D, ni, false);
       if (lora) {
-        k.gemm_f32_nn(M, ni, r, s, dyb + m0 * r, r, ad_.as<float>() + tl.e * r * Ib + i0, Ib, D, ni,
+        k.gemm_f32_nn(M, ni, r, s, dyb + m0 * r, r, ad_ + tl.e * r * Ib + i0, Ib, D, ni,
                       true);
       }
       for (int64_t m = 0; m < M; ++m) {
@@ -1675,7 +1697,7 @@ void MoEEngine::run_backward(Ctx& c) {
         // (dGU B) partial for this chunk: dGU (M x 2ni) . Bgu^T[:, chunk]^T -> M x RA.
         for (int64_t m = 0; m < M; ++m) {
           k.gemm_f32_nt(1, RA, 2 * ni, 1.0f, dGU + m * 2 * ni, 2 * ni,
-                        bgu_t_.as<float>() + tl.e * RA * 2 * Ib + 32 * tl.n0, 2 * Ib,
+                        bgu_t_ + tl.e * RA * 2 * Ib + 32 * tl.n0, 2 * Ib,
                         gbpart + ((m0 + m) * n_ichunks + chunk) * RA, RA, false);
         }
       }
@@ -1792,7 +1814,7 @@ void MoEEngine::run_backward(Ctx& c) {
         float* C = dxs + sidx * xpart + m0 * ldx + (h0 - kBlockN * blo);
         k.gemm_bf16(M, nb, depth, dgu + m0 * Kgu + c0, Kgu, wgt, C, ldx, false);
         if (lora0) {
-          k.gemm_f32_nn(M, nh, RA, s, gbsum + m0 * RA, RA, a_all_.as<float>() + tl.e * RA * Hb + h0,
+          k.gemm_f32_nn(M, nh, RA, s, gbsum + m0 * RA, RA, a_all_ + tl.e * RA * Hb + h0,
                         Hb, C, ldx, true);
         }
         if (grads0) {
@@ -1846,7 +1868,7 @@ MemoryStats MoEEngine::memory_stats() const {
     m.weight_bytes +=
         static_cast<int64_t>(sl->wgu.bytes + sl->wd.bytes + sl->sgu.bytes + sl->sd.bytes);
   }
-  m.lora_bytes = static_cast<int64_t>(a_all_.bytes + bgu_t_.bytes + ad_.bytes + bd_t_.bytes);
+  m.lora_bytes = static_cast<int64_t>(LoraStage::instance().bytes());
   size_t cache = 0;
   for (const auto& e : cache_) cache += e->bytes();
   m.cache_bytes = static_cast<int64_t>(cache);

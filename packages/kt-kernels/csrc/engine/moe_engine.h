@@ -140,8 +140,9 @@ class MoEEngine {
   bool has_gate_up_bias() const { return !bias_gu_.empty(); }
   bool has_down_bias() const { return !bias_d_.empty(); }
 
-  // Binds LoRA weights (values read now and on lora_updated()) and gradient arrays (written in
-  // backward). The caller keeps the arrays alive while bound.
+  // Binds LoRA weights and gradient arrays (written in backward). The caller keeps the arrays
+  // alive while bound. Values are read by the next forward or backward after set_lora() or
+  // lora_updated(), into the process-wide LoRA stage (engine/lora_stage.h).
   void set_lora(const LoraArrays& arrays);
   void lora_updated();
   bool lora_set() const { return lora_bound_; }
@@ -308,14 +309,19 @@ class MoEEngine {
   // dw[m] = dY[m] . b_down[e] for M bf16 rows of dY (stride ld).
   void down_bias_dw(int64_t e, int64_t M, const kernels::bf16* dy, int64_t ld, float* dw) const;
 
-  // LoRA: caller arrays and the internal fp32 copy.
+  // LoRA: the caller's arrays, and where their fp32 kernel-layout copy lies in the LoRA stage
+  // while this engine runs (set by stage_lora(); valid only under the engine lock).
   LoraArrays lora_;
   bool lora_bound_ = false;
   bool lora_grads_ = false;
-  Buf a_all_;  // E x RA x Hb     (fused: A_gu; split: [A_g; A_u])
-  Buf bgu_t_;  // E x RA x 2Ib    B_gu^T in the interleaved column order; split: block diagonal
-  Buf ad_;     // E x r x Ib
-  Buf bd_t_;   // E x r x Hb
+  uint64_t lora_version_ = 0;  // LoraStage version of the bound values
+  // Converts the bound LoRA weights into the stage unless it already holds them.
+  void stage_lora();
+  void convert_lora(float* a_all, float* bgu_t, float* ad, float* bd_t) const;
+  const float* a_all_ = nullptr;  // E x RA x Hb     (fused: A_gu; split: [A_g; A_u])
+  const float* bgu_t_ = nullptr;  // E x RA x 2Ib    B_gu^T, interleaved columns; split: block diag.
+  const float* ad_ = nullptr;     // E x r x Ib
+  const float* bd_t_ = nullptr;   // E x r x Hb
 
   std::vector<std::unique_ptr<Entry>> cache_;  // entries [0, pending_) are pending
   size_t pending_ = 0;

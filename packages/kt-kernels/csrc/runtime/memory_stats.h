@@ -11,7 +11,7 @@ namespace kt::runtime {
 
 enum class MemKind : int {
   weights = 0,  // packed base weights and their scales
-  lora = 1,     // the engine's internal fp32 copy of the LoRA weights
+  lora = 1,     // the LoRA stage: one engine's LoRA weights in fp32 (engine/lora_stage.h)
   cache = 2,    // activation cache entries handed to pending forwards
   pool = 3,     // activation cache blocks kept free for reuse (engine/activation_cache.h)
   scratch = 4,  // the process-wide scratch buffers (runtime/scratch.h)

@@ -41,7 +41,8 @@ def default_thread_count() -> int:
 def memory_stats() -> dict[str, int]:
     """Return the engine memory of the whole process, in bytes, by kind: ``<kind>_bytes`` (live
     now) and ``<kind>_peak_bytes`` (the most since :func:`reset_memory_peaks`) for ``weights``
-    (packed base weights), ``lora`` (the engines' fp32 LoRA copies), ``cache`` (activation cache
+    (packed base weights), ``lora`` (the LoRA stage: fp32 kernel-layout copies of the LoRA
+    weights of the engines that ran most recently, up to ``KT_LORA_STAGE_MIB``), ``cache`` (activation cache
     entries of pending forwards), ``pool`` (cache blocks kept for reuse by the next forward of
     any layer) and ``scratch`` (the process-wide scratch buffers); ``total_bytes`` and
     ``total_peak_bytes`` are their sum (the peak of the sum, not the sum of the peaks)."""
@@ -54,9 +55,10 @@ def reset_memory_peaks() -> None:
 
 
 def trim_memory() -> None:
-    """Free the process-wide scratch buffers and the activation-cache blocks kept for reuse.
+    """Free the process-wide scratch buffers, the activation-cache blocks kept for reuse and the
+    LoRA stage.
 
-    Both are allocated again when an engine next needs them; cache entries of pending forwards
+    All are allocated again when an engine next needs them; cache entries of pending forwards
     are not touched. Call it between phases of different size (after a long-sequence step, before
     evaluation) to give the memory back to the system."""
     _core.trim_memory()

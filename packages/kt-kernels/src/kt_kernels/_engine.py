@@ -348,8 +348,10 @@ class MoEEngine:
 
         Lifetime: the engine keeps a reference to every bound array (through DLPack), so none of
         them can be freed while bound; binding again releases the previous ones. Values are read
-        now and on :meth:`lora_updated`: call that after changing them in place (an optimizer
-        step). If an array's storage is replaced (``param.data = ...``), call ``set_lora`` again.
+        by the next forward or backward after ``set_lora`` or :meth:`lora_updated` (into the
+        process-wide LoRA stage, see :func:`kt_kernels.memory_stats`): call ``lora_updated`` after
+        changing them in place (an optimizer step). If an array's storage is replaced
+        (``param.data = ...``), call ``set_lora`` again.
         """
         params = dict(locals())
         given = {k: v for k, v in params.items() if k != "self" and v is not None}
@@ -425,10 +427,11 @@ class MoEEngine:
     def memory_stats(self) -> dict[str, int]:
         """Bytes held: ``weight_bytes`` (packed base weights; codes + scales for int8/int4, plus
         per-row code sums for W8A8),
-        ``lora_bytes`` (internal fp32 LoRA copy), ``cache_bytes`` (the cache entries of this
+        ``lora_bytes`` (the process-wide LoRA stage: the fp32 kernel-layout copies of the LoRA
+        weights of the engines that ran most recently, shared by all engines), ``cache_bytes`` (the cache entries of this
         engine's pending forwards), ``cache_peak_bytes`` (the most ``cache_bytes`` has been) and
         ``scratch_bytes`` (the process-wide scratch pool, shared by all engines: do not sum it
-        over engines). Process totals by kind: :func:`kt_kernels.memory_stats`."""
+        over engines, nor ``lora_bytes``). Process totals by kind: :func:`kt_kernels.memory_stats`."""
         return {k: int(v) for k, v in self._eng.memory_stats().items()}
 
     def last_timings(self) -> dict[str, float]:

@@ -243,6 +243,8 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
         )
     if args.other_params is not None:
         shape = shape.replace(other_params=args.other_params)
+    if args.vocab is not None:
+        shape = shape.replace(vocab_size=args.vocab)
     dtypes = args.dtype or ["bf16", "int8", "int4"]
     results = [
         estimate_memory(
@@ -257,6 +259,7 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
             policy=args.policy,
             checkpointing=args.checkpointing,
             budget=(args.budget * 1024**3 if args.budget else None),
+            loss=args.loss,
         )
         for d in dtypes
     ]
@@ -403,6 +406,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="parameters outside the routed experts (read from --config)",
     )
     est.add_argument(
+        "--vocab",
+        "--vocab-size",
+        "--vocab_size",
+        dest="vocab",
+        type=int,
+        help="vocabulary size, for the LM head and loss (read from --config)",
+    )
+    est.add_argument(
         "--dtype",
         action="append",
         choices=("bf16", "int8", "int4"),
@@ -437,6 +448,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("none", "reentrant", "non_reentrant"),
         default="none",
         help="gradient checkpointing of the decoder layers",
+    )
+    est.add_argument(
+        "--loss",
+        choices=("chunked", "full"),
+        default="chunked",
+        help="chunked: the LM head and loss a chunk of tokens at a time (kt-sft train); full: "
+        "the model's own loss over all T tokens' logits (model(labels=...))",
     )
     est.add_argument(
         "--budget",

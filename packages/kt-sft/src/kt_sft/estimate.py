@@ -9,6 +9,9 @@ LoRA rank r, T tokens per step (batch × sequence), S = T·K routed rows:
                    scales: int8 one fp32 per output row, L·E·(2I + H)·4;
                            int4 one fp32 per group of g inputs, L·E·3·H·I/g·4
     expert LoRA  = L · E · r·(2H + 3I) · 16      fp32 weight + grad + AdamW m and v (training)
+    LoRA stage   = n · E · r·(2H + 3I) · 4       the engine's fp32 kernel-layout copies of the
+                   most recently run layers: n = min(L, max(1, 128 MiB / one layer's copy))
+                   (KT_LORA_STAGE_MIB)
     cache        = n · entry                     engine activations kept for backward
                    entry = 2·T·H + S·(8·Ib + 8r + 12) under the retain policy, S·12 (the
                    routing) under recompute: backward is given x again
@@ -24,10 +27,14 @@ LoRA rank r, T tokens per step (batch × sequence), S = T·K routed rows:
                    without checkpointing; with it a = 6 (reentrant) or 12 (non-reentrant),
                    plus 25 or 18 once for the layer being recomputed (measured on
                    qwen3_moe-shaped models, bench/bench_memory.py)
+    LM head/loss = min(T, c) · V · 14 + T·H·4    one chunk's logits (bf16, fp32, log-softmax,
+                   gradient) with c = 256 MiB / (14 V) tokens (kt-sft train's chunked loss;
+                   loss="full": all T tokens' logits at once); 0 when V is not known
     rest         = P_rest · b                    non-expert parameters (0 when on a GPU)
     overhead     = 1 GiB                         Python, PyTorch, transformers
 
-    RAM ≈ experts + expert LoRA + cache + scratch + activations + rest + overhead
+    RAM ≈ experts + expert LoRA + LoRA stage + cache + scratch + activations + LM head/loss
+          + rest + overhead
 
 The ``recompute`` policy keeps no [g | u] (one more gate/up GEMM in backward); ``auto`` retains
 while the retained entries fit a budget. P_rest is counted from the config: embeddings and LM
@@ -68,6 +75,8 @@ ACTIVATION_FACTOR = {"none": 19.0, "reentrant": 6.0, "non_reentrant": 12.0}
 #: transients come on top, once.
 RECOMPUTED_LAYER_FACTOR = {"reentrant": 25.0, "non_reentrant": 18.0}
 _PAGE = 4096
+LORA_STAGE_BYTES = 128 << 20  # the engine's default KT_LORA_STAGE_MIB
+CHUNK_BYTES = 256 << 20  # kt_sft.loss.DEFAULT_CHUNK_BYTES
 _SLOT_BUDGET = 64 << 20  # the engine's column budget of the down / dx passes
 
 
@@ -83,6 +92,7 @@ class ModelShape:
     other_params: float = 0
     model_type: str | None = None
     num_layers: int | None = None
+    vocab_size: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("num_experts", "num_moe_layers", "hidden_size", "intermediate_size", "top_k"):
@@ -118,12 +128,16 @@ class MemoryEstimate:
     lora_grads: float = 0.0
     policy: str = "retain"
     checkpointing: str = "none"
+    lora_stage: float = 0.0
+    loss: float = 0.0
 
     @property
     def total(self) -> float:
         return (
             self.experts
             + self.expert_lora
+            + self.lora_stage
+            + self.loss
             + self.cache
             + self.scratch
             + self.activations
@@ -133,7 +147,14 @@ class MemoryEstimate:
 
     @property
     def step_growth(self) -> float:
-        return self.cache + self.scratch + self.activations + self.lora_grads
+        return (
+            self.cache
+            + self.scratch
+            + self.activations
+            + self.lora_grads
+            + self.lora_stage
+            + self.loss
+        )
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -157,10 +178,14 @@ def estimate_memory(
     policy: str = "retain",
     checkpointing: str = "none",
     budget: float | None = None,
+    loss: str = "chunked",
 ) -> MemoryEstimate:
     """Bytes of CPU RAM per component for steps of ``max_tokens`` tokens; see the module
     docstring for the model. ``budget``: bytes the ``auto`` policy may retain (``None``: half
-    the memory available now)."""
+    the memory available now). ``loss``: ``"chunked"`` (kt-sft train: the LM head and loss a
+    chunk of tokens at a time) or ``"full"`` (the model's own loss over all logits)."""
+    if loss not in ("chunked", "full"):
+        raise ValueError(f"loss must be chunked or full, got {loss!r}")
     if weight_dtype not in WEIGHT_BYTES:
         raise ValueError(
             f"weight_dtype must be one of {', '.join(WEIGHT_BYTES)}, got {weight_dtype!r}"
@@ -218,6 +243,16 @@ def estimate_memory(
             factor += RECOMPUTED_LAYER_FACTOR[checkpointing]
         activations = factor * T * H * non_expert_bytes
     rest = 0 if non_expert_on_gpu else shape.other_params * non_expert_bytes
+    stage = 0.0
+    head = 0.0
+    if training:
+        per_layer = E * r * (2 * H + 3 * I) * 4
+        if per_layer:
+            stage = min(L, max(1, LORA_STAGE_BYTES // per_layer)) * per_layer
+        V = shape.vocab_size or 0
+        if V and not non_expert_on_gpu:
+            rows = T if loss == "full" else min(T, max(1, CHUNK_BYTES // (14 * V)))
+            head = rows * V * 14 + T * H * 4
     return MemoryEstimate(
         weight_dtype,
         float(experts),
@@ -230,6 +265,8 @@ def estimate_memory(
         float(grads),
         policy,
         checkpointing,
+        float(stage),
+        float(head),
     )
 
 
@@ -436,6 +473,7 @@ def shape_from_config(path: str | Path) -> ModelShape:
         other_params=_other_params(cfg, H, E, num_layers, len(moe)),
         model_type=raw.get("model_type"),
         num_layers=num_layers,
+        vocab_size=int(_get(cfg, "vocab_size", default=0)) or None,
     )
 
 
@@ -460,14 +498,18 @@ def format_estimate(
     for label, attr in (
         ("routed experts", "experts"),
         ("expert LoRA + AdamW", "expert_lora"),
+        ("engine LoRA stage", "lora_stage"),
         ("engine activation cache", "cache"),
         ("engine scratch", "scratch"),
         ("PyTorch activations", "activations"),
+        ("LM head + loss", "loss"),
         ("non-expert weights", "rest"),
         ("runtime overhead", "overhead"),
         ("total RAM", "total"),
     ):
-        if attr == "rest" and not other_params_known:
+        if (attr == "rest" and not other_params_known) or (
+            attr == "loss" and not shape.vocab_size and any(r.activations for r in results)
+        ):
             rows.append((label, *["not counted" for _ in results]))
             continue
         rows.append((label, *[_gib(getattr(r, attr)) for r in results]))

@@ -451,6 +451,10 @@ def _train(
                 gradient_checkpointing_kwargs={"use_reentrant": False}
             )
     model.train()
+    # the loss from the LM head a few hundred tokens at a time: never the whole logits tensor
+    from kt_sft.loss import ChunkedCausalLMLoss
+
+    token_loss = ChunkedCausalLMLoss(model)
     params = [p for p in model.parameters() if p.requires_grad]
     ranks.broadcast_parameters(params)
     n_trainable = sum(p.numel() for p in params)
@@ -527,17 +531,8 @@ def _train(
                     b = collate([data.examples[i] for i in (mine or idx[:1])], pad_id)
                     b = {k: v.to(device) for k, v in b.items()}
                     with timeline.span("forward", step=state.global_step):
-                        logits = model(
-                            input_ids=b["input_ids"], attention_mask=b["attention_mask"]
-                        ).logits
                         loss = (
-                            torch.nn.functional.cross_entropy(
-                                logits[:, :-1].flatten(0, 1).float(),
-                                b["labels"][:, 1:].flatten(),
-                                ignore_index=-100,
-                                reduction="sum",
-                            )
-                            / n_items
+                            token_loss(b["input_ids"], b["attention_mask"], b["labels"]) / n_items
                         )
                         if not mine:
                             loss = loss * 0.0
