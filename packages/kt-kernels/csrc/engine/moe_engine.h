@@ -9,8 +9,8 @@
 //   quantize_x W8A8 only: bf16 x rows -> int8 codes + scale per token, gathered into expert order
 //   gather     per (expert, row chunk): x rows into expert order; LoRA x A^T
 //   gate_up    per (expert, row chunk, column chunk): [g | u] = x Wgu^T + s (x A^T) B^T,
-//              h = silu(g) * u (gate and up blocks are interleaved in the packed weight, so a tile
-//              holds both halves of its columns)
+//              h = act(g, u) (engine/activation.h; gate and up blocks are interleaved in the
+//              packed weight, so a tile holds both halves of its columns)
 //   quantize_h W8A8 only: h rows -> int8 codes + scale per row (over all of I)
 //   lora_hd    per (expert, row chunk): h Ad^T
 //   down       per (expert, row chunk, column chunk): y = h Wd^T + s (h Ad^T) Bd^T, per slot
@@ -184,7 +184,7 @@ class MoEEngine {
   void run_backward(Ctx& c);
   // The gate_up tiles over the routed rows (offsets off): [g | u] = x Wgu^T + s (x A^T) Bgu^T into
   // gu (S x 2Ib fp32; null: only per tile, in thread scratch), from the bf16 rows xg (or, W8A8,
-  // the codes xq with row scales sxq); with hb, also h = silu(g) * u as bf16 rows of KpI. The
+  // the codes xq with row scales sxq); with hb, also h = act(g, u) as bf16 rows of KpI. The
   // same tiles whoever calls, so the same bits.
   void gate_up_phase(const int64_t* off, const kernels::bf16* xg, const int8_t* xq,
                      const float* sxq, const float* xa, bool lora, float* gu,
