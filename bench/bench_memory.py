@@ -542,6 +542,7 @@ def full_size_train(cfg: dict[str, Any]) -> dict[str, Any]:
 
     import kt_kernels as kk
     import kt_sft
+    from kt_sft.host_memory import malloc_tuned
     from kt_sft.loss import ChunkedCausalLMLoss
 
     def log(msg: str) -> None:
@@ -624,6 +625,7 @@ def full_size_train(cfg: dict[str, Any]) -> dict[str, Any]:
         "rss_after_lora": rss_lora,
         "peak_rss": _status_bytes("VmHWM"),
         "trainable_params": trainable,
+        "malloc_tuned": malloc_tuned(),
         "steps": steps,
         "engine": kk.memory_stats(),
     }
@@ -707,6 +709,12 @@ def full_size(args: argparse.Namespace) -> int:
             f"file-backed {last['rss_file'] / GIB:,.2f})",
         ),
         ("trainable parameters", f"{r['trainable_params'] / 1e6:,.1f} M"),
+        (
+            "malloc mmap threshold",
+            "fixed at 1 MiB (kt_sft.host_memory)"
+            if r.get("malloc_tuned")
+            else "glibc default (KT_MALLOC_TUNING=1 fixes it)",
+        ),
         *[
             (
                 f"step {i + 1}",

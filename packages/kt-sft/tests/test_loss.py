@@ -44,14 +44,14 @@ def _loss_and_grads(model, fn, ids, mask, labels) -> tuple[float, list[torch.Ten
     return float(loss.detach()), [p.grad.clone() for p in params]
 
 
-def _lora_model(use_kt: bool):
+def _lora_model(use_kt: bool, lora_head: bool = False):
     model = tiny.build("qwen3_moe", seed=3)
     if use_kt:
         model = kt_sft.wrap_model(model, kt_sft.KTConfig(lora_rank=4))
     cfg = LoraConfig(
         r=4,
         lora_alpha=8,
-        target_modules=["q_proj", "v_proj"],
+        target_modules=["q_proj", "v_proj", *(["lm_head"] if lora_head else [])],
         **(kt_sft.default_expert_lora_targets(model) if use_kt else {}),
     )
     pm = (
@@ -63,13 +63,14 @@ def _lora_model(use_kt: bool):
     return pm
 
 
-@pytest.mark.parametrize("use_kt", [False, True])
-def test_chunked_loss_equals_full_logits(use_kt: bool) -> None:
+@pytest.mark.parametrize(("use_kt", "lora_head"), [(False, False), (True, False), (True, True)])
+def test_chunked_loss_equals_full_logits(use_kt: bool, lora_head: bool) -> None:
     """Summation order is the only difference: fp32 sums of ~40 token losses of ~ln(V) agree to
     a few ulps of the total (rtol 1e-5); gradients are sums of the same per-token terms (rtol
-    1e-4, atol 1e-6 for entries near 0)."""
+    1e-4, atol 1e-6 for entries near 0). A frozen plain head takes the fused path (d hidden made
+    in the forward), LoRA on the head the checkpointed one (its LoRA gradients too)."""
     torch.manual_seed(0)
-    model = _lora_model(use_kt)
+    model = _lora_model(use_kt, lora_head)
     ids, mask, labels = _batch(model.config.vocab_size)
     # 3 tokens per chunk: several chunks, one of them all prompt (-100) and skipped
     chunked = ChunkedCausalLMLoss(model, chunk_bytes=14 * model.config.vocab_size * 3)
@@ -77,6 +78,8 @@ def test_chunked_loss_equals_full_logits(use_kt: bool) -> None:
     want, want_grads = _loss_and_grads(model, _stock_loss, ids, mask, labels)
     got, got_grads = _loss_and_grads(model, lambda m, *a: chunked(*a), ids, mask, labels)
     assert chunked.chunked is True
+    head = model.get_base_model().get_output_embeddings()
+    assert (type(head) is torch.nn.Linear) is (not lora_head)
     assert got == pytest.approx(want, rel=1e-5)
     assert len(got_grads) == len(want_grads) > 0
     for g, w in zip(got_grads, want_grads):

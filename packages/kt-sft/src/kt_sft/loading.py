@@ -12,6 +12,7 @@ import os
 from typing import Any
 
 from kt_sft.config import KTConfig
+from kt_sft.host_memory import maybe_tune_malloc
 
 __all__ = ["load_model"]
 
@@ -21,7 +22,11 @@ def load_model(path: str | os.PathLike[str], cfg: KTConfig | None = None, **hf_k
 
     ``cfg`` defaults to ``KTConfig(checkpoint=path)`` read from the ``KT_*`` environment. Extra
     keyword arguments go to ``from_pretrained`` (``device`` / ``dtype`` / ``torch_dtype`` pick
-    where and how the non-expert weights load; default CPU and the checkpoint's dtype).
+    where and how the non-expert weights load; default CPU and the checkpoint's dtype). Fixes
+    glibc's mmap threshold so freed activations return to the system
+    when the loaded model holds more than half of the RAM
+    (:func:`kt_sft.host_memory.maybe_tune_malloc`; ``KT_MALLOC_TUNING=0`` / ``1``: never /
+    always).
     Architectures with ModuleList experts (remote code) load normally first, then wrap.
 
     Raises:
@@ -48,9 +53,13 @@ def load_model(path: str | os.PathLike[str], cfg: KTConfig | None = None, **hf_k
         model = AutoModelForCausalLM.from_pretrained(
             os.fspath(path), device_map={"": str(device)}, dtype=dtype or "auto", **hf_kwargs
         )
-        return wrap_model(model, cfg)
+        model = wrap_model(model, cfg)
+        maybe_tune_malloc()
+        return model
     hf_kwargs.setdefault("experts_implementation", "kt")
     model = kt_models.load_model(path, device=device, dtype=dtype, **hf_kwargs)
     with kt_models.CheckpointReader(checkpoint) as reader:
         wrap_model(model, cfg.replace(checkpoint=checkpoint), reader=reader)
+    # a model that fills RAM: freed activations go back to the system (kt_sft.host_memory)
+    maybe_tune_malloc()
     return model

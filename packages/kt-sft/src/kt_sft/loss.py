@@ -4,8 +4,11 @@ A model's forward computes the logits of every token (T × vocabulary) before th
 151,936-token vocabulary at T = 1024 that is 0.58 GiB in fp32, and the loss and its backward
 hold three or four such tensors at once — more than a 48-layer model's checkpointed activations.
 :class:`ChunkedCausalLMLoss` runs the model's decoder, then the LM head and the cross-entropy on
-a few hundred tokens at a time, each chunk under activation checkpointing (its logits are
-recomputed in backward), so at most one chunk's logits exist. Same math as
+a few hundred tokens at a time, so at most one chunk's logits exist. A frozen plain head (the
+usual LoRA case) makes each chunk's logits once and turns them into the gradient of the hidden
+states right away (as fast as the full logits: the same GEMMs); any other head (LoRA on it, a
+bias, a trainable head) runs each chunk under activation checkpointing (logits recomputed in
+backward, one more head GEMM). Same math as
 ``cross_entropy(logits[:, :-1].float(), labels[:, 1:], reduction="sum")``; only the summation
 order differs.
 
@@ -37,6 +40,44 @@ _PROBE_TOKENS = 8
 def _chunk_loss(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     logits = head(hidden).float()
     return F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
+
+
+class _FrozenHeadCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of ``F.linear(hidden, weight)`` for a frozen head, chunk by chunk,
+    with the gradient of ``hidden`` computed in the forward: each chunk's logits are made once
+    (the checkpointed path makes them twice), softmax − one-hot turns into d hidden right away,
+    and only d hidden (N × H) is kept for backward."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int
+    ) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
+        for start in range(0, hidden.shape[0], chunk):
+            y = labels[start : start + chunk]
+            valid = y != -100
+            if not bool(valid.any()):
+                continue
+            logits = F.linear(hidden[start : start + chunk], weight).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            rows = valid.nonzero().squeeze(1)
+            target = logits[rows, y[rows]]
+            total += (lse[rows] - target).sum()
+            if grad is not None:
+                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                probs[rows, y[rows]] -= 1.0
+                probs[~valid] = 0.0
+                grad[start : start + chunk] = probs.to(weight.dtype) @ weight
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        (grad,) = ctx.saved_tensors
+        if grad is None:
+            return None, None, None, None
+        return grad * grad_total.to(grad.dtype), None, None, None
 
 
 class ChunkedCausalLMLoss:
@@ -77,6 +118,15 @@ class ChunkedCausalLMLoss:
         hidden = self._decoder(input_ids=input_ids, attention_mask=attention_mask)[0]
         h = hidden[:, :-1].flatten(0, 1)
         y = labels[:, 1:].flatten().to(h.device)
+        head = self._head
+        if (
+            type(head) is torch.nn.Linear
+            and head.bias is None
+            and not head.weight.requires_grad
+            and bool((y != -100).any())
+        ):
+            # a frozen plain head (the usual case): logits once per chunk, no recompute
+            return _FrozenHeadCrossEntropy.apply(h, head.weight, y, self.chunk_tokens)
         total: torch.Tensor | None = None
         for start in range(0, h.shape[0], self.chunk_tokens):
             stop = start + self.chunk_tokens

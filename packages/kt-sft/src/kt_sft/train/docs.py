@@ -188,6 +188,13 @@ def render_configuration() -> str:
         "`profile: true`, `kt_profile` to `output_dir/engine_trace.json`.",
         "",
         *kt_options_table(),
+        "Process-wide memory settings (environment only): `KT_LORA_STAGE_MIB` (default 128) "
+        "bounds the engine's fp32 copies of the most recently run layers' LoRA weights (`0`: "
+        "only the running layer's); `KT_MALLOC_TUNING` (`1` / `0`; unset: when the loaded "
+        "model holds more than half of the RAM) fixes glibc's mmap threshold at 1 MiB so freed "
+        "activations go back to the system — lower peak RSS, slower steps "
+        "([troubleshooting](troubleshooting.md#how-much-memory-do-i-need)).",
+        "",
     ]
     default_yaml = files("kt_sft.resources").joinpath("default.yaml").read_text(encoding="utf-8")
     parts += [

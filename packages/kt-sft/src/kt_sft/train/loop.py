@@ -452,7 +452,10 @@ def _train(
             )
     model.train()
     # the loss from the LM head a few hundred tokens at a time: never the whole logits tensor
+    from kt_sft.host_memory import maybe_tune_malloc
     from kt_sft.loss import ChunkedCausalLMLoss
+
+    maybe_tune_malloc()  # a model that fills RAM: freed activations go back to the system
 
     token_loss = ChunkedCausalLMLoss(model)
     params = [p for p in model.parameters() if p.requires_grad]
