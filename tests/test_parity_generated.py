@@ -36,13 +36,18 @@ pytestmark = [
 
 kt_models = pytest.importorskip("kt_models")
 from kt_models.discover import experts_interface_model_types  # noqa: E402
-from kt_sft.coverage import check_model_type, check_streaming  # noqa: E402
+from kt_sft.coverage import StockSaveError, check_model_type, check_streaming  # noqa: E402
 
 TYPES = experts_interface_model_types()
 
 #: At least this many of the enumerated types must train at parity (a floor against silent
 #: regressions of discovery; the table in docs/models.md has the current count).
-MIN_SUPPORTED = 45
+MIN_SUPPORTED = 50
+
+#: Engine variants that must stay supported: gpt-oss (interleaved gate/up, biases, clamped GLU
+#: with alpha and (up + 1)), MiniMax-M3 (the same GLU, concatenated), HY-V4 (clamped SwiGLU) and
+#: Inkling-2 (soft-capped SwiGLU).
+VARIANT_TYPES = ("gpt_oss", "minimax_m3_vl_text", "hy_v4", "inkling2_text", "inkling2_loop_text")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -90,6 +95,9 @@ def test_enough_types_train(reports: dict[str, Any]) -> None:
         pytest.skip("runs after the per-type tests of this module")
     supported = sorted(t for t, r in reports.items() if r.status == "supported")
     assert len(supported) >= MIN_SUPPORTED, supported
+    for model_type in VARIANT_TYPES:
+        if model_type in TYPES:
+            assert model_type in supported, (model_type, reports[model_type])
 
 
 @pytest.mark.parametrize("model_type", TYPES)
@@ -102,5 +110,8 @@ def test_streamed_loading_from_a_saved_checkpoint(
     report = reports.get(model_type) or check_model_type(model_type, work_dir=tmp_path)
     if report.status != "supported":
         pytest.skip(f"{model_type} {report.status}")
-    err = check_streaming(model_type, tmp_path, second_layer=report.second_layer)
+    try:
+        err = check_streaming(model_type, tmp_path, second_layer=report.second_layer)
+    except StockSaveError as exc:
+        pytest.skip(f"{model_type}: {exc}")
     assert err <= 1e-5, f"{model_type}: streamed model logits relative error {err:.2e}"

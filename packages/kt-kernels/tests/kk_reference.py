@@ -24,8 +24,11 @@ BF16 = ml_dtypes.bfloat16
 
 __all__ = [
     "BF16",
+    "Act",
     "Case",
     "Lora",
+    "act_backward",
+    "act_forward",
     "backward",
     "bf16",
     "dequantized",
@@ -44,6 +47,79 @@ def bf16(a: np.ndarray) -> np.ndarray:
 
 def sigmoid(g: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-g))
+
+
+@dataclass(frozen=True)
+class Act:
+    """An activation variant (MoEEngine's activation options): h = f(min(g, limit)) *
+    (cap_u(clip(u, -limit, limit)) + up_offset), silu's f = cap_g(g) * sigmoid(alpha g),
+    cap_c(x) = c tanh(x / c)."""
+
+    name: str = "silu"
+    alpha: float = 1.0
+    limit: float | None = None
+    up_offset: float = 0.0
+    gate_softcap: float | None = None
+    up_softcap: float | None = None
+
+    def kwargs(self) -> dict:
+        return dict(
+            activation=self.name,
+            activation_alpha=self.alpha,
+            activation_limit=self.limit,
+            activation_up_offset=self.up_offset,
+            activation_gate_softcap=self.gate_softcap,
+            activation_up_softcap=self.up_softcap,
+        )
+
+
+def _cap(x: np.ndarray, c: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """c tanh(x / c) and its derivative (c None: x and 1)."""
+    if c is None:
+        return x, np.ones_like(x)
+    t = np.tanh(x / c)
+    return c * t, 1 - t * t
+
+
+def _f_and_df(a: Act, g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """f(g), f'(g) in float64, written from the textbook formulas."""
+    from math import erf, pi, sqrt
+
+    if a.name == "silu":
+        sg = sigmoid(a.alpha * g)
+        cg, dcg = _cap(g, a.gate_softcap)
+        return cg * sg, dcg * sg + a.alpha * cg * sg * (1 - sg)
+    if a.name == "gelu":
+        cdf = 0.5 * (1 + np.vectorize(erf)(g / sqrt(2))) if g.size else g
+        return g * cdf, cdf + g * np.exp(-0.5 * g * g) / sqrt(2 * pi)
+    if a.name == "gelu_tanh":
+        c = sqrt(2 / pi)
+        t = np.tanh(c * (g + 0.044715 * g**3))
+        return 0.5 * g * (1 + t), 0.5 * (1 + t) + 0.5 * g * (1 - t * t) * c * (
+            1 + 3 * 0.044715 * g * g
+        )
+    if a.name == "relu2":
+        r = np.maximum(g, 0)
+        return r * r, 2 * r
+    raise ValueError(a.name)
+
+
+def act_forward(a: Act, g: np.ndarray, u: np.ndarray) -> np.ndarray:
+    lim = np.inf if a.limit is None else a.limit
+    f, _ = _f_and_df(a, np.minimum(g, lim))
+    return f * (_cap(np.clip(u, -lim, lim), a.up_softcap)[0] + a.up_offset)
+
+
+def act_backward(
+    a: Act, g: np.ndarray, u: np.ndarray, dh: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """dg, du as torch's autograd gives them (clamp: the gradient passes at the range's ends)."""
+    lim = np.inf if a.limit is None else a.limit
+    f, df = _f_and_df(a, np.minimum(g, lim))
+    cu, dcu = _cap(np.clip(u, -lim, lim), a.up_softcap)
+    dg = np.where(g <= lim, dh * (cu + a.up_offset) * df, 0.0)
+    du = np.where((u >= -lim) & (u <= lim), dh * f * dcu, 0.0)
+    return dg, du
 
 
 @dataclass
@@ -77,6 +153,11 @@ class Case:
     dout: np.ndarray  # T x H float32
     lora: Lora | None
     extra: dict = field(default_factory=dict)
+    #: activation variant (None: SiLU) and frozen biases (E x I gate / up, E x H down; None: none)
+    act: Act | None = None
+    bias_g: np.ndarray | None = None
+    bias_u: np.ndarray | None = None
+    bias_d: np.ndarray | None = None
 
     @property
     def gate_up(self) -> np.ndarray:
@@ -182,12 +263,17 @@ def _forward(
             u = u + s * xau @ _f64(L.b_u[e]).T
         else:
             xag = xau = None
-        hb = bf16(g * sigmoid(g) * u)
+        if c.bias_g is not None:
+            g = g + _f64(c.bias_g[e])
+            u = u + _f64(c.bias_u[e])
+        hb = bf16(g * sigmoid(g) * u if c.act is None else act_forward(c.act, g, u))
         y = down(e, hb)
         had = None
         if L:
             had = hb @ _f64(L.a_d[e]).T
             y = y + s * had @ _f64(L.b_d[e]).T
+        if c.bias_d is not None:
+            y = y + _f64(c.bias_d[e])
         per_slot[e] = dict(tt=tt, jj=jj, xe=xe, g=g, u=u, hb=hb, y=y, xag=xag, xau=xau, had=had)
     # Combine in slot order per token (the engine's order; float64 makes order immaterial).
     for d in per_slot.values():
@@ -219,11 +305,16 @@ def backward(c: Case, cache: dict, dout: np.ndarray | None = None) -> dict:
             dyb = dy @ _f64(L.b_d[e])
             D = D + s * dyb @ _f64(L.a_d[e])
         dw[tt, jj] = np.sum(D * d["hb"], axis=1)
+        if c.bias_d is not None:
+            dw[tt, jj] += dy @ _f64(c.bias_d[e])
         dh = wv * D
         g, u = d["g"], d["u"]
-        sg = sigmoid(g)
-        dg = dh * u * sg * (1 + g * (1 - sg))
-        du = dh * g * sg
+        if c.act is None:
+            sg = sigmoid(g)
+            dg = dh * u * sg * (1 + g * (1 - sg))
+            du = dh * g * sg
+        else:
+            dg, du = act_backward(c.act, g, u, dh)
         dxe = bf16(dg) @ _f64(c.gate[e]) + bf16(du) @ _f64(c.up[e])
         if L:
             dgb = dg @ _f64(L.b_g[e])

@@ -15,6 +15,7 @@ from kt_models.discover import (
     find_experts_modules,
     unsupported_features,
 )
+from kt_models.gating import Gating, match_gating
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -83,10 +84,8 @@ def test_discovery_agrees_with_every_registered_entry(model_type: str) -> None:
 @pytest.mark.parametrize(
     ("model_type", "features"),
     [
-        ("gpt_oss", ("interleaved", "bias")),
-        ("ergo", ("has_gate=False", "relu2")),
-        ("nemotron_h", ("has_gate=False", "relu2")),
-        ("deepseek_v4", ("_apply_gate",)),
+        ("ergo", ("has_gate=False",)),
+        ("nemotron_h", ("has_gate=False",)),
     ],
 )
 def test_refusals_name_the_model_type_and_the_feature(
@@ -106,7 +105,8 @@ def test_layout_flags_and_features() -> None:
     layout = experts_layout(experts)
     assert not layout.has_gate and layout.is_transposed and layout.activation == "relu2"
     assert not layout.is_default and "is_transposed" in layout.variant
-    assert len(unsupported_features(layout)) == 2  # transposed storage is repacked at load
+    # transposed storage is repacked at load, relu2 is an engine activation: the gate is missing
+    assert len(unsupported_features(layout)) == 1
     qwen = tiny.build("qwen3_moe")
     (_, experts), *_ = find_experts_modules(qwen)
     layout = experts_layout(experts)
@@ -164,7 +164,10 @@ def test_gate_override_computing_the_default_is_accepted() -> None:
     assert get_arch_spec(beam).discovered is not None
     clamped = tiny.build_any("deepseek_v4")  # clamps gate and up: a different function
     (_, experts), *_ = find_experts_modules(clamped)
-    assert not gate_is_default(experts) and experts_layout(experts).custom_gate
+    layout = experts_layout(experts)
+    assert not gate_is_default(experts) and layout.custom_gate
+    assert layout.gating is not None and layout.gating.limit == 10.0  # a clamp the engine runs
+    assert unsupported_features(layout) == []
 
 
 def test_transposed_storage_is_repacked_not_refused() -> None:
@@ -181,3 +184,66 @@ def test_transposed_storage_is_repacked_not_refused() -> None:
         spec.intermediate_size(model.config),
     ) == (e, h, two_i // 2)
     assert spec.checkpoint_fused_transposed
+
+
+@pytest.mark.parametrize(
+    ("model_type", "want"),
+    [
+        ("gpt_oss", Gating("silu", 1.702, 7.0, 1.0, interleaved=True)),
+        ("inkling2_text", Gating("silu", gate_softcap=4.0, up_softcap=25.0)),
+        ("minimax_m3_vl_text", Gating("silu", 1.702, 7.0, 1.0)),
+        ("hy_v4", Gating("silu", 1.0, 10.0, 0.0)),
+        ("deepseek_v4", Gating("silu", 1.0, 10.0, 0.0)),
+        ("qwen3_moe", Gating()),
+    ],
+)
+def test_gatings_are_read_from_apply_gate(model_type: str, want: Gating) -> None:
+    """The gating found for each family is the one its _apply_gate computes: the engine's
+    formula (Gating.apply) agrees with the class's own on inputs far past the limit, and the
+    layout is then supported (gpt-oss: interleaved gate/up, biases and the clamped GLU)."""
+    import torch
+
+    model = tiny.build_any(model_type)
+    (_, experts), *_ = find_experts_modules(model)
+    layout = experts_layout(experts)
+    got = layout.gating
+    assert got is not None
+    assert (got.activation, got.limit, got.up_offset, got.interleaved) == (
+        want.activation,
+        want.limit,
+        want.up_offset,
+        want.interleaved,
+    )
+    assert (got.gate_softcap, got.up_softcap) == (want.gate_softcap, want.up_softcap)
+    assert got.alpha == pytest.approx(want.alpha)
+    assert unsupported_features(layout) == []
+    gen = torch.Generator().manual_seed(1)
+    probe = torch.randn(8, 2 * layout.intermediate_size, generator=gen) * 20
+    with torch.no_grad():
+        torch.testing.assert_close(
+            got.apply(probe), type(experts)._apply_gate(experts, probe), rtol=1e-5, atol=1e-5
+        )
+    assert discover_arch_spec(model).discovered is not None
+    if model_type == "gpt_oss":
+        assert layout.has_bias and not layout.is_concatenated
+        assert "gating silu, alpha 1.702, limit 7, up + 1" in layout.variant
+
+
+def test_gating_candidates_need_an_exact_match() -> None:
+    """A gating is found only when the engine's formula reproduces the override: the limit is
+    the module's own (changed here), and a soft-capped GLU is no member of the family."""
+    model = tiny.build_any("gpt_oss")
+    (_, experts), *_ = find_experts_modules(model)
+    experts.limit = 3.0
+    assert match_gating(experts, 16).limit == 3.0
+
+    class Softcapped(type(experts)):  # type: ignore[misc]
+        def _apply_gate(self, gate_up):
+            gate, up = gate_up[..., ::2], gate_up[..., 1::2]
+            return 30 * (gate / 30).tanh() * (gate * 1.702).sigmoid() * (up + 1)
+
+    experts.__class__ = Softcapped
+    assert match_gating(experts, 16) is None
+    layout = experts_layout(experts)
+    (problem,) = unsupported_features(layout)
+    assert "custom gating" in problem and "Softcapped._apply_gate" in problem

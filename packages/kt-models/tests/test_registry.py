@@ -153,14 +153,13 @@ def test_unsupported_type_lists_supported_and_how_to_register() -> None:
     assert info.value.model_type == "llama"
 
 
-def test_gpt_oss_is_refused_with_a_reason() -> None:
+def test_gpt_oss_is_discovered_not_refused() -> None:
+    """gpt-oss's interleaved, biased, clamped-GLU experts are an engine variant now."""
     from transformers import AutoConfig
 
-    config = AutoConfig.for_model("gpt_oss")
-    with pytest.raises(UnsupportedArchitectureError, match="interleaved") as info:
-        get_arch_spec(config)
-    assert info.value.reason and "bias" in info.value.reason
-    assert "gpt_oss" in kt_models.refused_model_types()
+    spec = get_arch_spec(AutoConfig.for_model("gpt_oss"))
+    assert spec.discovered is not None and spec.checkpoint_fused_transposed
+    assert "gpt_oss" not in kt_models.refused_model_types()
 
 
 def test_text_config_nesting_for_vision_language_configs() -> None:

@@ -64,7 +64,9 @@ def test_overrides_reach_the_config() -> None:
 
 def test_unknown_or_refused_type() -> None:
     with pytest.raises(kt_models.UnsupportedArchitectureError):
-        tiny.build("gpt_oss")
+        tiny.build("nemotron_h")  # no gate projection
+    with pytest.raises(KeyError, match="no tiny config"):
+        tiny.build("gpt_oss")  # discovered, built with tiny.build_any
 
 
 @pytest.mark.parametrize("shard_size", [None, "50KB"])

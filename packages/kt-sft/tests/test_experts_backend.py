@@ -86,7 +86,18 @@ def test_options_record_is_built_from_ktconfig_field_by_field() -> None:
         "num_threads": None,
         "isa": cfg.isa,
         "tp": 2,
+        "activation_alpha": 1.0,
+        "activation_limit": None,
+        "activation_up_offset": 0.0,
+        "activation_gate_softcap": None,
+        "activation_up_softcap": None,
     }
+    # a layer's gating (kt_models.gating) rides along
+    clamped = ExpertsOptions.from_config(
+        cfg, activation_options={"activation_alpha": 1.702, "activation_limit": 7.0}
+    )
+    assert (clamped.activation_alpha, clamped.activation_limit) == (1.702, 7.0)
+    assert clamped.engine_kwargs()["activation_limit"] == 7.0
     with pytest.raises(dataclasses.FrozenInstanceError):
         options.tp = 1  # type: ignore[misc]
     # tp=0 in KTConfig: one slice per NUMA node (the engine's tp=None).
@@ -103,7 +114,7 @@ def test_lora_alpha_has_one_form() -> None:
 
 def test_every_engine_constructor_option_is_reachable_from_ktconfig() -> None:
     """Each keyword of ``MoEEngine.__init__`` is a field of the record, and each field of the
-    record (but the layer's own activation / layout decisions) is a KTConfig field."""
+    record (but the layer's own activation / gating decisions) is a KTConfig field."""
     kk = pytest.importorskip("kt_kernels")
     params = inspect.signature(kk.MoEEngine.__init__).parameters
     engine_options = {n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
@@ -112,7 +123,20 @@ def test_every_engine_constructor_option_is_reachable_from_ktconfig() -> None:
         ExpertsOptions().engine_kwargs()
     )
     assert engine_options <= record
-    assert record - {"activation"} <= {f.name for f in dataclasses.fields(KTConfig)}
+    layer_own = {"activation"} | {
+        n
+        for n in record
+        if n.startswith("activation_") and n not in ("activation_dtype", "activation_policy")
+    }
+    assert layer_own == {
+        "activation",
+        "activation_alpha",
+        "activation_limit",
+        "activation_up_offset",
+        "activation_gate_softcap",
+        "activation_up_softcap",
+    }
+    assert record - layer_own <= {f.name for f in dataclasses.fields(KTConfig)}
 
 
 def test_options_are_gated_by_the_engine_abi() -> None:
@@ -126,7 +150,10 @@ def test_options_are_gated_by_the_engine_abi() -> None:
     new = engine_kwargs(wide, abi=5)
     assert (new["tp"], new["activation_dtype"]) == (2, "int8")
     with pytest.raises(EngineUnavailableError, match="activation='gelu'"):
-        engine_kwargs(ExpertsOptions(activation="gelu"), abi=10**6)
+        engine_kwargs(ExpertsOptions(activation="gelu"), abi=5)
+    with pytest.raises(EngineUnavailableError, match=r"activation_limit=7\.0"):
+        engine_kwargs(ExpertsOptions(activation_limit=7.0), abi=5)
+    assert engine_kwargs(ExpertsOptions(activation="gelu"), abi=6)["activation"] == "gelu"
     assert set(OPTION_ABI) <= set(ExpertsOptions().engine_kwargs())
 
 

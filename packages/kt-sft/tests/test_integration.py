@@ -21,6 +21,7 @@ from kt_sft.testing import copy_lora, make_batch, rel_err
 
 kt_models = pytest.importorskip("kt_models")
 tiny = pytest.importorskip("kt_models.tiny")
+discover = pytest.importorskip("kt_models.discover")
 
 EXACT = {"backend": "torch", "weight_dtype": "fp32"}
 
@@ -87,31 +88,50 @@ def test_unsupported_model_type_lists_supported_ones() -> None:
         assert name in str(err.value)
 
 
-def test_gpt_oss_experts_are_refused_with_reasons() -> None:
-    from transformers import AutoModelForCausalLM, GptOssConfig
-
+def test_unsupported_experts_are_refused_with_reasons() -> None:
+    """A gating outside the engine's family and experts without a gate projection are refused,
+    naming the feature."""
     from kt_sft.hf_experts import check_hf_flags as _check_hf_flags
 
-    model = AutoModelForCausalLM.from_config(
-        GptOssConfig(
-            num_hidden_layers=1,
-            hidden_size=32,
-            intermediate_size=16,
-            num_local_experts=4,
-            num_experts_per_tok=2,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            head_dim=16,
-            vocab_size=64,
-            layer_types=["full_attention"],
-        )
-    )
-    with pytest.raises(kt_models.UnsupportedArchitectureError, match="gpt_oss"):
-        kt_sft.wrap_model(model, exact_cfg())
+    model = tiny.build_any("gpt_oss")
+    experts = discover.find_experts_modules(model)[0][1]
+
+    class OddGate(type(experts)):  # type: ignore[misc]
+        def _apply_gate(self, gate_up):
+            gate, up = gate_up[..., ::2], gate_up[..., 1::2]
+            return torch.sin(gate) * up  # no member of the engine's family
+
+    experts.__class__ = OddGate
     with pytest.raises(kt_sft.KTUnsupportedExpertsError) as err:
-        _check_hf_flags(model.model.layers[0].mlp.experts, "gpt_oss experts")
-    for flag in ("is_concatenated=False", "has_bias=True", "_apply_gate"):
-        assert flag in str(err.value)
+        _check_hf_flags(experts, "odd experts")
+    assert "OddGate._apply_gate" in str(err.value) and "custom gating" in str(err.value)
+    nemotron = discover.find_experts_modules(tiny.build_any("nemotron_h"))[0][1]
+    with pytest.raises(kt_sft.KTUnsupportedExpertsError, match="has_gate=False"):
+        _check_hf_flags(nemotron, "nemotron_h experts")
+
+
+def test_gpt_oss_gating_biases_and_interleave_are_read() -> None:
+    """gpt-oss's experts give the engine its clamped GLU (alpha 1.702, limit 7, up + 1),
+    interleaved gate/up (split LoRA) and biases."""
+    from kt_sft.hf_experts import check_hf_flags as _check_hf_flags
+
+    model = tiny.build_any("gpt_oss")
+    experts = discover.find_experts_modules(model)[0][1]
+    gating = _check_hf_flags(experts, "gpt_oss experts")
+    assert (gating.activation, gating.alpha, gating.limit, gating.up_offset) == (
+        "silu",
+        pytest.approx(1.702),
+        7.0,
+        1.0,
+    )
+    assert gating.interleaved and experts.has_bias
+    wrapped = kt_sft.wrap_model(model, exact_cfg())
+    try:
+        layer = kt_sft.inject.get_layer_engine(experts)
+        assert layer.lora_layout == "split"
+        assert layer.activation_options["activation_up_offset"] == 1.0
+    finally:
+        kt_sft.close(wrapped)
 
 
 def test_from_pretrained_with_kt_experts_implementation(

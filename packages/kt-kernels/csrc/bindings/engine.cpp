@@ -29,7 +29,10 @@ class PyEngine {
            int64_t lora_rank, py::object lora_alpha, const std::string& lora_layout,
            const std::string& weight_dtype, int64_t max_tokens, int64_t max_cache_depth,
            py::object num_threads, py::object isa, int64_t group_size, py::object tp,
-           const std::string& activation_dtype, const std::string& activation_policy) {
+           const std::string& activation_dtype, const std::string& activation_policy,
+           const std::string& activation, double activation_alpha, py::object activation_limit,
+           double activation_up_offset, py::object activation_gate_softcap,
+           py::object activation_up_softcap) {
     engine::EngineConfig cfg;
     cfg.num_experts = num_experts;
     cfg.top_k = top_k;
@@ -53,6 +56,16 @@ class PyEngine {
     cfg.group_size = group_size;
     cfg.activation_dtype = activation_dtype;
     cfg.activation_policy = activation_policy;
+    cfg.activation = activation;
+    cfg.activation_alpha = activation_alpha;
+    if (!activation_limit.is_none()) cfg.activation_limit = activation_limit.cast<double>();
+    cfg.activation_up_offset = activation_up_offset;
+    if (!activation_gate_softcap.is_none()) {
+      cfg.activation_gate_softcap = activation_gate_softcap.cast<double>();
+    }
+    if (!activation_up_softcap.is_none()) {
+      cfg.activation_up_softcap = activation_up_softcap.cast<double>();
+    }
     if (tp.is_none()) {
       cfg.tp = 0;  // one slice per NUMA node
     } else {
@@ -141,6 +154,17 @@ class PyEngine {
     if (!a_d->view.present) throw engine::TypeError("down: expected an array, got None");
     py::gil_scoped_release nogil;
     e.load_weights(a_gu->view, a_g->view, a_u->view, a_d->view);
+  }
+
+  void set_biases(py::object gate_up, py::object gate, py::object up, py::object down) {
+    CallGuard guard(state_, "set_biases");
+    engine::MoEEngine& e = live("set_biases");
+    auto a_gu = import_array(gate_up, "gate_up");
+    auto a_g = import_array(gate, "gate");
+    auto a_u = import_array(up, "up");
+    auto a_d = import_array(down, "down");
+    py::gil_scoped_release nogil;
+    e.set_biases(a_gu->view, a_g->view, a_u->view, a_d->view);
   }
 
   void load_quantized(py::object gate_up, py::object gate_up_scale, py::object gate,
@@ -368,14 +392,21 @@ void register_engine(py::module_& m) {
   py::class_<PyEngine>(m, "MoEEngine")
       .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, py::object, const std::string&,
                     const std::string&, int64_t, int64_t, py::object, py::object, int64_t,
-                    py::object, const std::string&, const std::string&>(),
+                    py::object, const std::string&, const std::string&, const std::string&, double,
+                    py::object, double, py::object, py::object>(),
            py::arg("num_experts"), py::arg("top_k"), py::arg("hidden_size"),
            py::arg("intermediate_size"), py::kw_only(), py::arg("lora_rank") = 0,
            py::arg("lora_alpha") = py::none(), py::arg("lora_layout") = "fused",
            py::arg("weight_dtype") = "bf16", py::arg("max_tokens") = 4096,
            py::arg("max_cache_depth") = 1, py::arg("num_threads") = py::none(),
            py::arg("isa") = py::none(), py::arg("group_size") = 128, py::arg("tp") = 1,
-           py::arg("activation_dtype") = "bf16", py::arg("activation_policy") = "retain")
+           py::arg("activation_dtype") = "bf16", py::arg("activation_policy") = "retain",
+           py::arg("activation") = "silu", py::arg("activation_alpha") = 1.0,
+           py::arg("activation_limit") = py::none(), py::arg("activation_up_offset") = 0.0,
+           py::arg("activation_gate_softcap") = py::none(),
+           py::arg("activation_up_softcap") = py::none())
+      .def("set_biases", &PyEngine::set_biases, py::kw_only(), py::arg("gate_up") = py::none(),
+           py::arg("gate") = py::none(), py::arg("up") = py::none(), py::arg("down") = py::none())
       .def("load_weights", &PyEngine::load_weights, py::kw_only(), py::arg("gate_up") = py::none(),
            py::arg("gate") = py::none(), py::arg("up") = py::none(), py::arg("down") = py::none())
       .def("load_quantized_weights", &PyEngine::load_quantized, py::kw_only(),
@@ -427,6 +458,25 @@ void register_engine(py::module_& m) {
           [](PyEngine& p, const std::string& policy) {
             p.live("activation_policy").set_activation_policy(policy);
           })
+      .def_property_readonly(
+          "activation",
+          [](const PyEngine& p) {
+            const engine::activation::Spec& a = p.get("activation").activation();
+            py::dict d;
+            d["name"] = engine::activation::name(a.kind);
+            d["alpha"] = a.alpha;
+            d["limit"] = std::isinf(a.limit) ? py::object(py::none()) : py::float_(a.limit);
+            d["up_offset"] = a.up_offset;
+            d["gate_softcap"] =
+                std::isinf(a.gate_cap) ? py::object(py::none()) : py::float_(a.gate_cap);
+            d["up_softcap"] = std::isinf(a.up_cap) ? py::object(py::none()) : py::float_(a.up_cap);
+            return d;
+          })
+      .def_property_readonly("has_biases",
+                             [](const PyEngine& p) {
+                               const engine::MoEEngine& e = p.get("has_biases");
+                               return py::make_tuple(e.has_gate_up_bias(), e.has_down_bias());
+                             })
       .def_property_readonly("weights_loaded", [](const PyEngine& p) {
         return p.get("weights_loaded").weights_loaded();
       });

@@ -18,8 +18,9 @@ namespace py = pybind11;
 // can gate on features without parsing versions.
 // 2: MoEEngine, ISA selection; 3: profiler, int8/int4 weights; 4: worker groups per tp slice
 // (MoEEngine.pinned_threads, numa_node_count), activation_dtype (W8A8); 5: activation_policy,
-// memory_stats / reset_memory_peaks / trim_memory.
-constexpr int kAbiVersion = 5;
+// memory_stats / reset_memory_peaks / trim_memory; 6: activation variants (activation_*),
+// set_biases, the process-wide LoRA stage.
+constexpr int kAbiVersion = 6;
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "kt-kernels compiled engine";

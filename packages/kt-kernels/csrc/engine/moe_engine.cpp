@@ -439,6 +439,10 @@ MoEEngine::MoEEngine(const EngineConfig& cfg) : cfg_(cfg) {
   if (!k_.silu_mul) k_.silu_mul = ref.silu_mul;
   if (!k_.silu_mul_bwd) k_.silu_mul_bwd = ref.silu_mul_bwd;
   if (!k_.pack_transposed) k_.pack_transposed = ref.pack_transposed;
+  act_ = activation::parse(cfg.activation, cfg.activation_alpha, cfg.activation_limit,
+                           cfg.activation_up_offset, cfg.activation_gate_softcap,
+                           cfg.activation_up_softcap);
+  act_kernels_ = act_.is_default();
   qk_ = &kernels::quant_kernels(isa_);
   fused_rows_ = fused_rows_setting(k_, wkind_);
   threads_ = cfg.num_threads > 0 ? cfg.num_threads : runtime::default_thread_count();
@@ -1330,6 +1334,9 @@ void MoEEngine::run_forward(Ctx& c) {
         k.gemm_f32_nn(M, kBlockN * nb, r, s, had + tl.m0 * r, r,
                       bd_t_ + tl.e * r * Hb + kBlockN * tl.n0, Hb, C, ldy, true);
       }
+      if (si == 0 && !bias_d_.empty()) {
+        add_bias(bias_d_, tl.e, Hb, kBlockN * tl.n0, kBlockN * nb, M, C, ldy);
+      }
     });
     clock.mark("down");
 
@@ -1379,6 +1386,7 @@ void MoEEngine::gate_up_phase(const int64_t* off, const bf16* xg, const int8_t* 
       k.gemm_f32_nn(M, ncols, RA, s, xa + tl.m0 * RA, RA, bgu_t_ + tl.e * RA * 2 * Ib + 32 * tl.n0,
                     2 * Ib, C, ldc, true);
     }
+    if (!bias_gu_.empty()) add_bias(bias_gu_, tl.e, 2 * Ib, 32 * tl.n0, ncols, M, C, ldc);
     if (hb == nullptr) return;
     float* g = local_buf<float>(th, kL0, M * nh);
     float* u = local_buf<float>(th, kL1, M * nh);
@@ -1388,7 +1396,7 @@ void MoEEngine::gate_up_phase(const int64_t* off, const bf16* xg, const int8_t* 
         std::memcpy(u + m * nh + 16 * q, C + m * ldc + 32 * q + 16, 16 * sizeof(float));
       }
     }
-    k.silu_mul(M * nh, g, u, g);
+    activation::forward(act_, act_kernels_, k, M * nh, g, u, g);
     const bool last = tl.n1 == n_pairs;
     for (int64_t m = 0; m < M; ++m) {
       bf16* hrow = hb + (tl.m0 + m) * KpI;
@@ -1574,11 +1582,14 @@ void MoEEngine::run_backward(Ctx& c) {
   const int64_t n_dwp = S * n_ichunks;
   const int64_t n_gbp = lora ? S * n_ichunks * RA : 0;
   const int64_t n_gb = lora ? S * RA : 0;
-  float* small = shared_buf<float>(kSlotSmall, n_dyb + n_dwp + n_gbp + n_gb + 16);
+  const bool dbias = !bias_d_.empty();
+  const int64_t n_dwb = dbias ? S : 0;
+  float* small = shared_buf<float>(kSlotSmall, n_dyb + n_dwp + n_gbp + n_gb + n_dwb + 16);
   float* dyb = small;              // S x r: dY Bd
   float* dwpart = dyb + n_dyb;     // S x n_ichunks
   float* gbpart = dwpart + n_dwp;  // S x n_ichunks x RA
   float* gbsum = gbpart + n_gbp;   // S x RA: dGU B
+  float* dwb = gbsum + n_gb;       // S: dY . b_down[e] (down bias share of dw)
 
   std::vector<Tile> tiles;
   for (int64_t e = 0; e < E; ++e) {
@@ -1593,6 +1604,7 @@ void MoEEngine::run_backward(Ctx& c) {
     for (int64_t p = tl.m0; p < tl.m1; ++p) {
       std::memcpy(dyg + p * KpH, dtok + slot_tok[p] * KpH, static_cast<size_t>(KpH) * sizeof(bf16));
     }
+    if (dbias) down_bias_dw(tl.e, M, dyg + tl.m0 * KpH, KpH, dwb + tl.m0);
     if (lora) {
       float* yf = local_buf<float>(th, kL0, M * H);
       for (int64_t m = 0; m < M; ++m) k.cvt_bf16_f32(H, dyg + (tl.m0 + m) * KpH, yf + m * H);
@@ -1650,7 +1662,7 @@ void MoEEngine::run_backward(Ctx& c) {
         }
       }
       // h exactly as forward fed it to the down projection (rounded to bf16).
-      k.silu_mul(M * ni, G, U, Hh);
+      activation::forward(act_, act_kernels_, k, M * ni, G, U, Hh);
       for (int64_t m = 0; m < M; ++m) {
         float* hr = Hh + m * ni;
         for (int64_t c2 = 0; c2 < ni; ++c2)
@@ -1671,8 +1683,8 @@ void MoEEngine::run_backward(Ctx& c) {
         float* dg = dGU + m * 2 * ni;
         for (int64_t q = 0; q < np; ++q) {
           // Per 16 columns: gate into [32q, 32q + 16), up into [32q + 16, 32q + 32).
-          k.silu_mul_bwd(16, G + m * ni + 16 * q, U + m * ni + 16 * q, D + m * ni + 16 * q,
-                         dg + 32 * q, dg + 32 * q + 16);
+          activation::backward(act_, act_kernels_, k, 16, G + m * ni + 16 * q, U + m * ni + 16 * q,
+                               D + m * ni + 16 * q, dg + 32 * q, dg + 32 * q + 16);
         }
         bf16* out = dgu + (m0 + m) * 2 * Ib + 32 * tl.n0;
         k.cvt_f32_bf16(2 * ni, dg, out);
@@ -1740,6 +1752,7 @@ void MoEEngine::run_backward(Ctx& c) {
         float v = 0.0f;
         if (p >= 0) {
           for (int64_t ch = 0; ch < n_ichunks; ++ch) v += dwpart[p * n_ichunks + ch];
+          if (dbias) v += dwb[p];
           if (lora) {
             float* dst = gbsum + p * RA;
             std::fill(dst, dst + RA, 0.0f);

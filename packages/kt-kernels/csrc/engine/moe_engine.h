@@ -9,8 +9,8 @@
 //   quantize_x W8A8 only: bf16 x rows -> int8 codes + scale per token, gathered into expert order
 //   gather     per (expert, row chunk): x rows into expert order; LoRA x A^T
 //   gate_up    per (expert, row chunk, column chunk): [g | u] = x Wgu^T + s (x A^T) B^T,
-//              h = silu(g) * u (gate and up blocks are interleaved in the packed weight, so a tile
-//              holds both halves of its columns)
+//              h = act(g, u) (engine/activation.h; gate and up blocks are interleaved in the
+//              packed weight, so a tile holds both halves of its columns)
 //   quantize_h W8A8 only: h rows -> int8 codes + scale per row (over all of I)
 //   lora_hd    per (expert, row chunk): h Ad^T
 //   down       per (expert, row chunk, column chunk): y = h Wd^T + s (h Ad^T) Bd^T, per slot
@@ -33,12 +33,14 @@
 #include <chrono>
 #include <cstdint>
 #include <functional>
+#include <limits>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <string>
 #include <vector>
 
+#include "engine/activation.h"
 #include "engine/quant.h"
 #include "engine/tensor.h"
 #include "kernels/kernels.h"
@@ -67,6 +69,16 @@ struct EngineConfig {
   // What a forward that saves for backward keeps: "retain" (the gate/up outputs, so backward
   // reads them) or "recompute" (only the inputs; backward recomputes gate/up, bit for bit).
   std::string activation_policy = "retain";
+  // The expert activation (engine/activation.h): "silu", "gelu", "gelu_tanh" or "relu2";
+  // activation_alpha scales the sigmoid's input (silu only), activation_limit clamps gate (above)
+  // and up (both sides; +inf: no clamp), activation_up_offset is added to the clamped up.
+  std::string activation = "silu";
+  double activation_alpha = 1.0;
+  double activation_limit = std::numeric_limits<double>::infinity();
+  double activation_up_offset = 0.0;
+  // Soft-caps c tanh(x / c) of the gate's linear factor and of up ("silu" only; +inf: none).
+  double activation_gate_softcap = std::numeric_limits<double>::infinity();
+  double activation_up_softcap = std::numeric_limits<double>::infinity();
 };
 
 // LoRA arrays as the caller gives them (any float dtype the engine accepts, any strides).
@@ -119,6 +131,14 @@ class MoEEngine {
                       const View& gate_scale, const View& up, const View& up_scale,
                       const View& down, const View& down_scale);
   quant::Kind weight_kind() const { return wkind_; }
+  const activation::Spec& activation() const { return act_; }
+
+  // Frozen biases (engine/bias.cpp), added to the projections' outputs: gate_up (E, 2I) gate
+  // first, or gate and up (E, I) each; down (E, H). float32 or bfloat16, any strides; copied
+  // now. Any may be absent (no bias there); a call replaces every earlier one.
+  void set_biases(const View& gate_up, const View& gate, const View& up, const View& down);
+  bool has_gate_up_bias() const { return !bias_gu_.empty(); }
+  bool has_down_bias() const { return !bias_d_.empty(); }
 
   // Binds LoRA weights and gradient arrays (written in backward). The caller keeps the arrays
   // alive while bound. Values are read by the next forward or backward after set_lora() or
@@ -164,7 +184,7 @@ class MoEEngine {
   void run_backward(Ctx& c);
   // The gate_up tiles over the routed rows (offsets off): [g | u] = x Wgu^T + s (x A^T) Bgu^T into
   // gu (S x 2Ib fp32; null: only per tile, in thread scratch), from the bf16 rows xg (or, W8A8,
-  // the codes xq with row scales sxq); with hb, also h = silu(g) * u as bf16 rows of KpI. The
+  // the codes xq with row scales sxq); with hb, also h = act(g, u) as bf16 rows of KpI. The
   // same tiles whoever calls, so the same bits.
   void gate_up_phase(const int64_t* off, const kernels::bf16* xg, const int8_t* xq,
                      const float* sxq, const float* xa, bool lora, float* gu,
@@ -276,6 +296,18 @@ class MoEEngine {
   // over its columns of I, from the h codes (stride ldq) and their row scales.
   void w8a8_down_tile(int s, int64_t e, int64_t b0, int64_t nb, int64_t M, const int8_t* hq,
                       int64_t ldq, const float* sh, float* C, int64_t ldc, int th, int slot) const;
+
+  // Activation variant, resolved at construction; act_kernels_: the ISA's silu_mul pair computes
+  // it.
+  activation::Spec act_;
+  bool act_kernels_ = true;
+  // Biases (float32): E x 2Ib in the gu column order (per 16 columns gate, then up); E x Hb.
+  Buf bias_gu_, bias_d_;
+  // C[m, c] += bias[e * ld_bias + c0 + c] for M rows of n columns.
+  static void add_bias(const Buf& bias, int64_t e, int64_t ld_bias, int64_t c0, int64_t n,
+                       int64_t M, float* C, int64_t ldc);
+  // dw[m] = dY[m] . b_down[e] for M bf16 rows of dY (stride ld).
+  void down_bias_dw(int64_t e, int64_t M, const kernels::bf16* dy, int64_t ld, float* dw) const;
 
   // LoRA: the caller's arrays, and where their fp32 kernel-layout copy lies in the LoRA stage
   // while this engine runs (set by stage_lora(); valid only under the engine lock).

@@ -44,10 +44,23 @@ class MoEEngine:
         tp: int | None = 1,
         activation_dtype: str = "bf16",
         activation_policy: str = "retain",
+        activation: str = "silu",
+        activation_alpha: float = 1.0,
+        activation_limit: float | None = None,
+        activation_up_offset: float = 0.0,
+        activation_gate_softcap: float | None = None,
+        activation_up_softcap: float | None = None,
     ) -> None: ...
     def load_weights(
         self, *, gate_up: Any = None, gate: Any = None, up: Any = None, down: Any = None
     ) -> None: ...
+    def set_biases(
+        self, *, gate_up: Any = None, gate: Any = None, up: Any = None, down: Any = None
+    ) -> None: ...
+    @property
+    def activation(self) -> dict[str, Any]: ...
+    @property
+    def has_biases(self) -> tuple[bool, bool]: ...
     def load_quantized_weights(
         self,
         *,

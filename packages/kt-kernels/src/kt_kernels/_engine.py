@@ -115,6 +115,19 @@ class MoEEngine:
         num_threads: threads of the process-wide worker pool this engine uses (None:
             ``KT_NUM_THREADS``, else one per physical core).
         isa: kernel ISA (None: ``KT_KERNELS_ISA``, else the best runnable one).
+        activation: the experts' activation ``f`` in ``h = f(g) * u``: ``"silu"`` (default),
+            ``"gelu"`` (erf), ``"gelu_tanh"`` (tanh approximation, transformers'
+            ``gelu_pytorch_tanh``) or ``"relu2"`` (``max(g, 0)^2``).
+        activation_alpha: ``"silu"`` only: ``f(g) = g * sigmoid(alpha * g)`` (gpt-oss: 1.702).
+        activation_limit: clamp ``g`` to at most ``limit`` and ``u`` to ``[-limit, limit]``
+            before the activation (None: no clamp). Backward follows ``torch.clamp``: no
+            gradient outside the range, the full gradient at its ends.
+        activation_up_offset: added to the clamped ``u`` (gpt-oss: ``(u + 1)``).
+        activation_gate_softcap, activation_up_softcap: ``"silu"`` only: soft-caps
+            ``c * tanh(x / c)`` of the gate's linear factor (``cap(g) * sigmoid(alpha * g)``)
+            and of ``u`` (Inkling-2: 4 and 25; None: no cap).
+            The default (SiLU, no clamp, no offset) runs the ISA's vectorized kernels; every
+            other choice runs portable code on each ISA (the GEMMs stay the ISA's).
 
     Threads: calls on one engine must not overlap. A call made while another Python thread is
     inside one on the same engine raises ``RuntimeError`` at once (it would otherwise consume the
@@ -144,6 +157,12 @@ class MoEEngine:
         tp: int | None = 1,
         activation_policy: Literal["retain", "recompute"] = "retain",
         activation_dtype: Literal["bf16", "int8"] = "bf16",
+        activation: Literal["silu", "gelu", "gelu_tanh", "relu2"] = "silu",
+        activation_alpha: float = 1.0,
+        activation_limit: float | None = None,
+        activation_up_offset: float = 0.0,
+        activation_gate_softcap: float | None = None,
+        activation_up_softcap: float | None = None,
     ) -> None:
         try:
             self._eng = _core.MoEEngine(
@@ -163,6 +182,12 @@ class MoEEngine:
                 tp=tp,
                 activation_dtype=activation_dtype,
                 activation_policy=activation_policy,
+                activation=activation,
+                activation_alpha=activation_alpha,
+                activation_limit=activation_limit,
+                activation_up_offset=activation_up_offset,
+                activation_gate_softcap=activation_gate_softcap,
+                activation_up_softcap=activation_up_softcap,
             )
         finally:
             _emit_dispatch_warnings()
@@ -232,6 +257,35 @@ class MoEEngine:
         the arrays may be freed afterwards.
         """
         self._eng.load_weights(gate_up=gate_up, gate=gate, up=up, down=down)
+
+    @property
+    def activation(self) -> dict[str, Any]:
+        """The activation variant: ``{"name", "alpha", "limit", "up_offset", "gate_softcap",
+        "up_softcap"}`` (None: no clamp / cap)."""
+        return dict(self._eng.activation)
+
+    def set_biases(
+        self,
+        *,
+        gate_up: Array | None = None,
+        gate: Array | None = None,
+        up: Array | None = None,
+        down: Array | None = None,
+    ) -> None:
+        """Set frozen biases of the projections (float32 or bfloat16, any strides; copied).
+
+        ``gate_up`` (E, 2I) gate first, or ``gate`` and ``up`` (E, I) each; ``down`` (E, H). Any
+        may be omitted (no bias there); each call replaces the earlier biases. Forward adds them
+        to the projections' outputs (``g``, ``u`` before the activation; ``y`` before the routing
+        weight); backward's ``grad_input`` and ``grad_routing_weights`` include them. LoRA does
+        not train them.
+        """
+        self._eng.set_biases(gate_up=gate_up, gate=gate, up=up, down=down)
+
+    @property
+    def has_biases(self) -> tuple[bool, bool]:
+        """Whether the engine holds a (gate/up, down) bias."""
+        return tuple(self._eng.has_biases)  # type: ignore[return-value]
 
     def load_quantized_weights(
         self,

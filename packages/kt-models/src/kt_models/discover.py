@@ -30,10 +30,13 @@ from torch import nn
 
 from kt_models.config_fields import ACTIVATION_FIELDS, get_field, text_config
 from kt_models.errors import UnsupportedArchitectureError
+from kt_models.gating import ENGINE_ACTIVATIONS as _ENGINE_ACTIVATIONS
+from kt_models.gating import Gating, match_gating
 
 __all__ = [
     "DEFAULT_LAYOUT",
     "ENGINE_ACTIVATIONS",
+    "ENGINE_FLAGS",
     "REPACKED_AT_LOAD",
     "ExpertsLayout",
     "discover_arch_spec",
@@ -56,10 +59,14 @@ DEFAULT_LAYOUT: dict[str, bool] = {
 }
 
 #: Layout flags kt handles by repacking the weights at load (the engine's loops unchanged).
-REPACKED_AT_LOAD: tuple[str, ...] = ("is_transposed",)
+#: Interleaved gate/up is de-interleaved at load when the gating (kt_models.gating) reads it so.
+REPACKED_AT_LOAD: tuple[str, ...] = ("is_transposed", "is_concatenated")
+
+#: Layout flags the engine computes as they are: frozen biases (engine ``set_biases``).
+ENGINE_FLAGS: tuple[str, ...] = ("has_bias",)
 
 #: Gate activations (transformers ``ACT2FN`` names) the compiled engine computes.
-ENGINE_ACTIVATIONS: tuple[str, ...] = ("silu", "swish")
+ENGINE_ACTIVATIONS: tuple[str, ...] = tuple(_ENGINE_ACTIVATIONS)
 
 _FLAG_FEATURES: dict[str, str] = {
     "is_concatenated": "gate and up interleaved (is_concatenated=False)",
@@ -186,6 +193,9 @@ class ExpertsLayout:
     activation: str | None
     #: Class name of the activation module (for messages).
     activation_class: str
+    #: The engine gating ``_apply_gate`` computes (:func:`kt_models.gating.match_gating`), or
+    #: ``None`` when it is none the engine computes (or the experts have no gate).
+    gating: Gating | None = None
 
     @property
     def is_default(self) -> bool:
@@ -203,7 +213,9 @@ class ExpertsLayout:
             if v != DEFAULT_LAYOUT[k]
         ]
         if self.custom_gate:
-            parts.append("custom _apply_gate")
+            parts.append(
+                f"gating {self.gating.describe()}" if self.gating else "custom _apply_gate"
+            )
         return ", ".join(parts) or "default"
 
 
@@ -233,6 +245,8 @@ def experts_layout(module: nn.Module) -> ExpertsLayout:
     else:
         hidden, inter = down[1], down[2]
     act = getattr(module, "act_fn", None)
+    activation = _activation_name(module)
+    gating = match_gating(module, int(inter), activation) if flags["has_gate"] else None
     return ExpertsLayout(
         class_name=type(module).__name__,
         num_experts=int(num_experts),
@@ -240,8 +254,9 @@ def experts_layout(module: nn.Module) -> ExpertsLayout:
         intermediate_size=int(inter),
         **flags,
         custom_gate=not _gate_is_default(module, int(inter), _default_apply_gate),
-        activation=_activation_name(module),
+        activation=activation,
         activation_class=type(act).__name__ if act is not None else "none",
+        gating=gating,
     )
 
 
@@ -250,13 +265,16 @@ def unsupported_features(layout: ExpertsLayout) -> list[str]:
     problems = [
         _FLAG_FEATURES[k]
         for k, v in DEFAULT_LAYOUT.items()
-        if getattr(layout, k) != v and k not in REPACKED_AT_LOAD
+        if getattr(layout, k) != v and k not in REPACKED_AT_LOAD + ENGINE_FLAGS
     ]
-    if layout.custom_gate:
+    gating = layout.gating
+    if gating is None and layout.has_gate and (layout.custom_gate or not layout.is_concatenated):
+        what = "gate and up interleaved, " if not layout.is_concatenated else ""
         problems.append(
-            f"a custom gating ({layout.class_name}._apply_gate overrides act(gate) * up)"
+            f"a custom gating ({what}{layout.class_name}._apply_gate computes none of "
+            "f(min(g, limit)) * (clamp(u, +-limit) + c) with f SiLU(alpha) / GELU / ReLU^2)"
         )
-    elif layout.activation not in ENGINE_ACTIVATIONS:
+    elif gating is None and layout.activation not in ENGINE_ACTIVATIONS:
         name = layout.activation or layout.activation_class
         problems.append(
             f"activation {name!r} (the engine computes {' / '.join(ENGINE_ACTIVATIONS)})"

@@ -313,13 +313,8 @@ class ArchSpec:
 
 _LOCK = threading.Lock()
 _REGISTRY: dict[str, ArchSpec] = {}
-_REFUSED: dict[str, str] = {
-    "gpt_oss": (
-        "its routed experts are not SwiGLU as the engine computes it: gate and up are interleaved "
-        "(is_concatenated=False), carry biases (has_bias=True), and the gating is a clamped "
-        "sigmoid-GLU with an (up + 1) factor (GptOssExperts._apply_gate)"
-    ),
-}
+# Types refused by name (what discovery cannot tell from the module); none at present.
+_REFUSED: dict[str, str] = {}
 
 
 def _validate(spec: ArchSpec) -> None:

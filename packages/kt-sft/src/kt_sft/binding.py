@@ -86,6 +86,8 @@ class LoRASource:
     #: per-kind rank / scaling where a kind differs from ``rank`` / ``scaling``
     ranks: dict[str, int] = field(default_factory=dict)
     scalings: dict[str, float] = field(default_factory=dict)
+    #: the gate_up factor's B rows alternate gate and up (experts with is_concatenated=False)
+    interleaved: bool = False
 
     def rank_of(self, kind: str) -> int:
         return self.ranks.get(kind, self.rank)
@@ -372,7 +374,17 @@ def _derive(
         return a, b, None, kind
     if kind in ("gate", "up") and "gate_up" in source.kinds:
         a, b = source.kinds["gate_up"]
-        return a, b, slice(0, inter) if kind == "gate" else slice(inter, 2 * inter), "gate_up"
+        if source.interleaved:
+            rows = slice(0, 2 * inter, 2) if kind == "gate" else slice(1, 2 * inter, 2)
+        else:
+            rows = slice(0, inter) if kind == "gate" else slice(inter, 2 * inter)
+        return a, b, rows, "gate_up"
+    if kind == "gate_up" and source.interleaved and "gate_up" in source.kinds:
+        raise ValueError(
+            "LoRA on interleaved gate/up experts (is_concatenated=False) runs on an engine built "
+            "with lora_layout='split' (B's gate and up rows alternate); use "
+            "KTConfig(lora_layout='split') or 'auto'"
+        )
     if kind == "gate_up" and ("gate" in source.kinds or "up" in source.kinds):
         raise ValueError(
             "per-projection LoRA (separate A for gate and up) cannot run on an engine built with "

@@ -33,8 +33,15 @@ OPTION_ABI: dict[str, tuple[int | None, Any]] = {
     "tp": (4, 1),
     "activation_dtype": (4, "bf16"),
     "activation_policy": (5, "retain"),
-    "activation": (None, "silu"),
+    "activation": (6, "silu"),
+    "activation_alpha": (6, 1.0),
+    "activation_limit": (6, None),
+    "activation_up_offset": (6, 0.0),
+    "activation_gate_softcap": (6, None),
+    "activation_up_softcap": (6, None),
 }
+#: The first ``kt_kernels.ABI_VERSION`` with ``MoEEngine.set_biases``.
+BIASES_ABI = 6
 
 
 def _kernels() -> Any:
@@ -129,6 +136,14 @@ class CompiledExperts:
     # -- weights and LoRA -------------------------------------------------------------------
     def load_weights(self, *, gate_up: torch.Tensor, down: torch.Tensor) -> None:
         self.engine.load_weights(gate_up=gate_up, down=down)
+
+    def set_biases(self, **biases: torch.Tensor) -> None:
+        if engine_abi_version() < BIASES_ABI:
+            raise EngineUnavailableError(
+                f"this kt-kernels engine (ABI_VERSION {engine_abi_version()}) has no expert "
+                f"biases (ABI_VERSION {BIASES_ABI}); upgrade kt-kernels"
+            )
+        self.engine.set_biases(**biases)
 
     def set_lora(self, **arrays: torch.Tensor) -> None:
         self.engine.set_lora(**arrays)

@@ -9,7 +9,8 @@ kt-wrapped model against stock transformers + PEFT in fp32 (LoRA on the routed e
 stock PEFT. The outcome is one :class:`TypeReport`:
 
 * ``supported``: the loss, every LoRA gradient and the reloaded adapter's logits are within
-  :data:`TOLERANCE`;
+  :data:`TOLERANCE` (and :func:`coverage` also streams the type from its ``save_pretrained``
+  checkpoint, unless transformers' own save of the tiny model fails: the reason says so);
 * ``refused``: kt refuses the type (the reason names the model type and the feature);
 * ``skipped``: the type cannot be built from its config alone, or the stock step fails;
 * ``failed``: kt ran but differs from stock, or crashed (a bug: the generated test fails).
@@ -41,6 +42,7 @@ __all__ = [
     "TABLE_BEGIN",
     "TABLE_END",
     "TOLERANCE",
+    "StockSaveError",
     "TypeReport",
     "check_model_type",
     "check_streaming",
@@ -57,6 +59,11 @@ TABLE_BEGIN = "<!-- BEGIN GENERATED: python -m kt_sft.coverage --write docs/mode
 TABLE_END = "<!-- END GENERATED -->"
 
 Status = Literal["supported", "refused", "skipped", "failed"]
+
+
+class StockSaveError(RuntimeError):
+    """transformers' own ``save_pretrained`` fails for the tiny model, so there is no checkpoint
+    to stream from (a limitation of the type's conversion rules, not of kt)."""
 
 
 @dataclass(frozen=True)
@@ -344,7 +351,12 @@ def check_streaming(
     from kt_sft.testing import make_batch, rel_err
 
     model = build_any(model_type, seed=seed, second_layer=second_layer)
-    path = save(model, Path(work_dir) / model_type, shard_size=shard_size)
+    try:
+        path = save(model, Path(work_dir) / model_type, shard_size=shard_size)
+    except Exception as exc:
+        raise StockSaveError(
+            f"stock save_pretrained of the tiny model fails ({_first_line(exc)})"
+        ) from exc
     cfg = kt_sft.KTConfig(backend="torch", weight_dtype="fp32", lora_rank=4, lora_alpha=8.0)
     loaded = kt_sft.load_model(path, cfg)
     try:
@@ -379,6 +391,12 @@ def coverage(model_types: list[str] | None = None, *, streaming: bool = True) ->
                     problem = (
                         f"streamed loading: logits relative error {err:.2e}" if err > 1e-5 else ""
                     )
+                except StockSaveError as exc:
+                    # kt is not at fault; the training step matched: say what was not checked.
+                    note = f"streamed loading not checked: {exc}"
+                    reason = f"{report.reason}; {note}" if report.reason else note
+                    report = dataclasses.replace(report, reason=reason)
+                    problem = ""
                 except Exception as exc:
                     problem = f"streamed loading crashed ({_first_line(exc)})"
                 if problem:

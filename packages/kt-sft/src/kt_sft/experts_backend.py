@@ -44,6 +44,11 @@ class ExpertsBackend(Protocol):
         """Keep the frozen weights ``gate_up: E x 2I x H`` and ``down: E x H x I``."""
         ...
 
+    def set_biases(self, **biases: torch.Tensor) -> None:
+        """Keep frozen biases ``gate`` / ``up`` (E x I) or ``gate_up`` (E x 2I) and ``down``
+        (E x H), added to the projections' outputs."""
+        ...
+
     def set_lora(self, **arrays: torch.Tensor) -> None:
         """Bind the LoRA arrays and their gradient arrays (kept by reference)."""
         ...

@@ -71,32 +71,22 @@ def routed_experts_of(experts: nn.Module, *, create: bool = False) -> RoutedExpe
     return layer
 
 
-def check_hf_flags(experts: nn.Module, where: str) -> None:
-    """Refuse a transformers experts module whose math is not the engine's."""
-    from transformers.integrations.moe import _default_apply_gate
+def check_hf_flags(experts: nn.Module, where: str) -> Any:
+    """The :class:`kt_models.gating.Gating` the engine runs for ``experts``; raises
+    :class:`KTUnsupportedExpertsError` naming every feature of its layout the engine does not
+    compute (kt_models.discover.unsupported_features)."""
+    from kt_models.discover import experts_layout, unsupported_features
+    from kt_models.gating import Gating
 
-    problems = []
-    if not getattr(experts, "is_concatenated", True):
-        problems.append("gate and up are interleaved (is_concatenated=False)")
-    if getattr(experts, "has_bias", False):
-        problems.append("projections carry biases (has_bias=True)")
-    if not getattr(experts, "has_gate", True):
-        problems.append("there is no gate projection (has_gate=False)")
-    if getattr(experts, "has_post_expert_norm", False):
-        problems.append("a norm follows each expert (has_post_expert_norm=True)")
-    from kt_models.discover import gate_is_default
-
-    apply_gate = getattr(type(experts), "_apply_gate", _default_apply_gate)
-    if apply_gate is not _default_apply_gate and not gate_is_default(experts):
-        problems.append(
-            f"the class overrides _apply_gate ({type(experts).__name__}._apply_gate: "
-            "a custom gating, e.g. clamped)"
-        )
+    layout = experts_layout(experts)
+    problems = unsupported_features(layout)
     if problems:
         raise KTUnsupportedExpertsError(
-            f"{where}: the kt engine computes act(x Wg^T) * (x Wu^T) with [gate; up] "
-            f"concatenated, untransposed, bias-free weights, but here {'; '.join(problems)}"
+            f"{where}: the kt engine computes f(min(g, limit)) * (clamp(u, +-limit) + c) of "
+            f"[gate; up] (concatenated or interleaved, biases allowed), but here "
+            f"{'; '.join(problems)}"
         )
+    return layout.gating or Gating()
 
 
 def activation_of(experts: nn.Module, spec_activation: str | None) -> str:
@@ -168,10 +158,20 @@ def build_hf_layer(
     activation: str,
     weights: tuple[torch.Tensor, torch.Tensor] | None = None,
     device: torch.device | None = None,
+    bias_tensors: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> RoutedExperts:
     """Pack a transformers experts module into a new :class:`RoutedExperts` (attached to it as
-    ``_kt_engine``) and release its weights."""
-    check_hf_flags(experts, name)
+    ``_kt_engine``) and release its weights. ``bias_tensors``: ``gate_up_proj_bias``,
+    ``down_proj_bias`` read from a checkpoint (else the module's, when it has biases)."""
+    gating = check_hf_flags(experts, name)
+    has_bias = bool(getattr(experts, "has_bias", False))
+    if (not gating.is_default or has_bias) and (cfg.num_gpu_experts or cfg.lora_experts):
+        raise KTUnsupportedExpertsError(
+            f"{name}: experts with gating {gating.describe()!r}"
+            f"{', interleaved gate/up' if gating.interleaved else ''}"
+            f"{', biases' if has_bias else ''} run on the CPU engine only; "
+            "KTConfig.num_gpu_experts and lora_experts must be 0"
+        )
     gate_up_p, down_p = experts.gate_up_proj, experts.down_proj
     gu_shape = tuple(getattr(gate_up_p, "ds_shape", gate_up_p.shape))
     d_shape = tuple(getattr(down_p, "ds_shape", down_p.shape))
@@ -193,10 +193,28 @@ def build_hf_layer(
         if transposed:
             weights = (weights[0].transpose(1, 2), weights[1].transpose(1, 2))
     gate_up, down = weights
+    if gating.interleaved:
+        # [g0, u0, g1, u1, ...] rows -> [gate; up], once at load (the engine's loops unchanged).
+        e_, rows, h_ = gate_up.shape
+        gate_up = gate_up.reshape(e_, rows // 2, 2, h_).transpose(1, 2).reshape(e_, rows, h_)
+    biases = hf_biases(experts, gating.interleaved, bias_tensors) if has_bias else None
     dtype = gate_up_p.dtype
     if device is None:
         device = gate_up_p.device if gate_up_p.device.type != "meta" else torch.device("cpu")
     lora_layout = "fused" if cfg.lora_layout == "auto" else cfg.lora_layout
+    if gating.interleaved:
+        if cfg.lora_layout == "fused":
+            raise KTUnsupportedExpertsError(
+                f"{name}: gate and up are interleaved (is_concatenated=False), so the fused "
+                "LoRA's B rows alternate gate and up; use KTConfig(lora_layout='split') or "
+                "'auto'"
+            )
+        lora_layout = "split"
+    options = (
+        {}
+        if gating.is_default
+        else {k: v for k, v in gating.engine_kwargs().items() if k != "activation"}
+    )
     layer = RoutedExperts(
         cfg,
         num_experts=num_experts,
@@ -207,13 +225,14 @@ def build_hf_layer(
         lora_layout=lora_layout,
         name=name,
         layer_idx=layer_idx,
+        activation_options=options,
     )
     if tuple(gate_up.shape) != gu_shape:
         raise ValueError(
             f"{name}: gate_up weights have shape {tuple(gate_up.shape)}, the "
             f"experts module expects {gu_shape}"
         )
-    layer.load_weights(gate_up, down)
+    layer.load_weights(gate_up, down, biases)
     if cfg.num_gpu_experts:
         n = cfg.num_gpu_experts
         experts.kt_gpu_experts = GPUExperts(
@@ -234,6 +253,31 @@ def build_hf_layer(
         )
     experts.__dict__["_kt_engine"] = layer
     return layer
+
+
+def hf_biases(
+    experts: nn.Module,
+    interleaved: bool,
+    tensors: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """The frozen expert biases as the engine takes them: gate, up (E x I), down (E x H), from
+    ``tensors`` (``gate_up_proj_bias``, ``down_proj_bias`` read from a checkpoint) or the
+    module."""
+    if tensors is not None:
+        gu, down = tensors
+    else:
+        gu = experts.gate_up_proj_bias.detach()
+        down = experts.down_proj_bias.detach()
+    if gu.device.type == "meta" or down.device.type == "meta":
+        raise RuntimeError(
+            f"{type(experts).__name__}: the expert biases are not in memory (meta); load the "
+            "model's weights before wrapping it"
+        )
+    if interleaved:
+        gate, up = gu[:, 0::2], gu[:, 1::2]
+    else:
+        gate, up = gu.chunk(2, dim=-1)
+    return {"gate": gate, "up": up, "down": down}
 
 
 def config_of(model: nn.Module) -> Any:

@@ -89,9 +89,17 @@ def dispatch_hf_experts(
     name = f"{spec.model_type} layer {layer_idx} experts ({type(experts).__name__})"
     check_hf_flags(experts, name)
     weights = None
+    bias_tensors = None
     if reader is not None:
         w = reader.layer_experts(layer_idx, dtype=None)
         weights = w.fused()
+        if getattr(experts, "has_bias", False):
+            # The biases sit beside the fused experts on disk, under the in-memory names.
+            prefix = spec.checkpoint_experts_prefix(layer_idx)
+            bias_tensors = (
+                reader.get_tensor(f"{prefix}.gate_up_proj_bias", dtype=torch.float32),
+                reader.get_tensor(f"{prefix}.down_proj_bias", dtype=torch.float32),
+            )
     return build_hf_layer(
         experts,
         cfg,
@@ -101,6 +109,7 @@ def dispatch_hf_experts(
         activation=activation_of(experts, spec.activation(config)),
         weights=weights,
         device=device,
+        bias_tensors=bias_tensors,
     )
 
 

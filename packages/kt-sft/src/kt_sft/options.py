@@ -57,6 +57,12 @@ class ExpertsOptions:
     num_threads: int | None = None
     isa: str | None = None
     tp: int | None = 1
+    # activation variants (kt_kernels.MoEEngine's activation_*; defaults: plain `activation`)
+    activation_alpha: float = 1.0
+    activation_limit: float | None = None
+    activation_up_offset: float = 0.0
+    activation_gate_softcap: float | None = None
+    activation_up_softcap: float | None = None
 
     def __post_init__(self) -> None:
         for name, kind in (
@@ -75,11 +81,17 @@ class ExpertsOptions:
 
     @classmethod
     def from_config(
-        cls, cfg: KTConfig, *, activation: str = "silu", lora_layout: LoRALayout | None = None
+        cls,
+        cfg: KTConfig,
+        *,
+        activation: str = "silu",
+        lora_layout: LoRALayout | None = None,
+        activation_options: dict[str, Any] | None = None,
     ) -> ExpertsOptions:
         """The options of a layer of a model wrapped with ``cfg``; ``lora_layout`` is the
         layer's (``cfg.lora_layout`` unless that is ``"auto"``, which needs the layer's
-        choice)."""
+        choice); ``activation_options``: the layer's ``activation_alpha`` / ``_limit`` /
+        ``_up_offset`` / ``_gate_softcap`` / ``_up_softcap`` (kt_models.gating)."""
         layout = lora_layout if lora_layout is not None else cfg.lora_layout
         if layout == "auto":
             layout = "fused"
@@ -98,6 +110,7 @@ class ExpertsOptions:
             num_threads=cfg.num_threads,
             isa=cfg.isa,
             tp=cfg.tp if cfg.tp else None,
+            **(activation_options or {}),
         )
 
     def replace(self, **changes: Any) -> ExpertsOptions:
@@ -117,6 +130,11 @@ class ExpertsOptions:
                 "retain" if self.activation_policy == "auto" else self.activation_policy
             ),
             "activation": self.activation,
+            "activation_alpha": self.activation_alpha,
+            "activation_limit": self.activation_limit,
+            "activation_up_offset": self.activation_up_offset,
+            "activation_gate_softcap": self.activation_gate_softcap,
+            "activation_up_softcap": self.activation_up_softcap,
             "max_tokens": self.max_tokens,
             "max_cache_depth": self.max_cache_depth,
             "num_threads": self.num_threads,

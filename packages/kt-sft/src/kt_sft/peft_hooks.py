@@ -124,6 +124,7 @@ def lora_source(outer: nn.Module) -> LoRASource | None:
         key=("peft", id(outer), tuple(names)),
         ranks=ranks,
         scalings=scalings,
+        interleaved=not bool(getattr(experts, "is_concatenated", True)),
     )
 
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from kt_sft.options import ExpertsOptions
 
-__all__ = ["ACTIVATIONS", "TorchMoEEngine", "moe_reference"]
+__all__ = ["ACTIVATIONS", "TorchMoEEngine", "gated", "moe_reference"]
 
 #: Gate activations the operator implements, by HF ``hidden_act`` name.
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -27,7 +27,42 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": F.gelu,
     "gelu_pytorch_tanh": lambda t: F.gelu(t, approximate="tanh"),
     "relu": F.relu,
+    "relu2": lambda t: F.relu(t) ** 2,
 }
+
+
+def gated(
+    activation: str = "silu", options: dict[str, Any] | None = None
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``h(g, u)`` of the engine's activation options (``kt_kernels.MoEEngine``):
+    ``f(min(g, limit)) * (cap_u(clamp(u, -limit, limit)) + up_offset)``, ``f`` the activation
+    (SiLU: ``cap_g(g) * sigmoid(alpha * g)``, ``cap_c(x) = c tanh(x / c)``). No options:
+    ``act(g) * u``."""
+    act = ACTIVATIONS[activation]
+    if not options:
+        return lambda g, u: act(g) * u
+    alpha = float(options.get("activation_alpha", 1.0))
+    limit = options.get("activation_limit")
+    offset = float(options.get("activation_up_offset", 0.0))
+    gate_cap = options.get("activation_gate_softcap")
+    up_cap = options.get("activation_up_softcap")
+    if (alpha != 1.0 or gate_cap is not None or up_cap is not None) and act is not F.silu:
+        raise ValueError(f"activation options {options} need the 'silu' activation")
+
+    def h(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        if limit is not None:
+            g = g.clamp(max=float(limit))
+            u = u.clamp(min=-float(limit), max=float(limit))
+        if up_cap is not None:
+            u = torch.tanh(u / float(up_cap)) * float(up_cap)
+        if gate_cap is not None:
+            f = torch.tanh(g / float(gate_cap)) * float(gate_cap) * torch.sigmoid(g * alpha)
+        else:
+            f = g * torch.sigmoid(g * alpha) if alpha != 1.0 else act(g)
+        return f * (u + offset)
+
+    return h
+
 
 _FUSED = ("a_gate_up", "b_gate_up", "a_down", "b_down")
 _SPLIT = ("a_gate", "b_gate", "a_up", "b_up", "a_down", "b_down")
@@ -45,6 +80,8 @@ def moe_reference(
     scaling: float | dict[str, float] = 0.0,
     activation: str = "silu",
     return_expert_outputs: bool = False,
+    activation_options: dict[str, Any] | None = None,
+    biases: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Differentiable fp32 routed-experts forward (DESIGN §2).
 
@@ -56,8 +93,12 @@ def moe_reference(
             ``b_down``); absent pairs contribute nothing; ``None`` for no LoRA.
         scaling: the LoRA scaling, or one per kind (``gate_up``, ``gate``, ``up``, ``down``).
         return_expert_outputs: also return the per-slot expert outputs ``T x K x H``.
+        activation_options: the engine's ``activation_alpha`` / ``_limit`` / ``_up_offset``
+            (see :func:`gated`).
+        biases: frozen ``gate`` / ``up`` (``E x I``) and ``down`` (``E x H``) biases, any of them.
     """
-    act = ACTIVATIONS[activation]
+    gate_fn = gated(activation, activation_options)
+    biases = biases or {}
     if isinstance(scaling, dict):
         s_of = {k: float(scaling.get(k, 0.0)) for k in ("gate_up", "gate", "up", "down")}
     else:
@@ -82,10 +123,16 @@ def moe_reference(
                 g = g + s_of["gate"] * (xs @ lora["a_gate"][e].T) @ lora["b_gate"][e].T
             if "a_up" in lora:
                 u = u + s_of["up"] * (xs @ lora["a_up"][e].T) @ lora["b_up"][e].T
-        h = act(g) * u
+        if "gate" in biases:
+            g = g + biases["gate"][e]
+        if "up" in biases:
+            u = u + biases["up"][e]
+        h = gate_fn(g, u)
         y = h @ down[e].T
         if lora and "a_down" in lora:
             y = y + s_of["down"] * (h @ lora["a_down"][e].T) @ lora["b_down"][e].T
+        if "down" in biases:
+            y = y + biases["down"][e]
         slot_out = slot_out.index_copy(0, sel, y)
     weights = torch.where(
         expert_ids >= 0,
@@ -135,6 +182,11 @@ class TorchMoEEngine:
             num_threads=options.num_threads,
             isa=options.isa,
             activation=options.activation,
+            activation_alpha=options.activation_alpha,
+            activation_limit=options.activation_limit,
+            activation_up_offset=options.activation_up_offset,
+            activation_gate_softcap=options.activation_gate_softcap,
+            activation_up_softcap=options.activation_up_softcap,
         )
 
     def __init__(
@@ -153,6 +205,11 @@ class TorchMoEEngine:
         num_threads: int | None = None,
         isa: str | None = None,
         activation: str = "silu",
+        activation_alpha: float = 1.0,
+        activation_limit: float | None = None,
+        activation_up_offset: float = 0.0,
+        activation_gate_softcap: float | None = None,
+        activation_up_softcap: float | None = None,
         **_: Any,
     ) -> None:
         if lora_layout not in ("fused", "split"):
@@ -175,6 +232,15 @@ class TorchMoEEngine:
         self.max_tokens = max_tokens
         self.max_cache_depth = max_cache_depth
         self.activation = activation
+        self.activation_options = {
+            "activation_alpha": float(activation_alpha),
+            "activation_limit": activation_limit,
+            "activation_up_offset": float(activation_up_offset),
+            "activation_gate_softcap": activation_gate_softcap,
+            "activation_up_softcap": activation_up_softcap,
+        }
+        gated(activation, self.activation_options)  # checks the options
+        self._biases: dict[str, torch.Tensor] = {}
         self._weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._lora: dict[str, torch.Tensor] = {}
         self._grads: dict[str, torch.Tensor] = {}
@@ -228,6 +294,28 @@ class TorchMoEEngine:
         self._weights = tuple(  # type: ignore[assignment]
             t.detach().to("cpu", dtype).to(torch.float32).contiguous() for t in (gate, up, down)
         )
+
+    def set_biases(
+        self,
+        *,
+        gate_up: torch.Tensor | None = None,
+        gate: torch.Tensor | None = None,
+        up: torch.Tensor | None = None,
+        down: torch.Tensor | None = None,
+    ) -> None:
+        """Frozen biases (``kt_kernels.MoEEngine.set_biases``); each call replaces the last."""
+        self._check_open()
+        E, inter, hidden = self.num_experts, self.intermediate_size, self.hidden_size
+        if gate_up is not None:
+            _check_shape("gate_up", gate_up, (E, 2 * inter))
+            gate, up = gate_up[:, :inter], gate_up[:, inter:]
+        arrays = {"gate": gate, "up": up, "down": down}
+        shapes = {"gate": (E, inter), "up": (E, inter), "down": (E, hidden)}
+        self._biases = {}
+        for name, t in arrays.items():
+            if t is not None:
+                _check_shape(name, t, shapes[name])
+                self._biases[name] = t.detach().to("cpu", torch.float32).contiguous()
 
     def set_lora(self, **arrays: torch.Tensor) -> None:
         self._check_open()
@@ -302,6 +390,8 @@ class TorchMoEEngine:
                 lora=self._lora_fp32(),
                 scaling=self.scaling,
                 activation=self.activation,
+                activation_options=self.activation_options,
+                biases=self._biases,
             )
         out.copy_(y)
         if save_for_backward:
@@ -356,6 +446,8 @@ class TorchMoEEngine:
                 lora=lora,
                 scaling=self.scaling,
                 activation=self.activation,
+                activation_options=self.activation_options,
+                biases=self._biases,
             )
             grads = torch.autograd.grad(
                 y, [x, w, *leaves], grad_out.detach().to(torch.float32), allow_unused=True

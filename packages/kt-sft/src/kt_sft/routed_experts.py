@@ -114,6 +114,7 @@ class RoutedExperts:
         lora_layout: LoRALayout = "fused",
         name: str = "",
         layer_idx: int | None = None,
+        activation_options: dict[str, Any] | None = None,
     ) -> None:
         if activation not in ACTIVATIONS:
             raise ValueError(
@@ -133,11 +134,16 @@ class RoutedExperts:
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
         self.activation = activation
+        #: the engine's activation_alpha / _limit / _up_offset (empty: plain ``activation``)
+        self.activation_options = dict(activation_options or {})
         self.lora_layout = lora_layout
         self.num_gpu_experts = cfg.num_gpu_experts
         self.engine_experts = num_experts - cfg.num_gpu_experts
         self.options = ExpertsOptions.from_config(
-            cfg, activation=activation, lora_layout=lora_layout
+            cfg,
+            activation=activation,
+            lora_layout=lora_layout,
+            activation_options=self.activation_options,
         )
         self.experts_backend: ExpertsBackend | None = None
         if self.engine_experts > 0:
@@ -168,9 +174,15 @@ class RoutedExperts:
         self.call_source: LoRASource | None = None
 
     # -- weights --------------------------------------------------------------------------
-    def load_weights(self, gate_up: torch.Tensor, down: torch.Tensor) -> None:
+    def load_weights(
+        self,
+        gate_up: torch.Tensor,
+        down: torch.Tensor,
+        biases: dict[str, torch.Tensor] | None = None,
+    ) -> None:
         """Pack ``gate_up: E x 2I x H`` and ``down: E x H x I`` (the first ``num_gpu_experts``
-        go to the GPU experts module, which the caller attaches)."""
+        go to the GPU experts module, which the caller attaches). ``biases``: frozen
+        ``gate`` / ``up`` (E x I) and ``down`` (E x H) biases for the engine, if any."""
         self.check_open()
         E, inter, H = self.num_experts, self.intermediate_size, self.hidden_size
         if tuple(gate_up.shape) != (E, 2 * inter, H) or tuple(down.shape) != (E, H, inter):
@@ -188,6 +200,10 @@ class RoutedExperts:
             if gu.dtype not in (torch.float32, torch.bfloat16):
                 gu, dn = gu.float(), dn.float()
             self.experts_backend.load_weights(gate_up=gu.contiguous(), down=dn.contiguous())
+            if biases:
+                self.experts_backend.set_biases(
+                    **{k: v[n:].detach().to("cpu", torch.float32) for k, v in biases.items()}
+                )
         self._loaded = True
 
     # -- LoRA -----------------------------------------------------------------------------

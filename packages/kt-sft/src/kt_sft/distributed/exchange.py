@@ -189,6 +189,9 @@ class LeaderBackend(_Exchange):
     def load_weights(self, **arrays: torch.Tensor) -> None:
         self.inner.load_weights(**arrays)
 
+    def set_biases(self, **biases: torch.Tensor) -> None:
+        self.inner.set_biases(**biases)
+
     def set_lora(self, **arrays: torch.Tensor) -> None:
         self.inner.set_lora(**arrays)
 
@@ -318,6 +321,9 @@ class MemberBackend(_Exchange):
 
     def load_weights(self, **arrays: torch.Tensor) -> None:
         """Nothing to keep: the leader's engine holds the node's copy of the weights."""
+
+    def set_biases(self, **biases: torch.Tensor) -> None:
+        """Nothing to keep: the leader's engine holds the biases too."""
 
     def set_lora(self, **arrays: torch.Tensor) -> None:
         """The leader binds its own LoRA tensors (all ranks hold equal values)."""
