@@ -30,7 +30,6 @@ class LoraStage {
   // Drops the copy of `owner` (an engine closing).
   void drop(int64_t owner);
   size_t bytes() const { return bytes_; }
-  size_t budget() const { return budget_; }
   // Frees every copy (kt_kernels.trim_memory()); the next calls convert again.
   void release();
 

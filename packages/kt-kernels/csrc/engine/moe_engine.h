@@ -176,7 +176,7 @@ class MoEEngine {
   // A process-unique id (0, 1, ... in order of creation): the "engine" of trace events.
   int64_t id() const { return id_; }
 
-  struct Entry;  // one activation cache entry (defined in moe_engine.cpp)
+  struct Entry;  // one activation cache entry (defined in engine_internal.h)
 
  private:
   struct Ctx;
@@ -208,7 +208,7 @@ class MoEEngine {
 
   EngineConfig cfg_;
   kernels::Isa isa_;
-  kernels::KernelTable k_;                     // resolved (null helper entries filled from scalar)
+  kernels::KernelTable k_;                     // isa_'s complete table (kernels/dispatch.cpp)
   const kernels::QuantKernels* qk_ = nullptr;  // dequantization for isa_
   int threads_ = 1;
   float scale_ = 1.0f;
