@@ -179,33 +179,7 @@ class MoEEngine {
   struct Entry;  // one activation cache entry (defined in engine_internal.h)
 
  private:
-  struct Ctx;
-  void run_forward(Ctx& c);
-  void run_backward(Ctx& c);
-  // The gate_up tiles over the routed rows (offsets off): [g | u] = x Wgu^T + s (x A^T) Bgu^T into
-  // gu (S x 2Ib fp32; null: only per tile, in thread scratch), from the bf16 rows xg (or, W8A8,
-  // the codes xq with row scales sxq); with hb, also h = act(g, u) as bf16 rows of KpI. The
-  // same tiles whoever calls, so the same bits.
-  void gate_up_phase(const int64_t* off, const kernels::bf16* xg, const int8_t* xq,
-                     const float* sxq, const float* xa, bool lora, float* gu,
-                     kernels::bf16* hb) const;
-  // x rows into expert order (xg) from the bf16 token rows xb; with xa, LoRA x A^T too.
-  void gather_phase(const int64_t* off, const int32_t* slot_tok, const kernels::bf16* xb,
-                    kernels::bf16* xg, float* xa) const;
-  // LoRA h Ad^T (S x r) from the bf16 h rows.
-  void lora_down_phase(const int64_t* off, const kernels::bf16* hb, float* had) const;
-  // What backward reads of its forward: the entry's buffers (retain) or, for a recompute entry,
-  // scratch refilled from the forward's x by the forward's own phases.
-  struct Recomputed {
-    const kernels::bf16* xb = nullptr;
-    const float* xa = nullptr;
-    const float* gu = nullptr;
-    const float* had = nullptr;
-  };
-  void recompute_inputs(const Entry& en, const View& x, bool lora, Recomputed& out) const;
-  void note_cache_bytes();
-  void check_lora_ready(const char* what) const;
-
+  // ---- configuration and kernels (moe_engine.cpp) ----
   EngineConfig cfg_;
   kernels::Isa isa_;
   kernels::KernelTable k_;                     // isa_'s complete table (kernels/dispatch.cpp)
@@ -220,7 +194,8 @@ class MoEEngine {
   int64_t Ib_, Hb_;    // I and H rounded up to 16
   int64_t RA_;         // rows of the internal A: r (fused) or 2r (split)
 
-  // Packed base weights (64-byte aligned, owned).
+  // ---- packed base weights (weights.cpp) ----
+  // An owned 64-byte aligned allocation (moe_engine.cpp), also holding the biases.
   struct Buf {
     void* p = nullptr;
     size_t bytes = 0;
@@ -246,24 +221,17 @@ class MoEEngine {
   struct Slice {
     Buf wgu, wd, sgu, sd;
     int64_t b0 = 0, nb = 0, width = 0, KpI = 0;
-    quant::Format fd;
+    quant::Format fd;  // code format of wd (depth: the slice's width)
   };
   std::vector<std::unique_ptr<Slice>> sl_;
   quant::Kind wkind_ = quant::Kind::bf16;
-  quant::Format fgu_;
+  quant::Format fgu_;  // code format of every slice's wgu (depth H)
   void alloc_weights();
   void free_weights();
-  int slice_of(int64_t pair) const;  // the slice owning I block `pair`
   // fn(expert, block, slice, thread) over every packed weight block, in parallel, the blocks of
   // slice s on worker group s: blocks [0, 2 nbI) are gate/up (global order), then nbH down blocks
   // per slice.
   void for_each_weight_block(const std::function<void(int64_t, int64_t, int, int)>& fn);
-  // fn(slice, index, thread) for index in [0, counts[slice]): tp = 1 on the whole pool (as an
-  // ungrouped phase), else slice s's tasks on worker group s.
-  void run_slices(const std::vector<int64_t>& counts,
-                  const std::function<void(int, int64_t, int)>& fn) const;
-  std::vector<int> group_node_;  // per slice: the node its group is pinned to, or -1
-  bool pinned_ = false;
   // Packed bf16 blocks of slice s, expert e (gate/up: global block b0 .. b0 + nblk; down: H
   // blocks): the stored blocks (bf16) or a dequantized copy in the thread's scratch slot.
   const kernels::bf16* gu_blocks(int s, int64_t e, int64_t b0, int64_t nblk, int th,
@@ -285,7 +253,17 @@ class MoEEngine {
   void gu_transposed(int s, int64_t e, int64_t k0, int64_t nblk, kernels::bf16* dst, int th) const;
   void d_transposed(int s, int64_t e, int64_t k0, int64_t nblk, kernels::bf16* dst, int th) const;
 
-  // W8A8 (activation_dtype int8; defined in engine/w8a8.cpp). Row stride of the int8 codes of h.
+  // ---- tensor-parallel scheduling (moe_engine.cpp) ----
+  int slice_of(int64_t pair) const;  // the slice owning I block `pair`
+  // fn(slice, index, thread) for index in [0, counts[slice]): tp = 1 on the whole pool (as an
+  // ungrouped phase), else slice s's tasks on worker group s.
+  void run_slices(const std::vector<int64_t>& counts,
+                  const std::function<void(int, int64_t, int)>& fn) const;
+  std::vector<int> group_node_;  // per slice: the node its group is pinned to, or -1
+  bool pinned_ = false;
+
+  // ---- W8A8 (activation_dtype int8; w8a8.cpp) ----
+  // Row stride of the int8 codes of h.
   int64_t w8a8_h_stride() const;
   // gate_up tile: C[M x 32 np] (fp32, written) of the block pairs [p0, p0 + np) of expert e from
   // the x codes (stride ldq) and their row scales; int32 scratch in thread th's local slot.
@@ -297,6 +275,7 @@ class MoEEngine {
   void w8a8_down_tile(int s, int64_t e, int64_t b0, int64_t nb, int64_t M, const int8_t* hq,
                       int64_t ldq, const float* sh, float* C, int64_t ldc, int th, int slot) const;
 
+  // ---- activation and biases (bias.cpp) ----
   // Activation variant, resolved at construction; act_kernels_: the ISA's silu_mul pair computes
   // it.
   activation::Spec act_;
@@ -309,8 +288,9 @@ class MoEEngine {
   // dw[m] = dY[m] . b_down[e] for M bf16 rows of dY (stride ld).
   void down_bias_dw(int64_t e, int64_t M, const kernels::bf16* dy, int64_t ld, float* dw) const;
 
-  // LoRA: the caller's arrays, and where their fp32 kernel-layout copy lies in the LoRA stage
-  // while this engine runs (set by stage_lora(); valid only under the engine lock).
+  // ---- LoRA (lora.cpp) ----
+  // The caller's arrays, and where their fp32 kernel-layout copy lies in the LoRA stage while
+  // this engine runs (set by stage_lora(); valid only under the engine lock).
   LoraArrays lora_;
   bool lora_bound_ = false;
   bool lora_grads_ = false;
@@ -318,16 +298,46 @@ class MoEEngine {
   // Converts the bound LoRA weights into the stage unless it already holds them.
   void stage_lora();
   void convert_lora(float* a_all, float* bgu_t, float* ad, float* bd_t) const;
+  void check_lora_ready(const char* what) const;
   const float* a_all_ = nullptr;  // E x RA x Hb     (fused: A_gu; split: [A_g; A_u])
   const float* bgu_t_ = nullptr;  // E x RA x 2Ib    B_gu^T, interleaved columns; split: block diag.
   const float* ad_ = nullptr;     // E x r x Ib
   const float* bd_t_ = nullptr;   // E x r x Hb
 
+  // ---- forward and backward phases (forward.cpp, backward.cpp) ----
+  struct Ctx;  // one call's arrays and switches (engine_internal.h)
+  void run_forward(Ctx& c);
+  void run_backward(Ctx& c);
+  // The gate_up tiles over the routed rows (offsets off): [g | u] = x Wgu^T + s (x A^T) Bgu^T into
+  // gu (S x 2Ib fp32; null: only per tile, in thread scratch), from the bf16 rows xg (or, W8A8,
+  // the codes xq with row scales sxq); with hb, also h = act(g, u) as bf16 rows of KpI. The
+  // same tiles whoever calls, so the same bits.
+  void gate_up_phase(const int64_t* off, const kernels::bf16* xg, const int8_t* xq,
+                     const float* sxq, const float* xa, bool lora, float* gu,
+                     kernels::bf16* hb) const;
+  // x rows into expert order (xg) from the bf16 token rows xb; with xa, LoRA x A^T too.
+  void gather_phase(const int64_t* off, const int32_t* slot_tok, const kernels::bf16* xb,
+                    kernels::bf16* xg, float* xa) const;
+  // LoRA h Ad^T (S x r) from the bf16 h rows.
+  void lora_down_phase(const int64_t* off, const kernels::bf16* hb, float* had) const;
+  // What backward reads of its forward: the entry's buffers (retain) or, for a recompute entry,
+  // scratch refilled from the forward's x by the forward's own phases.
+  struct Recomputed {
+    const kernels::bf16* xb = nullptr;
+    const float* xa = nullptr;
+    const float* gu = nullptr;
+    const float* had = nullptr;
+  };
+  void recompute_inputs(const Entry& en, const View& x, bool lora, Recomputed& out) const;
+
+  // ---- activation cache (moe_engine.cpp) ----
   std::vector<std::unique_ptr<Entry>> cache_;  // entries [0, pending_) are pending
   size_t pending_ = 0;
   size_t cache_peak_ = 0;   // the most bytes this engine's pending entries have held
   bool recompute_ = false;  // activation_policy == "recompute"
+  void note_cache_bytes();
 
+  // ---- timings and profile ----
   std::map<std::string, double> timings_;
   std::map<std::string, PhaseStat> prof_;
   int64_t id_ = 0;
