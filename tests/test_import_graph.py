@@ -155,11 +155,8 @@ def _cycle_through(graph: dict[str, set[str]], members: set[str]) -> list[str]:
     return sorted(members)  # pragma: no cover - a component always has a cycle
 
 
-#: Cycles known outside kt-sft, kept visible: the test fails once they are gone (strict).
-KNOWN = {
-    "kt_models": "kt_models.discover, .registry and .loading import each other (ArchSpec "
-    "lives in registry, which finds specs through discover)",
-}
+#: Known cycles (package -> why), kept visible as strict xfails: the test fails once one is gone.
+KNOWN: dict[str, str] = {}
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
-import kta_scenarios as sc
+import kta_common as kc
 import pytest
 import torch
 from accelerate.utils import patch_environment
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
 
 def _accelerator(**plugin_kwargs) -> KTAccelerator:
-    plugin = KTransformersPlugin(kt_config=dict(sc.KT_SETTINGS), **plugin_kwargs)
+    plugin = KTransformersPlugin(kt_config=dict(kc.KT_SETTINGS), **plugin_kwargs)
     return KTAccelerator(cpu=True, kt_plugin=plugin)
 
 
@@ -27,7 +27,7 @@ def test_prepare_wraps_an_unwrapped_moe_model_and_leaves_others() -> None:
     from kt_models import tiny
 
     accelerator = _accelerator()
-    moe = tiny.build(sc.MODEL_TYPE)
+    moe = tiny.build(kc.MODEL_TYPE)
     dense = torch.nn.Linear(4, 4)
     moe, dense = accelerator.prepare(moe, dense)
     assert kt_accelerate.integration.is_kt_model(moe)
@@ -35,7 +35,7 @@ def test_prepare_wraps_an_unwrapped_moe_model_and_leaves_others() -> None:
     experts = moe.model.layers[1].mlp.experts
     assert experts.gate_up_proj.numel() == 0  # the weights live in the engine now
     assert next(moe.parameters()).device == accelerator.device
-    ids = torch.randint(3, sc.VOCAB, (1, 6))
+    ids = torch.randint(3, kc.VOCAB, (1, 6))
     assert torch.isfinite(moe(input_ids=ids).logits).all()
 
 
@@ -43,34 +43,34 @@ def test_loop_matches_plain_kt_sft_and_optimizer_gets_expert_lora(caplog) -> Non
     """The optimizer is built without the expert LoRA and is fused (it writes parameters
     without bumping their version counters): prepare adds the parameters and the engines still
     see every update."""
-    ref = sc.reference(1)
+    ref = kc.reference(1)
     accelerator = _accelerator()
-    model = sc.build_model(accelerator.kt_plugin, lora_seed=0)
+    model = kc.build_model(accelerator.kt_plugin, lora_seed=0)
     experts = {id(p) for p in expert_lora_parameters(model)}
     others = [p for p in model.parameters() if p.requires_grad and id(p) not in experts]
-    optimizer = torch.optim.AdamW(others, lr=sc.LR, fused=True)
+    optimizer = torch.optim.AdamW(others, lr=kc.LR, fused=True)
     with caplog.at_level("WARNING"):
         model, optimizer = accelerator.prepare(model, optimizer)
     assert "did not update 8 expert LoRA parameter(s)" in caplog.text
     prepared = {id(p) for g in optimizer.param_groups for p in g["params"]}
     assert experts <= prepared
-    ids = sc.rank_batches(1)[0]
-    n = sc.num_targets([ids])
-    for step in range(sc.STEPS):
-        loss = sc.token_sum_loss(model, ids) / n
+    ids = kc.rank_batches(1)[0]
+    n = kc.num_targets([ids])
+    for step in range(kc.STEPS):
+        loss = kc.token_sum_loss(model, ids) / n
         accelerator.backward(loss)
         optimizer.step()
         optimizer.zero_grad()
         assert loss.item() == pytest.approx(ref["losses"][step][0], rel=1e-5)
-    state = sc.trainable_state(model)
+    state = kc.trainable_state(model)
     for name, value in ref["state"].items():
         torch.testing.assert_close(state[name], value, rtol=0, atol=1e-5, msg=name)
 
 
 def test_save_state_records_layout_and_load_state_checks_it(tmp_path) -> None:
     accelerator = _accelerator()
-    model = sc.build_model(accelerator.kt_plugin)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=sc.LR)
+    model = kc.build_model(accelerator.kt_plugin)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=kc.LR)
     model, optimizer = accelerator.prepare(model, optimizer)
     folder = tmp_path / "state"
     accelerator.save_state(str(folder))
@@ -120,9 +120,9 @@ def test_launched_ranks_without_a_device_must_ask_for_cpu() -> None:
 
 
 def test_model_wrapped_with_other_settings_is_refused() -> None:
-    model = sc.build_model(KTransformersPlugin(kt_config=dict(sc.KT_SETTINGS)))
+    model = kc.build_model(KTransformersPlugin(kt_config=dict(kc.KT_SETTINGS)))
     accelerator = KTAccelerator(
-        cpu=True, kt_plugin=KTransformersPlugin(kt_config={**sc.KT_SETTINGS, "max_cache_depth": 5})
+        cpu=True, kt_plugin=KTransformersPlugin(kt_config={**kc.KT_SETTINGS, "max_cache_depth": 5})
     )
     with pytest.raises(kt_accelerate.KTPluginConflictError, match="max_cache_depth=5"):
         accelerator.prepare(model)

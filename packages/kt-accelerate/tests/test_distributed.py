@@ -17,6 +17,7 @@ engine (bf16 expert weights) against the same engine in one process.
 
 from __future__ import annotations
 
+import kta_common as kc
 import kta_scenarios as sc
 import pytest
 import torch
@@ -30,8 +31,8 @@ def _assert_parity(results: list[dict], ref: dict, world: int) -> None:
         for name, value in res["initial"].items():
             torch.testing.assert_close(value, results[0]["initial"][name], rtol=0, atol=0)
         # The routed experts alone: this rank's rows of the one-process call.
-        lo = sum(sc.LAYER_TOKENS[:rank])
-        rows = slice(lo, lo + sc.LAYER_TOKENS[rank])
+        lo = sum(kc.LAYER_TOKENS[:rank])
+        rows = slice(lo, lo + kc.LAYER_TOKENS[rank])
         for key in ("out", "dx", "dw"):
             torch.testing.assert_close(
                 res["layer"][key], ref["layer"][key][rows], rtol=1e-5, atol=1e-6
@@ -84,11 +85,11 @@ def test_accelerate_launch_two_ranks_one_node_match_single_process(
     process running the same engine."""
     import kt_sft
 
-    settings = sc.ENGINE_SETTINGS if kt_sft.engine_available() else sc.KT_SETTINGS
+    settings = kc.ENGINE_SETTINGS if kt_sft.engine_available() else kc.KT_SETTINGS
     accel = tmp_path / "accelerate.yaml"
     accel.write_text(ACCELERATE_CONFIG.format(port=sc.free_port()))
     kt = tmp_path / "kt.yaml"
-    extra = "" if settings is sc.ENGINE_SETTINGS else "backend: torch\nweight_dtype: fp32\n"
+    extra = "" if settings is kc.ENGINE_SETTINGS else "backend: torch\nweight_dtype: fp32\n"
     kt.write_text(KT_CONFIG + extra)
     outdir = tmp_path / "out"
     outdir.mkdir()
@@ -114,7 +115,7 @@ def test_accelerate_launch_two_ranks_one_node_match_single_process(
     assert "nodes=[[0, 1]]" in results[0]["context"]
     assert results[0]["engine_ranks"] == ["LeaderBackend"]
     assert results[1]["engine_ranks"] == ["MemberBackend"]
-    ref = sc.reference(2, settings=settings)
+    ref = kc.reference(2, settings=settings)
     _assert_parity(results, ref, 2)
 
 
@@ -129,7 +130,7 @@ def test_two_nodes_of_two_ranks_match_single_process(launch_ranks) -> None:
         ["LeaderBackend"],
         ["MemberBackend"],
     ]
-    _assert_parity(results, sc.reference(4), 4)
+    _assert_parity(results, kc.reference(4), 4)
 
 
 @pytest.mark.parametrize("mode", ["crash", "hang"])

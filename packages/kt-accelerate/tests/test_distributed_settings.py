@@ -88,9 +88,9 @@ def test_collectives_run_where_the_backend_needs_them(monkeypatch: pytest.Monkey
 
 
 def test_kt_managed_parameters_are_the_expert_lora_and_the_placeholders() -> None:
-    import kta_scenarios as sc
+    import kta_common as kc
 
-    model = sc.build_model()
+    model = kc.build_model()
     managed = ktd.kt_managed_parameters(model)
     experts = ktd.expert_lora_parameters(model)
     placeholders = [p for p in model.parameters() if getattr(p, "kt_released", False)]

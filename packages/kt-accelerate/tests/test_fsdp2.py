@@ -13,6 +13,7 @@ differences, see test_distributed.py) and atol 1e-5 (logits).
 
 from __future__ import annotations
 
+import kta_common as kc
 import kta_scenarios as sc
 import pytest
 import torch
@@ -34,10 +35,10 @@ def _check_adapter(folder, ref: dict) -> None:
     for key, value in tensors.items():
         assert value.shape == expected[key].shape, key  # whole, not a shard
         torch.testing.assert_close(value, expected[key], rtol=0, atol=2e-5, msg=key)
-    stock = PeftModel.from_pretrained(tiny.build(sc.MODEL_TYPE), str(folder))
+    stock = PeftModel.from_pretrained(tiny.build(kc.MODEL_TYPE), str(folder))
     stock.eval()
     with torch.no_grad():
-        logits = stock(input_ids=sc.PROBE).logits
+        logits = stock(input_ids=kc.PROBE).logits
     torch.testing.assert_close(logits, ref["probe_logits"], rtol=0, atol=1e-5)
 
 
@@ -67,7 +68,7 @@ def test_fsdp2_two_ranks_match_single_process_save_a_full_adapter_and_resume(
         assert set(res["local_numel"].values()) == {128}
     assert results[0]["engine_ranks"] == ["LeaderBackend"]
     assert results[1]["engine_ranks"] == ["MemberBackend"]
-    ref = sc.reference(2)
+    ref = kc.reference(2)
     _check_parity(results, ref)
     folder = tmp_path / "fsdp2-2x1" / "adapter"
     _check_adapter(folder, ref)
@@ -128,6 +129,6 @@ def test_accelerate_launch_with_an_fsdp2_config(launch_command, tmp_path) -> Non
         assert res["distributed_type"] == "DistributedType.FSDP" and res["fsdp_version"] == 2
         assert res["gradient_checkpointing"] is False
         assert not any(res["expert_lora_sharded"]) and res["trainable_sharded"] == [True]
-    ref = sc.reference(2)
+    ref = kc.reference(2)
     _check_parity(results, ref)
     _check_adapter(outdir / "adapter", ref)

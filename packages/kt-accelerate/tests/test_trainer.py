@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import kta_scenarios as sc
+import kta_common as kc
 import pytest
 import torch
 
@@ -23,15 +23,15 @@ def _train(
     plugin: KTransformersPlugin | None = None,
     **overrides,
 ) -> tuple[dict, KTTrainer]:
-    args = sc.trainer_args(str(output_dir), per_device=per_device, **overrides)
-    plugin = plugin or KTransformersPlugin(kt_config=dict(sc.KT_SETTINGS))
-    model = sc.build_model(plugin, lora_seed=0)
-    recorder = sc.LossRecorder()
+    args = kc.trainer_args(str(output_dir), per_device=per_device, **overrides)
+    plugin = plugin or KTransformersPlugin(kt_config=dict(kc.KT_SETTINGS))
+    model = kc.build_model(plugin, lora_seed=0)
+    recorder = kc.LossRecorder()
     trainer = KTTrainer(
         model=model,
         args=args,
-        train_dataset=sc.sequences(),
-        data_collator=sc.collate,
+        train_dataset=kc.sequences(),
+        data_collator=kc.collate,
         kt_plugin=plugin,
         callbacks=[recorder],
     )
@@ -70,10 +70,10 @@ def test_checkpoint_holds_standard_peft_adapter(single_run) -> None:
 
     from kt_models import tiny
 
-    batch = sc.collate(sc.sequences()[:3])
-    stock = PeftModel.from_pretrained(tiny.build(sc.MODEL_TYPE), ckpt)
+    batch = kc.collate(kc.sequences()[:3])
+    stock = PeftModel.from_pretrained(tiny.build(kc.MODEL_TYPE), ckpt)
     kt_model = kt_accelerate.wrap_model(
-        tiny.build(sc.MODEL_TYPE), KTransformersPlugin(kt_config=dict(sc.KT_SETTINGS))
+        tiny.build(kc.MODEL_TYPE), KTransformersPlugin(kt_config=dict(kc.KT_SETTINGS))
     )
     kt_model = PeftModel.from_pretrained(kt_model, ckpt)
     with torch.no_grad():
@@ -120,7 +120,7 @@ def test_two_ranks_match_single_process_and_resume_checks_world_size(
 
     with pytest.raises(KTResumeError, match=r"saved by 2 process\(es\).*this run has 1"):
         _train(tmp_path / "resume-1", per_device=4, resume=str(ckpt))
-    allow = KTransformersPlugin(kt_config=dict(sc.KT_SETTINGS), allow_world_size_change=True)
+    allow = KTransformersPlugin(kt_config=dict(kc.KT_SETTINGS), allow_world_size_change=True)
     with pytest.warns(RuntimeWarning, match="saved by 2"):
         resumed, _ = _train(
             tmp_path / "resume-2", per_device=4, resume=str(ckpt), plugin=allow, max_steps=3
@@ -129,9 +129,9 @@ def test_two_ranks_match_single_process_and_resume_checks_world_size(
 
 
 def test_conflicting_training_arguments_are_refused(tmp_path) -> None:
-    plugin = KTransformersPlugin(kt_config=dict(sc.KT_SETTINGS), dist_timeout=600)
-    model = sc.build_model(plugin)
-    args = sc.trainer_args(str(tmp_path), per_device=2, ddp_timeout=60)
+    plugin = KTransformersPlugin(kt_config=dict(kc.KT_SETTINGS), dist_timeout=600)
+    model = kc.build_model(plugin)
+    args = kc.trainer_args(str(tmp_path), per_device=2, ddp_timeout=60)
     with pytest.raises(
         ValueError,
         match=r"dist_timeout=600s is longer than "
@@ -140,16 +140,16 @@ def test_conflicting_training_arguments_are_refused(tmp_path) -> None:
         KTTrainer(
             model=model,
             args=args,
-            train_dataset=sc.sequences(),
-            data_collator=sc.collate,
+            train_dataset=kc.sequences(),
+            data_collator=kc.collate,
             kt_plugin=plugin,
         )
 
 
 def test_model_wrapped_with_other_settings_is_refused(tmp_path) -> None:
-    model = sc.build_model(KTransformersPlugin(kt_config=dict(sc.KT_SETTINGS)))
-    plugin = KTransformersPlugin(kt_config={**sc.KT_SETTINGS, "lora_rank": 8})
-    args = sc.trainer_args(str(tmp_path), per_device=2)
+    model = kc.build_model(KTransformersPlugin(kt_config=dict(kc.KT_SETTINGS)))
+    plugin = KTransformersPlugin(kt_config={**kc.KT_SETTINGS, "lora_rank": 8})
+    args = kc.trainer_args(str(tmp_path), per_device=2)
     with pytest.raises(
         kt_accelerate.KTPluginConflictError,
         match=r"kt_config.lora_rank=8 but the model was wrapped with "
@@ -158,7 +158,7 @@ def test_model_wrapped_with_other_settings_is_refused(tmp_path) -> None:
         KTTrainer(
             model=model,
             args=args,
-            train_dataset=sc.sequences(),
-            data_collator=sc.collate,
+            train_dataset=kc.sequences(),
+            data_collator=kc.collate,
             kt_plugin=plugin,
         )

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import kta_scenarios as sc
+import kta_common as kc
 import pytest
 import torch
 
@@ -27,20 +27,20 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWa
 
 def _single_process(output_dir: Path) -> tuple[dict, dict, dict]:
     """One process, 4 sequences per step, same initial LoRA as the ranks' rank 0."""
-    plugin = KTransformersPlugin(kt_config=dict(sc.KT_SETTINGS))
-    model = sc.build_model(plugin, lora_seed=1)
-    initial = sc.trainable_state(model)
-    recorder = sc.LossRecorder()
+    plugin = KTransformersPlugin(kt_config=dict(kc.KT_SETTINGS))
+    model = kc.build_model(plugin, lora_seed=1)
+    initial = kc.trainable_state(model)
+    recorder = kc.LossRecorder()
     trainer = KTTrainer(
         model=model,
-        args=sc.trainer_args(str(output_dir), per_device=4),
-        train_dataset=sc.sequences(),
-        data_collator=sc.collate,
+        args=kc.trainer_args(str(output_dir), per_device=4),
+        train_dataset=kc.sequences(),
+        data_collator=kc.collate,
         kt_plugin=plugin,
         callbacks=[recorder],
     )
     trainer.train()
-    return recorder.losses, initial, sc.trainable_state(trainer.model)
+    return recorder.losses, initial, kc.trainable_state(trainer.model)
 
 
 def _stock_logits(folder: Path) -> torch.Tensor:
@@ -48,10 +48,10 @@ def _stock_logits(folder: Path) -> torch.Tensor:
 
     from kt_models import tiny
 
-    model = PeftModel.from_pretrained(tiny.build(sc.MODEL_TYPE), str(folder))
+    model = PeftModel.from_pretrained(tiny.build(kc.MODEL_TYPE), str(folder))
     model.eval()
     with torch.no_grad():
-        return model(input_ids=sc.PROBE).logits
+        return model(input_ids=kc.PROBE).logits
 
 
 def test_trainer_fsdp2_matches_one_process_saves_adapters_and_resumes(
@@ -132,8 +132,8 @@ def test_sft_trainer_runs_under_fsdp2(launch_ranks, tmp_path) -> None:
     ],
 )
 def test_unsupported_fsdp_training_arguments_are_refused(tmp_path, fsdp_config, match) -> None:
-    plugin = KTransformersPlugin(kt_config=dict(sc.KT_SETTINGS))
-    args = sc.trainer_args(
+    plugin = KTransformersPlugin(kt_config=dict(kc.KT_SETTINGS))
+    args = kc.trainer_args(
         str(tmp_path),
         per_device=2,
         fsdp=True,
@@ -146,8 +146,8 @@ def test_unsupported_fsdp_training_arguments_are_refused(tmp_path, fsdp_config, 
 
 @pytest.mark.parametrize("fsdp", ["full_shard offload", True])
 def test_fsdp_cpu_offload_in_training_arguments_is_refused(tmp_path, fsdp) -> None:
-    plugin = KTransformersPlugin(kt_config=dict(sc.KT_SETTINGS))
+    plugin = KTransformersPlugin(kt_config=dict(kc.KT_SETTINGS))
     config = {"fsdp_version": 2} if fsdp is not True else {"fsdp_version": 2, "cpu_offload": True}
-    args = sc.trainer_args(str(tmp_path), per_device=2, fsdp=fsdp, fsdp_config=config)
+    args = kc.trainer_args(str(tmp_path), per_device=2, fsdp=fsdp, fsdp_config=config)
     with pytest.raises(ValueError, match=r"FSDP2 CPU offload .* is not supported with kt"):
         plugin.check_training_args(args)

@@ -21,7 +21,7 @@ def _tokenizer():
 
 
 def test_sft_trainer_wraps_then_applies_peft_and_saves_the_adapter(tmp_path) -> None:
-    import kta_scenarios as sc
+    import kta_common as kc
     from datasets import Dataset
     from peft import LoraConfig
     from trl import SFTConfig
@@ -47,11 +47,11 @@ def test_sft_trainer_wraps_then_applies_peft_and_saves_the_adapter(tmp_path) -> 
         disable_tqdm=True,
     )
     trainer = kt_accelerate.KTSFTTrainer(
-        model=tiny.build(sc.MODEL_TYPE),
+        model=tiny.build(kc.MODEL_TYPE),
         args=args,
         train_dataset=Dataset.from_list(rows),
         processing_class=_tokenizer(),
-        kt_plugin=kt_accelerate.KTransformersPlugin(kt_config=dict(sc.KT_SETTINGS)),
+        kt_plugin=kt_accelerate.KTransformersPlugin(kt_config=dict(kc.KT_SETTINGS)),
         peft_config=LoraConfig(
             r=4,
             lora_alpha=8,

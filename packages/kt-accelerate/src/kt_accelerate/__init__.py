@@ -19,7 +19,6 @@ from typing import Any
 
 from kt_accelerate._version import __version__
 from kt_accelerate.accelerator import KTAccelerator
-from kt_accelerate.checkpoint import KTResumeError
 from kt_accelerate.integration import (
     KTPluginConflictError,
     init_distributed,
@@ -29,6 +28,7 @@ from kt_accelerate.integration import (
     wrap_model,
 )
 from kt_accelerate.plugin import KTransformersPlugin
+from kt_accelerate.resume_layout import KTResumeError
 from kt_accelerate.trainer import KTCallback, KTTrainer, KTTrainerMixin
 from kt_sft.distributed import KTDistributedError
 

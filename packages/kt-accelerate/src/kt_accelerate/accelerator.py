@@ -45,7 +45,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
-from kt_accelerate import checkpoint, fsdp, integration
+from kt_accelerate import fsdp, integration, resume_layout
 from kt_accelerate.plugin import KTransformersPlugin, _flag
 
 __all__ = ["KTAccelerator"]
@@ -182,22 +182,22 @@ class KTAccelerator(Accelerator):
             for name in _placeholders(model):
                 state.pop(name, None)
         if self.is_main_process:
-            checkpoint.write_layout(output_dir)
+            resume_layout.write_layout(output_dir)
 
     def _kt_load_state_hook(self, models: list[Any], input_dir: str) -> None:
-        checkpoint.check_layout(
+        resume_layout.check_layout(
             input_dir, allow_world_size_change=bool(self.kt_plugin.allow_world_size_change)
         )
         if not self._kt_models:
             return
         for i, model in enumerate(models):
-            saved = checkpoint.saved_model_keys(input_dir, i)
+            saved = resume_layout.saved_model_keys(input_dir, i)
             if saved is None:
                 continue
             expected = set(self.get_state_dict(model, unwrap=False)) - set(_placeholders(model))
             missing = sorted(expected - saved)
             if missing:
-                raise checkpoint.KTResumeError(
+                raise resume_layout.KTResumeError(
                     f"{input_dir}: the saved state of model {i} lacks {len(missing)} key(s) the "
                     f"model has, e.g. {missing[:3]}; it was saved from a different model"
                 )

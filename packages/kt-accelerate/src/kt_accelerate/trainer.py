@@ -28,7 +28,7 @@ class for TRL). The additions:
   own, and checkpoints hold the gathered, standard PEFT adapter. FSDP1, CPU offload,
   ``cpu_ram_efficient_loading`` and ``fsdp_config["activation_checkpointing"]`` are refused;
 * checkpoints record the process layout (``kt_layout.json``, by :class:`KTCallback`) and
-  ``train(resume_from_checkpoint=...)`` checks it (see :mod:`kt_accelerate.checkpoint`).
+  ``train(resume_from_checkpoint=...)`` checks it (see :mod:`kt_accelerate.resume_layout`).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from typing import Any
 from accelerate.utils import DistributedType
 from transformers import Trainer, TrainerCallback
 
-from kt_accelerate import checkpoint, fsdp, integration
+from kt_accelerate import fsdp, integration, resume_layout
 from kt_accelerate.plugin import KTransformersPlugin
 
 __all__ = ["KTCallback", "KTTrainer", "KTTrainerMixin"]
@@ -53,7 +53,7 @@ class KTCallback(TrainerCallback):
             return
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         if os.path.isdir(folder):
-            checkpoint.write_layout(folder)
+            resume_layout.write_layout(folder)
 
 
 def _resolve_checkpoint(resume: Any, output_dir: str) -> str | None:
@@ -157,7 +157,7 @@ class KTTrainerMixin:
     def train(self, resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any) -> Any:
         path = _resolve_checkpoint(resume_from_checkpoint, self.args.output_dir)  # type: ignore[attr-defined]
         if path is not None:
-            checkpoint.check_layout(
+            resume_layout.check_layout(
                 path, allow_world_size_change=bool(self.kt_plugin.allow_world_size_change)
             )
         return super().train(resume_from_checkpoint, *args, **kwargs)  # type: ignore[misc]

@@ -20,16 +20,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import struct
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Literal
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 
-from kt_models.config_fields import get_field, has_field
+from kt_models.config_fields import has_field
 from kt_models.errors import (
     ConfigFieldError,
     CorruptCheckpointError,
@@ -39,7 +37,16 @@ from kt_models.errors import (
     TensorShapeError,
     UnsupportedTensorDtypeError,
 )
+from kt_models.fp8 import SCALE_SUFFIX, dequantize_fp8_blockwise, fp8_block_size
 from kt_models.registry import ArchSpec, get_arch_spec
+from kt_models.safetensors_file import (
+    FLOAT_DTYPES,
+    FP8_DTYPES,
+    STORED_DTYPES,
+    ShardMaps,
+    TensorInfo,
+    read_safetensors_header,
+)
 from kt_models.weights import ExpertWeights
 
 __all__ = [
@@ -53,144 +60,6 @@ __all__ = [
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-SCALE_SUFFIX = "_scale_inv"
-_DEFAULT_BLOCK = (128, 128)
-_MAX_HEADER = 100 * 1024 * 1024
-
-_DTYPES: dict[str, torch.dtype] = {
-    "BF16": torch.bfloat16,
-    "F16": torch.float16,
-    "F32": torch.float32,
-    "F64": torch.float64,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "I16": torch.int16,
-    "I32": torch.int32,
-    "I64": torch.int64,
-    "BOOL": torch.bool,
-}
-_FLOAT = {"BF16", "F16", "F32", "F64"}
-_FP8 = {"F8_E4M3", "F8_E5M2"}
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """Header entry of one tensor: safetensors dtype string, shape and the file holding it."""
-
-    dtype: str
-    shape: tuple[int, ...]
-    file: Path
-    nbytes: int
-
-
-def read_safetensors_header(path: str | Path) -> dict[str, TensorInfo]:
-    """Parse a safetensors file's JSON header without mapping its data.
-
-    Raises:
-        MissingShardError: the file does not exist.
-        CorruptCheckpointError: the header is unreadable, or the file is shorter than the header
-            says (a truncated download); names the file and the first tensor cut off.
-    """
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-        with path.open("rb") as fh:
-            raw_len = fh.read(8)
-            if len(raw_len) != 8:
-                raise CorruptCheckpointError(
-                    "safetensors file is too short to hold a header", path=path
-                )
-            (header_len,) = struct.unpack("<Q", raw_len)
-            if header_len > min(size - 8, _MAX_HEADER):
-                raise CorruptCheckpointError(
-                    f"safetensors header claims {header_len} bytes but the file has {size}",
-                    path=path,
-                )
-            raw = fh.read(header_len)
-    except FileNotFoundError as exc:
-        raise MissingShardError("checkpoint file does not exist", path=path) from exc
-    try:
-        header = json.loads(raw)
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise CorruptCheckpointError(
-            f"safetensors header is not valid JSON ({exc})", path=path
-        ) from exc
-    data_size = size - 8 - header_len
-    out: dict[str, TensorInfo] = {}
-    for key, entry in header.items():
-        if key == "__metadata__":
-            continue
-        try:
-            dtype, shape = entry["dtype"], tuple(int(d) for d in entry["shape"])
-            start, end = (int(v) for v in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CorruptCheckpointError(
-                f"malformed header entry {entry!r}", path=path, key=key
-            ) from exc
-        if end > data_size or start > end:
-            raise CorruptCheckpointError(
-                f"file is truncated or corrupt: tensor data ends at byte {end} of a "
-                f"{data_size}-byte data section",
-                path=path,
-                key=key,
-            )
-        out[key] = TensorInfo(dtype=dtype, shape=shape, file=path, nbytes=end - start)
-    return out
-
-
-def dequantize_fp8_blockwise(
-    weight: torch.Tensor,
-    scale_inv: torch.Tensor,
-    block_size: tuple[int, int] = _DEFAULT_BLOCK,
-    dtype: torch.dtype = torch.bfloat16,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Dequantize a 2-D FP8 matrix with per-block scales: ``w[i, j] * scale_inv[i // b0, j // b1]``.
-
-    Works one row block at a time in FP32, so the extra memory is one ``b0 x cols`` FP32 block.
-    ``out`` (``rows x cols``, any float dtype) receives the result when given.
-    """
-    rows, cols = weight.shape
-    b0, b1 = block_size
-    want = (math.ceil(rows / b0), math.ceil(cols / b1))
-    if tuple(scale_inv.shape) != want:
-        raise ValueError(
-            f"scale_inv shape {tuple(scale_inv.shape)} does not match weight "
-            f"{(rows, cols)} with blocks {block_size} (expected {want})"
-        )
-    if out is None:
-        out = torch.empty((rows, cols), dtype=dtype)
-    scales = scale_inv.to(torch.float32)
-    for rb in range(want[0]):
-        r0, r1 = rb * b0, min((rb + 1) * b0, rows)
-        col_scale = scales[rb].repeat_interleave(b1)[:cols]
-        out[r0:r1] = weight[r0:r1].to(torch.float32) * col_scale
-    return out
-
-
-def _block_size(config: Any) -> tuple[int, int]:
-    qcfg = (
-        config.get("quantization_config")
-        if isinstance(config, Mapping)
-        else getattr(config, "quantization_config", None)
-    )
-    if qcfg is None:
-        qcfg = get_field(config, ("quantization_config",), None)
-    if qcfg is None:
-        return _DEFAULT_BLOCK
-    block = (
-        qcfg.get("weight_block_size")
-        if isinstance(qcfg, Mapping)
-        else getattr(qcfg, "weight_block_size", None)
-    )
-    if block is None:
-        return _DEFAULT_BLOCK
-    b0, b1 = (int(v) for v in block)
-    return b0, b1
 
 
 def _load_config(config_dir: Path) -> tuple[Any, dict[str, Any], Path]:
@@ -282,7 +151,7 @@ class CheckpointReader:
         self.num_experts = self.spec.num_experts(config)
         self.hidden_size = self.spec.hidden_size(config)
         self.intermediate_size = self.spec.intermediate_size(config)
-        self.block_size = _block_size(config)
+        self.block_size = fp8_block_size(config)
         self._moe_layers = self.spec.moe_layer_indices(config)
 
     # ---- opening -----------------------------------------------------------------------------
@@ -415,9 +284,9 @@ class CheckpointReader:
                 path=info.file,
                 key=key,
             )
-        if info.dtype in _FLOAT:
+        if info.dtype in FLOAT_DTYPES:
             return info, None
-        if info.dtype not in _FP8:
+        if info.dtype not in FP8_DTYPES:
             raise UnsupportedTensorDtypeError(
                 f"weights stored as {info.dtype} are not supported (BF16, F16, F32, F64, or "
                 "F8_E4M3/F8_E5M2 with weight_scale_inv block scales)",
@@ -440,7 +309,7 @@ class CheckpointReader:
                 path=scale.file,
                 key=scale_key,
             )
-        if scale.dtype not in _FLOAT:
+        if scale.dtype not in FLOAT_DTYPES:
             raise UnsupportedTensorDtypeError(
                 f"block scales stored as {scale.dtype}", path=scale.file, key=scale_key
             )
@@ -449,7 +318,7 @@ class CheckpointReader:
     def _copy_into(
         self,
         out: torch.Tensor,
-        handles: _Handles,
+        handles: ShardMaps,
         info: TensorInfo,
         key: str,
         scale: TensorInfo | None,
@@ -523,7 +392,7 @@ class CheckpointReader:
             out_dtype = dtype or _out_dtype(plan[0][3])
             gate_up = torch.empty((num_experts, 2 * inter, hidden), dtype=out_dtype)
             down = torch.empty((num_experts, hidden, inter), dtype=out_dtype)
-            with _Handles() as handles:
+            with ShardMaps() as handles:
                 for e, proj, key, info, scale in plan:
                     dst = (
                         gate_up[e, :inter]
@@ -549,7 +418,7 @@ class CheckpointReader:
         out_dtype = dtype or _out_dtype(gu_info)
         gate_up = torch.empty((num_experts, 2 * inter, hidden), dtype=out_dtype)
         down = torch.empty((num_experts, hidden, inter), dtype=out_dtype)
-        with _Handles() as handles:
+        with ShardMaps() as handles:
             for e in range(num_experts):
                 self._copy_into(gate_up[e], handles, gu_info, gu_key, gu_scale, e, transposed)
                 self._copy_into(down[e], handles, d_info, d_key, d_scale, e, transposed)
@@ -570,16 +439,20 @@ class CheckpointReader:
         """
         info = self.tensor_info(key)
         scale = None
-        if info.dtype in _FP8 and key + SCALE_SUFFIX in self._tensors and len(info.shape) in (2, 3):
+        if (
+            info.dtype in FP8_DTYPES
+            and key + SCALE_SUFFIX in self._tensors
+            and len(info.shape) in (2, 3)
+        ):
             info, scale = self._plan(key, info.shape)
-        stored = _DTYPES.get(info.dtype)
+        stored = STORED_DTYPES.get(info.dtype)
         if stored is None:
             raise UnsupportedTensorDtypeError(
                 f"unknown safetensors dtype {info.dtype}", path=info.file, key=key
             )
         out_dtype = dtype or (torch.bfloat16 if scale is not None else stored)
         out = torch.empty(info.shape, dtype=out_dtype)
-        with _Handles() as handles:
+        with ShardMaps() as handles:
             if scale is not None and len(info.shape) == 3:
                 for e in range(info.shape[0]):
                     self._copy_into(out[e], handles, info, key, scale, e)
@@ -600,9 +473,9 @@ class CheckpointReader:
         if not 0 <= index < info.shape[0]:
             raise IndexError(f"index {index} out of range for {key!r} of shape {info.shape}")
         scale = None
-        if info.dtype in _FP8 and key + SCALE_SUFFIX in self._tensors:
+        if info.dtype in FP8_DTYPES and key + SCALE_SUFFIX in self._tensors:
             info, scale = self._plan(key, info.shape)
-        stored = _DTYPES.get(info.dtype)
+        stored = STORED_DTYPES.get(info.dtype)
         if stored is None:
             raise UnsupportedTensorDtypeError(
                 f"unknown safetensors dtype {info.dtype}", path=info.file, key=key
@@ -610,7 +483,7 @@ class CheckpointReader:
         out = torch.empty(
             info.shape[1:], dtype=dtype or (torch.bfloat16 if scale is not None else stored)
         )
-        with _Handles() as handles:
+        with ShardMaps() as handles:
             self._copy_into(out, handles, info, key, scale, index)
         return out
 
@@ -651,52 +524,4 @@ def _shard_path(root: Path, name: str, index_path: Path, key: str) -> Path:
 
 
 def _out_dtype(info: TensorInfo) -> torch.dtype:
-    return torch.bfloat16 if info.dtype in _FP8 else _DTYPES[info.dtype]
-
-
-class _Handles:
-    """Memory-maps shards on demand and unmaps them again.
-
-    A shard's mapping is dropped once ``map_budget`` bytes have been copied out of it (and on
-    exit), so the file pages a long read touches do not pile up in the resident set: the next
-    access maps the file afresh (re-reading only its JSON header).
-    """
-
-    def __init__(self, map_budget: int = 8 << 20) -> None:
-        self._open: dict[Path, Any] = {}
-        self._used: dict[Path, int] = {}
-        self._budget = map_budget
-
-    def get(self, file: Path) -> Any:
-        handle = self._open.get(file)
-        if handle is None:
-            try:
-                handle = safe_open(str(file), framework="pt")
-            except SafetensorError as exc:
-                raise CorruptCheckpointError(
-                    f"cannot open safetensors file ({exc})", path=file
-                ) from exc
-            except FileNotFoundError as exc:
-                raise MissingShardError("checkpoint file disappeared", path=file) from exc
-            self._open[file] = handle
-            self._used[file] = 0
-        return handle
-
-    def consumed(self, file: Path, nbytes: int) -> None:
-        """Record ``nbytes`` copied out of ``file``; unmap it when over budget."""
-        self._used[file] = self._used.get(file, 0) + nbytes
-        if self._used[file] >= self._budget:
-            self._close(file)
-
-    def _close(self, file: Path) -> None:
-        handle = self._open.pop(file, None)
-        self._used.pop(file, None)
-        if handle is not None:
-            handle.__exit__(None, None, None)
-
-    def __enter__(self) -> _Handles:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for file in list(self._open):
-            self._close(file)
+    return torch.bfloat16 if info.dtype in FP8_DTYPES else STORED_DTYPES[info.dtype]

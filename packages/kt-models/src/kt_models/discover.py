@@ -11,7 +11,7 @@ registry entry:
 * :func:`find_experts_modules` finds the decorated experts modules of a model;
 * :func:`experts_layout` reads one module's :class:`ExpertsLayout` (E, H, I, flags, activation);
 * :func:`unsupported_features` lists what of that layout the engine does not compute;
-* :func:`discover_arch_spec` turns a model into an :class:`~kt_models.registry.ArchSpec` whose
+* :func:`discover_arch_spec` turns a model into an :class:`~kt_models.arch_spec.ArchSpec` whose
   paths, MoE layers and sizes come from the module tree, refusing (with the model type and the
   exact feature) what the engine does not compute;
 * :func:`experts_interface_model_types` enumerates the installed transformers' model types whose
@@ -28,10 +28,12 @@ from typing import Any
 
 from torch import nn
 
+from kt_models.arch_spec import ArchSpec, DiscoveredExperts
 from kt_models.config_fields import ACTIVATION_FIELDS, get_field, text_config
 from kt_models.errors import UnsupportedArchitectureError
 from kt_models.gating import ENGINE_ACTIVATIONS as _ENGINE_ACTIVATIONS
 from kt_models.gating import Gating, match_gating
+from kt_models.navigate import unwrap_model
 
 __all__ = [
     "DEFAULT_LAYOUT",
@@ -290,8 +292,8 @@ def _model_type(model: nn.Module) -> str:
     return str(getattr(config, "model_type", None) or type(model).__name__)
 
 
-def discover_arch_spec(model: nn.Module) -> Any:
-    """An :class:`~kt_models.registry.ArchSpec` read from ``model``'s experts-interface modules.
+def discover_arch_spec(model: nn.Module) -> ArchSpec:
+    """An :class:`~kt_models.arch_spec.ArchSpec` read from ``model``'s experts-interface modules.
 
     The decoder-layer list, the MoE block and experts attributes and the MoE layer indices come
     from the experts modules' qualified names; E, H and I from their parameter shapes. Every
@@ -302,9 +304,6 @@ def discover_arch_spec(model: nn.Module) -> Any:
             or their layout has a feature the engine does not compute (the message names the
             model type and the feature).
     """
-    from kt_models.navigate import unwrap_model
-    from kt_models.registry import ArchSpec, DiscoveredExperts
-
     base = unwrap_model(model)
     model_type = _model_type(base)
     found = find_experts_modules(base)

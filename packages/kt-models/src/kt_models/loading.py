@@ -40,7 +40,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from kt_models.config_fields import config_model_type, get_field
+from kt_models.auto_class import auto_model_class
+from kt_models.config_fields import get_field
 from kt_models.errors import TensorShapeError, UnsupportedArchitectureError
 from kt_models.registry import ArchSpec, get_arch_spec
 
@@ -234,18 +235,6 @@ def experts_on_meta(config_or_spec: Any) -> Iterator[list[nn.Module]]:
                 modules.append(module)
 
 
-def _auto_class(config: Any) -> Any:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    if config_model_type(config) in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        from transformers import AutoModelForCausalLM
-
-        return AutoModelForCausalLM
-    from transformers import AutoModelForImageTextToText
-
-    return AutoModelForImageTextToText
-
-
 def load_model(
     path: str | os.PathLike[str],
     *,
@@ -269,7 +258,7 @@ def load_model(
     load_kwargs.update(kwargs)
     config = load_kwargs["config"]
     spec = get_arch_spec(config)
-    cls = model_class or _auto_class(config)
+    cls = model_class or auto_model_class(config)
     from transformers.utils import logging as hf_logging
 
     # transformers lists the skipped expert tensors as "unexpected" in its load report; report

@@ -20,6 +20,7 @@ from typing import Any, Literal
 import torch
 from safetensors.torch import save_file
 
+from kt_models.auto_class import auto_model_class
 from kt_models.registry import ArchSpec, get_arch_spec
 
 __all__ = [
@@ -342,12 +343,10 @@ def generic_tiny_config(model_type: str, *, second_layer: str = "last") -> Any:
 
 def build_any(model_type: str, *, seed: int = 0, second_layer: str = "last") -> Any:
     """:func:`build` for any model type: :func:`generic_tiny_config`, seeded FP32 weights."""
-    from kt_models.loading import _auto_class
-
     config = generic_tiny_config(model_type, second_layer=second_layer)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = _auto_class(config).from_config(config, dtype=torch.float32)
+        model = auto_model_class(config).from_config(config, dtype=torch.float32)
     return model.eval()
 
 
@@ -359,12 +358,10 @@ def build(model_type: str, *, seed: int = 0, **overrides: Any) -> Any:
     give the same weights. ``overrides`` change config fields (see :data:`TINY_CONFIGS`). The
     model is returned in eval mode, as ``from_pretrained`` returns it.
     """
-    from kt_models.loading import _auto_class
-
     config = tiny_config(model_type, **overrides)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = _auto_class(config).from_config(config, dtype=torch.float32)
+        model = auto_model_class(config).from_config(config, dtype=torch.float32)
     return model.eval()
 
 

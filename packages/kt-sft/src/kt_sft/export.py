@@ -383,9 +383,9 @@ def _check_output(output: Path, overwrite: bool, *inputs: Path) -> None:
 
 
 def _meta_model(config: Any, trust_remote_code: bool) -> torch.nn.Module:
-    from kt_models.loading import _auto_class
+    from kt_models.auto_class import auto_model_class
 
-    cls = _auto_class(config)
+    cls = auto_model_class(config)
     with torch.device("meta"):
         return cls.from_config(config, trust_remote_code=trust_remote_code)
 
