@@ -417,7 +417,7 @@ def test_existing_output(tmp_path: Path, qwen: tuple) -> None:
 def test_failed_export_leaves_the_previous_output(
     tmp_path: Path, qwen: tuple, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import kt_sft.export as export_module
+    import kt_sft.export.writer as writer_module
 
     _, base, adapter = qwen
     out = tmp_path / "out"
@@ -431,8 +431,8 @@ def test_failed_export_leaves_the_previous_output(
             raise OSError("disk full")
         original(fh, tensor)
 
-    original = export_module._write_tensor
-    monkeypatch.setattr(export_module, "_write_tensor", failing_write)
+    original = writer_module.write_tensor
+    monkeypatch.setattr(writer_module, "write_tensor", failing_write)
     with pytest.raises(OSError, match="disk full"):
         export_merged(adapter, out, base_model=base, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == ["previous.txt"]

@@ -38,7 +38,8 @@ import torch
 
 from kt_sft.backend import engine_available
 from kt_sft.train import ConfigError, load_train_config
-from kt_sft.train.loop import _lr_lambda, train
+from kt_sft.train.loop import train
+from kt_sft.train.setup import lr_lambda
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
@@ -225,7 +226,7 @@ def test_two_processes_give_the_one_process_loss_curve_and_adapter(
     one, other = _weights(run["one"].adapter_dir), _weights(two / "adapter")
     assert one.keys() == other.keys()
     cfg = load_train_config(None)
-    schedule = _lr_lambda(cfg.lr_scheduler_type, cfg.warmup_steps, STEPS)
+    schedule = lr_lambda(cfg.lr_scheduler_type, cfg.warmup_steps, STEPS)
     adam_bound = 2 * 1.01 * sum(cfg.learning_rate * schedule(t) for t in range(STEPS))
     close = total = 0
     for key, value in one.items():
