@@ -23,13 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from kt_sft.train import artifacts, setup
-from kt_sft.train.checkpoint import load_checkpoint, save_adapter, save_checkpoint
 from kt_sft.train.profiling import ExpertTimer, Timeline
 from kt_sft.train.ranks import Ranks
 from kt_sft.train.report import log, print_summary, write_summary
 from kt_sft.train.schema import TrainConfig
 from kt_sft.train.signals import StopFlag
 from kt_sft.train.state import NonFiniteLossError, TrainResult, TrainState
+from kt_sft.train.step_checkpoints import load_checkpoint, save_adapter, save_checkpoint
 
 __all__ = ["NonFiniteLossError", "TrainResult", "TrainState", "train"]
 

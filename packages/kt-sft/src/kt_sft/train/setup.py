@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from kt_sft.train import artifacts
-from kt_sft.train.checkpoint import check_world_size, resolve_resume
 from kt_sft.train.ranks import Ranks
 from kt_sft.train.report import log
 from kt_sft.train.schema import EMBEDDED, ConfigError, TrainConfig
+from kt_sft.train.step_checkpoints import check_world_size, resolve_resume
 
 __all__ = [
     "TrainData",
