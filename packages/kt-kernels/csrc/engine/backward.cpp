@@ -385,6 +385,12 @@ void MoEEngine::run_backward(Ctx& c) {
         }
         if (grads0) {
           for (int64_t m = 0; m < M; ++m) {
+            // Each row's nh columns come from another token's row (and another dY row): fetch
+            // them a few rows ahead, as no hardware prefetcher follows that pattern.
+            if (m + kRowsAhead < M) {
+              prefetch_span(xb + slot_tok[m0 + m + kRowsAhead] * KpH + h0, nh);
+              prefetch_span(dyg + (m0 + m + kRowsAhead) * KpH + h0, nh);
+            }
             k.cvt_bf16_f32(nh, xb + slot_tok[m0 + m] * KpH + h0, xf + m * nh);
             k.cvt_bf16_f32(nh, dyg + (m0 + m) * KpH + h0, yf + m * nh);
             const float wv = slot_w[m0 + m];

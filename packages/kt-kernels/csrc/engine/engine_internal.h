@@ -27,12 +27,14 @@ using kernels::kBlockN;
 // own gradient slices and walk all rows of their expert in order, so gradients are reduced in a
 // fixed order whatever the thread count.
 inline constexpr int64_t kRowsGather = 64;  // rows per gather / LoRA-A task
-inline constexpr int64_t kRowsFwd = 128;    // rows per forward GEMM tile
-inline constexpr int64_t kPairsFwd = 3;     // gate/up block pairs per gate_up tile (96 columns)
-inline constexpr int64_t kBlocksDown = 6;   // H blocks per down tile (96 columns)
-inline constexpr int64_t kPairsBwd = 6;     // I blocks per backward down^T tile (96 columns)
-inline constexpr int64_t kBlocksBwdH = 6;   // H blocks per backward gate_up^T tile (96 columns)
-inline constexpr int64_t kRowsBwd = 128;    // rows per step inside a backward tile
+// Rows per forward GEMM tile: an expert's weights stream from memory once per tile of rows, so
+// larger tiles read them fewer times (128 -> 512: forward 1.13x at T = 4096, Qwen3-30B-A3B layer).
+inline constexpr int64_t kRowsFwd = 512;
+inline constexpr int64_t kPairsFwd = 3;    // gate/up block pairs per gate_up tile (96 columns)
+inline constexpr int64_t kBlocksDown = 6;  // H blocks per down tile (96 columns)
+inline constexpr int64_t kPairsBwd = 6;    // I blocks per backward down^T tile (96 columns)
+inline constexpr int64_t kBlocksBwdH = 6;  // H blocks per backward gate_up^T tile (96 columns)
+inline constexpr int64_t kRowsBwd = 128;   // rows per step inside a backward tile
 inline constexpr int64_t kTokensCombine = 16;
 
 // Process-wide scratch slots. Forward and backward buffers of similar size share a slot.
@@ -97,6 +99,18 @@ SliceTiles slice_tiles(const Slices& slices, AddTiles&& add) {
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Rows ahead at which the loops over gathered rows (one token's row each) prefetch.
+inline constexpr int64_t kRowsAhead = 8;
+// Prefetches the cache lines of n elements of T from p: for loops that read rows in an order no
+// hardware prefetcher follows (rows of other tokens or slots), a few rows ahead.
+template <typename T>
+inline void prefetch_span(const T* p, int64_t n) {
+  const char* b = reinterpret_cast<const char*>(p);
+  const char* e = reinterpret_cast<const char*>(p + n);
+  for (const char* q = b; q < e; q += 64) __builtin_prefetch(q);
+  __builtin_prefetch(e - 1);
+}
 
 // The per-slot fp32 rows of the last GEMM (y in forward, dx in backward) are produced and combined
 // per token in passes over groups of H columns, so that buffer stays near kSlotBudget bytes

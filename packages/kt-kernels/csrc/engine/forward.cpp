@@ -44,7 +44,14 @@ void detail::combine_slots(int64_t T, int64_t K, const int32_t* pos, const float
   parallel_for(ceil_div(T, kTokensCombine), nt, [&](int64_t task, int th) {
     float* acc = local_buf<float>(th, kL0, width);
     float* sum = parts > 1 ? local_buf<float>(th, kL1, width) : nullptr;
-    for (int64_t t = task * kTokensCombine; t < std::min(T, (task + 1) * kTokensCombine); ++t) {
+    const int64_t t_end = std::min(T, (task + 1) * kTokensCombine);
+    for (int64_t t = task * kTokensCombine; t < t_end; ++t) {
+      if (t + 1 < t_end) {  // the next token's slot rows
+        for (int64_t j = 0; j < K; ++j) {
+          const int32_t p = pos[(t + 1) * K + j];
+          if (p >= 0) prefetch_span(src + p * ld, width);
+        }
+      }
       std::fill(acc, acc + width, 0.0f);
       for (int64_t j = 0; j < K; ++j) {
         const int32_t p = pos[t * K + j];

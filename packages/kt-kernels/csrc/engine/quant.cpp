@@ -104,8 +104,15 @@ void dequant_range_w8a8(const kernels::QuantKernels& qk, const Format& f, const 
   const int64_t bb = block_bytes(f);
   alignas(64) float sv[32];
   alignas(64) bf16 quad[64];
+  // The quads read in each block: as in dequant_range, fetch the next block's run now (the
+  // block-sized stride between runs is not followed by the hardware prefetchers).
+  const int64_t q0 = kp0 / 2, q1 = (kp1 + 1) / 2;
+  const int64_t run_bytes = (q1 - q0) * 64;
   for (int64_t b = 0; b < nblk; ++b) {
     const int8_t* src = reinterpret_cast<const int8_t*>(blk + b * bb);
+    if (run_bytes < bb && b + 1 < nblk) {
+      for (int64_t i = 0; i < run_bytes; i += 64) __builtin_prefetch(src + bb + q0 * 64 + i);
+    }
     for (int i = 0; i < 32; ++i) sv[i] = scales[b * kBlockN + i / 2];
     bf16* out = dst + b * kBlockN * dst_Kp - kp0 * 32;  // pair kp lands at (kp - kp0) * 32
     int64_t kp = kp0;

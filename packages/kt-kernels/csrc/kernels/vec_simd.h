@@ -458,6 +458,7 @@ void pack_transposed(const bf16* W_, int64_t N, int64_t Kp, int64_t k0, int64_t 
   const int64_t src_block = kBlockN * Kp;
   const int64_t dst_block = kBlockN * KpT;
   const int64_t n_rows = packed_blocks(N) * kBlockN;
+  constexpr int64_t kAhead = 4;
   for (int64_t ob = 0; ob < nblk; ++ob) {
     bf16* out = dst + ob * dst_block;
     const int64_t kb = k0 + ob * kBlockN;
@@ -467,7 +468,14 @@ void pack_transposed(const bf16* W_, int64_t N, int64_t Kp, int64_t k0, int64_t 
         std::memset(o, 0, sizeof(bf16) * 16 * 16);
         continue;
       }
-      transpose_subtile(W_ + (n0 / kBlockN) * src_block + (kb / 2) * 32, o);
+      const bf16* s = W_ + (n0 / kBlockN) * src_block + (kb / 2) * 32;
+      // Consecutive subtiles come from blocks 16 Kp apart, a stride no hardware prefetcher
+      // follows: fetch the subtile kAhead blocks on now (8 lines of 64 bytes).
+      if (n0 + kAhead * kBlockN < n_rows) {
+        for (int l = 0; l < 8; ++l)
+          _mm_prefetch(reinterpret_cast<const char*>(s + kAhead * src_block) + 64 * l, _MM_HINT_T0);
+      }
+      transpose_subtile(s, o);
     }
   }
 }
