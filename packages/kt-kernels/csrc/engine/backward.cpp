@@ -161,12 +161,7 @@ void MoEEngine::run_backward(Ctx& c) {
   float* gbsum = gbpart + n_gbp;   // S x RA: dGU B
   float* dwb = gbsum + n_gb;       // S: dY . b_down[e] (down bias share of dw)
 
-  std::vector<Tile> tiles;
-  for (int64_t e = 0; e < E; ++e) {
-    for (int64_t m0 = off[e]; m0 < off[e + 1]; m0 += kRowsGather) {
-      tiles.push_back({e, m0, std::min(off[e + 1], m0 + kRowsGather), 0, 0});
-    }
-  }
+  std::vector<Tile> tiles = gather_tiles(off, E);
   bf16* dyg = shared_buf<bf16>(kSlotRows, S * KpH);
   parallel_for(static_cast<int64_t>(tiles.size()), nt, [&](int64_t i, int th) {
     const Tile& tl = tiles[static_cast<size_t>(i)];

@@ -75,6 +75,18 @@ struct Tile {
   int64_t e, m0, m1, n0, n1;
 };
 
+// The row tiles of the per-row phases (gather, LoRA products): each expert's rows [off[e],
+// off[e + 1]) in runs of at most kRowsGather, expert by expert.
+inline std::vector<Tile> gather_tiles(const int64_t* off, int64_t E) {
+  std::vector<Tile> tiles;
+  for (int64_t e = 0; e < E; ++e) {
+    for (int64_t m0 = off[e]; m0 < off[e + 1]; m0 += kRowsGather) {
+      tiles.push_back({e, m0, std::min(off[e + 1], m0 + kRowsGather), 0, 0});
+    }
+  }
+  return tiles;
+}
+
 // One phase's tiles split by tensor-parallel slice, for run_slices: tiles[s] run on worker group s.
 struct SliceTiles {
   std::vector<std::vector<Tile>> tiles;

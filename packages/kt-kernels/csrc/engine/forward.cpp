@@ -355,12 +355,7 @@ void MoEEngine::gather_phase(const int64_t* off, const int32_t* slot_tok, const 
                              float* xa) const {
   const int64_t E = E_, H = H_, KpH = KpH_, Hb = Hb_, RA = RA_;
   const kernels::KernelTable& k = k_;
-  std::vector<Tile> tiles;
-  for (int64_t e = 0; e < E; ++e) {
-    for (int64_t m0 = off[e]; m0 < off[e + 1]; m0 += kRowsGather) {
-      tiles.push_back({e, m0, std::min(off[e + 1], m0 + kRowsGather), 0, 0});
-    }
-  }
+  const std::vector<Tile> tiles = gather_tiles(off, E);
   parallel_for(static_cast<int64_t>(tiles.size()), threads_, [&](int64_t i, int th) {
     const Tile& tl = tiles[static_cast<size_t>(i)];
     const int64_t M = tl.m1 - tl.m0;
@@ -378,12 +373,7 @@ void MoEEngine::gather_phase(const int64_t* off, const int32_t* slot_tok, const 
 void MoEEngine::lora_down_phase(const int64_t* off, const bf16* hb, float* had) const {
   const int64_t E = E_, KpI = KpI_, Ib = Ib_, r = r_;
   const kernels::KernelTable& k = k_;
-  std::vector<Tile> tiles;
-  for (int64_t e = 0; e < E; ++e) {
-    for (int64_t m0 = off[e]; m0 < off[e + 1]; m0 += kRowsGather) {
-      tiles.push_back({e, m0, std::min(off[e + 1], m0 + kRowsGather), 0, 0});
-    }
-  }
+  const std::vector<Tile> tiles = gather_tiles(off, E);
   parallel_for(static_cast<int64_t>(tiles.size()), threads_, [&](int64_t i, int th) {
     const Tile& tl = tiles[static_cast<size_t>(i)];
     const int64_t M = tl.m1 - tl.m0;
