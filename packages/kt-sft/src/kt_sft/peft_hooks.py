@@ -1,14 +1,9 @@
 """PEFT LoRA on kt experts: reading PEFT's tensors and hooking PEFT's ``ParamWrapper``.
 
-``peft.get_peft_model(model, LoraConfig(target_parameters=["mlp.experts.gate_up_proj",
-"mlp.experts.down_proj"], ...))`` wraps each experts module in PEFT ``ParamWrapper``s. Stock PEFT
-would, at every forward, fold ``W + s·B·A`` into the (released) expert tensors. kt hooks
-``ParamWrapper`` (only for wrappers around kt experts; every other module keeps PEFT's own
-code): the forward goes straight to the experts module with the wrappers' LoRA tensors bound to
-the engine (see :mod:`kt_sft.binding`), and merging into engine-held weights is refused with a
-clear error. So the stock call "just works" after :func:`kt_sft.wrap_model`;
-:func:`kt_sft.peft.get_peft_model` additionally checks the targets, binds eagerly, keeps LoRA
-experts trainable, and makes ``save_pretrained`` atomic and kt-aware.
+The hooks behind :mod:`kt_sft.peft` (whose docstring tells the whole story): a ``ParamWrapper``
+around kt experts forwards straight to the experts module with the wrappers' LoRA tensors bound
+to the engine (:mod:`kt_sft.binding`), and merging into engine-held weights is refused; every
+other module keeps PEFT's own code.
 
 PEFT layout of a ``ParamWrapper`` on a fused ``E x out x in`` tensor (peft/tuners/lora/layer.py):
 ``lora_A.weight`` is ``(E·r) x in`` with expert-major rows (expert e = rows ``e·r .. e·r+r-1``),

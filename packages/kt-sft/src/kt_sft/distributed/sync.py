@@ -67,6 +67,21 @@ def _buckets(tensors: list[torch.Tensor], limit: int = 1 << 26) -> Iterable[list
             yield bucket
 
 
+def _flatten(bucket: list[torch.Tensor], device: Any) -> torch.Tensor:
+    """One contiguous copy of a bucket's tensors on ``device`` (the collective's device)."""
+    return torch.cat([t.reshape(-1) for t in bucket]).to(device)
+
+
+def _unflatten_into(flat: torch.Tensor, bucket: list[torch.Tensor]) -> None:
+    """Copies the result of a collective on ``_flatten(bucket)`` back into the bucket's tensors."""
+    flat = flat.to(bucket[0].device)
+    offset = 0
+    with torch.no_grad():
+        for t in bucket:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+
 def _collective(ctx: DistributedContext, what: str, fn: Callable[[], Any]) -> Any:
     try:
         return fn()
@@ -100,16 +115,11 @@ def broadcast_parameters(
     if ctx is None:
         return
     for bucket in _buckets([p.data for p in params]):
-        flat = torch.cat([t.reshape(-1) for t in bucket]).to(ctx._reduce_device)
+        flat = _flatten(bucket, ctx._reduce_device)
         _collective(
             ctx, what, lambda flat=flat: dist.broadcast(flat, src=src, group=ctx._world_group)
         )
-        flat = flat.to(bucket[0].device)
-        offset = 0
-        with torch.no_grad():
-            for t in bucket:
-                t.copy_(flat[offset : offset + t.numel()].view_as(t))
-                offset += t.numel()
+        _unflatten_into(flat, bucket)
 
 
 def all_reduce_gradients(params: Iterable[torch.Tensor], *, average: bool = True) -> None:
@@ -128,7 +138,7 @@ def all_reduce_gradients(params: Iterable[torch.Tensor], *, average: bool = True
             p.grad = torch.zeros_like(p)
     world = ctx.topology.world_size
     for bucket in _buckets([p.grad for p in params]):
-        flat = torch.cat([g.reshape(-1) for g in bucket]).to(ctx._reduce_device)
+        flat = _flatten(bucket, ctx._reduce_device)
         _collective(
             ctx,
             "all-reduce of gradients",
@@ -136,12 +146,7 @@ def all_reduce_gradients(params: Iterable[torch.Tensor], *, average: bool = True
         )
         if average:
             flat.div_(world)
-        flat = flat.to(bucket[0].device)
-        offset = 0
-        with torch.no_grad():
-            for g in bucket:
-                g.copy_(flat[offset : offset + g.numel()].view_as(g))
-                offset += g.numel()
+        _unflatten_into(flat, bucket)
 
 
 def kt_managed_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -189,7 +194,7 @@ def reduce_expert_lora_grads(model: torch.nn.Module, *, average: bool = True) ->
     node_size = len(t.node_ranks)
     gather_members = node_size > 1 and _members_contribute(model)
     for bucket in _buckets([p.grad for p in params]):
-        flat = torch.cat([g.reshape(-1) for g in bucket]).to(ctx._reduce_device)
+        flat = _flatten(bucket, ctx._reduce_device)
         if gather_members:
             _collective(
                 ctx,
@@ -210,9 +215,4 @@ def reduce_expert_lora_grads(model: torch.nn.Module, *, average: bool = True) ->
             )
         if average:
             flat.div_(t.world_size)
-        flat = flat.to(bucket[0].device)
-        offset = 0
-        with torch.no_grad():
-            for g in bucket:
-                g.copy_(flat[offset : offset + g.numel()].view_as(g))
-                offset += g.numel()
+        _unflatten_into(flat, bucket)
