@@ -100,7 +100,7 @@ void padded_tail(const int8_t* row, int64_t k0, int64_t K, int64_t width, int8_t
 // taken from its quad dequantized into a small buffer (same bits: each value is one product).
 void dequant_range_w8a8(const kernels::QuantKernels& qk, const Format& f, const uint8_t* blk,
                         const float* scales, int64_t nblk, int64_t kp0, int64_t kp1, bf16* dst,
-                        int64_t dst_Kp) {
+                        int64_t dst_Kp, bool fetch_after) {
   const int64_t bb = block_bytes(f);
   alignas(64) float sv[32];
   alignas(64) bf16 quad[64];
@@ -110,7 +110,7 @@ void dequant_range_w8a8(const kernels::QuantKernels& qk, const Format& f, const 
   const int64_t run_bytes = (q1 - q0) * 64;
   for (int64_t b = 0; b < nblk; ++b) {
     const int8_t* src = reinterpret_cast<const int8_t*>(blk + b * bb);
-    if (run_bytes < bb && b + 1 < nblk) {
+    if (run_bytes < bb && (b + 1 < nblk || fetch_after)) {
       for (int64_t i = 0; i < run_bytes; i += 64) __builtin_prefetch(src + bb + q0 * 64 + i);
     }
     for (int i = 0; i < 32; ++i) sv[i] = scales[b * kBlockN + i / 2];
@@ -202,9 +202,9 @@ void place_block(const Format& f, const int8_t* codes, int64_t ld, int64_t K, ui
 
 void dequant_range(const kernels::QuantKernels& qk, const Format& f, const uint8_t* blk,
                    const float* scales, int64_t nblk, int64_t kp0, int64_t kp1, bf16* dst,
-                   int64_t dst_Kp) {
+                   int64_t dst_Kp, bool fetch_after) {
   if (f.kind == Kind::w8a8) {
-    dequant_range_w8a8(qk, f, blk, scales, nblk, kp0, kp1, dst, dst_Kp);
+    dequant_range_w8a8(qk, f, blk, scales, nblk, kp0, kp1, dst, dst_Kp, fetch_after);
     return;
   }
   const int64_t bb = block_bytes(f);
@@ -219,7 +219,7 @@ void dequant_range(const kernels::QuantKernels& qk, const Format& f, const uint8
     bf16* out = dst + b * kBlockN * dst_Kp - kp0 * 32;  // pair kp lands at (kp - kp0) * 32
     // A part of each block's depth (the transposed repack of backward) leaves a block-sized stride
     // between the runs read, which the hardware prefetchers do not follow: fetch the next run now.
-    if (run_bytes < bb && b + 1 < nblk) {
+    if (run_bytes < bb && (b + 1 < nblk || fetch_after)) {
       for (int64_t i = 0; i < run_bytes; i += 64)
         __builtin_prefetch(src + bb + kp0 * pair_bytes + i);
     }

@@ -73,8 +73,10 @@ void dequant_blocks(const kernels::QuantKernels& qk, const Format& f, const uint
 // Dequantizes the depth pairs [kp0, kp1) (k in [2 kp0, 2 kp1)) of nblk consecutive blocks into
 // nblk packed bf16 blocks of depth dst_Kp (a multiple of 32 >= 2 (kp1 - kp0); the rest is zero).
 // w8a8: kp0 and kp1 should be even (whole k quads); an odd end costs one scalar-order detour.
+// Each block's range is prefetched while the one before it is dequantized; fetch_after: also the
+// range of the block after the last (which must exist), for a caller that goes on to it.
 void dequant_range(const kernels::QuantKernels& qk, const Format& f, const uint8_t* blk,
                    const float* scales, int64_t nblk, int64_t kp0, int64_t kp1, kernels::bf16* dst,
-                   int64_t dst_Kp);
+                   int64_t dst_Kp, bool fetch_after = false);
 
 }  // namespace kt::engine::quant

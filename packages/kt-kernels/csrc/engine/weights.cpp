@@ -413,37 +413,62 @@ void MoEEngine::gemm_weights(Proj w, int s, int64_t e, int64_t b0, int64_t nblk,
   }
 }
 
+namespace {
+
+// Source blocks dequantized per step of transpose_codes: 2 x 16 rows of the depth range stay in L1
+// (6 KiB for the gate_up^T tiles) until pack_transposed has moved them into place.
+constexpr int64_t kCodeBlocksPerStep = 2;
+
+// pack_transposed of quantized blocks (nsrc of them, N = 16 * nsrc rows): the depth range read is
+// dequantized a step of source blocks at a time, and each step is transposed into its pair rows
+// of dst at once, so the bf16 copy never leaves L1. The same bits as dequantizing the whole range
+// and transposing it in one call (kernels.h: a source block fills only its own pair rows).
+void transpose_codes(const kernels::KernelTable& k, const kernels::QuantKernels& qk,
+                     const quant::Format& f, const uint8_t* blk, const float* scales, int64_t nsrc,
+                     int64_t k0, int64_t nblk, bf16* tmp, bf16* dst) {
+  const int64_t Kw = kernels::round_up(kBlockN * nblk, kernels::kPackK);
+  const int64_t kp0 = k0 / 2, kp1 = std::min(f.Kp / 2, kp0 + Kw / 2);
+  const int64_t ldd = kernels::packed_block_elems(kBlockN * nsrc);
+  for (int64_t j0 = 0; j0 < nsrc; j0 += kCodeBlocksPerStep) {
+    const int64_t g = std::min(kCodeBlocksPerStep, nsrc - j0);
+    quant::dequant_range(qk, f, blk + j0 * quant::block_bytes(f), scales + j0 * kBlockN * f.ngroups,
+                         g, kp0, kp1, tmp, Kw, j0 + g < nsrc);
+    k.pack_transposed(tmp, kBlockN * g, Kw, 0, nblk, dst + j0 * (kBlockN / 2) * 32, ldd);
+  }
+}
+
+// Scratch for one step of transpose_codes.
+int64_t transpose_codes_tmp(int64_t nblk) {
+  return kCodeBlocksPerStep * kBlockN * kernels::round_up(kBlockN * nblk, kernels::kPackK);
+}
+
+}  // namespace
+
 void MoEEngine::gu_transposed(int s, int64_t e, int64_t k0, int64_t nblk, bf16* dst, int th) const {
   const Slice& sl = *sl_[static_cast<size_t>(s)];
   const int64_t gb = e * 2 * sl.nb;
   const int64_t N = 2 * kBlockN * sl.nb;
   if (wkind_ == quant::Kind::bf16) {
-    k_.pack_transposed(sl.wgu.as<bf16>() + gb * kBlockN * KpH_, N, KpH_, k0, nblk, dst);
+    k_.pack_transposed(sl.wgu.as<bf16>() + gb * kBlockN * KpH_, N, KpH_, k0, nblk, dst,
+                       kernels::packed_block_elems(N));
     return;
   }
-  // Dequantize only the depth range the transpose reads, then the ISA's pack_transposed.
-  const int64_t Kw = kernels::round_up(kBlockN * nblk, kernels::kPackK);
-  const int64_t kp0 = k0 / 2, kp1 = std::min(fgu_.Kp / 2, kp0 + Kw / 2);
-  bf16* tmp = local_buf<bf16>(th, kL9, 2 * sl.nb * kBlockN * Kw);
-  quant::dequant_range(*qk_, fgu_, sl.wgu.as<uint8_t>() + gb * quant::block_bytes(fgu_),
-                       sl.sgu.as<float>() + gb * kBlockN * fgu_.ngroups, 2 * sl.nb, kp0, kp1, tmp,
-                       Kw);
-  k_.pack_transposed(tmp, N, Kw, 0, nblk, dst);
+  transpose_codes(k_, *qk_, fgu_, sl.wgu.as<uint8_t>() + gb * quant::block_bytes(fgu_),
+                  sl.sgu.as<float>() + gb * kBlockN * fgu_.ngroups, 2 * sl.nb, k0, nblk,
+                  local_buf<bf16>(th, kL9, transpose_codes_tmp(nblk)), dst);
 }
 
 void MoEEngine::d_transposed(int s, int64_t e, int64_t k0, int64_t nblk, bf16* dst, int th) const {
   const Slice& sl = *sl_[static_cast<size_t>(s)];
   const int64_t gb = e * nbH_;
   if (wkind_ == quant::Kind::bf16) {
-    k_.pack_transposed(sl.wd.as<bf16>() + gb * kBlockN * sl.KpI, H_, sl.KpI, k0, nblk, dst);
+    k_.pack_transposed(sl.wd.as<bf16>() + gb * kBlockN * sl.KpI, H_, sl.KpI, k0, nblk, dst,
+                       kernels::packed_block_elems(H_));
     return;
   }
-  const int64_t Kw = kernels::round_up(kBlockN * nblk, kernels::kPackK);
-  const int64_t kp0 = k0 / 2, kp1 = std::min(sl.fd.Kp / 2, kp0 + Kw / 2);
-  bf16* tmp = local_buf<bf16>(th, kL9, nbH_ * kBlockN * Kw);
-  quant::dequant_range(*qk_, sl.fd, sl.wd.as<uint8_t>() + gb * quant::block_bytes(sl.fd),
-                       sl.sd.as<float>() + gb * kBlockN * sl.fd.ngroups, nbH_, kp0, kp1, tmp, Kw);
-  k_.pack_transposed(tmp, H_, Kw, 0, nblk, dst);
+  transpose_codes(k_, *qk_, sl.fd, sl.wd.as<uint8_t>() + gb * quant::block_bytes(sl.fd),
+                  sl.sd.as<float>() + gb * kBlockN * sl.fd.ngroups, nbH_, k0, nblk,
+                  local_buf<bf16>(th, kL9, transpose_codes_tmp(nblk)), dst);
 }
 
 }  // namespace kt::engine

@@ -220,8 +220,8 @@ std::string check_helpers(const KernelTable& t, const KernelTable& ref) {
       const int64_t nblk = Kp / kBlockN;
       const size_t out_elems = static_cast<size_t>(nblk * packed_block_elems(N));
       std::vector<bf16> got(out_elems, 1), want(out_elems, 2);
-      t.pack_transposed(w.data(), N, Kp, 0, nblk, got.data());
-      ref.pack_transposed(w.data(), N, Kp, 0, nblk, want.data());
+      t.pack_transposed(w.data(), N, Kp, 0, nblk, got.data(), packed_block_elems(N));
+      ref.pack_transposed(w.data(), N, Kp, 0, nblk, want.data(), packed_block_elems(N));
       if (got != want)
         return "pack_transposed N=" + std::to_string(N) + " differs from the reference";
     }

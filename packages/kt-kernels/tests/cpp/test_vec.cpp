@@ -9,6 +9,7 @@
 //    (silu' crosses zero near g = -1.28, where a relative bound means nothing). The SIMD exp is
 //    a polynomial within a few ulp of libm's expf.
 // Each entry is also checked to give the same bits for every start offset of its arrays.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <random>
@@ -229,8 +230,9 @@ TEST(pack_transposed_bit_identical_to_scalar) {
         for (const auto& s : starts) {
           const size_t elems = static_cast<size_t>(s[1] * packed_block_elems(N));
           std::vector<bf16> got(elems + 5, 0x1111), want(elems + 5, 0x1111);
-          t.pack_transposed(packed.data(), N, Kp, s[0] * kBlockN, s[1], got.data());
-          ref.pack_transposed(packed.data(), N, Kp, s[0] * kBlockN, s[1], want.data());
+          const int64_t ldd = packed_block_elems(N);
+          t.pack_transposed(packed.data(), N, Kp, s[0] * kBlockN, s[1], got.data(), ldd);
+          ref.pack_transposed(packed.data(), N, Kp, s[0] * kBlockN, s[1], want.data(), ldd);
           REQUIRE(got == want, "%s N=%lld K=%lld k0=%lld nblk=%lld", isa_name(isa), (long long)N,
                   (long long)K, (long long)(s[0] * kBlockN), (long long)s[1]);
         }
@@ -238,7 +240,7 @@ TEST(pack_transposed_bit_identical_to_scalar) {
         if (isa == Isa::scalar) {
           const int64_t nblk = total;
           std::vector<bf16> wt(static_cast<size_t>(nblk * packed_block_elems(N)));
-          ref.pack_transposed(packed.data(), N, Kp, 0, nblk, wt.data());
+          ref.pack_transposed(packed.data(), N, Kp, 0, nblk, wt.data(), packed_block_elems(N));
           const int64_t KpT = packed_k(N);
           for (int64_t k = 0; k < K; ++k) {
             for (int64_t n = 0; n < N; ++n) {
@@ -248,6 +250,42 @@ TEST(pack_transposed_bit_identical_to_scalar) {
                       (long long)k);
             }
           }
+        }
+      }
+    }
+  }
+}
+
+// A few source blocks at a time (the quantized backward's grouping), into destination blocks with
+// a gap between them: the same bits as one call, and the gaps untouched.
+TEST(pack_transposed_by_source_groups) {
+  std::mt19937 rng(23);
+  for (Isa isa : isas()) {
+    const KernelTable& t = kernel_table(isa);
+    for (int64_t N : {16, 48, 80, 130}) {
+      const int64_t K = 96, Kp = packed_k(K), nblk = Kp / kBlockN;
+      const auto packed = kt::testing::pack(
+          kt::testing::random_bf16(static_cast<size_t>(N * K), rng), N, K);
+      const int64_t block = packed_block_elems(N), ldd = block + 40;
+      std::vector<bf16> want(static_cast<size_t>(nblk * block));
+      t.pack_transposed(packed.data(), N, Kp, 0, nblk, want.data(), block);
+      const int64_t nsrc = packed_blocks(N);
+      for (int64_t g : {2, 4}) {  // the last group may be shorter (odd)
+        std::vector<bf16> got(static_cast<size_t>(nblk * ldd), 0x2222);
+        for (int64_t j0 = 0; j0 < nsrc; j0 += g) {
+          const int64_t rows = std::min(g, nsrc - j0) * kBlockN;
+          t.pack_transposed(packed.data() + j0 * kBlockN * Kp, rows, Kp, 0, nblk,
+                            got.data() + j0 * 8 * 32, ldd);
+        }
+        for (int64_t b = 0; b < nblk; ++b) {
+          REQUIRE(std::equal(want.begin() + b * block, want.begin() + (b + 1) * block,
+                             got.begin() + b * ldd),
+                  "%s N=%lld g=%lld block %lld differs", isa_name(isa), (long long)N, (long long)g,
+                  (long long)b);
+          REQUIRE(std::all_of(got.begin() + b * ldd + block, got.begin() + (b + 1) * ldd,
+                              [](bf16 v) { return v == 0x2222; }),
+                  "%s N=%lld g=%lld wrote past block %lld", isa_name(isa), (long long)N,
+                  (long long)g, (long long)b);
         }
       }
     }

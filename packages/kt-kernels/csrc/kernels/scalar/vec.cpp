@@ -99,10 +99,10 @@ void silu_mul_bwd(int64_t n, const float* g, const float* u, const float* dh, fl
 
 // Works on 16 x 16 sub-tiles: 16 rows n of one source block times 16 depths k (8 k-pairs) become
 // 16 rows k of one destination block times 16 depths n (8 n-pairs).
-void pack_transposed(const bf16* W, int64_t N, int64_t Kp, int64_t k0, int64_t nblk, bf16* dst) {
+void pack_transposed(const bf16* W, int64_t N, int64_t Kp, int64_t k0, int64_t nblk, bf16* dst,
+                     int64_t dst_block) {
   const int64_t KpT = packed_k(N);                    // depth of W^T
   const int64_t src_block = kBlockN * Kp;             // one packed block of W
-  const int64_t dst_block = kBlockN * KpT;            // one packed block of W^T
   const int64_t n_rows = packed_blocks(N) * kBlockN;  // rows of W that exist (padded to 16)
   for (int64_t ob = 0; ob < nblk; ++ob) {
     bf16* out = dst + ob * dst_block;
