@@ -255,12 +255,10 @@ void MoEEngine::run_backward(Ctx& c) {
         k.cvt_f32_bf16(2 * ni, dg, out);
       }
       if (lora) {
-        // (dGU B) partial for this chunk: dGU (M x 2ni) . Bgu^T[:, chunk]^T -> M x RA.
-        for (int64_t m = 0; m < M; ++m) {
-          k.gemm_f32_nt(1, RA, 2 * ni, 1.0f, dGU + m * 2 * ni, 2 * ni,
-                        bgu_t_ + tl.e * RA * 2 * Ib + 32 * tl.n0, 2 * Ib,
-                        gbpart + ((m0 + m) * n_ichunks + chunk) * RA, RA, false);
-        }
+        // (dGU B) partial for this chunk: dGU (M x 2ni) . Bgu^T[:, chunk]^T -> M x RA, row m at
+        // slot m0 + m's partial of this chunk (each row's sums do not depend on M: kernels.h).
+        k.gemm_f32_nt(M, RA, 2 * ni, 1.0f, dGU, 2 * ni, bgu_t_ + tl.e * RA * 2 * Ib + 32 * tl.n0,
+                      2 * Ib, gbpart + (m0 * n_ichunks + chunk) * RA, n_ichunks * RA, false);
       }
       if (grads) {
         // dAd[:, chunk] += s * (w dYB)^T h ; dBgu^T[:, chunk] += s * xa^T dGU.
