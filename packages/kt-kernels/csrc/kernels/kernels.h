@@ -171,11 +171,12 @@ using silu_mul_bwd_fn = void (*)(int64_t n, const float* g, const float* u, cons
 // Repack part of the transpose of a packed weight. W is packed (see above) with N rows and padded
 // depth Kp. Writes nblk packed blocks of W^T, i.e. rows k in [k0, k0 + 16 * nblk) of the Kp x N
 // matrix W^T, each with padded depth packed_k(N) (columns >= N are zero); k0 is a multiple of 16
-// and rows >= Kp are zero. Destination block b starts at dst + b * ldd (ldd >= packed_block_elems(N)
-// bf16). Source block j fills pair rows [8j, 8j + 8) of every destination block, so a caller may
-// transpose a weight a few source blocks at a time: W advanced by j0 blocks, dst by 8 * 32 * j0
-// elements, N = 16 * g rows and ldd of the whole weight. Groups of an even g touch only their own
-// pair rows; a last group of odd g also zeroes the 8 padding pair rows after it.
+// and rows >= Kp are zero. Destination block b starts at dst + b * ldd (ldd >=
+// packed_block_elems(N) bf16). Source block j fills pair rows [8j, 8j + 8) of every destination
+// block, so a caller may transpose a weight a few source blocks at a time: W advanced by j0 blocks,
+// dst by 8 * 32 * j0 elements, N = 16 * g rows and ldd of the whole weight. Groups of an even g
+// touch only their own pair rows; a last group of odd g also zeroes the 8 padding pair rows after
+// it.
 using pack_transposed_fn = void (*)(const bf16* W, int64_t N, int64_t Kp, int64_t k0, int64_t nblk,
                                     bf16* dst, int64_t ldd);
 

@@ -264,8 +264,8 @@ TEST(pack_transposed_by_source_groups) {
     const KernelTable& t = kernel_table(isa);
     for (int64_t N : {16, 48, 80, 130}) {
       const int64_t K = 96, Kp = packed_k(K), nblk = Kp / kBlockN;
-      const auto packed = kt::testing::pack(
-          kt::testing::random_bf16(static_cast<size_t>(N * K), rng), N, K);
+      const auto packed =
+          kt::testing::pack(kt::testing::random_bf16(static_cast<size_t>(N * K), rng), N, K);
       const int64_t block = packed_block_elems(N), ldd = block + 40;
       std::vector<bf16> want(static_cast<size_t>(nblk * block));
       t.pack_transposed(packed.data(), N, Kp, 0, nblk, want.data(), block);
