@@ -420,26 +420,23 @@ namespace {
 constexpr int64_t kCodeBlocksPerStep = 2;
 
 // pack_transposed of quantized blocks (nsrc of them, N = 16 * nsrc rows): the depth range read is
-// dequantized a step of source blocks at a time, and each step is transposed into its pair rows
-// of dst at once, so the bf16 copy never leaves L1. The same bits as dequantizing the whole range
-// and transposing it in one call (kernels.h: a source block fills only its own pair rows).
+// dequantized a step of source blocks at a time into thread th's scratch, and each step is
+// transposed into its pair rows of dst at once, so the bf16 copy never leaves L1. The same bits as
+// dequantizing the whole range and transposing it in one call (kernels.h: a source block fills
+// only its own pair rows).
 void transpose_codes(const kernels::KernelTable& k, const kernels::QuantKernels& qk,
                      const quant::Format& f, const uint8_t* blk, const float* scales, int64_t nsrc,
-                     int64_t k0, int64_t nblk, bf16* tmp, bf16* dst) {
+                     int64_t k0, int64_t nblk, bf16* dst, int th) {
   const int64_t Kw = kernels::round_up(kBlockN * nblk, kernels::kPackK);
   const int64_t kp0 = k0 / 2, kp1 = std::min(f.Kp / 2, kp0 + Kw / 2);
   const int64_t ldd = kernels::packed_block_elems(kBlockN * nsrc);
+  bf16* tmp = local_buf<bf16>(th, kL9, kCodeBlocksPerStep * kBlockN * Kw);
   for (int64_t j0 = 0; j0 < nsrc; j0 += kCodeBlocksPerStep) {
     const int64_t g = std::min(kCodeBlocksPerStep, nsrc - j0);
     quant::dequant_range(qk, f, blk + j0 * quant::block_bytes(f), scales + j0 * kBlockN * f.ngroups,
                          g, kp0, kp1, tmp, Kw, j0 + g < nsrc);
     k.pack_transposed(tmp, kBlockN * g, Kw, 0, nblk, dst + j0 * (kBlockN / 2) * 32, ldd);
   }
-}
-
-// Scratch for one step of transpose_codes.
-int64_t transpose_codes_tmp(int64_t nblk) {
-  return kCodeBlocksPerStep * kBlockN * kernels::round_up(kBlockN * nblk, kernels::kPackK);
 }
 
 }  // namespace
@@ -454,8 +451,7 @@ void MoEEngine::gu_transposed(int s, int64_t e, int64_t k0, int64_t nblk, bf16* 
     return;
   }
   transpose_codes(k_, *qk_, fgu_, sl.wgu.as<uint8_t>() + gb * quant::block_bytes(fgu_),
-                  sl.sgu.as<float>() + gb * kBlockN * fgu_.ngroups, 2 * sl.nb, k0, nblk,
-                  local_buf<bf16>(th, kL9, transpose_codes_tmp(nblk)), dst);
+                  sl.sgu.as<float>() + gb * kBlockN * fgu_.ngroups, 2 * sl.nb, k0, nblk, dst, th);
 }
 
 void MoEEngine::d_transposed(int s, int64_t e, int64_t k0, int64_t nblk, bf16* dst, int th) const {
@@ -467,8 +463,7 @@ void MoEEngine::d_transposed(int s, int64_t e, int64_t k0, int64_t nblk, bf16* d
     return;
   }
   transpose_codes(k_, *qk_, sl.fd, sl.wd.as<uint8_t>() + gb * quant::block_bytes(sl.fd),
-                  sl.sd.as<float>() + gb * kBlockN * sl.fd.ngroups, nbH_, k0, nblk,
-                  local_buf<bf16>(th, kL9, transpose_codes_tmp(nblk)), dst);
+                  sl.sd.as<float>() + gb * kBlockN * sl.fd.ngroups, nbH_, k0, nblk, dst, th);
 }
 
 }  // namespace kt::engine

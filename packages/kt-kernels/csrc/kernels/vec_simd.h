@@ -454,13 +454,13 @@ inline void transpose_subtile(const bf16* s, bf16* o) {
 #endif
 
 void pack_transposed(const bf16* W_, int64_t N, int64_t Kp, int64_t k0, int64_t nblk, bf16* dst,
-                     int64_t dst_block) {
+                     int64_t ldd) {
   const int64_t KpT = packed_k(N);
   const int64_t src_block = kBlockN * Kp;
   const int64_t n_rows = packed_blocks(N) * kBlockN;
   constexpr int64_t kAhead = 8;
   for (int64_t ob = 0; ob < nblk; ++ob) {
-    bf16* out = dst + ob * dst_block;
+    bf16* out = dst + ob * ldd;  // one packed block of W^T
     const int64_t kb = k0 + ob * kBlockN;
     for (int64_t n0 = 0; n0 < KpT; n0 += kBlockN) {
       bf16* o = out + (n0 / 2) * 32;

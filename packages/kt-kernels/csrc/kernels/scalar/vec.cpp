@@ -100,12 +100,12 @@ void silu_mul_bwd(int64_t n, const float* g, const float* u, const float* dh, fl
 // Works on 16 x 16 sub-tiles: 16 rows n of one source block times 16 depths k (8 k-pairs) become
 // 16 rows k of one destination block times 16 depths n (8 n-pairs).
 void pack_transposed(const bf16* W, int64_t N, int64_t Kp, int64_t k0, int64_t nblk, bf16* dst,
-                     int64_t dst_block) {
+                     int64_t ldd) {
   const int64_t KpT = packed_k(N);                    // depth of W^T
   const int64_t src_block = kBlockN * Kp;             // one packed block of W
   const int64_t n_rows = packed_blocks(N) * kBlockN;  // rows of W that exist (padded to 16)
   for (int64_t ob = 0; ob < nblk; ++ob) {
-    bf16* out = dst + ob * dst_block;
+    bf16* out = dst + ob * ldd;            // one packed block of W^T
     const int64_t kb = k0 + ob * kBlockN;  // first source depth of this destination block
     for (int64_t n0 = 0; n0 < KpT; n0 += kBlockN) {
       // Destination: rows (kb + r), depths n0 .. n0 + 15, at (n / 2) * 32 + r * 2 + n % 2.
