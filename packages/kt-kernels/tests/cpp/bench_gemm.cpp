@@ -9,6 +9,8 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
+#include <new>
 #include <cstring>
 #include <random>
 #include <string>
@@ -29,6 +31,30 @@ double thread_seconds() {
   return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
 }
 
+// The engine's operands start on 64-byte lines (scratch is page aligned, weights 64-byte
+// aligned, rows a multiple of 64 bytes apart); std::vector's 16-byte alignment would make every
+// 64-byte tile row straddle two lines and measure a slower kernel than the engine runs.
+template <typename T>
+struct Aligned {
+  T* p = nullptr;
+  size_t n = 0;
+  explicit Aligned(size_t count)
+      : p(static_cast<T*>(std::aligned_alloc(64, round64(count)))), n(count) {
+    if (p == nullptr) throw std::bad_alloc();
+    std::memset(p, 0, round64(count));
+  }
+  template <class V>
+  explicit Aligned(const V& v) : Aligned(v.size()) {
+    std::memcpy(p, v.data(), v.size() * sizeof(T));
+  }
+  Aligned(const Aligned&) = delete;
+  Aligned& operator=(const Aligned&) = delete;
+  ~Aligned() { std::free(p); }
+  T* data() const { return p; }
+  T& operator[](size_t i) const { return p[i]; }
+  static size_t round64(size_t count) { return (count * sizeof(T) + 63) / 64 * 64; }
+};
+
 struct Shape {
   const char* name;
   int64_t M, N, K;
@@ -36,25 +62,26 @@ struct Shape {
 
 double bench(const KernelTable& t, const Shape& s, bool smoke, bool int8) {
   std::mt19937 rng(5);
-  const auto a = kt::testing::make_a(s.M, s.K, 0, rng);
+  const auto a_rows = kt::testing::make_a(s.M, s.K, 0, rng);
+  const Aligned<bf16> a(a_rows.data);
   const auto w = kt::testing::random_bf16(static_cast<size_t>(s.N * s.K), rng);
-  const auto packed = kt::testing::pack(w, s.N, s.K);
+  const Aligned<bf16> packed(kt::testing::pack(w, s.N, s.K));
   const int64_t nblk = packed_blocks(s.N), ldc = nblk * kBlockN;
-  std::vector<float> c(static_cast<size_t>(s.M * ldc), 0.0f);
+  const Aligned<float> c(static_cast<size_t>(s.M * ldc));
   // int8 operands: codes of the same sizes (values do not change the speed).
   const int64_t Kp8 = packed_k8(s.K);
-  std::vector<int8_t> a8(static_cast<size_t>(s.M * Kp8), 0),
+  const Aligned<int8_t> a8(static_cast<size_t>(s.M * Kp8)),
       w8(static_cast<size_t>(nblk * i8_block_bytes(Kp8)));
   for (int64_t m = 0; m < s.M; ++m) {
     for (int64_t k = 0; k < s.K; ++k) a8[m * Kp8 + k] = static_cast<int8_t>(rng() % 255 - 127);
   }
-  for (auto& v : w8) v = static_cast<int8_t>(rng() % 255 - 127);
-  std::vector<int32_t> c8(static_cast<size_t>(s.M * ldc), 0);
+  for (size_t i = 0; i < w8.n; ++i) w8[i] = static_cast<int8_t>(rng() % 255 - 127);
+  const Aligned<int32_t> c8(static_cast<size_t>(s.M * ldc));
   auto once = [&] {
     if (int8) {
       t.gemm_i8(s.M, nblk, Kp8, a8.data(), Kp8, w8.data(), c8.data(), ldc, true);
     } else {
-      t.gemm_bf16(s.M, nblk, a.Kp, a.data.data(), a.lda, packed.data(), c.data(), ldc, true);
+      t.gemm_bf16(s.M, nblk, a_rows.Kp, a.data(), a_rows.lda, packed.data(), c.data(), ldc, true);
     }
   };
   once();
@@ -90,18 +117,20 @@ void bench_fused(const std::vector<Isa>& isas, bool smoke) {
     const quant::Format f = quant::make_format(kind, K, 128);
     const int64_t bb = quant::block_bytes(f), tile_bytes = nblk * bb;
     const int64_t tile_scales = nblk * kBlockN * f.ngroups;
-    std::vector<uint8_t> codes(static_cast<size_t>(sets * tile_bytes));
-    for (auto& c : codes) c = static_cast<uint8_t>(rng() & 0x77);
+    const Aligned<uint8_t> codes(static_cast<size_t>(sets * tile_bytes));
+    for (size_t i = 0; i < codes.n; ++i) codes[i] = static_cast<uint8_t>(rng() & 0x77);
     std::vector<float> scales(static_cast<size_t>(sets * tile_scales), 0.01f);
-    std::vector<bf16> scratch(static_cast<size_t>(nblk * kBlockN * f.Kp));
+    const Aligned<bf16> scratch(static_cast<size_t>(nblk * kBlockN * f.Kp));
     for (Isa isa : isas) {
       const KernelTable& t = kernel_table(isa);
       const QuantKernels& qk = quant_kernels(isa);
       for (bool cold : {true, false}) {
         for (int64_t M : {1, 2, 4, 8, 12, 16, 24, 32, 48, 64}) {
           if (smoke && M > 2) break;
-          const auto a = kt::testing::make_a(M, K, 0, rng);
-          std::vector<float> c(static_cast<size_t>(M * nblk * kBlockN));
+          const auto a_rows = kt::testing::make_a(M, K, 0, rng);
+          const Aligned<bf16> a(a_rows.data);
+          const int64_t lda = a_rows.lda;
+          const Aligned<float> c(static_cast<size_t>(M * nblk * kBlockN));
           double best[2] = {1e30, 1e30};
           for (int path = 0; path < 2; ++path) {
             int64_t set = 0;
@@ -111,14 +140,14 @@ void bench_fused(const std::vector<Isa>& isas, bool smoke) {
               if (cold) set = (set + 1) % sets;
               if (path == 0) {
                 quant::dequant_blocks(qk, f, w, sc, nblk, scratch.data());
-                t.gemm_bf16(M, nblk, f.Kp, a.data.data(), a.lda, scratch.data(), c.data(),
-                            nblk * kBlockN, false);
+                t.gemm_bf16(M, nblk, f.Kp, a.data(), lda, scratch.data(), c.data(), nblk * kBlockN,
+                            false);
               } else if (kind == quant::Kind::int8) {
-                t.gemm_q8(M, nblk, f.Kp, a.data.data(), a.lda, reinterpret_cast<const int8_t*>(w),
-                          sc, c.data(), nblk * kBlockN, false);
+                t.gemm_q8(M, nblk, f.Kp, a.data(), lda, reinterpret_cast<const int8_t*>(w), sc,
+                          c.data(), nblk * kBlockN, false);
               } else {
-                t.gemm_q4(M, nblk, f.Kp, f.group, a.data.data(), a.lda, w, sc, c.data(),
-                          nblk * kBlockN, false);
+                t.gemm_q4(M, nblk, f.Kp, f.group, a.data(), lda, w, sc, c.data(), nblk * kBlockN,
+                          false);
               }
             };
             once();
