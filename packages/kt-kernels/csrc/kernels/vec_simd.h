@@ -171,10 +171,16 @@ inline int clamp_lanes(int64_t n) { return n >= W ? W : (n <= 0 ? 0 : static_cas
 constexpr int kRows = 4;
 constexpr int kCols = 2 * W;
 
-// C rows [0, MR) x columns [n0, n0 + ncols) = (accumulate ? C : 0) + sum_k a(r, k) * B[k, :],
-// k = 0, 1, ..., where a(r, k) = alpha * A(r, k) is read through a_at(r, k).
-template <int MR, class AAt>
-inline void rank1_tile(int64_t K, AAt a_at, float alpha, const float* B, int64_t ldb, float* C,
+// Depth per pass of the nn / tn products. A pass forms the scaled values alpha * A(r, k) of its
+// row block once, into a buffer in L1 that the column tiles broadcast from (instead of forming
+// them again in every column tile); C carries over between passes through fp32 stores and loads,
+// which are exact, so the sums are those of one pass.
+constexpr int64_t kDepthPass = 256;
+
+// C rows [0, MR) x columns [n0, n0 + ncols) = (accumulate ? C : 0) + sum_k as[k][r] * B[k, :],
+// k = 0, 1, ..., where as[k][r] (kRows per k) holds alpha * A(r, k).
+template <int MR>
+inline void rank1_tile(int64_t K, const float* as, const float* B, int64_t ldb, float* C,
                        int64_t ldc, int64_t ncols, bool accumulate) {
   const int n0 = clamp_lanes(ncols), n1 = clamp_lanes(ncols - W);
   VF c[MR][2];
@@ -185,7 +191,7 @@ inline void rank1_tile(int64_t K, AAt a_at, float alpha, const float* B, int64_t
   for (int64_t k = 0; k < K; ++k) {
     const VF b0 = vload_n(B + k * ldb, n0), b1 = vload_n(B + k * ldb + W, n1);
     for (int r = 0; r < MR; ++r) {
-      const VF a = vset1(alpha * a_at(r, k));
+      const VF a = vset1(as[k * kRows + r]);
       c[r][0] = vadd(c[r][0], vmul(a, b0));
       c[r][1] = vadd(c[r][1], vmul(a, b1));
     }
@@ -199,29 +205,38 @@ inline void rank1_tile(int64_t K, AAt a_at, float alpha, const float* B, int64_t
 template <bool kTransA>
 void gemm_f32_rank1(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
                     const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  alignas(64) float as[kDepthPass * kRows];
   for (int64_t m0 = 0; m0 < M; m0 += kRows) {
-    const int64_t rows = M - m0 < kRows ? M - m0 : kRows;
-    // A(r, k): row m0 + r, depth k; stored A[m, k] (nn) or A[k, m] (tn).
-    auto a_at = [A, lda, m0](int r, int64_t k) {
-      return kTransA ? A[k * lda + m0 + r] : A[(m0 + r) * lda + k];
-    };
-    for (int64_t n0 = 0; n0 < N; n0 += kCols) {
-      const float* b = B + n0;
-      float* c = C + m0 * ldc + n0;
-      const int64_t ncols = N - n0;
-      switch (rows) {
-        case 4:
-          rank1_tile<4>(K, a_at, alpha, b, ldb, c, ldc, ncols, accumulate);
-          break;
-        case 3:
-          rank1_tile<3>(K, a_at, alpha, b, ldb, c, ldc, ncols, accumulate);
-          break;
-        case 2:
-          rank1_tile<2>(K, a_at, alpha, b, ldb, c, ldc, ncols, accumulate);
-          break;
-        default:
-          rank1_tile<1>(K, a_at, alpha, b, ldb, c, ldc, ncols, accumulate);
-          break;
+    const int rows = static_cast<int>(M - m0 < kRows ? M - m0 : kRows);
+    // K = 0 still runs one (empty) pass: C = accumulate ? C : 0.
+    for (int64_t k0 = 0; k0 < K || k0 == 0; k0 += kDepthPass) {
+      const int64_t kc = K - k0 < kDepthPass ? K - k0 : kDepthPass;
+      // A(r, k): row m0 + r, depth k; stored A[m, k] (nn) or A[k, m] (tn).
+      for (int64_t k = 0; k < kc; ++k) {
+        for (int r = 0; r < rows; ++r) {
+          as[k * kRows + r] =
+              alpha * (kTransA ? A[(k0 + k) * lda + m0 + r] : A[(m0 + r) * lda + k0 + k]);
+        }
+      }
+      const bool acc = accumulate || k0 > 0;
+      for (int64_t n0 = 0; n0 < N; n0 += kCols) {
+        const float* b = B + k0 * ldb + n0;
+        float* c = C + m0 * ldc + n0;
+        const int64_t ncols = N - n0;
+        switch (rows) {
+          case 4:
+            rank1_tile<4>(kc, as, b, ldb, c, ldc, ncols, acc);
+            break;
+          case 3:
+            rank1_tile<3>(kc, as, b, ldb, c, ldc, ncols, acc);
+            break;
+          case 2:
+            rank1_tile<2>(kc, as, b, ldb, c, ldc, ncols, acc);
+            break;
+          default:
+            rank1_tile<1>(kc, as, b, ldb, c, ldc, ncols, acc);
+            break;
+        }
       }
     }
   }

@@ -86,6 +86,35 @@ TEST(gemm_f32_bit_identical_to_scalar) {
   }
 }
 
+// Depths past one pass of the nn / tn products (vec_simd.h: kDepthPass = 256), where C carries
+// over between passes: the bits of the scalar reference's single pass.
+TEST(gemm_f32_bit_identical_across_depth_passes) {
+  const KernelTable& ref = kernel_table(Isa::scalar);
+  std::mt19937 rng(23);
+  for (Isa isa : isas()) {
+    const KernelTable& t = kernel_table(isa);
+    for (const GemmCase& g : kGemms) {
+      for (int64_t M : {1, 6, 17}) {
+        for (int64_t N : {5, 40}) {
+          for (int64_t K : {255, 256, 257, 600}) {
+            const int64_t lda = (g.trans_a ? M : K) + 1, ldb = (g.trans_b ? K : N) + 3, ldc = N;
+            const auto A = randn(static_cast<size_t>((g.trans_a ? K : M) * lda), rng);
+            const auto B = randn(static_cast<size_t>((g.trans_b ? N : K) * ldb), rng);
+            const auto C0 = randn(static_cast<size_t>(M * ldc), rng);
+            for (bool acc : {false, true}) {
+              auto got = C0, want = C0;
+              (t.*g.entry)(M, N, K, -1.25f, A.data(), lda, B.data(), ldb, got.data(), ldc, acc);
+              (ref.*g.entry)(M, N, K, -1.25f, A.data(), lda, B.data(), ldb, want.data(), ldc, acc);
+              REQUIRE(same_bits(got, want), "%s %s M=%lld N=%lld K=%lld acc=%d", isa_name(isa),
+                      g.name, (long long)M, (long long)N, (long long)K, int(acc));
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
 // Same values at every start offset (alignment) of A, B and C: the same bits.
 TEST(gemm_f32_independent_of_alignment) {
   std::mt19937 rng(5);
