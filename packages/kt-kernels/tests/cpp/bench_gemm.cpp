@@ -1,11 +1,13 @@
 // Single-thread micro-benchmark of gemm_bf16 and gemm_i8 per ISA (GFLOP/s or GOP/s = 2 M N K /
 // time). Time is this thread's CPU time (best of repeated calls), so other load on the machine
 // disturbs it little.
-//   bench_gemm [--isa NAME] [--smoke] [--fused]
+//   bench_gemm [--isa NAME] [--smoke] [--fused] [--limits]
 // --fused: only the fused dequantize + GEMM comparison at small M (bench_fused below).
+// --limits: only the roofline of one forward tile (bench_limits below).
 // --smoke: one tiny run per shape (a ctest check that the benchmark itself works); exits 77
 // (skipped) when the requested ISA cannot run here.
 #include <time.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstdio>
@@ -172,20 +174,100 @@ void bench_fused(const std::vector<Isa>& isas, bool smoke) {
   }
 }
 
+// What bounds one engine forward tile (64 rows x 96 columns x K 2048, 1 thread): gemm_bf16 with
+// every operand in L1 (32 x 32 x 256), the tile with its weights in L2 (the same panel every
+// call), the tile with its weights streamed from memory (a different panel each call, from a pool
+// of twice the L3), and that stream read alone. If the stream overlapped the arithmetic, the
+// streamed tile would take max(stream, L2 tile); if not, their sum.
+void bench_limits(const std::vector<Isa>& isas, bool smoke) {
+  const int64_t M = 64, nblk = 6, K = smoke ? 64 : 2048, N = nblk * kBlockN;
+  const long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
+  const int64_t panel = N * K;  // bf16 elements per weight panel
+  const int64_t pool_bytes =
+      smoke ? 4 * panel * 2 : std::max<int64_t>(2 * (l3 > 0 ? l3 : 0), 512 << 20);
+  const int64_t panels = std::max<int64_t>(2, pool_bytes / (panel * 2));
+  std::mt19937 rng(3);
+  const auto a_rows = kt::testing::make_a(M, K, 0, rng);
+  const Aligned<bf16> a(a_rows.data);
+  const Aligned<bf16> pool(static_cast<size_t>(panels * panel));
+  const auto w = kt::testing::random_bf16(static_cast<size_t>(panel), rng);
+  const auto packed = kt::testing::pack(w, N, K);
+  for (int64_t p = 0; p < panels; ++p) {
+    std::memcpy(pool.data() + p * panel, packed.data(), static_cast<size_t>(panel) * sizeof(bf16));
+  }
+  const Aligned<float> c(static_cast<size_t>(M * N));
+  const auto small_a = kt::testing::make_a(32, 256, 0, rng);
+  const Aligned<bf16> a1(small_a.data);
+  const Aligned<bf16> b1(kt::testing::pack(kt::testing::random_bf16(32 * 256, rng), 32, 256));
+  // Seconds per call: best of batches that each pass over `calls` calls.
+  auto time_calls = [&](int64_t calls, const auto& once) {
+    once(0);
+    if (smoke) return 1.0;
+    double best = 1e30;
+    for (int rep = 0; rep < 5; ++rep) {
+      const double t0 = thread_seconds();
+      for (int64_t i = 0; i < calls; ++i) once(i);
+      best = std::min(best, (thread_seconds() - t0) / static_cast<double>(calls));
+    }
+    return best;
+  };
+  volatile uint64_t sink = 0;
+  const double stream = time_calls(panels, [&](int64_t i) {
+    const uint64_t* p = reinterpret_cast<const uint64_t*>(pool.data() + (i % panels) * panel);
+    uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    for (int64_t j = 0; j < panel / 4; j += 4) {
+      s0 += p[j];
+      s1 += p[j + 1];
+      s2 += p[j + 2];
+      s3 += p[j + 3];
+    }
+    sink = sink + s0 + s1 + s2 + s3;
+  });
+  const double tile_flop = 2.0 * M * N * K;
+  std::printf(
+      "\nwhat bounds a forward tile %lld x %lld x %lld (1 thread; weight stream alone: %.1f "
+      "GB/s)\n",
+      (long long)M, (long long)N, (long long)K, panel * 2 / stream * 1e-9);
+  std::printf("%-12s %10s %10s %12s %12s %14s\n", "isa", "in L1", "tile in L2", "tile stream",
+              "sum model", "overlap model");
+  for (Isa isa : isas) {
+    const KernelTable& t = kernel_table(isa);
+    if (t.isa != isa) continue;
+    const double l1 = time_calls(2000, [&](int64_t) {
+      t.gemm_bf16(32, 2, 256, a1.data(), small_a.lda, b1.data(), c.data(), 32, false);
+    });
+    const double l2 = time_calls(200, [&](int64_t) {
+      t.gemm_bf16(M, nblk, K, a.data(), a_rows.lda, pool.data(), c.data(), N, false);
+    });
+    const double streamed = time_calls(panels, [&](int64_t i) {
+      t.gemm_bf16(M, nblk, K, a.data(), a_rows.lda, pool.data() + (i % panels) * panel, c.data(), N,
+                  false);
+    });
+    if (smoke) continue;
+    auto gf = [&](double sec) { return tile_flop / sec * 1e-9; };
+    std::printf("%-12s %10.1f %10.1f %12.1f %12.1f %14.1f   [GFLOP/s]\n", isa_name(isa),
+                2.0 * 32 * 32 * 256 / l1 * 1e-9, gf(l2), gf(streamed), gf(l2 + stream),
+                gf(std::max(l2, stream)));
+    std::fflush(stdout);
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   std::string only;
-  bool smoke = false, fused_only = false;
+  bool smoke = false, fused_only = false, limits_only = false;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--smoke")) {
       smoke = true;
     } else if (!std::strcmp(argv[i], "--fused")) {
       fused_only = true;
+    } else if (!std::strcmp(argv[i], "--limits")) {
+      limits_only = true;
     } else if (!std::strcmp(argv[i], "--isa") && i + 1 < argc) {
       only = argv[++i];
     } else {
-      std::fprintf(stderr, "usage: bench_gemm [--isa NAME] [--smoke] [--fused]\n");
+      std::fprintf(stderr, "usage: bench_gemm [--isa NAME] [--smoke] [--fused] [--limits]\n");
       return 2;
     }
   }
@@ -205,7 +287,8 @@ int main(int argc, char** argv) {
     isas = available_isas();
   }
   if (fused_only || smoke) bench_fused(isas, smoke);
-  if (fused_only) return 0;
+  if (limits_only || smoke) bench_limits(isas, smoke);
+  if (fused_only || limits_only) return 0;
   const Shape shapes[] = {
       {"in-cache 16x48x256", 16, 48, 256},        {"gate/up rows=32", 32, 768, 2048},
       {"engine tile 128x64x2048", 128, 64, 2048}, {"engine tile 128x64x768", 128, 64, 768},

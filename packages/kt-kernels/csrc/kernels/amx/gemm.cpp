@@ -276,9 +276,12 @@ void gemm_i8(int64_t M, int64_t nblk, int64_t Kp, const int8_t* A, int64_t lda, 
 // Up to 32 rows (one 32-row step) the fused kernels dequantize each B tile once, as many times as
 // dequantize + gemm_bf16 does, and the copy stays in L1 instead of passing through L2; each
 // further 32-row step dequantizes it again. Measured (bench_gemm --fused, 96 x 2048 tiles, 1
-// thread, Intel Xeon (Emerald Rapids)) against dequantize + gemm_bf16: int8 1.4-1.8x faster up to
-// 16 rows, 1.2-1.8x at 24-32, 1.1-1.4x at 48, 1.0-1.2x at 64; int4 1.2-1.4x up to 32 rows,
-// 0.9x at 48-64. Hence 64 rows for int8 and 32 for int4.
+// thread, 64-byte aligned operands, Intel Xeon (Emerald Rapids)) against dequantize + gemm_bf16,
+// weights out of / in cache: int8 1.45-1.50x / 1.11-1.19x up to 32 rows, 1.03-1.05x / 0.76-0.78x
+// at 48-64; int4 1.02-1.22x / 1.02-1.22x up to 32 rows, 0.78-0.86x / 0.73-0.84x at 48-64. In the
+// engine, int8 fused up to 64 rows equals the copy path with cached weights (E = 16, 48 and 64 rows
+// per expert: 13.8 vs 14.5 ms and 17.4 vs 17.7 ms per forward) and streamed ones (T = 1024, 64
+// rows: 141 vs 142 ms). Hence 64 rows for int8 and 32 for int4.
 constexpr int64_t kFusedMaxRowsQ8 = 4 * kTileRows;
 constexpr int64_t kFusedMaxRowsQ4 = 2 * kTileRows;
 constexpr KernelTable kTable = [] {
