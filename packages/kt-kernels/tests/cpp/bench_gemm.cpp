@@ -12,8 +12,8 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
-#include <new>
 #include <cstring>
+#include <new>
 #include <random>
 #include <string>
 #include <vector>
@@ -183,9 +183,10 @@ void bench_limits(const std::vector<Isa>& isas, bool smoke) {
   const int64_t M = 64, nblk = 6, K = smoke ? 64 : 2048, N = nblk * kBlockN;
   const long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
   const int64_t panel = N * K;  // bf16 elements per weight panel
+  const int64_t panel_bytes = panel * static_cast<int64_t>(sizeof(bf16));
   const int64_t pool_bytes =
-      smoke ? 4 * panel * 2 : std::max<int64_t>(2 * (l3 > 0 ? l3 : 0), 512 << 20);
-  const int64_t panels = std::max<int64_t>(2, pool_bytes / (panel * 2));
+      smoke ? 4 * panel_bytes : std::max<int64_t>(2 * (l3 > 0 ? l3 : 0), 512 << 20);
+  const int64_t panels = std::max<int64_t>(2, pool_bytes / panel_bytes);
   std::mt19937 rng(3);
   const auto a_rows = kt::testing::make_a(M, K, 0, rng);
   const Aligned<bf16> a(a_rows.data);
@@ -193,7 +194,7 @@ void bench_limits(const std::vector<Isa>& isas, bool smoke) {
   const auto w = kt::testing::random_bf16(static_cast<size_t>(panel), rng);
   const auto packed = kt::testing::pack(w, N, K);
   for (int64_t p = 0; p < panels; ++p) {
-    std::memcpy(pool.data() + p * panel, packed.data(), static_cast<size_t>(panel) * sizeof(bf16));
+    std::memcpy(pool.data() + p * panel, packed.data(), static_cast<size_t>(panel_bytes));
   }
   const Aligned<float> c(static_cast<size_t>(M * N));
   const auto small_a = kt::testing::make_a(32, 256, 0, rng);
@@ -227,7 +228,7 @@ void bench_limits(const std::vector<Isa>& isas, bool smoke) {
   std::printf(
       "\nwhat bounds a forward tile %lld x %lld x %lld (1 thread; weight stream alone: %.1f "
       "GB/s)\n",
-      (long long)M, (long long)N, (long long)K, panel * 2 / stream * 1e-9);
+      (long long)M, (long long)N, (long long)K, panel_bytes / stream * 1e-9);
   std::printf("%-12s %10s %10s %12s %12s %14s\n", "isa", "in L1", "tile in L2", "tile stream",
               "sum model", "overlap model");
   for (Isa isa : isas) {
