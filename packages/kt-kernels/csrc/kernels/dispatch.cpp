@@ -97,9 +97,10 @@ void fill_missing(KernelTable* t, const KernelTable& below) {
   take_missing(&t->silu_mul, below.silu_mul);
   take_missing(&t->silu_mul_bwd, below.silu_mul_bwd);
   take_missing(&t->pack_transposed, below.pack_transposed);
+  take_missing(&t->pack_transposed_i8, below.pack_transposed_i8);
 }
 // Size check so that a new entry is not forgotten here (or in the self-test).
-static_assert(sizeof(KernelTable) == 8 + 2 * 8 + 2 * 8 + 10 * 8,
+static_assert(sizeof(KernelTable) == 8 + 2 * 8 + 2 * 8 + 11 * 8,
               "KernelTable has a new entry: add it to fill_missing and to the self-test");
 
 void fill_missing(QuantKernels* t, const QuantKernels& below) {
@@ -108,8 +109,10 @@ void fill_missing(QuantKernels* t, const QuantKernels& below) {
   take_missing(&t->i8x4, below.i8x4);
   take_missing(&t->absmax, below.absmax);
   take_missing(&t->quantize, below.quantize);
+  take_missing(&t->scale_bf16, below.scale_bf16);
+  take_missing(&t->quantize_mul, below.quantize_mul);
 }
-static_assert(sizeof(QuantKernels) == 5 * 8,
+static_assert(sizeof(QuantKernels) == 7 * 8,
               "QuantKernels has a new entry: add it to fill_missing");
 
 struct CompleteTables {

@@ -180,6 +180,16 @@ using silu_mul_bwd_fn = void (*)(int64_t n, const float* g, const float* u, cons
 using pack_transposed_fn = void (*)(const bf16* W, int64_t N, int64_t Kp, int64_t k0, int64_t nblk,
                                     bf16* dst, int64_t ldd);
 
+// The same for an int8 weight in VNNI-4 blocks (the layout of gemm_i8, row sums included): W has
+// N rows in packed_blocks(N) blocks of i8_block_bytes(Kp) bytes (Kp a multiple of kPackK8).
+// Writes nblk int8 blocks of W^T, rows k in [k0, k0 + 16 * nblk) of the Kp x N matrix W^T, each
+// of padded depth packed_k8(N) (depths >= 16 * packed_blocks(N) are zero) followed by its 16 row
+// sums; k0 is a multiple of 16 and rows >= Kp are zero. Destination block b starts at byte
+// dst + b * ldd (ldd >= i8_block_bytes(packed_k8(N))). Only moves codes: every ISA gives the same
+// bytes.
+using pack_transposed_i8_fn = void (*)(const int8_t* W, int64_t N, int64_t Kp, int64_t k0,
+                                       int64_t nblk, int8_t* dst, int64_t ldd);
+
 // Built by each ISA folder with one assignment per entry it provides. An entry left null (and a
 // table getter returning null) falls back to the table of the next ISA down (isa_list.h), down to
 // scalar (kernels/dispatch.cpp, complete_tables); the scalar table sets every entry.
@@ -207,6 +217,7 @@ struct KernelTable {
   silu_mul_fn silu_mul = nullptr;
   silu_mul_bwd_fn silu_mul_bwd = nullptr;
   pack_transposed_fn pack_transposed = nullptr;
+  pack_transposed_i8_fn pack_transposed_i8 = nullptr;
 };
 
 // Sets the fp32 helper entries of a table to the scalar reference (kernels/scalar/vec.cpp).

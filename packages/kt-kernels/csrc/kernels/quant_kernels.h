@@ -36,12 +36,21 @@ using quant_absmax_fn = bool (*)(int64_t n, const float* w, float* amax);
 // with IEEE division (not a product with 1 / s) and round half to even.
 using quant_codes_fn = void (*)(int64_t n, const float* w, float s, float qm, int8_t* codes);
 
+// Run-time quantization of gradient rows (engine/w8a8.h, backward_dtype int8).
+// scale_bf16: v[k] = float(g[k]) * sw[k], one IEEE multiply.
+using scale_bf16_fn = void (*)(int64_t n, const bf16* g, const float* sw, float* v);
+// quantize_mul: as quantize, with a product by r in place of the division:
+// codes[k] = int8(min(qm, max(-qm, nearbyint(w[k] * r)))) for finite w and r.
+using quant_codes_mul_fn = void (*)(int64_t n, const float* w, float r, float qm, int8_t* codes);
+
 struct QuantKernels {
   dequant_i8_fn i8 = nullptr;
   dequant_i4_fn i4 = nullptr;
   dequant_i8x4_fn i8x4 = nullptr;
   quant_absmax_fn absmax = nullptr;
   quant_codes_fn quantize = nullptr;
+  scale_bf16_fn scale_bf16 = nullptr;
+  quant_codes_mul_fn quantize_mul = nullptr;
 };
 
 inline namespace KT_ISA_NAMESPACE {

@@ -226,6 +226,21 @@ std::string check_helpers(const KernelTable& t, const KernelTable& ref) {
         return "pack_transposed N=" + std::to_string(N) + " differs from the reference";
     }
   }
+  // The int8 transposed repack (codes and row sums): bit-exact.
+  for (int64_t N : {16, 40, 80}) {
+    for (int64_t K : {64, 130}) {
+      const int64_t Kp = packed_k8(K), blk = i8_block_bytes(Kp), ldd = i8_block_bytes(packed_k8(N));
+      std::vector<int8_t> w(static_cast<size_t>(packed_blocks(N) * blk));
+      Lcg rng{static_cast<uint64_t>(N * K + 1)};
+      for (auto& x : w) x = static_cast<int8_t>(rng.next(127));
+      const int64_t nblk = Kp / kBlockN;
+      std::vector<int8_t> got(static_cast<size_t>(nblk * ldd), 1), want(got.size(), 2);
+      t.pack_transposed_i8(w.data(), N, Kp, 0, nblk, got.data(), ldd);
+      ref.pack_transposed_i8(w.data(), N, Kp, 0, nblk, want.data(), ldd);
+      if (got != want)
+        return "pack_transposed_i8 N=" + std::to_string(N) + " differs from the reference";
+    }
+  }
   return {};
 }
 

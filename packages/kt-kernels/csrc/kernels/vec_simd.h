@@ -498,6 +498,108 @@ void pack_transposed(const bf16* W_, int64_t N, int64_t Kp, int64_t k0, int64_t 
   }
 }
 
+// ---- int8 transposed repack ----------------------------------------------------------------
+// A 16 x 16 sub-tile of codes is four 64-byte k quads of a source block: quad c holds, per row n,
+// the dword (n, 4c .. 4c + 3), so its 16-byte lane d holds rows 4d .. 4d + 3. Transposing the 4 x 4
+// bytes inside every lane turns lane d of quad c into the dwords (k = 4c + i, n = 4d .. 4d + 3),
+// which is lane c of destination quad d: a 4 x 4 transpose of lanes finishes it. The row sums of
+// the destination (per k, the sum of its codes) add up each dword's four bytes.
+inline constexpr int8_t kQuadT[16] = {0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15};
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+struct RowSumsI8 {
+  __m512i v = _mm512_setzero_si512();
+  void add(__m512i q) {
+    const __m512i pairs = _mm512_maddubs_epi16(_mm512_set1_epi8(1), q);  // |sum| <= 254
+    v = _mm512_add_epi32(v, _mm512_madd_epi16(pairs, _mm512_set1_epi16(1)));
+  }
+  void store(int8_t* dst) const { _mm512_storeu_si512(dst, v); }
+};
+
+inline void transpose_subtile_i8(const int8_t* s, int8_t* o, RowSumsI8& sums) {
+  const __m512i idx =
+      _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kQuadT)));
+  __m512i z[4];
+  for (int c = 0; c < 4; ++c) {
+    z[c] = _mm512_shuffle_epi8(_mm512_loadu_si512(s + 64 * c), idx);
+  }
+  const __m512i t0 = _mm512_shuffle_i32x4(z[0], z[1], 0x44),
+                t1 = _mm512_shuffle_i32x4(z[0], z[1], 0xee);
+  const __m512i t2 = _mm512_shuffle_i32x4(z[2], z[3], 0x44),
+                t3 = _mm512_shuffle_i32x4(z[2], z[3], 0xee);
+  const __m512i q[4] = {_mm512_shuffle_i32x4(t0, t2, 0x88), _mm512_shuffle_i32x4(t0, t2, 0xdd),
+                        _mm512_shuffle_i32x4(t1, t3, 0x88), _mm512_shuffle_i32x4(t1, t3, 0xdd)};
+  for (int d = 0; d < 4; ++d) {
+    _mm512_storeu_si512(o + 64 * d, q[d]);
+    sums.add(q[d]);
+  }
+}
+#else
+struct RowSumsI8 {
+  __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256();  // rows 0-7, 8-15
+  static __m256i sum4(__m256i q) {
+    const __m256i pairs = _mm256_maddubs_epi16(_mm256_set1_epi8(1), q);
+    return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+  }
+  void add(__m256i q_lo, __m256i q_hi) {
+    lo = _mm256_add_epi32(lo, sum4(q_lo));
+    hi = _mm256_add_epi32(hi, sum4(q_hi));
+  }
+  void store(int8_t* dst) const {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), lo);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 32), hi);
+  }
+};
+
+inline void transpose_subtile_i8(const int8_t* s, int8_t* o, RowSumsI8& sums) {
+  const __m256i idx =
+      _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kQuadT)));
+  __m256i y[4][2];  // quad c: lanes 0-1, lanes 2-3
+  for (int c = 0; c < 4; ++c) {
+    for (int h = 0; h < 2; ++h) {
+      y[c][h] = _mm256_shuffle_epi8(
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + 64 * c + 32 * h)), idx);
+    }
+  }
+  for (int d = 0; d < 4; ++d) {  // destination quad d: lane d of quads 0, 1 | of quads 2, 3
+    const int h = d / 2;         // the ymm of quad c that holds lane d
+    const __m256i lo = d % 2 == 0 ? _mm256_permute2x128_si256(y[0][h], y[1][h], 0x20)
+                                  : _mm256_permute2x128_si256(y[0][h], y[1][h], 0x31);
+    const __m256i hi = d % 2 == 0 ? _mm256_permute2x128_si256(y[2][h], y[3][h], 0x20)
+                                  : _mm256_permute2x128_si256(y[2][h], y[3][h], 0x31);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 64 * d), lo);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 64 * d + 32), hi);
+    sums.add(lo, hi);
+  }
+}
+#endif
+
+void pack_transposed_i8(const int8_t* W, int64_t N, int64_t Kp, int64_t k0, int64_t nblk,
+                        int8_t* dst, int64_t ldd) {
+  const int64_t KpT = packed_k8(N);
+  const int64_t src_block = i8_block_bytes(Kp);
+  const int64_t n_rows = packed_blocks(N) * kBlockN;
+  constexpr int64_t kAhead = 8;  // as pack_transposed: sub-tiles of blocks src_block apart
+  for (int64_t ob = 0; ob < nblk; ++ob) {
+    int8_t* out = dst + ob * ldd;
+    const int64_t kb = k0 + ob * kBlockN;
+    RowSumsI8 sums;
+    for (int64_t n0 = 0; n0 < KpT; n0 += kBlockN) {
+      int8_t* o = out + (n0 / 4) * 64;
+      if (n0 >= n_rows || kb >= Kp) {
+        std::memset(o, 0, 16 * 16);
+        continue;
+      }
+      const int8_t* s = W + (n0 / kBlockN) * src_block + (kb / 4) * 64;
+      if (n0 + kAhead * kBlockN < n_rows) {
+        for (int l = 0; l < 4; ++l)
+          _mm_prefetch(reinterpret_cast<const char*>(s + kAhead * src_block) + 64 * l, _MM_HINT_T1);
+      }
+      transpose_subtile_i8(s, o, sums);
+    }
+    sums.store(out + kBlockN * KpT);
+  }
+}
+
 // The entries of the including ISA's table that come from the helpers above; the folder's
 // gemm.cpp adds its GEMMs. A constant expression, so the folder's table is constant initialised:
 // no code runs to build it, and merely taking its address runs no wide instruction.
@@ -511,6 +613,7 @@ constexpr KernelTable helper_entries() {
   t.silu_mul = &silu_mul;
   t.silu_mul_bwd = &silu_mul_bwd;
   t.pack_transposed = &pack_transposed;
+  t.pack_transposed_i8 = &pack_transposed_i8;
   return t;
 }
 

@@ -109,6 +109,7 @@ TEST(null_entries_fall_back_to_the_isa_below) {
     KT_EXPECT(own, t, tb, silu_mul);
     KT_EXPECT(own, t, tb, silu_mul_bwd);
     KT_EXPECT(own, t, tb, pack_transposed);
+    KT_EXPECT(own, t, tb, pack_transposed_i8);
 #undef KT_EXPECT
     // The fused entries go with gemm_bf16: from the same table, null included.
     const KernelTable& g = own != nullptr && own->gemm_bf16 != nullptr ? *own : tb;

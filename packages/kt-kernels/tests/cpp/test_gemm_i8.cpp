@@ -2,6 +2,7 @@
 // reference. Integer sums are exact (modulo 2^32), so every ISA must give the same bits: the
 // tolerance is 0. AMX-INT8 runs here only on CPUs that have it; test_amx_emulated.cpp checks the
 // AMX kernel on a software model of the tile unit everywhere.
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
 #include <random>
@@ -224,6 +225,79 @@ TEST(dequant_i8x4_bit_identical_and_consistent) {
     std::fill(got.begin(), got.end(), bf16{0x1234});
     quant_kernels(isa).i8x4(nquads, codes.data(), sv, got.data());
     REQUIRE(got == want, "%s i8x4 differs from the scalar reference", isa_name(isa));
+  }
+}
+
+// The int8 transposed repack (backward's W^T of W8A8 weights): the scalar reference is the
+// transpose element by element (codes, zero padding, row sums), every ISA gives its bytes, for
+// any k0 / nblk / ldd, and gemm_i8 on it gives A . W exactly.
+TEST(pack_transposed_i8_is_the_transpose) {
+  std::mt19937 rng(31);
+  const KernelTable& ref = kernel_table(Isa::scalar);
+  for (int64_t N : {16, 37, 64, 100}) {
+    for (int64_t K : {40, 64, 130}) {
+      const Problem p = make_problem(3, N, K, -127, rng);
+      const int64_t NT = packed_k8(N), bbt = i8_block_bytes(NT) + 32;  // ldd with a gap
+      const int64_t nblk = p.Kp / kBlockN;
+      // Scalar reference against the element-wise definition (k >= K and n >= N are zero).
+      std::vector<int8_t> want(static_cast<size_t>(nblk * bbt), 5);
+      ref.pack_transposed_i8(p.packed.data(), N, p.Kp, 0, nblk, want.data(), bbt);
+      for (int64_t k = 0; k < p.Kp; ++k) {
+        int8_t* blk = want.data() + (k / kBlockN) * bbt;
+        int32_t sum = 0;
+        for (int64_t n = 0; n < NT; ++n) {
+          const int8_t v = (k < K && n < N) ? p.w[n * K + k] : 0;
+          REQUIRE(blk[i8_offset(k, n)] == v, "N=%lld K=%lld code (%lld, %lld)", (long long)N,
+                  (long long)K, (long long)k, (long long)n);
+          sum += v;
+        }
+        int32_t got_sum;
+        std::memcpy(&got_sum, blk + kBlockN * NT + 4 * (k % kBlockN), 4);
+        REQUIRE(got_sum == sum, "N=%lld K=%lld row sum %lld", (long long)N, (long long)K,
+                (long long)k);
+      }
+      for (int64_t b = 0; b < nblk; ++b) {  // the gap after each block is not written
+        for (int64_t i = i8_block_bytes(NT); i < bbt; ++i) REQUIRE(want[b * bbt + i] == 5, "gap");
+      }
+      // Every ISA, by parts: k0 at every block, one or two blocks per call; rows beyond Kp zero.
+      for (Isa isa : available_isas()) {
+        const KernelTable& t = kernel_table(isa);
+        std::vector<int8_t> got(want.size() + 2 * bbt, 5);
+        for (int64_t b0 = 0; b0 < nblk + 2;) {
+          const int64_t n = std::min<int64_t>(1 + b0 % 2, nblk + 2 - b0);
+          t.pack_transposed_i8(p.packed.data(), N, p.Kp, b0 * kBlockN, n, got.data() + b0 * bbt,
+                               bbt);
+          b0 += n;
+        }
+        REQUIRE(std::equal(want.begin(), want.end(), got.begin()), "%s N=%lld K=%lld differs",
+                isa_name(isa), (long long)N, (long long)K);
+        for (int64_t i = 0; i < i8_block_bytes(NT); ++i) {
+          REQUIRE(got[want.size() + i] == 0 && got[want.size() + bbt + i] == 0,
+                  "%s: rows beyond Kp not zero", isa_name(isa));
+        }
+        // gemm_i8 on the transpose: C = B (M x N codes) . W (N x K).
+        const int64_t M = 5, ldb = NT;
+        std::vector<int8_t> Bm(static_cast<size_t>(M * ldb), 0);
+        std::uniform_int_distribution<int> code(-127, 127);
+        for (int64_t m = 0; m < M; ++m) {
+          for (int64_t n = 0; n < N; ++n) Bm[m * ldb + n] = static_cast<int8_t>(code(rng));
+        }
+        // Contiguous blocks for gemm_i8: repack again with ldd = the block size.
+        std::vector<int8_t> packed_t(static_cast<size_t>(nblk * i8_block_bytes(NT)));
+        t.pack_transposed_i8(p.packed.data(), N, p.Kp, 0, nblk, packed_t.data(),
+                             i8_block_bytes(NT));
+        std::vector<int32_t> C(static_cast<size_t>(M * p.Kp));
+        t.gemm_i8(M, nblk, NT, Bm.data(), ldb, packed_t.data(), C.data(), p.Kp, false);
+        for (int64_t m = 0; m < M; ++m) {
+          for (int64_t k = 0; k < K; ++k) {
+            int64_t s = 0;
+            for (int64_t n = 0; n < N; ++n) s += int64_t{Bm[m * ldb + n]} * p.w[n * K + k];
+            REQUIRE(C[m * p.Kp + k] == s, "%s: gemm_i8 on the transpose (%lld, %lld)",
+                    isa_name(isa), (long long)m, (long long)k);
+          }
+        }
+      }
+    }
   }
 }
 

@@ -216,6 +216,61 @@ TEST(quantize_kernels_bit_identical_to_scalar) {
   REQUIRE(codes[6] == 7 && codes[7] == -7 && codes[8] == 7, "int4 clamp");
 }
 
+// The gradient-row entries of the int8 backward (engine/w8a8.h): scale_bf16 and quantize_mul, the
+// same bits on every ISA on the cases above (as factors r = 1 / s, and the row's own 127 / max),
+// bf16 inputs of every exponent, and the reference's own definition.
+TEST(scale_bf16_and_quantize_mul_bit_identical_to_scalar) {
+  std::mt19937 rng(11);
+  const QuantKernels& ref = *scalar_quant_table();
+  const int64_t lengths[] = {0, 1, 7, 15, 16, 17, 33, 64, 129, 2051};
+  for (const int64_t n : lengths) {
+    for (const QuantCase& c : quant_cases(n, rng)) {
+      float amax = 0.0f;
+      REQUIRE(ref.absmax(n, c.w.data(), &amax), "finite");
+      std::vector<float> factors;
+      for (const float s : c.scales) factors.push_back(1.0f / s);
+      if (amax > 0.0f) factors.push_back(127.0f / amax);
+      for (Isa isa : available_isas()) {
+        const QuantKernels& q = quant_kernels(isa);
+        for (const float r : factors) {
+          if (!std::isfinite(r)) continue;
+          std::vector<int8_t> want(static_cast<size_t>(n) + 1, 0x55), got = want;
+          ref.quantize_mul(n, c.w.data(), r, 127.0f, want.data());
+          q.quantize_mul(n, c.w.data(), r, 127.0f, got.data());
+          REQUIRE(got == want, "%s n %lld r %a: quantize_mul differs", isa_name(isa), (long long)n,
+                  r);
+        }
+      }
+    }
+    // scale_bf16 over bf16 patterns of every exponent (finite), channel scales of varied size.
+    std::vector<bf16> g(static_cast<size_t>(n));
+    std::vector<float> sw(static_cast<size_t>(n));
+    for (int64_t k = 0; k < n; ++k) {
+      g[static_cast<size_t>(k)] = static_cast<bf16>((rng() % 0x7f80u) | (k % 2 ? 0x8000u : 0u));
+      sw[static_cast<size_t>(k)] = std::ldexp(1.0f + static_cast<float>(rng() % 1000) / 999.0f,
+                                              static_cast<int>(rng() % 40) - 30);
+    }
+    std::vector<float> want(static_cast<size_t>(n) + 1, 7.0f), got = want;
+    ref.scale_bf16(n, g.data(), sw.data(), want.data());
+    for (int64_t k = 0; k < n; ++k) {
+      const float v = bf16_to_f32(g[static_cast<size_t>(k)]) * sw[static_cast<size_t>(k)];
+      REQUIRE(std::memcmp(&want[static_cast<size_t>(k)], &v, sizeof v) == 0, "scalar scale_bf16");
+    }
+    for (Isa isa : available_isas()) {
+      std::fill(got.begin(), got.end(), 7.0f);
+      quant_kernels(isa).scale_bf16(n, g.data(), sw.data(), got.data());
+      REQUIRE(std::memcmp(got.data(), want.data(), got.size() * sizeof(float)) == 0,
+              "%s n %lld: scale_bf16 differs", isa_name(isa), (long long)n);
+    }
+  }
+  // The reference: a product, ties to even, clamped.
+  const float w[] = {0.25f, 0.75f, 1.25f, -0.25f, -0.75f, 100.0f, -100.0f};
+  int8_t codes[7];
+  ref.quantize_mul(7, w, 2.0f, 127.0f, codes);
+  const int8_t want[] = {0, 2, 2, 0, -2, 127, -127};
+  REQUIRE(std::memcmp(codes, want, sizeof want) == 0, "quantize_mul: round half even and clamp");
+}
+
 TEST(absmax_rejects_non_finite_anywhere) {
   const float bad[] = {std::numeric_limits<float>::infinity(),
                        -std::numeric_limits<float>::infinity(),

@@ -109,29 +109,52 @@ bool absmax(int64_t n, const float* w, float* amax) {
   return true;
 }
 
+// kMul: w * vs (quantize_mul), else w / vs (quantize).
+template <bool kMul>
 inline __m256i code8(const float* w, __m256 vs, __m256 lo, __m256 hi) {
-  const __m256 q = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(w), vs),
+  const __m256 x = _mm256_loadu_ps(w);
+  const __m256 q = _mm256_round_ps(kMul ? _mm256_mul_ps(x, vs) : _mm256_div_ps(x, vs),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   return _mm256_cvtps_epi32(_mm256_min_ps(hi, _mm256_max_ps(lo, q)));
 }
 
-void quantize(int64_t n, const float* w, float s, float qm, int8_t* codes) {
+template <bool kMul>
+void quantize_t(int64_t n, const float* w, float s, float qm, int8_t* codes) {
   const __m256 vs = _mm256_set1_ps(s), hi = _mm256_set1_ps(qm), lo = _mm256_set1_ps(-qm);
   // packs work per 128-bit lane: after both, dwords 0 .. 3 hold codes 0-3, 8-11, 16-19, 24-27
   // and dwords 4 .. 7 codes 4-7, 12-15, 20-23, 28-31.
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   int64_t k = 0;
   for (; k + 32 <= n; k += 32) {
-    const __m256i ab = _mm256_packs_epi32(code8(w + k, vs, lo, hi), code8(w + k + 8, vs, lo, hi));
-    const __m256i cd =
-        _mm256_packs_epi32(code8(w + k + 16, vs, lo, hi), code8(w + k + 24, vs, lo, hi));
+    const __m256i ab =
+        _mm256_packs_epi32(code8<kMul>(w + k, vs, lo, hi), code8<kMul>(w + k + 8, vs, lo, hi));
+    const __m256i cd = _mm256_packs_epi32(code8<kMul>(w + k + 16, vs, lo, hi),
+                                          code8<kMul>(w + k + 24, vs, lo, hi));
     const __m256i p = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(ab, cd), order);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + k), p);
   }
   for (; k < n; ++k) {
-    const float q = std::nearbyint(w[k] / s);
+    const float q = std::nearbyint(kMul ? w[k] * s : w[k] / s);
     codes[k] = static_cast<int8_t>(std::min(qm, std::max(-qm, q)));
   }
+}
+
+void quantize(int64_t n, const float* w, float s, float qm, int8_t* codes) {
+  quantize_t<false>(n, w, s, qm, codes);
+}
+
+void quantize_mul(int64_t n, const float* w, float r, float qm, int8_t* codes) {
+  quantize_t<true>(n, w, r, qm, codes);
+}
+
+void scale_bf16(int64_t n, const bf16* g, const float* sw, float* v) {
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8) {
+    const __m256i bits = _mm256_slli_epi32(
+        _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(g + k))), 16);
+    _mm256_storeu_ps(v + k, _mm256_mul_ps(_mm256_castsi256_ps(bits), _mm256_loadu_ps(sw + k)));
+  }
+  for (; k < n; ++k) v[k] = bf16_to_f32(g[k]) * sw[k];
 }
 
 }  // namespace
@@ -143,6 +166,8 @@ constexpr QuantKernels kQuantTable = [] {
   t.i8x4 = &dequant_i8x4;
   t.absmax = &absmax;
   t.quantize = &quantize;
+  t.scale_bf16 = &scale_bf16;
+  t.quantize_mul = &quantize_mul;
   return t;
 }();
 

@@ -93,23 +93,45 @@ bool absmax(int64_t n, const float* w, float* amax) {
   return true;
 }
 
+// kMul: x * vs (quantize_mul), else x / vs (quantize).
+template <bool kMul>
 inline __m512 code16(__m512 x, __m512 vs, __m512 lo, __m512 hi) {
-  const __m512 q =
-      _mm512_roundscale_ps(_mm512_div_ps(x, vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 q = _mm512_roundscale_ps(kMul ? _mm512_mul_ps(x, vs) : _mm512_div_ps(x, vs),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   return _mm512_min_ps(hi, _mm512_max_ps(lo, q));
 }
 
-void quantize(int64_t n, const float* w, float s, float qm, int8_t* codes) {
+template <bool kMul>
+void quantize_t(int64_t n, const float* w, float s, float qm, int8_t* codes) {
   const __m512 vs = _mm512_set1_ps(s), hi = _mm512_set1_ps(qm), lo = _mm512_set1_ps(-qm);
   int64_t k = 0;
   for (; k + 16 <= n; k += 16) {
-    const __m512i c = _mm512_cvtps_epi32(code16(_mm512_loadu_ps(w + k), vs, lo, hi));
+    const __m512i c = _mm512_cvtps_epi32(code16<kMul>(_mm512_loadu_ps(w + k), vs, lo, hi));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + k), _mm512_cvtsepi32_epi8(c));
   }
   if (k < n) {
     const __mmask16 m = tail_mask(n - k);
-    const __m512i c = _mm512_cvtps_epi32(code16(_mm512_maskz_loadu_ps(m, w + k), vs, lo, hi));
+    const __m512i c = _mm512_cvtps_epi32(code16<kMul>(_mm512_maskz_loadu_ps(m, w + k), vs, lo, hi));
     _mm512_mask_cvtsepi32_storeu_epi8(codes + k, m, c);
+  }
+}
+
+void quantize(int64_t n, const float* w, float s, float qm, int8_t* codes) {
+  quantize_t<false>(n, w, s, qm, codes);
+}
+
+void quantize_mul(int64_t n, const float* w, float r, float qm, int8_t* codes) {
+  quantize_t<true>(n, w, r, qm, codes);
+}
+
+void scale_bf16(int64_t n, const bf16* g, const float* sw, float* v) {
+  int64_t k = 0;
+  for (; k < n; k += 16) {
+    const __mmask16 m = n - k >= 16 ? __mmask16(0xffff) : tail_mask(n - k);
+    const __m512i bits =
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, g + k)), 16);
+    _mm512_mask_storeu_ps(
+        v + k, m, _mm512_mul_ps(_mm512_castsi512_ps(bits), _mm512_maskz_loadu_ps(m, sw + k)));
   }
 }
 
@@ -122,6 +144,8 @@ constexpr QuantKernels kQuantTable = [] {
   t.i8x4 = &dequant_i8x4;
   t.absmax = &absmax;
   t.quantize = &quantize;
+  t.scale_bf16 = &scale_bf16;
+  t.quantize_mul = &quantize_mul;
   return t;
 }();
 

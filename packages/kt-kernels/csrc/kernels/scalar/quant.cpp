@@ -56,6 +56,17 @@ void quantize(int64_t n, const float* w, float s, float qm, int8_t* codes) {
   }
 }
 
+void scale_bf16(int64_t n, const bf16* g, const float* sw, float* v) {
+  for (int64_t k = 0; k < n; ++k) v[k] = bf16_to_f32(g[k]) * sw[k];
+}
+
+void quantize_mul(int64_t n, const float* w, float r, float qm, int8_t* codes) {
+  for (int64_t k = 0; k < n; ++k) {
+    const float q = std::nearbyint(w[k] * r);
+    codes[k] = static_cast<int8_t>(std::min(qm, std::max(-qm, q)));
+  }
+}
+
 }  // namespace
 
 constexpr QuantKernels kQuantTable = [] {
@@ -65,6 +76,8 @@ constexpr QuantKernels kQuantTable = [] {
   t.i8x4 = &dequant_i8x4;
   t.absmax = &absmax;
   t.quantize = &quantize;
+  t.scale_bf16 = &scale_bf16;
+  t.quantize_mul = &quantize_mul;
   return t;
 }();
 

@@ -126,6 +126,32 @@ void pack_transposed(const bf16* W, int64_t N, int64_t Kp, int64_t k0, int64_t n
   }
 }
 
+// Works on 16 x 16 sub-tiles as above: four k quads of one source block (256 bytes: element
+// (n, k) at (k / 4) * 64 + n * 4 + k % 4) become four n quads of one destination block.
+void pack_transposed_i8(const int8_t* W, int64_t N, int64_t Kp, int64_t k0, int64_t nblk,
+                        int8_t* dst, int64_t ldd) {
+  const int64_t KpT = packed_k8(N);
+  const int64_t src_block = i8_block_bytes(Kp);
+  const int64_t n_rows = packed_blocks(N) * kBlockN;
+  for (int64_t ob = 0; ob < nblk; ++ob) {
+    int8_t* out = dst + ob * ldd;
+    const int64_t kb = k0 + ob * kBlockN;
+    for (int64_t n0 = 0; n0 < KpT; n0 += kBlockN) {
+      int8_t* o = out + (n0 / 4) * 64;
+      if (n0 >= n_rows || kb >= Kp) {
+        for (int i = 0; i < 16 * 16; ++i) o[i] = 0;
+        continue;
+      }
+      const int8_t* s = W + (n0 / kBlockN) * src_block + (kb / 4) * 64;
+      for (int n = 0; n < 16; ++n) {
+        for (int r = 0; r < 16; ++r)
+          o[(n / 4) * 64 + r * 4 + n % 4] = s[(r / 4) * 64 + n * 4 + r % 4];
+      }
+    }
+    i8_set_row_sums(out, KpT);
+  }
+}
+
 }  // namespace
 
 void fill_scalar_helpers(KernelTable* t) {
@@ -137,6 +163,7 @@ void fill_scalar_helpers(KernelTable* t) {
   t->silu_mul = &silu_mul;
   t->silu_mul_bwd = &silu_mul_bwd;
   t->pack_transposed = &pack_transposed;
+  t->pack_transposed_i8 = &pack_transposed_i8;
 }
 
 }  // namespace kt::kernels
