@@ -15,7 +15,8 @@ Every measurement runs in a fresh subprocess, so peak RSS belongs to one engine 
 
 Weight types (--weight-dtypes): bf16, int8 and int4 store the frozen weights so and compute in
 bf16; int8-w8a8 is weight_dtype="int8" with activation_dtype="int8" (int8 x int8 GEMMs in forward,
-straight-through backward on the weight-only int8 path).
+straight-through backward on the weight-only int8 path); int8-w8a8-bwd8 adds backward_dtype="int8"
+(backward's dx products int8 x int8 too).
 
 Small-T rows ("decode", on by default; --no-decode skips them, --decode-tokens picks T): inference
 forwards (no LoRA, no activation cache) at the qwen3-30b-a3b sizes with T = 1, 8, 32 tokens, i.e.
@@ -157,9 +158,11 @@ def worker_ours(
 
     gate_up = randn((E, 2 * I, H), H**-0.5, bf16)
     down = randn((E, H, I), I**-0.5, bf16)
-    activation_dtype = "bf16"
+    activation_dtype = backward_dtype = "bf16"
     if weight_dtype == "int8-w8a8":
         weight_dtype, activation_dtype = "int8", "int8"
+    elif weight_dtype == "int8-w8a8-bwd8":
+        weight_dtype, activation_dtype, backward_dtype = "int8", "int8", "int8"
     eng = kk.MoEEngine(
         E,
         K,
@@ -172,6 +175,7 @@ def worker_ours(
         isa=isa,
         weight_dtype=weight_dtype,
         activation_dtype=activation_dtype,
+        **({"backward_dtype": backward_dtype} if backward_dtype != "bf16" else {}),
     )
     eng.load_weights(gate_up=gate_up, down=down)
     del gate_up, down  # the engine owns its packed copy; the source goes
@@ -541,9 +545,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch eager baseline")
     p.add_argument(
         "--weight-dtypes",
-        default="bf16,int8,int4,int8-w8a8",
+        default="bf16,int8,int4,int8-w8a8,int8-w8a8-bwd8",
         help="comma list of frozen-weight storage types to run (bf16, int8, int4; "
-        "int8-w8a8: int8 weights and int8 activations)",
+        "int8-w8a8: int8 weights and int8 activations; int8-w8a8-bwd8: also "
+        'backward_dtype="int8")',
     )
     p.add_argument("--json", default=None, help="also write the results to this file")
     p.add_argument("--no-decode", action="store_true", help="skip the small-T inference rows")

@@ -9,7 +9,9 @@ float32 accumulation and the rare bf16 rounding flip an fp32-vs-fp64 difference 
 what the tolerances in the tests bound.
 
 W8A8 (`forward_w8a8`): the same, with x and h quantized to int8 per row and the base products
-taken as exact integer matmuls of the codes followed by the engine's float32 epilogue.
+taken as exact integer matmuls of the codes followed by the engine's float32 epilogue; with
+backward_dtype "int8" (`backward_w8a8_int8`) backward's two base products likewise, on gradient
+rows scaled by the weights' channel scales and quantized per row.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ __all__ = [
     "act_backward",
     "act_forward",
     "backward",
+    "backward_w8a8_int8",
     "bf16",
     "dequantized",
     "forward",
@@ -37,6 +40,7 @@ __all__ = [
     "make_case",
     "max_rel_err",
     "quantize_rows_i8",
+    "quantize_rows_i8_mul",
 ]
 
 
@@ -284,6 +288,25 @@ def _forward(
 def backward(c: Case, cache: dict, dout: np.ndarray | None = None) -> dict:
     """Return dx (T x H), dw (T x K) and the LoRA gradients (split names; fused callers sum
     a_g + a_u and concatenate b_g, b_u)."""
+
+    def down_t(e: int, dy: np.ndarray) -> np.ndarray:
+        return dy @ _f64(c.down[e])
+
+    def gate_up_t(e: int, dgb: np.ndarray, dub: np.ndarray) -> np.ndarray:
+        return dgb @ _f64(c.gate[e]) + dub @ _f64(c.up[e])
+
+    return _backward(c, cache, dout, down_t, gate_up_t)
+
+
+def _backward(
+    c: Case,
+    cache: dict,
+    dout: np.ndarray | None,
+    down_t: Callable[[int, np.ndarray], np.ndarray],
+    gate_up_t: Callable[[int, np.ndarray, np.ndarray], np.ndarray],
+) -> dict:
+    """The backward around its two base-weight products: down_t(e, dy) gives expert e's dY Wd for
+    the bf16 dY rows dy, gate_up_t(e, dgb, dub) its dx base term for the bf16 dg and du rows."""
     dout = c.dout if dout is None else dout
     db = bf16(dout)
     T, H, K = c.T, c.H, c.K
@@ -300,7 +323,7 @@ def backward(c: Case, cache: dict, dout: np.ndarray | None = None) -> dict:
         tt, jj = d["tt"], d["jj"]
         dy = db[tt]
         wv = _f64(c.w[tt, jj])[:, None]
-        D = dy @ _f64(c.down[e])
+        D = down_t(e, dy)
         if L:
             dyb = dy @ _f64(L.b_d[e])
             D = D + s * dyb @ _f64(L.a_d[e])
@@ -315,7 +338,7 @@ def backward(c: Case, cache: dict, dout: np.ndarray | None = None) -> dict:
             du = dh * g * sg
         else:
             dg, du = act_backward(c.act, g, u, dh)
-        dxe = bf16(dg) @ _f64(c.gate[e]) + bf16(du) @ _f64(c.up[e])
+        dxe = gate_up_t(e, bf16(dg), bf16(du))
         if L:
             dgb = dg @ _f64(L.b_g[e])
             dub = du @ _f64(L.b_u[e])
@@ -405,6 +428,50 @@ def forward_w8a8(c: Case, x: np.ndarray | None = None) -> tuple[np.ndarray, dict
         return mm(qh, sh, qd[e], sd[e])
 
     return _forward(c, x, gate_up, down)
+
+
+def quantize_rows_i8_mul(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row int8 quantization of gradient rows (backward_dtype "int8", engine/w8a8.h): as
+    `quantize_rows_i8`, but code = rint(row * (127 / max|row|)) in float32, or rint(row / s)
+    where that factor overflows."""
+    a = np.asarray(a, dtype=np.float32)
+    codes, s = quantize_rows_i8(a)
+    n = a.shape[0]
+    amax = np.abs(a).max(axis=1) if a.shape[1] else np.zeros(n, np.float32)
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        r = (np.float32(127) / amax).astype(np.float32)
+        use_mul = (s > 0) & np.isfinite(r)
+        q = np.clip(np.rint(a * np.where(use_mul, r, np.float32(0))[:, None]), -127, 127)
+    q = np.where(use_mul[:, None], q, np.float32(0)).astype(np.int8)
+    codes = np.where(use_mul[:, None], q, codes)
+    return codes, s
+
+
+def backward_w8a8_int8(c: Case, cache: dict, dout: np.ndarray | None = None) -> dict:
+    """W8A8 backward with backward_dtype="int8": the gradients of `backward` on `dequantized(c)`,
+    except its two base products, which run on the weights' codes: per expert, the bf16 gradient
+    rows times the weight's per-channel scales (float32), quantized per row
+    (`quantize_rows_i8_mul`, one scale over gate and up together), an exact integer matmul with
+    the codes, then float32(acc) * s_row."""
+    qg, sg = _q_int8(c.gate)
+    qu, su = _q_int8(c.up)
+    qd, sd = _q_int8(c.down)
+
+    def int8_product(v: np.ndarray, w_codes: np.ndarray) -> np.ndarray:
+        q, s = quantize_rows_i8_mul(v)
+        acc = q.astype(np.int64) @ w_codes.astype(np.int64)
+        assert np.abs(acc).max(initial=0) < 2**31
+        return (acc.astype(np.int32).astype(np.float32) * s[:, None]).astype(np.float64)
+
+    def down_t(e: int, dy: np.ndarray) -> np.ndarray:
+        v = dy.astype(np.float32) * sd[e][None, :]
+        return int8_product(v, qd[e])
+
+    def gate_up_t(e: int, dgb: np.ndarray, dub: np.ndarray) -> np.ndarray:
+        v = np.concatenate([dgb.astype(np.float32) * sg[e], dub.astype(np.float32) * su[e]], 1)
+        return int8_product(v, np.concatenate([qg[e], qu[e]], 0))
+
+    return _backward(dequantized(c), cache, dout, down_t, gate_up_t)
 
 
 def max_rel_err(got: np.ndarray, ref: np.ndarray) -> float:

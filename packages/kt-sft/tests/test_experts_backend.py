@@ -62,6 +62,7 @@ def test_options_record_is_built_from_ktconfig_field_by_field() -> None:
         backend="engine",
         weight_dtype="int8",
         activation_dtype="int8",
+        backward_dtype="int8",
         group_size=64,
         lora_rank=4,
         lora_alpha=12.0,
@@ -80,6 +81,7 @@ def test_options_record_is_built_from_ktconfig_field_by_field() -> None:
         "weight_dtype": "int8",
         "group_size": 64,
         "activation_dtype": "int8",
+        "backward_dtype": "int8",
         "activation_policy": "recompute",
         "max_tokens": 256,
         "max_cache_depth": 3,
@@ -154,6 +156,11 @@ def test_options_are_gated_by_the_engine_abi() -> None:
     with pytest.raises(EngineUnavailableError, match=r"activation_limit=7\.0"):
         engine_kwargs(ExpertsOptions(activation_limit=7.0), abi=5)
     assert engine_kwargs(ExpertsOptions(activation="gelu"), abi=6)["activation"] == "gelu"
+    int8_bwd = ExpertsOptions(weight_dtype="int8", activation_dtype="int8", backward_dtype="int8")
+    with pytest.raises(EngineUnavailableError, match="backward_dtype='int8'"):
+        engine_kwargs(int8_bwd, abi=6)
+    assert "backward_dtype" not in engine_kwargs(ExpertsOptions(), abi=6)
+    assert engine_kwargs(int8_bwd, abi=7)["backward_dtype"] == "int8"
     assert set(OPTION_ABI) <= set(ExpertsOptions().engine_kwargs())
 
 
@@ -170,6 +177,11 @@ def test_no_signature_probing_of_the_engine() -> None:
     [
         ({"weight_dtype": "int4", "group_size": 32}, "group_size", 32),
         ({"weight_dtype": "int8", "activation_dtype": "int8"}, "activation_dtype", "int8"),
+        (
+            {"weight_dtype": "int8", "activation_dtype": "int8", "backward_dtype": "int8"},
+            "backward_dtype",
+            "int8",
+        ),
         ({"lora_rank": 4, "lora_alpha": 12.0}, "scaling", 3.0),
     ],
 )
@@ -207,6 +219,10 @@ def test_int4_group_size_changes_the_engine_result() -> None:
 def test_w8a8_needs_int8_weights_on_the_engine() -> None:
     with pytest.raises(KTConfigError, match="activation_dtype='int8'"):
         KTConfig(activation_dtype="int8")
+    with pytest.raises(KTConfigError, match="backward_dtype='int8'"):
+        KTConfig(weight_dtype="int8", backward_dtype="int8")
+    with pytest.raises(KTConfigError, match="backward_dtype must be one of"):
+        KTConfig(weight_dtype="int8", activation_dtype="int8", backward_dtype="fp8")
     with pytest.raises(KTConfigError, match="group_size must be one of"):
         KTConfig(group_size=48)
 
@@ -221,3 +237,9 @@ def test_train_yaml_reaches_the_new_options(tmp_path: Path) -> None:
     )
     kt = KTConfig.from_dict(cfg.kt)
     assert (kt.group_size, kt.weight_dtype, kt.tp) == (64, "int4", 0)
+    w8a8 = load_train_config(
+        None,
+        {"kt_weight_dtype": "int8", "kt_activation_dtype": "int8", "kt_backward_dtype": "INT8"},
+        defaults={"model_name_or_path": "embedded", "dataset": "embedded"},
+    )
+    assert KTConfig.from_dict(w8a8.kt).backward_dtype == "int8"

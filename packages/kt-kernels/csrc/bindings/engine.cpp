@@ -29,10 +29,10 @@ class PyEngine {
            int64_t lora_rank, py::object lora_alpha, const std::string& lora_layout,
            const std::string& weight_dtype, int64_t max_tokens, int64_t max_cache_depth,
            py::object num_threads, py::object isa, int64_t group_size, py::object tp,
-           const std::string& activation_dtype, const std::string& activation_policy,
-           const std::string& activation, double activation_alpha, py::object activation_limit,
-           double activation_up_offset, py::object activation_gate_softcap,
-           py::object activation_up_softcap) {
+           const std::string& activation_dtype, const std::string& backward_dtype,
+           const std::string& activation_policy, const std::string& activation,
+           double activation_alpha, py::object activation_limit, double activation_up_offset,
+           py::object activation_gate_softcap, py::object activation_up_softcap) {
     engine::EngineConfig cfg;
     cfg.num_experts = num_experts;
     cfg.top_k = top_k;
@@ -55,6 +55,7 @@ class PyEngine {
     cfg.weight_dtype = weight_dtype;
     cfg.group_size = group_size;
     cfg.activation_dtype = activation_dtype;
+    cfg.backward_dtype = backward_dtype;
     cfg.activation_policy = activation_policy;
     cfg.activation = activation;
     cfg.activation_alpha = activation_alpha;
@@ -392,18 +393,18 @@ void register_engine(py::module_& m) {
   py::class_<PyEngine>(m, "MoEEngine")
       .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, py::object, const std::string&,
                     const std::string&, int64_t, int64_t, py::object, py::object, int64_t,
-                    py::object, const std::string&, const std::string&, const std::string&, double,
-                    py::object, double, py::object, py::object>(),
+                    py::object, const std::string&, const std::string&, const std::string&,
+                    const std::string&, double, py::object, double, py::object, py::object>(),
            py::arg("num_experts"), py::arg("top_k"), py::arg("hidden_size"),
            py::arg("intermediate_size"), py::kw_only(), py::arg("lora_rank") = 0,
            py::arg("lora_alpha") = py::none(), py::arg("lora_layout") = "fused",
            py::arg("weight_dtype") = "bf16", py::arg("max_tokens") = 4096,
            py::arg("max_cache_depth") = 1, py::arg("num_threads") = py::none(),
            py::arg("isa") = py::none(), py::arg("group_size") = 128, py::arg("tp") = 1,
-           py::arg("activation_dtype") = "bf16", py::arg("activation_policy") = "retain",
-           py::arg("activation") = "silu", py::arg("activation_alpha") = 1.0,
-           py::arg("activation_limit") = py::none(), py::arg("activation_up_offset") = 0.0,
-           py::arg("activation_gate_softcap") = py::none(),
+           py::arg("activation_dtype") = "bf16", py::arg("backward_dtype") = "bf16",
+           py::arg("activation_policy") = "retain", py::arg("activation") = "silu",
+           py::arg("activation_alpha") = 1.0, py::arg("activation_limit") = py::none(),
+           py::arg("activation_up_offset") = 0.0, py::arg("activation_gate_softcap") = py::none(),
            py::arg("activation_up_softcap") = py::none())
       .def("set_biases", &PyEngine::set_biases, py::kw_only(), py::arg("gate_up") = py::none(),
            py::arg("gate") = py::none(), py::arg("up") = py::none(), py::arg("down") = py::none())
@@ -452,6 +453,9 @@ void register_engine(py::module_& m) {
       .def_property_readonly(
           "activation_dtype",
           [](const PyEngine& p) { return p.get("activation_dtype").config().activation_dtype; })
+      .def_property_readonly(
+          "backward_dtype",
+          [](const PyEngine& p) { return p.get("backward_dtype").config().backward_dtype; })
       .def_property(
           "activation_policy",
           [](const PyEngine& p) { return p.get("activation_policy").activation_policy(); },

@@ -19,8 +19,8 @@ namespace py = pybind11;
 // 2: MoEEngine, ISA selection; 3: profiler, int8/int4 weights; 4: worker groups per tp slice
 // (MoEEngine.pinned_threads, numa_node_count), activation_dtype (W8A8); 5: activation_policy,
 // memory_stats / reset_memory_peaks / trim_memory; 6: activation variants (activation_*),
-// set_biases, the process-wide LoRA stage.
-constexpr int kAbiVersion = 6;
+// set_biases, the process-wide LoRA stage; 7: backward_dtype (int8 dx products of W8A8).
+constexpr int kAbiVersion = 7;
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "kt-kernels compiled engine";

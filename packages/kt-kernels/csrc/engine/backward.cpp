@@ -10,6 +10,7 @@
 #include "engine/engine_internal.h"
 #include "engine/moe_engine.h"
 #include "engine/phase_clock.h"
+#include "engine/quant.h"
 #include "engine/w8a8.h"
 #include "runtime/scratch.h"
 #include "runtime/thread_pool.h"
@@ -39,7 +40,7 @@ void MoEEngine::recompute_inputs(const Entry& en, const View& x, bool lora, Reco
     float* sx_tok = shared_buf<float>(kSlotQScales, T + S);
     sxq = sx_tok + T;
     xq = shared_buf<int8_t>(kSlotQRows, S * ldxq);
-    w8a8::quantize_rows(T, xb, KpH, H, xq_tok, ldxq, sx_tok, nt);
+    w8a8::quantize_rows(k_, *qk_, T, xb, KpH, H, xq_tok, ldxq, sx_tok, nt);
     w8a8::gather_rows(S, slot_tok, xq_tok, sx_tok, ldxq, xq, sxq, nt);
   }
   float* gu = shared_buf<float>(kSlotGU, S * 2 * Ib);
@@ -161,6 +162,16 @@ void MoEEngine::run_backward(Ctx& c) {
   float* gbsum = gbpart + n_gbp;   // S x RA: dGU B
   float* dwb = gbsum + n_gb;       // S: dY . b_down[e] (down bias share of dw)
 
+  // int8 backward (w8a8.h): codes of the dY rows for down^T, then of the dGU rows for gate_up^T,
+  // in the W8A8 code rows' slot (free once a recompute has run); row scales after the forward's.
+  const bool q8 = int8_backward_;
+  const int64_t ldq_dy = q8 ? w8a8_dy_depth() : 0;
+  const DguCodes lay = q8 ? w8a8_dgu_layout() : DguCodes{};
+  int8_t* codes = q8 ? shared_buf<int8_t>(kSlotQRows, S * std::max(ldq_dy, lay.ld)) : nullptr;
+  float* code_scales = q8 ? shared_buf<float>(kSlotQScales, 2 * S) : nullptr;
+  float* sdy = code_scales;
+  float* sdgu = q8 ? code_scales + S : nullptr;
+
   std::vector<Tile> tiles = gather_tiles(off, E);
   bf16* dyg = shared_buf<bf16>(kSlotRows, S * KpH);
   parallel_for(static_cast<int64_t>(tiles.size()), nt, [&](int64_t i, int th) {
@@ -168,6 +179,10 @@ void MoEEngine::run_backward(Ctx& c) {
     const int64_t M = tl.m1 - tl.m0;
     for (int64_t p = tl.m0; p < tl.m1; ++p) {
       std::memcpy(dyg + p * KpH, dtok + slot_tok[p] * KpH, static_cast<size_t>(KpH) * sizeof(bf16));
+    }
+    if (q8) {
+      w8a8_quantize_dy(tl.e, M, dyg + tl.m0 * KpH, KpH, codes + tl.m0 * ldq_dy, sdy + tl.m0,
+                       local_buf<float>(th, kL1, H));
     }
     if (dbias) down_bias_dw(tl.e, M, dyg + tl.m0 * KpH, KpH, dwb + tl.m0);
     if (lora) {
@@ -198,9 +213,22 @@ void MoEEngine::run_backward(Ctx& c) {
     const Tile& tl = dt_tiles.at(sidx, ti);
     const int64_t np = tl.n1 - tl.n0, ni = 16 * np, i0 = 16 * tl.n0;
     const int64_t chunk = chunk_of[static_cast<size_t>(tl.n0)];
-    bf16* wdt = local_buf<bf16>(th, kL0, wdt_elems);
-    d_transposed(sidx, tl.e, i0 - kBlockN * sl_[static_cast<size_t>(sidx)]->b0, np, wdt, th);
+    const Slice& sl = *sl_[static_cast<size_t>(sidx)];
+    const int64_t k0 = i0 - kBlockN * sl.b0;  // the chunk's first column within the slice
     const int64_t rows_max = std::min(kRowsBwd, tl.m1 - tl.m0);
+    bf16* wdt = nullptr;
+    int8_t* wdt8 = nullptr;
+    int32_t* acc8 = nullptr;
+    if (q8) {  // the codes of Wd^T's chunk, and int32 sums
+      const int64_t bb = kernels::i8_block_bytes(ldq_dy);
+      wdt8 = local_buf<int8_t>(th, kL0, np * bb);
+      k.pack_transposed_i8(sl.wd.as<int8_t>() + tl.e * nbH_ * quant::block_bytes(sl.fd),
+                           kBlockN * nbH_, sl.fd.Kp, k0, np, wdt8, bb);
+      acc8 = local_buf<int32_t>(th, kL9, rows_max * ni);
+    } else {
+      wdt = local_buf<bf16>(th, kL0, wdt_elems);
+      d_transposed(sidx, tl.e, k0, np, wdt, th);
+    }
     float* D = local_buf<float>(th, kL1, rows_max * ni);
     float* G = local_buf<float>(th, kL2, rows_max * ni);
     float* U = local_buf<float>(th, kL3, rows_max * ni);
@@ -215,7 +243,12 @@ void MoEEngine::run_backward(Ctx& c) {
     }
     for (int64_t m0 = tl.m0; m0 < tl.m1; m0 += kRowsBwd) {
       const int64_t M = std::min(kRowsBwd, tl.m1 - m0);
-      k.gemm_bf16(M, np, KpH, dyg + m0 * KpH, KpH, wdt, D, ni, false);
+      if (q8) {
+        k.gemm_i8(M, np, ldq_dy, codes + m0 * ldq_dy, ldq_dy, wdt8, acc8, ni, false);
+        w8a8::apply_row_scales(M, ni, acc8, ni, sdy + m0, D, ni);
+      } else {
+        k.gemm_bf16(M, np, KpH, dyg + m0 * KpH, KpH, wdt, D, ni, false);
+      }
       if (lora) {
         k.gemm_f32_nn(M, ni, r, s, dyb + m0 * r, r, ad_ + tl.e * r * Ib + i0, Ib, D, ni, true);
       }
@@ -331,6 +364,16 @@ void MoEEngine::run_backward(Ctx& c) {
   });
   clock.mark("reduce");
 
+  if (q8) {  // dGU codes, in the slot the dY codes used
+    tiles = gather_tiles(off, E);
+    parallel_for(static_cast<int64_t>(tiles.size()), nt, [&](int64_t i, int th) {
+      const Tile& tl = tiles[static_cast<size_t>(i)];
+      w8a8_quantize_dgu(tl.e, tl.m1 - tl.m0, dgu + tl.m0 * 2 * Ib, lay, codes + tl.m0 * lay.ld,
+                        sdgu + tl.m0, local_buf<float>(th, kL0, 2 * Ib));
+    });
+    clock.mark("quantize_dgu");
+  }
+
   // -- gate_up^T tiles (expert, H chunk): dx per slot; LoRA A and down-B grads. Then the
   // per-token combine of dx. Both per group of H columns (see col_groups). Tensor parallel: tile
   // i of slice s (on group s) writes slice s's partial of dx (the product over its I columns);
@@ -357,9 +400,20 @@ void MoEEngine::run_backward(Ctx& c) {
       const bool lora0 = lora && sidx == 0, grads0 = grads && sidx == 0;
       const int64_t nb = tl.n1 - tl.n0, nh = 16 * nb, h0 = 16 * tl.n0;
       const int64_t c0 = 2 * kBlockN * sl.b0, depth = 2 * kBlockN * sl.nb;  // slice's dGU columns
-      bf16* wgt = local_buf<bf16>(th, kL0, nb * kernels::packed_block_elems(depth));
-      gu_transposed(sidx, tl.e, h0, nb, wgt, th);
       const int64_t rows_max = std::min(kRowsBwd, tl.m1 - tl.m0);
+      bf16* wgt = nullptr;
+      int8_t* wgt8 = nullptr;
+      int32_t* acc8 = nullptr;
+      if (q8) {  // the codes of Wgu^T's chunk over the slice's depth, and int32 sums
+        const int64_t bb = kernels::i8_block_bytes(lay.depth[static_cast<size_t>(sidx)]);
+        wgt8 = local_buf<int8_t>(th, kL0, nb * bb);
+        k.pack_transposed_i8(sl.wgu.as<int8_t>() + tl.e * 2 * sl.nb * quant::block_bytes(fgu_),
+                             2 * kBlockN * sl.nb, fgu_.Kp, h0, nb, wgt8, bb);
+        acc8 = local_buf<int32_t>(th, kL5, rows_max * nh);
+      } else {
+        wgt = local_buf<bf16>(th, kL0, nb * kernels::packed_block_elems(depth));
+        gu_transposed(sidx, tl.e, h0, nb, wgt, th);
+      }
       float* xf = local_buf<float>(th, kL1, rows_max * nh);
       float* yf = local_buf<float>(th, kL2, rows_max * nh);
       float* acc_a = grads0 ? local_buf<float>(th, kL3, RA * nh) : nullptr;
@@ -371,7 +425,14 @@ void MoEEngine::run_backward(Ctx& c) {
       for (int64_t m0 = tl.m0; m0 < tl.m1; m0 += kRowsBwd) {
         const int64_t M = std::min(kRowsBwd, tl.m1 - m0);
         float* C = dxs + sidx * xpart + m0 * ldx + (h0 - kBlockN * blo);
-        k.gemm_bf16(M, nb, depth, dgu + m0 * Kgu + c0, Kgu, wgt, C, ldx, false);
+        if (q8) {
+          const size_t si = static_cast<size_t>(sidx);
+          k.gemm_i8(M, nb, lay.depth[si], codes + m0 * lay.ld + lay.seg_off[si], lay.ld, wgt8, acc8,
+                    nh, false);
+          w8a8::apply_row_scales(M, nh, acc8, nh, sdgu + m0, C, ldx);
+        } else {
+          k.gemm_bf16(M, nb, depth, dgu + m0 * Kgu + c0, Kgu, wgt, C, ldx, false);
+        }
         if (lora0) {
           k.gemm_f32_nn(M, nh, RA, s, gbsum + m0 * RA, RA, a_all_ + tl.e * RA * Hb + h0, Hb, C, ldx,
                         true);

@@ -207,7 +207,7 @@ void MoEEngine::run_forward(Ctx& c) {
     sxq = sx_tok + T;
     shq = sxq + S;
     xq = shared_buf<int8_t>(kSlotQRows, S * std::max(ldxq, ldhq));
-    w8a8::quantize_rows(T, xb, KpH, H, xq_tok, ldxq, sx_tok, nt);
+    w8a8::quantize_rows(k_, *qk_, T, xb, KpH, H, xq_tok, ldxq, sx_tok, nt);
     w8a8::gather_rows(S, slot_tok, xq_tok, sx_tok, ldxq, xq, sxq, nt);
     clock.mark("quantize_x");
   }
@@ -229,7 +229,7 @@ void MoEEngine::run_forward(Ctx& c) {
   // -- W8A8: h rows to int8 codes, one scale per row over all of I (into x codes' buffer).
   int8_t* hq = xq;
   if (w8a8) {
-    w8a8::quantize_rows(S, hb, KpI, I_, hq, ldhq, shq, nt);
+    w8a8::quantize_rows(k_, *qk_, S, hb, KpI, I_, hq, ldhq, shq, nt);
     clock.mark("quantize_h");
   }
 

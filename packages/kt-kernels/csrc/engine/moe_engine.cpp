@@ -143,6 +143,24 @@ MoEEngine::MoEEngine(const EngineConfig& cfg) : cfg_(cfg) {
     throw ValueError("activation_dtype: expected 'bf16' or 'int8', got '" + cfg.activation_dtype +
                      "'");
   }
+  if (cfg.backward_dtype == "int8") {
+    if (wkind_ != quant::Kind::w8a8) {
+      throw ValueError(
+          "backward_dtype='int8' (int8 x int8 dx products) needs activation_dtype='int8' and "
+          "weight_dtype='int8' (W8A8), got weight_dtype='" +
+          cfg.weight_dtype + "', activation_dtype='" + cfg.activation_dtype + "'");
+    }
+    if (2 * cfg.intermediate_size > w8a8::kMaxDepth) {
+      throw ValueError("backward_dtype='int8': 2 * intermediate_size must be at most " +
+                       std::to_string(w8a8::kMaxDepth) +
+                       " (the dx product over gate and up is summed in int32), got "
+                       "intermediate_size=" +
+                       std::to_string(cfg.intermediate_size));
+    }
+    int8_backward_ = true;
+  } else if (cfg.backward_dtype != "bf16") {
+    throw ValueError("backward_dtype: expected 'bf16' or 'int8', got '" + cfg.backward_dtype + "'");
+  }
   if (wkind_ == quant::Kind::int4) {
     const int64_t g = cfg.group_size;
     if (g != 32 && g != 64 && g != 128) {

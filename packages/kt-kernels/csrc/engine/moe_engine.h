@@ -66,6 +66,9 @@ struct EngineConfig {
   // "bf16", or "int8" (W8A8, with weight_dtype "int8" only): int8 x int8 base GEMMs in forward,
   // activations quantized per row (engine/w8a8.h).
   std::string activation_dtype = "bf16";
+  // "bf16", or "int8" (activation_dtype "int8" only): backward's two dx products run int8 x int8
+  // too, on gradient rows quantized per row after the weights' channel scales (engine/w8a8.h).
+  std::string backward_dtype = "bf16";
   // What a forward that saves for backward keeps: "retain" (the gate/up outputs, so backward
   // reads them) or "recompute" (only the inputs; backward recomputes gate/up, bit for bit).
   std::string activation_policy = "retain";
@@ -265,6 +268,23 @@ class MoEEngine {
   // ---- W8A8 (activation_dtype int8; w8a8.cpp) ----
   // Row stride of the int8 codes of h.
   int64_t w8a8_h_stride() const;
+  bool int8_backward_ = false;  // backward_dtype "int8"
+  // int8 backward: the depth of the down^T product (H padded to kPackK8) and the dGU codes' row
+  // layout: slice s's columns at seg_off[s] (slice depth padded to kPackK8), rows of ld bytes.
+  int64_t w8a8_dy_depth() const;
+  struct DguCodes {
+    std::vector<int64_t> seg_off, depth;
+    int64_t ld = 0;
+  };
+  DguCodes w8a8_dgu_layout() const;
+  // dq row p = codes of (dY row p * the down scales of expert e) for the M rows of one expert
+  // (stride ld), with their row scales; tmp: M.. H floats of thread scratch.
+  void w8a8_quantize_dy(int64_t e, int64_t M, const kernels::bf16* dy, int64_t ldy, int8_t* dq,
+                        float* sdq, float* tmp) const;
+  // The same for dGU rows (stride 2Ib) against the gate_up scales, one scale per row over every
+  // slice's columns.
+  void w8a8_quantize_dgu(int64_t e, int64_t M, const kernels::bf16* dgu, const DguCodes& lay,
+                         int8_t* gq, float* sgq, float* tmp) const;
   // gate_up tile: C[M x 32 np] (fp32, written) of the block pairs [p0, p0 + np) of expert e from
   // the x codes (stride ldq) and their row scales; int32 scratch in thread th's local slot.
   void w8a8_gate_up_tile(int64_t e, int64_t p0, int64_t np, int64_t M, const int8_t* xq,

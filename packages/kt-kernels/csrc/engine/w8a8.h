@@ -22,11 +22,27 @@
 // Backward is straight-through: the gradients are those of the weight-only int8 path (weights
 // dequantized to bf16(code * scale)), evaluated on the activations this forward cached ([g | u],
 // bf16 x, x A^T, h Ad^T). Quantizing the activations is treated as the identity.
+//
+// backward_dtype "int8" also runs backward's two base products (dh = dY Wd and dx = dGU Wgu) as
+// int8 x int8 GEMMs, on the weights' own codes. A weight is W = diag(sw) Q (one scale per output
+// channel, i.e. per row of the depth these products sum over), so g W = (g * sw) Q: per routed
+// row (the scales belong to its expert)
+//   v = float(g) * sw, elementwise in float32 (g: the bf16 dY row, or the bf16 [dg | du] row over
+//   every slice's columns)
+//   sv = max|v| / 127 and qv = round_half_even(v * (127 / max|v|)) clamped to [-127, 127]: a
+//   product where x above divides by its scale (a division per element costs as much as the rest
+//   of the row's quantization); where 127 / max|v| overflows (max|v| < 127 / FLT_MAX), v / sv.
+//   A zero row has sv = 0 and codes 0; a row with NaN or Inf has sv = NaN and codes 0.
+//   product = float(qv . Q in int32) * sv.
+// The gradient rows meet the codes of Q^T, repacked tile by tile (kernels.h, pack_transposed_i8)
+// as the bf16 path repacks its dequantized copy. The LoRA terms, dw and the LoRA gradients are
+// those of the bf16 backward on the same values.
 #pragma once
 
 #include <cstdint>
 
 #include "kernels/kernels.h"
+#include "kernels/quant_kernels.h"
 
 namespace kt::engine::w8a8 {
 
@@ -35,13 +51,16 @@ namespace kt::engine::w8a8 {
 constexpr int64_t kMaxDepth = 131072;
 
 // Quantizes K bf16 values to codes q[0, K) and zeros q[K, Kp); returns the row's scale (see the
-// math above).
-float quantize_row(const kernels::bf16* x, int64_t K, int64_t Kp, int8_t* q);
+// math above). With the ISA's kernels (the same bits on every ISA); tmp holds K floats.
+float quantize_row(const kernels::KernelTable& k, const kernels::QuantKernels& qk,
+                   const kernels::bf16* x, int64_t K, int64_t Kp, int8_t* q, float* tmp);
 
 // quantize_row for rows [0, n): src rows of stride lds, codes of stride ldq, scales[n]. Parallel on
-// the process pool; results do not depend on the thread count.
-void quantize_rows(int64_t n, const kernels::bf16* src, int64_t lds, int64_t K, int8_t* q,
-                   int64_t ldq, float* scales, int nt);
+// the process pool (each thread's row of floats in its local scratch slot 0); results do not
+// depend on the thread count.
+void quantize_rows(const kernels::KernelTable& k, const kernels::QuantKernels& qk, int64_t n,
+                   const kernels::bf16* src, int64_t lds, int64_t K, int8_t* q, int64_t ldq,
+                   float* scales, int nt);
 
 // dst row p = src row rows[p] (codes of stride ld, and its scale), p in [0, n). Parallel.
 void gather_rows(int64_t n, const int32_t* rows, const int8_t* src, const float* ssrc, int64_t ld,
@@ -50,5 +69,23 @@ void gather_rows(int64_t n, const int32_t* rows, const int8_t* src, const float*
 // C[m, c] = (float(acc[m, c]) * sa[m]) * sw[c] for m < M, c < N.
 void apply_scales(int64_t M, int64_t N, const int32_t* acc, int64_t ldacc, const float* sa,
                   const float* sw, float* C, int64_t ldc);
+
+// C[m, c] = float(acc[m, c]) * sa[m] for m < M, c < N.
+void apply_row_scales(int64_t M, int64_t N, const int32_t* acc, int64_t ldacc, const float* sa,
+                      float* C, int64_t ldc);
+
+// One run of a gradient row for quantize_scaled: v = float(g[k]) * sw[k] for k < n, codes into
+// q[0, n) and zeros into q[n, padded).
+struct ScaledSpan {
+  const kernels::bf16* g;
+  const float* sw;
+  int64_t n, padded;
+  int8_t* q;
+};
+
+// Quantizes the spans of one row with one scale over all of them (the math above); returns it.
+// tmp holds the sum of the spans' n floats.
+float quantize_scaled(const kernels::QuantKernels& qk, const ScaledSpan* spans, int nspans,
+                      float* tmp);
 
 }  // namespace kt::engine::w8a8

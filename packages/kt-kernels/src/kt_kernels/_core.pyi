@@ -43,6 +43,7 @@ class MoEEngine:
         group_size: int = 128,
         tp: int | None = 1,
         activation_dtype: str = "bf16",
+        backward_dtype: str = "bf16",
         activation_policy: str = "retain",
         activation: str = "silu",
         activation_alpha: float = 1.0,
@@ -85,6 +86,8 @@ class MoEEngine:
     def weight_dtype(self) -> str: ...
     @property
     def activation_dtype(self) -> str: ...
+    @property
+    def backward_dtype(self) -> str: ...
     @property
     def activation_policy(self) -> str: ...
     @activation_policy.setter

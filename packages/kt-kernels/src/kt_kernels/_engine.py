@@ -57,7 +57,16 @@ _PHASE_ORDER = {
         "combine",
         "total",
     ),
-    "backward": ("convert", "gather", "down_t", "reduce", "gate_up_t", "combine", "total"),
+    "backward": (
+        "convert",
+        "gather",
+        "down_t",
+        "reduce",
+        "quantize_dgu",
+        "gate_up_t",
+        "combine",
+        "total",
+    ),
 }
 
 
@@ -85,7 +94,16 @@ class MoEEngine:
             int32 sums (AMX-INT8, AVX512-VNNI, or int16 multiplies on AVX2 / AVX-512F), then
             ``float(acc) * scale_row * scale_channel``; LoRA terms stay float32 from bf16 x / h.
             Backward is straight-through: the gradients of the weight-only int8 path on the
-            activations of the W8A8 forward. Outputs match ``tp=1`` to float32 rounding.
+            activations of the W8A8 forward (``backward_dtype`` picks how they are computed).
+            Outputs match ``tp=1`` to float32 rounding.
+        backward_dtype: ``"bf16"`` (default) or ``"int8"`` (only with ``activation_dtype="int8"``).
+            ``"bf16"``: backward's base products run on the weights dequantized to bf16.
+            ``"int8"``: they run int8 x int8 on the weights' own codes: each routed gradient row
+            (dY for the down projection, ``[dg | du]`` for gate/up) is multiplied by its expert's
+            per-channel weight scales, quantized per row like x (``scale = max|row| / 127``),
+            and the exact int32 product is scaled back. Faster; adds the rounding of an int8 row
+            quantization to dx and dw (and through them to the LoRA gradients of gate/up), about
+            that of the W8A8 forward. LoRA terms stay float32.
         tp: tensor-parallel slices of the intermediate dim I (None: one per NUMA node). Each
             slice's weights are allocated apart (bound to NUMA node ``slice % nodes`` when the
             build found libnuma). The threads form ``tp`` groups and group ``s`` computes slice
@@ -157,6 +175,7 @@ class MoEEngine:
         tp: int | None = 1,
         activation_policy: Literal["retain", "recompute"] = "retain",
         activation_dtype: Literal["bf16", "int8"] = "bf16",
+        backward_dtype: Literal["bf16", "int8"] = "bf16",
         activation: Literal["silu", "gelu", "gelu_tanh", "relu2"] = "silu",
         activation_alpha: float = 1.0,
         activation_limit: float | None = None,
@@ -181,6 +200,7 @@ class MoEEngine:
                 group_size=group_size,
                 tp=tp,
                 activation_dtype=activation_dtype,
+                backward_dtype=backward_dtype,
                 activation_policy=activation_policy,
                 activation=activation,
                 activation_alpha=activation_alpha,
@@ -201,6 +221,7 @@ class MoEEngine:
         self.max_cache_depth = max_cache_depth
         self.weight_dtype = weight_dtype
         self.activation_dtype = activation_dtype
+        self.backward_dtype = backward_dtype
         self.group_size = group_size
 
     # -- properties -------------------------------------------------------------------------

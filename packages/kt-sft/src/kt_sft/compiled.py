@@ -32,6 +32,7 @@ OPTION_ABI: dict[str, tuple[int | None, Any]] = {
     "group_size": (2, 128),
     "tp": (4, 1),
     "activation_dtype": (4, "bf16"),
+    "backward_dtype": (7, "bf16"),
     "activation_policy": (5, "retain"),
     "activation": (6, "silu"),
     "activation_alpha": (6, 1.0),

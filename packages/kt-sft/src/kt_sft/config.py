@@ -27,6 +27,7 @@ BACKENDS = ("engine", "torch")
 WEIGHT_DTYPES = ("bf16", "fp32", "int8", "int4")
 GROUP_SIZES = (32, 64, 128)
 ACTIVATION_DTYPES = ("bf16", "int8")
+BACKWARD_DTYPES = ("bf16", "int8")
 LORA_LAYOUTS = ("auto", "fused", "split")
 ACTIVATION_POLICIES = ("retain", "recompute", "auto")
 
@@ -38,6 +39,7 @@ ENV_VARS: dict[str, str] = {
     "weight_dtype": "KT_WEIGHT_DTYPE",
     "group_size": "KT_GROUP_SIZE",
     "activation_dtype": "KT_ACTIVATION_DTYPE",
+    "backward_dtype": "KT_BACKWARD_DTYPE",
     "max_tokens": "KT_MAX_TOKENS",
     "max_cache_depth": "KT_MAX_CACHE_DEPTH",
     "lora_rank": "KT_LORA_RANK",
@@ -60,6 +62,7 @@ _DEFAULTS: dict[str, Any] = {
     "weight_dtype": "bf16",
     "group_size": 128,
     "activation_dtype": "bf16",
+    "backward_dtype": "bf16",
     "max_tokens": 4096,
     "max_cache_depth": 2,
     "lora_rank": 8,
@@ -137,7 +140,11 @@ class KTConfig:
             hidden and intermediate sizes); ignored for other weight dtypes.
         activation_dtype: ``bf16``, or ``int8`` for W8A8 (with ``weight_dtype="int8"`` on the
             engine): forward quantizes x and h per row and runs int8 x int8 GEMMs; backward is
-            the weight-only int8 one.
+            the weight-only int8 one (see ``backward_dtype``).
+        backward_dtype: ``bf16``, or ``int8`` (only with ``activation_dtype="int8"``): backward's
+            dx products run int8 x int8 too, on gradient rows quantized per row after the
+            weights' channel scales. Faster; adds about the forward's int8 rounding to dx, the
+            routing-weight gradients and the gate/up LoRA gradients.
         max_tokens: tokens per MoE call the engine is sized for; longer calls grow the buffers.
         max_cache_depth: forwards that may await their backward per layer (gradient
             checkpointing / accumulation push and pop LIFO).
@@ -173,6 +180,7 @@ class KTConfig:
     weight_dtype: str | None = None
     group_size: int | None = None
     activation_dtype: str | None = None
+    backward_dtype: str | None = None
     max_tokens: int | None = None
     max_cache_depth: int | None = None
     lora_rank: int | None = None
@@ -196,6 +204,7 @@ class KTConfig:
         weight_dtype: str | None = None,
         group_size: int | None = None,
         activation_dtype: str | None = None,
+        backward_dtype: str | None = None,
         max_tokens: int | None = None,
         max_cache_depth: int | None = None,
         lora_rank: int | None = None,
@@ -257,6 +266,12 @@ class KTConfig:
             raise KTConfigError(
                 "activation_dtype='int8' (W8A8) needs weight_dtype='int8' and backend='engine'; "
                 f"got weight_dtype={self.weight_dtype!r}, backend={self.backend!r}"
+            )
+        _choice("backward_dtype", self.backward_dtype, BACKWARD_DTYPES)
+        if self.backward_dtype == "int8" and self.activation_dtype != "int8":
+            raise KTConfigError(
+                "backward_dtype='int8' (int8 dx products) needs activation_dtype='int8' (W8A8); "
+                f"got activation_dtype={self.activation_dtype!r}"
             )
         _choice("lora_layout", self.lora_layout, LORA_LAYOUTS)
         _choice("activation_policy", self.activation_policy, ACTIVATION_POLICIES)
@@ -407,6 +422,7 @@ _LOWER_FIELDS = {
     "isa",
     "weight_dtype",
     "activation_dtype",
+    "backward_dtype",
     "lora_layout",
     "activation_policy",
 }

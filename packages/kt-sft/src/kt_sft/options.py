@@ -20,6 +20,7 @@ __all__ = [
     "ActivationDtype",
     "ActivationPolicy",
     "BackendKind",
+    "BackwardDtype",
     "ExpertsOptions",
     "LoRALayout",
     "WeightDtype",
@@ -28,6 +29,7 @@ __all__ = [
 BackendKind = Literal["engine", "torch"]
 WeightDtype = Literal["bf16", "fp32", "int8", "int4"]
 ActivationDtype = Literal["bf16", "int8"]
+BackwardDtype = Literal["bf16", "int8"]
 LoRALayout = Literal["fused", "split"]
 ActivationPolicy = Literal["retain", "recompute", "auto"]
 GroupSize = Literal[32, 64, 128]
@@ -51,6 +53,7 @@ class ExpertsOptions:
     weight_dtype: WeightDtype = "bf16"
     group_size: GroupSize = 128
     activation_dtype: ActivationDtype = "bf16"
+    backward_dtype: BackwardDtype = "bf16"
     activation_policy: ActivationPolicy = "retain"
     max_tokens: int = 4096
     max_cache_depth: int = 1
@@ -71,6 +74,7 @@ class ExpertsOptions:
             ("weight_dtype", WeightDtype),
             ("group_size", GroupSize),
             ("activation_dtype", ActivationDtype),
+            ("backward_dtype", BackwardDtype),
             ("activation_policy", ActivationPolicy),
         ):
             if getattr(self, name) not in get_args(kind):
@@ -104,6 +108,7 @@ class ExpertsOptions:
             weight_dtype=cfg.weight_dtype,  # type: ignore[arg-type]
             group_size=cfg.group_size,  # type: ignore[arg-type]
             activation_dtype=cfg.activation_dtype,  # type: ignore[arg-type]
+            backward_dtype=cfg.backward_dtype,  # type: ignore[arg-type]
             activation_policy=cfg.activation_policy,  # type: ignore[arg-type]
             max_tokens=cfg.max_tokens,
             max_cache_depth=cfg.max_cache_depth,
@@ -126,6 +131,7 @@ class ExpertsOptions:
             "weight_dtype": self.weight_dtype,
             "group_size": self.group_size,
             "activation_dtype": self.activation_dtype,
+            "backward_dtype": self.backward_dtype,
             "activation_policy": (
                 "retain" if self.activation_policy == "auto" else self.activation_policy
             ),
