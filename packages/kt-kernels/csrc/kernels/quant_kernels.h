@@ -1,13 +1,14 @@
 // Dequantization of weight codes (weight_dtype int8 / int4, and the int8 blocks of W8A8,
-// engine/quant.h) into the packed bf16 block layout, and the two steps of load-time quantization
-// of a group of float weights (its max |w|, then its codes), one implementation per ISA folder
+// engine/quant.h) into the packed bf16 block layout, the two steps of load-time quantization of a
+// group of float weights (its max |w|, then its codes), also used for W8A8's activation rows, and
+// the steps of the int8 backward's gradient rows (engine/w8a8.h), one implementation per ISA folder
 // (kernels/<isa>/quant.cpp). The engine picks the table with quant_kernels(isa); entries a folder
 // leaves null use the next ISA down (kernels/isa_list.h; avx512_bf16 has dequantization only, amx
-// none of its own). Every
-// implementation gives the scalar reference's bits: a product of a small integer and a float32
-// scale is one IEEE multiply, and the bf16 rounding below is integer arithmetic; a code is one IEEE
-// division w / s rounded half to even (the default rounding mode's nearbyint) and clamped, and a
-// maximum of finite magnitudes is exact in any order.
+// none of its own). Every implementation gives the scalar reference's bits: a product of a small
+// integer (or a bf16 value) and a float32 scale is one IEEE multiply, and the bf16 rounding below
+// is integer arithmetic; a code is one IEEE division w / s (quantize_mul: one product w * r)
+// rounded half to even (the default rounding mode's nearbyint) and clamped, and a maximum of finite
+// magnitudes is exact in any order.
 #pragma once
 
 #include <cstdint>
