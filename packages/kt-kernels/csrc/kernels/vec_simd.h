@@ -4,8 +4,8 @@
 // only by kernels/<isa>/vec.cpp; everything here has internal linkage.
 //
 // Each entry keeps the order of operations of the scalar reference (kernels/scalar/vec.cpp), so
-// the products, conversions and repack equal it bit for bit: multiplies and adds stay separate
-// (no FMA: the scalar code rounds the product), dot products use 16 interleaved partial sums and
+// the products, conversions and repack equal it bit for bit: each multiply-add is one fused,
+// once-rounded FMA (the scalar code's std::fma), dot products use 16 interleaved partial sums and
 // the same pairwise tree. Tails run the same vector code under a mask, so results never depend
 // on where an array starts or how a caller splits it. Only silu_mul(_bwd) differ: they use a
 // polynomial exp (within a few ulp of libm's expf) instead of a call per element.
@@ -192,8 +192,8 @@ inline void rank1_tile(int64_t K, const float* as, const float* B, int64_t ldb, 
     const VF b0 = vload_n(B + k * ldb, n0), b1 = vload_n(B + k * ldb + W, n1);
     for (int r = 0; r < MR; ++r) {
       const VF a = vset1(as[k * kRows + r]);
-      c[r][0] = vadd(c[r][0], vmul(a, b0));
-      c[r][1] = vadd(c[r][1], vmul(a, b1));
+      c[r][0] = vfma(a, b0, c[r][0]);
+      c[r][1] = vfma(a, b1, c[r][1]);
     }
   }
   for (int r = 0; r < MR; ++r) {
@@ -273,7 +273,7 @@ inline void dots(int64_t K, const float* const* a, const float* const* b, float 
       for (int i = 0; i < R; ++i) x[i] = vload(a[i] + k + v * W);
       for (int g = 0; g < G; ++g) {
         const VF y = vload(b[g] + k + v * W);
-        for (int i = 0; i < R; ++i) acc[i][g][v] = vadd(acc[i][g][v], vmul(x[i], y));
+        for (int i = 0; i < R; ++i) acc[i][g][v] = vfma(x[i], y, acc[i][g][v]);
       }
     }
   }
@@ -284,7 +284,7 @@ inline void dots(int64_t K, const float* const* a, const float* const* b, float 
       for (int i = 0; i < R; ++i) x[i] = vload_n(a[i] + k + v * W, n);
       for (int g = 0; g < G; ++g) {
         const VF y = vload_n(b[g] + k + v * W, n);
-        for (int i = 0; i < R; ++i) acc[i][g][v] = vadd(acc[i][g][v], vmul(x[i], y));
+        for (int i = 0; i < R; ++i) acc[i][g][v] = vfma(x[i], y, acc[i][g][v]);
       }
     }
   }

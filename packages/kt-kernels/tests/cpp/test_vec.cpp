@@ -2,9 +2,9 @@
 //
 // Tolerances vs scalar:
 //  * gemm_f32_nn / nt / tn, cvt_bf16_f32, cvt_f32_bf16, pack_transposed: 0 (bit-identical). The
-//    SIMD versions keep the reference's operations and order: separate multiply and add, the same
-//    k order per element, 16 interleaved partial sums and the same tree for dot products, the same
-//    integer rounding for bf16 (NaN made quiet, denormals kept).
+//    SIMD versions keep the reference's operations and order: one fused multiply-add per product,
+//    the same k order per element, 16 interleaved partial sums and the same tree for dot products,
+//    the same integer rounding for bf16 (NaN made quiet, denormals kept).
 //  * silu_mul, silu_mul_bwd: relative 1e-5 (+1e-30 absolute), for dg plus 1e-6 |dh u| (1 + |g|)
 //    (silu' crosses zero near g = -1.28, where a relative bound means nothing). The SIMD exp is
 //    a polynomial within a few ulp of libm's expf.

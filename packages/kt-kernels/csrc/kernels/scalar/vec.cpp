@@ -1,7 +1,7 @@
 // Scalar reference of the fp32 helper entries (kernels.h): LoRA-sized products, bf16 conversion,
-// the SiLU gate and the transposed repack of packed weights. Plain loops the compiler can
-// vectorise at the baseline ISA; the summation order of each entry is spelled out here and is
-// what a SIMD version has to keep.
+// the SiLU gate and the transposed repack of packed weights. Plain loops; the summation order of
+// each entry is spelled out here and is what a SIMD version has to keep. Products are summed with
+// std::fma (one rounding per multiply-add), as every SIMD ISA's FMA does.
 #include <cmath>
 
 #include "kernels/kernels.h"
@@ -17,9 +17,9 @@ float dot(int64_t K, const float* a, const float* b) {
   float acc[kLanes] = {};
   int64_t k = 0;
   for (; k + kLanes <= K; k += kLanes) {
-    for (int l = 0; l < kLanes; ++l) acc[l] += a[k + l] * b[k + l];
+    for (int l = 0; l < kLanes; ++l) acc[l] = std::fma(a[k + l], b[k + l], acc[l]);
   }
-  for (int l = 0; k + l < K; ++l) acc[l] += a[k + l] * b[k + l];
+  for (int l = 0; k + l < K; ++l) acc[l] = std::fma(a[k + l], b[k + l], acc[l]);
   for (int w = kLanes / 2; w >= 1; w /= 2) {
     for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
   }
@@ -32,7 +32,7 @@ void zero_rows(int64_t M, int64_t N, float* C, int64_t ldc) {
   }
 }
 
-// C[m, :] += (alpha * A[m, k]) * B[k, :] for k = 0, 1, ...
+// C[m, :] += (alpha * A[m, k]) * B[k, :] for k = 0, 1, ..., each a fused multiply-add
 void gemm_f32_nn(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
                  const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
   if (!accumulate) zero_rows(M, N, C, ldc);
@@ -41,7 +41,7 @@ void gemm_f32_nn(int64_t M, int64_t N, int64_t K, float alpha, const float* A, i
     for (int64_t k = 0; k < K; ++k) {
       const float a = alpha * A[m * lda + k];
       const float* b = B + k * ldb;
-      for (int64_t n = 0; n < N; ++n) c[n] += a * b[n];
+      for (int64_t n = 0; n < N; ++n) c[n] = std::fma(a, b[n], c[n]);
     }
   }
 }
@@ -57,7 +57,7 @@ void gemm_f32_nt(int64_t M, int64_t N, int64_t K, float alpha, const float* A, i
   }
 }
 
-// C[m, :] += (alpha * A[k, m]) * B[k, :] for k = 0, 1, ...
+// C[m, :] += (alpha * A[k, m]) * B[k, :] for k = 0, 1, ..., each a fused multiply-add
 void gemm_f32_tn(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
                  const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
   if (!accumulate) zero_rows(M, N, C, ldc);
@@ -66,7 +66,7 @@ void gemm_f32_tn(int64_t M, int64_t N, int64_t K, float alpha, const float* A, i
     for (int64_t m = 0; m < M; ++m) {
       const float a = alpha * A[k * lda + m];
       float* c = C + m * ldc;
-      for (int64_t n = 0; n < N; ++n) c[n] += a * b[n];
+      for (int64_t n = 0; n < N; ++n) c[n] = std::fma(a, b[n], c[n]);
     }
   }
 }
