@@ -253,26 +253,26 @@ void MoEEngine::run_backward(Ctx& c) {
         k.gemm_f32_nn(M, ni, r, s, dyb + m0 * r, r, ad_ + tl.e * r * Ib + i0, Ib, D, ni, true);
       }
       for (int64_t m = 0; m < M; ++m) {
+        // The cached [g | u] rows are 2Ib floats apart, a stride no hardware prefetcher follows.
+        if (m + kRowsAhead < M)
+          prefetch_span(gu + (m0 + m + kRowsAhead) * 2 * Ib + 32 * tl.n0, 32 * np);
         const float* row = gu + (m0 + m) * 2 * Ib + 32 * tl.n0;
         for (int64_t q = 0; q < np; ++q) {
           std::memcpy(G + m * ni + 16 * q, row + 32 * q, 16 * sizeof(float));
           std::memcpy(U + m * ni + 16 * q, row + 32 * q + 16, 16 * sizeof(float));
         }
       }
-      // h exactly as forward fed it to the down projection (rounded to bf16).
+      // h exactly as forward fed it to the down projection (rounded to bf16; dGU's buffer holds
+      // the bf16 copy until the activation's backward fills it).
       activation::forward(act_, act_kernels_, k, M * ni, G, U, Hh);
-      for (int64_t m = 0; m < M; ++m) {
-        float* hr = Hh + m * ni;
-        for (int64_t c2 = 0; c2 < ni; ++c2)
-          hr[c2] = kernels::bf16_to_f32(kernels::f32_to_bf16(hr[c2]));
-      }
-      // dw partial = <D, h> over this chunk; then dh = w D (into D).
+      bf16* hb16 = reinterpret_cast<bf16*>(dGU);
+      k.cvt_f32_bf16(M * ni, Hh, hb16);
+      k.cvt_bf16_f32(M * ni, hb16, Hh);
+      // dw partial = <D, h> over this chunk (the kernels' dot order); then dh = w D (into D).
       for (int64_t m = 0; m < M; ++m) {
         const float* d = D + m * ni;
-        const float* hr = Hh + m * ni;
-        float acc = 0.0f;
-        for (int64_t c2 = 0; c2 < ni; ++c2) acc += d[c2] * hr[c2];
-        dwpart[(m0 + m) * n_ichunks + chunk] = acc;
+        k.gemm_f32_nt(1, 1, ni, 1.0f, d, ni, Hh + m * ni, ni, dwpart + (m0 + m) * n_ichunks + chunk,
+                      1, false);
         const float wv = slot_w[m0 + m];
         float* dm = D + m * ni;
         for (int64_t c2 = 0; c2 < ni; ++c2) dm[c2] *= wv;
