@@ -665,13 +665,19 @@ def main(argv: list[str] | None = None) -> int:
                 if base
             )
         )
+    every = {
+        (r["weight_dtype"], r["case"]["name"], r["case"]["T"], r["threads"]): r for r in results
+    }
     scaling = [
-        (k, by_key[(k[0], k[1], 1)]["total_ms"] / r["total_ms"])
-        for k, r in by_key.items()
-        if k[2] == 2 and (k[0], k[1], 1) in by_key
+        (k, every[(*k[:3], 1)]["total_ms"] / r["total_ms"])
+        for k, r in every.items()
+        if k[3] == 2 and (*k[:3], 1) in every
     ]
     if scaling:
-        print("\n1 -> 2 threads: " + ", ".join(f"{n} T={t}: {s:.2f}x" for (n, t, _), s in scaling))
+        print(
+            "\n1 -> 2 threads: "
+            + ", ".join(f"{wd} {n} T={t}: {s:.2f}x" for (wd, n, t, _), s in scaling)
+        )
     if cases:
         print(
             "RSS: peak resident set during forward/backward (after loading; the source weights "
