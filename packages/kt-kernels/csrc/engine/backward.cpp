@@ -29,12 +29,13 @@ void MoEEngine::recompute_inputs(const Entry& en, const View& x, bool lora, Reco
   // The forward's phases on the forward's x, in the same tiles: the same bits.
   bf16* xb = shared_buf<bf16>(kSlotX, T * KpH);
   rows_to_bf16(x, T, H, KpH, xb, nt, k_);
-  bf16* xg = shared_buf<bf16>(kSlotRows, S * KpH);
+  const bool w8a8 = wkind_ == quant::Kind::w8a8;  // its GEMMs read codes, not xg
+  bf16* xg = w8a8 ? nullptr : shared_buf<bf16>(kSlotRows, S * KpH);
   float* xa = lora ? shared_buf<float>(kSlotXA, S * (RA + r_)) : nullptr;
   gather_phase(off, slot_tok, xb, xg, xa);
   int8_t* xq = nullptr;
   float* sxq = nullptr;
-  if (wkind_ == quant::Kind::w8a8) {
+  if (w8a8) {
     const int64_t ldxq = fgu_.Kp;
     int8_t* xq_tok = shared_buf<int8_t>(kSlotQTok, T * ldxq);
     float* sx_tok = shared_buf<float>(kSlotQScales, T + S);

@@ -212,8 +212,9 @@ void MoEEngine::run_forward(Ctx& c) {
     clock.mark("quantize_x");
   }
 
-  // -- gather rows into expert order; LoRA x A^T.
-  bf16* xg = shared_buf<bf16>(kSlotRows, S * KpH);
+  // -- gather rows into expert order (the bf16 GEMMs' input; W8A8's are the codes above); LoRA
+  // x A^T.
+  bf16* xg = w8a8 ? nullptr : shared_buf<bf16>(kSlotRows, S * KpH);
   float* xa_scratch = (c.lora && !keep) ? shared_buf<float>(kSlotXA, S * (RA + r)) : nullptr;
   float* xa = !c.lora ? nullptr : keep ? en.xa.get<float>(S * RA) : xa_scratch;
   gather_phase(off, slot_tok, xb, xg, xa);
@@ -355,16 +356,21 @@ void MoEEngine::gather_phase(const int64_t* off, const int32_t* slot_tok, const 
                              float* xa) const {
   const int64_t E = E_, H = H_, KpH = KpH_, Hb = Hb_, RA = RA_;
   const kernels::KernelTable& k = k_;
+  if (xg == nullptr && xa == nullptr) return;
   const std::vector<Tile> tiles = gather_tiles(off, E);
   parallel_for(static_cast<int64_t>(tiles.size()), threads_, [&](int64_t i, int th) {
     const Tile& tl = tiles[static_cast<size_t>(i)];
     const int64_t M = tl.m1 - tl.m0;
-    for (int64_t p = tl.m0; p < tl.m1; ++p) {
-      std::memcpy(xg + p * KpH, xb + slot_tok[p] * KpH, static_cast<size_t>(KpH) * sizeof(bf16));
+    if (xg != nullptr) {
+      for (int64_t p = tl.m0; p < tl.m1; ++p) {
+        std::memcpy(xg + p * KpH, xb + slot_tok[p] * KpH, static_cast<size_t>(KpH) * sizeof(bf16));
+      }
     }
     if (xa != nullptr) {
       float* xf = local_buf<float>(th, kL0, M * H);
-      for (int64_t m = 0; m < M; ++m) k.cvt_bf16_f32(H, xg + (tl.m0 + m) * KpH, xf + m * H);
+      for (int64_t m = 0; m < M; ++m) {
+        k.cvt_bf16_f32(H, xb + slot_tok[tl.m0 + m] * KpH, xf + m * H);
+      }
       k.gemm_f32_nt(M, RA, H, 1.0f, xf, H, a_all_ + tl.e * RA * Hb, Hb, xa + tl.m0 * RA, RA, false);
     }
   });

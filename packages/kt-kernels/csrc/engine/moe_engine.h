@@ -335,7 +335,8 @@ class MoEEngine {
   void gate_up_phase(const int64_t* off, const kernels::bf16* xg, const int8_t* xq,
                      const float* sxq, const float* xa, bool lora, float* gu,
                      kernels::bf16* hb) const;
-  // x rows into expert order (xg) from the bf16 token rows xb; with xa, LoRA x A^T too.
+  // x rows into expert order (xg; null: not wanted) from the bf16 token rows xb; with xa, LoRA
+  // x A^T too (from xb's rows).
   void gather_phase(const int64_t* off, const int32_t* slot_tok, const kernels::bf16* xb,
                     kernels::bf16* xg, float* xa) const;
   // LoRA h Ad^T (S x r) from the bf16 h rows.
