@@ -278,11 +278,11 @@ class MoEEngine {
   };
   DguCodes w8a8_dgu_layout() const;
   // dq row p = codes of (dY row p * the down scales of expert e) for the M rows of one expert
-  // (stride ld), with their row scales; tmp: M.. H floats of thread scratch.
+  // (stride ldy), with their row scales; tmp: H floats of thread scratch.
   void w8a8_quantize_dy(int64_t e, int64_t M, const kernels::bf16* dy, int64_t ldy, int8_t* dq,
                         float* sdq, float* tmp) const;
   // The same for dGU rows (stride 2Ib) against the gate_up scales, one scale per row over every
-  // slice's columns.
+  // slice's columns; tmp: 2Ib floats.
   void w8a8_quantize_dgu(int64_t e, int64_t M, const kernels::bf16* dgu, const DguCodes& lay,
                          int8_t* gq, float* sgq, float* tmp) const;
   // gate_up tile: C[M x 32 np] (fp32, written) of the block pairs [p0, p0 + np) of expert e from
