@@ -175,7 +175,7 @@ def worker_ours(
         isa=isa,
         weight_dtype=weight_dtype,
         activation_dtype=activation_dtype,
-        **({"backward_dtype": backward_dtype} if backward_dtype != "bf16" else {}),
+        backward_dtype=backward_dtype,
     )
     eng.load_weights(gate_up=gate_up, down=down)
     del gate_up, down  # the engine owns its packed copy; the source goes

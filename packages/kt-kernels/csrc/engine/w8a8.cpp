@@ -68,17 +68,11 @@ void apply_scales(int64_t M, int64_t N, const int32_t* acc, int64_t ldacc, const
     const int32_t* a = acc + m * ldacc;
     const float s = sa[m];
     float* c = C + m * ldc;
-    for (int64_t j = 0; j < N; ++j) c[j] = (static_cast<float>(a[j]) * s) * sw[j];
-  }
-}
-
-void apply_row_scales(int64_t M, int64_t N, const int32_t* acc, int64_t ldacc, const float* sa,
-                      float* C, int64_t ldc) {
-  for (int64_t m = 0; m < M; ++m) {
-    const int32_t* a = acc + m * ldacc;
-    const float s = sa[m];
-    float* c = C + m * ldc;
-    for (int64_t j = 0; j < N; ++j) c[j] = static_cast<float>(a[j]) * s;
+    if (sw != nullptr) {
+      for (int64_t j = 0; j < N; ++j) c[j] = (static_cast<float>(a[j]) * s) * sw[j];
+    } else {
+      for (int64_t j = 0; j < N; ++j) c[j] = static_cast<float>(a[j]) * s;
+    }
   }
 }
 
