@@ -28,7 +28,7 @@ import zlib
 import numpy as np
 import pytest
 from conftest import FAST
-from kk_helpers import grad_arrays, isa_params, lora_arrays, make_engine, run
+from kk_helpers import flip_tol, grad_arrays, isa_params, lora_arrays, make_engine, run
 from kk_reference import BF16, backward, forward, make_case, max_rel_err
 
 import kt_kernels as kk
@@ -49,10 +49,6 @@ CASES = {
 }
 if FAST:
     CASES = {k: v for k, v in CASES.items() if "t513" not in k}
-
-
-def flip_tol(c) -> float:
-    return max(TOL, 2.0**-6 / np.sqrt(c.I))
 
 
 def check_all(c, got, grads, tol=None, out_tol=None):

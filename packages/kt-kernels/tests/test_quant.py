@@ -19,7 +19,15 @@ import dataclasses
 
 import numpy as np
 import pytest
-from kk_helpers import bind_lora, case_engine, isa_params, make_engine, run, run_and_close
+from kk_helpers import (
+    bind_lora,
+    case_engine,
+    flip_tol,
+    isa_params,
+    make_engine,
+    run,
+    run_and_close,
+)
 from kk_reference import BF16, backward, bf16, forward, make_case, max_rel_err
 
 import kt_kernels as kk
@@ -60,7 +68,7 @@ def test_quantized_matches_reference(isa: str, case: str) -> None:
     eng, grads = quant_engine(c, wd, group, isa=isa)
     got = run(eng, c)
     dq = dequantized_case(c, wd, group)
-    tol = max(TOL, 2.0**-6 / np.sqrt(c.I))
+    tol = flip_tol(c)
     ref_out, cache = forward(dq)
     ref = backward(dq, cache)
     assert max_rel_err(got["out"], ref_out) <= tol

@@ -26,7 +26,7 @@ import zlib
 
 import numpy as np
 import pytest
-from kk_helpers import bind_lora, case_engine, isa_params, run
+from kk_helpers import bind_lora, case_engine, flip_tol, isa_params, run
 from kk_reference import BF16, Act, backward, bf16, forward, make_case, max_rel_err
 
 import kt_kernels as kk
@@ -78,10 +78,6 @@ def _case(variant: str, wd: str, fused: bool):
     return dataclasses.replace(c, act=act, **extra)
 
 
-def _tol(c) -> float:
-    return max(1e-3, 2.0**-6 / np.sqrt(c.I))
-
-
 def _engine(c, isa: str, wd: str, *, fused_bias: bool = True, **kw):
     eng = case_engine(c, isa=isa, weight_dtype=wd, group_size=32, **c.act.kwargs(), **kw)
     eng.load_weights(gate=c.gate, up=c.up, down=c.down)
@@ -96,7 +92,7 @@ def _engine(c, isa: str, wd: str, *, fused_bias: bool = True, **kw):
 def _check(c, got: dict, grads: dict) -> None:
     ref_out, cache = forward(c)
     ref = backward(c, cache)
-    tol = _tol(c)
+    tol = flip_tol(c)
     for k in ("out", "dx", "dw"):
         assert max_rel_err(got[k], ref_out if k == "out" else ref[k]) <= tol, (k, got[k])
     for name, g in grads.items():

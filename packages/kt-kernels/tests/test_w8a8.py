@@ -30,7 +30,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import FAST
-from kk_helpers import isa_params, make_engine, run, run_and_close
+from kk_helpers import (
+    W8A8_BOUND_CASES,
+    W8A8_CASES,
+    flip_tol,
+    isa_params,
+    make_engine,
+    run,
+    run_and_close,
+)
 from kk_reference import (
     backward,
     dequantized,
@@ -48,22 +56,10 @@ TIGHT = 1e-6
 OUT_TOL = 2e-3
 BOUND = 6e-2
 
-# name: (E, K, H, I, r, T, fused, tp)
-CASES = {
-    "lora-fused": (6, 2, 200, 72, 3, 11, True, 1),
-    "lora-split-k4": (8, 4, 200, 72, 3, 40, False, 1),
-    "lora-fused-tp2": (6, 3, 128, 160, 2, 17, True, 2),
-    "skip-lora": (4, 3, 128, 128, 0, 30, True, 1),
-    "skip-lora-tp3-ragged": (5, 2, 96, 150, 0, 21, True, 3),
-    "t0": (4, 2, 64, 40, 2, 0, True, 1),
-    "k8-t300": (16, 8, 256, 192, 4, 300, True, 1),
-}
+CASES = W8A8_CASES
 if FAST:
     CASES = {k: v for k, v in CASES.items() if "t300" not in k}
-
-
-def flip_tol(c) -> float:
-    return max(1e-3, 2.0**-6 / np.sqrt(c.I))
+BOUND_CASES = W8A8_BOUND_CASES
 
 
 def w8a8_engine(c, **kw) -> tuple[kk.MoEEngine, dict[str, np.ndarray]]:
@@ -130,12 +126,6 @@ def test_bitwise_across_threads_isas_and_tp(case: str) -> None:
     tol = TIGHT if c.lora is None else OUT_TOL
     for isa in simd:
         assert max_rel_err(first[isa]["out"], first["scalar"]["out"]) <= tol
-
-
-BOUND_CASES = {
-    "lora-fused-h256": (16, 8, 256, 192, 4, 120, True),
-    "skip-lora-h512": (8, 4, 512, 256, 0, 64, True),
-}
 
 
 @pytest.mark.parametrize("case", list(BOUND_CASES))

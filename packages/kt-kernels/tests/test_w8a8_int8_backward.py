@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from kk_helpers import isa_params, make_engine, run
+from kk_helpers import W8A8_BOUND_CASES, W8A8_CASES, flip_tol, isa_params, make_engine, run
 from kk_reference import (
     backward,
     backward_w8a8_int8,
@@ -43,19 +43,7 @@ ISAS = isa_params()
 STE_BOUND = 4e-2
 BOUND = 6e-2
 
-# name: (E, K, H, I, r, T, fused, tp)
-CASES = {
-    "lora-fused": (6, 2, 200, 72, 3, 11, True, 1),
-    "lora-split-k4": (8, 4, 200, 72, 3, 40, False, 1),
-    "lora-fused-tp2": (6, 3, 128, 160, 2, 17, True, 2),
-    "skip-lora-tp3-ragged": (5, 2, 96, 150, 0, 21, True, 3),
-    "t0": (4, 2, 64, 40, 2, 0, True, 1),
-    "k8-t300": (16, 8, 256, 192, 4, 300, True, 1),
-}
-
-
-def flip_tol(c) -> float:
-    return max(1e-3, 2.0**-6 / np.sqrt(c.I))
+CASES = W8A8_CASES
 
 
 def int8_bwd_engine(c, **kw) -> tuple[kk.MoEEngine, dict[str, np.ndarray]]:
@@ -152,15 +140,9 @@ def test_bitwise_across_threads_isas_and_retain_recompute(case: str) -> None:
                 np.testing.assert_array_equal(first[isa][key], first[simd[0]][key], err_msg=isa)
 
 
-BOUND_CASES = {
-    "lora-fused-h256": (16, 8, 256, 192, 4, 120, True),
-    "skip-lora-h512": (8, 4, 512, 256, 0, 64, True),
-}
-
-
-@pytest.mark.parametrize("case", list(BOUND_CASES))
+@pytest.mark.parametrize("case", list(W8A8_BOUND_CASES))
 def test_error_against_straight_through_and_float(case: str) -> None:
-    *shape, fused = BOUND_CASES[case]
+    *shape, fused = W8A8_BOUND_CASES[case]
     c = make_case(*shape, seed=13, fused=fused)
     got = results(c, threads=2)
     ste = results(c, backward_dtype="bf16", threads=2)
