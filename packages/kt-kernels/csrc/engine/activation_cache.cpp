@@ -4,6 +4,7 @@
 #include <cstdlib>
 #include <new>
 
+#include "runtime/big_alloc.h"
 #include "runtime/memory_stats.h"
 
 namespace kt::engine {
@@ -21,7 +22,7 @@ ActivationPool& ActivationPool::instance() {
 }
 
 void* ActivationPool::acquire(size_t bytes, size_t* size) {
-  const size_t want = (std::max<size_t>(bytes, 64) + kPage - 1) / kPage * kPage;
+  const size_t want = runtime::big_alloc_size(std::max<size_t>(bytes, 64), kPage);
   {
     std::lock_guard<std::mutex> lock(mutex_);
     auto it = free_.lower_bound(want);
@@ -37,14 +38,13 @@ void* ActivationPool::acquire(size_t bytes, size_t* size) {
     // Free blocks smaller than this request are returned to the system: calls grew, so they
     // would mostly sit unused (with varying T the pool would otherwise keep every size seen).
     for (auto small = free_.begin(); small != free_.end() && small->first < want;) {
-      std::free(small->second);
+      runtime::big_free(small->second);
       free_bytes_ -= small->first;
       runtime::mem_sub(MemKind::pool, small->first);
       small = free_.erase(small);
     }
   }
-  void* block = std::aligned_alloc(kPage, want);
-  if (block == nullptr) throw std::bad_alloc();
+  void* block = runtime::big_alloc(want, kPage);
   *size = want;
   runtime::mem_add(MemKind::cache, want);
   return block;
@@ -62,7 +62,7 @@ void ActivationPool::release(void* block, size_t size) {
 void ActivationPool::trim() {
   std::lock_guard<std::mutex> lock(mutex_);
   for (const auto& [size, block] : free_) {
-    std::free(block);
+    runtime::big_free(block);
     runtime::mem_sub(MemKind::pool, size);
   }
   free_.clear();

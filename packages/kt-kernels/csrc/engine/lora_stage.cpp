@@ -6,6 +6,7 @@
 #include <string>
 
 #include "engine/tensor.h"
+#include "runtime/big_alloc.h"
 #include "runtime/memory_stats.h"
 
 namespace kt::engine {
@@ -41,7 +42,7 @@ uint64_t LoraStage::new_version() {
 }
 
 float* LoraStage::acquire(int64_t owner, uint64_t version, size_t floats, bool* fresh) {
-  const size_t need = (floats * sizeof(float) + kPage - 1) / kPage * kPage;
+  const size_t need = runtime::big_alloc_size(floats * sizeof(float), kPage);
   auto it = copies_.begin();
   while (it != copies_.end() && it->owner != owner) ++it;
   if (it != copies_.end() && it->bytes >= need) {
@@ -59,8 +60,7 @@ float* LoraStage::acquire(int64_t owner, uint64_t version, size_t floats, bool* 
     free_copy(copies_.back());
     copies_.pop_back();
   }
-  void* p = std::aligned_alloc(kPage, need);
-  if (p == nullptr) throw std::bad_alloc();
+  void* p = runtime::big_alloc(need, kPage);
   copies_.push_front(Copy{owner, 0, static_cast<float*>(p), need});
   bytes_ += need;
   runtime::mem_add(runtime::MemKind::lora, need);
@@ -88,7 +88,7 @@ void LoraStage::free_copy(Copy& c) {
   if (c.data == nullptr) return;
   runtime::mem_sub(runtime::MemKind::lora, c.bytes);
   bytes_ -= c.bytes;
-  std::free(c.data);
+  runtime::big_free(c.data);
   c.data = nullptr;
 }
 

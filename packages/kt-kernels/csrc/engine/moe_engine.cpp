@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <limits>
 #include <new>
+#include <stdexcept>
 
 #include "engine/activation_cache.h"
 #include "engine/engine_internal.h"
@@ -17,6 +18,7 @@
 #include "engine/lora_stage.h"
 #include "engine/w8a8.h"
 #include "kernels/dispatch.h"
+#include "runtime/big_alloc.h"
 #include "runtime/fork.h"
 #include "runtime/numa.h"
 #include "runtime/scratch.h"
@@ -72,14 +74,13 @@ MoEEngine::Buf::~Buf() { reset(0, kind); }
 
 void MoEEngine::Buf::reset(size_t n, runtime::MemKind k) {
   if (p != nullptr) runtime::mem_sub(kind, bytes);
-  std::free(p);
+  runtime::big_free(p);
   p = nullptr;
   bytes = 0;
   kind = k;
   if (n == 0) return;
-  const size_t rounded = (n + 63) / 64 * 64;
-  p = std::aligned_alloc(64, rounded);
-  if (p == nullptr) throw std::bad_alloc();
+  const size_t rounded = runtime::big_alloc_size(n, 64);
+  p = runtime::big_alloc(n, 64);
   bytes = rounded;
   runtime::mem_add(kind, bytes);
 }
@@ -201,6 +202,11 @@ MoEEngine::MoEEngine(const EngineConfig& cfg) : cfg_(cfg) {
   act_kernels_ = act_.is_default();
   qk_ = &kernels::quant_kernels(isa_);
   fused_rows_ = fused_rows_setting(k_, wkind_);
+  try {
+    (void)runtime::huge_pages_enabled();  // a bad KT_HUGE_PAGES fails here, not in an allocation
+  } catch (const std::invalid_argument& e) {
+    throw ValueError(e.what());
+  }
   threads_ = cfg.num_threads > 0 ? cfg.num_threads : runtime::default_thread_count();
 
   E_ = cfg.num_experts;

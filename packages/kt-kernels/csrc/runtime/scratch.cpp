@@ -3,6 +3,7 @@
 #include <cstdlib>
 #include <new>
 
+#include "runtime/big_alloc.h"
 #include "runtime/memory_stats.h"
 
 namespace kt::runtime {
@@ -19,10 +20,9 @@ void* Scratch::ensure(Buffer& b, size_t bytes) {
   if (b.size >= bytes) return b.ptr;
   // Grow by at least a quarter so slowly rising sizes do not reallocate every call.
   size_t want = bytes > b.size + b.size / 4 ? bytes : b.size + b.size / 4;
-  want = (want + 4095) / 4096 * 4096;
+  want = big_alloc_size(want, 4096);
   free_buffer(b);
-  void* p = std::aligned_alloc(4096, want);
-  if (p == nullptr) throw std::bad_alloc();
+  void* p = big_alloc(want, 4096);
   b.ptr = p;
   b.size = want;
   bytes_.fetch_add(want);
@@ -32,7 +32,7 @@ void* Scratch::ensure(Buffer& b, size_t bytes) {
 
 void Scratch::free_buffer(Buffer& b) {
   if (b.ptr == nullptr) return;
-  std::free(b.ptr);
+  big_free(b.ptr);
   bytes_.fetch_sub(b.size);
   mem_sub(MemKind::scratch, b.size);
   b.ptr = nullptr;

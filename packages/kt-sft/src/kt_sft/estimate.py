@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -270,8 +271,16 @@ def estimate_memory(
     )
 
 
+_HUGE_PAGE = 2 << 20
+_HUGE_MIN = 8 << 20  # the engine's big buffers from this size on are whole huge pages
+
+
 def _pages(n: float) -> int:
-    return int(-(-n // _PAGE) * _PAGE)
+    """Bytes the engine allocates for a buffer of ``n``: whole pages, or whole 2 MiB pages from
+    8 MiB on (advised as transparent huge pages, unless ``KT_HUGE_PAGES`` is 0 / off)."""
+    huge = n >= _HUGE_MIN and os.environ.get("KT_HUGE_PAGES", "") not in ("0", "off")
+    unit = _HUGE_PAGE if huge else _PAGE
+    return int(-(-n // unit) * unit)
 
 
 def scratch_bytes(
@@ -367,8 +376,6 @@ def default_activation_budget() -> float:
         except OSError:
             pass
         if available is None:
-            import os
-
             available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         _default_budget.append(available / 2)
     return _default_budget[0]

@@ -1,0 +1,30 @@
+// Allocation of the engine's big buffers: the packed weights, the scratch, the activation cache
+// and the LoRA stage. A block of at least kHugeMinBytes is 2 MiB-aligned, rounded up to whole 2 MiB
+// pages and advised as transparent huge pages (madvise MADV_HUGEPAGE, on Linux where THP is
+// 'always' or 'madvise'): the backward's transposed weight reads (3 KiB runs 24-64 KiB apart) and
+// the gathers of token rows otherwise walk a page-table entry every few lines. KT_HUGE_PAGES=0
+// (or off) keeps every block at its caller's alignment; 1 / on / unset advise; other values are
+// refused when the first block is allocated.
+#pragma once
+
+#include <cstddef>
+
+namespace kt::runtime {
+
+inline constexpr size_t kHugePageBytes = size_t{2} << 20;
+inline constexpr size_t kHugeMinBytes = size_t{8} << 20;  // smaller blocks gain little
+
+// Whether blocks of kHugeMinBytes or more are advised as huge pages (KT_HUGE_PAGES, read once).
+// Throws std::invalid_argument for a value it does not know.
+bool huge_pages_enabled();
+
+// The bytes big_alloc(bytes, align) reserves (what memory_stats counts): `bytes` rounded up to
+// `align`, or to 2 MiB for a block advised as huge pages.
+size_t big_alloc_size(size_t bytes, size_t align);
+
+// A block of big_alloc_size(bytes, align) bytes aligned to `align` (a power of two, at most 4096)
+// or more; throws std::bad_alloc. Free it with big_free.
+void* big_alloc(size_t bytes, size_t align);
+void big_free(void* p);
+
+}  // namespace kt::runtime
