@@ -1,7 +1,6 @@
 #include "runtime/big_alloc.h"
 
 #include <cstdlib>
-#include <cstring>
 #include <new>
 #include <stdexcept>
 #include <string>
