@@ -3,8 +3,8 @@
 // pages and advised as transparent huge pages (madvise MADV_HUGEPAGE, on Linux where THP is
 // 'always' or 'madvise'): the backward's transposed weight reads (3 KiB runs 24-64 KiB apart) and
 // the gathers of token rows otherwise walk a page-table entry every few lines. KT_HUGE_PAGES=0
-// (or off) keeps every block at its caller's alignment; 1 / on / unset advise; other values are
-// refused when the first block is allocated.
+// (or off) keeps every block at its caller's alignment; 1 / on / unset advise; another value
+// throws from huge_pages_enabled(), which MoEEngine's constructor calls first (a ValueError).
 #pragma once
 
 #include <cstddef>
