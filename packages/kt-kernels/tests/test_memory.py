@@ -403,7 +403,7 @@ print(hg() - before, eng.memory_stats()["weight_bytes"])
     not Path("/sys/kernel/mm/transparent_hugepage").is_dir(),
     reason="this kernel has no transparent huge pages (madvise(MADV_HUGEPAGE) is refused)",
 )
-@pytest.mark.parametrize("setting", [None, "1", "on"])
+@pytest.mark.parametrize("setting", [None, "1", "on", "auto"])
 def test_big_weight_buffers_are_advised_huge_pages(setting: str | None) -> None:
     """Weight buffers of 8 MiB and more are madvise(MADV_HUGEPAGE)d whole, rounded up to 2 MiB
     pages, and memory_stats counts the rounded bytes: the advised mappings grow by exactly the
@@ -414,7 +414,7 @@ def test_big_weight_buffers_are_advised_huge_pages(setting: str | None) -> None:
     assert grown == weight_bytes
 
 
-@pytest.mark.parametrize("setting", ["0", "off"])
+@pytest.mark.parametrize("setting", ["0", "off", " Off "])
 def test_huge_pages_off_advises_nothing(setting: str) -> None:
     grown, weight_bytes, err = _huge_page_vma_growth(setting)
     assert grown == 0, err

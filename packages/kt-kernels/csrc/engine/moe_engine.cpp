@@ -5,11 +5,11 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cctype>
 #include <cmath>
 #include <cstdlib>
 #include <limits>
 #include <new>
+#include <optional>
 #include <stdexcept>
 
 #include "engine/activation_cache.h"
@@ -19,6 +19,7 @@
 #include "engine/w8a8.h"
 #include "kernels/dispatch.h"
 #include "runtime/big_alloc.h"
+#include "runtime/env_switch.h"
 #include "runtime/fork.h"
 #include "runtime/numa.h"
 #include "runtime/scratch.h"
@@ -50,20 +51,18 @@ namespace {
 int64_t fused_rows_setting(const kernels::KernelTable& k, quant::Kind kind) {
   const int64_t none = -1;
   const bool have = k.gemm_q8 != nullptr && k.gemm_q4 != nullptr;
-  const char* env = std::getenv("KT_KERNELS_FUSED_DEQUANT");
-  std::string v = env ? env : "";
-  v.erase(0, v.find_first_not_of(" \t"));
-  v.erase(v.find_last_not_of(" \t") + 1);
-  std::transform(v.begin(), v.end(), v.begin(),
-                 [](unsigned char ch) { return static_cast<char>(std::tolower(ch)); });
-  if (v.empty() || v == "auto") {
+  std::optional<bool> fused;
+  try {
+    fused = runtime::env_switch("KT_KERNELS_FUSED_DEQUANT",
+                                "'auto' (or unset: fused dequantize + GEMM for small tiles), "
+                                "'1' / 'on' (always fused) or '0' / 'off' (never)");
+  } catch (const std::invalid_argument& e) {
+    throw ValueError(e.what());
+  }
+  if (!fused) {
     return have ? (kind == quant::Kind::int4 ? k.fused_max_rows_q4 : k.fused_max_rows_q8) : none;
   }
-  if (v == "1" || v == "on") return have ? std::numeric_limits<int64_t>::max() : none;
-  if (v == "0" || v == "off") return none;
-  throw ValueError(std::string("KT_KERNELS_FUSED_DEQUANT='") + env +
-                   "': expected 'auto' (or unset: fused dequantize + GEMM for small tiles), "
-                   "'1' / 'on' (always fused) or '0' / 'off' (never)");
+  return *fused && have ? std::numeric_limits<int64_t>::max() : none;
 }
 
 }  // namespace

@@ -2,27 +2,16 @@
 
 #include <cstdlib>
 #include <new>
-#include <stdexcept>
-#include <string>
 
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
 
+#include "runtime/env_switch.h"
+
 namespace kt::runtime {
 
 namespace {
-
-bool read_setting() {
-  const char* env = std::getenv("KT_HUGE_PAGES");
-  if (env == nullptr || *env == '\0') return true;
-  const std::string v(env);
-  if (v == "1" || v == "on") return true;
-  if (v == "0" || v == "off") return false;
-  throw std::invalid_argument("KT_HUGE_PAGES='" + v +
-                              "': expected '1' / 'on' (or unset: advise huge pages for big "
-                              "buffers) or '0' / 'off' (never)");
-}
 
 size_t round_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
 
@@ -31,7 +20,11 @@ bool huge(size_t bytes) { return bytes >= kHugeMinBytes && huge_pages_enabled();
 }  // namespace
 
 bool huge_pages_enabled() {
-  static const bool enabled = read_setting();
+  static const bool enabled =
+      env_switch("KT_HUGE_PAGES",
+                 "'1' / 'on' (or unset, 'auto': advise huge pages for big buffers) or '0' / "
+                 "'off' (never)")
+          .value_or(true);
   return enabled;
 }
 

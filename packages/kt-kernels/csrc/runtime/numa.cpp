@@ -18,6 +18,8 @@
 #include <numa.h>
 #endif
 
+#include "runtime/env_switch.h"
+
 namespace kt::runtime {
 
 namespace {
@@ -150,12 +152,10 @@ bool set_thread_affinity(const std::vector<int>& cpus) {
 }
 
 bool thread_pinning_enabled() {
-  const char* env = std::getenv("KT_PIN_THREADS");
-  if (env == nullptr || *env == '\0' || std::strcmp(env, "1") == 0) return true;
-  if (std::strcmp(env, "0") == 0) return false;
-  throw std::invalid_argument(std::string("KT_PIN_THREADS='") + env +
-                              "' is not valid: expected 0 (no pinning) or 1 (pin worker groups "
-                              "to their NUMA node, the default)");
+  return env_switch("KT_PIN_THREADS",
+                    "0 / off (no pinning) or 1 / on (or unset, auto: pin worker groups to their "
+                    "NUMA node)")
+      .value_or(true);
 }
 
 }  // namespace kt::runtime
