@@ -19,7 +19,7 @@ def test_scratch_counts_big_slots_in_huge_pages(monkeypatch: pytest.MonkeyPatch)
     kw = {"hidden_size": 288, "intermediate_size": 64, "top_k": 8, "lora_rank": 0}
     monkeypatch.delenv("KT_HUGE_PAGES", raising=False)
     huge = scratch_bytes(2048, training=False, **kw)
-    monkeypatch.setenv("KT_HUGE_PAGES", "0")
+    monkeypatch.setenv("KT_HUGE_PAGES", " Off ")  # parsed as the engine does
     small = scratch_bytes(2048, training=False, **kw)
     assert small == (9 << 20) + (4 << 20) + (18 << 20) + 2048 * 288 * 2
     assert huge - small == 1 << 20

@@ -278,7 +278,8 @@ _HUGE_MIN = 8 << 20  # the engine's big buffers from this size on are whole huge
 def _pages(n: float) -> int:
     """Bytes the engine allocates for a buffer of ``n``: whole pages, or whole 2 MiB pages from
     8 MiB on (advised as transparent huge pages, unless ``KT_HUGE_PAGES`` is 0 / off)."""
-    huge = n >= _HUGE_MIN and os.environ.get("KT_HUGE_PAGES", "") not in ("0", "off")
+    off = os.environ.get("KT_HUGE_PAGES", "").strip().lower() in ("0", "off")  # as the engine
+    huge = n >= _HUGE_MIN and not off
     unit = _HUGE_PAGE if huge else _PAGE
     return int(-(-n // unit) * unit)
 
