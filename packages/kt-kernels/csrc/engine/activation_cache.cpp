@@ -38,7 +38,7 @@ void* ActivationPool::acquire(size_t bytes, size_t* size) {
     // Free blocks smaller than this request are returned to the system: calls grew, so they
     // would mostly sit unused (with varying T the pool would otherwise keep every size seen).
     for (auto small = free_.begin(); small != free_.end() && small->first < want;) {
-      runtime::big_free(small->second);
+      runtime::big_free(small->second, small->first);
       free_bytes_ -= small->first;
       runtime::mem_sub(MemKind::pool, small->first);
       small = free_.erase(small);
@@ -62,7 +62,7 @@ void ActivationPool::release(void* block, size_t size) {
 void ActivationPool::trim() {
   std::lock_guard<std::mutex> lock(mutex_);
   for (const auto& [size, block] : free_) {
-    runtime::big_free(block);
+    runtime::big_free(block, size);
     runtime::mem_sub(MemKind::pool, size);
   }
   free_.clear();

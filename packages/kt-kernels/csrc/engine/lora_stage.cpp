@@ -88,7 +88,7 @@ void LoraStage::free_copy(Copy& c) {
   if (c.data == nullptr) return;
   runtime::mem_sub(runtime::MemKind::lora, c.bytes);
   bytes_ -= c.bytes;
-  runtime::big_free(c.data);
+  runtime::big_free(c.data, c.bytes);
   c.data = nullptr;
 }
 

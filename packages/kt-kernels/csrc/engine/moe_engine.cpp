@@ -73,7 +73,7 @@ MoEEngine::Buf::~Buf() { reset(0, kind); }
 
 void MoEEngine::Buf::reset(size_t n, runtime::MemKind k) {
   if (p != nullptr) runtime::mem_sub(kind, bytes);
-  runtime::big_free(p);
+  runtime::big_free(p, bytes);
   p = nullptr;
   bytes = 0;
   kind = k;

@@ -1,10 +1,13 @@
 // Allocation of the engine's big buffers: the packed weights, the scratch, the activation cache
-// and the LoRA stage. A block of at least kHugeMinBytes is 2 MiB-aligned, rounded up to whole 2 MiB
-// pages and advised as transparent huge pages (madvise MADV_HUGEPAGE, on Linux where THP is
-// 'always' or 'madvise'): the backward's transposed weight reads (3 KiB runs 24-64 KiB apart) and
-// the gathers of token rows otherwise walk a page-table entry every few lines. KT_HUGE_PAGES=0
-// (or off) keeps every block at its caller's alignment; 1 / on / unset advise; another value
-// throws from huge_pages_enabled(), which MoEEngine's constructor calls first (a ValueError).
+// and the LoRA stage. A block of at least kHugeMinBytes is its own anonymous mapping (mmap /
+// munmap: freed memory goes back to the system at once, whatever malloc's thresholds), 2 MiB-
+// aligned, with its whole 2 MiB pages advised as transparent huge pages (madvise MADV_HUGEPAGE, on
+// Linux where THP is 'always' or 'madvise'): the backward's transposed weight reads (3 KiB runs
+// 24-64 KiB apart) and the gathers of token rows otherwise walk a page-table entry every few
+// lines. The tail past the last whole 2 MiB page keeps small pages, so a block is never resident
+// beyond its own bytes (rounded to 4 KiB). KT_HUGE_PAGES=0 (or off) advises nothing; 1 / on /
+// unset advise; another value throws from huge_pages_enabled(), which MoEEngine's constructor
+// calls first (a ValueError).
 #pragma once
 
 #include <cstddef>
@@ -19,12 +22,13 @@ inline constexpr size_t kHugeMinBytes = size_t{8} << 20;  // smaller blocks gain
 bool huge_pages_enabled();
 
 // The bytes big_alloc(bytes, align) reserves (what memory_stats counts): `bytes` rounded up to
-// `align`, or to 2 MiB for a block advised as huge pages.
+// `align`, and a block of kHugeMinBytes or more to whole 4 KiB pages. big_alloc_size of its own
+// result returns it unchanged.
 size_t big_alloc_size(size_t bytes, size_t align);
 
 // A block of big_alloc_size(bytes, align) bytes aligned to `align` (a power of two, at most 4096)
-// or more; throws std::bad_alloc. Free it with big_free.
+// or more; throws std::bad_alloc. Free it with big_free(p, big_alloc_size(bytes, align)).
 void* big_alloc(size_t bytes, size_t align);
-void big_free(void* p);
+void big_free(void* p, size_t size);
 
 }  // namespace kt::runtime

@@ -32,7 +32,7 @@ void* Scratch::ensure(Buffer& b, size_t bytes) {
 
 void Scratch::free_buffer(Buffer& b) {
   if (b.ptr == nullptr) return;
-  big_free(b.ptr);
+  big_free(b.ptr, b.size);
   bytes_.fetch_sub(b.size);
   mem_sub(MemKind::scratch, b.size);
   b.ptr = nullptr;

@@ -271,17 +271,10 @@ def estimate_memory(
     )
 
 
-_HUGE_PAGE = 2 << 20
-_HUGE_MIN = 8 << 20  # the engine's big buffers from this size on are whole huge pages
-
-
 def _pages(n: float) -> int:
-    """Bytes the engine allocates for a buffer of ``n``: whole pages, or whole 2 MiB pages from
-    8 MiB on (advised as transparent huge pages, unless ``KT_HUGE_PAGES`` is 0 / off)."""
-    off = os.environ.get("KT_HUGE_PAGES", "").strip().lower() in ("0", "off")  # as the engine
-    huge = n >= _HUGE_MIN and not off
-    unit = _HUGE_PAGE if huge else _PAGE
-    return int(-(-n // unit) * unit)
+    """Bytes the engine allocates for a buffer of ``n``: whole 4 KiB pages (huge pages, where
+    advised, cover only a buffer's whole 2 MiB pages and add nothing)."""
+    return int(-(-n // _PAGE) * _PAGE)
 
 
 def scratch_bytes(

@@ -195,9 +195,10 @@ def render_configuration() -> str:
         "model holds more than half of the RAM) fixes glibc's mmap threshold at 1 MiB so freed "
         "activations go back to the system — lower peak RSS, slower steps "
         "([troubleshooting](troubleshooting.md#how-much-memory-do-i-need)); `KT_HUGE_PAGES` "
-        "(`1` / unset: on, `0`: off) advises the engine's buffers of 8 MiB and more (weights, "
-        "scratch, cache blocks) as 2 MiB transparent huge pages, which speeds up the backward's "
-        "transposed weight reads ([kernels API](api/kernels.md)).",
+        "(`1` / unset: on, `0`: off) advises the whole 2 MiB pages of the engine's buffers of "
+        "8 MiB and more (weights, scratch, cache blocks) as transparent huge pages, which speeds "
+        "up the backward's transposed weight reads at no memory cost "
+        "([kernels API](api/kernels.md)).",
         "",
     ]
     default_yaml = files("kt_sft.resources").joinpath("default.yaml").read_text(encoding="utf-8")
