@@ -167,8 +167,10 @@ inline float tree_sum(const VF* acc) {
 inline int clamp_lanes(int64_t n) { return n >= W ? W : (n <= 0 ? 0 : static_cast<int>(n)); }
 
 // ---- small fp32 products ----------------------------------------------------------------------
-// Register tile of the nn / tn products: up to 4 rows x 2 vectors of C, k innermost.
-constexpr int kRows = 4;
+// Register tile of the nn / tn products: up to kRows rows x 2 vectors of C, k innermost. With 32
+// vector registers (AVX-512) 8 rows: 16 independent FMA chains keep both FMA ports busy and each
+// B vector serves 8 rows; AVX2's 16 registers hold 4 rows.
+constexpr int kRows = W == 16 ? 8 : 4;
 constexpr int kCols = 2 * W;
 
 // Depth per pass of the nn / tn products. A pass forms the scaled values alpha * A(r, k) of its
@@ -202,6 +204,17 @@ inline void rank1_tile(int64_t K, const float* as, const float* B, int64_t ldb, 
   }
 }
 
+// rank1_tile<rows> for rows in [1, MR].
+template <int MR>
+inline void rank1_rows(int rows, int64_t K, const float* as, const float* B, int64_t ldb, float* C,
+                       int64_t ldc, int64_t ncols, bool accumulate) {
+  if (rows == MR) {
+    rank1_tile<MR>(K, as, B, ldb, C, ldc, ncols, accumulate);
+  } else if constexpr (MR > 1) {
+    rank1_rows<MR - 1>(rows, K, as, B, ldb, C, ldc, ncols, accumulate);
+  }
+}
+
 template <bool kTransA>
 void gemm_f32_rank1(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
                     const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
@@ -223,20 +236,7 @@ void gemm_f32_rank1(int64_t M, int64_t N, int64_t K, float alpha, const float* A
         const float* b = B + k0 * ldb + n0;
         float* c = C + m0 * ldc + n0;
         const int64_t ncols = N - n0;
-        switch (rows) {
-          case 4:
-            rank1_tile<4>(kc, as, b, ldb, c, ldc, ncols, acc);
-            break;
-          case 3:
-            rank1_tile<3>(kc, as, b, ldb, c, ldc, ncols, acc);
-            break;
-          case 2:
-            rank1_tile<2>(kc, as, b, ldb, c, ldc, ncols, acc);
-            break;
-          default:
-            rank1_tile<1>(kc, as, b, ldb, c, ldc, ncols, acc);
-            break;
-        }
+        rank1_rows<kRows>(rows, kc, as, b, ldb, c, ldc, ncols, acc);
       }
     }
   }
