@@ -46,6 +46,9 @@ CASES = {
     "skip-lora-k8": (16, 8, 96, 48, 0, 7, True, np.float32, False),
     "t513-e64-k8-peft": (64, 8, 200, 72, 3, 513, True, np.float32, True),
     "split-peft-bf16": (12, 3, 48, 80, 5, 33, False, BF16, True),
+    # ~4,600 routed rows x 2I = 2048 fp32: a cached [g | u] over 32 MiB, written with non-temporal
+    # stores (engine_internal.h, kStreamMinBytes) and read back by backward.
+    "t2560-streamed-gu": (4, 2, 64, 1024, 2, 2560, True, np.float32, False),
 }
 if FAST:
     CASES = {k: v for k, v in CASES.items() if "t513" not in k}

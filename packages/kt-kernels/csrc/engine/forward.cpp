@@ -305,6 +305,9 @@ void MoEEngine::gate_up_phase(const int64_t* off, const bf16* xg, const int8_t* 
   const int64_t ldxq = fgu_.Kp;
   // Column chunks never cross a tensor-parallel slice; slice s's tiles run on worker group s.
   const int64_t n_pairs = nbI_;
+  const int64_t S = off[E];
+  const bool stream_gu =
+      gu != nullptr && S * 2 * Ib * static_cast<int64_t>(sizeof(float)) >= kStreamMinBytes;
   const SliceTiles gu_tiles = slice_tiles(sl_, [&](int64_t pb, int64_t pe, std::vector<Tile>& out) {
     for (int64_t e = 0; e < E; ++e) {
       for (int64_t m0 = off[e]; m0 < off[e + 1]; m0 += kRowsFwd) {
@@ -318,10 +321,12 @@ void MoEEngine::gate_up_phase(const int64_t* off, const bf16* xg, const int8_t* 
   run_slices(gu_tiles.counts, [&](int si, int64_t i, int th) {
     const Tile& tl = gu_tiles.at(si, i);
     const int64_t M = tl.m1 - tl.m0, np = tl.n1 - tl.n0, ncols = 32 * np, nh = 16 * np;
-    // In place in gu, or (no gu wanted) in a tile of the thread's scratch: the same values.
-    float* C =
-        gu != nullptr ? gu + tl.m0 * 2 * Ib + 32 * tl.n0 : local_buf<float>(th, kL3, M * ncols);
-    const int64_t ldc = gu != nullptr ? 2 * Ib : ncols;
+    // In place in gu when it is small enough to stay in cache until backward reads it; else in a
+    // tile of the thread's scratch, streamed to gu with non-temporal stores after the LoRA term
+    // and the bias (no read for ownership of lines backward will fetch from memory anyway).
+    float* C = gu != nullptr && !stream_gu ? gu + tl.m0 * 2 * Ib + 32 * tl.n0
+                                           : local_buf<float>(th, kL3, M * ncols);
+    const int64_t ldc = gu != nullptr && !stream_gu ? 2 * Ib : ncols;
     if (w8a8) {
       w8a8_gate_up_tile(tl.e, tl.n0, np, M, xq + tl.m0 * ldxq, ldxq, sxq + tl.m0, C, ldc, th, kL2);
     } else {
@@ -333,6 +338,9 @@ void MoEEngine::gate_up_phase(const int64_t* off, const bf16* xg, const int8_t* 
                     2 * Ib, C, ldc, true);
     }
     if (!bias_gu_.empty()) add_bias(bias_gu_, tl.e, 2 * Ib, 32 * tl.n0, ncols, M, C, ldc);
+    if (gu != nullptr && stream_gu) {
+      k.stream_rows_f32(M, ncols, C, ldc, gu + tl.m0 * 2 * Ib + 32 * tl.n0, 2 * Ib);
+    }
     if (hb == nullptr) return;
     float* g = local_buf<float>(th, kL0, M * nh);
     float* u = local_buf<float>(th, kL1, M * nh);

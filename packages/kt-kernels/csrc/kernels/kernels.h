@@ -162,6 +162,13 @@ using gemm_f32_tn_fn = gemm_f32_nn_fn;
 using cvt_bf16_f32_fn = void (*)(int64_t n, const bf16* src, float* dst);
 using cvt_f32_bf16_fn = void (*)(int64_t n, const float* src, bf16* dst);  // round to nearest even
 
+// dst rows [0, rows) = src rows (cols floats each; leading dims in elements). SIMD tables store
+// with non-temporal stores (no read for ownership, the lines bypass the caches) and fence before
+// returning, so other threads that synchronize with the caller afterwards see the values: for
+// buffers written once and read much later, e.g. the [g | u] kept for backward.
+using stream_rows_f32_fn = void (*)(int64_t rows, int64_t cols, const float* src, int64_t lds,
+                                    float* dst, int64_t ldd);
+
 // h = silu(g) * u, silu(g) = g / (1 + exp(-g)).
 using silu_mul_fn = void (*)(int64_t n, const float* g, const float* u, float* h);
 // Given dh: dg = dh * u * silu'(g), du = dh * silu(g).
@@ -214,6 +221,7 @@ struct KernelTable {
   gemm_f32_tn_fn gemm_f32_tn = nullptr;
   cvt_bf16_f32_fn cvt_bf16_f32 = nullptr;
   cvt_f32_bf16_fn cvt_f32_bf16 = nullptr;
+  stream_rows_f32_fn stream_rows_f32 = nullptr;
   silu_mul_fn silu_mul = nullptr;
   silu_mul_bwd_fn silu_mul_bwd = nullptr;
   pack_transposed_fn pack_transposed = nullptr;

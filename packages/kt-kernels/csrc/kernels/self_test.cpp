@@ -193,6 +193,17 @@ std::string check_helpers(const KernelTable& t, const KernelTable& ref) {
       return "cvt_bf16_f32 n=" + std::to_string(n) + " differs from the reference";
     }
   }
+  // Row copies: the same values, at every alignment, nothing outside the rows.
+  for (int64_t off : {0, 1, 5}) {
+    const int64_t rows = 3, cols = 37, lds = 41, ldd = 40;
+    const auto src = test_floats(static_cast<size_t>(rows * lds), 14, true);
+    std::vector<float> got(static_cast<size_t>(off + rows * ldd), 3.0f), want = got;
+    t.stream_rows_f32(rows, cols, src.data(), lds, got.data() + off, ldd);
+    ref.stream_rows_f32(rows, cols, src.data(), lds, want.data() + off, ldd);
+    if (!same_bits(got.data(), want.data(), got.size())) {
+      return "stream_rows_f32 offset=" + std::to_string(off) + " differs from the reference";
+    }
+  }
   // SiLU gate: a polynomial exp may differ from libm's in the last bits.
   for (int64_t n : {1, 13, 40}) {
     const auto g = test_floats(static_cast<size_t>(n), 11, false);

@@ -71,6 +71,7 @@ inline VF vload(const float* p) { return _mm512_loadu_ps(p); }
 inline VF vload_n(const float* p, int n) { return _mm512_maskz_loadu_ps(lanes(n), p); }
 inline void vstore(float* p, VF v) { _mm512_storeu_ps(p, v); }
 inline void vstore_n(float* p, VF v, int n) { _mm512_mask_storeu_ps(p, lanes(n), v); }
+inline void vstream(float* p, VF v) { _mm512_stream_ps(p, v); }  // p: W floats aligned
 // W bf16 widened to their 32-bit lanes (zero-extended) / low 16 bits of each lane stored as bf16.
 inline VI load_u16_n(const bf16* p, int n) {
   return _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes(n), p));
@@ -130,6 +131,7 @@ inline VF vload(const float* p) { return _mm256_loadu_ps(p); }
 inline VF vload_n(const float* p, int n) { return _mm256_maskload_ps(p, lane_mask(n)); }
 inline void vstore(float* p, VF v) { _mm256_storeu_ps(p, v); }
 inline void vstore_n(float* p, VF v, int n) { _mm256_maskstore_ps(p, lane_mask(n), v); }
+inline void vstream(float* p, VF v) { _mm256_stream_ps(p, v); }  // p: W floats aligned
 inline VI load_u16_n(const bf16* p, int n) {
   __m128i x;
   if (n >= W) {
@@ -330,6 +332,36 @@ void gemm_f32_nt(int64_t M, int64_t N, int64_t K, float alpha, const float* A, i
     nt_rows<kRowsNt>(m, N, K, alpha, A, lda, B, ldb, C, ldc, accumulate);
   }
   for (; m < M; ++m) nt_rows<1>(m, N, K, alpha, A, lda, B, ldb, C, ldc, accumulate);
+}
+
+// ---- copies -------------------------------------------------------------------------------------
+void stream_rows_f32(int64_t rows, int64_t cols, const float* src, int64_t lds, float* dst,
+                     int64_t ldd) {
+  constexpr uintptr_t kAlign = W * sizeof(float);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* s = src + r * lds;
+    float* d = dst + r * ldd;
+    // Plain stores up to the first aligned vector, non-temporal stores after, a masked tail.
+    int64_t c = 0;
+    const uintptr_t mis = reinterpret_cast<uintptr_t>(d) % kAlign;
+    if (mis != 0 && mis % sizeof(float) == 0) {
+      const int64_t to_aligned = static_cast<int64_t>((kAlign - mis) / sizeof(float));
+      const int head = static_cast<int>(cols < to_aligned ? cols : to_aligned);
+      vstore_n(d, vload_n(s, head), head);
+      c = head;
+    } else if (mis != 0) {  // not even float-aligned: no non-temporal stores at all
+      for (; c < cols; c += W) {
+        const int cnt = clamp_lanes(cols - c);
+        vstore_n(d + c, vload_n(s + c, cnt), cnt);
+      }
+    }
+    for (; c + W <= cols; c += W) vstream(d + c, vload(s + c));
+    if (c < cols) {
+      const int cnt = clamp_lanes(cols - c);
+      vstore_n(d + c, vload_n(s + c, cnt), cnt);
+    }
+  }
+  _mm_sfence();
 }
 
 // ---- conversions --------------------------------------------------------------------------------
@@ -610,6 +642,7 @@ constexpr KernelTable helper_entries() {
   t.gemm_f32_tn = &gemm_f32_tn;
   t.cvt_bf16_f32 = &cvt_bf16_f32;
   t.cvt_f32_bf16 = &cvt_f32_bf16;
+  t.stream_rows_f32 = &stream_rows_f32;
   t.silu_mul = &silu_mul;
   t.silu_mul_bwd = &silu_mul_bwd;
   t.pack_transposed = &pack_transposed;

@@ -1,6 +1,7 @@
 // The fp32 helper entries of every runnable ISA against the scalar reference.
 //
 // Tolerances vs scalar:
+//  * stream_rows_f32: an exact copy (non-temporal stores move bits), nothing written outside.
 //  * gemm_f32_nn / nt / tn, cvt_bf16_f32, cvt_f32_bf16, pack_transposed: 0 (bit-identical). The
 //    SIMD versions keep the reference's operations and order: one fused multiply-add per product,
 //    the same k order per element, 16 interleaved partial sums and the same tree for dot products,
@@ -196,6 +197,45 @@ TEST(conversions_bit_identical_to_scalar) {
       ref.cvt_f32_bf16(n, f32.data() + 1, want.data() + 1);
       REQUIRE(got == want, "%s cvt_f32_bf16 n=%lld", isa_name(isa), (long long)n);
     }
+  }
+}
+
+TEST(stream_rows_copy_exactly) {
+  // Every start offset within a 64-byte line (and one not float-aligned), widths around the
+  // vector sizes: the rows' bits, and nothing written between or after them.
+  std::mt19937 rng(21);
+  std::uniform_int_distribution<uint32_t> bits;
+  const int64_t rows = 5, lds = 150;
+  std::vector<float> src(static_cast<size_t>(rows * lds));
+  for (float& v : src) {
+    const uint32_t b = bits(rng);
+    std::memcpy(&v, &b, 4);
+  }
+  for (Isa isa : isas()) {
+    const KernelTable& t = kernel_table(isa);
+    for (int64_t cols : {int64_t(1), int64_t(7), int64_t(8), int64_t(16), int64_t(31), int64_t(96),
+                         int64_t(130)}) {
+      for (int64_t off = 0; off < 17; ++off) {
+        const int64_t ldd = cols + 3;
+        std::vector<float> dst(static_cast<size_t>(off + rows * ldd + 8), -2.5f);
+        t.stream_rows_f32(rows, cols, src.data(), lds, dst.data() + off, ldd);
+        bool ok = true;
+        for (int64_t i = 0; i < static_cast<int64_t>(dst.size()); ++i) {
+          const int64_t j = i - off, r = j / ldd, c = j % ldd;
+          const bool inside = j >= 0 && r < rows && c < cols;
+          const float want = inside ? src[static_cast<size_t>(r * lds + c)] : -2.5f;
+          ok = ok && std::memcmp(&dst[static_cast<size_t>(i)], &want, 4) == 0;
+        }
+        REQUIRE(ok, "%s stream_rows_f32 cols=%lld offset=%lld", isa_name(isa), (long long)cols,
+                (long long)off);
+      }
+    }
+    // A destination that is not float-aligned takes plain stores.
+    std::vector<unsigned char> raw(4 * 40 + 8, 0);
+    float* odd = reinterpret_cast<float*>(raw.data() + 2);
+    t.stream_rows_f32(1, 40, src.data(), lds, odd, 40);
+    REQUIRE(std::memcmp(raw.data() + 2, src.data(), 4 * 40) == 0, "%s stream_rows_f32 unaligned",
+            isa_name(isa));
   }
 }
 

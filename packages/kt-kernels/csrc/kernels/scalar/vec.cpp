@@ -3,6 +3,7 @@
 // each entry is spelled out here and is what a SIMD version has to keep. Products are summed with
 // std::fma (one rounding per multiply-add), as every SIMD ISA's FMA does.
 #include <cmath>
+#include <cstring>
 
 #include "kernels/kernels.h"
 
@@ -77,6 +78,13 @@ void cvt_bf16_f32(int64_t n, const bf16* src, float* dst) {
 
 void cvt_f32_bf16(int64_t n, const float* src, bf16* dst) {
   for (int64_t i = 0; i < n; ++i) dst[i] = f32_to_bf16(src[i]);
+}
+
+void stream_rows_f32(int64_t rows, int64_t cols, const float* src, int64_t lds, float* dst,
+                     int64_t ldd) {
+  for (int64_t r = 0; r < rows; ++r) {
+    std::memcpy(dst + r * ldd, src + r * lds, static_cast<size_t>(cols) * sizeof(float));
+  }
 }
 
 void silu_mul(int64_t n, const float* g, const float* u, float* h) {
@@ -160,6 +168,7 @@ void fill_scalar_helpers(KernelTable* t) {
   t->gemm_f32_tn = &gemm_f32_tn;
   t->cvt_bf16_f32 = &cvt_bf16_f32;
   t->cvt_f32_bf16 = &cvt_f32_bf16;
+  t->stream_rows_f32 = &stream_rows_f32;
   t->silu_mul = &silu_mul;
   t->silu_mul_bwd = &silu_mul_bwd;
   t->pack_transposed = &pack_transposed;
