@@ -49,6 +49,8 @@ CASES = {
     # ~4,600 routed rows x 2I = 2048 fp32: a cached [g | u] over 32 MiB, written with non-temporal
     # stores (engine_internal.h, kStreamMinBytes) and read back by backward.
     "t2560-streamed-gu": (4, 2, 64, 1024, 2, 2560, True, np.float32, False),
+    # The same rows x H = 2048: y and backward's dx partials over 32 MiB, streamed too.
+    "t2560-streamed-y": (4, 2, 2048, 64, 2, 2560, True, np.float32, False),
 }
 if FAST:
     CASES = {k: v for k, v in CASES.items() if "t513" not in k}

@@ -382,6 +382,9 @@ void MoEEngine::run_backward(Ctx& c) {
   const ColGroups cg = col_groups(Sg * static_cast<int64_t>(tp), nbH_, kBlocksBwdH);
   const int64_t ldx = cg.blocks * kBlockN, xpart = S * ldx;
   float* dxs = shared_buf<float>(kSlotY, static_cast<int64_t>(tp) * xpart);
+  // Partials this large leave the caches before the combine reads them: the tiles stream them.
+  const bool stream_dx =
+      static_cast<int64_t>(tp) * xpart * static_cast<int64_t>(sizeof(float)) >= kStreamMinBytes;
   const bf16* xb = in.xb;
   const float* had = in.had;
   const int64_t Kgu = 2 * Ib;  // depth of the transposed gate_up (a multiple of 32)
@@ -419,25 +422,29 @@ void MoEEngine::run_backward(Ctx& c) {
       float* yf = local_buf<float>(th, kL2, rows_max * nh);
       float* acc_a = grads0 ? local_buf<float>(th, kL3, RA * nh) : nullptr;
       float* acc_bd = grads0 ? local_buf<float>(th, kL4, r * nh) : nullptr;
+      float* cbuf = stream_dx ? local_buf<float>(th, kL7, rows_max * nh) : nullptr;
       if (grads0) {
         std::fill(acc_a, acc_a + RA * nh, 0.0f);
         std::fill(acc_bd, acc_bd + r * nh, 0.0f);
       }
       for (int64_t m0 = tl.m0; m0 < tl.m1; m0 += kRowsBwd) {
         const int64_t M = std::min(kRowsBwd, tl.m1 - m0);
-        float* C = dxs + sidx * xpart + m0 * ldx + (h0 - kBlockN * blo);
+        float* dxt = dxs + sidx * xpart + m0 * ldx + (h0 - kBlockN * blo);
+        float* C = stream_dx ? cbuf : dxt;
+        const int64_t ldc = stream_dx ? nh : ldx;
         if (q8) {
           const size_t si = static_cast<size_t>(sidx);
           k.gemm_i8(M, nb, lay.depth[si], codes + m0 * lay.ld + lay.seg_off[si], lay.ld, wgt8, acc8,
                     nh, false);
-          w8a8::apply_scales(M, nh, acc8, nh, sdgu + m0, nullptr, C, ldx);
+          w8a8::apply_scales(M, nh, acc8, nh, sdgu + m0, nullptr, C, ldc);
         } else {
-          k.gemm_bf16(M, nb, depth, dgu + m0 * Kgu + c0, Kgu, wgt, C, ldx, false);
+          k.gemm_bf16(M, nb, depth, dgu + m0 * Kgu + c0, Kgu, wgt, C, ldc, false);
         }
         if (lora0) {
-          k.gemm_f32_nn(M, nh, RA, s, gbsum + m0 * RA, RA, a_all_ + tl.e * RA * Hb + h0, Hb, C, ldx,
+          k.gemm_f32_nn(M, nh, RA, s, gbsum + m0 * RA, RA, a_all_ + tl.e * RA * Hb + h0, Hb, C, ldc,
                         true);
         }
+        if (stream_dx) k.stream_rows_f32(M, nh, C, ldc, dxt, ldx);
         if (grads0) {
           for (int64_t m = 0; m < M; ++m) {
             // Each row's nh columns come from another token's row (and another dY row): fetch

@@ -30,11 +30,13 @@ inline constexpr int64_t kRowsGather = 64;  // rows per gather / LoRA-A task
 // Rows per forward GEMM tile: an expert's weights stream from memory once per tile of rows, so
 // larger tiles read them fewer times (128 -> 512: forward 1.13x at T = 4096, Qwen3-30B-A3B layer).
 inline constexpr int64_t kRowsFwd = 512;
-// A forward's cached [g | u] of this many bytes or more is written with non-temporal stores: it
-// does not stay in cache until backward reads it, and writing past the caches skips each line's
-// read for ownership (Qwen3-30B-A3B layer, forward: T=1024 bf16 1.05x, W8A8 1.10x, int4 1.04x;
-// T=4096 bf16 1.03x). Smaller ones (8 MiB at the `small` bench shape) are still cached when a
-// backward runs right after, which streaming would lose (measured: that backward 1.06x slower).
+// Buffers written once by GEMM tiles and read in a later phase - the cached [g | u], the down
+// tiles' y and the backward's dx partials - are written with non-temporal stores when they are
+// this large: they leave the caches before they are read anyway, and writing past the caches
+// skips each line's read for ownership (Qwen3-30B-A3B layer, 2 threads, step: T=1024 bf16 1.06x,
+// W8A8 + int8 backward 1.12x; T=4096 bf16 1.07x, W8A8 + int8 backward 1.14x). Smaller ones
+// (8 MiB of [g | u] at the `small` bench shape) are still cached when read, which streaming
+// would lose (measured: the backward right after 1.06x slower).
 inline constexpr int64_t kStreamMinBytes = int64_t{32} << 20;
 inline constexpr int64_t kPairsFwd = 3;    // gate/up block pairs per gate_up tile (96 columns)
 inline constexpr int64_t kBlocksDown = 6;  // H blocks per down tile (96 columns)

@@ -248,6 +248,9 @@ void MoEEngine::run_forward(Ctx& c) {
   const ColGroups cg = col_groups(Sg * static_cast<int64_t>(tp), nbH_, kBlocksDown);
   const int64_t ldy = cg.blocks * kBlockN, ypart = S * ldy;
   float* y = shared_buf<float>(kSlotY, static_cast<int64_t>(tp) * ypart);
+  // A y this large leaves the caches before the combine reads it: the tiles stream it out.
+  const bool stream_y =
+      static_cast<int64_t>(tp) * ypart * static_cast<int64_t>(sizeof(float)) >= kStreamMinBytes;
   const int32_t* pos = en.pos.data();
   const float* slot_w = en.slot_w.data();
   std::vector<Tile> tiles;
@@ -268,21 +271,24 @@ void MoEEngine::run_forward(Ctx& c) {
       const Tile& tl = tiles[static_cast<size_t>(i)];
       const Slice& sl = *sl_[static_cast<size_t>(si)];
       const int64_t M = tl.m1 - tl.m0, nb = tl.n1 - tl.n0;
-      float* C = y + si * ypart + tl.m0 * ldy + kBlockN * (tl.n0 - blo);
+      float* yt = y + si * ypart + tl.m0 * ldy + kBlockN * (tl.n0 - blo);
+      float* C = stream_y ? local_buf<float>(th, kL3, M * kBlockN * nb) : yt;
+      const int64_t ldc = stream_y ? kBlockN * nb : ldy;
       if (w8a8) {
-        w8a8_down_tile(si, tl.e, tl.n0, nb, M, hq + tl.m0 * ldhq, ldhq, shq + tl.m0, C, ldy, th,
+        w8a8_down_tile(si, tl.e, tl.n0, nb, M, hq + tl.m0 * ldhq, ldhq, shq + tl.m0, C, ldc, th,
                        kL0);
       } else {
         gemm_weights(Proj::down, si, tl.e, tl.n0, nb, M, hb + tl.m0 * KpI + kBlockN * sl.b0, KpI, C,
-                     ldy, false, th, kL0);
+                     ldc, false, th, kL0);
       }
       if (c.lora && si == 0) {  // the LoRA term once, in slice 0's partial
         k.gemm_f32_nn(M, kBlockN * nb, r, s, had + tl.m0 * r, r,
-                      bd_t_ + tl.e * r * Hb + kBlockN * tl.n0, Hb, C, ldy, true);
+                      bd_t_ + tl.e * r * Hb + kBlockN * tl.n0, Hb, C, ldc, true);
       }
       if (si == 0 && !bias_d_.empty()) {
-        add_bias(bias_d_, tl.e, Hb, kBlockN * tl.n0, kBlockN * nb, M, C, ldy);
+        add_bias(bias_d_, tl.e, Hb, kBlockN * tl.n0, kBlockN * nb, M, C, ldc);
       }
+      if (stream_y) k.stream_rows_f32(M, kBlockN * nb, C, ldc, yt, ldy);
     });
     clock.mark("down");
 
