@@ -383,8 +383,7 @@ void MoEEngine::run_backward(Ctx& c) {
   const int64_t ldx = cg.blocks * kBlockN, xpart = S * ldx;
   float* dxs = shared_buf<float>(kSlotY, static_cast<int64_t>(tp) * xpart);
   // Partials this large leave the caches before the combine reads them: the tiles stream them.
-  const bool stream_dx =
-      static_cast<int64_t>(tp) * xpart * static_cast<int64_t>(sizeof(float)) >= kStreamMinBytes;
+  const bool stream_dx = streamed(static_cast<int64_t>(tp) * xpart);
   const bf16* xb = in.xb;
   const float* had = in.had;
   const int64_t Kgu = 2 * Ib;  // depth of the transposed gate_up (a multiple of 32)

@@ -38,6 +38,10 @@ inline constexpr int64_t kRowsFwd = 512;
 // (8 MiB of [g | u] at the `small` bench shape) are still cached when read, which streaming
 // would lose (measured: the backward right after 1.06x slower).
 inline constexpr int64_t kStreamMinBytes = int64_t{32} << 20;
+// Whether a write-once buffer of `floats` fp32 values is streamed (kStreamMinBytes).
+inline bool streamed(int64_t floats) {
+  return floats * static_cast<int64_t>(sizeof(float)) >= kStreamMinBytes;
+}
 inline constexpr int64_t kPairsFwd = 3;    // gate/up block pairs per gate_up tile (96 columns)
 inline constexpr int64_t kBlocksDown = 6;  // H blocks per down tile (96 columns)
 inline constexpr int64_t kPairsBwd = 6;    // I blocks per backward down^T tile (96 columns)

@@ -249,8 +249,7 @@ void MoEEngine::run_forward(Ctx& c) {
   const int64_t ldy = cg.blocks * kBlockN, ypart = S * ldy;
   float* y = shared_buf<float>(kSlotY, static_cast<int64_t>(tp) * ypart);
   // A y this large leaves the caches before the combine reads it: the tiles stream it out.
-  const bool stream_y =
-      static_cast<int64_t>(tp) * ypart * static_cast<int64_t>(sizeof(float)) >= kStreamMinBytes;
+  const bool stream_y = streamed(static_cast<int64_t>(tp) * ypart);
   const int32_t* pos = en.pos.data();
   const float* slot_w = en.slot_w.data();
   std::vector<Tile> tiles;
@@ -311,9 +310,7 @@ void MoEEngine::gate_up_phase(const int64_t* off, const bf16* xg, const int8_t* 
   const int64_t ldxq = fgu_.Kp;
   // Column chunks never cross a tensor-parallel slice; slice s's tiles run on worker group s.
   const int64_t n_pairs = nbI_;
-  const int64_t S = off[E];
-  const bool stream_gu =
-      gu != nullptr && S * 2 * Ib * static_cast<int64_t>(sizeof(float)) >= kStreamMinBytes;
+  const bool stream_gu = gu != nullptr && streamed(off[E] * 2 * Ib);
   const SliceTiles gu_tiles = slice_tiles(sl_, [&](int64_t pb, int64_t pe, std::vector<Tile>& out) {
     for (int64_t e = 0; e < E; ++e) {
       for (int64_t m0 = off[e]; m0 < off[e + 1]; m0 += kRowsFwd) {
@@ -330,9 +327,9 @@ void MoEEngine::gate_up_phase(const int64_t* off, const bf16* xg, const int8_t* 
     // In place in gu when it is small enough to stay in cache until backward reads it; else in a
     // tile of the thread's scratch, streamed to gu with non-temporal stores after the LoRA term
     // and the bias (no read for ownership of lines backward will fetch from memory anyway).
-    float* C = gu != nullptr && !stream_gu ? gu + tl.m0 * 2 * Ib + 32 * tl.n0
-                                           : local_buf<float>(th, kL3, M * ncols);
-    const int64_t ldc = gu != nullptr && !stream_gu ? 2 * Ib : ncols;
+    const bool in_place = gu != nullptr && !stream_gu;
+    float* C = in_place ? gu + tl.m0 * 2 * Ib + 32 * tl.n0 : local_buf<float>(th, kL3, M * ncols);
+    const int64_t ldc = in_place ? 2 * Ib : ncols;
     if (w8a8) {
       w8a8_gate_up_tile(tl.e, tl.n0, np, M, xq + tl.m0 * ldxq, ldxq, sxq + tl.m0, C, ldc, th, kL2);
     } else {
@@ -344,7 +341,7 @@ void MoEEngine::gate_up_phase(const int64_t* off, const bf16* xg, const int8_t* 
                     2 * Ib, C, ldc, true);
     }
     if (!bias_gu_.empty()) add_bias(bias_gu_, tl.e, 2 * Ib, 32 * tl.n0, ncols, M, C, ldc);
-    if (gu != nullptr && stream_gu) {
+    if (stream_gu) {
       k.stream_rows_f32(M, ncols, C, ldc, gu + tl.m0 * 2 * Ib + 32 * tl.n0, 2 * Ib);
     }
     if (hb == nullptr) return;
