@@ -51,6 +51,9 @@ CASES = {
     "t2560-streamed-gu": (4, 2, 64, 1024, 2, 2560, True, np.float32, False),
     # The same rows x H = 2048: y and backward's dx partials over 32 MiB, streamed too.
     "t2560-streamed-y": (4, 2, 2048, 64, 2, 2560, True, np.float32, False),
+    # H = 1024: bf16 gate_up blocks (and the x / dY rows) are stored one zero step deeper, 1056
+    # (quant::gate_up_depth), while backward's down^T product keeps depth 1024.
+    "h1024-zero-step": (4, 2, 1024, 40, 2, 9, False, np.float32, False),
 }
 if FAST:
     CASES = {k: v for k, v in CASES.items() if "t513" not in k}

@@ -200,6 +200,38 @@ def test_counters_by_kind_and_trim() -> None:
     assert after["weights_bytes"] == before["weights_bytes"]
 
 
+@pytest.mark.parametrize(
+    ("hidden", "weight_dtype", "depth"),
+    [
+        (1024, "bf16", 1056),  # a 32 KiB block stride: one zero step more
+        (2048, "bf16", 2080),
+        (3584, "bf16", 3616),
+        (512, "bf16", 512),  # below 1024: kept
+        (1056, "bf16", 1056),  # a 33 KiB stride: kept
+        (1040, "bf16", 1056),  # rounded up to 32 only
+        (1024, "int8", 1024),  # codes are stored at the plain depth
+    ],
+)
+def test_gate_up_blocks_depth(hidden: int, weight_dtype: str, depth: int) -> None:
+    """bf16 gate_up blocks are 16 rows x depth, depth = H rounded up to 32, plus a zero step of
+    32 when that is >= 1024 and a multiple of 512 (quant::gate_up_depth); down keeps I rounded up
+    to 32. int8 stores 16 x Kp codes per block and one fp32 scale per row."""
+    E, I = 2, 48  # noqa: E741
+    eng = kk.MoEEngine(E, 1, hidden, I, max_tokens=4, num_threads=1, weight_dtype=weight_dtype)
+    rng = np.random.default_rng(7)
+    eng.load_weights(
+        gate_up=rng.standard_normal((E, 2 * I, hidden), dtype=np.float32),
+        down=rng.standard_normal((E, hidden, I), dtype=np.float32),
+    )
+    hb, kpi = -(-hidden // 16) * 16, 64
+    if weight_dtype == "bf16":
+        want = E * 2 * I * depth * 2 + E * hb * kpi * 2
+    else:
+        want = E * 2 * I * depth + E * hb * kpi + E * (2 * I + hb) * 4
+    assert eng.memory_stats()["weight_bytes"] == want
+    eng.close()
+
+
 def _interleaved_layers(isa: str, fused: bool) -> int:
     """Three engines run as a model runs them (forward 0, 1, 2, backward 2, 1, 0): each one's
     outputs and LoRA gradients are bit for bit those of the same engine running alone, and an

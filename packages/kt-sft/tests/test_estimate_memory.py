@@ -8,7 +8,15 @@ from pathlib import Path
 import pytest
 
 from kt_sft.cli import main
-from kt_sft.estimate import GIB, ModelShape, estimate_memory, scratch_bytes, shape_from_config
+from kt_sft.estimate import (
+    GIB,
+    ModelShape,
+    cache_entry_bytes,
+    estimate_memory,
+    rows_depth,
+    scratch_bytes,
+    shape_from_config,
+)
 
 
 @pytest.mark.parametrize("huge_pages", [None, "1", " Off "])
@@ -24,6 +32,49 @@ def test_scratch_is_whole_small_pages_with_or_without_huge_pages(
         monkeypatch.setenv("KT_HUGE_PAGES", huge_pages)
     got = scratch_bytes(2048, training=False, **kw)
     assert got == (9 << 20) + (4 << 20) + (18 << 20) + 2048 * 288 * 2
+
+
+def test_rows_depth_follows_the_engine() -> None:
+    """x and dY rows are as deep as the engine's gate_up blocks: H rounded up to 32, plus a zero
+    step of 32 for bf16 weights when that is >= 1024 and a multiple of 512. The engine's bf16
+    weight bytes (gate_up 2I x depth, down H x I rounded up to 32) show the depth it uses."""
+    hs = (512, 1000, 1024, 1056, 2048, 7168)
+    assert [rows_depth(h) for h in hs] == [512, 1056, 1056, 1056, 2080, 7200]
+    assert [rows_depth(h, "int8") for h in hs] == [512, 1024, 1024, 1056, 2048, 7168]
+    assert rows_depth(2048, "int4") == 2048
+    kw = {"hidden_size": 1024, "intermediate_size": 64, "top_k": 2, "lora_rank": 0}
+    assert (
+        cache_entry_bytes(16, **kw) - cache_entry_bytes(16, weight_dtype="int8", **kw)
+        == 2 * 16 * 32
+    )
+    big = {**kw, "training": True}
+    # the S = T K rows of x (dY) and the T rows of dout, each 32 bf16 deeper
+    assert (
+        scratch_bytes(4096, **big) - scratch_bytes(4096, weight_dtype="int8", **big)
+        == (4096 * 2 + 4096) * 32 * 2
+    )
+    shape = ModelShape(
+        num_experts=8, num_moe_layers=2, hidden_size=2048, intermediate_size=64, top_k=2
+    )
+    assert estimate_memory(shape).experts == 2 * 8 * (3 * 2048 * 64 + 2 * 64 * 32) * 2
+    assert estimate_memory(shape, weight_dtype="int8").experts == 2 * 8 * (
+        3 * 2048 * 64 + (2 * 64 + 2048) * 4
+    )
+    if not __import__("kt_sft.backend").backend.engine_available():
+        return
+    import numpy as np
+
+    import kt_kernels as kk
+
+    for h in (1024, 1040, 2048):
+        eng = kk.MoEEngine(2, 1, h, 32, max_tokens=4, num_threads=1)
+        eng.load_weights(
+            gate_up=np.zeros((2, 64, h), dtype=np.float32),
+            down=np.zeros((2, h, 32), dtype=np.float32),
+        )
+        hb = -(-h // 16) * 16
+        assert eng.memory_stats()["weight_bytes"] == 2 * 64 * rows_depth(h) * 2 + 2 * hb * 32 * 2
+        eng.close()
 
 
 def test_formula_by_hand() -> None:
@@ -149,8 +200,9 @@ def test_command_prints_a_table_and_json(capsys, tmp_path: Path) -> None:
     out = capsys.readouterr().out
     assert "routed experts" in out and "total RAM" in out
     assert "bf16" in out and "int8" in out and "int4" in out
-    # 48 x 128 x 3 x 2048 x 768 bf16 weights = 54 GiB
-    assert "54.0" in out
+    # 48 x 128 x 3 x 2048 x 768 bf16 weights = 54 GiB, + 48 x 128 x 2 x 768 x 32 x 2 bytes of the
+    # gate/up blocks' zero step (H = 2048 is a multiple of 512) = 0.56 GiB
+    assert "54.6" in out
     assert main([*argv, "--dtype", "int4", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["weight_dtype"] for r in rows] == ["int4"]

@@ -210,6 +210,7 @@ void MoEEngine::run_backward(Ctx& c) {
   bf16* dgu = shared_buf<bf16>(kSlotH, S * std::max(KpI_, 2 * Ib));
   const float* xa = in.xa;
   const int64_t wdt_elems = kPairsBwd * kernels::packed_block_elems(H);
+  const int64_t KtH = kernels::packed_k(H);  // depth of down^T (KpH may hold a zero step more)
   run_slices(dt_tiles.counts, [&](int sidx, int64_t ti, int th) {
     const Tile& tl = dt_tiles.at(sidx, ti);
     const int64_t np = tl.n1 - tl.n0, ni = 16 * np, i0 = 16 * tl.n0;
@@ -248,7 +249,7 @@ void MoEEngine::run_backward(Ctx& c) {
         k.gemm_i8(M, np, ldq_dy, codes + m0 * ldq_dy, ldq_dy, wdt8, acc8, ni, false);
         w8a8::apply_scales(M, ni, acc8, ni, sdy + m0, nullptr, D, ni);
       } else {
-        k.gemm_bf16(M, np, KpH, dyg + m0 * KpH, KpH, wdt, D, ni, false);
+        k.gemm_bf16(M, np, KtH, dyg + m0 * KpH, KpH, wdt, D, ni, false);
       }
       if (lora) {
         k.gemm_f32_nn(M, ni, r, s, dyb + m0 * r, r, ad_ + tl.e * r * Ib + i0, Ib, D, ni, true);

@@ -214,6 +214,7 @@ MoEEngine::MoEEngine(const EngineConfig& cfg) : cfg_(cfg) {
   I_ = cfg.intermediate_size;
   r_ = cfg.lora_rank;
   KpH_ = kernels::packed_k(H_);
+  if (wkind_ == quant::Kind::bf16) KpH_ = quant::gate_up_depth(KpH_);  // x rows share it
   KpI_ = kernels::packed_k(I_);
   nbI_ = kernels::packed_blocks(I_);
   nbH_ = kernels::packed_blocks(H_);
@@ -223,6 +224,7 @@ MoEEngine::MoEEngine(const EngineConfig& cfg) : cfg_(cfg) {
   RA_ = cfg.lora_fused ? r_ : 2 * r_;
   set_activation_policy(cfg.activation_policy);
   fgu_ = quant::make_format(wkind_, H_, cfg.group_size);
+  if (wkind_ == quant::Kind::bf16) fgu_.Kp = fgu_.group = KpH_;
   // Tensor-parallel slices of I, in units of whole 32-column blocks pairs (int4: whole groups),
   // so every slice but the last has a depth that needs no padding.
   {

@@ -23,6 +23,10 @@ Format make_format(Kind kind, int64_t K, int64_t group) {
   return f;
 }
 
+int64_t gate_up_depth(int64_t Kp) {
+  return Kp >= 1024 && Kp % 512 == 0 ? Kp + kernels::kPackK : Kp;
+}
+
 int64_t block_bytes(const Format& f) {
   if (f.kind == Kind::w8a8) return kernels::i8_block_bytes(f.Kp);
   return f.kind == Kind::int4 ? kBlockN * f.Kp / 2 : kBlockN * f.Kp;

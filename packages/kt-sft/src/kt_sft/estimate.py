@@ -5,7 +5,8 @@ layer, L MoE layers, hidden size H, expert intermediate size I (Ib: rounded up t
 LoRA rank r, T tokens per step (batch × sequence), S = T·K routed rows:
 
     experts      = L · E · 3·H·I · w  +  scales
-                   w = 2 (bf16), 1 (int8), 0.5 (int4) bytes per weight
+                   w = 2 (bf16), 1 (int8), 0.5 (int4) bytes per weight; bf16 adds
+                   L·E·2I·(KpH − H₃₂)·2 for the gate/up blocks' zero step (see KpH below)
                    scales: int8 one fp32 per output row, L·E·(2I + H)·4;
                            int4 one fp32 per group of g inputs, L·E·3·H·I/g·4
     expert LoRA  = L · E · r·(2H + 3I) · 16      fp32 weight + grad + AdamW m and v (training)
@@ -13,14 +14,15 @@ LoRA rank r, T tokens per step (batch × sequence), S = T·K routed rows:
                    most recently run layers: n = min(L, max(1, 128 MiB / one layer's copy))
                    (KT_LORA_STAGE_MIB)
     cache        = n · entry                     engine activations kept for backward
-                   entry = 2·T·H + S·(8·Ib + 8r + 12) under the retain policy, S·12 (the
+                   entry = 2·T·KpH + S·(8·Ib + 8r + 12) under the retain policy, S·12 (the
                    routing) under recompute: backward is given x again
                    n = L · D without checkpointing (D pending forwards per layer), 1 with
                    gradient checkpointing (either kind): the first pass caches nothing
     scratch      = S·2·KpH + S·4·Ib + S·4·min(Hb, cols) + T·2·KpH + S·4·(r + c·(2r + 1))
                    (+ 2·T·KpH + 8·S·r when forwards keep no entry; + S·8·Ib with recompute:
                    [g | u] recomputed in backward)
-                   one set shared by all layers (KpH: H rounded up to 32; cols: the 64 MiB
+                   one set shared by all layers (KpH: H rounded up to 32, plus 32 for bf16
+                   weights when that is a multiple of 512 and at least 1024; cols: the 64 MiB
                    column budget of the down / dx passes; c = ceil(I / 96) row chunks)
     activations  = PyTorch's saved and transient tensors on the CPU (0 when the model runs on a
                    GPU): a · T·H·b per decoder layer, b the non-expert dtype's bytes; a = 19
@@ -59,6 +61,7 @@ __all__ = [
     "estimate_memory",
     "format_estimate",
     "live_cache_bytes",
+    "rows_depth",
     "scratch_bytes",
     "shape_from_config",
 ]
@@ -209,6 +212,8 @@ def estimate_memory(
     I = shape.intermediate_size  # noqa: E741 - the formula's name
     r, T = lora_rank, max_tokens
     experts = L * E * 3 * H * I * WEIGHT_BYTES[weight_dtype]
+    if weight_dtype == "bf16":  # gate/up blocks stored one zero step deeper (rows_depth)
+        experts += L * E * 2 * I * (rows_depth(H) - -(-H // 32) * 32) * 2
     if weight_dtype == "int8":
         experts += L * E * (2 * I + H) * 4
     elif weight_dtype == "int4":
@@ -220,8 +225,8 @@ def estimate_memory(
     recompute = policy == "recompute"
     if training:
         pending = 1 if checkpointing != "none" else L * cache_depth
-        keep = cache_entry_bytes(T, policy="retain", **dims)
-        lean = cache_entry_bytes(T, policy="recompute", **dims)
+        keep = cache_entry_bytes(T, policy="retain", weight_dtype=weight_dtype, **dims)
+        lean = cache_entry_bytes(T, policy="recompute", weight_dtype=weight_dtype, **dims)
         if policy == "auto":
             limit = default_activation_budget() if budget is None else budget
             retained = min(pending, int(limit // keep))
@@ -234,6 +239,7 @@ def estimate_memory(
         recompute=training and recompute,
         training=training,
         uncached=checkpointing != "none",
+        weight_dtype=weight_dtype,
         **dims,
     )
     layers = shape.num_layers or L
@@ -271,6 +277,16 @@ def estimate_memory(
     )
 
 
+def rows_depth(hidden_size: int, weight_dtype: str = "bf16") -> int:
+    """KpH: the engine's depth of x and dY rows (bf16). H rounded up to 32; with bf16 weights
+    one 32-deep step of zeros more when that is a multiple of 512 and at least 1024 (the engine's
+    gate_up blocks are stored that deep so that their stride is not a multiple of 16 KiB)."""
+    kp = -(-hidden_size // 32) * 32
+    if weight_dtype == "bf16" and kp >= 1024 and kp % 512 == 0:
+        kp += 32
+    return kp
+
+
 def _pages(n: float) -> int:
     """Bytes the engine allocates for a buffer of ``n``: whole 4 KiB pages (huge pages, where
     advised, cover only a buffer's whole 2 MiB pages and add nothing)."""
@@ -288,6 +304,7 @@ def scratch_bytes(
     training: bool = True,
     max_tokens: int | None = None,
     uncached: bool = False,
+    weight_dtype: str = "bf16",
 ) -> int:
     """Bytes of the engine's process-wide scratch after a step of ``tokens`` tokens (the
     largest of forward and backward: both use the same slots). ``uncached``: some forwards keep
@@ -296,7 +313,8 @@ def scratch_bytes(
     T, H, K, r = tokens, hidden_size, top_k, lora_rank
     S = T * K
     ib = -(-intermediate_size // 16) * 16
-    kph, kpi, hb = -(-H // 32) * 32, -(-intermediate_size // 32) * 32, -(-H // 16) * 16
+    kph = rows_depth(H, weight_dtype)
+    kpi, hb = -(-intermediate_size // 32) * 32, -(-H // 16) * 16
     sg = max(S, max(T, max_tokens or T) * K)
 
     def cdiv(a: int, b: int) -> int:
@@ -329,10 +347,11 @@ def cache_entry_bytes(
     top_k: int,
     lora_rank: int,
     policy: str = "retain",
+    weight_dtype: str = "bf16",
 ) -> int:
     """Bytes of one engine cache entry for a forward of ``tokens`` tokens (every slot routed):
-    the routing index (12 per routed row) and, under ``retain``, x as bf16 (2H per token, H
-    rounded up to 32), x A^T and h Ad^T (4r each per routed row) and [g | u] as fp32 (8I per
+    the routing index (12 per routed row) and, under ``retain``, x as bf16 (2 KpH per token,
+    :func:`rows_depth`), x A^T and h Ad^T (4r each per routed row) and [g | u] as fp32 (8I per
     routed row, I rounded up to 16). A ``recompute`` entry is recomputed from the x that
     backward is given again."""
     if policy not in ("retain", "recompute"):
@@ -341,7 +360,7 @@ def cache_entry_bytes(
     if policy == "recompute":
         return 12 * rows
     ib = -(-intermediate_size // 16) * 16
-    return 2 * tokens * (-(-hidden_size // 32) * 32) + rows * (8 * lora_rank + 12 + 8 * ib)
+    return 2 * tokens * rows_depth(hidden_size, weight_dtype) + rows * (8 * lora_rank + 12 + 8 * ib)
 
 
 def live_cache_bytes() -> int:

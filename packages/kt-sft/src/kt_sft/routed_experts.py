@@ -404,6 +404,7 @@ class RoutedExperts:
                 top_k=self.top_k,
                 lora_rank=self.lora_rank,
                 policy="retain",
+                weight_dtype=self.cfg.weight_dtype or "bf16",
             )
             budget = self.cfg.activation_budget_bytes()
             policy = "retain" if live_cache_bytes() + entry <= budget else "recompute"
