@@ -49,8 +49,9 @@ CASES = {
     # ~4,600 routed rows x 2I = 2048 fp32: a cached [g | u] over 32 MiB, written with non-temporal
     # stores (engine_internal.h, kStreamMinBytes) and read back by backward.
     "t2560-streamed-gu": (4, 2, 64, 1024, 2, 2560, True, np.float32, False),
-    # The same rows x H = 2048: y and backward's dx partials over 32 MiB, streamed too.
-    "t2560-streamed-y": (4, 2, 2048, 64, 2, 2560, True, np.float32, False),
+    # H = 2048 and ~9,000 routed rows: y and backward's dx partials over 32 MiB, streamed too, and so are
+    # the x and dY rows gathered in expert order (~9,000 x 2,080 bf16).
+    "t5500-streamed-y-rows": (4, 2, 2048, 64, 2, 5500, True, np.float32, False),
     # H = 1024: bf16 gate_up blocks (and the x / dY rows) are stored one zero step deeper, 1056
     # (quant::gate_up_depth), while backward's down^T product keeps depth 1024.
     "h1024-zero-step": (4, 2, 1024, 40, 2, 9, False, np.float32, False),

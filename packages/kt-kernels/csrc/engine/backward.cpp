@@ -175,11 +175,19 @@ void MoEEngine::run_backward(Ctx& c) {
 
   std::vector<Tile> tiles = gather_tiles(off, E);
   bf16* dyg = shared_buf<bf16>(kSlotRows, S * KpH);
+  // Streamed as the forward's x rows are (gather_phase), unless read back here at once.
+  const bool stream_dy = streamed(S * KpH / 2) && !q8 && !dbias;
   parallel_for(static_cast<int64_t>(tiles.size()), nt, [&](int64_t i, int th) {
     const Tile& tl = tiles[static_cast<size_t>(i)];
     const int64_t M = tl.m1 - tl.m0;
     for (int64_t p = tl.m0; p < tl.m1; ++p) {
-      std::memcpy(dyg + p * KpH, dtok + slot_tok[p] * KpH, static_cast<size_t>(KpH) * sizeof(bf16));
+      if (stream_dy) {
+        k.stream_rows_f32(1, KpH / 2, reinterpret_cast<const float*>(dtok + slot_tok[p] * KpH), 0,
+                          reinterpret_cast<float*>(dyg + p * KpH), 0);
+      } else {
+        std::memcpy(dyg + p * KpH, dtok + slot_tok[p] * KpH,
+                    static_cast<size_t>(KpH) * sizeof(bf16));
+      }
     }
     if (q8) {
       w8a8_quantize_dy(tl.e, M, dyg + tl.m0 * KpH, KpH, codes + tl.m0 * ldq_dy, sdy + tl.m0,
@@ -188,7 +196,10 @@ void MoEEngine::run_backward(Ctx& c) {
     if (dbias) down_bias_dw(tl.e, M, dyg + tl.m0 * KpH, KpH, dwb + tl.m0);
     if (lora) {
       float* yf = local_buf<float>(th, kL0, M * H);
-      for (int64_t m = 0; m < M; ++m) k.cvt_bf16_f32(H, dyg + (tl.m0 + m) * KpH, yf + m * H);
+      for (int64_t m = 0; m < M; ++m) {
+        const int64_t p = tl.m0 + m;  // the same row, from where it is still cached
+        k.cvt_bf16_f32(H, stream_dy ? dtok + slot_tok[p] * KpH : dyg + p * KpH, yf + m * H);
+      }
       k.gemm_f32_nt(M, r, H, 1.0f, yf, H, bd_t_ + tl.e * r * Hb, Hb, dyb + tl.m0 * r, r, false);
     }
   });

@@ -369,12 +369,20 @@ void MoEEngine::gather_phase(const int64_t* off, const int32_t* slot_tok, const 
   const kernels::KernelTable& k = k_;
   if (xg == nullptr && xa == nullptr) return;
   const std::vector<Tile> tiles = gather_tiles(off, E);
+  // Rows in expert order too large to stay cached until the gate_up tiles read them: streamed.
+  const bool stream = xg != nullptr && streamed(off[E] * KpH / 2);
   parallel_for(static_cast<int64_t>(tiles.size()), threads_, [&](int64_t i, int th) {
     const Tile& tl = tiles[static_cast<size_t>(i)];
     const int64_t M = tl.m1 - tl.m0;
     if (xg != nullptr) {
       for (int64_t p = tl.m0; p < tl.m1; ++p) {
-        std::memcpy(xg + p * KpH, xb + slot_tok[p] * KpH, static_cast<size_t>(KpH) * sizeof(bf16));
+        if (stream) {
+          k.stream_rows_f32(1, KpH / 2, reinterpret_cast<const float*>(xb + slot_tok[p] * KpH), 0,
+                            reinterpret_cast<float*>(xg + p * KpH), 0);
+        } else {
+          std::memcpy(xg + p * KpH, xb + slot_tok[p] * KpH,
+                      static_cast<size_t>(KpH) * sizeof(bf16));
+        }
       }
     }
     if (xa != nullptr) {
