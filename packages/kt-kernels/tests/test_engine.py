@@ -52,9 +52,10 @@ CASES = {
     # H = 2048 and ~9,000 routed rows: y and backward's dx partials over 32 MiB, streamed too, and so are
     # the x and dY rows gathered in expert order (~9,000 x 2,080 bf16).
     "t5500-streamed-y-rows": (4, 2, 2048, 64, 2, 5500, True, np.float32, False),
-    # H = 1024: bf16 gate_up blocks (and the x / dY rows) are stored one zero step deeper, 1056
-    # (quant::gate_up_depth), while backward's down^T product keeps depth 1024.
-    "h1024-zero-step": (4, 2, 1024, 40, 2, 9, False, np.float32, False),
+    # H = 1024 and I = 1024: bf16 gate_up and down blocks (and the x, dY and h rows) are stored
+    # one zero step deeper, 1056 (quant::unaliased_depth); backward's transposed products keep
+    # depth 1024.
+    "hi1024-zero-step": (4, 2, 1024, 1024, 2, 9, False, np.float32, False),
 }
 if FAST:
     CASES = {k: v for k, v in CASES.items() if "t513" not in k}

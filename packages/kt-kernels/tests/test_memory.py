@@ -201,33 +201,39 @@ def test_counters_by_kind_and_trim() -> None:
 
 
 @pytest.mark.parametrize(
-    ("hidden", "weight_dtype", "depth"),
+    ("hidden", "inter", "weight_dtype", "tp", "gu_depth", "d_depth"),
     [
-        (1024, "bf16", 1056),  # a 32 KiB block stride: one zero step more
-        (2048, "bf16", 2080),
-        (3584, "bf16", 3616),
-        (512, "bf16", 512),  # below 1024: kept
-        (1056, "bf16", 1056),  # a 33 KiB stride: kept
-        (1040, "bf16", 1056),  # rounded up to 32 only
-        (1024, "int8", 1024),  # codes are stored at the plain depth
+        (1024, 48, "bf16", 1, 1056, 64),  # a 32 KiB block stride: one zero step more
+        (2048, 48, "bf16", 1, 2080, 64),
+        (3584, 48, "bf16", 1, 3616, 64),
+        (512, 48, "bf16", 1, 512, 64),  # below 1024: kept
+        (1056, 48, "bf16", 1, 1056, 64),  # a 33 KiB stride: kept
+        (1040, 48, "bf16", 1, 1056, 64),  # rounded up to 32 only
+        (64, 1024, "bf16", 1, 64, 1056),  # down too, with one tensor-parallel slice
+        (64, 2048, "bf16", 2, 64, 2048),  # two slices of 1024: down kept (2 x 1024 deep)
+        (1024, 1024, "int8", 1, 1024, 1024),  # codes are stored at the plain depth
     ],
 )
-def test_gate_up_blocks_depth(hidden: int, weight_dtype: str, depth: int) -> None:
-    """bf16 gate_up blocks are 16 rows x depth, depth = H rounded up to 32, plus a zero step of
-    32 when that is >= 1024 and a multiple of 512 (quant::gate_up_depth); down keeps I rounded up
-    to 32. int8 stores 16 x Kp codes per block and one fp32 scale per row."""
-    E, I = 2, 48  # noqa: E741
-    eng = kk.MoEEngine(E, 1, hidden, I, max_tokens=4, num_threads=1, weight_dtype=weight_dtype)
+def test_weight_blocks_depth(
+    hidden: int, inter: int, weight_dtype: str, tp: int, gu_depth: int, d_depth: int
+) -> None:
+    """bf16 blocks are 16 rows x depth: H (gate_up) or I (down) rounded up to 32, plus a zero step
+    of 32 when that is >= 1024 and a multiple of 512 (quant::unaliased_depth; down only with one
+    slice). int8 stores 16 x Kp codes per block and one fp32 scale per row."""
+    E = 2
+    eng = kk.MoEEngine(
+        E, 1, hidden, inter, max_tokens=4, num_threads=1, weight_dtype=weight_dtype, tp=tp
+    )
     rng = np.random.default_rng(7)
     eng.load_weights(
-        gate_up=rng.standard_normal((E, 2 * I, hidden), dtype=np.float32),
-        down=rng.standard_normal((E, hidden, I), dtype=np.float32),
+        gate_up=rng.standard_normal((E, 2 * inter, hidden), dtype=np.float32),
+        down=rng.standard_normal((E, hidden, inter), dtype=np.float32),
     )
-    hb, kpi = -(-hidden // 16) * 16, 64
+    hb = -(-hidden // 16) * 16
     if weight_dtype == "bf16":
-        want = E * 2 * I * depth * 2 + E * hb * kpi * 2
+        want = E * 2 * inter * gu_depth * 2 + E * hb * d_depth * 2
     else:
-        want = E * 2 * I * depth + E * hb * kpi + E * (2 * I + hb) * 4
+        want = E * 2 * inter * gu_depth + E * hb * d_depth + E * (2 * inter + hb) * 4
     assert eng.memory_stats()["weight_bytes"] == want
     eng.close()
 
@@ -389,9 +395,10 @@ def test_recompute_backward_needs_x() -> None:
 
 
 # The packed bf16 buffers of E=4, H=1040, I=1024: 2I rows of depth H padded to 1056 (a multiple
-# of 32), and H rows of depth I; both over the 8 MiB threshold, neither a whole number of 2 MiB.
+# of 32), and H rows of depth I with its zero step, 1056 (quant::unaliased_depth); both over the
+# 8 MiB threshold, neither a whole number of 2 MiB.
 _GATE_UP = 4 * 2 * 1024 * 1056 * 2  # 16.5 MiB
-_DOWN = 4 * 1040 * 1024 * 2  # 8.125 MiB
+_DOWN = 4 * 1040 * 1056 * 2  # 8.38 MiB
 _WHOLE_HUGE_PAGES = (16 << 20) + (8 << 20)  # the whole 2 MiB pages of each
 
 

@@ -74,7 +74,7 @@ def test_byte_limit_applies_to_wide_layers() -> None:
         kk.MoEEngine(4, 1, H, 32, max_tokens=2**30, num_threads=1)
     limit = int(str(info.value).rsplit(" ", 1)[1])
     # float32 rows of H + 32 per token: H is a multiple of 512, so bf16 rows (and gate_up blocks)
-    # hold one zero step more (quant::gate_up_depth)
+    # hold one zero step more (quant::unaliased_depth)
     assert limit == 2**47 // (4 * (H + 32))
     kk.MoEEngine(4, 1, H, 32, max_tokens=limit, num_threads=1).close()
     with pytest.raises(ValueError, match="max_tokens"):

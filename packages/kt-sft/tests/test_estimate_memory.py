@@ -36,8 +36,9 @@ def test_scratch_is_whole_small_pages_with_or_without_huge_pages(
 
 def test_rows_depth_follows_the_engine() -> None:
     """x and dY rows are as deep as the engine's gate_up blocks: H rounded up to 32, plus a zero
-    step of 32 for bf16 weights when that is >= 1024 and a multiple of 512. The engine's bf16
-    weight bytes (gate_up 2I x depth, down H x I rounded up to 32) show the depth it uses."""
+    step of 32 for bf16 weights when that is >= 1024 and a multiple of 512; the down blocks and h
+    rows follow the same rule from I. The engine's bf16 weight bytes (gate_up 2I x the H depth,
+    down H x the I depth) show the depths it uses."""
     hs = (512, 1000, 1024, 1056, 2048, 7168)
     assert [rows_depth(h) for h in hs] == [512, 1056, 1056, 1056, 2080, 7200]
     assert [rows_depth(h, "int8") for h in hs] == [512, 1024, 1024, 1056, 2048, 7168]
@@ -57,6 +58,8 @@ def test_rows_depth_follows_the_engine() -> None:
         num_experts=8, num_moe_layers=2, hidden_size=2048, intermediate_size=64, top_k=2
     )
     assert estimate_memory(shape).experts == 2 * 8 * (3 * 2048 * 64 + 2 * 64 * 32) * 2
+    wide = shape.replace(intermediate_size=1024)  # down's blocks take the zero step too
+    assert estimate_memory(wide).experts == 2 * 8 * (3 * 2048 * 1024 + (2 * 1024 + 2048) * 32) * 2
     assert estimate_memory(shape, weight_dtype="int8").experts == 2 * 8 * (
         3 * 2048 * 64 + (2 * 64 + 2048) * 4
     )
@@ -66,14 +69,15 @@ def test_rows_depth_follows_the_engine() -> None:
 
     import kt_kernels as kk
 
-    for h in (1024, 1040, 2048):
-        eng = kk.MoEEngine(2, 1, h, 32, max_tokens=4, num_threads=1)
+    for h, i in ((1024, 32), (1040, 32), (2048, 32), (64, 1024)):
+        eng = kk.MoEEngine(2, 1, h, i, max_tokens=4, num_threads=1, tp=1)
         eng.load_weights(
-            gate_up=np.zeros((2, 64, h), dtype=np.float32),
-            down=np.zeros((2, h, 32), dtype=np.float32),
+            gate_up=np.zeros((2, 2 * i, h), dtype=np.float32),
+            down=np.zeros((2, h, i), dtype=np.float32),
         )
         hb = -(-h // 16) * 16
-        assert eng.memory_stats()["weight_bytes"] == 2 * 64 * rows_depth(h) * 2 + 2 * hb * 32 * 2
+        want = 2 * 2 * i * rows_depth(h) * 2 + 2 * hb * rows_depth(i) * 2
+        assert eng.memory_stats()["weight_bytes"] == want
         eng.close()
 
 

@@ -214,7 +214,7 @@ MoEEngine::MoEEngine(const EngineConfig& cfg) : cfg_(cfg) {
   I_ = cfg.intermediate_size;
   r_ = cfg.lora_rank;
   KpH_ = kernels::packed_k(H_);
-  if (wkind_ == quant::Kind::bf16) KpH_ = quant::gate_up_depth(KpH_);  // x rows share it
+  if (wkind_ == quant::Kind::bf16) KpH_ = quant::unaliased_depth(KpH_);  // x rows share it
   KpI_ = kernels::packed_k(I_);
   nbI_ = kernels::packed_blocks(I_);
   nbH_ = kernels::packed_blocks(H_);
@@ -251,6 +251,12 @@ MoEEngine::MoEEngine(const EngineConfig& cfg) : cfg_(cfg) {
       sl->KpI = sl->fd.Kp;
       sl_.push_back(std::move(sl));
       u0 += nu;
+    }
+    // One slice: down's blocks and the h rows may take the zero step too (with more, a slice's
+    // depth would run into the next slice's h columns).
+    if (wkind_ == quant::Kind::bf16 && tp == 1) {
+      KpI_ = quant::unaliased_depth(KpI_);
+      sl_[0]->fd.Kp = sl_[0]->fd.group = sl_[0]->KpI = KpI_;
     }
     // Group s works on slice s, whose weights live on node s mod nodes: pin it there when every
     // node gets whole slices. One node (or KT_PIN_THREADS=0): logical groups, no pinning.

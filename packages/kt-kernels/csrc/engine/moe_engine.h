@@ -192,7 +192,7 @@ class MoEEngine {
 
   // Sizes.
   int64_t E_, K_, H_, I_, r_;
-  int64_t KpH_, KpI_;  // padded depths of the two GEMMs (KpH_: quant::gate_up_depth for bf16)
+  int64_t KpH_, KpI_;  // padded depths of the two GEMMs (bf16: quant::unaliased_depth)
   int64_t nbI_, nbH_;  // 16-row blocks of I and of H
   int64_t Ib_, Hb_;    // I and H rounded up to 16
   int64_t RA_;         // rows of the internal A: r (fused) or 2r (split)

@@ -23,7 +23,7 @@ Format make_format(Kind kind, int64_t K, int64_t group) {
   return f;
 }
 
-int64_t gate_up_depth(int64_t Kp) {
+int64_t unaliased_depth(int64_t Kp) {
   return Kp >= 1024 && Kp % 512 == 0 ? Kp + kernels::kPackK : Kp;
 }
 

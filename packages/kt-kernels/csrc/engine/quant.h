@@ -41,13 +41,14 @@ struct Format {
 
 Format make_format(Kind kind, int64_t K, int64_t group);
 
-// The depth at which bf16 gate_up blocks are stored: Kp plus one 32-deep step of zeros when the
-// block stride (32 * Kp bytes) is a multiple of 16 KiB and Kp >= 1024. Backward's transposed
-// repack reads the same 512-byte slice of every block; at such strides those slices share cache
-// sets (and DRAM banks) once huge pages make the physical stride equal the virtual one, which
-// made that repack 1.3x slower at Kp = 2048 (1.1-1.5x at 1024 to 7168). The zero step adds
-// exact zeros to every sum (32 / Kp more work).
-int64_t gate_up_depth(int64_t Kp);
+// The depth at which bf16 weight blocks are stored (gate_up: depth H; down, with one
+// tensor-parallel slice: depth I): Kp plus one 32-deep step of zeros when the block stride (32 * Kp
+// bytes) is a multiple of 16 KiB and Kp >= 1024. Backward's transposed repack reads the same
+// 512-byte slice of every block; at such strides those slices share cache sets (and DRAM banks)
+// once huge pages make the physical stride equal the virtual one, which made that repack 1.3x
+// slower at Kp = 2048 (1.1-1.5x at 1024 to 7168). The zero step adds exact zeros to every sum (32 /
+// Kp more work); the rows that meet it (x, dY, h) are as deep, their padding zero.
+int64_t unaliased_depth(int64_t Kp);
 inline int qmax(Kind k) { return k == Kind::int4 ? 7 : 127; }
 // Bytes of one packed block of 16 rows.
 int64_t block_bytes(const Format& f);

@@ -6,7 +6,8 @@ LoRA rank r, T tokens per step (batch × sequence), S = T·K routed rows:
 
     experts      = L · E · 3·H·I · w  +  scales
                    w = 2 (bf16), 1 (int8), 0.5 (int4) bytes per weight; bf16 adds
-                   L·E·2I·(KpH − H₃₂)·2 for the gate/up blocks' zero step (see KpH below)
+                   L·E·(2I·(KpH − H₃₂) + H·(KpI − I₃₂))·2 for the blocks' zero steps (KpH
+                   below; KpI the same rule for I, X₃₂: X rounded up to 32)
                    scales: int8 one fp32 per output row, L·E·(2I + H)·4;
                            int4 one fp32 per group of g inputs, L·E·3·H·I/g·4
     expert LoRA  = L · E · r·(2H + 3I) · 16      fp32 weight + grad + AdamW m and v (training)
@@ -212,8 +213,9 @@ def estimate_memory(
     I = shape.intermediate_size  # noqa: E741 - the formula's name
     r, T = lora_rank, max_tokens
     experts = L * E * 3 * H * I * WEIGHT_BYTES[weight_dtype]
-    if weight_dtype == "bf16":  # gate/up blocks stored one zero step deeper (rows_depth)
+    if weight_dtype == "bf16":  # blocks stored one zero step deeper (rows_depth; down: tp = 1)
         experts += L * E * 2 * I * (rows_depth(H) - -(-H // 32) * 32) * 2
+        experts += L * E * H * (rows_depth(I) - -(-I // 32) * 32) * 2
     if weight_dtype == "int8":
         experts += L * E * (2 * I + H) * 4
     elif weight_dtype == "int4":
@@ -280,7 +282,8 @@ def estimate_memory(
 def rows_depth(hidden_size: int, weight_dtype: str = "bf16") -> int:
     """KpH: the engine's depth of x and dY rows (bf16). H rounded up to 32; with bf16 weights
     one 32-deep step of zeros more when that is a multiple of 512 and at least 1024 (the engine's
-    gate_up blocks are stored that deep so that their stride is not a multiple of 16 KiB)."""
+    gate_up blocks are stored that deep so that their stride is not a multiple of 16 KiB). The
+    same rule gives the depth of the down blocks and h rows from I (one tensor-parallel slice)."""
     kp = -(-hidden_size // 32) * 32
     if weight_dtype == "bf16" and kp >= 1024 and kp % 512 == 0:
         kp += 32
