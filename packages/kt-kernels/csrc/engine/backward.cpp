@@ -180,15 +180,7 @@ void MoEEngine::run_backward(Ctx& c) {
   parallel_for(static_cast<int64_t>(tiles.size()), nt, [&](int64_t i, int th) {
     const Tile& tl = tiles[static_cast<size_t>(i)];
     const int64_t M = tl.m1 - tl.m0;
-    for (int64_t p = tl.m0; p < tl.m1; ++p) {
-      if (stream_dy) {
-        k.stream_rows_f32(1, KpH / 2, reinterpret_cast<const float*>(dtok + slot_tok[p] * KpH), 0,
-                          reinterpret_cast<float*>(dyg + p * KpH), 0);
-      } else {
-        std::memcpy(dyg + p * KpH, dtok + slot_tok[p] * KpH,
-                    static_cast<size_t>(KpH) * sizeof(bf16));
-      }
-    }
+    gather_rows(k, dtok, slot_tok, tl.m0, tl.m1, KpH, dyg, stream_dy);
     if (q8) {
       w8a8_quantize_dy(tl.e, M, dyg + tl.m0 * KpH, KpH, codes + tl.m0 * ldq_dy, sdy + tl.m0,
                        local_buf<float>(th, kL1, H));

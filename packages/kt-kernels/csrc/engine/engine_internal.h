@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <mutex>
 #include <vector>
 
@@ -43,6 +44,20 @@ inline constexpr int64_t kStreamMinBytes = int64_t{32} << 20;
 // Whether a write-once buffer of `floats` fp32 values is streamed (kStreamMinBytes).
 inline bool streamed(int64_t floats) {
   return floats * static_cast<int64_t>(sizeof(float)) >= kStreamMinBytes;
+}
+// Rows [p0, p1) of a buffer in expert order (ld bf16 each, ld even) from token rows:
+// dst + p * ld = src + slot_tok[p] * ld; with non-temporal stores when `stream` (streamed()).
+inline void gather_rows(const kernels::KernelTable& k, const bf16* src, const int32_t* slot_tok,
+                        int64_t p0, int64_t p1, int64_t ld, bf16* dst, bool stream) {
+  for (int64_t p = p0; p < p1; ++p) {
+    const bf16* row = src + slot_tok[p] * ld;
+    if (stream) {
+      k.stream_rows_f32(1, ld / 2, reinterpret_cast<const float*>(row), 0,
+                        reinterpret_cast<float*>(dst + p * ld), 0);
+    } else {
+      std::memcpy(dst + p * ld, row, static_cast<size_t>(ld) * sizeof(bf16));
+    }
+  }
 }
 inline constexpr int64_t kPairsFwd = 3;    // gate/up block pairs per gate_up tile (96 columns)
 inline constexpr int64_t kBlocksDown = 6;  // H blocks per down tile (96 columns)

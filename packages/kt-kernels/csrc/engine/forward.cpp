@@ -374,17 +374,7 @@ void MoEEngine::gather_phase(const int64_t* off, const int32_t* slot_tok, const 
   parallel_for(static_cast<int64_t>(tiles.size()), threads_, [&](int64_t i, int th) {
     const Tile& tl = tiles[static_cast<size_t>(i)];
     const int64_t M = tl.m1 - tl.m0;
-    if (xg != nullptr) {
-      for (int64_t p = tl.m0; p < tl.m1; ++p) {
-        if (stream) {
-          k.stream_rows_f32(1, KpH / 2, reinterpret_cast<const float*>(xb + slot_tok[p] * KpH), 0,
-                            reinterpret_cast<float*>(xg + p * KpH), 0);
-        } else {
-          std::memcpy(xg + p * KpH, xb + slot_tok[p] * KpH,
-                      static_cast<size_t>(KpH) * sizeof(bf16));
-        }
-      }
-    }
+    if (xg != nullptr) gather_rows(k, xb, slot_tok, tl.m0, tl.m1, KpH, xg, stream);
     if (xa != nullptr) {
       float* xf = local_buf<float>(th, kL0, M * H);
       for (int64_t m = 0; m < M; ++m) {
