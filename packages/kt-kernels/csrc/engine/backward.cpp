@@ -188,9 +188,8 @@ void MoEEngine::run_backward(Ctx& c) {
     if (dbias) down_bias_dw(tl.e, M, dyg + tl.m0 * KpH, KpH, dwb + tl.m0);
     if (lora) {
       float* yf = local_buf<float>(th, kL0, M * H);
-      for (int64_t m = 0; m < M; ++m) {
-        const int64_t p = tl.m0 + m;  // the same row, from where it is still cached
-        k.cvt_bf16_f32(H, stream_dy ? dtok + slot_tok[p] * KpH : dyg + p * KpH, yf + m * H);
+      for (int64_t m = 0; m < M; ++m) {  // the token's row: cached even when dyg was streamed
+        k.cvt_bf16_f32(H, dtok + slot_tok[tl.m0 + m] * KpH, yf + m * H);
       }
       k.gemm_f32_nt(M, r, H, 1.0f, yf, H, bd_t_ + tl.e * r * Hb, Hb, dyb + tl.m0 * r, r, false);
     }
