@@ -10,6 +10,7 @@ activations (with fp32 accumulation).
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -130,8 +131,12 @@ def named_trainable(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
 
 
 def copy_lora(src: nn.Module, dst: nn.Module, *, b_std: float | None = 0.02, seed: int = 0) -> None:
-    """Give ``dst`` the LoRA values of ``src`` (same names); with ``b_std`` both first get
-    random ``lora_B`` values (PEFT starts B at zero, which would zero every A gradient)."""
+    """Give ``dst`` the LoRA values of ``src`` (same names).
+
+    With ``b_std``, both first get fresh values from ``seed``: ``lora_B`` normal with that
+    standard deviation (PEFT starts B at zero, which would zero every A gradient) and ``lora_A``
+    from PEFT's default distribution, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), so the values do not
+    depend on the order in which a PEFT release creates its layers from the global RNG."""
     src_params = dict(named_trainable(src))
     dst_params = dict(named_trainable(dst))
     if src_params.keys() != dst_params.keys():
@@ -142,9 +147,12 @@ def copy_lora(src: nn.Module, dst: nn.Module, *, b_std: float | None = 0.02, see
         )
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in src_params.items():
+        for name, p in sorted(src_params.items()):
             if b_std is not None and "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * b_std)
+            elif b_std is not None and "lora_A" in name:
+                bound = 1.0 / math.sqrt(p.shape[-1])
+                p.copy_((torch.rand(p.shape, generator=gen) * 2 - 1) * bound)
             dst_params[name].copy_(p)
 
 
