@@ -100,6 +100,38 @@ void padded_tail(const int8_t* row, int64_t k0, int64_t K, int64_t width, int8_t
   for (int64_t i = 0; i < width; ++i) tail[i] = k0 + i < K ? row[k0 + i] : 0;
 }
 
+// The next block's run of a depth range (the transposed repack of backward reads a part of each
+// block's depth, a block-sized stride apart, which the hardware prefetchers do not follow), fetched
+// a lead of lines ahead of the bytes of the current run dequantized. A whole run at once (24 lines
+// for int8 at the engine's tile width) waits on the line fill buffers with no work to overlap; a
+// lead of 12 lines measured best of 4, 8 and 12 (docs/performance.md).
+class RunFetch {
+ public:
+  static constexpr int64_t kLead = 12;  // lines
+
+  RunFetch(const void* next, int64_t bytes, bool on)
+      : next_(static_cast<const char*>(next)), lines_(on ? (bytes + 63) / 64 : 0) {
+    to(kLead);
+  }
+  // Units of unit_bytes to dequantize between fetches: a lead's worth while lines remain to be
+  // fetched, else all of them (no reason to split the work).
+  int64_t piece(int64_t unit_bytes, int64_t all) const {
+    return issued_ < lines_ ? kLead * 64 / unit_bytes : all;
+  }
+  // bytes of the current run are dequantized
+  void after(int64_t bytes) { to(kLead + bytes / 64); }
+  void rest() { to(lines_); }
+
+ private:
+  void to(int64_t line) {
+    for (const int64_t end = std::min(line, lines_); issued_ < end; ++issued_)
+      __builtin_prefetch(next_ + issued_ * 64);
+  }
+  const char* next_;
+  int64_t lines_;
+  int64_t issued_ = 0;
+};
+
 // dequant_range for w8a8 blocks: whole k quads through the ISA's kernel; a pair at an odd end is
 // taken from its quad dequantized into a small buffer (same bits: each value is one product).
 void dequant_range_w8a8(const kernels::QuantKernels& qk, const Format& f, const uint8_t* blk,
@@ -108,15 +140,12 @@ void dequant_range_w8a8(const kernels::QuantKernels& qk, const Format& f, const 
   const int64_t bb = block_bytes(f);
   alignas(64) float sv[32];
   alignas(64) bf16 quad[64];
-  // The quads read in each block: as in dequant_range, fetch the next block's run now (the
-  // block-sized stride between runs is not followed by the hardware prefetchers).
+  // The quads read in each block.
   const int64_t q0 = kp0 / 2, q1 = (kp1 + 1) / 2;
   const int64_t run_bytes = (q1 - q0) * 64;
   for (int64_t b = 0; b < nblk; ++b) {
     const int8_t* src = reinterpret_cast<const int8_t*>(blk + b * bb);
-    if (run_bytes < bb && (b + 1 < nblk || fetch_after)) {
-      for (int64_t i = 0; i < run_bytes; i += 64) __builtin_prefetch(src + bb + q0 * 64 + i);
-    }
+    RunFetch fetch(src + bb + q0 * 64, run_bytes, run_bytes < bb && (b + 1 < nblk || fetch_after));
     for (int i = 0; i < 32; ++i) sv[i] = scales[b * kBlockN + i / 2];
     bf16* out = dst + b * kBlockN * dst_Kp - kp0 * 32;  // pair kp lands at (kp - kp0) * 32
     int64_t kp = kp0;
@@ -125,9 +154,15 @@ void dequant_range_w8a8(const kernels::QuantKernels& qk, const Format& f, const 
       std::memcpy(out + kp * 32, quad + 32, 32 * sizeof(bf16));
       ++kp;
     }
-    const int64_t whole = (kp1 - kp) / 2;
-    if (whole > 0) qk.i8x4(whole, src + (kp / 2) * 64, sv, out + kp * 32);
-    kp += 2 * whole;
+    const int64_t piece = fetch.piece(64, (kp1 - kp) / 2);  // quads
+    for (int64_t whole = (kp1 - kp) / 2; whole > 0;) {
+      const int64_t n = std::min(whole, piece);
+      qk.i8x4(n, src + (kp / 2) * 64, sv, out + kp * 32);
+      kp += 2 * n;
+      whole -= n;
+      fetch.after((kp - kp0) * 32);
+    }
+    fetch.rest();
     if (kp < kp1) {  // first pair of the last quad
       qk.i8x4(1, src + (kp / 2) * 64, sv, quad);
       std::memcpy(out + kp * 32, quad, 32 * sizeof(bf16));
@@ -221,22 +256,23 @@ void dequant_range(const kernels::QuantKernels& qk, const Format& f, const uint8
     const uint8_t* src = blk + b * bb;
     const float* sc = scales + b * kBlockN * f.ngroups;
     bf16* out = dst + b * kBlockN * dst_Kp - kp0 * 32;  // pair kp lands at (kp - kp0) * 32
-    // A part of each block's depth (the transposed repack of backward) leaves a block-sized stride
-    // between the runs read, which the hardware prefetchers do not follow: fetch the next run now.
-    if (run_bytes < bb && (b + 1 < nblk || fetch_after)) {
-      for (int64_t i = 0; i < run_bytes; i += 64)
-        __builtin_prefetch(src + bb + kp0 * pair_bytes + i);
-    }
+    RunFetch fetch(src + bb + kp0 * pair_bytes, run_bytes,
+                   run_bytes < bb && (b + 1 < nblk || fetch_after));
+    const int64_t piece = fetch.piece(pair_bytes, kp1 - kp0);  // pairs
     for (int64_t g = kp0 / kp_per_group; g * kp_per_group < kp1; ++g) {
       for (int i = 0; i < 32; ++i) sv[i] = sc[(i / 2) * f.ngroups + g];
-      const int64_t ga = std::max(kp0, g * kp_per_group);
       const int64_t gb = std::min(kp1, (g + 1) * kp_per_group);
-      if (f.kind == Kind::int8) {
-        qk.i8(gb - ga, reinterpret_cast<const int8_t*>(src) + ga * 32, sv, out + ga * 32);
-      } else {
-        qk.i4(gb - ga, src + ga * 16, sv, out + ga * 32);
+      for (int64_t ga = std::max(kp0, g * kp_per_group); ga < gb; ga += piece) {
+        const int64_t n = std::min(piece, gb - ga);
+        if (f.kind == Kind::int8) {
+          qk.i8(n, reinterpret_cast<const int8_t*>(src) + ga * 32, sv, out + ga * 32);
+        } else {
+          qk.i4(n, src + ga * 16, sv, out + ga * 32);
+        }
+        fetch.after((ga + n - kp0) * pair_bytes);
       }
     }
+    fetch.rest();
     const int64_t done = kp1 - kp0;
     if (done < dst_Kp / 2) {
       std::memset(dst + b * kBlockN * dst_Kp + done * 32, 0,
