@@ -6,6 +6,11 @@ backward), PyTorch's dense bf16 matmul GFLOP/s at a comparable shape (the practi
 machine), our GFLOP/s and its share of that peak, the speed-up over PyTorch, and our peak RSS.
 
 Every measurement runs in a fresh subprocess, so peak RSS belongs to one engine and one shape.
+Rows are measured in rounds (--rounds, default 3; 1 with --quick): each round runs the peak, the
+torch baseline and every engine row of a shape at every thread count, odd rounds in reverse order,
+so the machine's drift reaches ours and the baseline alike. ms are medians over rounds of each run's
+median step; the speed-up over torch, the ratios to bf16 and the 1 -> 2 thread scaling are medians
+of the per-round ratios; the peak is the best of its samples before each round and after the last.
 
     python bench/bench_moe_layer.py                   # all shapes, 1 and 2 threads
     python bench/bench_moe_layer.py --quick           # fewer repetitions, 2 threads, T <= 1024
@@ -41,6 +46,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -222,6 +228,7 @@ def worker_ours(
         "load_peak_rss": load_peak,
         "phases": eng.last_timings(),
         "resident_weight_bytes": eng.memory_stats().get("weight_bytes"),
+        "load_average": os.getloadavg()[0],
     }
     eng.close()
     return res
@@ -472,45 +479,78 @@ def run_worker(
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _row(
+def _median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def _round_times(res: dict) -> dict:
+    """One worker run (one round of one row): median forward, backward and step seconds of its
+    timed steps."""
+    return {
+        "fwd": _median(res["fwd"]),
+        "bwd": _median(res["bwd"]),
+        "total": _median([f + b for f, b in zip(res["fwd"], res["bwd"])]),
+    }
+
+
+def summarize_row(
     case: Case,
     threads: int,
     weight_dtype: str,
-    ours: dict,
-    peak: dict,
-    torch_total: float | None,
-    torch_cpu: float | None,
+    ours_rounds: list[dict],
+    peak_samples: list[float],
+    torch_rounds: list[dict] | None,
 ) -> dict:
-    fwd, bwd = min(ours["fwd"]), min(ours["bwd"])
-    total = fwd + bwd
+    """One table row from its rounds: ms are medians over rounds of each run's median step; the
+    speed-up over torch is the median of the per-round ratios (each round's torch run is the
+    neighbour of that round's engine runs); the peak is the best of every peak sample of the case
+    and thread count, taken before each round and after the last."""
+    ours = [_round_times(r) for r in ours_rounds]
+    total = _median([o["total"] for o in ours])
+    torch_total = speedup = torch_cpu = None
+    if torch_rounds:
+        tt = [_round_times(r)["total"] for r in torch_rounds]
+        torch_total = _median(tt)
+        speedup = _median([t / o["total"] for t, o in zip(tt, ours)])
+        torch_cpu = _median([_median(r["cpu"]) for r in torch_rounds])
+    last = ours_rounds[-1]
     return {
         "case": asdict(case),
         "threads": threads,
         "weight_dtype": weight_dtype,
-        "isa": ours["isa"],
-        "fwd_ms": fwd * 1e3,
-        "bwd_ms": bwd * 1e3,
+        "isa": last["isa"],
+        "rounds": len(ours_rounds),
+        "fwd_ms": _median([o["fwd"] for o in ours]) * 1e3,
+        "bwd_ms": _median([o["bwd"] for o in ours]) * 1e3,
         "total_ms": total * 1e3,
+        "round_total_ms": [o["total"] * 1e3 for o in ours],
         "torch_total_ms": torch_total * 1e3 if torch_total else None,
-        "peak_gflops": peak["gflops"],
+        "speedup": speedup,
+        "peak_gflops": max(peak_samples),
+        "peak_samples_gflops": list(peak_samples),
         "gflops": (case.fwd_flops() + case.bwd_flops()) / total / 1e9,
         "work_gflops": 2 * case.fwd_flops() / total / 1e9,
-        "peak_rss_bytes": ours["peak_rss"],
-        "load_peak_rss_bytes": ours["load_peak_rss"],
+        "peak_rss_bytes": max(r["peak_rss"] for r in ours_rounds),
+        "load_peak_rss_bytes": max(r["load_peak_rss"] for r in ours_rounds),
         "weight_bytes": case.weight_bytes(),
-        "resident_weight_bytes": ours.get("resident_weight_bytes"),
-        "phases_ms": ours.get("phases", {}),
-        "cpu_s_per_step": min(ours["cpu"]),
+        "resident_weight_bytes": last.get("resident_weight_bytes"),
+        "phases_ms": last.get("phases", {}),
+        "cpu_s_per_step": _median([_median(r["cpu"]) for r in ours_rounds]),
         "torch_cpu_s_per_step": torch_cpu,
-        "load_average": os.getloadavg()[0],
+        "load_average": max(r.get("load_average", 0.0) for r in ours_rounds),
     }
+
+
+def round_ratios(num: list[float], den: list[float]) -> float:
+    """The median over rounds of num[i] / den[i] (two rows measured in the same rounds)."""
+    return _median([a / b for a, b in zip(num, den)])
 
 
 def _print_row(r: dict) -> None:
     c = r["case"]
     total = r["total_ms"]
     torch_total = r["torch_total_ms"]
-    speed = f"{torch_total / total:7.2f}x" if torch_total else f"{'-':>8}"
+    speed = f"{r['speedup']:7.2f}x" if r["speedup"] else f"{'-':>8}"
     tms = f"{torch_total:10.1f}" if torch_total else f"{'-':>10}"
     busy = r["load_average"] > (os.cpu_count() or 1) + 0.5
     peak = r["peak_gflops"]
@@ -523,6 +563,65 @@ def _print_row(r: dict) -> None:
         f"{rss / r['weight_bytes']:7.2f}{'  (busy machine)' if busy else ''}",
         flush=True,
     )
+
+
+def run_case(
+    case: Case,
+    thread_list: list[int],
+    dtypes: list[str],
+    rounds: int,
+    warmup: int,
+    reps: int,
+    isa: str | None,
+    no_torch: bool,
+) -> list[dict]:
+    """Every row of one case, measured in `rounds` rounds. A round runs the peak, the torch
+    baseline and the engine for every weight type at every thread count, each in its own process;
+    odd rounds run that sequence in reverse, so no row always follows the same neighbour and the
+    machine's drift reaches ours and the baseline alike. One more peak sample per thread count
+    follows the last round. Prints the case's rows and returns them."""
+    peaks: dict[int, list[float]] = {t: [] for t in thread_list}
+    torch_runs: dict[int, list[dict]] = {t: [] for t in thread_list}
+    ours_runs: dict[tuple[int, str], list[dict]] = {
+        (t, wd): [] for t in thread_list for wd in dtypes
+    }
+    for rnd in range(rounds):
+        seq: list[tuple[str, int, str | None]] = []
+        for threads in thread_list:
+            seq.append(("peak", threads, None))
+            if not no_torch:
+                seq.append(("torch", threads, None))
+            seq += [("ours", threads, wd) for wd in dtypes]
+        if rnd % 2 == 1:
+            seq.reverse()
+        for kind, threads, wd in seq:
+            if kind == "peak":
+                peaks[threads].append(
+                    run_worker("peak", case, threads, warmup, reps, None)["gflops"]
+                )
+            elif kind == "torch":
+                torch_runs[threads].append(run_worker("torch", case, threads, warmup, reps, None))
+            else:
+                ours_runs[(threads, wd)].append(
+                    run_worker("ours", case, threads, warmup, reps, isa, wd)
+                )
+    for threads in thread_list:
+        peaks[threads].append(run_worker("peak", case, threads, warmup, reps, None)["gflops"])
+    rows = []
+    for threads in thread_list:
+        for wd in dtypes:
+            rows.append(
+                summarize_row(
+                    case,
+                    threads,
+                    wd,
+                    ours_runs[(threads, wd)],
+                    peaks[threads],
+                    None if no_torch else torch_runs[threads],
+                )
+            )
+            _print_row(rows[-1])
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -540,6 +639,12 @@ def main(argv: list[str] | None = None) -> int:
         help="1 warm-up + 2 timed steps, 2 threads, qwen3 only at T=1024",
     )
     p.add_argument("--reps", type=int, default=None, help="timed steps per measurement")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="rounds of every row of a shape, alternating (default 3; 1 with --quick)",
+    )
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first")
     p.add_argument("--isa", default=None, help="force the engine's ISA (default: best runnable)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch eager baseline")
@@ -579,6 +684,9 @@ def main(argv: list[str] | None = None) -> int:
 
     warmup = args.warmup if args.warmup is not None else 1
     reps = args.reps if args.reps is not None else (2 if args.quick else 3)
+    rounds = args.rounds if args.rounds is not None else (1 if args.quick else 3)
+    if rounds < 1 or reps < 1:
+        p.error("--rounds and --reps must be at least 1")
     if args.threads:
         thread_list = [int(t) for t in args.threads.split(",")]
     else:
@@ -609,15 +717,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"kt-kernels {kk.__version__}, CPU: {cpu}, {os.cpu_count()} logical CPUs")
     if not args.decode_only:
         print(
-            f"timed steps: {reps} after {warmup} warm-up; ms are the best step (least disturbed by "
-            f"other load); load average now: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+            f"{rounds} round(s) per shape, each running every row (peak, torch, ours per weight "
+            f"type and thread count) in its own process, odd rounds in reverse order; per run "
+            f"{reps} timed steps after {warmup} warm-up; ms are medians over rounds of each run's "
+            f"median step; speed-ups and ratios are medians of the per-round ratios; load average "
+            f"now: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
         )
         print(
             "FLOPs: forward = 2 T K (3 H I + r (2 H + 3 I)); backward = 2 x forward (convention); "
             "total = fwd + bwd."
         )
         print(
-            "peak: PyTorch dense bf16 matmul T x H x 2I, same threads. "
+            "peak: PyTorch dense bf16 matmul T x H x 2I, same threads, best of its samples before "
+            "each round and after the last. "
             "'work GFLOP/s' counts backward as 1 x forward (no base-weight grads).\n"
         )
 
@@ -634,17 +746,9 @@ def main(argv: list[str] | None = None) -> int:
         print("-" * len(header))
     results = []
     for case in cases:
-        for threads in thread_list:
-            peak = run_worker("peak", case, threads, warmup, reps, None)
-            torch_total = torch_cpu = None
-            if not args.no_torch:
-                tr = run_worker("torch", case, threads, warmup, reps, None)
-                torch_total = min(a + b for a, b in zip(tr["fwd"], tr["bwd"]))
-                torch_cpu = min(tr["cpu"])
-            for wd in dtypes:
-                ours = run_worker("ours", case, threads, warmup, reps, args.isa, wd)
-                results.append(_row(case, threads, wd, ours, peak, torch_total, torch_cpu))
-                _print_row(results[-1])
+        results += run_case(
+            case, thread_list, dtypes, rounds, warmup, reps, args.isa, args.no_torch
+        )
     by_key = {
         (r["case"]["name"], r["case"]["T"], r["threads"]): r
         for r in results
@@ -657,10 +761,11 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if any(base for _, base in quant):
         print(
-            "\nspeed vs bf16 (same shape and threads): "
+            "\nspeed vs bf16 (same shape and threads; median over rounds of the per-round "
+            "ratio): "
             + ", ".join(
                 f"{r['weight_dtype']} {r['case']['name']} T={r['case']['T']} thr={r['threads']}: "
-                f"{base['total_ms'] / r['total_ms']:.2f}x"
+                f"{round_ratios(base['round_total_ms'], r['round_total_ms']):.2f}x"
                 for r, base in quant
                 if base
             )
@@ -669,13 +774,13 @@ def main(argv: list[str] | None = None) -> int:
         (r["weight_dtype"], r["case"]["name"], r["case"]["T"], r["threads"]): r for r in results
     }
     scaling = [
-        (k, every[(*k[:3], 1)]["total_ms"] / r["total_ms"])
+        (k, round_ratios(every[(*k[:3], 1)]["round_total_ms"], r["round_total_ms"]))
         for k, r in every.items()
         if k[3] == 2 and (*k[:3], 1) in every
     ]
     if scaling:
         print(
-            "\n1 -> 2 threads: "
+            "\n1 -> 2 threads (median over rounds of the per-round ratio): "
             + ", ".join(f"{wd} {n} T={t}: {s:.2f}x" for (wd, n, t, _), s in scaling)
         )
     if cases:
