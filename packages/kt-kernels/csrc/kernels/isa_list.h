@@ -17,6 +17,7 @@
   X(scalar,      "",                                             true) \
   X(avx2,        "-mavx2 -mfma -mf16c",                          f.avx2 && f.fma && f.f16c) \
   X(avx512,      "-mavx512f -mavx512bw -mavx512vl -mavx512dq",   f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq) \
-  X(avx512_bf16, "-mavx512bf16 -mavx512vnni",                    f.avx512_bf16 && f.avx512_vnni) \
+  X(avx512_vnni, "-mavx512vnni",                                 f.avx512_vnni) \
+  X(avx512_bf16, "-mavx512bf16",                                 f.avx512_bf16) \
   X(amx,         "-mamx-tile -mamx-bf16 -mamx-int8",             f.amx_tile && f.amx_bf16 && f.amx_int8)
 // clang-format on

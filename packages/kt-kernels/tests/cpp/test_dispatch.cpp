@@ -141,6 +141,7 @@ TEST(availability_follows_cpu_features) {
   if (!f.avx512_bf16) REQUIRE(!isa_runnable(Isa::avx512_bf16), "avx512_bf16 without the flag");
   if (!f.amx_bf16) REQUIRE(!isa_runnable(Isa::amx), "amx runnable without AMX-BF16");
   // gemm_i8 of these ISAs uses vpdpbusd / tdpbssd.
+  if (!f.avx512_vnni) REQUIRE(!isa_runnable(Isa::avx512_vnni), "avx512_vnni without VNNI");
   if (!f.avx512_vnni) REQUIRE(!isa_runnable(Isa::avx512_bf16), "avx512_bf16 without VNNI");
   if (!f.amx_int8) REQUIRE(!isa_runnable(Isa::amx), "amx runnable without AMX-INT8");
   const auto avail = available_isas();

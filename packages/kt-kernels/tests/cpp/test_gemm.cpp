@@ -1,7 +1,8 @@
 // gemm_bf16 of every ISA runnable here against the scalar reference.
 //
 // Tolerances vs scalar:
-//  * avx2, avx512: 0 (bit-identical). They add the products of A[m,k] and B[n,k] in the same k
+//  * avx2, avx512, avx512_vnni (avx512's gemm_bf16): 0 (bit-identical). They add the products of
+//  A[m,k] and B[n,k] in the same k
 //    order as the reference, starting from the same C, and a bf16 x bf16 product is exact in fp32,
 //    so an FMA rounds exactly where the reference's add does. (Holds for normal numbers; a product
 //    below 2^-126 would round differently, which these tests do not produce.)
@@ -26,7 +27,9 @@ using kt::testing::MatA;
 
 namespace {
 
-bool bit_exact(Isa isa) { return isa == Isa::scalar || isa == Isa::avx2 || isa == Isa::avx512; }
+bool bit_exact(Isa isa) {
+  return isa == Isa::scalar || isa == Isa::avx2 || isa == Isa::avx512 || isa == Isa::avx512_vnni;
+}
 
 // The SIMD ISAs runnable here, each checked to really be served by its own kernels (so a failed
 // self-test cannot hide behind the fallback).

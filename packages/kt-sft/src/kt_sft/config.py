@@ -130,7 +130,7 @@ class KTConfig:
     Attributes:
         backend: ``"engine"`` (the compiled kt-kernels engine) or ``"torch"`` (the fp32 PyTorch
             reference of the same operator: slow, exact, used by tests and as a fallback).
-        isa: force a kernel ISA (``scalar|avx2|avx512|avx512_bf16|amx``); ``None`` picks the
+        isa: force a kernel ISA (``scalar|avx2|avx512|avx512_vnni|avx512_bf16|amx``); ``None`` picks the
             best one this CPU runs.
         num_threads: engine worker threads; ``None`` means one per physical core. More threads
             than cores is allowed but warned about.
