@@ -106,11 +106,36 @@ struct Operand<Q4Blocks> {
   }
 };
 
+// A's rows are widened to fp32 a chunk of depth at a time, into an L1 buffer, before the FMAs
+// read them as broadcasts (load-port work only). Widening a broadcast pair in the inner loop
+// instead took two vector ALU instructions per row and k pair (shift, mask), on the two ports the
+// FMAs need: 36 FMAs came with 18 such instructions per k pair of a 6 x 3 tile, now with 6 (B's)
+// and the chunk's one pass (measured: docs/performance.md). The widening is exact, so the bits
+// are unchanged.
+constexpr int64_t kChunkPairs = 128;  // k pairs per chunk: MR rows x 1 KiB of fp32
+
+// Rows [0, MR) of A, k pairs [kp0, kp1), as fp32 into out (row m at out + m * 2 * kChunkPairs).
+template <int MR>
+inline void widen_rows(const bf16* A, int64_t lda, int64_t kp0, int64_t kp1, float* out) {
+  const int64_t n = 2 * (kp1 - kp0);
+  for (int m = 0; m < MR; ++m) {
+    const bf16* a = A + m * lda + 2 * kp0;
+    float* o = out + m * 2 * kChunkPairs;
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + i));
+      _mm512_store_ps(o + i, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16)));
+    }
+    for (; i < n; ++i) o[i] = bf16_to_f32(a[i]);
+  }
+}
+
 // MR rows x NR blocks; 6 x 3 uses 18 accumulators + 6 widened B rows + 2 A broadcasts.
 template <int MR, int NR>
 struct Tile {
   template <class Src>
   static void run(const TileArgs<Src>& t) {
+    alignas(64) float a32[MR][2 * kChunkPairs];
     VecF c[MR][NR];
     KT_UNROLL for (int m = 0; m < MR; ++m) {
       KT_UNROLL for (int n = 0; n < NR; ++n) {
@@ -118,19 +143,27 @@ struct Tile {
       }
     }
     const int64_t pairs = t.Kp / 2, span = t.B.group_pairs(pairs);
+    int64_t chunk0 = 0, chunk1 = 0;  // the pairs held in a32
     for (int64_t g = 0; g * span < pairs; ++g) {
       Operand<Src> op[NR];
       KT_UNROLL for (int n = 0; n < NR; ++n) op[n].init(t.B.at(n), g);
       const int64_t k1 = std::min(pairs, (g + 1) * span);
-      for (int64_t kk = g * span; kk < k1; ++kk) {
-        VecF b0[NR], b1[NR];
-        KT_UNROLL for (int n = 0; n < NR; ++n) op[n].load(kk, b0[n], b1[n]);
-        KT_UNROLL for (int m = 0; m < MR; ++m) {
-          const VecI p = bcast_pair(t.A + m * t.lda + 2 * kk);
-          const VecF a0 = even_k(p), a1 = odd_k(p);
-          KT_UNROLL for (int n = 0; n < NR; ++n) {
-            c[m][n] = vfma(a0, b0[n], c[m][n]);
-            c[m][n] = vfma(a1, b1[n], c[m][n]);
+      for (int64_t kk = g * span; kk < k1;) {
+        if (kk >= chunk1) {
+          chunk0 = kk;
+          chunk1 = std::min(pairs, kk + kChunkPairs);
+          widen_rows<MR>(t.A, t.lda, chunk0, chunk1, &a32[0][0]);
+        }
+        for (const int64_t stop = std::min(k1, chunk1); kk < stop; ++kk) {
+          VecF b0[NR], b1[NR];
+          KT_UNROLL for (int n = 0; n < NR; ++n) op[n].load(kk, b0[n], b1[n]);
+          const int64_t i = 2 * (kk - chunk0);
+          KT_UNROLL for (int m = 0; m < MR; ++m) {
+            const VecF a0 = _mm512_set1_ps(a32[m][i]), a1 = _mm512_set1_ps(a32[m][i + 1]);
+            KT_UNROLL for (int n = 0; n < NR; ++n) {
+              c[m][n] = vfma(a0, b0[n], c[m][n]);
+              c[m][n] = vfma(a1, b1[n], c[m][n]);
+            }
           }
         }
       }
