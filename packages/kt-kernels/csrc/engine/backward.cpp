@@ -249,7 +249,7 @@ void MoEEngine::run_backward(Ctx& c) {
       const int64_t M = std::min(kRowsBwd, tl.m1 - m0);
       if (q8) {
         k.gemm_i8(M, np, ldq_dy, codes + m0 * ldq_dy, ldq_dy, wdt8, acc8, ni, false);
-        w8a8::apply_scales(M, ni, acc8, ni, sdy + m0, nullptr, D, ni);
+        k_.scale_i32_f32(M, ni, acc8, ni, sdy + m0, nullptr, D, ni);
       } else {
         k.gemm_bf16(M, np, KtH, dyg + m0 * KpH, KpH, wdt, D, ni, false);
       }
@@ -438,7 +438,7 @@ void MoEEngine::run_backward(Ctx& c) {
           const size_t si = static_cast<size_t>(sidx);
           k.gemm_i8(M, nb, lay.depth[si], codes + m0 * lay.ld + lay.seg_off[si], lay.ld, wgt8, acc8,
                     nh, false);
-          w8a8::apply_scales(M, nh, acc8, nh, sdgu + m0, nullptr, C, ldc);
+          k_.scale_i32_f32(M, nh, acc8, nh, sdgu + m0, nullptr, C, ldc);
         } else {
           k.gemm_bf16(M, nb, depth, dgu + m0 * Kgu + c0, Kgu, wgt, C, ldc, false);
         }

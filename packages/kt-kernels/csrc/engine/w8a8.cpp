@@ -62,20 +62,6 @@ void gather_rows(int64_t n, const int32_t* rows, const int8_t* src, const float*
   });
 }
 
-void apply_scales(int64_t M, int64_t N, const int32_t* acc, int64_t ldacc, const float* sa,
-                  const float* sw, float* C, int64_t ldc) {
-  for (int64_t m = 0; m < M; ++m) {
-    const int32_t* a = acc + m * ldacc;
-    const float s = sa[m];
-    float* c = C + m * ldc;
-    if (sw != nullptr) {
-      for (int64_t j = 0; j < N; ++j) c[j] = (static_cast<float>(a[j]) * s) * sw[j];
-    } else {
-      for (int64_t j = 0; j < N; ++j) c[j] = static_cast<float>(a[j]) * s;
-    }
-  }
-}
-
 float quantize_scaled(const kernels::QuantKernels& qk, const ScaledSpan* spans, int nspans,
                       float* tmp) {
   int64_t total = 0;
@@ -128,7 +114,7 @@ void MoEEngine::w8a8_gate_up_tile(int64_t e, int64_t p0, int64_t np, int64_t M, 
       th, slot, static_cast<size_t>(M * ncols) * sizeof(int32_t)));
   k_.gemm_i8(M, 2 * np, fgu_.Kp, xq, ldq, sl.wgu.as<int8_t>() + gb * quant::block_bytes(fgu_), acc,
              ncols, false);
-  w8a8::apply_scales(M, ncols, acc, ncols, sx, sl.sgu.as<float>() + gb * kBlockN, C, ldc);
+  k_.scale_i32_f32(M, ncols, acc, ncols, sx, sl.sgu.as<float>() + gb * kBlockN, C, ldc);
 }
 
 void MoEEngine::w8a8_down_tile(int s, int64_t e, int64_t b0, int64_t nb, int64_t M,
@@ -142,7 +128,7 @@ void MoEEngine::w8a8_down_tile(int s, int64_t e, int64_t b0, int64_t nb, int64_t
   k_.gemm_i8(M, nb, sl.KpI, hq + kBlockN * sl.b0, ldq,
              sl.wd.as<int8_t>() + gb * quant::block_bytes(sl.fd), acc, ncols, false);
   // A row's scale is the same in every slice (rows are quantized whole).
-  w8a8::apply_scales(M, ncols, acc, ncols, sh, sl.sd.as<float>() + gb * kBlockN, C, ldc);
+  k_.scale_i32_f32(M, ncols, acc, ncols, sh, sl.sd.as<float>() + gb * kBlockN, C, ldc);
 }
 
 // ---- the int8 backward (backward_dtype "int8") ------------------------------------------------

@@ -66,11 +66,6 @@ void quantize_rows(const kernels::KernelTable& k, const kernels::QuantKernels& q
 void gather_rows(int64_t n, const int32_t* rows, const int8_t* src, const float* ssrc, int64_t ld,
                  int8_t* dst, float* sdst, int nt);
 
-// C[m, c] = (float(acc[m, c]) * sa[m]) * sw[c] for m < M, c < N; sw null (the int8 backward,
-// whose channel scales went into the rows): float(acc[m, c]) * sa[m].
-void apply_scales(int64_t M, int64_t N, const int32_t* acc, int64_t ldacc, const float* sa,
-                  const float* sw, float* C, int64_t ldc);
-
 // One run of a gradient row for quantize_scaled: v = float(g[k]) * sw[k] for k < n, codes into
 // q[0, n) and zeros into q[n, padded).
 struct ScaledSpan {

@@ -169,6 +169,11 @@ using cvt_f32_bf16_fn = void (*)(int64_t n, const float* src, bf16* dst);  // ro
 using stream_rows_f32_fn = void (*)(int64_t rows, int64_t cols, const float* src, int64_t lds,
                                     float* dst, int64_t ldd);
 
+// C[m, j] = (float(acc[m, j]) * sa[m]) * sw[j] for m < M, j < N: two separately rounded products
+// (sw null: float(acc[m, j]) * sa[m]). W8A8's int32 sums to fp32 with their row and column scales.
+using scale_i32_f32_fn = void (*)(int64_t M, int64_t N, const int32_t* acc, int64_t ldacc,
+                                  const float* sa, const float* sw, float* C, int64_t ldc);
+
 // h = silu(g) * u, silu(g) = g / (1 + exp(-g)).
 using silu_mul_fn = void (*)(int64_t n, const float* g, const float* u, float* h);
 // Given dh: dg = dh * u * silu'(g), du = dh * silu(g).
@@ -222,6 +227,7 @@ struct KernelTable {
   cvt_bf16_f32_fn cvt_bf16_f32 = nullptr;
   cvt_f32_bf16_fn cvt_f32_bf16 = nullptr;
   stream_rows_f32_fn stream_rows_f32 = nullptr;
+  scale_i32_f32_fn scale_i32_f32 = nullptr;
   silu_mul_fn silu_mul = nullptr;
   silu_mul_bwd_fn silu_mul_bwd = nullptr;
   pack_transposed_fn pack_transposed = nullptr;

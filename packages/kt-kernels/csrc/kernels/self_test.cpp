@@ -204,6 +204,25 @@ std::string check_helpers(const KernelTable& t, const KernelTable& ref) {
       return "stream_rows_f32 offset=" + std::to_string(off) + " differs from the reference";
     }
   }
+  // W8A8 scaling: the same two products, with and without column scales.
+  for (const bool cols : {true, false}) {
+    const int64_t M = 3, N = 37, ldacc = 40, ldc = 41;
+    std::vector<int32_t> acc(static_cast<size_t>(M * ldacc));
+    for (size_t i = 0; i < acc.size(); ++i) {
+      acc[i] = static_cast<int32_t>((i * 2654435761u) % 2000003u) - 1000001;
+    }
+    const auto sa = test_floats(static_cast<size_t>(M), 15, false);
+    const auto sw = test_floats(static_cast<size_t>(N), 16, false);
+    std::vector<float> got(static_cast<size_t>(M * ldc), 3.0f), want = got;
+    t.scale_i32_f32(M, N, acc.data(), ldacc, sa.data(), cols ? sw.data() : nullptr, got.data(),
+                    ldc);
+    ref.scale_i32_f32(M, N, acc.data(), ldacc, sa.data(), cols ? sw.data() : nullptr, want.data(),
+                      ldc);
+    if (!same_bits(got.data(), want.data(), got.size())) {
+      return std::string("scale_i32_f32 ") + (cols ? "with" : "without") +
+             " column scales differs from the reference";
+    }
+  }
   // SiLU gate: a polynomial exp may differ from libm's in the last bits.
   for (int64_t n : {1, 13, 40}) {
     const auto g = test_floats(static_cast<size_t>(n), 11, false);

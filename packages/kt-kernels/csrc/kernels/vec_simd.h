@@ -69,6 +69,10 @@ inline VI iselect_gt(VI a, VI b, VI if_gt, VI otherwise) {  // signed a > b
 }
 inline VF vload(const float* p) { return _mm512_loadu_ps(p); }
 inline VF vload_n(const float* p, int n) { return _mm512_maskz_loadu_ps(lanes(n), p); }
+// n int32 converted to fp32 (round to nearest even, as static_cast<float>).
+inline VF vload_i32_n(const int32_t* p, int n) {
+  return _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(lanes(n), p));
+}
 inline void vstore(float* p, VF v) { _mm512_storeu_ps(p, v); }
 inline void vstore_n(float* p, VF v, int n) { _mm512_mask_storeu_ps(p, lanes(n), v); }
 inline void vstream(float* p, VF v) { _mm512_stream_ps(p, v); }  // p: W floats aligned
@@ -129,6 +133,9 @@ inline VI iselect_gt(VI a, VI b, VI if_gt, VI otherwise) {
 }
 inline VF vload(const float* p) { return _mm256_loadu_ps(p); }
 inline VF vload_n(const float* p, int n) { return _mm256_maskload_ps(p, lane_mask(n)); }
+inline VF vload_i32_n(const int32_t* p, int n) {
+  return _mm256_cvtepi32_ps(_mm256_maskload_epi32(p, lane_mask(n)));
+}
 inline void vstore(float* p, VF v) { _mm256_storeu_ps(p, v); }
 inline void vstore_n(float* p, VF v, int n) { _mm256_maskstore_ps(p, lane_mask(n), v); }
 inline void vstream(float* p, VF v) { _mm256_stream_ps(p, v); }  // p: W floats aligned
@@ -362,6 +369,20 @@ void stream_rows_f32(int64_t rows, int64_t cols, const float* src, int64_t lds, 
     }
   }
   _mm_sfence();
+}
+
+// ---- W8A8 scaling -------------------------------------------------------------------------------
+void scale_i32_f32(int64_t M, int64_t N, const int32_t* acc, int64_t ldacc, const float* sa,
+                   const float* sw, float* C, int64_t ldc) {
+  for (int64_t m = 0; m < M; ++m) {
+    const VF s = vset1(sa[m]);
+    for (int64_t j = 0; j < N; j += W) {
+      const int cnt = clamp_lanes(N - j);
+      VF v = vmul(vload_i32_n(acc + m * ldacc + j, cnt), s);
+      if (sw != nullptr) v = vmul(v, vload_n(sw + j, cnt));
+      vstore_n(C + m * ldc + j, v, cnt);
+    }
+  }
 }
 
 // ---- conversions --------------------------------------------------------------------------------
@@ -643,6 +664,7 @@ constexpr KernelTable helper_entries() {
   t.cvt_bf16_f32 = &cvt_bf16_f32;
   t.cvt_f32_bf16 = &cvt_f32_bf16;
   t.stream_rows_f32 = &stream_rows_f32;
+  t.scale_i32_f32 = &scale_i32_f32;
   t.silu_mul = &silu_mul;
   t.silu_mul_bwd = &silu_mul_bwd;
   t.pack_transposed = &pack_transposed;

@@ -2,6 +2,8 @@
 //
 // Tolerances vs scalar:
 //  * stream_rows_f32: an exact copy (non-temporal stores move bits), nothing written outside.
+//  * scale_i32_f32: 0 (bit-identical): the same conversion and two products in the same order,
+//    nothing written outside the rows.
 //  * gemm_f32_nn / nt / tn, cvt_bf16_f32, cvt_f32_bf16, pack_transposed: 0 (bit-identical). The
 //    SIMD versions keep the reference's operations and order: one fused multiply-add per product,
 //    the same k order per element, 16 interleaved partial sums and the same tree for dot products,
@@ -236,6 +238,35 @@ TEST(stream_rows_copy_exactly) {
     t.stream_rows_f32(1, 40, src.data(), lds, odd, 40);
     REQUIRE(std::memcmp(raw.data() + 2, src.data(), 4 * 40) == 0, "%s stream_rows_f32 unaligned",
             isa_name(isa));
+  }
+}
+
+TEST(scale_i32_f32_matches_scalar) {
+  const KernelTable& ref = kernel_table(Isa::scalar);
+  std::mt19937 rng(22);
+  std::uniform_int_distribution<int32_t> ints(-(1 << 30), 1 << 30);
+  std::uniform_real_distribution<float> scales(1e-6f, 1e-2f);
+  const int64_t M = 4, ldacc = 140;
+  std::vector<int32_t> acc(static_cast<size_t>(M * ldacc));
+  for (int32_t& v : acc) v = ints(rng);
+  std::vector<float> sa(static_cast<size_t>(M)), sw(static_cast<size_t>(ldacc));
+  for (float& v : sa) v = scales(rng);
+  for (float& v : sw) v = scales(rng);
+  for (Isa isa : isas()) {
+    const KernelTable& t = kernel_table(isa);
+    for (int64_t N :
+         {int64_t(1), int64_t(7), int64_t(16), int64_t(33), int64_t(96), int64_t(130)}) {
+      for (const bool cols : {true, false}) {
+        const int64_t ldc = N + 5;
+        std::vector<float> got(static_cast<size_t>(M * ldc + 3), -2.5f), want = got;
+        const float* w = cols ? sw.data() : nullptr;
+        t.scale_i32_f32(M, N, acc.data(), ldacc, sa.data(), w, got.data(), ldc);
+        ref.scale_i32_f32(M, N, acc.data(), ldacc, sa.data(), w, want.data(), ldc);
+        REQUIRE(std::memcmp(got.data(), want.data(), 4 * got.size()) == 0,
+                "%s scale_i32_f32 N=%lld cols=%d", isa_name(isa), (long long)N, int(cols));
+        REQUIRE(want[static_cast<size_t>(N)] == -2.5f, "scale_i32_f32 wrote past a row");
+      }
+    }
   }
 }
 

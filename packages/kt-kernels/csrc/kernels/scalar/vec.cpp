@@ -87,6 +87,20 @@ void stream_rows_f32(int64_t rows, int64_t cols, const float* src, int64_t lds, 
   }
 }
 
+void scale_i32_f32(int64_t M, int64_t N, const int32_t* acc, int64_t ldacc, const float* sa,
+                   const float* sw, float* C, int64_t ldc) {
+  for (int64_t m = 0; m < M; ++m) {
+    const int32_t* a = acc + m * ldacc;
+    const float s = sa[m];
+    float* c = C + m * ldc;
+    if (sw != nullptr) {
+      for (int64_t j = 0; j < N; ++j) c[j] = (static_cast<float>(a[j]) * s) * sw[j];
+    } else {
+      for (int64_t j = 0; j < N; ++j) c[j] = static_cast<float>(a[j]) * s;
+    }
+  }
+}
+
 void silu_mul(int64_t n, const float* g, const float* u, float* h) {
   for (int64_t i = 0; i < n; ++i) {
     const float sig = 1.0f / (1.0f + std::exp(-g[i]));
@@ -169,6 +183,7 @@ void fill_scalar_helpers(KernelTable* t) {
   t->cvt_bf16_f32 = &cvt_bf16_f32;
   t->cvt_f32_bf16 = &cvt_f32_bf16;
   t->stream_rows_f32 = &stream_rows_f32;
+  t->scale_i32_f32 = &scale_i32_f32;
   t->silu_mul = &silu_mul;
   t->silu_mul_bwd = &silu_mul_bwd;
   t->pack_transposed = &pack_transposed;
