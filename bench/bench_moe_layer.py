@@ -479,17 +479,13 @@ def run_worker(
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _median(xs: list[float]) -> float:
-    return statistics.median(xs)
-
-
 def _round_times(res: dict) -> dict:
     """One worker run (one round of one row): median forward, backward and step seconds of its
     timed steps."""
     return {
-        "fwd": _median(res["fwd"]),
-        "bwd": _median(res["bwd"]),
-        "total": _median([f + b for f, b in zip(res["fwd"], res["bwd"])]),
+        "fwd": statistics.median(res["fwd"]),
+        "bwd": statistics.median(res["bwd"]),
+        "total": statistics.median([f + b for f, b in zip(res["fwd"], res["bwd"])]),
     }
 
 
@@ -506,13 +502,13 @@ def summarize_row(
     neighbour of that round's engine runs); the peak is the best of every peak sample of the case
     and thread count, taken before each round and after the last."""
     ours = [_round_times(r) for r in ours_rounds]
-    total = _median([o["total"] for o in ours])
+    total = statistics.median([o["total"] for o in ours])
     torch_total = speedup = torch_cpu = None
     if torch_rounds:
         tt = [_round_times(r)["total"] for r in torch_rounds]
-        torch_total = _median(tt)
-        speedup = _median([t / o["total"] for t, o in zip(tt, ours)])
-        torch_cpu = _median([_median(r["cpu"]) for r in torch_rounds])
+        torch_total = statistics.median(tt)
+        speedup = statistics.median([t / o["total"] for t, o in zip(tt, ours)])
+        torch_cpu = statistics.median([statistics.median(r["cpu"]) for r in torch_rounds])
     last = ours_rounds[-1]
     return {
         "case": asdict(case),
@@ -520,8 +516,8 @@ def summarize_row(
         "weight_dtype": weight_dtype,
         "isa": last["isa"],
         "rounds": len(ours_rounds),
-        "fwd_ms": _median([o["fwd"] for o in ours]) * 1e3,
-        "bwd_ms": _median([o["bwd"] for o in ours]) * 1e3,
+        "fwd_ms": statistics.median([o["fwd"] for o in ours]) * 1e3,
+        "bwd_ms": statistics.median([o["bwd"] for o in ours]) * 1e3,
         "total_ms": total * 1e3,
         "round_total_ms": [o["total"] * 1e3 for o in ours],
         "torch_total_ms": torch_total * 1e3 if torch_total else None,
@@ -535,7 +531,7 @@ def summarize_row(
         "weight_bytes": case.weight_bytes(),
         "resident_weight_bytes": last.get("resident_weight_bytes"),
         "phases_ms": last.get("phases", {}),
-        "cpu_s_per_step": _median([_median(r["cpu"]) for r in ours_rounds]),
+        "cpu_s_per_step": statistics.median([statistics.median(r["cpu"]) for r in ours_rounds]),
         "torch_cpu_s_per_step": torch_cpu,
         "load_average": max(r.get("load_average", 0.0) for r in ours_rounds),
     }
@@ -543,7 +539,7 @@ def summarize_row(
 
 def round_ratios(num: list[float], den: list[float]) -> float:
     """The median over rounds of num[i] / den[i] (two rows measured in the same rounds)."""
-    return _median([a / b for a, b in zip(num, den)])
+    return statistics.median([a / b for a, b in zip(num, den)])
 
 
 def _print_row(r: dict) -> None:
