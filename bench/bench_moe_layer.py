@@ -44,6 +44,7 @@ once more for backward).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -522,7 +523,7 @@ def summarize_row(
         "round_total_ms": [o["total"] * 1e3 for o in ours],
         "torch_total_ms": torch_total * 1e3 if torch_total else None,
         "speedup": speedup,
-        "peak_gflops": max(peak_samples),
+        "peak_gflops": max(peak_samples) if peak_samples else None,
         "peak_samples_gflops": list(peak_samples),
         "gflops": (case.fwd_flops() + case.bwd_flops()) / total / 1e9,
         "work_gflops": 2 * case.fwd_flops() / total / 1e9,
@@ -551,11 +552,16 @@ def _print_row(r: dict) -> None:
     busy = r["load_average"] > (os.cpu_count() or 1) + 0.5
     peak = r["peak_gflops"]
     rss = r["peak_rss_bytes"]
+
+    def share(gflops: float) -> str:
+        return f"{100 * gflops / peak:6.0f}%" if peak else f"{'-':>7}"
+
+    peak_col = f"{peak:8.0f}" if peak else f"{'-':>8}"
     print(
         f"{c['name']:<15}{c['T']:>6}{r['threads']:>4} {r['isa']:<12}{r['weight_dtype']:>10}"
-        f"{r['fwd_ms']:9.1f}{r['bwd_ms']:9.1f}{total:9.1f}{tms}{speed}{peak:8.0f}"
-        f"{r['gflops']:9.0f}{100 * r['gflops'] / peak:6.0f}%{r['work_gflops']:10.0f}"
-        f"{100 * r['work_gflops'] / peak:6.0f}%{rss / 2**30:8.2f}"
+        f"{r['fwd_ms']:9.1f}{r['bwd_ms']:9.1f}{total:9.1f}{tms}{speed}{peak_col}"
+        f"{r['gflops']:9.0f}{share(r['gflops'])}{r['work_gflops']:10.0f}"
+        f"{share(r['work_gflops'])}{rss / 2**30:8.2f}"
         f"{rss / r['weight_bytes']:7.2f}{'  (busy machine)' if busy else ''}",
         flush=True,
     )
@@ -570,12 +576,14 @@ def run_case(
     reps: int,
     isa: str | None,
     no_torch: bool,
+    no_peak: bool = False,
 ) -> list[dict]:
     """Every row of one case, measured in `rounds` rounds. A round runs the peak, the torch
     baseline and the engine for every weight type at every thread count, each in its own process;
     odd rounds run that sequence in reverse, so no row always follows the same neighbour and the
     machine's drift reaches ours and the baseline alike. One more peak sample per thread count
-    follows the last round. Prints the case's rows and returns them."""
+    follows the last round (no peak at all with no_peak). Prints the case's rows and returns
+    them."""
     peaks: dict[int, list[float]] = {t: [] for t in thread_list}
     torch_runs: dict[int, list[dict]] = {t: [] for t in thread_list}
     ours_runs: dict[tuple[int, str], list[dict]] = {
@@ -584,7 +592,8 @@ def run_case(
     for rnd in range(rounds):
         seq: list[tuple[str, int, str | None]] = []
         for threads in thread_list:
-            seq.append(("peak", threads, None))
+            if not no_peak:
+                seq.append(("peak", threads, None))
             if not no_torch:
                 seq.append(("torch", threads, None))
             seq += [("ours", threads, wd) for wd in dtypes]
@@ -602,7 +611,8 @@ def run_case(
                     run_worker("ours", case, threads, warmup, reps, isa, wd)
                 )
     for threads in thread_list:
-        peaks[threads].append(run_worker("peak", case, threads, warmup, reps, None)["gflops"])
+        if not no_peak:
+            peaks[threads].append(run_worker("peak", case, threads, warmup, reps, None)["gflops"])
     rows = []
     for threads in thread_list:
         for wd in dtypes:
@@ -644,6 +654,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first")
     p.add_argument("--isa", default=None, help="force the engine's ISA (default: best runnable)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch eager baseline")
+    p.add_argument(
+        "--no-peak",
+        action="store_true",
+        help="skip PyTorch's dense matmul peak (and the %%peak columns); implied, with --no-torch, "
+        "where torch is not installed",
+    )
     p.add_argument(
         "--weight-dtypes",
         default="bf16,int8,int4,int8-w8a8,int8-w8a8-bwd8",
@@ -710,6 +726,12 @@ def main(argv: list[str] | None = None) -> int:
         pass
     import kt_kernels as kk
 
+    if importlib.util.find_spec("torch") is None and not args.decode_only:
+        if not args.no_torch:
+            p.error(
+                "torch is not installed: pass --no-torch (the engine rows need only kt-kernels)"
+            )
+        args.no_peak = True
     print(f"kt-kernels {kk.__version__}, CPU: {cpu}, {os.cpu_count()} logical CPUs")
     if not args.decode_only:
         print(
@@ -723,11 +745,13 @@ def main(argv: list[str] | None = None) -> int:
             "FLOPs: forward = 2 T K (3 H I + r (2 H + 3 I)); backward = 2 x forward (convention); "
             "total = fwd + bwd."
         )
-        print(
-            "peak: PyTorch dense bf16 matmul T x H x 2I, same threads, best of its samples before "
-            "each round and after the last. "
-            "'work GFLOP/s' counts backward as 1 x forward (no base-weight grads).\n"
+        peak_note = (
+            "peak: not measured (--no-peak, or torch not installed). "
+            if args.no_peak
+            else "peak: PyTorch dense bf16 matmul T x H x 2I, same threads, best of its samples "
+            "before each round and after the last. "
         )
+        print(peak_note + "'work GFLOP/s' counts backward as 1 x forward (no base-weight grads).\n")
 
     dtypes = [d.strip() for d in args.weight_dtypes.split(",") if d.strip()]
     if args.decode_only:
@@ -743,7 +767,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for case in cases:
         results += run_case(
-            case, thread_list, dtypes, rounds, warmup, reps, args.isa, args.no_torch
+            case, thread_list, dtypes, rounds, warmup, reps, args.isa, args.no_torch, args.no_peak
         )
     by_key = {
         (r["case"]["name"], r["case"]["T"], r["threads"]): r

@@ -89,3 +89,19 @@ def test_bench_runs_rounds_end_to_end(tmp_path: Path) -> None:
     assert row["speedup"] > 0 and row["torch_total_ms"] > 0
     assert "1 -> 2 threads" not in proc.stdout  # one thread count: no scaling line
     assert "2 round(s) per shape" in proc.stdout
+
+
+def test_bench_without_peak_or_torch(tmp_path: Path) -> None:
+    """--no-torch --no-peak (what a machine without torch gets): engine rows only, no %peak."""
+    out = tmp_path / "rows.json"
+    cmd = [sys.executable, str(BENCH), "--shapes", "small", "--threads", "1", "--rounds", "1"]
+    cmd += ["--reps", "1", "--warmup", "0", "--weight-dtypes", "bf16", "--no-decode"]
+    cmd += ["--no-torch", "--no-peak", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    (row,) = json.loads(out.read_text())
+    assert row["peak_gflops"] is None and row["peak_samples_gflops"] == []
+    assert row["speedup"] is None and row["total_ms"] > 0
+    assert "peak: not measured" in proc.stdout
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("small"))
+    assert "%" not in line  # no share of a peak that was not measured
