@@ -345,20 +345,27 @@ void MoEEngine::gate_up_phase(const int64_t* off, const bf16* xg, const int8_t* 
       k.stream_rows_f32(M, ncols, C, ldc, gu + tl.m0 * 2 * Ib + 32 * tl.n0, 2 * Ib);
     }
     if (hb == nullptr) return;
-    float* g = local_buf<float>(th, kL0, M * nh);
-    float* u = local_buf<float>(th, kL1, M * nh);
-    for (int64_t m = 0; m < M; ++m) {
-      for (int64_t q = 0; q < np; ++q) {
-        std::memcpy(g + m * nh + 16 * q, C + m * ldc + 32 * q, 16 * sizeof(float));
-        std::memcpy(u + m * nh + 16 * q, C + m * ldc + 32 * q + 16, 16 * sizeof(float));
+    if (act_kernels_) {  // SiLU: h straight from the interleaved rows (the same bits)
+      k.silu_mul_interleaved_bf16(M, np, C, ldc, hb + tl.m0 * KpI + 16 * tl.n0, KpI);
+    } else {
+      float* g = local_buf<float>(th, kL0, M * nh);
+      float* u = local_buf<float>(th, kL1, M * nh);
+      for (int64_t m = 0; m < M; ++m) {
+        for (int64_t q = 0; q < np; ++q) {
+          std::memcpy(g + m * nh + 16 * q, C + m * ldc + 32 * q, 16 * sizeof(float));
+          std::memcpy(u + m * nh + 16 * q, C + m * ldc + 32 * q + 16, 16 * sizeof(float));
+        }
+      }
+      activation::forward(act_, act_kernels_, k, M * nh, g, u, g);
+      for (int64_t m = 0; m < M; ++m) {
+        k.cvt_f32_bf16(nh, g + m * nh, hb + (tl.m0 + m) * KpI + 16 * tl.n0);
       }
     }
-    activation::forward(act_, act_kernels_, k, M * nh, g, u, g);
-    const bool last = tl.n1 == n_pairs;
-    for (int64_t m = 0; m < M; ++m) {
-      bf16* hrow = hb + (tl.m0 + m) * KpI;
-      k.cvt_f32_bf16(nh, g + m * nh, hrow + 16 * tl.n0);
-      if (last) std::memset(hrow + Ib, 0, static_cast<size_t>(KpI - Ib) * sizeof(bf16));
+    if (tl.n1 == n_pairs && KpI > Ib) {  // the last tile of a row zeroes its padding
+      for (int64_t m = 0; m < M; ++m) {
+        bf16* hrow = hb + (tl.m0 + m) * KpI;
+        std::memset(hrow + Ib, 0, static_cast<size_t>(KpI - Ib) * sizeof(bf16));
+      }
     }
   });
 }

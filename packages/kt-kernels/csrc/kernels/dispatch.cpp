@@ -98,11 +98,12 @@ void fill_missing(KernelTable* t, const KernelTable& below) {
   take_missing(&t->scale_i32_f32, below.scale_i32_f32);
   take_missing(&t->silu_mul, below.silu_mul);
   take_missing(&t->silu_mul_bwd, below.silu_mul_bwd);
+  take_missing(&t->silu_mul_interleaved_bf16, below.silu_mul_interleaved_bf16);
   take_missing(&t->pack_transposed, below.pack_transposed);
   take_missing(&t->pack_transposed_i8, below.pack_transposed_i8);
 }
 // Size check so that a new entry is not forgotten here (or in the self-test).
-static_assert(sizeof(KernelTable) == 8 + 2 * 8 + 2 * 8 + 13 * 8,
+static_assert(sizeof(KernelTable) == 8 + 2 * 8 + 2 * 8 + 14 * 8,
               "KernelTable has a new entry: add it to fill_missing and to the self-test");
 
 void fill_missing(QuantKernels* t, const QuantKernels& below) {

@@ -179,6 +179,12 @@ using silu_mul_fn = void (*)(int64_t n, const float* g, const float* u, float* h
 // Given dh: dg = dh * u * silu'(g), du = dh * silu(g).
 using silu_mul_bwd_fn = void (*)(int64_t n, const float* g, const float* u, const float* dh,
                                  float* dg, float* du);
+// The forward's h rows from its interleaved gate/up output: for m < M, q < nq, j < 16,
+// h[m ldh + 16 q + j] = bf16(silu(g) * u) with g = gu[m ldgu + 32 q + j], u = gu[m ldgu + 32 q +
+// 16 + j]. One pass for what silu_mul on de-interleaved copies and then cvt_f32_bf16 compute, with
+// the same bits as those two entries of the same table.
+using silu_mul_interleaved_bf16_fn = void (*)(int64_t M, int64_t nq, const float* gu, int64_t ldgu,
+                                              bf16* h, int64_t ldh);
 
 // Repack part of the transpose of a packed weight. W is packed (see above) with N rows and padded
 // depth Kp. Writes nblk packed blocks of W^T, i.e. rows k in [k0, k0 + 16 * nblk) of the Kp x N
@@ -230,6 +236,9 @@ struct KernelTable {
   scale_i32_f32_fn scale_i32_f32 = nullptr;
   silu_mul_fn silu_mul = nullptr;
   silu_mul_bwd_fn silu_mul_bwd = nullptr;
+  // Set together with silu_mul and cvt_f32_bf16 (its bits are theirs): every SIMD table takes all
+  // three from its own helpers.
+  silu_mul_interleaved_bf16_fn silu_mul_interleaved_bf16 = nullptr;
   pack_transposed_fn pack_transposed = nullptr;
   pack_transposed_i8_fn pack_transposed_i8 = nullptr;
 };

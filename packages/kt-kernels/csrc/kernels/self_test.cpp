@@ -240,6 +240,23 @@ std::string check_helpers(const KernelTable& t, const KernelTable& ref) {
       }
     }
   }
+  // The forward's h from interleaved gate / up rows: the bits of this table's own silu_mul and
+  // cvt_f32_bf16 on de-interleaved copies.
+  {
+    const int64_t M = 3, nq = 2, ldgu = 70, ldh = 37;
+    const auto gu = test_floats(static_cast<size_t>(M * ldgu), 17, true);
+    std::vector<bf16> got(static_cast<size_t>(M * ldh), 0x1234), want = got;
+    t.silu_mul_interleaved_bf16(M, nq, gu.data(), ldgu, got.data(), ldh);
+    float h[16];
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t q = 0; q < nq; ++q) {
+        const float* g = gu.data() + m * ldgu + 32 * q;
+        t.silu_mul(16, g, g + 16, h);
+        t.cvt_f32_bf16(16, h, want.data() + m * ldh + 16 * q);
+      }
+    }
+    if (got != want) return "silu_mul_interleaved_bf16 differs from silu_mul + cvt_f32_bf16";
+  }
   // Transposed repack: bit-exact.
   for (int64_t N : {16, 40}) {
     for (int64_t K : {32, 70}) {

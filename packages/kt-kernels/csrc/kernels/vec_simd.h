@@ -442,6 +442,23 @@ void silu_mul(int64_t n, const float* g, const float* u, float* h) {
   }
 }
 
+// silu_mul's arithmetic and cvt_f32_bf16's rounding per 16-column gate / up pair, reading the
+// interleaved rows in place: no de-interleaved copies, no fp32 h.
+void silu_mul_interleaved_bf16(int64_t M, int64_t nq, const float* gu, int64_t ldgu, bf16* h,
+                               int64_t ldh) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* row = gu + m * ldgu;
+    bf16* out = h + m * ldh;
+    for (int64_t q = 0; q < nq; ++q) {
+      for (int j = 0; j < 16; j += W) {
+        const VF gv = vload(row + 32 * q + j);
+        const VF hv = vmul(vmul(gv, sigmoid(gv)), vload(row + 32 * q + 16 + j));
+        store_u16_n(out + 16 * q + j, to_bf16_bits(hv), W);
+      }
+    }
+  }
+}
+
 void silu_mul_bwd(int64_t n, const float* g, const float* u, const float* dh, float* dg,
                   float* du) {
   const VF one = vset1(1.0f);
@@ -668,6 +685,7 @@ constexpr KernelTable helper_entries() {
   t.scale_i32_f32 = &scale_i32_f32;
   t.silu_mul = &silu_mul;
   t.silu_mul_bwd = &silu_mul_bwd;
+  t.silu_mul_interleaved_bf16 = &silu_mul_interleaved_bf16;
   t.pack_transposed = &pack_transposed;
   t.pack_transposed_i8 = &pack_transposed_i8;
   return t;

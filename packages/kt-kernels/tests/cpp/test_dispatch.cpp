@@ -108,6 +108,7 @@ TEST(null_entries_fall_back_to_the_isa_below) {
     KT_EXPECT(own, t, tb, cvt_f32_bf16);
     KT_EXPECT(own, t, tb, silu_mul);
     KT_EXPECT(own, t, tb, silu_mul_bwd);
+    KT_EXPECT(own, t, tb, silu_mul_interleaved_bf16);
     KT_EXPECT(own, t, tb, pack_transposed);
     KT_EXPECT(own, t, tb, pack_transposed_i8);
 #undef KT_EXPECT

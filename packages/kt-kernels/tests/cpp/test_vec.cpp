@@ -11,6 +11,9 @@
 //  * silu_mul, silu_mul_bwd: relative 1e-5 (+1e-30 absolute), for dg plus 1e-6 |dh u| (1 + |g|)
 //    (silu' crosses zero near g = -1.28, where a relative bound means nothing). The SIMD exp is
 //    a polynomial within a few ulp of libm's expf.
+//  * silu_mul_interleaved_bf16: 0 (bit-identical) against the same table's silu_mul and
+//    cvt_f32_bf16 on de-interleaved copies (what the engine computed before it had this entry);
+//    so against scalar it is within silu_mul's bound above plus bf16's half-ulp rounding.
 // Each entry is also checked to give the same bits for every start offset of its arrays.
 #include <algorithm>
 #include <cmath>
@@ -309,6 +312,35 @@ TEST(silu_within_tolerance_of_scalar) {
     std::vector<float> h_short(n);
     t.silu_mul(37, g.data(), u.data(), h_short.data());
     REQUIRE(std::memcmp(h_short.data(), h.data(), 37 * 4) == 0, "%s silu tail", isa_name(isa));
+  }
+}
+
+TEST(silu_mul_interleaved_bf16_is_silu_mul_then_cvt) {
+  std::mt19937 rng(19);
+  for (Isa isa : available_isas()) {
+    const KernelTable& t = kernel_table(isa);
+    for (int64_t M : {1, 5, 33}) {
+      for (int64_t nq : {1, 3, 6}) {
+        const int64_t ldgu = 32 * nq + 5, ldh = 16 * nq + 3;
+        auto gu = randn(static_cast<size_t>(M * ldgu), rng, 6.0f);
+        gu[0] = NAN;  // specials keep their bits too
+        gu[1] = INFINITY;
+        gu[2] = -120.0f;
+        std::vector<bf16> got(static_cast<size_t>(M * ldh), 0x1234), want = got;
+        t.silu_mul_interleaved_bf16(M, nq, gu.data(), ldgu, got.data(), ldh);
+        float h[16];
+        for (int64_t m = 0; m < M; ++m) {
+          for (int64_t q = 0; q < nq; ++q) {
+            const float* g = gu.data() + m * ldgu + 32 * q;
+            t.silu_mul(16, g, g + 16, h);
+            t.cvt_f32_bf16(16, h, want.data() + m * ldh + 16 * q);
+          }
+        }
+        // Bit for bit, and the columns past 16 nq of each row (sentinels) untouched.
+        REQUIRE(got == want, "%s silu_mul_interleaved_bf16 M=%lld nq=%lld", isa_name(isa),
+                (long long)M, (long long)nq);
+      }
+    }
   }
 }
 

@@ -108,6 +108,18 @@ void silu_mul(int64_t n, const float* g, const float* u, float* h) {
   }
 }
 
+void silu_mul_interleaved_bf16(int64_t M, int64_t nq, const float* gu, int64_t ldgu, bf16* h,
+                               int64_t ldh) {
+  float out[16];
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t q = 0; q < nq; ++q) {
+      const float* g = gu + m * ldgu + 32 * q;
+      silu_mul(16, g, g + 16, out);
+      cvt_f32_bf16(16, out, h + m * ldh + 16 * q);
+    }
+  }
+}
+
 void silu_mul_bwd(int64_t n, const float* g, const float* u, const float* dh, float* dg,
                   float* du) {
   for (int64_t i = 0; i < n; ++i) {
@@ -186,6 +198,7 @@ void fill_scalar_helpers(KernelTable* t) {
   t->scale_i32_f32 = &scale_i32_f32;
   t->silu_mul = &silu_mul;
   t->silu_mul_bwd = &silu_mul_bwd;
+  t->silu_mul_interleaved_bf16 = &silu_mul_interleaved_bf16;
   t->pack_transposed = &pack_transposed;
   t->pack_transposed_i8 = &pack_transposed_i8;
 }
