@@ -1,9 +1,10 @@
 // Single-thread micro-benchmark of gemm_bf16 and gemm_i8 per ISA (GFLOP/s or GOP/s = 2 M N K /
 // time). Time is this thread's CPU time (best of repeated calls), so other load on the machine
 // disturbs it little.
-//   bench_gemm [--isa NAME] [--smoke] [--fused] [--limits]
+//   bench_gemm [--isa NAME] [--smoke] [--fused] [--limits] [--lora]
 // --fused: only the fused dequantize + GEMM comparison at small M (bench_fused below).
 // --limits: only the roofline of one forward tile (bench_limits below).
+// --lora: only the fp32 LoRA products at the engine's shapes (bench_lora below).
 // --smoke: one tiny run per shape (a ctest check that the benchmark itself works); exits 77
 // (skipped) when the requested ISA cannot run here.
 #include <time.h>
@@ -253,11 +254,71 @@ void bench_limits(const std::vector<Isa>& isas, bool smoke) {
   }
 }
 
+// The fp32 LoRA products (kernels.h: nn, nt, tn) at the shapes the engine calls them with at
+// Qwen3-30B-A3B sizes (H 2048, I 768, rank 8, so RA = 16 for gate and up), operands in cache, best
+// call of repeated ones, 1 thread, GFLOP/s = 2 M N K / time.
+void bench_lora(const std::vector<Isa>& isas, bool smoke) {
+  struct Product {
+    const char* name;
+    char kind;  // 'n': nn, 't': nt (dots), 'T': tn (outer products)
+    int64_t M, N, K;
+  };
+  const Product products[] = {
+      {"nt x A^T 64x16x2048", 't', 64, 16, 2048},   {"nt h Ad^T 64x8x768", 't', 64, 8, 768},
+      {"nt dY Bd 128x8x2048", 't', 128, 8, 2048},   {"nt dGU Bgu 128x16x192", 't', 128, 16, 192},
+      {"nn gate_up B 256x96x16", 'n', 256, 96, 16}, {"nn down B 256x96x8", 'n', 256, 96, 8},
+      {"tn grad 16x192x128", 'T', 16, 192, 128},    {"tn grad 8x96x128", 'T', 8, 96, 128},
+  };
+  std::printf("%-24s", "LoRA fp32 (M x N x K)");
+  for (Isa isa : isas) std::printf(" %12s", isa_name(isa));
+  std::printf("   [GFLOP/s, 1 thread]\n");
+  std::mt19937 rng(7);
+  std::normal_distribution<float> nd;
+  for (const Product& pr : products) {
+    const int64_t M = smoke ? std::min<int64_t>(pr.M, 5) : pr.M;
+    const int64_t N = smoke ? std::min<int64_t>(pr.N, 7) : pr.N;
+    const int64_t K = smoke ? std::min<int64_t>(pr.K, 19) : pr.K;
+    // A is M x K (K x M for tn), B is K x N for nn / tn and N x K for nt: row-major, packed.
+    const Aligned<float> a(static_cast<size_t>(M * K)), b(static_cast<size_t>(K * N)),
+        c(static_cast<size_t>(M * N));
+    for (size_t i = 0; i < a.n; ++i) a[i] = nd(rng);
+    for (size_t i = 0; i < b.n; ++i) b[i] = nd(rng);
+    std::printf("%-24s", pr.name);
+    for (Isa isa : isas) {
+      const KernelTable& t = kernel_table(isa);
+      if (t.isa != isa) {
+        std::printf(" %12s", "fell back");
+        continue;
+      }
+      auto once = [&] {
+        if (pr.kind == 'n') {
+          t.gemm_f32_nn(M, N, K, 0.5f, a.data(), K, b.data(), N, c.data(), N, true);
+        } else if (pr.kind == 't') {
+          t.gemm_f32_nt(M, N, K, 0.5f, a.data(), K, b.data(), K, c.data(), N, true);
+        } else {
+          t.gemm_f32_tn(M, N, K, 0.5f, a.data(), M, b.data(), N, c.data(), N, true);
+        }
+      };
+      once();
+      double best = 1e30;
+      const double start = thread_seconds();
+      for (int reps = 0; !smoke && (reps < 5 || thread_seconds() - start < 0.2); ++reps) {
+        const double t0 = thread_seconds();
+        once();
+        best = std::min(best, thread_seconds() - t0);
+      }
+      std::printf(" %12.1f", smoke ? 0.0 : 2.0 * M * N * K / best * 1e-9);
+      std::fflush(stdout);
+    }
+    std::printf("\n");
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   std::string only;
-  bool smoke = false, fused_only = false, limits_only = false;
+  bool smoke = false, fused_only = false, limits_only = false, lora_only = false;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--smoke")) {
       smoke = true;
@@ -265,10 +326,13 @@ int main(int argc, char** argv) {
       fused_only = true;
     } else if (!std::strcmp(argv[i], "--limits")) {
       limits_only = true;
+    } else if (!std::strcmp(argv[i], "--lora")) {
+      lora_only = true;
     } else if (!std::strcmp(argv[i], "--isa") && i + 1 < argc) {
       only = argv[++i];
     } else {
-      std::fprintf(stderr, "usage: bench_gemm [--isa NAME] [--smoke] [--fused] [--limits]\n");
+      std::fprintf(stderr,
+                   "usage: bench_gemm [--isa NAME] [--smoke] [--fused] [--limits] [--lora]\n");
       return 2;
     }
   }
@@ -289,7 +353,8 @@ int main(int argc, char** argv) {
   }
   if (fused_only || smoke) bench_fused(isas, smoke);
   if (limits_only || smoke) bench_limits(isas, smoke);
-  if (fused_only || limits_only) return 0;
+  if (lora_only || smoke) bench_lora(isas, smoke);
+  if (fused_only || limits_only || lora_only) return 0;
   const Shape shapes[] = {
       {"in-cache 16x48x256", 16, 48, 256},        {"gate/up rows=32", 32, 768, 2048},
       {"engine tile 128x64x2048", 128, 64, 2048}, {"engine tile 128x64x768", 128, 64, 768},
