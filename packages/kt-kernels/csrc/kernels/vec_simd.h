@@ -322,8 +322,7 @@ inline void nt_block(int64_t m, int64_t n, int64_t K, float alpha, const float* 
 }
 
 // R rows x 4 columns of dot products per pass (4R independent partial-sum chains per vector of
-// lanes), then column tails. Each B vector loaded serves R rows: with B (e.g. 16 x 2048 fp32 of
-// x A^T) out of L1, R = 4 reads it from L2 half as often as R = 2 and runs 1.2-2x faster.
+// lanes), then column tails.
 template <int R>
 inline void nt_rows(int64_t m, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
                     const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
@@ -332,14 +331,30 @@ inline void nt_rows(int64_t m, int64_t N, int64_t K, float alpha, const float* A
   for (; n < N; ++n) nt_block<R, 1>(m, n, K, alpha, A, lda, B, ldb, C, ldc, accumulate);
 }
 
+template <int R>
+void nt_all_rows(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+                 const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  int64_t m = 0;
+  for (; m + R <= M; m += R) nt_rows<R>(m, N, K, alpha, A, lda, B, ldb, C, ldc, accumulate);
+  for (; m < M; ++m) nt_rows<1>(m, N, K, alpha, A, lda, B, ldb, C, ldc, accumulate);
+}
+
+// Each B vector loaded serves R rows. Where B is larger than L1 can hold beside A (x A^T's 16 x
+// 2048 floats), 4 rows read it from L2 half as often as 2 and run 1.2-1.6x faster (bench_gemm
+// --lora); a B that stays in L1 (dGU Bgu's 16 x 192) runs faster with 2. AVX2 holds 2 vectors per
+// sum: 1 row. Every element's sum is the same whatever R: the same bits.
 void gemm_f32_nt(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
                  const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
-  constexpr int kRowsNt = kDotVecs == 1 ? 4 : 1;  // AVX2 holds 2 vectors per sum: 1 row
-  int64_t m = 0;
-  for (; m + kRowsNt <= M; m += kRowsNt) {
-    nt_rows<kRowsNt>(m, N, K, alpha, A, lda, B, ldb, C, ldc, accumulate);
+  constexpr int64_t kBInL1Bytes = 16 << 10;
+  if constexpr (kDotVecs == 1) {
+    if (N * K * static_cast<int64_t>(sizeof(float)) > kBInL1Bytes) {
+      nt_all_rows<4>(M, N, K, alpha, A, lda, B, ldb, C, ldc, accumulate);
+    } else {
+      nt_all_rows<2>(M, N, K, alpha, A, lda, B, ldb, C, ldc, accumulate);
+    }
+  } else {
+    nt_all_rows<1>(M, N, K, alpha, A, lda, B, ldb, C, ldc, accumulate);
   }
-  for (; m < M; ++m) nt_rows<1>(m, N, K, alpha, A, lda, B, ldb, C, ldc, accumulate);
 }
 
 // ---- copies -------------------------------------------------------------------------------------
