@@ -247,14 +247,7 @@ std::string check_helpers(const KernelTable& t, const KernelTable& ref) {
     const auto gu = test_floats(static_cast<size_t>(M * ldgu), 17, true);
     std::vector<bf16> got(static_cast<size_t>(M * ldh), 0x1234), want = got;
     t.silu_mul_interleaved_bf16(M, nq, gu.data(), ldgu, got.data(), ldh);
-    float h[16];
-    for (int64_t m = 0; m < M; ++m) {
-      for (int64_t q = 0; q < nq; ++q) {
-        const float* g = gu.data() + m * ldgu + 32 * q;
-        t.silu_mul(16, g, g + 16, h);
-        t.cvt_f32_bf16(16, h, want.data() + m * ldh + 16 * q);
-      }
-    }
+    silu_mul_interleaved_bf16_by_parts(t, M, nq, gu.data(), ldgu, want.data(), ldh);
     if (got != want) return "silu_mul_interleaved_bf16 differs from silu_mul + cvt_f32_bf16";
   }
   // Transposed repack: bit-exact.
@@ -359,6 +352,18 @@ std::string check_fused(const KernelTable& t) {
 
 // Sizes that reach every tail of every kernel: M below, at and above the micro-tile heights
 // (4, 6, 16 and 32 rows), odd block counts, K with and without zero padding, then every helper.
+void silu_mul_interleaved_bf16_by_parts(const KernelTable& table, int64_t M, int64_t nq,
+                                        const float* gu, int64_t ldgu, bf16* h, int64_t ldh) {
+  float out[16];
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t q = 0; q < nq; ++q) {
+      const float* g = gu + m * ldgu + 32 * q;
+      table.silu_mul(16, g, g + 16, out);
+      table.cvt_f32_bf16(16, out, h + m * ldh + 16 * q);
+    }
+  }
+}
+
 std::string run_self_test(const KernelTable& table) {
   const KernelTable& ref = *scalar_table();
   const Case cases[] = {{1, 16, 32}, {7, 40, 33}, {13, 80, 95}, {20, 33, 64}, {35, 72, 130}};

@@ -15,4 +15,9 @@ namespace kt::kernels {
 // failed first.
 std::string run_self_test(const KernelTable& table);
 
+// What table.silu_mul_interleaved_bf16 must equal bit for bit: the table's own silu_mul and
+// cvt_f32_bf16, per 16-column gate / up pair of each row (the self-test and ctest compare them).
+void silu_mul_interleaved_bf16_by_parts(const KernelTable& table, int64_t M, int64_t nq,
+                                        const float* gu, int64_t ldgu, bf16* h, int64_t ldh);
+
 }  // namespace kt::kernels

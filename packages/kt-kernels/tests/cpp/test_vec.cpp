@@ -25,6 +25,7 @@
 #include "gemm_data.h"
 #include "kernels/dispatch.h"
 #include "kernels/kernels.h"
+#include "kernels/self_test.h"
 
 using namespace kt::kernels;
 
@@ -328,14 +329,7 @@ TEST(silu_mul_interleaved_bf16_is_silu_mul_then_cvt) {
         gu[2] = -120.0f;
         std::vector<bf16> got(static_cast<size_t>(M * ldh), 0x1234), want = got;
         t.silu_mul_interleaved_bf16(M, nq, gu.data(), ldgu, got.data(), ldh);
-        float h[16];
-        for (int64_t m = 0; m < M; ++m) {
-          for (int64_t q = 0; q < nq; ++q) {
-            const float* g = gu.data() + m * ldgu + 32 * q;
-            t.silu_mul(16, g, g + 16, h);
-            t.cvt_f32_bf16(16, h, want.data() + m * ldh + 16 * q);
-          }
-        }
+        silu_mul_interleaved_bf16_by_parts(t, M, nq, gu.data(), ldgu, want.data(), ldh);
         // Bit for bit, and the columns past 16 nq of each row (sentinels) untouched.
         REQUIRE(got == want, "%s silu_mul_interleaved_bf16 M=%lld nq=%lld", isa_name(isa),
                 (long long)M, (long long)nq);
