@@ -350,8 +350,6 @@ std::string check_fused(const KernelTable& t) {
 
 }  // namespace
 
-// Sizes that reach every tail of every kernel: M below, at and above the micro-tile heights
-// (4, 6, 16 and 32 rows), odd block counts, K with and without zero padding, then every helper.
 void silu_mul_interleaved_bf16_by_parts(const KernelTable& table, int64_t M, int64_t nq,
                                         const float* gu, int64_t ldgu, bf16* h, int64_t ldh) {
   float out[16];
@@ -364,6 +362,8 @@ void silu_mul_interleaved_bf16_by_parts(const KernelTable& table, int64_t M, int
   }
 }
 
+// Sizes that reach every tail of every kernel: M below, at and above the micro-tile heights
+// (4, 6, 16 and 32 rows), odd block counts, K with and without zero padding, then every helper.
 std::string run_self_test(const KernelTable& table) {
   const KernelTable& ref = *scalar_table();
   const Case cases[] = {{1, 16, 32}, {7, 40, 33}, {13, 80, 95}, {20, 33, 64}, {35, 72, 130}};
