@@ -117,16 +117,8 @@ constexpr int64_t kChunkPairs = 128;  // k pairs per chunk: MR rows x 1 KiB of f
 // Rows [0, MR) of A, k pairs [kp0, kp1), as fp32 into out (row m at out + m * 2 * kChunkPairs).
 template <int MR>
 inline void widen_rows(const bf16* A, int64_t lda, int64_t kp0, int64_t kp1, float* out) {
-  const int64_t n = 2 * (kp1 - kp0);
   for (int m = 0; m < MR; ++m) {
-    const bf16* a = A + m * lda + 2 * kp0;
-    float* o = out + m * 2 * kChunkPairs;
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16) {
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + i));
-      _mm512_store_ps(o + i, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16)));
-    }
-    for (; i < n; ++i) o[i] = bf16_to_f32(a[i]);
+    vec::cvt_bf16_f32(2 * (kp1 - kp0), A + m * lda + 2 * kp0, out + m * 2 * kChunkPairs);
   }
 }
 
