@@ -34,6 +34,20 @@ double thread_seconds() {
   return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
 }
 
+// Seconds per call of `once`: the best of batches of `inner` calls, at least 5 batches and at
+// least min_seconds of this thread's CPU time in all.
+template <class F>
+double best_call_seconds(F&& once, double min_seconds, int64_t inner = 1) {
+  double best = 1e30;
+  const double start = thread_seconds();
+  for (int reps = 0; reps < 5 || thread_seconds() - start < min_seconds; ++reps) {
+    const double t0 = thread_seconds();
+    for (int64_t i = 0; i < inner; ++i) once();
+    best = std::min(best, (thread_seconds() - t0) / static_cast<double>(inner));
+  }
+  return best;
+}
+
 // The engine's operands start on 64-byte lines (scratch is page aligned, weights 64-byte
 // aligned, rows a multiple of 64 bytes apart); std::vector's 16-byte alignment would make every
 // 64-byte tile row straddle two lines and measure a slower kernel than the engine runs.
@@ -89,16 +103,7 @@ double bench(const KernelTable& t, const Shape& s, bool smoke, bool int8) {
   };
   once();
   if (smoke) return 0.0;
-  double best = 1e30;
-  const double start = thread_seconds();
-  int reps = 0;
-  while (reps < 5 || thread_seconds() - start < 0.4) {
-    const double t0 = thread_seconds();
-    once();
-    best = std::min(best, thread_seconds() - t0);
-    ++reps;
-  }
-  return 2.0 * s.M * s.N * s.K / best * 1e-9;
+  return 2.0 * s.M * s.N * s.K / best_call_seconds(once, 0.4) * 1e-9;
 }
 
 // Fused dequantize + GEMM against dequantization into a scratch buffer + gemm_bf16, per call on
@@ -154,15 +159,7 @@ void bench_fused(const std::vector<Isa>& isas, bool smoke) {
               }
             };
             once();
-            const int64_t inner = smoke ? 1 : 64;
-            const double start = thread_seconds();
-            int reps = 0;
-            while (!smoke && (reps < 5 || thread_seconds() - start < 0.15)) {
-              const double t0 = thread_seconds();
-              for (int64_t i = 0; i < inner; ++i) once();
-              best[path] = std::min(best[path], (thread_seconds() - t0) / inner);
-              ++reps;
-            }
+            if (!smoke) best[path] = best_call_seconds(once, 0.15, 64);
           }
           if (smoke) continue;
           std::printf("%-12s %-5s %-5s %4lld %10.2f %10.2f %7.2f\n", isa_name(isa),
@@ -300,14 +297,7 @@ void bench_lora(const std::vector<Isa>& isas, bool smoke) {
         }
       };
       once();
-      double best = 1e30;
-      const double start = thread_seconds();
-      for (int reps = 0; !smoke && (reps < 5 || thread_seconds() - start < 0.2); ++reps) {
-        const double t0 = thread_seconds();
-        once();
-        best = std::min(best, thread_seconds() - t0);
-      }
-      std::printf(" %12.1f", smoke ? 0.0 : 2.0 * M * N * K / best * 1e-9);
+      std::printf(" %12.1f", smoke ? 0.0 : 2.0 * M * N * K / best_call_seconds(once, 0.2) * 1e-9);
       std::fflush(stdout);
     }
     std::printf("\n");
