@@ -140,7 +140,10 @@ TEST(gemm_matches_scalar_at_model_sizes) {
   std::mt19937 rng(99);
   struct S {
     int64_t M, N, K;
-  } sizes[] = {{37, 768, 2048}, {61, 2048, 768}, {129, 200, 72}};
+  } sizes[] = {{37, 768, 2048},
+               {61, 2048, 768},
+               {129, 200, 72},
+               {300, 100, 2048}};  // A of 1.2 MB: AMX runs it in passes of 96 rows + a tail
   for (Isa isa : simd_isas()) {
     for (const S& s : sizes) {
       const Problem p = make_problem(s.M, s.N, s.K, rng);
@@ -177,6 +180,24 @@ TEST(gemm_result_independent_of_caller_tiling) {
               "%s: split calls differ from one call (accumulate=%d)", isa_name(isa),
               int(accumulate));
     }
+  }
+}
+
+// Many rows of a deep A (1.2 MB: the AMX kernel passes over B in steps of 96 rows) give the same
+// bits in one call as in calls of 32 rows, which each fit one pass.
+TEST(gemm_many_rows_equal_calls_of_32_rows) {
+  std::mt19937 rng(8);
+  const Problem p = make_problem(300, 100, 2048, rng);
+  for (Isa isa : available_isas()) {
+    const KernelTable& t = kernel_table(isa);
+    const std::vector<float> whole = run(t, p, true);
+    std::vector<float> split = p.c0;
+    for (int64_t m0 = 0; m0 < p.a.M; m0 += 32) {
+      t.gemm_bf16(std::min<int64_t>(32, p.a.M - m0), p.nblk, p.a.Kp, p.a.data.data() + m0 * p.a.lda,
+                  p.a.lda, p.packed.data(), split.data() + m0 * p.ldc, p.ldc, true);
+    }
+    REQUIRE(std::memcmp(whole.data(), split.data(), whole.size() * sizeof(float)) == 0,
+            "%s: one call of 300 rows differs from calls of 32", isa_name(isa));
   }
 }
 

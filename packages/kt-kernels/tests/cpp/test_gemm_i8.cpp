@@ -125,6 +125,20 @@ TEST(gemm_i8_bitwise_equal_to_scalar_on_odd_sizes) {
   }
 }
 
+// Rows enough for the AMX kernel to pass over B more than once (A of 1.2 MB: passes of 224 rows,
+// then a tail).
+TEST(gemm_i8_bitwise_equal_to_scalar_over_many_rows) {
+  const KernelTable& ref = kernel_table(Isa::scalar);
+  std::mt19937 rng(78);
+  const Problem p = make_problem(600, 100, 2048, -127, rng);
+  for (Isa isa : simd_isas()) {
+    for (bool acc : {false, true}) {
+      REQUIRE(run(kernel_table(isa), p, acc) == run(ref, p, acc),
+              "%s M=600 N=100 K=2048 acc=%d differs from scalar", isa_name(isa), int(acc));
+    }
+  }
+}
+
 // Extreme codes everywhere: the largest |sums| (K * 128 * 128) and the u8 offset of vpdpbusd at
 // its limits; results must still be exact.
 TEST(gemm_i8_extreme_codes) {

@@ -19,6 +19,7 @@
 // state is assumed to survive a call, and a released thread costs the OS no tile-data saves.
 #include "kernels/intrinsics.h"  // first: before anything includes <immintrin.h>
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -210,9 +211,17 @@ void tile_cols(int nb, int64_t Kp, const T* A, int64_t lda, const Src& B, TC* C,
   }
 }
 
-// N in pairs of blocks (outer), M in 32-row steps (inner), as the other ISAs. Full 32-row steps
-// come first under one configuration, then the M tail (if any) under a second one, so a call
-// loads at most two configurations.
+// Bytes of A per pass over B's column pairs. Each pair's k loop reads its 32 rows of A from L2; a
+// pass over more rows than L2 keeps next to the weight panel sends them to L3 between pairs.
+// Measured (one thread, bf16, 6 blocks, depth 2080, all in cache): 512 rows in one pass 1,036-1,062
+// GFLOP/s, in passes of 128 rows (532 KiB) 1,352-1,366; 128 rows alone 1,696.
+constexpr int64_t kPassBytes = int64_t{512} << 10;
+
+// Passes of A (outer; a multiple of 32 rows, at most kPassBytes where rows allow), N in pairs of
+// blocks, M in 32-row steps (inner), as the other ISAs within a pass. Full 32-row steps come
+// first under one configuration, then the M tail (if any) under a second one, so a call loads at
+// most two configurations. Every C tile sums its full depth in one k loop, so the passes do not
+// change any result.
 template <typename T, typename TC, class Src>
 void gemm_tiles(int64_t M, int64_t nblk, int64_t Kp, const T* A, int64_t lda, const Src& B, TC* C,
                 int64_t ldc, bool accumulate) {
@@ -220,11 +229,17 @@ void gemm_tiles(int64_t M, int64_t nblk, int64_t Kp, const T* A, int64_t lda, co
   const int64_t full = M / (2 * kTileRows) * (2 * kTileRows);
   if (full > 0) {
     configure(kTileRows, kTileRows);
-    for (int64_t n0 = 0; n0 < nblk; n0 += 2) {
-      const int nb = nblk - n0 >= 2 ? 2 : 1;
-      for (int64_t m0 = 0; m0 < full; m0 += 2 * kTileRows) {
-        tile_cols<2>(nb, Kp, A + m0 * lda, lda, B.at(n0), C + m0 * ldc + n0 * kBlockN, ldc,
-                     accumulate);
+    const int64_t row_bytes = lda * static_cast<int64_t>(sizeof(T));
+    const int64_t pass =
+        std::max<int64_t>(1, kPassBytes / (2 * kTileRows * row_bytes)) * 2 * kTileRows;
+    for (int64_t p0 = 0; p0 < full; p0 += pass) {
+      const int64_t p1 = std::min(full, p0 + pass);
+      for (int64_t n0 = 0; n0 < nblk; n0 += 2) {
+        const int nb = nblk - n0 >= 2 ? 2 : 1;
+        for (int64_t m0 = p0; m0 < p1; m0 += 2 * kTileRows) {
+          tile_cols<2>(nb, Kp, A + m0 * lda, lda, B.at(n0), C + m0 * ldc + n0 * kBlockN, ldc,
+                       accumulate);
+        }
       }
     }
   }
