@@ -110,12 +110,13 @@ void fill_missing(QuantKernels* t, const QuantKernels& below) {
   take_missing(&t->i8, below.i8);
   take_missing(&t->i4, below.i4);
   take_missing(&t->i8x4, below.i8x4);
+  take_missing(&t->i8x4_t, below.i8x4_t);
   take_missing(&t->absmax, below.absmax);
   take_missing(&t->quantize, below.quantize);
   take_missing(&t->scale_bf16, below.scale_bf16);
   take_missing(&t->quantize_mul, below.quantize_mul);
 }
-static_assert(sizeof(QuantKernels) == 7 * 8,
+static_assert(sizeof(QuantKernels) == 8 * 8,
               "QuantKernels has a new entry: add it to fill_missing");
 
 struct CompleteTables {

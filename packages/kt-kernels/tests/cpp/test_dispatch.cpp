@@ -94,6 +94,9 @@ TEST(null_entries_fall_back_to_the_isa_below) {
     KT_EXPECT(own_q, q, qb, i8);
     KT_EXPECT(own_q, q, qb, i4);
     KT_EXPECT(own_q, q, qb, i8x4);
+    // i8x4_t may be null (quant_kernels.h), but never where the ISA below has one.
+    REQUIRE(q.i8x4_t == (own_q != nullptr && own_q->i8x4_t != nullptr ? own_q->i8x4_t : qb.i8x4_t),
+            "%s: entry i8x4_t", isa_name(isa));
     KT_EXPECT(own_q, q, qb, absmax);
     KT_EXPECT(own_q, q, qb, quantize);
     const KernelTable &t = kernel_table(isa), &tb = kernel_table(below);

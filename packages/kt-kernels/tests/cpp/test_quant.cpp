@@ -2,6 +2,7 @@
 // scalar reference, for every int8 code and int4 nibble and scales of varied magnitude. The
 // quantization kernels (max |w| and codes) likewise, on data made of ties, zeros, denormals,
 // clamped and non-finite values and odd lengths; place_block equals place_row row by row.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -110,6 +111,90 @@ TEST(w8a8_blocks_place_and_dequantize_ranges) {
       }
     }
   }
+}
+
+// The fused transposed repack of W8A8 blocks (i8x4_t) where an ISA has one: element by element
+// bf16(code * scale) at its transposed place, zero past the source rows and past Kp, the same bits
+// as the scalar dequantization followed by the scalar pack_transposed, and nothing written between
+// destination blocks. ISAs without one (scalar, avx2) leave the entry null.
+TEST(w8a8_transposed_dequantization) {
+  namespace q = kt::engine::quant;
+  const int64_t K = 150;  // Kp = 192
+  const q::Format f = q::make_format(q::Kind::w8a8, K, 128);
+  const int64_t bb = q::block_bytes(f), max_src = 3;
+  std::mt19937 rng(12);
+  std::vector<int8_t> codes(static_cast<size_t>(max_src * 16 * K));
+  for (size_t i = 0; i < codes.size(); ++i) {
+    codes[i] = static_cast<int8_t>(i % 7 == 0 ? -127 + static_cast<int>(i % 3)
+                                              : static_cast<int>(rng() % 255) - 127);
+  }
+  std::vector<float> scales(static_cast<size_t>(max_src * 16));
+  for (auto& s : scales) s = std::ldexp(1.0f + static_cast<float>(rng() % 997) / 997.0f, -9);
+  scales[5] = 0.0f;
+  std::vector<uint8_t> blocks(static_cast<size_t>(max_src * bb), 0);
+  for (int64_t b = 0; b < max_src; ++b) {
+    for (int j = 0; j < 16; ++j) {
+      q::place_row(f, codes.data() + (b * 16 + j) * K, K, j, blocks.data() + b * bb);
+    }
+  }
+  const auto* src = reinterpret_cast<const int8_t*>(blocks.data());
+  const QuantKernels& ref = *scalar_quant_table();
+  const KernelTable& ref_t = kernel_table(Isa::scalar);
+  int tested = 0;
+  for (Isa isa : available_isas()) {
+    const QuantKernels& qk = quant_kernels(isa);
+    if (qk.i8x4_t == nullptr) {
+      REQUIRE(isa == Isa::scalar || isa == Isa::avx2, "%s has no fused transposed dequantization",
+              isa_name(isa));
+      continue;
+    }
+    ++tested;
+    for (int64_t nsrc = 1; nsrc <= max_src; ++nsrc) {
+      const int64_t KpT = packed_k(16 * nsrc), ldd = 16 * KpT + 48;  // a gap between blocks
+      for (const int64_t k0 : {0, 16, 48, 144, 176}) {
+        for (const int64_t nblk : {1, 2, 3, 6}) {
+          std::vector<bf16> got(static_cast<size_t>(nblk * ldd), 0x7777);
+          qk.i8x4_t(nsrc, src, bb, scales.data(), f.Kp, k0, nblk, got.data(), ldd);
+          // Two steps with the scalar kernels: every source block's rows over the whole depth,
+          // then the transposed repack of those bf16 blocks.
+          std::vector<bf16> rows(static_cast<size_t>(nsrc * 16 * f.Kp));
+          for (int64_t b = 0; b < nsrc; ++b) {
+            float sv[32];
+            for (int i = 0; i < 32; ++i) sv[i] = scales[static_cast<size_t>(16 * b + i / 2)];
+            ref.i8x4(f.Kp / 4, src + b * bb, sv, rows.data() + b * 16 * f.Kp);
+          }
+          std::vector<bf16> two(static_cast<size_t>(nblk * ldd), 0x7777);
+          ref_t.pack_transposed(rows.data(), 16 * nsrc, f.Kp, k0, nblk, two.data(), ldd);
+          REQUIRE(got == two, "%s nsrc=%lld k0=%lld nblk=%lld: differs from dequantize + transpose",
+                  isa_name(isa), (long long)nsrc, (long long)k0, (long long)nblk);
+          for (int64_t ob = 0; ob < nblk; ++ob) {
+            for (int64_t p = 0; p < KpT / 2; ++p) {
+              for (int c = 0; c < 16; ++c) {
+                for (int i = 0; i < 2; ++i) {
+                  const int64_t n = 2 * p + i, k = k0 + 16 * ob + c;
+                  bf16 want = 0;
+                  if (n < 16 * nsrc && k < K) {
+                    want = bf16_round_finite(static_cast<float>(codes[n * K + k]) * scales[n]);
+                  }
+                  const bf16 v = got[ob * ldd + 32 * p + 2 * c + i];
+                  REQUIRE(v == want, "%s nsrc=%lld k0=%lld (n %lld, k %lld): %04x, want %04x",
+                          isa_name(isa), (long long)nsrc, (long long)k0, (long long)n, (long long)k,
+                          v, want);
+                }
+              }
+            }
+            for (int64_t e = 16 * KpT; e < ldd; ++e) {
+              REQUIRE(got[ob * ldd + e] == 0x7777, "%s wrote between destination blocks",
+                      isa_name(isa));
+            }
+          }
+        }
+      }
+    }
+  }
+  const auto avail = available_isas();
+  const bool has_avx512 = std::find(avail.begin(), avail.end(), Isa::avx512) != avail.end();
+  REQUIRE(!has_avx512 || tested > 0, "no ISA ran the fused kernel");
 }
 
 namespace {

@@ -1,13 +1,16 @@
 // AVX-512F dequantization (kernels/quant_kernels.h): 16 codes per step widened to int32, converted,
 // multiplied by the row scales and rounded to bf16 with integer arithmetic (bit-exact with the
-// scalar reference). int4 pairs are first unpacked to 32 int8 codes with byte shuffles.
+// scalar reference). int4 pairs are first unpacked to 32 int8 codes with byte shuffles; the W8A8
+// transposed repack shuffles a sub-tile of quads into pair rows first (kernels/w8a8_transpose.h).
 // Quantization: 16 floats per step, tails under a mask; IEEE division, round half to even
 // (roundscale), clamp, and a saturating narrow to int8 (the values are already integers in range).
 #include "kernels/intrinsics.h"  // first: before anything includes <immintrin.h>
 
 #include <cstdint>
+#include <cstring>
 
 #include "kernels/quant_kernels.h"
+#include "kernels/w8a8_transpose.h"
 
 namespace kt::kernels {
 namespace {
@@ -25,14 +28,19 @@ alignas(64) constexpr uint16_t kHighWords[32] = {1,  3,  5,  7,  9,  11, 13, 15,
                                                  23, 25, 27, 29, 31, 33, 35, 37, 39, 41, 43,
                                                  45, 47, 49, 51, 53, 55, 57, 59, 61, 63};
 
-inline void pair32(const int8_t* c, const __m512& s0, const __m512& s1, bf16* o) {
-  const __m512 a = _mm512_cvtepi32_ps(
-      _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c))));
-  const __m512 b = _mm512_cvtepi32_ps(
-      _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 16))));
+// 32 codes (lo: 0..15, hi: 16..31) times their scales (s0: codes 0..15, s1: 16..31) as 32 bf16.
+inline __m512i codes32(__m128i lo, __m128i hi, const __m512& s0, const __m512& s1) {
+  const __m512 a = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo));
+  const __m512 b = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi));
   const __m512i idx = _mm512_load_si512(kHighWords);
-  _mm512_storeu_si512(o, _mm512_permutex2var_epi16(round_high(_mm512_mul_ps(a, s0)), idx,
-                                                   round_high(_mm512_mul_ps(b, s1))));
+  return _mm512_permutex2var_epi16(round_high(_mm512_mul_ps(a, s0)), idx,
+                                   round_high(_mm512_mul_ps(b, s1)));
+}
+
+inline void pair32(const int8_t* c, const __m512& s0, const __m512& s1, bf16* o) {
+  _mm512_storeu_si512(o,
+                      codes32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)),
+                              _mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 16)), s0, s1));
 }
 
 // 16 bytes of int4 pairs -> 32 int8 codes in order (low nibble first).
@@ -144,6 +152,12 @@ void scale_bf16(int64_t n, const bf16* g, const float* sw, float* v) {
   }
 }
 
+void dequant_i8x4_t(int64_t nsrc, const int8_t* blk, int64_t block_bytes, const float* scales,
+                    int64_t Kp, int64_t k0, int64_t nblk, bf16* dst, int64_t ldd) {
+  transpose_dequant_w8a8(nsrc, blk, block_bytes, scales, Kp, k0, nblk, dst, ldd,
+                         [](__m128i lo, __m128i hi, __m512 s) { return codes32(lo, hi, s, s); });
+}
+
 }  // namespace
 
 constexpr QuantKernels kQuantTable = [] {
@@ -151,6 +165,7 @@ constexpr QuantKernels kQuantTable = [] {
   t.i8 = &dequant_i8;
   t.i4 = &dequant_i4;
   t.i8x4 = &dequant_i8x4;
+  t.i8x4_t = &dequant_i8x4_t;
   t.absmax = &absmax;
   t.quantize = &quantize;
   t.scale_bf16 = &scale_bf16;

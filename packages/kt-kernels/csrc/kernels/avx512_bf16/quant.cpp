@@ -1,11 +1,13 @@
 // AVX512_BF16 dequantization (kernels/quant_kernels.h): each pair row of 32 codes is widened,
 // converted, scaled and rounded by one vcvtne2ps2bf16 (kernels/bf16_dequant.h), bit-exact with the
-// scalar reference for the scales the engine stores (0 or normal). Load-time quantization has no
-// AVX512_BF16 form: it falls back to the next ISA down (kernels/dispatch.cpp).
+// scalar reference for the scales the engine stores (0 or normal); the W8A8 transposed repack
+// rounds the same way after its byte shuffles (kernels/w8a8_transpose.h). Load-time quantization
+// has no AVX512_BF16 form: it falls back to the next ISA down (kernels/dispatch.cpp).
 #include "kernels/intrinsics.h"  // first: before anything includes <immintrin.h>
 
 #include "kernels/bf16_dequant.h"
 #include "kernels/quant_kernels.h"
+#include "kernels/w8a8_transpose.h"
 
 namespace kt::kernels {
 namespace {
@@ -46,6 +48,13 @@ void dequant_i8x4(int64_t nquads, const int8_t* codes, const float* sv, bf16* ou
   }
 }
 
+void dequant_i8x4_t(int64_t nsrc, const int8_t* blk, int64_t block_bytes, const float* scales,
+                    int64_t Kp, int64_t k0, int64_t nblk, bf16* dst, int64_t ldd) {
+  transpose_dequant_w8a8(
+      nsrc, blk, block_bytes, scales, Kp, k0, nblk, dst, ldd,
+      [](__m128i lo, __m128i hi, __m512 s) { return dequant_codes_i8(lo, hi, s, s); });
+}
+
 }  // namespace
 
 // Dequantization entries only; absmax and quantize come from the ISA below.
@@ -54,6 +63,7 @@ constexpr QuantKernels kQuantTable = [] {
   t.i8 = &dequant_i8;
   t.i4 = &dequant_i4;
   t.i8x4 = &dequant_i8x4;
+  t.i8x4_t = &dequant_i8x4_t;
   return t;
 }();
 
