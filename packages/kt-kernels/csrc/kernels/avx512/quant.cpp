@@ -7,7 +7,6 @@
 #include "kernels/intrinsics.h"  // first: before anything includes <immintrin.h>
 
 #include <cstdint>
-#include <cstring>
 
 #include "kernels/quant_kernels.h"
 #include "kernels/w8a8_transpose.h"
