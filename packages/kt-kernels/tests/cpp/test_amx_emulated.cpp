@@ -1,15 +1,16 @@
-// The AMX kernels' tile configuration, addressing and M / N tails (gemm_bf16 on TDPBF16PS, gemm_i8
-// on TDPBSSD), run on a software model of the tile instructions (amx_emulator.h), so they are
-// checked on every machine, AMX or not. The file is compiled with baseline flags: the kernels use
-// no intrinsic but the (modelled) tile ones. The real instructions run in test_gemm and
-// test_gemm_i8 where AMX exists. Tolerance vs scalar as for amx in test_gemm.cpp: 2 (Kp + 1) 2^-24
-// (|C0| + sum_k |A B|) for bf16; 0 for int8 (exact integer sums).
+// The AMX kernels' tile configuration, addressing, row passes and M / N tails (gemm_bf16 on
+// TDPBF16PS, gemm_i8 on TDPBSSD), run on a software model of the tile instructions
+// (amx_emulator.h), so they are checked on every machine, AMX or not. The file is compiled with
+// baseline flags: the kernels use no intrinsic but the (modelled) tile ones. The real instructions
+// run in test_gemm and test_gemm_i8 where AMX exists. Tolerance vs scalar as for amx in
+// test_gemm.cpp: 2 (Kp + 1) 2^-24 (|C0| + sum_k |A B|) for bf16; 0 for int8 (exact integer sums).
 #define KT_CPU_CAPABILITY amx_emulated
 #define KT_AMX_GEMM_ONLY
 #include "kernels/intrinsics.h"
 #include "amx_emulator.h"
 #include "kernels/amx/gemm.cpp"
 
+#include <algorithm>
 #include <cmath>
 #include <random>
 #include <vector>
@@ -114,6 +115,50 @@ TEST(amx_int8_kernel_on_tile_model_matches_scalar) {
         }
       }
     }
+  }
+}
+
+// Calls whose A exceeds one pass (512 KiB) run M in several passes over the column pairs: int8
+// still equals the scalar reference, and bf16 gives the bits of calls of 32 rows, which each fit
+// one pass. Each product is still counted once.
+TEST(amx_kernels_on_tile_model_in_row_passes) {
+  std::mt19937 rng(41);
+  std::uniform_int_distribution<int> code(-128, 127);
+  {  // int8: depth 2048, lda 2068 bytes: passes of 224 rows, then 128, then a 24-row tail
+    const int64_t M = 600, N = 40, Kp = 2048, lda = Kp + 20, nblk = packed_blocks(N);
+    const int64_t ldc = nblk * kBlockN, bb = i8_block_bytes(Kp);
+    std::vector<int8_t> a(static_cast<size_t>(M * lda));
+    for (auto& x : a) x = static_cast<int8_t>(code(rng));
+    std::vector<int8_t> b(static_cast<size_t>(nblk * bb), 0);
+    for (int64_t n = 0; n < N; ++n) {
+      for (int64_t k = 0; k < Kp; ++k) {
+        b[(n / kBlockN) * bb + i8_offset(n, k)] = static_cast<int8_t>(code(rng));
+      }
+    }
+    for (int64_t blk = 0; blk < nblk; ++blk) i8_set_row_sums(b.data() + blk * bb, Kp);
+    std::vector<int32_t> got(static_cast<size_t>(M * ldc)), want(got.size());
+    amx_emu::state().dp_calls = 0;
+    gemm_i8(M, nblk, Kp, a.data(), lda, b.data(), got.data(), ldc, false);
+    scalar_table()->gemm_i8(M, nblk, Kp, a.data(), lda, b.data(), want.data(), ldc, false);
+    REQUIRE(amx_emu::errors().empty(), "int8: %s", amx_emu::errors().front().c_str());
+    REQUIRE(amx_emu::state().dp_calls == (M + 15) / 16 * nblk * (Kp / 64), "int8: dot calls");
+    REQUIRE(got == want, "int8 M=600 in passes differs from scalar");
+  }
+  {  // bf16: depth 2048, lda 2080: passes of 96 rows, then a 12-row tail
+    const int64_t M = 300, N = 40, K = 2048;
+    const auto a = kt::testing::make_a(M, K, 32, rng);
+    const auto packed = kt::testing::pack(kt::testing::random_bf16(N * K, rng), N, K);
+    const int64_t nblk = packed_blocks(N), ldc = nblk * kBlockN;
+    std::vector<float> whole(static_cast<size_t>(M * ldc)), split(whole.size());
+    amx_emu::state().dp_calls = 0;
+    gemm_bf16(M, nblk, a.Kp, a.data.data(), a.lda, packed.data(), whole.data(), ldc, false);
+    REQUIRE(amx_emu::errors().empty(), "bf16: %s", amx_emu::errors().front().c_str());
+    REQUIRE(amx_emu::state().dp_calls == (M + 15) / 16 * nblk * (a.Kp / 32), "bf16: dot calls");
+    for (int64_t m0 = 0; m0 < M; m0 += 32) {
+      gemm_bf16(std::min<int64_t>(32, M - m0), nblk, a.Kp, a.data.data() + m0 * a.lda, a.lda,
+                packed.data(), split.data() + m0 * ldc, ldc, false);
+    }
+    REQUIRE(whole == split, "bf16 M=300 in passes differs from calls of 32 rows");
   }
 }
 
