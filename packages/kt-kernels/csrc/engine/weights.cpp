@@ -429,8 +429,8 @@ void transpose_codes(const kernels::KernelTable& k, const kernels::QuantKernels&
                      const quant::Format& f, const uint8_t* blk, const float* scales, int64_t nsrc,
                      int64_t k0, int64_t nblk, bf16* dst, int th) {
   if (f.kind == quant::Kind::w8a8 && qk.i8x4_t != nullptr) {
-    qk.i8x4_t(nsrc, reinterpret_cast<const int8_t*>(blk), quant::block_bytes(f), scales, f.Kp, k0,
-              nblk, dst, kernels::packed_block_elems(kBlockN * nsrc));
+    qk.i8x4_t(nsrc, reinterpret_cast<const int8_t*>(blk), scales, f.Kp, k0, nblk, dst,
+              kernels::packed_block_elems(kBlockN * nsrc));
     return;
   }
   const int64_t Kw = kernels::round_up(kBlockN * nblk, kernels::kPackK);

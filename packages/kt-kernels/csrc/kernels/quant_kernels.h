@@ -31,16 +31,15 @@ using dequant_i4_fn = void (*)(int64_t npairs, const uint8_t* codes, const float
 using dequant_i8x4_fn = void (*)(int64_t nquads, const int8_t* codes, const float* sv, bf16* out);
 // The transposed repack of W8A8 weight blocks for the backward in one pass: the bf16 blocks of
 // W^T that dequantization (i8x4) followed by pack_transposed (kernels.h) would make, without the
-// bf16 copy in between. Source: nsrc blocks of the VNNI-4 layout, block b at blk + b * block_bytes
-// (16 rows n, depth Kp, code (n, k) at byte 64 (k / 4) + 4 n + k % 4), row n's scale at
-// scales[16 b + n]. Writes nblk blocks of 16 columns (depth k = k0 + 16 ob + c, k0 a multiple of
-// 16) and packed_k(16 nsrc) pair rows, block ob at dst + ob * ldd:
+// bf16 copy in between. Source: nsrc blocks of the VNNI-4 layout, block b at
+// blk + b * i8_block_bytes(Kp) (16 rows n, depth Kp, code (n, k) at byte 64 (k / 4) + 4 n + k % 4),
+// row n's scale at scales[16 b + n]. Writes nblk blocks of 16 columns (depth k = k0 + 16 ob + c,
+// k0 a multiple of 16) and packed_k(16 nsrc) pair rows, block ob at dst + ob * ldd:
 //     dst[ob * ldd + 32 p + 2 c + i] = bf16(float(code(n, k)) * scales[n]),  n = 2 p + i,
 // with row n of block n / 16, and 0 where n >= 16 nsrc or k >= Kp. Null in tables without a
 // fused form (scalar, avx2): callers then dequantize and transpose in two steps (the same bits).
-using dequant_i8x4_t_fn = void (*)(int64_t nsrc, const int8_t* blk, int64_t block_bytes,
-                                   const float* scales, int64_t Kp, int64_t k0, int64_t nblk,
-                                   bf16* dst, int64_t ldd);
+using dequant_i8x4_t_fn = void (*)(int64_t nsrc, const int8_t* blk, const float* scales, int64_t Kp,
+                                   int64_t k0, int64_t nblk, bf16* dst, int64_t ldd);
 
 // Load-time quantization of one group of n floats (engine/quant.h). absmax: *amax = max |w[k]|
 // (+0 for n = 0 or all zeros); returns false, *amax unspecified, if a value is Inf or NaN.

@@ -51,9 +51,9 @@ inline __m512 pair_scales(const float* row_scales) {
 // are read in sub-tile order; the next block's sub-tile (4 lines, a block stride away: no hardware
 // prefetcher follows) is fetched while the current one is converted.
 template <class Dequant32>
-void transpose_dequant_w8a8(int64_t nsrc, const int8_t* blk, int64_t block_bytes,
-                            const float* scales, int64_t Kp, int64_t k0, int64_t nblk, bf16* dst,
-                            int64_t ldd, Dequant32 dequant32) {
+void transpose_dequant_w8a8(int64_t nsrc, const int8_t* blk, const float* scales, int64_t Kp,
+                            int64_t k0, int64_t nblk, bf16* dst, int64_t ldd, Dequant32 dequant32) {
+  const int64_t block_bytes = i8_block_bytes(Kp);
   for (int64_t b = 0; b < nsrc; ++b) {
     const int8_t* src = blk + b * block_bytes;
     __m512 s[8];

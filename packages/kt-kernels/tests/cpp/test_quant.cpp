@@ -154,7 +154,7 @@ TEST(w8a8_transposed_dequantization) {
       for (const int64_t k0 : {0, 16, 48, 144, 176}) {
         for (const int64_t nblk : {1, 2, 3, 6}) {
           std::vector<bf16> got(static_cast<size_t>(nblk * ldd), 0x7777);
-          qk.i8x4_t(nsrc, src, bb, scales.data(), f.Kp, k0, nblk, got.data(), ldd);
+          qk.i8x4_t(nsrc, src, scales.data(), f.Kp, k0, nblk, got.data(), ldd);
           // Two steps with the scalar kernels: every source block's rows over the whole depth,
           // then the transposed repack of those bf16 blocks.
           std::vector<bf16> rows(static_cast<size_t>(nsrc * 16 * f.Kp));

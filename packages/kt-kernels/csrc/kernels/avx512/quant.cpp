@@ -151,9 +151,9 @@ void scale_bf16(int64_t n, const bf16* g, const float* sw, float* v) {
   }
 }
 
-void dequant_i8x4_t(int64_t nsrc, const int8_t* blk, int64_t block_bytes, const float* scales,
-                    int64_t Kp, int64_t k0, int64_t nblk, bf16* dst, int64_t ldd) {
-  transpose_dequant_w8a8(nsrc, blk, block_bytes, scales, Kp, k0, nblk, dst, ldd,
+void dequant_i8x4_t(int64_t nsrc, const int8_t* blk, const float* scales, int64_t Kp, int64_t k0,
+                    int64_t nblk, bf16* dst, int64_t ldd) {
+  transpose_dequant_w8a8(nsrc, blk, scales, Kp, k0, nblk, dst, ldd,
                          [](__m128i lo, __m128i hi, __m512 s) { return codes32(lo, hi, s, s); });
 }
 
