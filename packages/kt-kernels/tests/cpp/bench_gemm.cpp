@@ -48,6 +48,15 @@ double best_call_seconds(F&& once, double min_seconds, int64_t inner = 1) {
   return best;
 }
 
+// isa's own kernel table, or null after printing a "fell back" cell where this machine runs the
+// table of another ISA in its place (a column of a per-ISA table).
+const KernelTable* own_table_or_cell(Isa isa) {
+  const KernelTable& t = kernel_table(isa);
+  if (t.isa == isa) return &t;
+  std::printf(" %12s", "fell back");
+  return nullptr;
+}
+
 // The engine's operands start on 64-byte lines (scratch is page aligned, weights 64-byte
 // aligned, rows a multiple of 64 bytes apart); std::vector's 16-byte alignment would make every
 // 64-byte tile row straddle two lines and measure a slower kernel than the engine runs.
@@ -282,11 +291,9 @@ void bench_lora(const std::vector<Isa>& isas, bool smoke) {
     for (size_t i = 0; i < b.n; ++i) b[i] = nd(rng);
     std::printf("%-24s", pr.name);
     for (Isa isa : isas) {
-      const KernelTable& t = kernel_table(isa);
-      if (t.isa != isa) {
-        std::printf(" %12s", "fell back");
-        continue;
-      }
+      const KernelTable* own = own_table_or_cell(isa);
+      if (own == nullptr) continue;
+      const KernelTable& t = *own;
       auto once = [&] {
         if (pr.kind == 'n') {
           t.gemm_f32_nn(M, N, K, 0.5f, a.data(), K, b.data(), N, c.data(), N, true);
@@ -358,15 +365,12 @@ int main(int argc, char** argv) {
     for (const Shape& s : shapes) {
       std::printf("%-24s", s.name);
       for (Isa isa : isas) {
-        const KernelTable& t = kernel_table(isa);
-        if (t.isa != isa) {
-          std::printf(" %12s", "fell back");
-          continue;
-        }
+        const KernelTable* t = own_table_or_cell(isa);
+        if (t == nullptr) continue;
         const Shape run = smoke ? Shape{s.name, std::min<int64_t>(s.M, 9),
                                         std::min<int64_t>(s.N, 40), std::min<int64_t>(s.K, 70)}
                                 : s;
-        std::printf(" %12.1f", bench(t, run, smoke, int8));
+        std::printf(" %12.1f", bench(*t, run, smoke, int8));
         std::fflush(stdout);
       }
       std::printf("\n");
